@@ -1,0 +1,191 @@
+"""Command line: thin sub-commands that parse options and call one function each."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from defungi.errors import DefungiError
+
+log = logging.getLogger("defungi")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted config overrides from the common training flags and --set KEY=VALUE."""
+    values = {
+        "data.root": str(args.data) if getattr(args, "data", None) else None,
+        "data.split": args.split,
+        "data.image_size": args.image_size,
+        "data.seed": args.seed,
+        "train.model": args.model,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "train.lr": args.lr,
+        "train.device": args.device,
+    }
+    for item in args.set or []:
+        if "=" not in item:
+            raise DefungiError(f"--set wants KEY=VALUE (e.g. train.optimizer=sgd), got '{item}'")
+        key, value = item.split("=", 1)
+        values[key.strip()] = value.strip()
+    return values
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="folder of class folders, or a .zip of one (default: $DEFUNGI_DATA, the cached release, or fetch it)")
+    p.add_argument("--profile", default="quick", help="quick (2-core CPU) or paper (GPU, 224 px), or a .toml file")
+    p.add_argument("--split", choices=["grouped", "random"], help="grouped: no physical sample in two parts (default); random: as the published study")
+    p.add_argument("--model", help="resnet34, convmixer-8, convmixer-16, convmixer, or any timm model name")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. --set train.optimizer=sgd (repeatable)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from defungi.config import load_config
+    from defungi.data.scan import resolve_data
+    from defungi.experiments.run import resume_config, train_run
+
+    if args.resume:
+        config, out = resume_config(args.resume), Path(args.resume)
+    else:
+        if not args.out:
+            raise DefungiError("give --out RUN_DIR (or --resume RUN_DIR)")
+        overrides = _overrides(args)
+        overrides["data.root"] = str(resolve_data(args.data))
+        config, out = load_config(args.profile, overrides), Path(args.out)
+    metrics = train_run(config, out)
+    print(_metrics_line(f"{config.train.model} test", metrics.get("test") or metrics["val"]))
+    print(f"run folder: {out}")
+    return 0
+
+
+def _metrics_line(name: str, m: dict[str, Any]) -> str:
+    return f"{name}: accuracy {m['accuracy']:.3f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  F1 {m['f1']:.3f}  (n={m['n']})"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from defungi.experiments.run import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, args.data, args.out, tta=args.tta)
+    if args.json:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "excluded"}, indent=2))
+    else:
+        print(_metrics_line(f"{args.run_dir} on {args.data}", metrics))
+        print("per class:")
+        for c, row in metrics["per_class"].items():
+            print(f"  {c:>6}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  F1 {row['f1']:.3f}  n={row['support']}")
+        print(f"excluded {len(metrics['excluded'])} images; report: {metrics['out_dir']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from defungi.serve.predict import predict
+
+    rows = predict(args.run_dir, args.paths, tta=args.tta)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    classes = [k for k in rows[0] if k not in ("path", "class", "confidence", "error")] if rows else []
+    for r in rows:
+        classes = classes or [k for k in r if k not in ("path", "class", "confidence", "error")]
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "class", "confidence", *classes, "error"])
+        for r in rows:
+            writer.writerow([r["path"], r.get("class", ""), r.get("confidence", ""), *[r.get(c, "") for c in classes], r.get("error", "")])
+        return 0
+    width = max(len(r["path"]) for r in rows)
+    print(f"{'path':<{width}}  {'class':>6}  {'conf':>5}  " + "  ".join(f"{c:>6}" for c in classes))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['path']:<{width}}  {r['error']}")
+        else:
+            print(f"{r['path']:<{width}}  {r['class']:>6}  {r['confidence']:5.2f}  " + "  ".join(f"{r[c]:6.3f}" for c in classes))
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from defungi.data.scan import fetch
+
+    root = fetch(args.dest, args.url)
+    print(f"DeFungi release ready: {root}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from defungi.data.scan import resolve_data
+    from defungi.experiments.main_job import run_main_job
+
+    run_main_job(resolve_data(args.data), Path(args.out), args.profile, args.split)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defungi", description="Classify microscope images of fungi (DeFungi).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model into a run folder")
+    _add_config_flags(p)
+    p.add_argument("--out", help="run folder to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a trained run on a labelled folder")
+    p.add_argument("run_dir")
+    p.add_argument("--data", required=True, help="folder of class folders (images the model never saw)")
+    p.add_argument("--out", help="where to write metrics.json and confusion.png (default: RUN_DIR/evaluations/NAME)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="average the 8 flips/rotations (default: as trained)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="class and probabilities for images or folders")
+    p.add_argument("run_dir")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("data", help="data set utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    f = data_sub.add_parser("fetch", help="download the public DeFungi release (UCI id 773)")
+    f.add_argument("--dest", help="folder to download into (default: the user cache)")
+    f.add_argument("--url", help="archive URL (default: the UCI address, or $DEFUNGI_URL)")
+    f.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("run", help="the main job: train ResNet-34 and ConvMixer-8 and compare with the study")
+    p.add_argument("--data")
+    p.add_argument("--out", default="runs/main")
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--split", choices=["grouped", "random"], default="grouped")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `defungi` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except DefungiError as exc:
+        print(f"defungi: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("defungi: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

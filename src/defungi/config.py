@@ -1,0 +1,134 @@
+"""Typed run configuration: a profile file, then overrides; unknown keys are an error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from defungi.errors import DefungiError
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are filtered, resized and split."""
+
+    root: str = ""
+    image_size: int = 64
+    variance_threshold: float = 10.0  # grey-level variance at 224 px; see README "Outliers"
+    split: str = "grouped"  # grouped: no physical sample in two parts; random: as the study
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Model, optimiser, schedule, augmentation and stopping."""
+
+    model: str = "resnet34"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 14
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"  # adamw | sgd
+    schedule: str = "onecycle"  # onecycle | cosine
+    warmup_fraction: float = 0.25
+    label_smoothing: float = 0.1
+    balance: bool = True  # oversample minority classes with augmentation
+    augment: str = "basic"  # none | basic (flips, 90-degree rotations, jitter) | strong (+ crops)
+    tta: bool = True  # average the 8 flips/rotations at evaluation
+    patience_epochs: int = 5
+    min_epochs: int = 0
+    amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16)
+    channels_last: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    """Everything a run needs; written to the run folder as config.json."""
+
+    profile: str = "quick"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON-safe)."""
+        return dataclasses.asdict(self)
+
+
+def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
+    """Set dataclass fields from a dict, recursing into nested sections."""
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise DefungiError(f"unknown config key '{where}{key}'; known: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise DefungiError(f"config key '{where}{key}' is a section; give a table")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, current, f"{where}{key}"))
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    """Convert an override (often a string from the CLI) to the type of the current value."""
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise DefungiError(f"config key '{name}' wants true/false, got '{value}'")
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    if isinstance(current, dict):
+        return json.loads(value) if isinstance(value, str) else dict(value)
+    try:
+        return type(current)(value)
+    except (TypeError, ValueError):
+        raise DefungiError(f"config key '{name}' wants {type(current).__name__}, got '{value}'") from None
+
+
+def profile_path(name: str) -> Path:
+    """Path of a named profile shipped with the package, or of a TOML file."""
+    path = Path(name)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise DefungiError(f"config file not found: {path}")
+        return path
+    shipped = resources.files("defungi") / "configs" / f"{name}.toml"
+    if not shipped.is_file():
+        known = sorted(p.name[:-5] for p in (resources.files("defungi") / "configs").iterdir() if p.name.endswith(".toml"))
+        raise DefungiError(f"unknown profile '{name}'; known: {', '.join(known)} (or a path to a .toml file)")
+    return Path(str(shipped))
+
+
+def load_config(profile: str = "quick", overrides: dict[str, Any] | None = None) -> Config:
+    """Profile file first, then dotted overrides such as {'train.lr': 1e-3}."""
+    config = Config(profile=profile)
+    with open(profile_path(profile), "rb") as fh:
+        _apply(config, tomllib.load(fh), "")
+    nested: dict[str, Any] = {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    _apply(config, nested, "")
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config saved by `Config.to_dict` (e.g. from a run folder)."""
+    config = Config()
+    _apply(config, values, "")
+    return config

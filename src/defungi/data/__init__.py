@@ -1,0 +1,1 @@
+"""Data: scan folders, filter outliers, cache decoded images, split, augment."""

@@ -1,0 +1,71 @@
+"""One call from a folder to decoded, filtered, labelled images ready to split and train on."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from defungi.data.cache import decode_images
+from defungi.data.quality import low_variance, merge_duplicate_groups
+from defungi.data.scan import ImageRecord, class_names, scan
+from defungi.errors import DefungiError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dataset:
+    """Usable images (outliers and unreadable files removed) with labels and sample groups."""
+
+    images: np.ndarray  # (N, S, S, 3) uint8, memory-mapped
+    labels: np.ndarray  # (N,) int
+    groups: np.ndarray  # (N,) str: physical sample, near-duplicates merged
+    paths: list[Path]
+    classes: list[str]
+    excluded: list[dict[str, str]]  # path, label, grey_variance, reason
+
+
+def load_dataset(root: str | Path, image_size: int, variance_threshold: float, classes: list[str] | None = None, cache_dir: Path | None = None, progress: bool = True) -> Dataset:
+    """Scan, decode (cached), drop unreadable and low-variance images, merge duplicate groups.
+
+    classes: the class list of a trained model, so that evaluation folders map to the same
+    indices; a folder class the model does not know is an error.
+    """
+    records: list[ImageRecord] = scan(root)
+    found = class_names(records)
+    classes = classes or found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DefungiError(f"{root}: class folders {unknown} are not classes of this model ({classes})")
+    decoded = decode_images(records, image_size, cache_dir=cache_dir, progress=progress)
+    for i, why in decoded.errors.items():
+        log.warning("skipped %s: %s", records[i].path, why)
+    unreadable = np.zeros(len(records), dtype=bool)
+    unreadable[list(decoded.errors)] = True
+    outlier = low_variance(decoded.variance, variance_threshold) & ~unreadable
+    keep = ~(unreadable | outlier)
+    if not keep.any():
+        raise DefungiError(f"{root}: no usable images (all unreadable or under variance threshold {variance_threshold})")
+    groups = merge_duplicate_groups([r.group for r in records], decoded.ahash, keep)
+    excluded = [
+        {
+            "path": str(records[i].path),
+            "label": records[i].label,
+            "grey_variance": "" if np.isnan(decoded.variance[i]) else f"{decoded.variance[i]:.2f}",
+            "reason": decoded.errors.get(int(i), f"grey variance under {variance_threshold:g}"),
+        }
+        for i in np.flatnonzero(~keep)
+    ]
+    idx = np.flatnonzero(keep)
+    log.info("%d images, %d usable, %d outliers, %d unreadable", len(records), len(idx), int(outlier.sum()), int(unreadable.sum()))
+    return Dataset(
+        images=decoded.images[idx] if len(idx) < len(records) else decoded.images,
+        labels=np.array([classes.index(records[i].label) for i in idx]),
+        groups=np.array([groups[i] for i in idx]),
+        paths=[records[i].path for i in idx],
+        classes=list(classes),
+        excluded=excluded,
+    )

@@ -1,0 +1,185 @@
+"""Find labelled images in a folder (or a .zip of one), parse DeFungi names, fetch the release."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from defungi.errors import DefungiError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+DEFUNGI_URL = "https://archive.ics.uci.edu/static/public/773/defungi.zip"
+DEFUNGI_CLASSES = ("H1", "H2", "H3", "H5", "H6")
+DEFUNGI_MIN_IMAGES = 5000  # the public release has 9114; a smaller tree is a broken download
+_NAME = re.compile(r"^(?P<cls>H\d+)_(?P<sample>\d+)(?P<field>[a-z]*)_(?P<patch>\d+)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One labelled image file and the physical sample it comes from."""
+
+    path: Path
+    label: str
+    group: str  # the physical sample; images of one group never go to two split parts
+
+
+def parse_name(stem: str) -> dict[str, str] | None:
+    """Split a DeFungi file stem like 'H1_100a_3' into class, sample, field and patch."""
+    match = _NAME.match(stem)
+    return match.groupdict() if match else None
+
+
+def group_of(path: Path, label: str) -> str:
+    """The sample a file belongs to: 'H1_100' for DeFungi names, else the file itself."""
+    parsed = parse_name(path.stem)
+    return f"{parsed['cls'].upper()}_{parsed['sample']}" if parsed else f"{label}/{path.name}"
+
+
+def default_cache_dir() -> Path:
+    """User cache folder: $DEFUNGI_CACHE, else $XDG_CACHE_HOME/defungi, else ~/.cache/defungi."""
+    if os.environ.get("DEFUNGI_CACHE"):
+        return Path(os.environ["DEFUNGI_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "defungi"
+
+
+def _class_root(root: Path) -> Path:
+    """The folder that holds the class folders: root itself, or its single sub-folder."""
+    subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
+    has_images = any(any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir()) for d in subdirs)
+    if len(subdirs) == 1 and not has_images:
+        return _class_root(subdirs[0])
+    return root
+
+
+def _unpack(archive: Path) -> Path:
+    """Extract a .zip once into the cache and return the folder."""
+    digest = hashlib.sha1(f"{archive.resolve()}:{archive.stat().st_size}:{archive.stat().st_mtime}".encode()).hexdigest()[:12]
+    dest = default_cache_dir() / "unpacked" / f"{archive.stem}-{digest}"
+    if not dest.is_dir():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)
+        except zipfile.BadZipFile:
+            raise DefungiError(f"{archive}: not a readable .zip archive; download it again") from None
+        _unpack_nested(tmp)
+        tmp.rename(dest)
+    return dest
+
+
+def _unpack_nested(folder: Path) -> None:
+    """The UCI archive wraps the image archive in another .zip: extract those in place."""
+    for inner in list(folder.rglob("*.zip")):
+        with zipfile.ZipFile(inner) as zf:
+            zf.extractall(inner.parent)
+        inner.unlink()
+
+
+def scan(root: str | Path) -> list[ImageRecord]:
+    """All images under root/<class>/ (root may be a .zip); errors name the path and the fix."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DefungiError(f"{root}: no such file or folder; pass --data DIR or run 'defungi data fetch'")
+    if root.is_file():
+        if root.suffix.lower() != ".zip":
+            raise DefungiError(f"{root}: expected a folder of class folders or a .zip of one")
+        root = _unpack(root)
+    base = _class_root(root)
+    class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+    if not class_dirs:
+        raise DefungiError(f"{base}: no class folders; expected {base}/<class>/<image files>")
+    records: list[ImageRecord] = []
+    for class_dir in class_dirs:
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DefungiError(f"{class_dir}: class folder has no images (.jpg/.png/.tif/.bmp); add images or remove the folder")
+        records += [ImageRecord(f, class_dir.name, group_of(f, class_dir.name)) for f in files]
+    if len(class_dirs) < 2:
+        raise DefungiError(f"{base}: only one class folder ({class_dirs[0].name}); a classifier needs at least two")
+    return records
+
+
+def class_names(records: list[ImageRecord]) -> list[str]:
+    """Sorted class names found in the records."""
+    return sorted({r.label for r in records})
+
+
+def _download(url: str, dest: Path) -> None:
+    """Download url to dest with a progress bar, resuming a partial file."""
+    part = dest.with_name(dest.name + ".part")
+    done = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if done and response.status != 206:
+            done = 0  # server ignored the range: start again
+        total = int(response.headers.get("Content-Length", 0)) + done
+        with open(part, "ab" if done else "wb") as fh, tqdm(total=total or None, initial=done, unit="B", unit_scale=True, desc=dest.name) as bar:
+            while chunk := response.read(1 << 20):
+                fh.write(chunk)
+                bar.update(len(chunk))
+    part.rename(dest)
+
+
+def verify_release(root: Path) -> dict[str, int]:
+    """Check an extracted release: the five DeFungi classes and a plausible count per class."""
+    records = scan(root)
+    counts = {c: sum(r.label == c for r in records) for c in class_names(records)}
+    missing = [c for c in DEFUNGI_CLASSES if c not in counts]
+    if missing or sum(counts.values()) < DEFUNGI_MIN_IMAGES:
+        raise DefungiError(f"{root}: incomplete DeFungi tree (classes {counts}); delete it and run 'defungi data fetch' again")
+    return counts
+
+
+def fetch(dest: str | Path | None = None, url: str | None = None) -> Path:
+    """Download and extract the public DeFungi release (UCI id 773); returns the class-folder root."""
+    dest = Path(dest) if dest else default_cache_dir() / "defungi"
+    url = url or os.environ.get("DEFUNGI_URL", DEFUNGI_URL)
+    tree = dest / "images"
+    if tree.is_dir():
+        verify_release(tree)
+        return _class_root(tree)
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / "defungi.zip"
+    if not archive.exists():
+        try:
+            _download(url, archive)
+        except (urllib.error.URLError, OSError) as exc:
+            raise DefungiError(
+                f"cannot download {url} ({getattr(exc, 'reason', exc)}); download it by hand from "
+                f"https://archive.ics.uci.edu/dataset/773/defungi, save it as {archive}, and run this again "
+                "(or pass --data DIR to a local copy)"
+            ) from None
+    tmp = dest / "images.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+    except zipfile.BadZipFile:
+        archive.unlink()
+        raise DefungiError(f"{archive}: corrupt download, removed; run 'defungi data fetch' again") from None
+    _unpack_nested(tmp)
+    tmp.rename(tree)
+    counts = verify_release(tree)
+    log.info("DeFungi release ready in %s: %s", tree, counts)
+    return _class_root(tree)
+
+
+def resolve_data(path: str | None) -> Path:
+    """--data, else $DEFUNGI_DATA, else the cached release, else fetch it."""
+    chosen = path or os.environ.get("DEFUNGI_DATA")
+    if chosen:
+        return Path(chosen)
+    return fetch()

@@ -1,0 +1,1 @@
+"""Experiments: one fit, learning curves, grid searches, cross-validation, the studies."""

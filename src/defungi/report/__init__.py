@@ -1,0 +1,1 @@
+"""Reports: figures from results (no training), and pages that gather them."""

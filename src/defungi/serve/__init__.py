@@ -1,0 +1,1 @@
+"""Use trained models: predict on files and folders."""

@@ -1,0 +1,141 @@
+"""The two loops: `train_one_epoch` and `evaluate`. No argument parsing, no file I/O."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from defungi.data.augment import dihedral
+from defungi.utils import progress_bar
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a model expects: input size and the normalisation it was trained with."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_tensor(self, batch: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+        """uint8 NHWC batch -> normalised float NCHW on device (channels-last strides for free)."""
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int, drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 images, labels) in the given order; sorted fancy indexing keeps memory-mapped reads local."""
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        yield images[idx], labels[idx]
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when supported, fp16 otherwise; nothing on the CPU."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    data: Iterable[tuple[np.ndarray, np.ndarray]],
+    n_batches: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    criterion: nn.Module,
+    preprocess: Preprocess,
+    augment: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    amp: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = True,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One pass over data; returns mean loss, accuracy, images and seconds."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = progress_bar(n_batches, desc)
+    for x_u8, y_np in data:
+        x = augment(preprocess.to_tensor(x_u8, device, channels_last))
+        y = torch.from_numpy(y_np).to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = len(y_np)
+        total_loss += loss.item() * n
+        correct += int((logits.argmax(1) == y).sum())
+        seen += n
+        bar.update(1)
+        bar.set_postfix_str(f"loss {total_loss / seen:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen, "seconds": seconds}
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module,
+    images: np.ndarray,
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int = 128,
+    tta: bool = False,
+    amp: bool = False,
+    channels_last: bool = True,
+    desc: str = "predict",
+) -> np.ndarray:
+    """Class probabilities for uint8 NHWC images; tta averages the 8 flips/rotations."""
+    model.eval()
+    out = []
+    order = np.arange(len(images))
+    bar = progress_bar(-(-len(images) // batch_size), desc)
+    for x_u8, _ in batches(images, order, order, batch_size):
+        x = preprocess.to_tensor(x_u8, device, channels_last)
+        with autocast(device, amp):
+            views = range(8) if tta else range(1)
+            probs = sum(F.softmax(model(dihedral(x, k)).float(), dim=1) for k in views) / len(views)
+        out.append(probs.cpu().numpy())
+        bar.update(1)
+    bar.close()
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int = 128,
+    tta: bool = False,
+    amp: bool = False,
+    channels_last: bool = True,
+) -> tuple[np.ndarray, float]:
+    """Probabilities and mean cross-entropy loss on a labelled set."""
+    probs = predict_proba(model, images, preprocess, device, batch_size, tta, amp, channels_last, desc="evaluate")
+    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean()) if len(labels) else float("nan")
+    return probs, loss

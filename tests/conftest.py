@@ -1,0 +1,49 @@
+"""Tiny generated DeFungi-like folders, so that tests are fast and need no real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("H1", "H2", "H3")
+
+
+def make_image(rng: np.random.Generator, cls: int, size: int = 40) -> Image.Image:
+    """A textured image whose colour and stripe direction depend on the class (learnable)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = np.array([[200, 120, 120], [120, 200, 120], [120, 120, 200]][cls % 3], dtype=np.float32)
+    phase = rng.uniform(0, 2 * np.pi)
+    blob = 60 * np.exp(-((xx - rng.uniform(0, size)) ** 2 + (yy - rng.uniform(0, size)) ** 2) / (size * 2))
+    stripes = 40 * np.sin((xx if cls % 2 else yy) * (0.5 + 0.3 * cls) + phase) + blob
+    noise = rng.normal(0, 10, (size, size, 3))
+    pixels = np.clip(base + stripes[..., None] + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def write_folder(root: Path, samples_per_class: int = 6, patches: int = 4, size: int = 40, classes: tuple[str, ...] = CLASSES, seed: int = 0) -> Path:
+    """root/<class>/<class>_<sample>a_<patch>.jpg, with a blank (low-variance) image in the first class."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for s in range(samples_per_class):
+            for p in range(patches):
+                make_image(rng, c, size).save(folder / f"{name}_{s + 1}a_{p + 1}.jpg", quality=95)
+    Image.new("RGB", (size, size), (128, 128, 128)).save(root / classes[0] / f"{classes[0]}_99a_1.jpg")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    """A three-class folder of small generated images."""
+    return write_folder(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep decoded-image caches inside the test's temporary folder."""
+    monkeypatch.setenv("DEFUNGI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DEFUNGI_DATA", raising=False)

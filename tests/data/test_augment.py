@@ -1,0 +1,27 @@
+import numpy as np
+import torch
+
+from defungi.data.augment import augment_batch, balanced_order, dihedral
+
+
+def test_dihedral_gives_eight_distinct_views():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    views = {tuple(dihedral(x, k).flatten().tolist()) for k in range(8)}
+    assert len(views) == 8
+
+
+def test_balanced_order_oversamples_minorities():
+    labels = np.array([0] * 90 + [1] * 10)
+    order = balanced_order(labels, 100, np.random.default_rng(0))
+    counts = np.bincount(labels[order])
+    assert abs(counts[0] - counts[1]) <= 1
+    assert len(set(order[labels[order] == 0])) == counts[0]  # majority images are not repeated
+
+
+def test_augment_levels_keep_shape_and_change_pixels():
+    x = torch.randn(6, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(augment_batch(x, "none", g), x)
+    for level in ("basic", "strong"):
+        y = augment_batch(x, level, g)
+        assert y.shape == x.shape and not torch.allclose(y, x) and torch.isfinite(y).all()

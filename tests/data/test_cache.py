@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defungi.data.cache import decode_images, decode_one
+from defungi.data.dataset import load_dataset
+from defungi.data.scan import scan
+
+
+def test_decode_any_mode_and_size(tmp_path: Path):
+    grey16 = Image.fromarray((np.arange(60 * 80).reshape(60, 80) * 13).astype(np.uint16))
+    rgba = Image.new("RGBA", (500, 300), (10, 200, 30, 128))
+    for name, image in {"g16.png": grey16, "rgba.png": rgba, "grey.tif": Image.new("L", (30, 30), 90), "big.bmp": Image.new("RGB", (700, 500), 7)}.items():
+        image.save(tmp_path / name)
+        pixels, variance, bits = decode_one(tmp_path / name, 32)
+        assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+        assert variance >= 0 and bits.shape == (32,)
+    assert decode_one(tmp_path / "g16.png", 32)[1] > 100  # 16-bit rescaled, not clipped to white
+
+
+def test_cache_is_reused_and_keyed_by_size(tiny_data: Path, tmp_path: Path):
+    records = scan(tiny_data)
+    first = decode_images(records, 24, cache_dir=tmp_path / "c", progress=False)
+    folders = list((tmp_path / "c" / "decoded").iterdir())
+    again = decode_images(records, 24, cache_dir=tmp_path / "c", progress=False)
+    assert np.array_equal(first.images, again.images)
+    assert isinstance(again.images, np.memmap)
+    assert list((tmp_path / "c" / "decoded").iterdir()) == folders
+    decode_images(records, 16, cache_dir=tmp_path / "c", progress=False)
+    assert len(list((tmp_path / "c" / "decoded").iterdir())) == 2
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\xff\xd8\xff\xe0 truncated jpeg"])
+def test_unreadable_files_are_skipped_and_listed(tiny_data: Path, content: bytes, caplog: pytest.LogCaptureFixture):
+    bad = tiny_data / "H2" / "H2_50a_1.jpg"
+    bad.write_bytes(content)
+    data = load_dataset(tiny_data, 24, variance_threshold=10, progress=False)
+    assert str(bad) in [e["path"] for e in data.excluded]
+    assert bad not in data.paths
+    assert any(str(bad) in r.message for r in caplog.records)
+
+
+def test_low_variance_images_are_excluded(tiny_data: Path):
+    data = load_dataset(tiny_data, 24, variance_threshold=10, progress=False)
+    blank = str(tiny_data / "H1" / "H1_99a_1.jpg")
+    assert [e["path"] for e in data.excluded] == [blank]
+    assert len(data.paths) == 3 * 6 * 4
+    assert len(load_dataset(tiny_data, 24, variance_threshold=0, progress=False).paths) == 3 * 6 * 4 + 1
+
+
+def test_duplicate_images_join_groups(tiny_data: Path):
+    (tiny_data / "H2" / "H2_77a_1.jpg").write_bytes((tiny_data / "H2" / "H2_3a_2.jpg").read_bytes())
+    data = load_dataset(tiny_data, 24, variance_threshold=10, progress=False)
+    group = dict(zip(map(str, data.paths), data.groups))
+    assert group[str(tiny_data / "H2" / "H2_77a_1.jpg")] == group[str(tiny_data / "H2" / "H2_3a_1.jpg")]

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from defungi.data.splits import train_val_test_split
+from defungi.errors import DefungiError
+
+
+def _toy(n_groups: int = 60, per_group: int = 5):
+    rng = np.random.default_rng(0)
+    group_labels = rng.integers(0, 4, n_groups)
+    groups = np.repeat(np.arange(n_groups), per_group).astype(str)
+    labels = np.repeat(group_labels, per_group)
+    return labels, groups
+
+
+def test_grouped_split_keeps_samples_whole_and_is_seeded():
+    labels, groups = _toy()
+    split = train_val_test_split(labels, groups, 0.15, 0.15, "grouped", seed=3)
+    parts = [set(groups[idx]) for idx in split.values()]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert sum(len(v) for v in split.values()) == len(labels)
+    again = train_val_test_split(labels, groups, 0.15, 0.15, "grouped", seed=3)
+    assert all(np.array_equal(split[k], again[k]) for k in split)
+    other = train_val_test_split(labels, groups, 0.15, 0.15, "grouped", seed=4)
+    assert not np.array_equal(split["test"], other["test"])
+
+
+def test_random_split_is_stratified():
+    labels, groups = _toy()
+    split = train_val_test_split(labels, groups, 0.2, 0.2, "random", seed=0)
+    for idx in split.values():
+        share = np.bincount(labels[idx], minlength=4) / len(idx)
+        assert np.allclose(share, np.bincount(labels, minlength=4) / len(labels), atol=0.05)
+    assert set(groups[split["train"]]) & set(groups[split["test"]])  # random: samples are shared
+
+
+def test_grouped_split_needs_two_samples_per_class():
+    labels = np.array([0, 0, 1, 1])
+    with pytest.raises(DefungiError, match="--split random"):
+        train_val_test_split(labels, np.array(["a", "a", "b", "c"]), 0.25, 0.25, "grouped")

@@ -1,0 +1,62 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from defungi.cli import main
+from tests.conftest import write_folder
+
+TRAIN = ["--image-size", "24", "--epochs", "2", "--batch-size", "16", "--model", "convmixer", "--set", 'train.model_args={"dim": 16, "depth": 1, "kernel_size": 3, "patch_size": 4}']
+
+
+def _one_line_error(capsys: pytest.CaptureFixture, code: int, needle: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("defungi: error:") and "\n" not in err and needle in err, err
+
+
+def test_train_evaluate_predict(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *TRAIN]) == 0
+    assert "F1" in capsys.readouterr().out
+    unseen = write_folder(tmp_path / "unseen", samples_per_class=1, patches=2, seed=5)
+    assert main(["evaluate", str(run), "--data", str(unseen), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 6
+    (unseen / "H1" / "broken.jpg").write_bytes(b"junk")
+    assert main(["predict", str(run), str(unseen), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 8 and sum("error" in r for r in rows) == 1
+    assert all(abs(sum(r[c] for c in ("H1", "H2", "H3")) - 1) < 1e-4 for r in rows if "error" not in r)
+    assert main(["predict", str(run), str(unseen / "H2"), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("path,class,confidence,H1,H2,H3")
+
+
+def test_resume_continues_a_run(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *TRAIN]) == 0
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "F1" in capsys.readouterr().out
+
+
+def test_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture):
+    _one_line_error(capsys, main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]), "nope")
+
+
+def test_one_class_folder(tmp_path: Path, capsys: pytest.CaptureFixture):
+    data = write_folder(tmp_path / "d", samples_per_class=2, patches=1, classes=("H1",))
+    _one_line_error(capsys, main(["train", "--data", str(data), "--out", str(tmp_path / "r")]), "only one class")
+
+
+def test_empty_class_folder(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    (tiny_data / "H5").mkdir()
+    _one_line_error(capsys, main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "r")]), "H5")
+
+
+def test_unknown_config_key_and_model(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    _one_line_error(capsys, main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--set", "train.lerning_rate=1"]), "lerning_rate")
+    _one_line_error(capsys, main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "r2"), "--model", "nonet"]), "unknown model")
+
+
+def test_evaluate_and_predict_without_a_run(tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture):
+    _one_line_error(capsys, main(["evaluate", str(tmp_path), "--data", str(tiny_data)]), "no checkpoint")
+    _one_line_error(capsys, main(["predict", str(tmp_path), str(tiny_data)]), "no checkpoint")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import tomllib
@@ -19,7 +20,8 @@ class DataConfig:
 
     root: str = ""
     image_size: int = 64
-    variance_threshold: float = 10.0  # grey-level variance at 224 px; see README "Outliers"
+    variance_threshold: float = 15.0  # grey-level variance at 224 px; see README "Outliers"
+    normalize: str = "image"  # image: per-image channel standardisation; dataset: training-set mean/std
     split: str = "grouped"  # grouped: no physical sample in two parts; random: as the study
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -114,8 +116,14 @@ def load_config(profile: str = "quick", overrides: dict[str, Any] | None = None)
     config = Config(profile=profile)
     with open(profile_path(profile), "rb") as fh:
         _apply(config, tomllib.load(fh), "")
+    return load_config_from(config, overrides or {})
+
+
+def load_config_from(config: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of config with dotted overrides applied (None values are ignored)."""
+    config = copy.deepcopy(config)
     nested: dict[str, Any] = {}
-    for dotted, value in (overrides or {}).items():
+    for dotted, value in overrides.items():
         if value is None:
             continue
         *parents, leaf = dotted.split(".")

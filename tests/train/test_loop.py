@@ -28,3 +28,13 @@ def test_preprocess_normalises_to_channels_last():
     x = Preprocess(4, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).to_tensor(np.full((2, 4, 4, 3), 255, np.uint8), torch.device("cpu"))
     assert x.shape == (2, 3, 4, 4) and torch.allclose(x, torch.ones_like(x))
     assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_per_image_normalisation_removes_a_colour_cast():
+    rng = np.random.default_rng(0)
+    texture = rng.integers(60, 120, (1, 8, 8, 3))
+    pre = Preprocess(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), normalize="image")
+    plain = pre.to_tensor(texture.astype(np.uint8), torch.device("cpu"))
+    tinted = pre.to_tensor((texture + [80, 20, 0]).astype(np.uint8), torch.device("cpu"))
+    assert torch.allclose(plain, tinted, atol=1e-5)
+    assert torch.allclose(plain.mean((2, 3)), torch.zeros(1, 3), atol=1e-5)

@@ -53,6 +53,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, lr: float, total_steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LRScheduler:
     """One-cycle, or linear warm-up then cosine decay, stepped once per batch."""
+    total_steps = max(total_steps, 10)  # one-cycle needs a few steps per phase (tiny test fits)
     if name == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=warmup_fraction)
     if name == "cosine":
@@ -88,7 +89,7 @@ def checkpoint_payload(model: nn.Module, config: Config, classes: list[str], pre
         "model_name": config.train.model,
         "model_args": model_args(config),
         "classes": list(classes),
-        "preprocess": {"image_size": preprocess.image_size, "mean": list(preprocess.mean), "std": list(preprocess.std)},
+        "preprocess": {"image_size": preprocess.image_size, "mean": list(preprocess.mean), "std": list(preprocess.std), "normalize": preprocess.normalize},
         "config": config.to_dict(),
         "epoch": epoch,
         "best_metric": best_metric,
@@ -96,8 +97,10 @@ def checkpoint_payload(model: nn.Module, config: Config, classes: list[str], pre
     }
 
 
-def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Path | None = None, progress: bool = True) -> FitResult:
-    """Train on split['train'], early-stop on split['val'] macro-F1, evaluate every part.
+def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Path | None = None) -> FitResult:
+    """Train on split['train'], early-stop on split['val'] macro-F1, evaluate every other part.
+
+    Extra parts (e.g. 'train_eval', a sample of the training images) are evaluated too.
 
     With out_dir, checkpoints go there every epoch and an interrupted fit continues from the
     last one. The best weights are restored before the final evaluation.
@@ -107,7 +110,7 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
     device = resolve_device(tc.device)
     train_idx, val_idx = split["train"], split["val"]
     mean, std = channel_stats(data.images, train_idx)
-    preprocess = Preprocess(data.images.shape[1], mean, std)
+    preprocess = Preprocess(data.images.shape[1], mean, std, config.data.normalize)
     model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
     model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay)
@@ -190,9 +193,8 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
     if best_state is not None:
         model.load_state_dict(best_state)
     metrics, probabilities = {}, {}
-    for part in ("val", "test"):
-        idx = split.get(part, np.array([], dtype=int))
-        if len(idx) == 0:
+    for part, idx in split.items():
+        if part == "train" or len(idx) == 0:
             continue
         t0 = time.perf_counter()
         probs, loss = evaluate(model, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=use_amp, channels_last=tc.channels_last)

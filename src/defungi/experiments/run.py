@@ -16,6 +16,7 @@ from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import train_val_test_split
 from defungi.errors import DefungiError
 from defungi.experiments.fit import FitResult, fit, model_args
+from defungi.models import create_model
 from defungi.report.plots import contact_sheet, plot_confusion, plot_history
 from defungi.train.checkpoint import load_trained
 from defungi.train.loop import evaluate
@@ -117,11 +118,39 @@ def train_run(config: Config, out_dir: str | Path, progress: bool = True) -> dic
     split = split_for(config, data)
     write_split(out_dir, data, split)
     log.info("split (%s): %s", config.data.split, {k: len(v) for k, v in split.items()})
-    result = fit(config, data, split, out_dir, progress)
-    from defungi.models import create_model
+    result = fit(config, data, split, out_dir)
+    return write_fit_outputs(out_dir, config, data, split, result, count_parameters(config, len(data.classes)))
 
-    n_params = sum(p.numel() for p in create_model(config.train.model, len(data.classes), **config.train.model_args).parameters())
-    return write_fit_outputs(out_dir, config, data, split, result, n_params)
+
+def count_parameters(config: Config, num_classes: int) -> int:
+    """Trainable parameters of the model a config describes."""
+    return sum(p.numel() for p in create_model(config.train.model, num_classes, **config.train.model_args).parameters())
+
+
+def fit_cached(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Path) -> dict[str, Any]:
+    """fit() into out_dir once: a finished fit is read back from result.json, a broken one resumes.
+
+    Used by the experiments (curves, grids, studies) so that re-running them redoes nothing.
+    """
+    done = out_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = out_dir / "config.json"
+    if saved.exists() and json.loads(saved.read_text()) != config.to_dict():
+        raise DefungiError(f"{out_dir} holds a fit with another config; delete it or use another experiment folder")
+    atomic_write_json(saved, config.to_dict())
+    result = fit(config, data, split, out_dir)
+    summary = {
+        "history": result.history,
+        "metrics": result.metrics,
+        "best_epoch": result.best_epoch,
+        "stop_reason": result.stop_reason,
+        "train_seconds": result.train_seconds,
+        "sizes": {part: int(len(idx)) for part, idx in split.items()},
+    }
+    atomic_write_json(done, summary)
+    return summary
 
 
 def resume_config(run_dir: str | Path) -> Config:

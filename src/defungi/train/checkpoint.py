@@ -43,4 +43,4 @@ def load_trained(run_dir: str | Path, device: str = "auto", which: str = "best.p
     model.to(dev, memory_format=torch.channels_last).eval()
     pre = state["preprocess"]
     info = {k: state[k] for k in ("model_name", "model_args", "epoch", "best_metric")}
-    return TrainedModel(model, Preprocess(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"])), state["classes"], config_from_dict(state["config"]), dev, info)
+    return TrainedModel(model, Preprocess(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["normalize"]), state["classes"], config_from_dict(state["config"]), dev, info)

@@ -15,21 +15,30 @@ import torch.nn.functional as F
 from defungi.data.augment import dihedral
 from defungi.utils import progress_bar
 
+IMAGE_STD_FLOOR = 0.02  # keeps blank patches from being amplified into noise
+
 
 @dataclass(frozen=True)
 class Preprocess:
-    """What a model expects: input size and the normalisation it was trained with."""
+    """What a model expects: input size and the normalisation it was trained with.
+
+    normalize="dataset" uses the training set's channel mean/std; "image" standardises every
+    image by its own channel mean/std, which removes the stain and illumination cast of a slide
+    (the cue that does not carry over to unseen samples).
+    """
 
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    normalize: str = "dataset"
 
     def to_tensor(self, batch: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
         """uint8 NHWC batch -> normalised float NCHW on device (channels-last strides for free)."""
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255
-        x = (x - mean) / std
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        if self.normalize == "image":
+            x = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + IMAGE_STD_FLOOR)
+        else:
+            x = (x - torch.tensor(self.mean, device=device).view(1, 3, 1, 1)) / torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 

@@ -131,6 +131,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from defungi.config import load_config
+    from defungi.data.scan import resolve_data
+
+    overrides = _overrides(args)
+    overrides["data.root"] = str(resolve_data(args.data))
+    return load_config(args.profile, overrides)
+
+
+def cmd_curve(args: argparse.Namespace) -> int:
+    from defungi.experiments.commands import curve_command
+
+    result = curve_command(_config(args), Path(args.out), args.fraction, args.sizes, args.cv)
+    for j, size in enumerate(result["train_fractions"]):
+        val = [row[j] for row in result["val_f1"]]
+        print(f"{size:>5.0%} of training ({sum(row[j] for row in result['train_size']) / len(val):.0f} images): validation macro-F1 {sum(val) / len(val):.3f}")
+    print(f"figures: {args.out}/learning_curve.png, {args.out}/epoch_curves.png")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from defungi.experiments.commands import grid_command
+
+    grid = {"train.batch_size": args.batch_sizes, "train.lr": args.lrs}
+    for item in args.param or []:
+        key, _, values = item.partition("=")
+        grid[key] = [json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" else v for v in values.split(",")]
+    result = grid_command(_config(args), Path(args.out), args.fraction, grid, args.storage)
+    print(f"{result['trials_before']} trials done before, {result['trials_run']} run now")
+    for r in sorted(result["rows"], key=lambda r: -r["val_f1"]):
+        print("  " + "  ".join(f"{k.split('.')[-1]}={r[k]}" for k in grid) + f"  val macro-F1 {r['val_f1']:.3f}")
+    print(f"best: {result['best']}  (heat map: {args.out}/grid.png)")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from defungi.experiments.studies import run_study
+
+    state = run_study(args.name, _config(args), Path(args.out or f"runs/study-{args.name}"))
+    print(f"report: {state['report']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defungi", description="Classify microscope images of fungi (DeFungi).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -163,6 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dest", help="folder to download into (default: the user cache)")
     f.add_argument("--url", help="archive URL (default: the UCI address, or $DEFUNGI_URL)")
     f.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("curve", help="learning curve: validation macro-F1 and loss against training-set size")
+    _add_config_flags(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--fraction", type=float, default=1.0, help="share of the data the curve uses (e.g. 0.2)")
+    p.add_argument("--sizes", type=_floats, default=[0.25, 0.5, 0.75, 1.0], help="training-set fractions, comma-separated")
+    p.add_argument("--cv", type=int, default=0, help="K-fold cross-validation (0: one validation set)")
+    p.set_defaults(func=cmd_curve)
+
+    p = sub.add_parser("grid", help="grid search over batch size x learning rate (Optuna, resumable)")
+    _add_config_flags(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--fraction", type=float, default=1.0, help="share of the data (1.0: the full training set)")
+    p.add_argument("--batch-sizes", type=_ints, default=[32, 64, 128])
+    p.add_argument("--lrs", type=_floats, default=[5e-4, 1e-3, 2e-3, 4e-3])
+    p.add_argument("--param", action="append", metavar="KEY=V1,V2", help="another grid axis, e.g. train.weight_decay=0.01,0.05")
+    p.add_argument("--storage", help="Optuna storage URL (default: SQLite in --out)")
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("study", help="a published study, every step, resumable, ending in a report")
+    p.add_argument("name", choices=["resnet34", "convmixer"])
+    _add_config_flags(p)
+    p.add_argument("--out", help="study folder (default: runs/study-NAME)")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("run", help="the main job: train ResNet-34 and ConvMixer-8 and compare with the study")
     p.add_argument("--data")

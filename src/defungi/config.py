@@ -54,12 +54,33 @@ class TrainConfig:
 
 
 @dataclass
+class StudyConfig:
+    """How big the study steps are: exploratory fits, curves, grids, folds."""
+
+    epochs: int = 6  # per exploratory fit (curves, grids, comparisons); final fits use train.epochs
+    subset_fraction: float = 0.2  # the study's "20% of the data" for the first curve and grid
+    curve_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    full_curve_fractions: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    full_curve_epochs: int = 4
+    cv_folds: int = 3
+    grid_batch_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
+    grid_lrs: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3, 4e-3])
+    grid2_lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    grid2_batch_sizes: list[int] = field(default_factory=list)  # empty: keep the first grid's best
+    split_ratios: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9])  # train share
+    split_repeats: int = 2
+    depths: list[int] = field(default_factory=lambda: [8, 16, 4])
+    depth_lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+
+
+@dataclass
 class Config:
     """Everything a run needs; written to the run folder as config.json."""
 
     profile: str = "quick"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON-safe)."""
@@ -89,8 +110,11 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
                 raise DefungiError(f"config key '{name}' wants true/false, got '{value}'")
             return value.lower() in ("true", "1", "yes")
         return bool(value)
-    if isinstance(current, dict):
-        return json.loads(value) if isinstance(value, str) else dict(value)
+    if isinstance(current, (dict, list)):
+        parsed = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(parsed, type(current)):
+            raise DefungiError(f"config key '{name}' wants a {type(current).__name__} (JSON), got '{value}'")
+        return parsed
     try:
         return type(current)(value)
     except (TypeError, ValueError):

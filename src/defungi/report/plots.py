@@ -99,3 +99,84 @@ def metrics_table(rows: dict[str, dict[str, Any]], keys: Sequence[str] = ("accur
     head = "| | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
     body = "".join(f"| {name} | " + " | ".join("" if r.get(k) is None else f"{r[k]:.3f}" for k in keys) + " |\n" for name, r in rows.items())
     return head + body
+
+
+def plot_learning_curve(curves: dict[str, dict[str, Any]], path: Path, title: str = "learning curve") -> Path:
+    """Macro-F1 and loss against training-set size, mean and spread over folds, per named curve."""
+    fig, (ax_f1, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, curve in curves.items():
+        sizes = np.nanmean(np.asarray(curve["train_size"]), axis=0)
+        for key, style in (("val", "-o"), ("train", "--s")):
+            for ax, metric in ((ax_f1, "f1"), (ax_loss, "loss")):
+                values = np.asarray(curve[f"{key}_{metric}"])
+                mean, spread = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+                ax.plot(sizes, mean, style, label=f"{label}: {'validation' if key == 'val' else 'training'}", ms=4)
+                if values.shape[0] > 1:
+                    ax.fill_between(sizes, mean - spread, mean + spread, alpha=0.2)
+    ax_f1.set(xlabel="training images", ylabel="macro-F1", ylim=(0, 1), title="macro-F1")
+    ax_loss.set(xlabel="training images", ylabel="cross-entropy", title="loss")
+    for ax in (ax_f1, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_epoch_curves(histories: Sequence[Sequence[dict[str, float]]], labels: Sequence[str], path: Path, title: str = "per-epoch validation macro-F1") -> Path:
+    """Validation macro-F1 and training loss per epoch for several fits."""
+    fig, (ax_f1, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for history, label in zip(histories, labels):
+        epochs = [h["epoch"] for h in history]
+        ax_f1.plot(epochs, [h["val_f1"] for h in history], "-o", ms=3, label=label)
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], "-o", ms=3, label=label)
+    ax_f1.set(xlabel="epoch", ylabel="validation macro-F1", ylim=(0, 1))
+    ax_loss.set(xlabel="epoch", ylabel="training loss")
+    for ax in (ax_f1, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_grid(rows: Sequence[dict[str, Any]], x: str, y: str, path: Path, value: str = "val_f1", title: str = "grid search") -> Path:
+    """Heat map of value over the x and y grid keys, best cell outlined."""
+    xs = sorted({r[x] for r in rows})
+    ys = sorted({r[y] for r in rows})
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for r in rows:
+        grid[ys.index(r[y]), xs.index(r[x])] = r[value]
+    fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 0.8 * len(ys) + 1.8))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white" if grid[i, j] < np.nanmean(grid) else "black", fontsize=9)
+    bi, bj = np.unravel_index(np.nanargmax(grid), grid.shape)
+    ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    ax.set(xticks=range(len(xs)), yticks=range(len(ys)), xticklabels=[f"{v:g}" for v in xs], yticklabels=[str(v) for v in ys], xlabel=x.split(".")[-1], ylabel=y.split(".")[-1], title=title)
+    fig.colorbar(im, ax=ax, label=value.replace("_", " "))
+    return _save(fig, path)
+
+
+def plot_bars(values: dict[str, dict[str, float]], path: Path, title: str, keys: Sequence[str] = ("accuracy", "precision", "recall", "f1")) -> Path:
+    """Grouped bars of metrics per named result (e.g. with/without augmentation, ours vs published)."""
+    names = list(values)
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for k, name in enumerate(names):
+        bars = ax.bar(np.arange(len(keys)) + k * width, [values[name].get(m, np.nan) for m in keys], width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set(xticks=np.arange(len(keys)) + width * (len(names) - 1) / 2, xticklabels=keys, ylim=(0, 1), title=title)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_errorbars(x: Sequence[float], mean: Sequence[float], spread: Sequence[float], path: Path, xlabel: str, ylabel: str, title: str, series: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> Path:
+    """Mean +- spread against x, optionally several named series."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, (m, s) in (series or {ylabel: (mean, spread)}).items():
+        ax.errorbar(x, m, yerr=s, fmt="-o", capsize=3, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -69,6 +69,7 @@ def run_study(name: str, config: Config, out_dir: Path) -> dict[str, Any]:
     for i, step in enumerate(steps, start=1):
         done = state["steps"].get(step.name)
         if done is None:
+            ctx.split = split_for(load_config_from(config, ctx.choices), data)  # a step may choose the split ratio
             log.info("study %s, step %d/%d: %s", name, i, len(steps), step.title)
             t0 = time.perf_counter()
             step_dir = out_dir / f"{i:02d}-{step.name}"

@@ -12,14 +12,19 @@ CLASSES = ("H1", "H2", "H3")
 
 
 def make_image(rng: np.random.Generator, cls: int, size: int = 40) -> Image.Image:
-    """A textured image whose colour and stripe direction depend on the class (learnable)."""
+    """A textured image whose colour and pattern (stripes, checks, blocks) depend on the class."""
     yy, xx = np.mgrid[0:size, 0:size]
     base = np.array([[200, 120, 120], [120, 200, 120], [120, 120, 200]][cls % 3], dtype=np.float32)
-    phase = rng.uniform(0, 2 * np.pi)
-    blob = 60 * np.exp(-((xx - rng.uniform(0, size)) ** 2 + (yy - rng.uniform(0, size)) ** 2) / (size * 2))
-    stripes = 40 * np.sin((xx if cls % 2 else yy) * (0.5 + 0.3 * cls) + phase) + blob
-    noise = rng.normal(0, 10, (size, size, 3))
-    pixels = np.clip(base + stripes[..., None] + noise, 0, 255).astype(np.uint8)
+    px, py = rng.uniform(0, 2 * np.pi, 2)
+    if cls % 3 == 0:
+        pattern = np.sin(xx * 0.6 + px)
+    elif cls % 3 == 1:
+        pattern = np.sin(xx * 0.6 + px) * np.sin(yy * 0.6 + py) * 2
+    else:
+        pattern = np.kron(rng.uniform(-1, 1, (size // 8 + 1, size // 8 + 1)), np.ones((8, 8)))[:size, :size]
+    blob = np.exp(-((xx - rng.uniform(0, size)) ** 2 + (yy - rng.uniform(0, size)) ** 2) / (size * 3))  # makes every image distinct
+    noise = rng.normal(0, 8, (size, size, 3))
+    pixels = np.clip(base + 50 * pattern[..., None] + 60 * blob[..., None] + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels)
 
 

@@ -42,6 +42,7 @@ class TrainConfig:
     schedule: str = "onecycle"  # onecycle | cosine
     warmup_fraction: float = 0.25
     label_smoothing: float = 0.1
+    ema_decay: float = 0.0  # > 0: evaluate and keep an exponential moving average of the weights
     balance: bool = True  # oversample minority classes with augmentation
     augment: str = "basic"  # none | basic (flips, 90-degree rotations, jitter) | strong (+ crops)
     tta: bool = True  # average the 8 flips/rotations at evaluation

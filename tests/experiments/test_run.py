@@ -12,7 +12,7 @@ from tests.conftest import write_folder
 
 
 def _config(data: Path, **over):
-    values = {"data.root": str(data), "data.image_size": 24, "train.model": "convmixer", "train.model_args": '{"dim": 16, "depth": 1, "kernel_size": 3, "patch_size": 4}', "train.epochs": 3, "train.batch_size": 16, "train.lr": 5e-3}
+    values = {"data.root": str(data), "data.image_size": 24, "train.model": "convmixer", "train.model_args": '{"dim": 16, "depth": 1, "kernel_size": 3, "patch_size": 4}', "train.epochs": 6, "train.batch_size": 16, "train.lr": 5e-3, "train.ema_decay": 0}
     return load_config("quick", values | over)
 
 
@@ -25,11 +25,11 @@ def test_run_folder_holds_everything_and_checkpoint_loads_weights_only(tiny_data
     assert metrics["protocol"]["split"] == "grouped" and metrics["protocol"]["excluded"] == 1
     state = torch.load(out / "best.pt", weights_only=True)
     assert state["classes"] == ["H1", "H2", "H3"] and state["model_args"]["dim"] == 16
-    assert len((out / "history.csv").read_text().splitlines()) == 1 + 3
+    assert len((out / "history.csv").read_text().splitlines()) == 1 + 6
 
 
 def test_interrupted_run_resumes_from_last_epoch(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    config = _config(tiny_data, **{"train.epochs": 4})
+    config = _config(tiny_data, **{"train.epochs": 4, "train.ema_decay": 0.9})  # the weight average resumes too
     train_run(config, tmp_path / "uninterrupted", progress=False)
     real = fit_module.train_one_epoch
     calls = []
@@ -52,6 +52,8 @@ def test_interrupted_run_resumes_from_last_epoch(tiny_data: Path, tmp_path: Path
     col = first[0].split(",").index("train_loss")
     # same seeds per epoch: the resumed run continues the same trajectory
     assert [r.split(",")[col][:6] for r in resumed[1:]] == [r.split(",")[col][:6] for r in first[1:]]
+    val = first[0].split(",").index("val_loss")
+    assert [r.split(",")[val][:6] for r in resumed[1:]] == [r.split(",")[val][:6] for r in first[1:]]
 
 
 def test_changed_config_in_same_folder_is_refused(tiny_data: Path, tmp_path: Path):

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from timm.utils import ModelEmaV3
+
 from defungi.config import Config
 from defungi.data.augment import augment_batch, balanced_order
 from defungi.data.dataset import Dataset
@@ -114,6 +116,9 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
     model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
     model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay)
+    # the weights that are evaluated and saved: an exponential moving average when ema_decay > 0
+    ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
+    scored = ema.module if ema is not None else model
     steps_per_epoch = max(1, len(train_idx) // tc.batch_size)
     scheduler = build_scheduler(optimizer, tc.schedule, tc.lr, tc.epochs * steps_per_epoch, tc.warmup_fraction)
     criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
@@ -127,7 +132,8 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
 
     if last_path is not None and last_path.exists():
         state = torch.load(last_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(state["train_state_dict"])
+        scored.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         stopper.load_state_dict(state["early_stopping"])
@@ -160,9 +166,10 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
             scaler=scaler,
             channels_last=tc.channels_last,
             desc=f"epoch {epoch + 1}/{tc.epochs}",
+            on_step=(lambda: ema.update(model, step=scheduler.last_epoch)) if ema is not None else None,
         )
         train_seconds += stats["seconds"]
-        val_probs, val_loss = evaluate(model, data.images[val_idx], data.labels[val_idx], preprocess, device, amp=use_amp, channels_last=tc.channels_last)
+        val_probs, val_loss = evaluate(scored, data.images[val_idx], data.labels[val_idx], preprocess, device, amp=use_amp, channels_last=tc.channels_last)
         val = classification_metrics(data.labels[val_idx], val_probs.argmax(1), data.classes)
         row = {
             "epoch": epoch + 1,
@@ -180,24 +187,24 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
         stopped = stopper.step(val["f1"], epoch)
         log.info("epoch %d/%d  loss %.3f  val loss %.3f  val acc %.3f  val F1 %.3f  %.0f img/s%s", epoch + 1, tc.epochs, stats["loss"], val_loss, val["accuracy"], val["f1"], row["images_per_s"], "  *" if improved else "")
         if improved:
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
         if out_dir is not None:
             if improved:
-                atomic_torch_save(checkpoint_payload(model, config, data.classes, preprocess, epoch, stopper.best), out_dir / CHECKPOINT_BEST)
-            last = checkpoint_payload(model, config, data.classes, preprocess, epoch, stopper.best)
-            last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), early_stopping=stopper.state_dict(), history=history, train_seconds=train_seconds)
+                atomic_torch_save(checkpoint_payload(scored, config, data.classes, preprocess, epoch, stopper.best), out_dir / CHECKPOINT_BEST)
+            last = checkpoint_payload(scored, config, data.classes, preprocess, epoch, stopper.best)
+            last.update(train_state_dict=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), early_stopping=stopper.state_dict(), history=history, train_seconds=train_seconds)
             atomic_torch_save(last, out_dir / CHECKPOINT_LAST)
     if stopper.reason:
         log.info("early stop: %s", stopper.reason)
 
     if best_state is not None:
-        model.load_state_dict(best_state)
+        scored.load_state_dict(best_state)
     metrics, probabilities = {}, {}
     for part, idx in split.items():
         if part == "train" or len(idx) == 0:
             continue
         t0 = time.perf_counter()
-        probs, loss = evaluate(model, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=use_amp, channels_last=tc.channels_last)
+        probs, loss = evaluate(scored, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=use_amp, channels_last=tc.channels_last)
         metrics[part] = classification_metrics(data.labels[idx], probs.argmax(1), data.classes) | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
         probabilities[part] = probs
     return FitResult(history, metrics, stopper.best_epoch + 1, stopper.reason or "epoch budget used", train_seconds, probabilities)

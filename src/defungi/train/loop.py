@@ -72,8 +72,12 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     channels_last: bool = True,
     desc: str = "train",
+    on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over data; returns mean loss, accuracy, images and seconds."""
+    """One pass over data; returns mean loss, accuracy, images and seconds.
+
+    on_step runs after every optimiser step (e.g. to update a weight average).
+    """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -94,6 +98,8 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if on_step is not None:
+            on_step()
         n = len(y_np)
         total_loss += loss.item() * n
         correct += int((logits.argmax(1) == y).sum())

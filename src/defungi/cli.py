@@ -92,26 +92,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from defungi.serve.predict import predict
 
-    rows = predict(args.run_dir, args.paths, tta=args.tta)
+    rows, classes = predict(args.run_dir, args.paths, tta=args.tta)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
-        return 0
-    classes = [k for k in rows[0] if k not in ("path", "class", "confidence", "error")] if rows else []
-    for r in rows:
-        classes = classes or [k for k in r if k not in ("path", "class", "confidence", "error")]
-    if args.format == "csv":
+    elif args.format == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(["path", "class", "confidence", *classes, "error"])
         for r in rows:
             writer.writerow([r["path"], r.get("class", ""), r.get("confidence", ""), *[r.get(c, "") for c in classes], r.get("error", "")])
-        return 0
-    width = max(len(r["path"]) for r in rows)
-    print(f"{'path':<{width}}  {'class':>6}  {'conf':>5}  " + "  ".join(f"{c:>6}" for c in classes))
-    for r in rows:
-        if "error" in r:
-            print(f"{r['path']:<{width}}  {r['error']}")
-        else:
-            print(f"{r['path']:<{width}}  {r['class']:>6}  {r['confidence']:5.2f}  " + "  ".join(f"{r[c]:6.3f}" for c in classes))
+    else:
+        width = max(len(r["path"]) for r in rows)
+        print(f"{'path':<{width}}  {'class':>6}  {'conf':>5}  " + "  ".join(f"{c:>6}" for c in classes))
+        for r in rows:
+            if "error" in r:
+                print(f"{r['path']:<{width}}  {r['error']}")
+            else:
+                print(f"{r['path']:<{width}}  {r['class']:>6}  {r['confidence']:5.2f}  " + "  ".join(f"{r[c]:6.3f}" for c in classes))
     return 0
 
 

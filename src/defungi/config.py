@@ -21,7 +21,7 @@ class DataConfig:
     root: str = ""
     image_size: int = 64
     variance_threshold: float = 15.0  # grey-level variance at 224 px; see README "Outliers"
-    normalize: str = "image"  # image: per-image channel standardisation; dataset: training-set mean/std
+    normalize: str = "image"  # image: per-image channel standardisation; luma: per-image, hue kept; dataset: training-set mean/std
     split: str = "grouped"  # grouped: no physical sample in two parts; random: as the study
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -45,6 +45,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: evaluate and keep an exponential moving average of the weights
     balance: bool = True  # oversample minority classes with augmentation
     augment: str = "basic"  # none | basic (flips, 90-degree rotations, jitter) | strong (+ crops)
+    mix: str = "none"  # none | mixup | cutmix | both: blend image pairs and their labels
+    mix_alpha: float = 0.4
     tta: bool = True  # average the 8 flips/rotations at evaluation
     patience_epochs: int = 5
     min_epochs: int = 0
@@ -86,6 +88,26 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON-safe)."""
         return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.split": ("grouped", "random"),
+    "data.normalize": ("image", "luma", "dataset"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.schedule": ("onecycle", "cosine"),
+    "train.augment": ("none", "basic", "strong"),
+    "train.mix": ("none", "mixup", "cutmix", "both"),
+}
+
+
+def validate(config: Config) -> Config:
+    """Reject values outside the known choices, naming the key and the options."""
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in options:
+            raise DefungiError(f"config key '{key}' is '{value}'; use one of {', '.join(options)}")
+    return config
 
 
 def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
@@ -157,11 +179,11 @@ def load_config_from(config: Config, overrides: dict[str, Any]) -> Config:
             node = node.setdefault(part, {})
         node[leaf] = value
     _apply(config, nested, "")
-    return config
+    return validate(config)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config saved by `Config.to_dict` (e.g. from a run folder)."""
     config = Config()
     _apply(config, values, "")
-    return config
+    return validate(config)

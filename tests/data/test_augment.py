@@ -25,3 +25,16 @@ def test_augment_levels_keep_shape_and_change_pixels():
     for level in ("basic", "strong"):
         y = augment_batch(x, level, g)
         assert y.shape == x.shape and not torch.allclose(y, x) and torch.isfinite(y).all()
+
+
+def test_mix_batch_blends_targets_consistently():
+    from defungi.data.augment import mix_batch
+
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.arange(8) % 4
+    for mode in ("mixup", "cutmix"):
+        mixed, target = mix_batch(x, y, 4, mode, 0.4, torch.Generator().manual_seed(1))
+        assert mixed.shape == x.shape and target.shape == (8, 4)
+        assert torch.allclose(target.sum(1), torch.ones(8))
+    _, hard = mix_batch(x, y, 4, "none", 0.4, torch.Generator())
+    assert torch.equal(hard.argmax(1), y)

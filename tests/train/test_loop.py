@@ -18,7 +18,7 @@ def test_train_one_epoch_learns_and_predict_proba_sums_to_one():
     pre = Preprocess(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     for _ in range(5):
-        stats = train_one_epoch(model, batches(images, labels, np.arange(64), 16), 4, opt, None, nn.CrossEntropyLoss(), pre, lambda x: x, torch.device("cpu"))
+        stats = train_one_epoch(model, batches(images, labels, np.arange(64), 16), 4, opt, None, nn.CrossEntropyLoss(), pre, lambda x, y: (x, y), torch.device("cpu"))
     assert stats["images"] == 64 and stats["accuracy"] > 0.9
     probs = predict_proba(model, images, pre, torch.device("cpu"), tta=True)
     assert probs.shape == (64, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import betaincinv
 
 AUGMENTS = ("none", "basic", "strong")
 
@@ -78,4 +79,33 @@ def balanced_order(labels: np.ndarray, n_samples: int, rng: np.random.Generator)
         parts.append(pool)
     order = np.concatenate(parts)
     return rng.permutation(order)[:n_samples]
+
+
+
+MIXES = ("none", "mixup", "cutmix", "both")
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mode: str, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp or CutMix (or either, half the batches each): blended images and soft targets."""
+    target = F.one_hot(y, num_classes).float()
+    if mode == "none" or x.shape[0] < 2:
+        return x, target
+    if mode not in MIXES:
+        raise ValueError(f"unknown mix '{mode}'; use one of {MIXES}")
+    draws = torch.rand(3, generator=generator)
+    lam = float(betaincinv(alpha, alpha, float(draws[0])))  # a Beta(alpha, alpha) draw from the seeded generator
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    use_cutmix = mode == "cutmix" or (mode == "both" and draws[1] < 0.5)
+    if use_cutmix:
+        h, w = x.shape[2:]
+        cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+        cy, cx = int(draws[2] * h), int(torch.rand(1, generator=generator) * w)
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        x = x.clone()
+        x[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (h * w)
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    return x, lam * target + (1 - lam) * target[perm]
 

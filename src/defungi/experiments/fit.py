@@ -15,7 +15,7 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 
 from defungi.config import Config
-from defungi.data.augment import augment_batch, balanced_order
+from defungi.data.augment import augment_batch, balanced_order, mix_batch
 from defungi.data.dataset import Dataset
 from defungi.models import create_model, model_entry
 from defungi.train.callbacks import EarlyStopping
@@ -160,7 +160,7 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
             scheduler,
             criterion,
             preprocess,
-            lambda x: augment_batch(x, tc.augment, generator),
+            lambda x, y: mix_batch(augment_batch(x, tc.augment, generator), y, len(data.classes), tc.mix, tc.mix_alpha, generator),
             device,
             amp=use_amp,
             scaler=scaler,

@@ -32,8 +32,8 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def predict(run_dir: str | Path, paths: list[str | Path], tta: bool | None = None) -> list[dict[str, Any]]:
-    """One row per file: path, predicted class, probability per class (or the error)."""
+def predict(run_dir: str | Path, paths: list[str | Path], tta: bool | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per file (path, predicted class, probability per class, or the error), and the classes."""
     trained = load_trained(run_dir)
     files = expand_paths(paths)
     size = trained.preprocess.image_size
@@ -51,4 +51,4 @@ def predict(run_dir: str | Path, paths: list[str | Path], tta: bool | None = Non
         for f, p in zip(ok, probs):
             rows.append({"path": str(f), "class": trained.classes[int(p.argmax())], "confidence": float(p.max())} | {c: float(v) for c, v in zip(trained.classes, p)})
     order = {str(f): i for i, f in enumerate(files)}
-    return sorted(rows, key=lambda r: order[r["path"]])
+    return sorted(rows, key=lambda r: order[r["path"]]), trained.classes

@@ -24,7 +24,8 @@ class Preprocess:
 
     normalize="dataset" uses the training set's channel mean/std; "image" standardises every
     image by its own channel mean/std, which removes the stain and illumination cast of a slide
-    (the cue that does not carry over to unseen samples).
+    (the cue that does not carry over to unseen samples); "luma" uses one mean/std per image
+    for all channels, removing brightness and contrast but keeping the hue.
     """
 
     image_size: int
@@ -37,6 +38,8 @@ class Preprocess:
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         if self.normalize == "image":
             x = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + IMAGE_STD_FLOOR)
+        elif self.normalize == "luma":
+            x = (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + IMAGE_STD_FLOOR)
         else:
             x = (x - torch.tensor(self.mean, device=device).view(1, 3, 1, 1)) / torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
@@ -66,7 +69,7 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     criterion: nn.Module,
     preprocess: Preprocess,
-    augment: Callable[[torch.Tensor], torch.Tensor],
+    augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     amp: bool = False,
     scaler: torch.amp.GradScaler | None = None,
@@ -76,18 +79,19 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over data; returns mean loss, accuracy, images and seconds.
 
-    on_step runs after every optimiser step (e.g. to update a weight average).
+    augment maps (images, labels) to (images, targets); targets may be class indices or soft
+    labels (MixUp/CutMix). on_step runs after every optimiser step (e.g. a weight average).
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = progress_bar(n_batches, desc)
     for x_u8, y_np in data:
-        x = augment(preprocess.to_tensor(x_u8, device, channels_last))
         y = torch.from_numpy(y_np).to(device, non_blocking=True)
+        x, target = augment(preprocess.to_tensor(x_u8, device, channels_last), y)
         with autocast(device, amp):
             logits = model(x)
-            loss = criterion(logits.float(), y)
+            loss = criterion(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()

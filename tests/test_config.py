@@ -1,0 +1,23 @@
+import pytest
+
+from defungi.config import config_from_dict, load_config
+from defungi.errors import DefungiError
+
+
+def test_profiles_overrides_and_round_trip():
+    quick, paper = load_config("quick"), load_config("paper")
+    assert quick.data.image_size < paper.data.image_size == 224
+    config = load_config("quick", {"train.lr": "0.01", "train.tta": "false", "study.grid_lrs": "[0.1, 0.2]", "data.seed": None})
+    assert config.train.lr == 0.01 and config.train.tta is False and config.study.grid_lrs == [0.1, 0.2]
+    assert config_from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [("train.lrr", "1", "unknown config key"), ("train.epochs", "many", "wants int"), ("data.split", "stratified", "use one of"), ("train.tta", "maybe", "true/false"), ("study.grid_lrs", "0.1", "wants a list")])
+def test_bad_values_name_the_key(key: str, value: str, needle: str):
+    with pytest.raises(DefungiError, match=needle):
+        load_config("quick", {key: value})
+
+
+def test_unknown_profile():
+    with pytest.raises(DefungiError, match="unknown profile"):
+        load_config("fast")

@@ -178,6 +178,21 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from defungi.report.build import build_combined_report
+
+    dirs = [Path(d) for d in args.studies]
+    missing = [d for d in dirs if not (d / "study.json").exists()]
+    if missing:
+        raise DefungiError(f"{missing[0]}: not a study folder (no study.json); run 'defungi study NAME --out {missing[0]}' first")
+    try:
+        page = build_combined_report(dirs, Path(args.out))
+    except FileNotFoundError as exc:
+        raise DefungiError(str(exc)) from None
+    print(f"report: {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defungi", description="Classify microscope images of fungi (DeFungi).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -234,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--out", help="study folder (default: runs/study-NAME)")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("report", help="one page with both studies' final models beside the published figures")
+    p.add_argument("--studies", nargs="+", default=["runs/study-resnet34", "runs/study-convmixer"], help="study folders")
+    p.add_argument("--out", default="runs/report")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("run", help="the main job: train ResNet-34 and ConvMixer-8 and compare with the study")
     p.add_argument("--data")

@@ -6,6 +6,7 @@ import pytest
 
 from defungi.config import load_config
 from defungi.experiments.studies import STUDIES, run_study
+from defungi.report.build import build_combined_report
 from tests.conftest import write_folder
 
 SMALL_STUDY = {
@@ -28,32 +29,52 @@ SMALL_STUDY = {
 }
 
 
-@pytest.mark.parametrize("name", ["resnet34", "convmixer"])
-def test_study_runs_every_step_reports_and_resumes(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setitem(STUDIES, name, dataclasses.replace(STUDIES[name], model="convmixer"))  # a tiny stand-in, same steps
-    data = write_folder(tmp_path / "d", samples_per_class=8, patches=3)
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory):
+    """Both studies run once on tiny images, with a tiny ConvMixer standing in for each model."""
+    root = tmp_path_factory.mktemp("studies")
+    data = write_folder(root / "d", samples_per_class=8, patches=3)
     config = load_config("quick", {"data.root": str(data), **SMALL_STUDY})
-    out = tmp_path / "study"
-    state = run_study(name, config, out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEFUNGI_CACHE", str(root / "cache"))
+        for name in STUDIES:
+            mp.setitem(STUDIES, name, dataclasses.replace(STUDIES[name], model="convmixer"))
+        yield {name: (run_study(name, config, root / name), config, root / name) for name in ("resnet34", "convmixer")}
+
+
+@pytest.mark.parametrize("name", ["resnet34", "convmixer"])
+def test_study_runs_every_step_reports_and_resumes(name: str, studies):
+    state, config, out = studies[name]
     assert len(state["steps"]) == 7
     page = (out / "report.html").read_text()
     assert page.count("<h2>") == 7 and page.count("data:image/png;base64") >= 10
     md = (out / "report.md").read_text()
     assert "published study (random split)" in md and "grouped split" in md
-    for step in state["steps"].values():
+    for i, (key, step) in enumerate(state["steps"].items(), start=1):
         for fig in step["figures"]:
-            assert (next(out.glob(f"*-{next(k for k, v in state['steps'].items() if v is step)}")) / fig).exists()
+            assert (out / f"{i:02d}-{key}" / fig).exists(), fig
     grid_step = "grid20" if name == "resnet34" else "grid_full"
     assert state["steps"][grid_step]["choice"]["train.batch_size"] == 8
-    stamp = (out / "study.json").stat().st_mtime_ns
-    # interrupted after the grids: drop later steps, run again, only those are redone
+    # interrupted after four steps: drop the later ones, run again; finished fits are read back
     saved = json.loads((out / "study.json").read_text())
-    later = list(saved["steps"])[4:]
-    for key in later:
+    for key in list(saved["steps"])[4:]:
         del saved["steps"][key]
     (out / "study.json").write_text(json.dumps(saved))
     again = run_study(name, config, out)
-    assert again["steps"]["grid_full"]["seconds"] == state["steps"]["grid_full"]["seconds"]
     assert list(again["steps"]) == list(state["steps"])
-    assert again["steps"]["final"]["test"] == state["steps"]["final"]["test"]  # finished fits read back
-    assert (out / "study.json").stat().st_mtime_ns != stamp
+    assert again["steps"]["grid_full"]["seconds"] == state["steps"]["grid_full"]["seconds"]
+    assert again["steps"]["final"]["test"] == state["steps"]["final"]["test"]
+
+
+def test_depth_step_states_a_verdict_on_16_mixers(studies):
+    depth = studies["convmixer"][0]["steps"]["depth"]
+    assert {r["depth"] for r in depth["rows"]} == {8, 16}
+    assert "16 mixers" in depth["summary"] and "claim" in depth["summary"]
+
+
+def test_combined_report(studies, tmp_path: Path):
+    page = build_combined_report([studies["resnet34"][2], studies["convmixer"][2]], tmp_path / "report")
+    text = page.read_text()
+    assert "resnet34, published (random split)" in text and "convmixer, defungi (grouped split)" in text
+    assert text.count("data:image/png;base64") == 4
+    assert "inference images/s" in text

@@ -70,3 +70,58 @@ def build_study_report(state: dict[str, Any], out_dir: Path, published: dict[str
     atomic_write_text(out_dir / "report.md", "\n".join(md))
     atomic_write_text(out_dir / "report.html", page)
     return out_dir / "report.html"
+
+
+def inference_images_per_s(run_dir: Path, n_images: int = 256, batch_size: int = 64) -> float:
+    """Images/s of the run's model predicting (no test-time augmentation) on synthetic inputs of its size."""
+    import time
+
+    import numpy as np
+
+    from defungi.train.checkpoint import load_trained
+    from defungi.train.loop import predict_proba
+
+    trained = load_trained(run_dir)
+    size = trained.preprocess.image_size
+    images = np.random.default_rng(0).integers(0, 256, (n_images, size, size, 3), dtype=np.uint8)
+    predict_proba(trained.model, images[:batch_size], trained.preprocess, trained.device, batch_size)  # warm-up
+    start = time.perf_counter()
+    predict_proba(trained.model, images, trained.preprocess, trained.device, batch_size)
+    return n_images / (time.perf_counter() - start)
+
+
+def build_combined_report(study_dirs: list[Path], out_dir: Path) -> Path:
+    """Both final models side by side with the published figures: metrics, confusion matrices,
+    parameters, training time, inference images/s. Returns the HTML path."""
+    import json
+
+    from defungi.experiments.studies import STUDIES
+
+    rows: dict[str, dict[str, Any]] = {}
+    details, images = [], []
+    for study_dir in study_dirs:
+        state = json.loads((study_dir / "study.json").read_text())
+        final = state["steps"].get("final")
+        if final is None:
+            raise FileNotFoundError(f"{study_dir}: the study has no final step yet; run 'defungi study {state['study']}' first")
+        name = state["study"]
+        for mode, metrics in final["test"].items():
+            rows[f"{name}, defungi ({mode} split)"] = metrics
+        rows[f"{name}, published (random split)"] = STUDIES[name].published
+        run = Path(final["runs"]["grouped"])
+        speed = inference_images_per_s(run)
+        details.append(f"| {name} | {final['parameters'] / 1e6:.2f} M | {final['timing']['grouped']['train_seconds'] / 60:.1f} min | {speed:.0f} |")
+        for mode in final["runs"]:
+            images.append((f"{name}, {mode} split", Path(final["runs"][mode]) / "confusion_test.png"))
+    metrics_md = metrics_table(rows, METRICS)
+    detail_md = "| model | parameters | training time (grouped final fit) | inference images/s |\n|---|---|---|---|\n" + "\n".join(details) + "\n"
+    md = ["# defungi: both final models beside the published study\n", "Test metrics, macro-averaged over the classes.\n", metrics_md, detail_md]
+    body = ["<h1>defungi: both final models beside the published study</h1>", "<p>Test metrics, macro-averaged over the classes.</p>", _md_to_html_table(metrics_md), _md_to_html_table(detail_md)]
+    for title, path in images:
+        md.append(f"### {title}\n\n![confusion]({path})\n")
+        body.append(f"<h3>{html.escape(title)}</h3>{_img(path)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>defungi report</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}img{{max-width:480px}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}</style></head><body>{''.join(body)}</body></html>"
+    atomic_write_text(out_dir / "report.md", "\n".join(md))
+    atomic_write_text(out_dir / "report.html", page)
+    return out_dir / "report.html"

@@ -21,7 +21,7 @@ class DataConfig:
     root: str = ""
     image_size: int = 64
     variance_threshold: float = 15.0  # grey-level variance at 224 px; see README "Outliers"
-    normalize: str = "image"  # image: per-image channel standardisation; luma: per-image, hue kept; dataset: training-set mean/std
+    normalize: str = "luma"  # luma: per-image mean/std over all channels (hue kept); image: per channel; dataset: training-set mean/std
     split: str = "grouped"  # grouped: no physical sample in two parts; random: as the study
     val_fraction: float = 0.15
     test_fraction: float = 0.15

@@ -93,6 +93,7 @@ def scan(root: str | Path) -> list[ImageRecord]:
     root = Path(root).expanduser()
     if not root.exists():
         raise DefungiError(f"{root}: no such file or folder; pass --data DIR or run 'defungi data fetch'")
+    root = root.resolve()
     if root.is_file():
         if root.suffix.lower() != ".zip":
             raise DefungiError(f"{root}: expected a folder of class folders or a .zip of one")
@@ -181,5 +182,5 @@ def resolve_data(path: str | None) -> Path:
     """--data, else $DEFUNGI_DATA, else the cached release, else fetch it."""
     chosen = path or os.environ.get("DEFUNGI_DATA")
     if chosen:
-        return Path(chosen)
+        return Path(chosen).expanduser().absolute()
     return fetch()

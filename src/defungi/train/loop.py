@@ -35,7 +35,7 @@ class Preprocess:
 
     def to_tensor(self, batch: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
         """uint8 NHWC batch -> normalised float NCHW on device (channels-last strides for free)."""
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        x = torch.from_numpy(np.require(batch, requirements=("C", "W"))).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         if self.normalize == "image":
             x = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + IMAGE_STD_FLOOR)
         elif self.normalize == "luma":

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class Dataset:
     """Usable images (outliers and unreadable files removed) with labels and sample groups."""
 
-    images: np.ndarray  # (N, S, S, 3) uint8, memory-mapped
+    images: np.ndarray  # (N, S, S, 3) uint8: the memory-mapped cache, or an in-memory copy of its usable rows
     labels: np.ndarray  # (N,) int
     groups: np.ndarray  # (N,) str: physical sample, near-duplicates merged
     paths: list[Path]

@@ -51,9 +51,16 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. --set train.optimizer=sgd (repeatable)")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace) -> Any:
     from defungi.config import load_config
     from defungi.data.scan import resolve_data
+
+    overrides = _overrides(args)
+    overrides["data.root"] = str(resolve_data(args.data))
+    return load_config(args.profile, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from defungi.experiments.run import resume_config, train_run
 
     if args.resume:
@@ -61,9 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise DefungiError("give --out RUN_DIR (or --resume RUN_DIR)")
-        overrides = _overrides(args)
-        overrides["data.root"] = str(resolve_data(args.data))
-        config, out = load_config(args.profile, overrides), Path(args.out)
+        config, out = _config(args), Path(args.out)
     metrics = train_run(config, out)
     print(_metrics_line(f"{config.train.model} test", metrics.get("test") or metrics["val"]))
     print(f"run folder: {out}")
@@ -133,15 +138,6 @@ def _floats(text: str) -> list[float]:
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _config(args: argparse.Namespace) -> Any:
-    from defungi.config import load_config
-    from defungi.data.scan import resolve_data
-
-    overrides = _overrides(args)
-    overrides["data.root"] = str(resolve_data(args.data))
-    return load_config(args.profile, overrides)
 
 
 def cmd_curve(args: argparse.Namespace) -> int:

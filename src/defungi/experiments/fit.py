@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ class FitResult:
     best_epoch: int
     stop_reason: str
     train_seconds: float
-    probabilities: dict[str, np.ndarray] = field(default_factory=dict)
+    parameters: int
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -199,12 +199,12 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
 
     if best_state is not None:
         scored.load_state_dict(best_state)
-    metrics, probabilities = {}, {}
+    metrics = {}
     for part, idx in split.items():
         if part == "train" or len(idx) == 0:
             continue
         t0 = time.perf_counter()
         probs, loss = evaluate(scored, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=use_amp, channels_last=tc.channels_last)
         metrics[part] = classification_metrics(data.labels[idx], probs.argmax(1), data.classes) | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
-        probabilities[part] = probs
-    return FitResult(history, metrics, stopper.best_epoch + 1, stopper.reason or "epoch budget used", train_seconds, probabilities)
+    n_params = sum(p.numel() for p in model.parameters())
+    return FitResult(history, metrics, stopper.best_epoch + 1, stopper.reason or "epoch budget used", train_seconds, n_params)

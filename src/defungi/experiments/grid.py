@@ -6,7 +6,6 @@ redoing finished trials, and the same code runs against a shared database (stora
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 from pathlib import Path
@@ -77,4 +76,4 @@ def grid_search(config: Config, data: Dataset, split: dict[str, np.ndarray], gri
         for c in cells
     ]
     best = max(rows, key=lambda r: r["val_f1"])
-    return {"grid": copy.deepcopy(grid), "rows": rows, "best": {k: best[k] for k in grid}, "best_val_f1": best["val_f1"], "trials_before": len(complete), "trials_run": len(missing)}
+    return {"grid": {k: list(v) for k, v in grid.items()}, "rows": rows, "best": {k: best[k] for k in grid}, "best_val_f1": best["val_f1"], "trials_before": len(complete), "trials_run": len(missing)}

@@ -16,7 +16,6 @@ from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import train_val_test_split
 from defungi.errors import DefungiError
 from defungi.experiments.fit import FitResult, fit, model_args
-from defungi.models import create_model
 from defungi.report.plots import contact_sheet, plot_confusion, plot_history
 from defungi.train.checkpoint import load_trained
 from defungi.train.loop import evaluate
@@ -61,7 +60,7 @@ def write_split(out_dir: Path, data: Dataset, split: dict[str, np.ndarray]) -> N
     write_table(out_dir / "split.csv", ["path", "label", "group", "part"], rows)
 
 
-def write_fit_outputs(out_dir: Path, config: Config, data: Dataset, split: dict[str, np.ndarray], result: FitResult, n_params: int) -> dict[str, Any]:
+def write_fit_outputs(out_dir: Path, config: Config, data: Dataset, split: dict[str, np.ndarray], result: FitResult) -> dict[str, Any]:
     """metrics.json, history.csv and the figures of a finished fit; returns the metrics."""
     keys = list(result.history[0]) if result.history else []
     write_table(out_dir / "history.csv", keys, [[h[k] for k in keys] for h in result.history])
@@ -73,7 +72,7 @@ def write_fit_outputs(out_dir: Path, config: Config, data: Dataset, split: dict[
     metrics = {
         "model": config.train.model,
         "model_args": model_args(config),
-        "parameters": n_params,
+        "parameters": result.parameters,
         "classes": data.classes,
         "protocol": {
             "split": config.data.split,
@@ -119,12 +118,7 @@ def train_run(config: Config, out_dir: str | Path, progress: bool = True) -> dic
     write_split(out_dir, data, split)
     log.info("split (%s): %s", config.data.split, {k: len(v) for k, v in split.items()})
     result = fit(config, data, split, out_dir)
-    return write_fit_outputs(out_dir, config, data, split, result, count_parameters(config, len(data.classes)))
-
-
-def count_parameters(config: Config, num_classes: int) -> int:
-    """Trainable parameters of the model a config describes."""
-    return sum(p.numel() for p in create_model(config.train.model, num_classes, **config.train.model_args).parameters())
+    return write_fit_outputs(out_dir, config, data, split, result)
 
 
 def fit_cached(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Path) -> dict[str, Any]:

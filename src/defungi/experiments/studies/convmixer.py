@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from defungi.data.splits import train_val_test_split
+from defungi.experiments.fit import model_args
 from defungi.experiments.run import fit_cached
 from defungi.experiments.studies import steps
 from defungi.experiments.studies.runner import STUDIES, Step, StudyContext, StudyDef
@@ -19,8 +20,6 @@ DEPTH = "train.model_args"
 
 def _args(ctx: StudyContext, **change: Any) -> dict[str, Any]:
     """The ConvMixer arguments so far (registry defaults, config, choices), with changes."""
-    from defungi.experiments.fit import model_args
-
     base = model_args(steps.explore_config(ctx))
     return {**base, **change}
 

@@ -12,7 +12,7 @@ from defungi.data.augment import balanced_order
 from defungi.experiments.crossval import subset
 from defungi.experiments.curve import folds_for, learning_curve
 from defungi.experiments.grid import grid_search
-from defungi.experiments.run import train_run
+from defungi.experiments.run import fit_cached, train_run
 from defungi.experiments.studies.runner import StudyContext
 from defungi.report.plots import plot_bars, plot_class_counts, plot_epoch_curves, plot_grid, plot_learning_curve
 
@@ -103,8 +103,6 @@ def around(best: float, factors: list[float]) -> list[float]:
 def compare_augmentation(ctx: StudyContext, out: Path) -> dict[str, Any]:
     """The tuned model with the basic and the strong augmentation, same budget."""
     split = {"train": ctx.split["train"], "val": ctx.split["val"]}
-    from defungi.experiments.run import fit_cached
-
     results = {level: fit_cached(explore_config(ctx, **{"train.augment": level}), ctx.data, split, out / "fits" / level) for level in ("basic", "strong")}
     figs = [
         plot_bars({f"{k} augmentation": r["metrics"]["val"] for k, r in results.items()}, out / "augmentation.png", "validation metrics, same budget").name,

@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 DATA ?= $(DEFUNGI_DATA)
 PROFILE ?= quick
 OUT ?= runs/main
-SPLIT ?= grouped
 
 .PHONY: venv run test bench clean
 
@@ -22,7 +21,7 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 venv: $(VENV)/.installed
 
 run: venv
-	$(BIN)/defungi run --profile $(PROFILE) --split $(SPLIT) --out $(OUT) $(if $(DATA),--data $(DATA),)
+	$(BIN)/defungi run --profile $(PROFILE) --out $(OUT) $(if $(DATA),--data $(DATA),)
 
 test: venv
 	$(BIN)/python -m pytest

@@ -125,10 +125,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from defungi.config import load_config
     from defungi.data.scan import resolve_data
     from defungi.experiments.main_job import run_main_job
 
-    run_main_job(resolve_data(args.data), Path(args.out), args.profile, args.split)
+    run_main_job(load_config(args.profile, {"data.root": str(resolve_data(args.data))}), Path(args.out))
     return 0
 
 
@@ -251,11 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/report")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("run", help="the main job: train ResNet-34 and ConvMixer-8 and compare with the study")
+    p = sub.add_parser("run", help="the main job: both studies (resumable), then the combined report")
     p.add_argument("--data")
     p.add_argument("--out", default="runs/main")
     p.add_argument("--profile", default="quick")
-    p.add_argument("--split", choices=["grouped", "random"], default="grouped")
     p.set_defaults(func=cmd_run)
     return parser
 

@@ -110,6 +110,12 @@ def validate(config: Config) -> Config:
     return config
 
 
+def same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two stored configs describe the same run (data roots compared as resolved paths)."""
+    root = lambda c: str(Path(c["data"]["root"]).resolve()) if c["data"]["root"] else ""  # noqa: E731
+    return a | {"data": a["data"] | {"root": root(a)}} == b | {"data": b["data"] | {"root": root(b)}}
+
+
 def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
     """Set dataclass fields from a dict, recursing into nested sections."""
     names = {f.name: f for f in dataclasses.fields(obj)}

@@ -6,6 +6,7 @@ import pytest
 
 from defungi.config import load_config
 from defungi.experiments.studies import STUDIES, run_study
+from defungi.experiments.main_job import run_main_job
 from defungi.report.build import build_combined_report
 from tests.conftest import write_folder
 
@@ -39,7 +40,7 @@ def studies(tmp_path_factory: pytest.TempPathFactory):
         mp.setenv("DEFUNGI_CACHE", str(root / "cache"))
         for name in STUDIES:
             mp.setitem(STUDIES, name, dataclasses.replace(STUDIES[name], model="convmixer"))
-        yield {name: (run_study(name, config, root / name), config, root / name) for name in ("resnet34", "convmixer")}
+        yield {name: (run_study(name, config, root / f"study-{name}"), config, root / f"study-{name}") for name in ("resnet34", "convmixer")}
 
 
 @pytest.mark.parametrize("name", ["resnet34", "convmixer"])
@@ -78,3 +79,14 @@ def test_combined_report(studies, tmp_path: Path):
     assert "resnet34, published (random split)" in text and "convmixer, defungi (grouped split)" in text
     assert text.count("data:image/png;base64") == 4
     assert "inference images/s" in text
+
+
+def test_main_job_resumes_both_studies_and_prints_the_report(studies, capsys: pytest.CaptureFixture[str]):
+    _, config, out = studies["resnet34"]
+    before = json.loads((out / "study.json").read_text())
+    page = run_main_job(config, out.parent)
+    printed = capsys.readouterr().out
+    assert page == out.parent / "report" / "report.html" and page.exists()
+    assert f"report: {page}" in printed and "| convmixer, published (random split) | 0.780 | 0.810 | 0.790 | 0.800 |" in printed
+    again = json.loads((out / "study.json").read_text())
+    assert again["steps"] == before["steps"]  # every step read back, nothing refitted

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from defungi.config import Config, config_from_dict
+from defungi.config import Config, config_from_dict, same_config
 from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import train_val_test_split
 from defungi.errors import DefungiError
@@ -105,7 +105,7 @@ def train_run(config: Config, out_dir: str | Path, progress: bool = True) -> dic
     saved = out_dir / "config.json"
     if saved.exists():
         previous = json.loads(saved.read_text())
-        if previous != config.to_dict():
+        if not same_config(previous, config.to_dict()):
             raise DefungiError(f"{out_dir} holds a run with another config; use 'defungi train --resume {out_dir}' or a new --out")
         if (out_dir / "metrics.json").exists():
             log.info("%s is finished; delete it to train again", out_dir)
@@ -131,7 +131,7 @@ def fit_cached(config: Config, data: Dataset, split: dict[str, np.ndarray], out_
         return json.loads(done.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != config.to_dict():
+    if saved.exists() and not same_config(json.loads(saved.read_text()), config.to_dict()):
         raise DefungiError(f"{out_dir} holds a fit with another config; delete it or use another experiment folder")
     atomic_write_json(saved, config.to_dict())
     result = fit(config, data, split, out_dir)

@@ -90,30 +90,39 @@ def inference_images_per_s(run_dir: Path, n_images: int = 256, batch_size: int =
     return n_images / (time.perf_counter() - start)
 
 
+def comparison_rows(states: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Final test metrics of each study (grouped and random split) beside its published figures."""
+    from defungi.experiments.studies import STUDIES
+
+    rows: dict[str, dict[str, Any]] = {}
+    for state in states:
+        name = state["study"]
+        for mode, metrics in state["steps"]["final"]["test"].items():
+            rows[f"{name}, defungi ({mode} split)"] = metrics
+        rows[f"{name}, published (random split)"] = STUDIES[name].published
+    return rows
+
+
 def build_combined_report(study_dirs: list[Path], out_dir: Path) -> Path:
     """Both final models side by side with the published figures: metrics, confusion matrices,
     parameters, training time, inference images/s. Returns the HTML path."""
     import json
 
-    from defungi.experiments.studies import STUDIES
-
-    rows: dict[str, dict[str, Any]] = {}
+    states = []
     details, images = [], []
     for study_dir in study_dirs:
         state = json.loads((study_dir / "study.json").read_text())
         final = state["steps"].get("final")
         if final is None:
             raise FileNotFoundError(f"{study_dir}: the study has no final step yet; run 'defungi study {state['study']}' first")
+        states.append(state)
         name = state["study"]
-        for mode, metrics in final["test"].items():
-            rows[f"{name}, defungi ({mode} split)"] = metrics
-        rows[f"{name}, published (random split)"] = STUDIES[name].published
         run = Path(final["runs"]["grouped"])
         speed = inference_images_per_s(run)
         details.append(f"| {name} | {final['parameters'] / 1e6:.2f} M | {final['timing']['grouped']['train_seconds'] / 60:.1f} min | {speed:.0f} |")
         for mode in final["runs"]:
             images.append((f"{name}, {mode} split", Path(final["runs"][mode]) / "confusion_test.png"))
-    metrics_md = metrics_table(rows, METRICS)
+    metrics_md = metrics_table(comparison_rows(states), METRICS)
     detail_md = "| model | parameters | training time (grouped final fit) | inference images/s |\n|---|---|---|---|\n" + "\n".join(details) + "\n"
     md = ["# defungi: both final models beside the published study\n", "Test metrics, macro-averaged over the classes.\n", metrics_md, detail_md]
     body = ["<h1>defungi: both final models beside the published study</h1>", "<p>Test metrics, macro-averaged over the classes.</p>", _md_to_html_table(metrics_md), _md_to_html_table(detail_md)]

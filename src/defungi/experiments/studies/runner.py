@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from defungi.config import Config, load_config_from
+from defungi.config import Config, load_config_from, same_config
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
 from defungi.experiments.run import dataset_for, split_for, write_exclusions
@@ -60,7 +60,7 @@ def run_study(name: str, config: Config, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "study.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"study": name, "steps": {}}
-    if state.get("config", config.to_dict()) != config.to_dict():
+    if not same_config(state.get("config", config.to_dict()), config.to_dict()):
         raise DefungiError(f"{out_dir} holds this study run with another config; use a new --out or delete it")
     state["config"] = config.to_dict()
     data = dataset_for(config)

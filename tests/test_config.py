@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from defungi.config import config_from_dict, load_config
+from defungi.config import config_from_dict, load_config, same_config
 from defungi.errors import DefungiError
 
 
@@ -21,3 +23,14 @@ def test_bad_values_name_the_key(key: str, value: str, needle: str):
 def test_unknown_profile():
     with pytest.raises(DefungiError, match="unknown profile"):
         load_config("fast")
+
+
+def test_same_config_resolves_roots_and_fills_keys_added_later(tmp_path: Path):
+    (tmp_path / "d").mkdir()
+    a = load_config("quick", {"data.root": str(tmp_path / "d")}).to_dict()
+    b = load_config("quick", {"data.root": str(tmp_path / "x" / ".." / "d")}).to_dict()
+    assert same_config(a, b)
+    a = load_config("quick", {"data.root": str(tmp_path / "d"), "study.per_study": {}}).to_dict()  # as a study stores it
+    older = a | {"study": {k: v for k, v in a["study"].items() if k != "per_study"}}  # saved before the key existed
+    assert same_config(older, a)
+    assert not same_config(a, load_config("quick", {"data.root": str(tmp_path / "d"), "train.lr": 0.5}).to_dict())

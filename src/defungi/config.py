@@ -74,6 +74,7 @@ class StudyConfig:
     split_repeats: int = 2
     depths: list[int] = field(default_factory=lambda: [8, 16, 4])
     depth_lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    per_study: dict[str, dict[str, Any]] = field(default_factory=dict)  # {'convmixer': {'study.epochs': 5}}: dotted overrides for one study
 
 
 @dataclass
@@ -111,9 +112,15 @@ def validate(config: Config) -> Config:
 
 
 def same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two stored configs describe the same run (data roots compared as resolved paths)."""
-    root = lambda c: str(Path(c["data"]["root"]).resolve()) if c["data"]["root"] else ""  # noqa: E731
-    return a | {"data": a["data"] | {"root": root(a)}} == b | {"data": b["data"] | {"root": root(b)}}
+    """Whether two stored configs describe the same run: keys a stored config lacks (added by a
+    later version) count at their defaults, and data roots are compared as resolved paths."""
+
+    def normal(values: dict[str, Any]) -> dict[str, Any]:
+        config = config_from_dict(values)
+        config.data.root = str(Path(config.data.root).resolve()) if config.data.root else ""
+        return config.to_dict()
+
+    return normal(a) == normal(b)
 
 
 def _apply(obj: Any, values: dict[str, Any], where: str) -> None:

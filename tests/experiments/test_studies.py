@@ -27,6 +27,7 @@ SMALL_STUDY = {
     "study.depths": "[8, 16]",
     "study.depth_lr_factors": "[1.0, 2.0]",
     "train.model_args": '{"dim": 8, "kernel_size": 3, "patch_size": 4}',
+    "study.per_study": '{"convmixer": {"study.split_ratios": [0.75]}}',
 }
 
 
@@ -65,6 +66,13 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     assert list(again["steps"]) == list(state["steps"])
     assert again["steps"]["grid_full"]["seconds"] == state["steps"]["grid_full"]["seconds"]
     assert again["steps"]["final"]["test"] == state["steps"]["final"]["test"]
+
+
+def test_per_study_sizes_apply_to_their_study_only(studies):
+    stored = {name: studies[name][0]["config"]["study"] for name in studies}
+    assert stored["convmixer"]["split_ratios"] == [0.75] and stored["resnet34"]["split_ratios"] == [0.7, 0.8]
+    assert stored["convmixer"]["per_study"] == stored["resnet34"]["per_study"] == {}
+    assert len(studies["convmixer"][0]["steps"]["split_ratio"]["scores"]) == 1
 
 
 def test_depth_step_states_a_verdict_on_16_mixers(studies):

@@ -56,7 +56,8 @@ def run_study(name: str, config: Config, out_dir: Path) -> dict[str, Any]:
 
     study = STUDIES[name]
     steps = study.steps
-    config = load_config_from(config, {"train.model": study.model})
+    # this study's own sizes from the profile, then stored without the other studies' ones
+    config = load_config_from(config, {"train.model": study.model, **config.study.per_study.get(name, {}), "study.per_study": {}})
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "study.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"study": name, "steps": {}}

@@ -51,7 +51,7 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     page = (out / "report.html").read_text()
     assert page.count("<h2>") == 7 and page.count("data:image/png;base64") >= 10
     md = (out / "report.md").read_text()
-    assert "published study (random split)" in md and "grouped split" in md
+    assert "published study (random split)" in md and "grouped split" in md and "Test parts: grouped split" in md
     for i, (key, step) in enumerate(state["steps"].items(), start=1):
         for fig in step["figures"]:
             assert (out / f"{i:02d}-{key}" / fig).exists(), fig

@@ -56,6 +56,9 @@ def build_study_report(state: dict[str, Any], out_dir: Path, published: dict[str
         tables = [step["table"]] if step.get("table") else []
         if key == "final":
             tables.insert(0, final_table(step, published))
+            sizes = ", ".join(f"{mode} split {sum(r['support'] for r in m['per_class'].values())} images" for mode, m in step["test"].items())
+            md.append(f"Test parts: {sizes}.\n")
+            body.append(f"<p>Test parts: {html.escape(sizes)}.</p>")
         for table in tables:
             md.append(table)
             body.append(_md_to_html_table(table))

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from defungi.config import load_config
-from defungi.experiments.studies import STUDIES, run_study
 from defungi.experiments.main_job import run_main_job
+from defungi.experiments.studies import STUDIES, run_study
 from defungi.report.build import build_combined_report
 from tests.conftest import write_folder
 

@@ -82,7 +82,7 @@ def _metrics_line(name: str, m: dict[str, Any]) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from defungi.experiments.run import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, args.data, args.out, tta=args.tta)
+    metrics = evaluate_run(args.run_dir, args.data, args.out, tta=args.tta, prior_weight=args.prior_weight)
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "excluded"}, indent=2))
     else:
@@ -97,7 +97,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from defungi.serve.predict import predict
 
-    rows, classes = predict(args.run_dir, args.paths, tta=args.tta)
+    rows, classes = predict(args.run_dir, args.paths, tta=args.tta, prior_weight=args.prior_weight)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     elif args.format == "csv":
@@ -190,6 +190,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+PRIOR_HELP = "weight of the training class frequencies in the decision, 0..1 (default: as trained; 0 treats the classes as equally common)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defungi", description="Classify microscope images of fungi (DeFungi).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -206,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder of class folders (images the model never saw)")
     p.add_argument("--out", help="where to write metrics.json and confusion.png (default: RUN_DIR/evaluations/NAME)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="average the 8 flips/rotations (default: as trained)")
+    p.add_argument("--prior-weight", type=float, default=None, help=PRIOR_HELP)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
 
@@ -214,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--prior-weight", type=float, default=None, help=PRIOR_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="data set utilities")

@@ -48,6 +48,7 @@ class TrainConfig:
     mix: str = "none"  # none | mixup | cutmix | both: blend image pairs and their labels
     mix_alpha: float = 0.4
     tta: bool = True  # average the 8 flips/rotations at evaluation
+    prior_weight: float = 0.5  # with balance: scale predicted probabilities by (training class share)**prior_weight; 0 keeps the balanced decision
     patience_epochs: int = 5
     min_epochs: int = 0
     amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16)

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ from defungi.config import load_config
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.experiments.run import evaluate_run, train_run
+from defungi.train.checkpoint import load_trained
 from tests.conftest import write_folder
 
 
@@ -69,3 +71,15 @@ def test_evaluate_on_unseen_folder(tiny_data: Path, tmp_path: Path):
     assert metrics["n"] == 3 * 2 * 2
     assert json.loads((Path(metrics["out_dir"]) / "metrics.json").read_text())["n"] == metrics["n"]
     assert (Path(metrics["out_dir"]) / "confusion.png").exists()
+    assert metrics["prior_weight"] == 0.5
+
+
+def test_checkpoint_keeps_the_training_class_shares_for_the_decision(tiny_data: Path, tmp_path: Path):
+    train_run(_config(tiny_data, **{"train.epochs": 1}), tmp_path / "run", progress=False)
+    trained = load_trained(tmp_path / "run")
+    assert trained.class_prior is not None and abs(sum(trained.class_prior) - 1) < 1e-9
+    assert np.allclose(trained.class_weights(), np.sqrt(trained.class_prior))
+    assert trained.class_weights(0) is None
+    unbalanced = _config(tiny_data, **{"train.epochs": 1, "train.balance": False})
+    metrics = train_run(unbalanced, tmp_path / "plain", progress=False)
+    assert load_trained(tmp_path / "plain").class_weights() is None and metrics["protocol"]["prior_weight"] == 0

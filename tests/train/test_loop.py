@@ -2,7 +2,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from defungi.train.loop import Preprocess, batches, predict_proba, train_one_epoch
+from defungi.train.loop import Preprocess, batches, predict_proba, prior_weights, train_one_epoch
 
 
 def _toy():
@@ -38,3 +38,16 @@ def test_per_image_normalisation_removes_a_colour_cast():
     tinted = pre.to_tensor((texture + [80, 20, 0]).astype(np.uint8), torch.device("cpu"))
     assert torch.allclose(plain, tinted, atol=1e-5)
     assert torch.allclose(plain.mean((2, 3)), torch.zeros(1, 3), atol=1e-5)
+
+
+def test_prior_weights_move_a_balanced_decision_towards_the_frequent_class():
+    assert prior_weights(None, 0.5) is None and prior_weights([0.8, 0.2], 0) is None
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 3, 2))
+    nn.init.zeros_(model[1].weight)
+    nn.init.zeros_(model[1].bias)  # a model that cannot tell the classes apart: 0.5 / 0.5
+    images, _ = _toy()
+    pre = Preprocess(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    plain = predict_proba(model, images, pre, torch.device("cpu"))
+    weighted = predict_proba(model, images, pre, torch.device("cpu"), class_weights=prior_weights([0.2, 0.8], 0.5))
+    assert np.allclose(plain, 0.5)
+    assert np.allclose(weighted, [1 / 3, 2 / 3]) and np.allclose(weighted.sum(1), 1)

@@ -19,7 +19,7 @@ from defungi.data.augment import augment_batch, balanced_order, mix_batch
 from defungi.data.dataset import Dataset
 from defungi.models import create_model, model_entry
 from defungi.train.callbacks import EarlyStopping
-from defungi.train.loop import Preprocess, batches, evaluate, train_one_epoch
+from defungi.train.loop import Preprocess, batches, evaluate, prior_weights, train_one_epoch
 from defungi.train.metrics import classification_metrics
 from defungi.utils import atomic_torch_save, resolve_device, seed_everything
 
@@ -85,7 +85,7 @@ def model_args(config: Config) -> dict[str, Any]:
     return {**model_entry(config.train.model).defaults, **config.train.model_args}
 
 
-def checkpoint_payload(model: nn.Module, config: Config, classes: list[str], preprocess: Preprocess, epoch: int, best_metric: float) -> dict[str, Any]:
+def checkpoint_payload(model: nn.Module, config: Config, classes: list[str], preprocess: Preprocess, class_prior: list[float] | None, epoch: int, best_metric: float) -> dict[str, Any]:
     """A self-describing checkpoint: enough to rebuild the model with no other file."""
     return {
         "model_name": config.train.model,
@@ -93,6 +93,7 @@ def checkpoint_payload(model: nn.Module, config: Config, classes: list[str], pre
         "classes": list(classes),
         "preprocess": {"image_size": preprocess.image_size, "mean": list(preprocess.mean), "std": list(preprocess.std), "normalize": preprocess.normalize},
         "config": config.to_dict(),
+        "class_prior": class_prior,  # training class shares when trained class-balanced (see prior_weights)
         "epoch": epoch,
         "best_metric": best_metric,
         "state_dict": model.state_dict(),
@@ -113,6 +114,9 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
     train_idx, val_idx = split["train"], split["val"]
     mean, std = channel_stats(data.images, train_idx)
     preprocess = Preprocess(data.images.shape[1], mean, std, config.data.normalize)
+    counts = np.bincount(data.labels[train_idx], minlength=len(data.classes))
+    class_prior = (counts / counts.sum()).tolist() if tc.balance else None
+    class_weights = prior_weights(class_prior, tc.prior_weight)
     model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
     model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay)
@@ -169,7 +173,7 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
             on_step=(lambda: ema.update(model, step=scheduler.last_epoch)) if ema is not None else None,
         )
         train_seconds += stats["seconds"]
-        val_probs, val_loss = evaluate(scored, data.images[val_idx], data.labels[val_idx], preprocess, device, amp=use_amp, channels_last=tc.channels_last)
+        val_probs, val_loss = evaluate(scored, data.images[val_idx], data.labels[val_idx], preprocess, device, amp=use_amp, channels_last=tc.channels_last, class_weights=class_weights)
         val = classification_metrics(data.labels[val_idx], val_probs.argmax(1), data.classes)
         row = {
             "epoch": epoch + 1,
@@ -190,8 +194,8 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
             best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
         if out_dir is not None:
             if improved:
-                atomic_torch_save(checkpoint_payload(scored, config, data.classes, preprocess, epoch, stopper.best), out_dir / CHECKPOINT_BEST)
-            last = checkpoint_payload(scored, config, data.classes, preprocess, epoch, stopper.best)
+                atomic_torch_save(checkpoint_payload(scored, config, data.classes, preprocess, class_prior, epoch, stopper.best), out_dir / CHECKPOINT_BEST)
+            last = checkpoint_payload(scored, config, data.classes, preprocess, class_prior, epoch, stopper.best)
             last.update(train_state_dict=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), early_stopping=stopper.state_dict(), history=history, train_seconds=train_seconds)
             atomic_torch_save(last, out_dir / CHECKPOINT_LAST)
     if stopper.reason:
@@ -204,7 +208,7 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
         if part == "train" or len(idx) == 0:
             continue
         t0 = time.perf_counter()
-        probs, loss = evaluate(scored, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=use_amp, channels_last=tc.channels_last)
+        probs, loss = evaluate(scored, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=use_amp, channels_last=tc.channels_last, class_weights=class_weights)
         metrics[part] = classification_metrics(data.labels[idx], probs.argmax(1), data.classes) | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
     n_params = sum(p.numel() for p in model.parameters())
     return FitResult(history, metrics, stopper.best_epoch + 1, stopper.reason or "epoch budget used", train_seconds, n_params)

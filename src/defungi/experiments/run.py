@@ -83,6 +83,7 @@ def write_fit_outputs(out_dir: Path, config: Config, data: Dataset, split: dict[
             "sizes": {part: int(len(idx)) for part, idx in split.items()},
             "groups": {part: int(len(set(data.groups[idx]))) for part, idx in split.items()},
             "test_time_augmentation": config.train.tta,
+            "prior_weight": config.train.prior_weight if config.train.balance else 0.0,
             "metric_average": "macro over classes",
         },
         "timing": {
@@ -155,17 +156,18 @@ def resume_config(run_dir: str | Path) -> Config:
     return config_from_dict(json.loads(path.read_text()))
 
 
-def evaluate_run(run_dir: str | Path, data_root: str | Path, out_dir: str | Path | None = None, tta: bool | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, data_root: str | Path, out_dir: str | Path | None = None, tta: bool | None = None, prior_weight: float | None = None) -> dict[str, Any]:
     """Score a trained run on any labelled folder; metrics.json and a confusion matrix in out_dir."""
     trained = load_trained(run_dir)
     data = load_dataset(data_root, trained.preprocess.image_size, trained.config.data.variance_threshold, classes=trained.classes)
     use_tta = trained.config.train.tta if tta is None else tta
-    probs, loss = evaluate(trained.model, data.images, data.labels, trained.preprocess, trained.device, tta=use_tta, amp=trained.config.train.amp)
+    probs, loss = evaluate(trained.model, data.images, data.labels, trained.preprocess, trained.device, tta=use_tta, amp=trained.config.train.amp, class_weights=trained.class_weights(prior_weight))
     metrics = classification_metrics(data.labels, probs.argmax(1), trained.classes) | {
         "loss": loss,
         "data": str(data_root),
         "run": str(run_dir),
         "tta": use_tta,
+        "prior_weight": trained.config.train.prior_weight if prior_weight is None else prior_weight,
         "excluded": data.excluded,
     }
     out = Path(out_dir) if out_dir else Path(run_dir) / "evaluations" / Path(data_root).resolve().name

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from defungi.config import Config, config_from_dict
 from defungi.errors import DefungiError
 from defungi.models import create_model
-from defungi.train.loop import Preprocess
+from defungi.train.loop import Preprocess, prior_weights
 from defungi.utils import resolve_device
 
 
@@ -26,6 +27,11 @@ class TrainedModel:
     config: Config
     device: torch.device
     info: dict[str, Any]
+    class_prior: list[float] | None = None
+
+    def class_weights(self, power: float | None = None) -> np.ndarray | None:
+        """Probability weights for the decision (power: as trained when None; 0 switches them off)."""
+        return prior_weights(self.class_prior, self.config.train.prior_weight if power is None else power)
 
 
 def load_trained(run_dir: str | Path, device: str = "auto", which: str = "best.pt") -> TrainedModel:
@@ -43,4 +49,4 @@ def load_trained(run_dir: str | Path, device: str = "auto", which: str = "best.p
     model.to(dev, memory_format=torch.channels_last).eval()
     pre = state["preprocess"]
     info = {k: state[k] for k in ("model_name", "model_args", "epoch", "best_metric")}
-    return TrainedModel(model, Preprocess(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["normalize"]), state["classes"], config_from_dict(state["config"]), dev, info)
+    return TrainedModel(model, Preprocess(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["normalize"]), state["classes"], config_from_dict(state["config"]), dev, info, state.get("class_prior"))

@@ -126,8 +126,12 @@ def predict_proba(
     amp: bool = False,
     channels_last: bool = True,
     desc: str = "predict",
+    class_weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Class probabilities for uint8 NHWC images; tta averages the 8 flips/rotations."""
+    """Class probabilities for uint8 NHWC images; tta averages the 8 flips/rotations.
+
+    class_weights (see prior_weights) rescale the probabilities and renormalise them.
+    """
     model.eval()
     out = []
     order = np.arange(len(images))
@@ -140,7 +144,25 @@ def predict_proba(
         out.append(probs.cpu().numpy())
         bar.update(1)
     bar.close()
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    probs = np.concatenate(out)
+    if class_weights is not None:
+        probs = probs * class_weights
+        probs /= probs.sum(1, keepdims=True)
+    return probs
+
+
+def prior_weights(class_prior: np.ndarray | None, power: float) -> np.ndarray | None:
+    """Weights that move a class-balanced model's probabilities towards the training frequencies.
+
+    A model trained on class-balanced batches predicts as if every class were equally common;
+    multiplying by prior**power (post-hoc logit adjustment, Menon et al. 2021) puts back part
+    (power 0..1) of the real class frequencies. None when there is nothing to adjust.
+    """
+    if class_prior is None or power == 0:
+        return None
+    return np.asarray(class_prior, dtype=np.float64) ** power
 
 
 def evaluate(
@@ -153,8 +175,9 @@ def evaluate(
     tta: bool = False,
     amp: bool = False,
     channels_last: bool = True,
+    class_weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """Probabilities and mean cross-entropy loss on a labelled set."""
-    probs = predict_proba(model, images, preprocess, device, batch_size, tta, amp, channels_last, desc="evaluate")
+    probs = predict_proba(model, images, preprocess, device, batch_size, tta, amp, channels_last, desc="evaluate", class_weights=class_weights)
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean()) if len(labels) else float("nan")
     return probs, loss

@@ -22,6 +22,11 @@ def test_train_evaluate_predict(tiny_data: Path, tmp_path: Path, capsys: pytest.
     unseen = write_folder(tmp_path / "unseen", samples_per_class=1, patches=2, seed=5)
     assert main(["evaluate", str(run), "--data", str(unseen), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 6
+    assert main(["evaluate", str(run), "--data", str(unseen), "--json", "--prior-weight", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["prior_weight"] == 0
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(run), "--data", str(unseen), "--prior-weight", "-0.5"])
+    assert "balanced decision" in capsys.readouterr().err
     (unseen / "H1" / "broken.jpg").write_bytes(b"junk")
     assert main(["predict", str(run), str(unseen), "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)

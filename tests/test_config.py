@@ -14,7 +14,7 @@ def test_profiles_overrides_and_round_trip():
     assert config_from_dict(config.to_dict()) == config
 
 
-@pytest.mark.parametrize(("key", "value", "needle"), [("train.lrr", "1", "unknown config key"), ("train.epochs", "many", "wants int"), ("data.split", "stratified", "use one of"), ("train.tta", "maybe", "true/false"), ("study.grid_lrs", "0.1", "wants a list")])
+@pytest.mark.parametrize(("key", "value", "needle"), [("train.lrr", "1", "unknown config key"), ("train.epochs", "many", "wants int"), ("data.split", "stratified", "use one of"), ("train.tta", "maybe", "true/false"), ("study.grid_lrs", "0.1", "wants a list"), ("train.prior_weight", "-1", "0 \\(balanced decision\\) to 1")])
 def test_bad_values_name_the_key(key: str, value: str, needle: str):
     with pytest.raises(DefungiError, match=needle):
         load_config("quick", {key: value})

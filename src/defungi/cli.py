@@ -137,6 +137,13 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def _weight(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: use 0 (balanced decision) to 1 (training class frequencies)")
+    return value
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -209,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder of class folders (images the model never saw)")
     p.add_argument("--out", help="where to write metrics.json and confusion.png (default: RUN_DIR/evaluations/NAME)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="average the 8 flips/rotations (default: as trained)")
-    p.add_argument("--prior-weight", type=float, default=None, help=PRIOR_HELP)
+    p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
 
@@ -218,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--prior-weight", type=float, default=None, help=PRIOR_HELP)
+    p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="data set utilities")

@@ -109,6 +109,8 @@ def validate(config: Config) -> Config:
         value = getattr(getattr(config, section), name)
         if value not in options:
             raise DefungiError(f"config key '{key}' is '{value}'; use one of {', '.join(options)}")
+    if config.train.prior_weight < 0:
+        raise DefungiError(f"config key 'train.prior_weight' is {config.train.prior_weight:g}; use 0 (balanced decision) to 1 (training class frequencies)")
     return config
 
 

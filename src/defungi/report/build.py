@@ -41,7 +41,8 @@ def build_study_report(state: dict[str, Any], out_dir: Path, published: dict[str
         f"Profile `{cfg['profile']}`: {cfg['data']['image_size']} px images, outliers under grey variance "
         f"{cfg['data']['variance_threshold']:g} excluded, `{cfg['data']['split']}` split (train/val/test "
         f"{1 - cfg['data']['val_fraction'] - cfg['data']['test_fraction']:.0%}/{cfg['data']['val_fraction']:.0%}/{cfg['data']['test_fraction']:.0%}, seed {cfg['data']['seed']}). "
-        "Metrics are macro-averaged over the classes."
+        f"Training batches are class-balanced; predictions weight the training class shares by the power "
+        f"{cfg['train'].get('prior_weight', 0):g} (0: none). Metrics are macro-averaged over the classes."
     )
     md = [f"# The {name} study\n", protocol + "\n"]
     body = [f"<h1>The {html.escape(name)} study</h1>", f"<p>{html.escape(protocol)}</p>"]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from defungi.config import PRIOR_WEIGHT_RANGE
 from defungi.errors import DefungiError
 
 log = logging.getLogger("defungi")
@@ -140,7 +141,7 @@ def _floats(text: str) -> list[float]:
 def _weight(text: str) -> float:
     value = float(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: use 0 (balanced decision) to 1 (training class frequencies)")
+        raise argparse.ArgumentTypeError(f"{text}: {PRIOR_WEIGHT_RANGE}")
     return value
 
 

@@ -102,6 +102,9 @@ CHOICES = {
 }
 
 
+PRIOR_WEIGHT_RANGE = "use 0 (balanced decision) to 1 (training class frequencies)"
+
+
 def validate(config: Config) -> Config:
     """Reject values outside the known choices, naming the key and the options."""
     for key, options in CHOICES.items():
@@ -110,7 +113,7 @@ def validate(config: Config) -> Config:
         if value not in options:
             raise DefungiError(f"config key '{key}' is '{value}'; use one of {', '.join(options)}")
     if config.train.prior_weight < 0:
-        raise DefungiError(f"config key 'train.prior_weight' is {config.train.prior_weight:g}; use 0 (balanced decision) to 1 (training class frequencies)")
+        raise DefungiError(f"config key 'train.prior_weight' is {config.train.prior_weight:g}; {PRIOR_WEIGHT_RANGE}")
     return config
 
 

@@ -161,14 +161,15 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path, out_dir: str | Path
     trained = load_trained(run_dir)
     data = load_dataset(data_root, trained.preprocess.image_size, trained.config.data.variance_threshold, classes=trained.classes)
     use_tta = trained.config.train.tta if tta is None else tta
-    weights = trained.class_weights(prior_weight)
+    power = trained.config.train.prior_weight if prior_weight is None else prior_weight
+    weights = trained.class_weights(power)
     probs, loss = evaluate(trained.model, data.images, data.labels, trained.preprocess, trained.device, tta=use_tta, amp=trained.config.train.amp, class_weights=weights)
     metrics = classification_metrics(data.labels, probs.argmax(1), trained.classes) | {
         "loss": loss,
         "data": str(data_root),
         "run": str(run_dir),
         "tta": use_tta,
-        "prior_weight": 0.0 if weights is None else trained.config.train.prior_weight if prior_weight is None else prior_weight,
+        "prior_weight": power if weights is not None else 0.0,
         "excluded": data.excluded,
     }
     out = Path(out_dir) if out_dir else Path(run_dir) / "evaluations" / Path(data_root).resolve().name

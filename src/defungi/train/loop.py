@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,7 +153,7 @@ def predict_proba(
     return probs
 
 
-def prior_weights(class_prior: np.ndarray | None, power: float) -> np.ndarray | None:
+def prior_weights(class_prior: Sequence[float] | None, power: float) -> np.ndarray | None:
     """Weights that move a class-balanced model's probabilities towards the training frequencies.
 
     A model trained on class-balanced batches predicts as if every class were equally common;

@@ -4,8 +4,11 @@
     -> forward/backward/step;
 (b) a plain torchvision pipeline: ImageFolder + DataLoader decoding JPEGs every epoch;
 (c) the limit: forward/backward/step on one batch already in memory.
+All three compute in the precision defungi trains in here (`train.amp`: bf16 autocast on CPUs
+with native bf16, see `defungi.train.loop.autocast_dtype`); (d) is (c) in plain fp32, so c/d is
+what mixed precision gains on this machine (`--no-amp`: everything in fp32).
 
-Prints a/b and a/c. `--file-size 500` first writes 500 px JPEG copies of the images (as in the
+Prints a/b, a/c and c/d. `--file-size 500` first writes 500 px JPEG copies of the images (as in the
 public release), to show that (a) does not depend on the files' size.
 
     python benchmarks/train_throughput.py --data ../shared/defungi [--model resnet34 --image-size 96]
@@ -32,12 +35,15 @@ from defungi.data.cache import decode_images
 from defungi.data.scan import scan
 from defungi.experiments.fit import build_optimizer
 from defungi.models import create_model
-from defungi.train.loop import Preprocess
+from defungi.train.loop import Preprocess, autocast, autocast_dtype
 
 
-def step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module):
+def step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, amp: bool):
+    device = torch.device("cpu")
+
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = criterion(model(x), y)
+        with autocast(device, amp):
+            loss = criterion(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -75,6 +81,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for (b); 0 keeps every pipeline on the same threads")
     parser.add_argument("--file-size", type=int, default=0, help="re-save the images at this size first (e.g. 500)")
     parser.add_argument("--per-class", type=int, default=400, help="images per class used when re-saving")
+    parser.add_argument("--no-amp", dest="amp", action="store_false", help="(a), (b), (c) in fp32 too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -95,7 +102,9 @@ def main() -> None:
 
     model = create_model(args.model, num_classes=len(classes)).to(memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss()
-    step = step_fn(model, build_optimizer(model, "adamw", 1e-3, 0.05), criterion)
+    optimizer = build_optimizer(model, "adamw", 1e-3, 0.05)
+    step = step_fn(model, optimizer, criterion, args.amp)
+    step_fp32 = step_fn(model, optimizer, criterion, amp=False)
     model.train()
 
     # (a) defungi: balanced draws from the decoded cache, augmentation on the batch tensor
@@ -130,21 +139,26 @@ def main() -> None:
     def limit() -> None:
         step(x_mem, y_mem)
 
-    for fn in (limit, ours, plain):  # warm-up: allocator, oneDNN kernels, first file reads
+    def limit_fp32() -> None:
+        step_fp32(x_mem, y_mem)
+
+    pipelines = {"a": ours, "b": plain, "c": limit, "d": limit_fp32}
+    for fn in pipelines.values():  # warm-up: allocator, oneDNN kernels, first file reads
         fn()
         fn()
-    runs: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    runs: dict[str, list[float]] = {k: [] for k in pipelines}
     for _ in range(args.rounds):
-        runs["c"].append(timed(args.steps, bs, limit))
-        runs["a"].append(timed(args.steps, bs, ours))
-        runs["b"].append(timed(args.steps, bs, plain))
-    a, b, c = (statistics.median(runs[k]) for k in "abc")
+        for k, fn in pipelines.items():
+            runs[k].append(timed(args.steps, bs, fn))
+    a, b, c, d = (statistics.median(runs[k]) for k in pipelines)
     files = f"{args.file_size} px JPEGs" if args.file_size else "files as found"
+    precision = str(autocast_dtype(device, args.amp) or torch.float32).removeprefix("torch.")
     print(f"{args.model}, {size} px, batch {bs}, {args.threads} threads, {len(records)} images ({files}); one-time decode into the cache: {decode_s:.1f} s")
-    print(f"(a) defungi pipeline              {a:8.1f} img/s")
+    print(f"(a) defungi pipeline, {precision:<9}       {a:8.1f} img/s")
     print(f"(b) ImageFolder + DataLoader({args.workers}w)   {b:8.1f} img/s")
     print(f"(c) model alone, batch in memory  {c:8.1f} img/s")
-    print(f"a/b = {a / b:.2f}   a/c = {a / c:.3f}")
+    print(f"(d) (c) in float32                {d:8.1f} img/s")
+    print(f"a/b = {a / b:.2f}   a/c = {a / c:.3f}   c/d = {c / d:.2f}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class TrainConfig:
     prior_weight: float = 0.5  # with balance: scale predicted probabilities by (training class share)**prior_weight; 0 keeps the balanced decision
     patience_epochs: int = 5
     min_epochs: int = 0
-    amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16)
+    amp: bool = True  # mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with native bf16 (AVX512-BF16, AMX)
     channels_last: bool = True
     seed: int = 0
     device: str = "auto"

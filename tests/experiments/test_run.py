@@ -74,6 +74,13 @@ def test_evaluate_on_unseen_folder(tiny_data: Path, tmp_path: Path):
     assert metrics["prior_weight"] == 0.5
 
 
+@pytest.mark.parametrize(("amp", "precision"), [(False, "float32"), (True, "bfloat16")])
+def test_run_records_the_precision_it_computed_in(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, amp: bool, precision: str):
+    monkeypatch.setattr("defungi.train.loop.cpu_has_native_bf16", lambda: True)
+    metrics = train_run(_config(tiny_data, **{"train.epochs": 1, "train.amp": amp}), tmp_path / "run", progress=False)
+    assert metrics["protocol"]["precision"] == precision and np.isfinite(metrics["test"]["loss"])
+
+
 def test_checkpoint_keeps_the_training_class_shares_for_the_decision(tiny_data: Path, tmp_path: Path):
     train_run(_config(tiny_data, **{"train.epochs": 1}), tmp_path / "run", progress=False)
     trained = load_trained(tmp_path / "run")

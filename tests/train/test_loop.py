@@ -1,8 +1,10 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
-from defungi.train.loop import Preprocess, batches, predict_proba, prior_weights, train_one_epoch
+from defungi.train import loop
+from defungi.train.loop import Preprocess, autocast_dtype, batches, predict_proba, prior_weights, train_one_epoch
 
 
 def _toy():
@@ -12,16 +14,27 @@ def _toy():
     return images, labels
 
 
-def test_train_one_epoch_learns_and_predict_proba_sums_to_one():
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_train_one_epoch_learns_and_predict_proba_sums_to_one(native_bf16: bool, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native_bf16)  # True: the bf16 autocast path
     images, labels = _toy()
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     pre = Preprocess(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     for _ in range(5):
-        stats = train_one_epoch(model, batches(images, labels, np.arange(64), 16), 4, opt, None, nn.CrossEntropyLoss(), pre, lambda x, y: (x, y), torch.device("cpu"))
+        stats = train_one_epoch(model, batches(images, labels, np.arange(64), 16), 4, opt, None, nn.CrossEntropyLoss(), pre, lambda x, y: (x, y), torch.device("cpu"), amp=True)
     assert stats["images"] == 64 and stats["accuracy"] > 0.9
-    probs = predict_proba(model, images, pre, torch.device("cpu"), tta=True)
-    assert probs.shape == (64, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights in fp32
+    probs = predict_proba(model, images, pre, torch.device("cpu"), tta=True, amp=True)
+    assert probs.dtype == np.float32 and probs.shape == (64, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_autocast_dtype_only_where_it_is_faster(monkeypatch: pytest.MonkeyPatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    assert autocast_dtype(cpu, True) == torch.bfloat16 and autocast_dtype(cpu, False) is None
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    assert autocast_dtype(cpu, True) is None
 
 
 def test_preprocess_normalises_to_channels_last():

@@ -19,7 +19,7 @@ from defungi.data.augment import augment_batch, balanced_order, mix_batch
 from defungi.data.dataset import Dataset
 from defungi.models import create_model, model_entry
 from defungi.train.callbacks import EarlyStopping
-from defungi.train.loop import Preprocess, batches, evaluate, prior_weights, train_one_epoch
+from defungi.train.loop import Preprocess, autocast_dtype, batches, evaluate, prior_weights, train_one_epoch
 from defungi.train.metrics import classification_metrics
 from defungi.utils import atomic_torch_save, resolve_device, seed_everything
 
@@ -39,6 +39,7 @@ class FitResult:
     stop_reason: str
     train_seconds: float
     parameters: int
+    precision: str  # what the forward passes computed in: 'float32', 'bfloat16' or 'float16'
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -126,8 +127,9 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
     steps_per_epoch = max(1, len(train_idx) // tc.batch_size)
     scheduler = build_scheduler(optimizer, tc.schedule, tc.lr, tc.epochs * steps_per_epoch, tc.warmup_fraction)
     criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    use_amp = tc.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+    use_amp = tc.amp  # autocast decides per device: bf16/fp16 on CUDA, bf16 on CPUs with native bf16
+    amp_dtype = autocast_dtype(device, use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     stopper = EarlyStopping(tc.patience_epochs, tc.min_epochs)
     history: list[dict[str, float]] = []
     start_epoch, train_seconds = 0, 0.0
@@ -211,4 +213,5 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
         probs, loss = evaluate(scored, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=use_amp, channels_last=tc.channels_last, class_weights=class_weights)
         metrics[part] = classification_metrics(data.labels[idx], probs.argmax(1), data.classes) | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
     n_params = sum(p.numel() for p in model.parameters())
-    return FitResult(history, metrics, stopper.best_epoch + 1, stopper.reason or "epoch budget used", train_seconds, n_params)
+    precision = str(amp_dtype or torch.float32).removeprefix("torch.")
+    return FitResult(history, metrics, stopper.best_epoch + 1, stopper.reason or "epoch budget used", train_seconds, n_params, precision)

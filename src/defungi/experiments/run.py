@@ -83,6 +83,7 @@ def write_fit_outputs(out_dir: Path, config: Config, data: Dataset, split: dict[
             "sizes": {part: int(len(idx)) for part, idx in split.items()},
             "groups": {part: int(len(set(data.groups[idx]))) for part, idx in split.items()},
             "test_time_augmentation": config.train.tta,
+            "precision": result.precision,
             "prior_weight": config.train.prior_weight if config.train.balance else 0.0,
             "metric_average": "macro over classes",
         },
@@ -142,6 +143,7 @@ def fit_cached(config: Config, data: Dataset, split: dict[str, np.ndarray], out_
         "best_epoch": result.best_epoch,
         "stop_reason": result.stop_reason,
         "train_seconds": result.train_seconds,
+        "precision": result.precision,
         "sizes": {part: int(len(idx)) for part, idx in split.items()},
     }
     atomic_write_json(done, summary)

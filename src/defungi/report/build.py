@@ -88,9 +88,10 @@ def inference_images_per_s(run_dir: Path, n_images: int = 256, batch_size: int =
     trained = load_trained(run_dir)
     size = trained.preprocess.image_size
     images = np.random.default_rng(0).integers(0, 256, (n_images, size, size, 3), dtype=np.uint8)
-    predict_proba(trained.model, images[:batch_size], trained.preprocess, trained.device, batch_size)  # warm-up
+    amp = trained.config.train.amp  # the precision 'defungi predict' uses
+    predict_proba(trained.model, images[:batch_size], trained.preprocess, trained.device, batch_size, amp=amp)  # warm-up
     start = time.perf_counter()
-    predict_proba(trained.model, images, trained.preprocess, trained.device, batch_size)
+    predict_proba(trained.model, images, trained.preprocess, trained.device, batch_size, amp=amp)
     return n_images / (time.perf_counter() - start)
 
 

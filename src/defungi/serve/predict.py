@@ -47,7 +47,7 @@ def predict(run_dir: str | Path, paths: list[str | Path], tta: bool | None = Non
             rows.append({"path": str(f), "error": f"unreadable image ({type(exc).__name__})"})
     if pixels:
         use_tta = trained.config.train.tta if tta is None else tta
-        probs = predict_proba(trained.model, np.stack(pixels), trained.preprocess, trained.device, tta=use_tta, class_weights=trained.class_weights(prior_weight))
+        probs = predict_proba(trained.model, np.stack(pixels), trained.preprocess, trained.device, tta=use_tta, amp=trained.config.train.amp, class_weights=trained.class_weights(prior_weight))
         for f, p in zip(ok, probs):
             rows.append({"path": str(f), "class": trained.classes[int(p.argmax())], "confidence": float(p.max())} | {c: float(v) for c, v in zip(trained.classes, p)})
     order = {str(f): i for i, f in enumerate(files)}

@@ -35,7 +35,7 @@ from defungi.data.cache import decode_images
 from defungi.data.scan import scan
 from defungi.experiments.fit import build_optimizer
 from defungi.models import create_model
-from defungi.train.loop import Preprocess, autocast, autocast_dtype
+from defungi.train.loop import Preprocess, autocast, precision_name
 
 
 def step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, amp: bool):
@@ -152,7 +152,7 @@ def main() -> None:
             runs[k].append(timed(args.steps, bs, fn))
     a, b, c, d = (statistics.median(runs[k]) for k in pipelines)
     files = f"{args.file_size} px JPEGs" if args.file_size else "files as found"
-    precision = str(autocast_dtype(device, args.amp) or torch.float32).removeprefix("torch.")
+    precision = precision_name(device, args.amp)
     print(f"{args.model}, {size} px, batch {bs}, {args.threads} threads, {len(records)} images ({files}); one-time decode into the cache: {decode_s:.1f} s")
     print(f"(a) defungi pipeline, {precision:<9}       {a:8.1f} img/s")
     print(f"(b) ImageFolder + DataLoader({args.workers}w)   {b:8.1f} img/s")

@@ -19,7 +19,7 @@ from defungi.data.augment import augment_batch, balanced_order, mix_batch
 from defungi.data.dataset import Dataset
 from defungi.models import create_model, model_entry
 from defungi.train.callbacks import EarlyStopping
-from defungi.train.loop import Preprocess, autocast_dtype, batches, evaluate, prior_weights, train_one_epoch
+from defungi.train.loop import Preprocess, autocast_dtype, batches, evaluate, precision_name, prior_weights, train_one_epoch
 from defungi.train.metrics import classification_metrics
 from defungi.utils import atomic_torch_save, resolve_device, seed_everything
 
@@ -127,9 +127,8 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
     steps_per_epoch = max(1, len(train_idx) // tc.batch_size)
     scheduler = build_scheduler(optimizer, tc.schedule, tc.lr, tc.epochs * steps_per_epoch, tc.warmup_fraction)
     criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    use_amp = tc.amp  # autocast decides per device: bf16/fp16 on CUDA, bf16 on CPUs with native bf16
-    amp_dtype = autocast_dtype(device, use_amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    # autocast decides per device (bf16/fp16 on CUDA, bf16 on CPUs with native bf16); fp16 needs loss scaling
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, tc.amp) == torch.float16)
     stopper = EarlyStopping(tc.patience_epochs, tc.min_epochs)
     history: list[dict[str, float]] = []
     start_epoch, train_seconds = 0, 0.0
@@ -168,14 +167,14 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
             preprocess,
             lambda x, y: mix_batch(augment_batch(x, tc.augment, generator), y, len(data.classes), tc.mix, tc.mix_alpha, generator),
             device,
-            amp=use_amp,
+            amp=tc.amp,
             scaler=scaler,
             channels_last=tc.channels_last,
             desc=f"epoch {epoch + 1}/{tc.epochs}",
             on_step=(lambda: ema.update(model, step=scheduler.last_epoch)) if ema is not None else None,
         )
         train_seconds += stats["seconds"]
-        val_probs, val_loss = evaluate(scored, data.images[val_idx], data.labels[val_idx], preprocess, device, amp=use_amp, channels_last=tc.channels_last, class_weights=class_weights)
+        val_probs, val_loss = evaluate(scored, data.images[val_idx], data.labels[val_idx], preprocess, device, amp=tc.amp, channels_last=tc.channels_last, class_weights=class_weights)
         val = classification_metrics(data.labels[val_idx], val_probs.argmax(1), data.classes)
         row = {
             "epoch": epoch + 1,
@@ -210,8 +209,7 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
         if part == "train" or len(idx) == 0:
             continue
         t0 = time.perf_counter()
-        probs, loss = evaluate(scored, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=use_amp, channels_last=tc.channels_last, class_weights=class_weights)
+        probs, loss = evaluate(scored, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=tc.amp, channels_last=tc.channels_last, class_weights=class_weights)
         metrics[part] = classification_metrics(data.labels[idx], probs.argmax(1), data.classes) | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
     n_params = sum(p.numel() for p in model.parameters())
-    precision = str(amp_dtype or torch.float32).removeprefix("torch.")
-    return FitResult(history, metrics, stopper.best_epoch + 1, stopper.reason or "epoch budget used", train_seconds, n_params, precision)
+    return FitResult(history, metrics, stopper.best_epoch + 1, stopper.reason or "epoch budget used", train_seconds, n_params, precision_name(device, tc.amp))

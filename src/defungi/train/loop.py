@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ def batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_siz
         yield images[idx], labels[idx]
 
 
+@functools.cache  # asked once per batch by autocast; the answer is the machine's
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast is faster."""
     native = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
@@ -67,6 +69,11 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     if enabled and device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+def precision_name(device: torch.device, enabled: bool) -> str:
+    """What autocast(device, enabled) computes in: 'float32', 'bfloat16' or 'float16'."""
+    return str(autocast_dtype(device, enabled) or torch.float32).removeprefix("torch.")
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:

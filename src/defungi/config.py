@@ -54,6 +54,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with native bf16 (AVX512-BF16, AMX)
     channels_last: bool = True
     seed: int = 0
+    ensemble: int = 1  # > 1: that many fits differing only in seed (train.seed + k), scored by their mean probability
     device: str = "auto"
 
 
@@ -112,6 +113,8 @@ def validate(config: Config) -> Config:
         value = getattr(getattr(config, section), name)
         if value not in options:
             raise DefungiError(f"config key '{key}' is '{value}'; use one of {', '.join(options)}")
+    if config.train.ensemble < 1:
+        raise DefungiError(f"config key 'train.ensemble' is {config.train.ensemble}; use 1 (one model) or more (an ensemble of seeds)")
     if config.train.prior_weight < 0:
         raise DefungiError(f"config key 'train.prior_weight' is {config.train.prior_weight:g}; {PRIOR_WEIGHT_RANGE}")
     return config

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,9 @@ from defungi.config import load_config
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.experiments.run import evaluate_run, train_run
+from defungi.models.ensemble import Ensemble
 from defungi.train.checkpoint import load_trained
+from defungi.train.loop import predict_proba
 from tests.conftest import write_folder
 
 
@@ -90,3 +93,30 @@ def test_checkpoint_keeps_the_training_class_shares_for_the_decision(tiny_data: 
     unbalanced = _config(tiny_data, **{"train.epochs": 1, "train.balance": False})
     metrics = train_run(unbalanced, tmp_path / "plain", progress=False)
     assert load_trained(tmp_path / "plain").class_weights() is None and metrics["protocol"]["prior_weight"] == 0
+
+
+def test_ensemble_run_scores_the_mean_of_its_seeded_members_and_resumes(tiny_data: Path, tmp_path: Path):
+    config = _config(tiny_data, **{"train.epochs": 2, "train.ensemble": 2, "train.tta": False})
+    out = tmp_path / "run"
+    metrics = train_run(config, out, progress=False)
+    assert metrics["protocol"]["ensemble"] == 2 and [m["seed"] for m in metrics["members"]] == [0, 1]
+    assert (out / "training_curves.png").exists() and (out / "confusion_test.png").exists()
+    member_configs = [json.loads((out / f"member-{k}" / "config.json").read_text())["train"] for k in (0, 1)]
+    assert [(c["seed"], c["ensemble"]) for c in member_configs] == [(0, 1), (1, 1)]
+    # the ensemble's probabilities are the mean of its members' (each a run folder of its own)
+    ensemble, members = load_trained(out), [load_trained(out / f"member-{k}") for k in (0, 1)]
+    assert isinstance(ensemble.model, Ensemble) and ensemble.info["members"] == 2
+    images = np.random.default_rng(0).integers(0, 256, (5, 24, 24, 3), dtype=np.uint8)
+    mean = np.mean([predict_proba(t.model, images, t.preprocess, t.device) for t in members], axis=0)
+    assert np.allclose(predict_proba(ensemble.model, images, ensemble.preprocess, ensemble.device), mean, atol=1e-5)
+    assert metrics["parameters"] == 2 * json.loads((out / "member-0" / "metrics.json").read_text())["parameters"]
+    # interrupted before the second member: the first one is read back, not trained again
+    first = (out / "member-0" / "best.pt").stat().st_mtime_ns
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "member-1")
+    with pytest.raises(DefungiError, match="ensemble of 2 with 1 trained members"):
+        load_trained(out)
+    again = train_run(config, out, progress=False)
+    assert (out / "member-0" / "best.pt").stat().st_mtime_ns == first
+    assert (out / "member-1" / "best.pt").exists() and again["test"]["f1"] == pytest.approx(metrics["test"]["f1"])
+    assert evaluate_run(out, tiny_data)["n"] > 0

@@ -27,7 +27,7 @@ SMALL_STUDY = {
     "study.depths": "[8, 16]",
     "study.depth_lr_factors": "[1.0, 2.0]",
     "train.model_args": '{"dim": 8, "kernel_size": 3, "patch_size": 4}',
-    "study.per_study": '{"convmixer": {"study.split_ratios": [0.75]}}',
+    "study.per_study": '{"convmixer": {"study.split_ratios": [0.75], "train.ensemble": 2}}',
 }
 
 
@@ -73,6 +73,17 @@ def test_per_study_sizes_apply_to_their_study_only(studies):
     assert stored["convmixer"]["split_ratios"] == [0.75] and stored["resnet34"]["split_ratios"] == [0.7, 0.8]
     assert stored["convmixer"]["per_study"] == stored["resnet34"]["per_study"] == {}
     assert len(studies["convmixer"][0]["steps"]["split_ratio"]["scores"]) == 1
+
+
+def test_final_fits_may_be_ensembles_while_explorations_fit_one_model(studies):
+    state, _, out = studies["convmixer"]
+    final = state["steps"]["final"]
+    assert "ensemble of 2 fits" in final["summary"]
+    for mode in ("grouped", "random"):
+        assert json.loads((Path(final["runs"][mode]) / "metrics.json").read_text())["protocol"]["ensemble"] == 2
+    explored = [json.loads(p.read_text())["train"]["ensemble"] for p in out.glob("0[2-6]-*/**/config.json")]
+    assert explored and set(explored) == {1}
+    assert "convmixer (ensemble of 2)" in build_combined_report([out], out / "combined").read_text()
 
 
 def test_depth_step_states_a_verdict_on_16_mixers(studies):

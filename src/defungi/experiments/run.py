@@ -6,17 +6,18 @@ import csv
 import io
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from defungi.config import Config, config_from_dict, same_config
+from defungi.config import Config, config_from_dict, load_config_from, same_config
 from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import train_val_test_split
 from defungi.errors import DefungiError
 from defungi.experiments.fit import FitResult, fit, model_args
-from defungi.report.plots import contact_sheet, plot_confusion, plot_history
+from defungi.report.plots import contact_sheet, plot_confusion, plot_epoch_curves, plot_history
 from defungi.train.checkpoint import load_trained
 from defungi.train.loop import evaluate
 from defungi.train.metrics import classification_metrics
@@ -60,6 +61,24 @@ def write_split(out_dir: Path, data: Dataset, split: dict[str, np.ndarray]) -> N
     write_table(out_dir / "split.csv", ["path", "label", "group", "part"], rows)
 
 
+def run_protocol(config: Config, data: Dataset, split: dict[str, np.ndarray], precision: str) -> dict[str, Any]:
+    """How a run was made and scored: split, sizes, image size, evaluation options, precision."""
+    return {
+        "split": config.data.split,
+        "seed": config.data.seed,
+        "image_size": config.data.image_size,
+        "variance_threshold": config.data.variance_threshold,
+        "excluded": len(data.excluded),
+        "sizes": {part: int(len(idx)) for part, idx in split.items()},
+        "groups": {part: int(len(set(data.groups[idx]))) for part, idx in split.items()},
+        "test_time_augmentation": config.train.tta,
+        "precision": precision,
+        "prior_weight": config.train.prior_weight if config.train.balance else 0.0,
+        "ensemble": config.train.ensemble,
+        "metric_average": "macro over classes",
+    }
+
+
 def write_fit_outputs(out_dir: Path, config: Config, data: Dataset, split: dict[str, np.ndarray], result: FitResult) -> dict[str, Any]:
     """metrics.json, history.csv and the figures of a finished fit; returns the metrics."""
     keys = list(result.history[0]) if result.history else []
@@ -74,19 +93,7 @@ def write_fit_outputs(out_dir: Path, config: Config, data: Dataset, split: dict[
         "model_args": model_args(config),
         "parameters": result.parameters,
         "classes": data.classes,
-        "protocol": {
-            "split": config.data.split,
-            "seed": config.data.seed,
-            "image_size": config.data.image_size,
-            "variance_threshold": config.data.variance_threshold,
-            "excluded": len(data.excluded),
-            "sizes": {part: int(len(idx)) for part, idx in split.items()},
-            "groups": {part: int(len(set(data.groups[idx]))) for part, idx in split.items()},
-            "test_time_augmentation": config.train.tta,
-            "precision": result.precision,
-            "prior_weight": config.train.prior_weight if config.train.balance else 0.0,
-            "metric_average": "macro over classes",
-        },
+        "protocol": run_protocol(config, data, split, result.precision),
         "timing": {
             "train_seconds": result.train_seconds,
             "epochs_run": len(result.history),
@@ -101,26 +108,88 @@ def write_fit_outputs(out_dir: Path, config: Config, data: Dataset, split: dict[
     return metrics
 
 
+def finished_run(config: Config, out_dir: Path) -> dict[str, Any] | None:
+    """The metrics of a finished run of this config in out_dir, None if not finished; another config is refused."""
+    saved = out_dir / "config.json"
+    if not saved.exists():
+        return None
+    if not same_config(json.loads(saved.read_text()), config.to_dict()):
+        raise DefungiError(f"{out_dir} holds a run with another config; use 'defungi train --resume {out_dir}' or a new --out")
+    if (out_dir / "metrics.json").exists():
+        log.info("%s is finished; delete it to train again", out_dir)
+        return json.loads((out_dir / "metrics.json").read_text())
+    return None
+
+
 def train_run(config: Config, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train per config into out_dir; a finished run is returned as is, an interrupted one resumes."""
     out_dir = Path(out_dir)
-    saved = out_dir / "config.json"
-    if saved.exists():
-        previous = json.loads(saved.read_text())
-        if not same_config(previous, config.to_dict()):
-            raise DefungiError(f"{out_dir} holds a run with another config; use 'defungi train --resume {out_dir}' or a new --out")
-        if (out_dir / "metrics.json").exists():
-            log.info("%s is finished; delete it to train again", out_dir)
-            return json.loads((out_dir / "metrics.json").read_text())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(saved, config.to_dict())
+    done = finished_run(config, out_dir)
+    if done is not None:
+        return done
     data = dataset_for(config, progress)
+    return run_into(config, data, split_for(config, data), out_dir)
+
+
+def run_into(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Path) -> dict[str, Any]:
+    """Fit (or resume) into out_dir, write the run folder, return its metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "config.json", config.to_dict())
     write_exclusions(out_dir, data)
-    split = split_for(config, data)
     write_split(out_dir, data, split)
     log.info("split (%s): %s", config.data.split, {k: len(v) for k, v in split.items()})
-    result = fit(config, data, split, out_dir)
-    return write_fit_outputs(out_dir, config, data, split, result)
+    if config.train.ensemble > 1:
+        return ensemble_run(config, data, split, out_dir)
+    return write_fit_outputs(out_dir, config, data, split, fit(config, data, split, out_dir))
+
+
+def ensemble_run(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Path) -> dict[str, Any]:
+    """train.ensemble fits that differ only in seed, each a run folder out_dir/member-K (finished ones
+    are read back), scored together by the mean of their probabilities; returns the ensemble's metrics."""
+    tc = config.train
+    members = []
+    for k in range(tc.ensemble):
+        member = load_config_from(config, {"train.ensemble": 1, "train.seed": tc.seed + k})
+        member_dir = out_dir / f"member-{k}"
+        log.info("ensemble member %d/%d (seed %d)", k + 1, tc.ensemble, tc.seed + k)
+        members.append(finished_run(member, member_dir) or run_into(member, data, split, member_dir))
+    trained = load_trained(out_dir)
+    scores = {}
+    for part, idx in split.items():
+        if part == "train" or len(idx) == 0:
+            continue
+        t0 = time.perf_counter()
+        probs, loss = evaluate(trained.model, data.images[idx], data.labels[idx], trained.preprocess, trained.device, tta=tc.tta, amp=tc.amp, channels_last=tc.channels_last, class_weights=trained.class_weights())
+        scores[part] = classification_metrics(data.labels[idx], probs.argmax(1), data.classes) | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
+        plot_confusion(scores[part]["confusion_matrix"], data.classes, out_dir / f"confusion_{part}.png", f"{tc.model} x{tc.ensemble}, {part} ({config.data.split} split)")
+    histories = [read_history(out_dir / f"member-{k}" / "history.csv") for k in range(tc.ensemble)]
+    plot_epoch_curves(histories, [f"seed {tc.seed + k}" for k in range(tc.ensemble)], out_dir / "training_curves.png", f"{tc.model} x{tc.ensemble}: members' validation macro-F1 per epoch")
+    timings = [m["timing"] for m in members]
+    metrics = {
+        "model": tc.model,
+        "model_args": model_args(config),
+        "parameters": sum(m["parameters"] for m in members),
+        "classes": data.classes,
+        "protocol": run_protocol(config, data, split, members[0]["protocol"]["precision"]),
+        "timing": {
+            "train_seconds": sum(t["train_seconds"] for t in timings),
+            "epochs_run": sum(t["epochs_run"] for t in timings),
+            "train_images_per_s": float(np.mean([t["train_images_per_s"] or np.nan for t in timings])),
+            "eval_seconds": {part: m["seconds"] for part, m in scores.items()},
+        },
+        "best_epoch": [m["best_epoch"] for m in members],
+        "stop_reason": "; ".join(f"seed {tc.seed + k}: {m['stop_reason']}" for k, m in enumerate(members)),
+        "members": [{"seed": tc.seed + k, "run": str(out_dir / f"member-{k}")} | {part: {key: m[part][key] for key in ("accuracy", "precision", "recall", "f1")} for part in scores} for k, m in enumerate(members)],
+        **scores,
+    }
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """history.csv of a finished fit, as written by write_fit_outputs."""
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def fit_cached(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Path) -> dict[str, Any]:

@@ -124,7 +124,8 @@ def build_combined_report(study_dirs: list[Path], out_dir: Path) -> Path:
         name = state["study"]
         run = Path(final["runs"]["grouped"])
         speed = inference_images_per_s(run)
-        details.append(f"| {name} | {final['parameters'] / 1e6:.2f} M | {final['timing']['grouped']['train_seconds'] / 60:.1f} min | {speed:.0f} |")
+        members = json.loads((run / "metrics.json").read_text())["protocol"].get("ensemble", 1)
+        details.append(f"| {name}{f' (ensemble of {members})' if members > 1 else ''} | {final['parameters'] / 1e6:.2f} M | {final['timing']['grouped']['train_seconds'] / 60:.1f} min | {speed:.0f} |")
         for mode in final["runs"]:
             images.append((f"{name}, {mode} split", Path(final["runs"][mode]) / "confusion_test.png"))
     metrics_md = metrics_table(comparison_rows(states), METRICS)

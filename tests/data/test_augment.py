@@ -38,3 +38,17 @@ def test_mix_batch_blends_targets_consistently():
         assert torch.allclose(target.sum(1), torch.ones(8))
     _, hard = mix_batch(x, y, 4, "none", 0.4, torch.Generator())
     assert torch.equal(hard.argmax(1), y)
+
+
+def test_augmentation_stays_on_the_batch_device():
+    """Random draws come from a CPU generator; they must move to the batch's device (CUDA in
+    training on a GPU). The meta device stands in for CUDA: mixing devices fails on both."""
+    from defungi.data.augment import mix_batch
+
+    x = torch.zeros(4, 3, 8, 8, device="meta")
+    g = torch.Generator().manual_seed(0)
+    for level in ("basic", "strong"):
+        assert augment_batch(x, level, g).device.type == "meta"
+    for mode in ("mixup", "cutmix"):
+        mixed, target = mix_batch(x, torch.zeros(4, dtype=torch.long, device="meta"), 5, mode, 0.4, g)
+        assert mixed.device.type == target.device.type == "meta"

@@ -19,7 +19,7 @@ def dihedral(batch: torch.Tensor, k: int) -> torch.Tensor:
 
 def random_dihedral(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image gets one of the 8 flips/rotations at random."""
-    ks = torch.randint(0, 8, (batch.shape[0],), generator=generator)
+    ks = torch.randint(0, 8, (batch.shape[0],), generator=generator)  # CPU indices work on any device
     out = torch.empty_like(batch)
     for k in range(8):
         idx = (ks == k).nonzero().flatten()
@@ -32,9 +32,10 @@ def colour_jitter(batch: torch.Tensor, generator: torch.Generator, strength: flo
     """Per-image brightness, contrast and per-channel gain on a normalised batch."""
     n, c = batch.shape[:2]
     shape = (n, 1, 1, 1)
-    contrast = 1 + strength * (2 * torch.rand(shape, generator=generator) - 1)
-    brightness = strength * (2 * torch.rand(shape, generator=generator) - 1)
-    gain = 1 + 0.5 * strength * (2 * torch.rand((n, c, 1, 1), generator=generator) - 1)
+    # drawn on the CPU from the seeded generator (the same draws on any device), then moved
+    contrast = (1 + strength * (2 * torch.rand(shape, generator=generator) - 1)).to(batch.device)
+    brightness = (strength * (2 * torch.rand(shape, generator=generator) - 1)).to(batch.device)
+    gain = (1 + 0.5 * strength * (2 * torch.rand((n, c, 1, 1), generator=generator) - 1)).to(batch.device)
     return batch * contrast * gain + brightness
 
 

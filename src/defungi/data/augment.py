@@ -32,10 +32,14 @@ def colour_jitter(batch: torch.Tensor, generator: torch.Generator, strength: flo
     """Per-image brightness, contrast and per-channel gain on a normalised batch."""
     n, c = batch.shape[:2]
     shape = (n, 1, 1, 1)
-    # drawn on the CPU from the seeded generator (the same draws on any device), then moved
-    contrast = (1 + strength * (2 * torch.rand(shape, generator=generator) - 1)).to(batch.device)
-    brightness = (strength * (2 * torch.rand(shape, generator=generator) - 1)).to(batch.device)
-    gain = (1 + 0.5 * strength * (2 * torch.rand((n, c, 1, 1), generator=generator) - 1)).to(batch.device)
+
+    def uniform(size: tuple[int, ...]) -> torch.Tensor:
+        """Draws in [-1, 1) from the seeded CPU generator (the same on any device), moved to the batch."""
+        return (2 * torch.rand(size, generator=generator) - 1).to(batch.device)
+
+    contrast = 1 + strength * uniform(shape)
+    brightness = strength * uniform(shape)
+    gain = 1 + 0.5 * strength * uniform((n, c, 1, 1))
     return batch * contrast * gain + brightness
 
 

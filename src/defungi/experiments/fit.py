@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from timm.utils import ModelEmaV3
 
-from defungi.config import Config
+from defungi.config import Config, TrainConfig
 from defungi.data.augment import augment_batch, balanced_order, mix_batch
 from defungi.data.dataset import Dataset
 from defungi.models import create_model, model_entry
@@ -99,6 +99,18 @@ def checkpoint_payload(model: nn.Module, config: Config, classes: list[str], pre
         "best_metric": best_metric,
         "state_dict": model.state_dict(),
     }
+
+
+def score_parts(model: nn.Module, data: Dataset, split: dict[str, np.ndarray], preprocess: Preprocess, device: torch.device, tc: TrainConfig, class_weights: np.ndarray | None) -> dict[str, dict[str, Any]]:
+    """Metrics of every part but 'train', scored as the run asks (test-time augmentation, precision)."""
+    metrics = {}
+    for part, idx in split.items():
+        if part == "train" or len(idx) == 0:
+            continue
+        t0 = time.perf_counter()
+        probs, loss = evaluate(model, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=tc.amp, channels_last=tc.channels_last, class_weights=class_weights)
+        metrics[part] = classification_metrics(data.labels[idx], probs.argmax(1), data.classes) | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
+    return metrics
 
 
 def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Path | None = None) -> FitResult:
@@ -204,12 +216,6 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
 
     if best_state is not None:
         scored.load_state_dict(best_state)
-    metrics = {}
-    for part, idx in split.items():
-        if part == "train" or len(idx) == 0:
-            continue
-        t0 = time.perf_counter()
-        probs, loss = evaluate(scored, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=tc.amp, channels_last=tc.channels_last, class_weights=class_weights)
-        metrics[part] = classification_metrics(data.labels[idx], probs.argmax(1), data.classes) | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
+    metrics = score_parts(scored, data, split, preprocess, device, tc, class_weights)
     n_params = sum(p.numel() for p in model.parameters())
     return FitResult(history, metrics, stopper.best_epoch + 1, stopper.reason or "epoch budget used", train_seconds, n_params, precision_name(device, tc.amp))

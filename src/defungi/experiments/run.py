@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from defungi.config import Config, config_from_dict, load_config_from, same_conf
 from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import train_val_test_split
 from defungi.errors import DefungiError
-from defungi.experiments.fit import FitResult, fit, model_args
+from defungi.experiments.fit import FitResult, fit, model_args, score_parts
 from defungi.report.plots import contact_sheet, plot_confusion, plot_epoch_curves, plot_history
 from defungi.train.checkpoint import load_trained
 from defungi.train.loop import evaluate
@@ -61,9 +60,12 @@ def write_split(out_dir: Path, data: Dataset, split: dict[str, np.ndarray]) -> N
     write_table(out_dir / "split.csv", ["path", "label", "group", "part"], rows)
 
 
-def run_protocol(config: Config, data: Dataset, split: dict[str, np.ndarray], precision: str) -> dict[str, Any]:
-    """How a run was made and scored: split, sizes, image size, evaluation options, precision."""
-    return {
+def write_metrics(out_dir: Path, config: Config, data: Dataset, split: dict[str, np.ndarray], scores: dict[str, dict[str, Any]], label: str, precision: str, **record: Any) -> dict[str, Any]:
+    """metrics.json (protocol, record such as parameters and timing, then the scored parts) and a
+    confusion matrix per scored part; returns the metrics."""
+    for part, m in scores.items():
+        plot_confusion(m["confusion_matrix"], data.classes, out_dir / f"confusion_{part}.png", f"{label}, {part} ({config.data.split} split)")
+    protocol = {
         "split": config.data.split,
         "seed": config.data.seed,
         "image_size": config.data.image_size,
@@ -77,6 +79,9 @@ def run_protocol(config: Config, data: Dataset, split: dict[str, np.ndarray], pr
         "ensemble": config.train.ensemble,
         "metric_average": "macro over classes",
     }
+    metrics = {"model": config.train.model, "model_args": model_args(config), "classes": data.classes, "protocol": protocol, **record, **scores}
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics
 
 
 def write_fit_outputs(out_dir: Path, config: Config, data: Dataset, split: dict[str, np.ndarray], result: FitResult) -> dict[str, Any]:
@@ -85,27 +90,14 @@ def write_fit_outputs(out_dir: Path, config: Config, data: Dataset, split: dict[
     write_table(out_dir / "history.csv", keys, [[h[k] for k in keys] for h in result.history])
     if result.history:
         plot_history(result.history, out_dir / "training_curves.png", f"{config.train.model} ({config.data.split} split)")
-    for part, m in result.metrics.items():
-        plot_confusion(m["confusion_matrix"], data.classes, out_dir / f"confusion_{part}.png", f"{config.train.model}, {part} ({config.data.split} split)")
     images_seen = sum(h["seconds"] * h["images_per_s"] for h in result.history)
-    metrics = {
-        "model": config.train.model,
-        "model_args": model_args(config),
-        "parameters": result.parameters,
-        "classes": data.classes,
-        "protocol": run_protocol(config, data, split, result.precision),
-        "timing": {
-            "train_seconds": result.train_seconds,
-            "epochs_run": len(result.history),
-            "train_images_per_s": images_seen / result.train_seconds if result.train_seconds else None,
-            "eval_seconds": {part: m["seconds"] for part, m in result.metrics.items()},
-        },
-        "best_epoch": result.best_epoch,
-        "stop_reason": result.stop_reason,
-        **result.metrics,
+    timing = {
+        "train_seconds": result.train_seconds,
+        "epochs_run": len(result.history),
+        "train_images_per_s": images_seen / result.train_seconds if result.train_seconds else None,
+        "eval_seconds": {part: m["seconds"] for part, m in result.metrics.items()},
     }
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    return metrics
+    return write_metrics(out_dir, config, data, split, result.metrics, config.train.model, result.precision, parameters=result.parameters, timing=timing, best_epoch=result.best_epoch, stop_reason=result.stop_reason)
 
 
 def finished_run(config: Config, out_dir: Path) -> dict[str, Any] | None:
@@ -154,36 +146,24 @@ def ensemble_run(config: Config, data: Dataset, split: dict[str, np.ndarray], ou
         log.info("ensemble member %d/%d (seed %d)", k + 1, tc.ensemble, tc.seed + k)
         members.append(finished_run(member, member_dir) or run_into(member, data, split, member_dir))
     trained = load_trained(out_dir)
-    scores = {}
-    for part, idx in split.items():
-        if part == "train" or len(idx) == 0:
-            continue
-        t0 = time.perf_counter()
-        probs, loss = evaluate(trained.model, data.images[idx], data.labels[idx], trained.preprocess, trained.device, tta=tc.tta, amp=tc.amp, channels_last=tc.channels_last, class_weights=trained.class_weights())
-        scores[part] = classification_metrics(data.labels[idx], probs.argmax(1), data.classes) | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
-        plot_confusion(scores[part]["confusion_matrix"], data.classes, out_dir / f"confusion_{part}.png", f"{tc.model} x{tc.ensemble}, {part} ({config.data.split} split)")
+    scores = score_parts(trained.model, data, split, trained.preprocess, trained.device, tc, trained.class_weights())
     histories = [read_history(out_dir / f"member-{k}" / "history.csv") for k in range(tc.ensemble)]
     plot_epoch_curves(histories, [f"seed {tc.seed + k}" for k in range(tc.ensemble)], out_dir / "training_curves.png", f"{tc.model} x{tc.ensemble}: members' validation macro-F1 per epoch")
     timings = [m["timing"] for m in members]
-    metrics = {
-        "model": tc.model,
-        "model_args": model_args(config),
-        "parameters": sum(m["parameters"] for m in members),
-        "classes": data.classes,
-        "protocol": run_protocol(config, data, split, members[0]["protocol"]["precision"]),
-        "timing": {
-            "train_seconds": sum(t["train_seconds"] for t in timings),
-            "epochs_run": sum(t["epochs_run"] for t in timings),
-            "train_images_per_s": float(np.mean([t["train_images_per_s"] or np.nan for t in timings])),
-            "eval_seconds": {part: m["seconds"] for part, m in scores.items()},
-        },
-        "best_epoch": [m["best_epoch"] for m in members],
-        "stop_reason": "; ".join(f"seed {tc.seed + k}: {m['stop_reason']}" for k, m in enumerate(members)),
-        "members": [{"seed": tc.seed + k, "run": str(out_dir / f"member-{k}")} | {part: {key: m[part][key] for key in ("accuracy", "precision", "recall", "f1")} for part in scores} for k, m in enumerate(members)],
-        **scores,
+    timing = {
+        "train_seconds": sum(t["train_seconds"] for t in timings),
+        "epochs_run": sum(t["epochs_run"] for t in timings),
+        "train_images_per_s": float(np.mean([t["train_images_per_s"] or np.nan for t in timings])),
+        "eval_seconds": {part: m["seconds"] for part, m in scores.items()},
     }
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    return metrics
+    return write_metrics(
+        out_dir, config, data, split, scores, f"{tc.model} x{tc.ensemble}", members[0]["protocol"]["precision"],
+        parameters=sum(m["parameters"] for m in members),
+        timing=timing,
+        best_epoch=[m["best_epoch"] for m in members],
+        stop_reason="; ".join(f"seed {tc.seed + k}: {m['stop_reason']}" for k, m in enumerate(members)),
+        members=[{"seed": tc.seed + k, "run": str(out_dir / f"member-{k}")} | {part: {key: m[part][key] for key in ("accuracy", "precision", "recall", "f1")} for part in scores} for k, m in enumerate(members)],
+    )
 
 
 def read_history(path: Path) -> list[dict[str, float]]:

@@ -6,7 +6,7 @@ DATA ?= $(DEFUNGI_DATA)
 PROFILE ?= quick
 OUT ?= runs/main
 
-.PHONY: venv run test bench clean
+.PHONY: venv run test test-slow lint bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,16 @@ venv: $(VENV)/.installed
 run: venv
 	$(BIN)/defungi run --profile $(PROFILE) --out $(OUT) $(if $(DATA),--data $(DATA),)
 
+# tests on tiny generated images; the slow ones (whole studies, killed workers) with test-slow
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: venv
+	$(BIN)/python -m pytest -m slow
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 bench: venv
 	$(BIN)/python benchmarks/train_throughput.py $(if $(DATA),--data $(DATA),)

@@ -76,9 +76,13 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per pipeline per round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, interleaving the pipelines; the median is reported")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds, interleaving the pipelines; the median is reported"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for (b); 0 keeps every pipeline on the same threads")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="DataLoader workers for (b); 0 keeps every pipeline on the same threads"
+    )
     parser.add_argument("--file-size", type=int, default=0, help="re-save the images at this size first (e.g. 500)")
     parser.add_argument("--per-class", type=int, default=400, help="images per class used when re-saving")
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="(a), (b), (c) in fp32 too")
@@ -92,7 +96,9 @@ def main() -> None:
 
     records = scan(root)
     t0 = time.perf_counter()
-    decoded = decode_images(records, size, cache_dir=Path(tempfile.mkdtemp(prefix="defungi-bench-cache-")), progress=False)
+    decoded = decode_images(
+        records, size, cache_dir=Path(tempfile.mkdtemp(prefix="defungi-bench-cache-")), progress=False
+    )
     decode_s = time.perf_counter() - t0
     classes = sorted({r.label for r in records})
     labels = np.array([classes.index(r.label) for r in records])
@@ -119,9 +125,24 @@ def main() -> None:
         step(x, torch.from_numpy(labels[idx]))
 
     # (b) torchvision ImageFolder + DataLoader: decode, resize, flip, normalise every time
-    tf = transforms.Compose([transforms.Resize((size, size)), transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(), transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((size, size)),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomVerticalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(pre.mean, pre.std),
+        ]
+    )
     folder = torchvision.datasets.ImageFolder(str(records[0].path.parent.parent), transform=tf)
-    loader = torch.utils.data.DataLoader(folder, batch_size=bs, shuffle=True, num_workers=args.workers, drop_last=True, persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        folder,
+        batch_size=bs,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
+        persistent_workers=args.workers > 0,
+    )
     it = [iter(loader)]
 
     def plain() -> None:
@@ -153,7 +174,10 @@ def main() -> None:
     a, b, c, d = (statistics.median(runs[k]) for k in pipelines)
     files = f"{args.file_size} px JPEGs" if args.file_size else "files as found"
     precision = precision_name(device, args.amp)
-    print(f"{args.model}, {size} px, batch {bs}, {args.threads} threads, {len(records)} images ({files}); one-time decode into the cache: {decode_s:.1f} s")
+    print(
+        f"{args.model}, {size} px, batch {bs}, {args.threads} threads, {len(records)} images ({files}); "
+        f"one-time decode into the cache: {decode_s:.1f} s"
+    )
     print(f"(a) defungi pipeline, {precision:<9}       {a:8.1f} img/s")
     print(f"(b) ImageFolder + DataLoader({args.workers}w)   {b:8.1f} img/s")
     print(f"(c) model alone, batch in memory  {c:8.1f} img/s")

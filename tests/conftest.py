@@ -22,13 +22,22 @@ def make_image(rng: np.random.Generator, cls: int, size: int = 40) -> Image.Imag
         pattern = np.sin(xx * 0.6 + px) * np.sin(yy * 0.6 + py) * 2
     else:
         pattern = np.kron(rng.uniform(-1, 1, (size // 8 + 1, size // 8 + 1)), np.ones((8, 8)))[:size, :size]
-    blob = np.exp(-((xx - rng.uniform(0, size)) ** 2 + (yy - rng.uniform(0, size)) ** 2) / (size * 3))  # makes every image distinct
+    blob = np.exp(
+        -((xx - rng.uniform(0, size)) ** 2 + (yy - rng.uniform(0, size)) ** 2) / (size * 3)
+    )  # makes every image distinct
     noise = rng.normal(0, 8, (size, size, 3))
     pixels = np.clip(base + 50 * pattern[..., None] + 60 * blob[..., None] + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels)
 
 
-def write_folder(root: Path, samples_per_class: int = 6, patches: int = 4, size: int = 40, classes: tuple[str, ...] = CLASSES, seed: int = 0) -> Path:
+def write_folder(
+    root: Path,
+    samples_per_class: int = 6,
+    patches: int = 4,
+    size: int = 40,
+    classes: tuple[str, ...] = CLASSES,
+    seed: int = 0,
+) -> Path:
     """root/<class>/<class>_<sample>a_<patch>.jpg, with a blank (low-variance) image in the first class."""
     rng = np.random.default_rng(seed)
     for c, name in enumerate(classes):

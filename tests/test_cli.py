@@ -6,7 +6,18 @@ import pytest
 from defungi.cli import main
 from tests.conftest import write_folder
 
-TRAIN = ["--image-size", "24", "--epochs", "2", "--batch-size", "16", "--model", "convmixer", "--set", 'train.model_args={"dim": 16, "depth": 1, "kernel_size": 3, "patch_size": 4}']
+TRAIN = [
+    "--image-size",
+    "24",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--model",
+    "convmixer",
+    "--set",
+    'train.model_args={"dim": 16, "depth": 1, "kernel_size": 3, "patch_size": 4}',
+]
 
 
 def _one_line_error(capsys: pytest.CaptureFixture, code: int, needle: str) -> None:
@@ -36,11 +47,52 @@ def test_train_evaluate_predict(tiny_data: Path, tmp_path: Path, capsys: pytest.
     assert capsys.readouterr().out.splitlines()[0].startswith("path,class,confidence,H1,H2,H3")
 
 
-def test_resume_continues_a_run(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_resume_of_a_finished_run_reads_it_back(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny_data), "--out", str(run), *TRAIN]) == 0
+    first = capsys.readouterr().out
+    stamps = {name: (run / name).stat().st_mtime_ns for name in ("best.pt", "last.pt", "metrics.json")}
     assert main(["train", "--resume", str(run)]) == 0
-    assert "F1" in capsys.readouterr().out
+    assert capsys.readouterr().out == first  # the same metrics line and folder
+    assert {name: (run / name).stat().st_mtime_ns for name in stamps} == stamps  # nothing trained or rewritten
+
+
+def test_resume_continues_an_interrupted_run(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *TRAIN]) == 0
+    full = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").unlink()  # as if stopped after its last epoch, before scoring
+    assert main(["train", "--resume", str(run)]) == 0
+    resumed = json.loads((run / "metrics.json").read_text())["test"]
+    assert {k: v for k, v in resumed.items() if k != "seconds"} == {
+        k: v for k, v in full["test"].items() if k != "seconds"
+    }
+    assert len((run / "history.csv").read_text().splitlines()) == 1 + 2
+
+
+def test_study_takes_no_model_option(tmp_path: Path, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exc:
+        main(["study", "resnet34", "--model", "convmixer", "--out", str(tmp_path / "s")])
+    assert exc.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_one_cell_grid(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    args = [
+        "grid",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "g"),
+        "--batch-sizes",
+        "16",
+        "--lrs",
+        "1e-3",
+        *TRAIN[:4],
+        *TRAIN[6:],
+    ]
+    assert main(args) == 0
+    assert "0 trials done before, 1 run now" in capsys.readouterr().out
+    assert json.loads((tmp_path / "g" / "grid.json").read_text())["best"] == {"train.batch_size": 16, "train.lr": 1e-3}
 
 
 def test_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -58,8 +110,16 @@ def test_empty_class_folder(tiny_data: Path, tmp_path: Path, capsys: pytest.Capt
 
 
 def test_unknown_config_key_and_model(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
-    _one_line_error(capsys, main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--set", "train.lerning_rate=1"]), "lerning_rate")
-    _one_line_error(capsys, main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "r2"), "--model", "nonet"]), "unknown model")
+    _one_line_error(
+        capsys,
+        main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--set", "train.lerning_rate=1"]),
+        "lerning_rate",
+    )
+    _one_line_error(
+        capsys,
+        main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "r2"), "--model", "nonet"]),
+        "unknown model",
+    )
 
 
 def test_evaluate_and_predict_without_a_run(tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture):

@@ -20,11 +20,10 @@ log = logging.getLogger("defungi")
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Dotted config overrides from the common training flags and --set KEY=VALUE."""
     values = {
-        "data.root": str(args.data) if getattr(args, "data", None) else None,
         "data.split": args.split,
         "data.image_size": args.image_size,
         "data.seed": args.seed,
-        "train.model": args.model,
+        "train.model": getattr(args, "model", None),
         "train.epochs": args.epochs,
         "train.batch_size": args.batch_size,
         "train.lr": args.lr,
@@ -38,18 +37,29 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="folder of class folders, or a .zip of one (default: $DEFUNGI_DATA, the cached release, or fetch it)")
+def _add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
+    """The options every training command shares (a study trains its own model: no --model)."""
+    p.add_argument(
+        "--data",
+        help="folder of class folders, or a .zip of one (default: $DEFUNGI_DATA, the cached release, or fetch it)",
+    )
     p.add_argument("--profile", default="quick", help="quick (2-core CPU) or paper (GPU, 224 px), or a .toml file")
-    p.add_argument("--split", choices=["grouped", "random"], help="grouped: no physical sample in two parts (default); random: as the published study")
-    p.add_argument("--model", help="resnet34, convmixer-8, convmixer-16, convmixer, or any timm model name")
+    split_help = "grouped: no physical sample in two parts (default); random: as the published study"
+    p.add_argument("--split", choices=["grouped", "random"], help=split_help)
+    if model:
+        p.add_argument("--model", help="resnet34, convmixer-8, convmixer-16, convmixer, or any timm model name")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--image-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. --set train.optimizer=sgd (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any config key, e.g. --set train.optimizer=sgd (repeatable)",
+    )
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -62,35 +72,41 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from defungi.experiments.run import resume_config, train_run
+    from defungi.jobs import resume_job, train_job
 
     if args.resume:
-        config, out = resume_config(args.resume), Path(args.resume)
+        record = resume_job(Path(args.resume))
+    elif args.out:
+        record = train_job(_config(args), Path(args.out))
     else:
-        if not args.out:
-            raise DefungiError("give --out RUN_DIR (or --resume RUN_DIR)")
-        config, out = _config(args), Path(args.out)
-    metrics = train_run(config, out)
-    print(_metrics_line(f"{config.train.model} test", metrics.get("test") or metrics["val"]))
-    print(f"run folder: {out}")
+        raise DefungiError("give --out RUN_DIR (or --resume RUN_DIR)")
+    metrics = record.metrics
+    print(_metrics_line(f"{metrics['model']} test", metrics.get("test") or metrics["val"]))
+    print(f"run folder: {record.path}")
     return 0
 
 
 def _metrics_line(name: str, m: dict[str, Any]) -> str:
-    return f"{name}: accuracy {m['accuracy']:.3f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  F1 {m['f1']:.3f}  (n={m['n']})"
+    scores = f"precision {m['precision']:.3f}  recall {m['recall']:.3f}  F1 {m['f1']:.3f}"
+    return f"{name}: accuracy {m['accuracy']:.3f}  {scores}  (n={m['n']})"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from defungi.experiments.run import evaluate_run
+    from defungi.jobs import evaluate_job
 
-    metrics = evaluate_run(args.run_dir, args.data, args.out, tta=args.tta, prior_weight=args.prior_weight)
+    metrics = evaluate_job(
+        Path(args.run_dir), Path(args.data), Path(args.out) if args.out else None, args.tta, args.prior_weight
+    )
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "excluded"}, indent=2))
     else:
         print(_metrics_line(f"{args.run_dir} on {args.data}", metrics))
         print("per class:")
         for c, row in metrics["per_class"].items():
-            print(f"  {c:>6}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  F1 {row['f1']:.3f}  n={row['support']}")
+            print(
+                f"  {c:>6}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  F1 {row['f1']:.3f}  "
+                f"n={row['support']}"
+            )
         print(f"excluded {len(metrics['excluded'])} images; report: {metrics['out_dir']}")
     return 0
 
@@ -105,7 +121,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer = csv.writer(sys.stdout)
         writer.writerow(["path", "class", "confidence", *classes, "error"])
         for r in rows:
-            writer.writerow([r["path"], r.get("class", ""), r.get("confidence", ""), *[r.get(c, "") for c in classes], r.get("error", "")])
+            writer.writerow(
+                [
+                    r["path"],
+                    r.get("class", ""),
+                    r.get("confidence", ""),
+                    *[r.get(c, "") for c in classes],
+                    r.get("error", ""),
+                ]
+            )
     else:
         width = max(len(r["path"]) for r in rows)
         print(f"{'path':<{width}}  {'class':>6}  {'conf':>5}  " + "  ".join(f"{c:>6}" for c in classes))
@@ -113,7 +137,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if "error" in r:
                 print(f"{r['path']:<{width}}  {r['error']}")
             else:
-                print(f"{r['path']:<{width}}  {r['class']:>6}  {r['confidence']:5.2f}  " + "  ".join(f"{r[c]:6.3f}" for c in classes))
+                print(
+                    f"{r['path']:<{width}}  {r['class']:>6}  {r['confidence']:5.2f}  "
+                    + "  ".join(f"{r[c]:6.3f}" for c in classes)
+                )
     return 0
 
 
@@ -128,9 +155,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from defungi.config import load_config
     from defungi.data.scan import resolve_data
-    from defungi.experiments.main_job import run_main_job
+    from defungi.jobs import main_job
 
-    run_main_job(load_config(args.profile, {"data.root": str(resolve_data(args.data))}), Path(args.out))
+    page, table = main_job(load_config(args.profile, {"data.root": str(resolve_data(args.data))}), Path(args.out))
+    print(table.markdown())
+    print(f"report: {page}")
     return 0
 
 
@@ -150,55 +179,50 @@ def _ints(text: str) -> list[int]:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
-    from defungi.experiments.commands import curve_command
+    from defungi.jobs import curve_job
 
-    result = curve_command(_config(args), Path(args.out), args.fraction, args.sizes, args.cv)
-    for j, size in enumerate(result["train_fractions"]):
-        val = [row[j] for row in result["val_f1"]]
-        print(f"{size:>5.0%} of training ({sum(row[j] for row in result['train_size']) / len(val):.0f} images): validation macro-F1 {sum(val) / len(val):.3f}")
+    result = curve_job(_config(args), Path(args.out), args.fraction, args.sizes, args.cv)
+    for j, size in enumerate(result.train_fractions):
+        val = [row[j] for row in result.val_f1]
+        images = sum(row[j] for row in result.train_size) / len(val)
+        print(f"{size:>5.0%} of training ({images:.0f} images): validation macro-F1 {sum(val) / len(val):.3f}")
     print(f"figures: {args.out}/learning_curve.png, {args.out}/epoch_curves.png")
     return 0
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from defungi.experiments.commands import grid_command
+    from defungi.jobs import grid_job
 
     grid = {"train.batch_size": args.batch_sizes, "train.lr": args.lrs}
     for item in args.param or []:
         key, _, values = item.partition("=")
         grid[key] = [json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" else v for v in values.split(",")]
-    result = grid_command(_config(args), Path(args.out), args.fraction, grid, args.storage)
-    print(f"{result['trials_before']} trials done before, {result['trials_run']} run now")
-    for r in sorted(result["rows"], key=lambda r: -r["val_f1"]):
+    result = grid_job(_config(args), Path(args.out), args.fraction, grid, args.storage)
+    print(f"{result.trials_before} trials done before, {result.trials_run} run now (Optuna study {result.study_name})")
+    for r in sorted(result.rows, key=lambda r: -r["val_f1"]):
         print("  " + "  ".join(f"{k.split('.')[-1]}={r[k]}" for k in grid) + f"  val macro-F1 {r['val_f1']:.3f}")
-    print(f"best: {result['best']}  (heat map: {args.out}/grid.png)")
+    print(f"best: {result.best}  (heat map: {args.out}/grid.png)")
     return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from defungi.experiments.studies import run_study
+    from defungi.jobs import study_job
 
-    state = run_study(args.name, _config(args), Path(args.out or f"runs/study-{args.name}"))
-    print(f"report: {state['report']}")
+    print(f"report: {study_job(args.name, _config(args), Path(args.out or f'runs/study-{args.name}'))}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from defungi.report.build import build_combined_report
+    from defungi.jobs import report_job
 
-    dirs = [Path(d) for d in args.studies]
-    missing = [d for d in dirs if not (d / "study.json").exists()]
-    if missing:
-        raise DefungiError(f"{missing[0]}: not a study folder (no study.json); run 'defungi study NAME --out {missing[0]}' first")
-    try:
-        page = build_combined_report(dirs, Path(args.out))
-    except FileNotFoundError as exc:
-        raise DefungiError(str(exc)) from None
-    print(f"report: {page}")
+    print(f"report: {report_job([Path(d) for d in args.studies], Path(args.out))}")
     return 0
 
 
-PRIOR_HELP = "weight of the training class frequencies in the decision, 0..1 (default: as trained; 0 treats the classes as equally common)"
+PRIOR_HELP = (
+    "weight of the training class frequencies in the decision, 0..1 "
+    "(default: as trained; 0 treats the classes as equally common)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="folder of class folders (images the model never saw)")
     p.add_argument("--out", help="where to write metrics.json and confusion.png (default: RUN_DIR/evaluations/NAME)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="average the 8 flips/rotations (default: as trained)")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average the 8 flips/rotations (default: as trained)",
+    )
     p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
@@ -240,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--out", required=True)
     p.add_argument("--fraction", type=float, default=1.0, help="share of the data the curve uses (e.g. 0.2)")
-    p.add_argument("--sizes", type=_floats, default=[0.25, 0.5, 0.75, 1.0], help="training-set fractions, comma-separated")
+    p.add_argument(
+        "--sizes", type=_floats, default=[0.25, 0.5, 0.75, 1.0], help="training-set fractions, comma-separated"
+    )
     p.add_argument("--cv", type=int, default=0, help="K-fold cross-validation (0: one validation set)")
     p.set_defaults(func=cmd_curve)
 
@@ -250,18 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=1.0, help="share of the data (1.0: the full training set)")
     p.add_argument("--batch-sizes", type=_ints, default=[32, 64, 128])
     p.add_argument("--lrs", type=_floats, default=[5e-4, 1e-3, 2e-3, 4e-3])
-    p.add_argument("--param", action="append", metavar="KEY=V1,V2", help="another grid axis, e.g. train.weight_decay=0.01,0.05")
+    p.add_argument(
+        "--param", action="append", metavar="KEY=V1,V2", help="another grid axis, e.g. train.weight_decay=0.01,0.05"
+    )
     p.add_argument("--storage", help="Optuna storage URL (default: SQLite in --out)")
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("study", help="a published study, every step, resumable, ending in a report")
     p.add_argument("name", choices=["resnet34", "convmixer"])
-    _add_config_flags(p)
+    _add_config_flags(p, model=False)
     p.add_argument("--out", help="study folder (default: runs/study-NAME)")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="one page with both studies' final models beside the published figures")
-    p.add_argument("--studies", nargs="+", default=["runs/study-resnet34", "runs/study-convmixer"], help="study folders")
+    p.add_argument(
+        "--studies", nargs="+", default=["runs/study-resnet34", "runs/study-convmixer"], help="study folders"
+    )
     p.add_argument("--out", default="runs/report")
     p.set_defaults(func=cmd_report)
 
@@ -276,7 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `defungi` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         return args.func(args)
     except DefungiError as exc:

@@ -21,7 +21,8 @@ class DataConfig:
     root: str = ""
     image_size: int = 64
     variance_threshold: float = 15.0  # grey-level variance at 224 px; see README "Outliers"
-    normalize: str = "luma"  # luma: per-image mean/std over all channels (hue kept); image: per channel; dataset: training-set mean/std
+    # luma: per-image mean/std over all channels (hue kept); image: per channel; dataset: training-set mean/std
+    normalize: str = "luma"
     split: str = "grouped"  # grouped: no physical sample in two parts; random: as the study
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -48,10 +49,13 @@ class TrainConfig:
     mix: str = "none"  # none | mixup | cutmix | both: blend image pairs and their labels
     mix_alpha: float = 0.4
     tta: bool = True  # average the 8 flips/rotations at evaluation
-    prior_weight: float = 0.5  # with balance: scale predicted probabilities by (training class share)**prior_weight; 0 keeps the balanced decision
+    # with balance: scale predicted probabilities by (training class share)**prior_weight; 0: the balanced decision
+    prior_weight: float = 0.5
     patience_epochs: int = 5
+    restore_best: bool = True  # score the weights of the best validation epoch; false: the last epoch's
     min_epochs: int = 0
-    amp: bool = True  # mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with native bf16 (AVX512-BF16, AMX)
+    # mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with native bf16 (AVX512-BF16, AMX)
+    amp: bool = True
     channels_last: bool = True
     seed: int = 0
     ensemble: int = 1  # > 1: that many fits differing only in seed (train.seed + k), scored by their mean probability
@@ -76,7 +80,9 @@ class StudyConfig:
     split_repeats: int = 2
     depths: list[int] = field(default_factory=lambda: [8, 16, 4])
     depth_lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    per_study: dict[str, dict[str, Any]] = field(default_factory=dict)  # {'convmixer': {'study.epochs': 5}}: dotted overrides for one study
+    per_study: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # {'convmixer': {'study.epochs': 5}}: dotted overrides for one study
 
 
 @dataclass
@@ -114,7 +120,9 @@ def validate(config: Config) -> Config:
         if value not in options:
             raise DefungiError(f"config key '{key}' is '{value}'; use one of {', '.join(options)}")
     if config.train.ensemble < 1:
-        raise DefungiError(f"config key 'train.ensemble' is {config.train.ensemble}; use 1 (one model) or more (an ensemble of seeds)")
+        raise DefungiError(
+            f"config key 'train.ensemble' is {config.train.ensemble}; use 1 (one model) or more (an ensemble of seeds)"
+        )
     if config.train.prior_weight < 0:
         raise DefungiError(f"config key 'train.prior_weight' is {config.train.prior_weight:g}; {PRIOR_WEIGHT_RANGE}")
     return config
@@ -175,7 +183,9 @@ def profile_path(name: str) -> Path:
         return path
     shipped = resources.files("defungi") / "configs" / f"{name}.toml"
     if not shipped.is_file():
-        known = sorted(p.name[:-5] for p in (resources.files("defungi") / "configs").iterdir() if p.name.endswith(".toml"))
+        known = sorted(
+            p.name[:-5] for p in (resources.files("defungi") / "configs").iterdir() if p.name.endswith(".toml")
+        )
         raise DefungiError(f"unknown profile '{name}'; known: {', '.join(known)} (or a path to a .toml file)")
     return Path(str(shipped))
 

@@ -12,7 +12,12 @@ from defungi.data.scan import scan
 def test_decode_any_mode_and_size(tmp_path: Path):
     grey16 = Image.fromarray((np.arange(60 * 80).reshape(60, 80) * 13).astype(np.uint16))
     rgba = Image.new("RGBA", (500, 300), (10, 200, 30, 128))
-    for name, image in {"g16.png": grey16, "rgba.png": rgba, "grey.tif": Image.new("L", (30, 30), 90), "big.bmp": Image.new("RGB", (700, 500), 7)}.items():
+    for name, image in {
+        "g16.png": grey16,
+        "rgba.png": rgba,
+        "grey.tif": Image.new("L", (30, 30), 90),
+        "big.bmp": Image.new("RGB", (700, 500), 7),
+    }.items():
         image.save(tmp_path / name)
         pixels, variance, bits = decode_one(tmp_path / name, 32)
         assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
@@ -53,5 +58,5 @@ def test_low_variance_images_are_excluded(tiny_data: Path):
 def test_duplicate_images_join_groups(tiny_data: Path):
     (tiny_data / "H2" / "H2_77a_1.jpg").write_bytes((tiny_data / "H2" / "H2_3a_2.jpg").read_bytes())
     data = load_dataset(tiny_data, 24, variance_threshold=10, progress=False)
-    group = dict(zip(map(str, data.paths), data.groups))
+    group = dict(zip(map(str, data.paths), data.groups, strict=True))
     assert group[str(tiny_data / "H2" / "H2_77a_1.jpg")] == group[str(tiny_data / "H2" / "H2_3a_1.jpg")]

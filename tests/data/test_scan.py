@@ -1,3 +1,5 @@
+import http.server
+import threading
 import zipfile
 from pathlib import Path
 
@@ -66,17 +68,59 @@ def _release_zip(tmp_path: Path) -> Path:
     return outer
 
 
-def test_fetch_from_local_archive_with_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one archive and honours `Range: bytes=N-`, as the UCI server does; records the ranges asked."""
+
+    payload = b""
+    ranges: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server hook name
+        asked = self.headers.get("Range", "")
+        type(self).ranges.append(asked)
+        start = int(asked.removeprefix("bytes=").rstrip("-")) if asked else 0
+        body = self.payload[start:]
+        self.send_response(206 if asked else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    """The release archive on a loopback HTTP server that supports resumed downloads."""
+    outer = _release_zip(tmp_path)
+    handler = type("Handler", (_RangeHandler,), {"payload": outer.read_bytes(), "ranges": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/defungi.zip", handler
+    server.shutdown()
+
+
+def test_fetch_resumes_an_interrupted_download(tmp_path: Path, served, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("defungi.data.scan.DEFUNGI_MIN_IMAGES", 10)
+    url, handler = served
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "defungi.zip.part").write_bytes(handler.payload[:1000])  # an interrupted download
+    root = fetch(dest, url=url)
+    assert handler.ranges == ["bytes=1000-"]  # only the missing part was asked for
+    assert (dest / "defungi.zip").read_bytes() == handler.payload
+    assert sorted(p.name for p in root.iterdir()) == ["H1", "H2", "H3", "H5", "H6"]
+    assert fetch(dest, url=url) == root and handler.ranges == ["bytes=1000-"]  # second call verifies, downloads nothing
+
+
+def test_fetch_starts_again_where_the_server_ignores_ranges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr("defungi.data.scan.DEFUNGI_MIN_IMAGES", 10)
     outer = _release_zip(tmp_path)
     dest = tmp_path / "dest"
     dest.mkdir()
-    data = outer.read_bytes()
-    (dest / "defungi.zip.part").write_bytes(data[:1000])  # an interrupted download
-    root = fetch(dest, url=outer.as_uri())
-    assert (dest / "defungi.zip").read_bytes() == data
-    assert sorted(p.name for p in root.iterdir()) == ["H1", "H2", "H3", "H5", "H6"]
-    assert fetch(dest, url=outer.as_uri()) == root  # second call verifies, downloads nothing
+    (dest / "defungi.zip.part").write_bytes(b"stale bytes of another file")
+    fetch(dest, url=outer.as_uri())  # file:// answers the whole file, never a range
+    assert (dest / "defungi.zip").read_bytes() == outer.read_bytes()
 
 
 def test_fetch_without_network_says_what_to_do(tmp_path: Path):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from defungi.data.splits import train_val_test_split
+from defungi.data.splits import kfold, subset, train_val_test_split, tuning_split
 from defungi.errors import DefungiError
 
 
@@ -38,3 +38,42 @@ def test_grouped_split_needs_two_samples_per_class():
     labels = np.array([0, 0, 1, 1])
     with pytest.raises(DefungiError, match="--split random"):
         train_val_test_split(labels, np.array(["a", "a", "b", "c"]), 0.25, 0.25, "grouped")
+
+
+def _samples():
+    groups = np.repeat(np.arange(40), 4).astype(str)
+    labels = np.repeat(np.arange(40) % 4, 4)
+    return labels, groups
+
+
+def test_grouped_folds_cover_everything_once_and_keep_samples_whole():
+    labels, groups = _samples()
+    seen = []
+    for tr, va in kfold(labels, groups, 3, "grouped", seed=0):
+        assert not set(groups[tr]) & set(groups[va])
+        seen += list(va)
+    assert sorted(seen) == list(range(len(labels)))
+
+
+def test_subset_fraction_whole_samples_stratified_and_seeded():
+    labels, groups = _samples()
+    idx = subset(labels, groups, 0.25, "grouped", seed=1)
+    assert 0.2 <= len(idx) / len(labels) <= 0.4
+    counts = np.bincount(labels[idx], minlength=4)
+    assert counts.min() > 0 and counts.max() - counts.min() <= 4  # every class, in about equal shares
+    for g in set(groups[idx]):
+        assert np.all(np.isin(np.flatnonzero(groups == g), idx))
+    assert np.array_equal(idx, subset(labels, groups, 0.25, "grouped", seed=1))
+    assert not np.array_equal(idx, subset(labels, groups, 0.25, "grouped", seed=2))
+    assert len(subset(labels, groups, 1.0)) == len(labels)
+
+
+def test_tuning_split_never_touches_the_test_part():
+    labels, groups = _samples()
+    split = train_val_test_split(labels, groups, 0.15, 0.15, "grouped", seed=0)
+    full = tuning_split(labels, groups, split, 1.0, 0.15, "grouped", 0)
+    assert np.array_equal(full["train"], split["train"]) and np.array_equal(full["val"], split["val"])
+    part = tuning_split(labels, groups, split, 0.5, 0.15, "grouped", 0)
+    used = np.concatenate([part["train"], part["val"]])
+    assert not set(used) & set(split["test"]) and len(used) < len(split["train"]) + len(split["val"])
+    assert not set(groups[part["train"]]) & set(groups[part["val"]])

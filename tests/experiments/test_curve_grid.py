@@ -1,15 +1,27 @@
+import multiprocessing
+import time
 from pathlib import Path
 
 import numpy as np
+import optuna
+import pytest
 
 from defungi.config import load_config
 from defungi.data.dataset import load_dataset
+from defungi.errors import DefungiError
 from defungi.experiments.curve import learning_curve
-from defungi.experiments.grid import grid_search
-from defungi.experiments.run import split_for
+from defungi.experiments.grid import grid_search, open_storage, study_name
+from defungi.experiments.train import split_for
 from tests.conftest import write_folder
 
-TINY = {"data.image_size": 16, "train.model": "convmixer", "train.model_args": '{"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}', "train.epochs": 1, "train.batch_size": 8, "train.tta": "false"}
+TINY = {
+    "data.image_size": 16,
+    "train.model": "convmixer",
+    "train.model_args": '{"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}',
+    "train.epochs": 1,
+    "train.batch_size": 8,
+    "train.tta": "false",
+}
 
 
 def _setup(tmp_path: Path):
@@ -23,14 +35,14 @@ def test_learning_curve_with_cv_and_resume(tmp_path: Path):
     config, data = _setup(tmp_path)
     pool = np.arange(len(data.labels))
     result = learning_curve(config, data, pool, [0.5, 1.0], tmp_path / "curve", cv=2)
-    assert np.array(result["val_f1"]).shape == (2, 2)
-    sizes = np.array(result["train_size"])
+    assert np.array(result.val_f1).shape == (2, 2)
+    sizes = np.array(result.train_size)
     assert np.all(sizes[:, 0] < sizes[:, 1])
-    assert len(result["histories"][0][1]) == 1
-    stamp = (tmp_path / "curve" / "fold0-size0.50" / "result.json").stat().st_mtime_ns
+    assert len(result.histories[0][1]) == 1
+    stamp = (tmp_path / "curve" / "fold0-size0.50" / "metrics.json").stat().st_mtime_ns
     again = learning_curve(config, data, pool, [0.5, 1.0], tmp_path / "curve", cv=2)
-    assert again["val_f1"] == result["val_f1"]
-    assert (tmp_path / "curve" / "fold0-size0.50" / "result.json").stat().st_mtime_ns == stamp
+    assert again.val_f1 == result.val_f1 and again.histories == result.histories
+    assert (tmp_path / "curve" / "fold0-size0.50" / "metrics.json").stat().st_mtime_ns == stamp
 
 
 def test_grid_search_ranks_cells_and_resumes(tmp_path: Path):
@@ -38,10 +50,85 @@ def test_grid_search_ranks_cells_and_resumes(tmp_path: Path):
     split = split_for(config, data)
     grid = {"train.batch_size": [8, 16], "train.lr": [1e-3, 3e-3]}
     result = grid_search(config, data, split, grid, tmp_path / "grid")
-    assert result["trials_run"] == 4 and len(result["rows"]) == 4
-    assert [(r["train.batch_size"], r["train.lr"]) for r in result["rows"]] == [(8, 1e-3), (8, 3e-3), (16, 1e-3), (16, 3e-3)]
-    assert result["best_val_f1"] == max(r["val_f1"] for r in result["rows"])
-    again = grid_search(config, data, split, {"train.batch_size": [8, 16, 32], "train.lr": [1e-3, 3e-3]}, tmp_path / "grid2")
-    assert again["trials_run"] == 6
+    assert result.trials_run == 4 and len(result.rows) == 4
+    assert [(r["train.batch_size"], r["train.lr"]) for r in result.rows] == [
+        (8, 1e-3),
+        (8, 3e-3),
+        (16, 1e-3),
+        (16, 3e-3),
+    ]
+    assert result.best_val_f1 == max(r["val_f1"] for r in result.rows)
+    trials = optuna.load_study(
+        study_name=result.study_name, storage=f"sqlite:///{tmp_path / 'grid' / 'grid.sqlite3'}"
+    ).trials
+    assert sorted((t.params["train.batch_size"], t.params["train.lr"]) for t in trials) == sorted(
+        (r["train.batch_size"], r["train.lr"]) for r in result.rows
+    )
     resumed = grid_search(config, data, split, grid, tmp_path / "grid")
-    assert resumed["trials_before"] == 4 and resumed["trials_run"] == 0 and resumed["rows"] == result["rows"]
+    assert resumed.trials_before == 4 and resumed.trials_run == 0 and resumed.rows == result.rows
+
+
+def test_one_cell_grid_and_grids_sharing_a_database(tmp_path: Path):
+    config, data = _setup(tmp_path)
+    split = split_for(config, data)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    one = grid_search(config, data, split, {"train.batch_size": [8], "train.lr": [1e-3]}, tmp_path / "one", storage)
+    two = grid_search(
+        config, data, split, {"train.batch_size": [8], "train.lr": [1e-3, 2e-3]}, tmp_path / "two", storage
+    )
+    assert one.trials_run == 1 and two.trials_run == 2 and one.study_name != two.study_name
+    assert len(optuna.get_all_study_names(storage)) == 2
+    assert study_name(config, split, {"train.lr": [1e-3]}) == study_name(config, split, {"train.lr": [1e-3]})
+
+
+def test_storage_that_is_not_a_database_is_a_clear_error():
+    with pytest.raises(DefungiError, match="not a usable database URL"):
+        open_storage("notaurl")
+
+
+def _dies_in_second_cell(tmp_path: Path) -> None:
+    """A worker (a fresh process) that finishes one cell and is killed (os._exit) inside the next one."""
+    import os
+
+    import defungi.experiments.grid as grid_module
+
+    os.environ["DEFUNGI_CACHE"] = str(tmp_path / "cache")
+    grid_module.HEARTBEAT_INTERVAL_S, grid_module.GRACE_PERIOD_S = 1, 2
+    config, data = _setup(tmp_path)
+    real, calls = grid_module.train, []
+
+    def train(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os._exit(9)
+        return real(*args, **kwargs)
+
+    grid_module.train = train
+    grid_search(
+        config, data, split_for(config, data), {"train.batch_size": [8, 16], "train.lr": [1e-3]}, tmp_path / "grid"
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_workers_cell_is_retried_after_its_heartbeat_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import defungi.experiments.grid as grid_module
+
+    monkeypatch.setattr(grid_module, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(grid_module, "GRACE_PERIOD_S", 2)
+    worker = multiprocessing.get_context("spawn").Process(target=_dies_in_second_cell, args=(tmp_path,))
+    worker.start()
+    worker.join()
+    assert worker.exitcode == 9
+    time.sleep(3)  # past the grace period: the dead worker's trial is stale
+    config, data = _setup(tmp_path)
+    result = grid_search(
+        config, data, split_for(config, data), {"train.batch_size": [8, 16], "train.lr": [1e-3]}, tmp_path / "grid"
+    )
+    assert result.trials_before == 1 and result.trials_run == 1 and len(result.rows) == 2
+    states = [
+        t.state.name
+        for t in optuna.load_study(
+            study_name=result.study_name, storage=f"sqlite:///{tmp_path / 'grid' / 'grid.sqlite3'}"
+        ).trials
+    ]
+    assert sorted(states) == ["COMPLETE", "COMPLETE", "FAIL"]  # the stale trial failed, its retry completed

@@ -1,14 +1,17 @@
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from defungi.config import load_config
-from defungi.experiments.main_job import run_main_job
-from defungi.experiments.studies import STUDIES, run_study
-from defungi.report.build import build_combined_report
+from defungi.experiments.studies import STUDIES
+from defungi.jobs import main_job, study_job
+from defungi.report.combined import build_combined_report
 from tests.conftest import write_folder
+
+pytestmark = pytest.mark.slow  # both studies end to end, in tiny: about a minute
 
 SMALL_STUDY = {
     "data.image_size": 16,
@@ -41,7 +44,12 @@ def studies(tmp_path_factory: pytest.TempPathFactory):
         mp.setenv("DEFUNGI_CACHE", str(root / "cache"))
         for name in STUDIES:
             mp.setitem(STUDIES, name, dataclasses.replace(STUDIES[name], model="convmixer"))
-        yield {name: (run_study(name, config, root / f"study-{name}"), config, root / f"study-{name}") for name in ("resnet34", "convmixer")}
+        for name in ("resnet34", "convmixer"):
+            study_job(name, config, root / f"study-{name}")
+        yield {
+            name: (json.loads((root / f"study-{name}" / "study.json").read_text()), config, root / f"study-{name}")
+            for name in ("resnet34", "convmixer")
+        }
 
 
 @pytest.mark.parametrize("name", ["resnet34", "convmixer"])
@@ -49,12 +57,21 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     state, config, out = studies[name]
     assert len(state["steps"]) == 7
     page = (out / "report.html").read_text()
-    assert page.count("<h2>") == 7 and page.count("data:image/png;base64") >= 10
+    assert page.count("<h2>") == 7 and page.count("data:image/png;base64") >= 14
     md = (out / "report.md").read_text()
-    assert "published study (random split)" in md and "grouped split" in md and "Test parts: grouped split" in md
-    for i, (key, step) in enumerate(state["steps"].items(), start=1):
-        for fig in step["figures"]:
-            assert (out / f"{i:02d}-{key}" / fig).exists(), fig
+    assert f"{name}, published (random split)" in md and "grouped split" in md and "| split | test images |" in md
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
+        assert (out / link).exists(), link
+    assert {step["kind"] for step in state["steps"].values()} <= {
+        "class_counts",
+        "curves",
+        "grid",
+        "fit",
+        "comparison",
+        "split_ratio",
+        "depth",
+        "final",
+    }
     grid_step = "grid20" if name == "resnet34" else "grid_full"
     assert state["steps"][grid_step]["choice"]["train.batch_size"] == 8
     # interrupted after four steps: drop the later ones, run again; finished fits are read back
@@ -62,7 +79,8 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     for key in list(saved["steps"])[4:]:
         del saved["steps"][key]
     (out / "study.json").write_text(json.dumps(saved))
-    again = run_study(name, config, out)
+    study_job(name, config, out)
+    again = json.loads((out / "study.json").read_text())
     assert list(again["steps"]) == list(state["steps"])
     assert again["steps"]["grid_full"]["seconds"] == state["steps"]["grid_full"]["seconds"]
     assert again["steps"]["final"]["test"] == state["steps"]["final"]["test"]
@@ -80,7 +98,7 @@ def test_final_fits_may_be_ensembles_while_explorations_fit_one_model(studies):
     final = state["steps"]["final"]
     assert "ensemble of 2 fits" in final["summary"]
     for mode in ("grouped", "random"):
-        assert json.loads((Path(final["runs"][mode]) / "metrics.json").read_text())["protocol"]["ensemble"] == 2
+        assert json.loads((out / final["runs"][mode] / "metrics.json").read_text())["protocol"]["ensemble"] == 2
     explored = [json.loads(p.read_text())["train"]["ensemble"] for p in out.glob("0[2-6]-*/**/config.json")]
     assert explored and set(explored) == {1}
     assert "convmixer (ensemble of 2)" in build_combined_report([out], out / "combined").read_text()
@@ -100,12 +118,11 @@ def test_combined_report(studies, tmp_path: Path):
     assert "inference images/s" in text
 
 
-def test_main_job_resumes_both_studies_and_prints_the_report(studies, capsys: pytest.CaptureFixture[str]):
+def test_main_job_resumes_both_studies_and_returns_the_report(studies):
     _, config, out = studies["resnet34"]
     before = json.loads((out / "study.json").read_text())
-    page = run_main_job(config, out.parent)
-    printed = capsys.readouterr().out
+    page, table = main_job(config, out.parent)
     assert page == out.parent / "report" / "report.html" and page.exists()
-    assert f"report: {page}" in printed and "| convmixer, published (random split) | 0.780 | 0.810 | 0.790 | 0.800 |" in printed
+    assert "| convmixer, published (random split) | 0.780 | 0.810 | 0.790 | 0.800 |" in table.markdown()
     again = json.loads((out / "study.json").read_text())
     assert again["steps"] == before["steps"]  # every step read back, nothing refitted

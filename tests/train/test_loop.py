@@ -4,13 +4,23 @@ import torch
 import torch.nn as nn
 
 from defungi.train import loop
-from defungi.train.loop import Preprocess, autocast_dtype, batches, predict_proba, prior_weights, train_one_epoch
+from defungi.train.loop import (
+    Preprocess,
+    TrainStep,
+    autocast_dtype,
+    batches,
+    predict_proba,
+    prior_weights,
+    train_one_epoch,
+)
 
 
 def _toy():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 64)
-    images = np.where(labels[:, None, None, None] == 1, 200, 50).astype(np.uint8) + rng.integers(0, 20, (64, 8, 8, 3)).astype(np.uint8)
+    images = np.where(labels[:, None, None, None] == 1, 200, 50).astype(np.uint8) + rng.integers(
+        0, 20, (64, 8, 8, 3)
+    ).astype(np.uint8)
     return images, labels
 
 
@@ -21,8 +31,9 @@ def test_train_one_epoch_learns_and_predict_proba_sums_to_one(native_bf16: bool,
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     pre = Preprocess(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    step = TrainStep(opt, None, nn.CrossEntropyLoss(), torch.device("cpu"), amp=True)
     for _ in range(5):
-        stats = train_one_epoch(model, batches(images, labels, np.arange(64), 16), 4, opt, None, nn.CrossEntropyLoss(), pre, lambda x, y: (x, y), torch.device("cpu"), amp=True)
+        stats = train_one_epoch(model, batches(images, labels, np.arange(64), 16), 4, step, pre, lambda x, y: (x, y))
     assert stats["images"] == 64 and stats["accuracy"] > 0.9
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights in fp32
     probs = predict_proba(model, images, pre, torch.device("cpu"), tta=True, amp=True)
@@ -38,7 +49,9 @@ def test_autocast_dtype_only_where_it_is_faster(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_preprocess_normalises_to_channels_last():
-    x = Preprocess(4, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).to_tensor(np.full((2, 4, 4, 3), 255, np.uint8), torch.device("cpu"))
+    x = Preprocess(4, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).to_tensor(
+        np.full((2, 4, 4, 3), 255, np.uint8), torch.device("cpu")
+    )
     assert x.shape == (2, 3, 4, 4) and torch.allclose(x, torch.ones_like(x))
     assert x.is_contiguous(memory_format=torch.channels_last)
 

@@ -86,11 +86,12 @@ def balanced_order(labels: np.ndarray, n_samples: int, rng: np.random.Generator)
     return rng.permutation(order)[:n_samples]
 
 
-
 MIXES = ("none", "mixup", "cutmix", "both")
 
 
-def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mode: str, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mix_batch(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, mode: str, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MixUp or CutMix (or either, half the batches each): blended images and soft targets."""
     target = F.one_hot(y, num_classes).float()
     if mode == "none" or x.shape[0] < 2:
@@ -113,4 +114,3 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mode: str, alp
     else:
         x = lam * x + (1 - lam) * x[perm]
     return x, lam * target + (1 - lam) * target[perm]
-

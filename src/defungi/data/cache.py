@@ -94,7 +94,13 @@ def cache_key(records: list[ImageRecord], size: int) -> str:
     return h.hexdigest()[:16]
 
 
-def decode_images(records: list[ImageRecord], size: int, cache_dir: Path | None = None, workers: int | None = None, progress: bool = True) -> DecodedImages:
+def decode_images(
+    records: list[ImageRecord],
+    size: int,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> DecodedImages:
     """Decoded images at size x size, from the cache when the same files were decoded before."""
     from defungi.utils import progress_bar
 
@@ -114,7 +120,7 @@ def decode_images(records: list[ImageRecord], size: int, cache_dir: Path | None 
         with ProcessPoolExecutor(workers) if workers > 1 and n > 4 * chunk else _Serial() as pool:
             results = pool.map(_decode_chunk, jobs)
             bar = progress_bar(total=n, desc=f"decode {size}px", unit="img", enabled=progress)
-            for start, chunk_out in zip(range(0, n, chunk), results):
+            for start, chunk_out in zip(range(0, n, chunk), results, strict=True):
                 for j, (pixels, var, bits, err) in enumerate(chunk_out):
                     if err:
                         errors[start + j] = err
@@ -143,7 +149,7 @@ def decode_images(records: list[ImageRecord], size: int, cache_dir: Path | None 
 class _Serial:
     """Stand-in for a process pool when the work is small."""
 
-    def __enter__(self) -> "_Serial":
+    def __enter__(self) -> _Serial:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,7 +28,14 @@ class Dataset:
     excluded: list[dict[str, str]]  # path, label, grey_variance, reason
 
 
-def load_dataset(root: str | Path, image_size: int, variance_threshold: float, classes: list[str] | None = None, cache_dir: Path | None = None, progress: bool = True) -> Dataset:
+def load_dataset(
+    root: str | Path,
+    image_size: int,
+    variance_threshold: float,
+    classes: list[str] | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> Dataset:
     """Scan, decode (cached), drop unreadable and low-variance images, merge duplicate groups.
 
     classes: the class list of a trained model, so that evaluation folders map to the same
@@ -48,7 +55,9 @@ def load_dataset(root: str | Path, image_size: int, variance_threshold: float, c
     outlier = low_variance(decoded.variance, variance_threshold) & ~unreadable
     keep = ~(unreadable | outlier)
     if not keep.any():
-        raise DefungiError(f"{root}: no usable images (all unreadable or under variance threshold {variance_threshold})")
+        raise DefungiError(
+            f"{root}: no usable images (all unreadable or under variance threshold {variance_threshold})"
+        )
     groups = merge_duplicate_groups([r.group for r in records], decoded.ahash, keep)
     excluded = [
         {
@@ -60,7 +69,13 @@ def load_dataset(root: str | Path, image_size: int, variance_threshold: float, c
         for i in np.flatnonzero(~keep)
     ]
     idx = np.flatnonzero(keep)
-    log.info("%d images, %d usable, %d outliers, %d unreadable", len(records), len(idx), int(outlier.sum()), int(unreadable.sum()))
+    log.info(
+        "%d images, %d usable, %d outliers, %d unreadable",
+        len(records),
+        len(idx),
+        int(outlier.sum()),
+        int(unreadable.sum()),
+    )
     return Dataset(
         images=decoded.images[idx] if len(idx) < len(records) else decoded.images,
         labels=np.array([classes.index(records[i].label) for i in idx]),

@@ -30,4 +30,3 @@ def merge_duplicate_groups(groups: list[str], ahash: np.ndarray, usable: np.ndar
         else:
             first_by_hash[key] = groups[i]
     return [find(g) for g in groups]
-

@@ -65,7 +65,9 @@ def _class_root(root: Path) -> Path:
 
 def _unpack(archive: Path) -> Path:
     """Extract a .zip once into the cache and return the folder."""
-    digest = hashlib.sha1(f"{archive.resolve()}:{archive.stat().st_size}:{archive.stat().st_mtime}".encode()).hexdigest()[:12]
+    digest = hashlib.sha1(
+        f"{archive.resolve()}:{archive.stat().st_size}:{archive.stat().st_mtime}".encode()
+    ).hexdigest()[:12]
     dest = default_cache_dir() / "unpacked" / f"{archive.stem}-{digest}"
     if not dest.is_dir():
         tmp = dest.with_name(dest.name + ".tmp")
@@ -106,7 +108,9 @@ def scan(root: str | Path) -> list[ImageRecord]:
     for class_dir in class_dirs:
         files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DefungiError(f"{class_dir}: class folder has no images (.jpg/.png/.tif/.bmp); add images or remove the folder")
+            raise DefungiError(
+                f"{class_dir}: class folder has no images (.jpg/.png/.tif/.bmp); add images or remove the folder"
+            )
         records += [ImageRecord(f, class_dir.name, group_of(f, class_dir.name)) for f in files]
     if len(class_dirs) < 2:
         raise DefungiError(f"{base}: only one class folder ({class_dirs[0].name}); a classifier needs at least two")
@@ -127,7 +131,10 @@ def _download(url: str, dest: Path) -> None:
         if done and response.status != 206:
             done = 0  # server ignored the range: start again
         total = int(response.headers.get("Content-Length", 0)) + done
-        with open(part, "ab" if done else "wb") as fh, tqdm(total=total or None, initial=done, unit="B", unit_scale=True, desc=dest.name) as bar:
+        with (
+            open(part, "ab" if done else "wb") as fh,
+            tqdm(total=total or None, initial=done, unit="B", unit_scale=True, desc=dest.name) as bar,
+        ):
             while chunk := response.read(1 << 20):
                 fh.write(chunk)
                 bar.update(len(chunk))
@@ -140,7 +147,9 @@ def verify_release(root: Path) -> dict[str, int]:
     counts = {c: sum(r.label == c for r in records) for c in class_names(records)}
     missing = [c for c in DEFUNGI_CLASSES if c not in counts]
     if missing or sum(counts.values()) < DEFUNGI_MIN_IMAGES:
-        raise DefungiError(f"{root}: incomplete DeFungi tree (classes {counts}); delete it and run 'defungi data fetch' again")
+        raise DefungiError(
+            f"{root}: incomplete DeFungi tree (classes {counts}); delete it and run 'defungi data fetch' again"
+        )
     return counts
 
 

@@ -1,6 +1,9 @@
-"""Seeded, stratified train / validation / test splits, grouped by physical sample or random."""
+"""Seeded, stratified splits (scikit-learn style index generators): train / validation / test,
+K folds, subsets and the pools that searches and curves use; grouped by physical sample or random."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
@@ -10,14 +13,18 @@ from defungi.errors import DefungiError
 SPLIT_MODES = ("grouped", "random")
 
 
-def _holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _holdout(
+    labels: np.ndarray, groups: np.ndarray, fraction: float, mode: str, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions (into labels) of a stratified holdout of about `fraction`; grouped keeps samples whole."""
     n_splits = max(2, round(1 / fraction))
     min_count = np.bincount(labels).min()
     if mode == "grouped":
         n_groups_min = min(len(np.unique(groups[labels == c])) for c in np.unique(labels))
         if n_groups_min < 2:
-            raise DefungiError("a class has images of only one sample: a grouped split is impossible; use --split random")
+            raise DefungiError(
+                "a class has images of only one sample: a grouped split is impossible; use --split random"
+            )
         splitter = StratifiedGroupKFold(n_splits=min(n_splits, n_groups_min), shuffle=True, random_state=seed)
         rest, held = next(splitter.split(np.zeros(len(labels)), labels, groups))
     elif mode == "random":
@@ -30,7 +37,14 @@ def _holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, mode: str,
     return rest, held
 
 
-def train_val_test_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, test_fraction: float, mode: str = "grouped", seed: int = 0) -> dict[str, np.ndarray]:
+def train_val_test_split(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    val_fraction: float,
+    test_fraction: float,
+    mode: str = "grouped",
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Index arrays for 'train', 'val' and 'test' (test may be empty when test_fraction is 0)."""
     labels, groups = np.asarray(labels), np.asarray(groups)
     all_idx = np.arange(len(labels))
@@ -40,3 +54,71 @@ def train_val_test_split(labels: np.ndarray, groups: np.ndarray, val_fraction: f
         rest, test = all_idx, np.array([], dtype=int)
     sub, val = _holdout(labels[rest], groups[rest], val_fraction / (1 - test_fraction), mode, seed + 1)
     return {"train": np.sort(rest[sub]), "val": np.sort(rest[val]), "test": np.sort(test)}
+
+
+def kfold(
+    labels: np.ndarray, groups: np.ndarray, n_splits: int, mode: str = "grouped", seed: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(train, validation) positions for each of n_splits folds; grouped keeps samples whole."""
+    x = np.zeros(len(labels))
+    if mode == "grouped":
+        yield from StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, labels, groups)
+    elif mode == "random":
+        yield from StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, labels)
+    else:
+        raise DefungiError(f"unknown split mode '{mode}'; use one of {', '.join(SPLIT_MODES)}")
+
+
+def subset(labels: np.ndarray, groups: np.ndarray, fraction: float, mode: str = "grouped", seed: int = 0) -> np.ndarray:
+    """Sorted positions of a stratified subset of about `fraction` (whole samples when grouped)."""
+    if not 0 < fraction <= 1:
+        raise DefungiError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keys = groups if mode == "grouped" else np.arange(len(labels)).astype(str)
+    chosen: list[np.ndarray] = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        units = rng.permutation(np.unique(keys[members]))
+        sizes = np.array([np.sum(keys[members] == u) for u in units])
+        take = units[: max(1, int(np.searchsorted(np.cumsum(sizes), fraction * len(members)) + 1))]
+        chosen.append(members[np.isin(keys[members], take)])
+    return np.sort(np.concatenate(chosen))
+
+
+def folds(
+    labels: np.ndarray, groups: np.ndarray, pool: np.ndarray, cv: int, val_fraction: float, mode: str, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, validation) positions of pool: K folds when cv >= 2, else one holdout of about val_fraction."""
+    sub_labels, sub_groups = labels[pool], groups[pool]
+    if cv >= 2:
+        return [(pool[tr], pool[va]) for tr, va in kfold(sub_labels, sub_groups, cv, mode, seed)]
+    tr, va = next(kfold(sub_labels, sub_groups, max(2, round(1 / val_fraction)), mode, seed))
+    return [(pool[tr], pool[va])]
+
+
+def tuning_pool(
+    labels: np.ndarray, groups: np.ndarray, split: dict[str, np.ndarray], fraction: float, mode: str, seed: int
+) -> np.ndarray:
+    """Sorted positions of `fraction` of the training + validation parts (the test part is never touched)."""
+    pool = np.sort(np.concatenate([split["train"], split["val"]]))
+    return pool[subset(labels[pool], groups[pool], fraction, mode, seed)]
+
+
+def tuning_split(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    split: dict[str, np.ndarray],
+    fraction: float,
+    val_fraction: float,
+    mode: str,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Train and validation parts for a search on `fraction` of the data: the split's own parts at
+    1.0, else a holdout of the tuning pool."""
+    if fraction >= 1:
+        return {"train": split["train"], "val": split["val"]}
+    pool = tuning_pool(labels, groups, split, fraction, mode, seed)
+    tr, va = folds(labels, groups, pool, 0, val_fraction, mode, seed)[0]
+    return {"train": tr, "val": va}

@@ -1,32 +1,37 @@
-"""One training run: config + data + split -> trained model, history and test metrics."""
+"""One fit: config + data + split -> trained weights, history and metrics of the scored parts."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-
 from timm.utils import ModelEmaV3
 
 from defungi.config import Config, TrainConfig
 from defungi.data.augment import augment_batch, balanced_order, mix_batch
 from defungi.data.dataset import Dataset
-from defungi.models import create_model, model_entry
+from defungi.experiments.rundir import RunDir
+from defungi.models import create_model
 from defungi.train.callbacks import EarlyStopping
-from defungi.train.loop import Preprocess, autocast_dtype, batches, evaluate, precision_name, prior_weights, train_one_epoch
+from defungi.train.loop import (
+    Preprocess,
+    TrainStep,
+    autocast_dtype,
+    batches,
+    evaluate,
+    precision_name,
+    prior_weights,
+    train_one_epoch,
+)
 from defungi.train.metrics import classification_metrics
-from defungi.utils import atomic_torch_save, resolve_device, seed_everything
+from defungi.utils import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_LAST = "last.pt"  # every epoch: model, optimiser, schedule, callbacks (for --resume)
-CHECKPOINT_BEST = "best.pt"  # the weights with the best validation macro-F1 (for evaluate/predict)
 
 
 @dataclass
@@ -54,11 +59,15 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
     raise ValueError(f"unknown optimizer '{name}'; use adamw or sgd")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: str, lr: float, total_steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, lr: float, total_steps: int, warmup_fraction: float
+) -> torch.optim.lr_scheduler.LRScheduler:
     """One-cycle, or linear warm-up then cosine decay, stepped once per batch."""
     total_steps = max(total_steps, 10)  # one-cycle needs a few steps per phase (tiny test fits)
     if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=warmup_fraction)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=total_steps, pct_start=warmup_fraction
+        )
     if name == "cosine":
         warmup = max(1, int(total_steps * warmup_fraction))
         return torch.optim.lr_scheduler.SequentialLR(
@@ -72,7 +81,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, lr: float, tota
     raise ValueError(f"unknown schedule '{name}'; use onecycle or cosine")
 
 
-def channel_stats(images: np.ndarray, idx: np.ndarray, max_images: int = 2000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(
+    images: np.ndarray, idx: np.ndarray, max_images: int = 2000
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std (0..1 scale) of up to max_images training images."""
     take = idx if len(idx) <= max_images else np.linspace(0, len(idx) - 1, max_images).astype(int)
     sample = np.asarray(images[np.sort(idx[take] if len(idx) > max_images else idx)], dtype=np.float32) / 255.0
@@ -81,116 +92,131 @@ def channel_stats(images: np.ndarray, idx: np.ndarray, max_images: int = 2000) -
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def model_args(config: Config) -> dict[str, Any]:
-    """Registry defaults merged with the config's model_args (recorded in checkpoints)."""
-    return {**model_entry(config.train.model).defaults, **config.train.model_args}
-
-
-def checkpoint_payload(model: nn.Module, config: Config, classes: list[str], preprocess: Preprocess, class_prior: list[float] | None, epoch: int, best_metric: float) -> dict[str, Any]:
-    """A self-describing checkpoint: enough to rebuild the model with no other file."""
-    return {
-        "model_name": config.train.model,
-        "model_args": model_args(config),
-        "classes": list(classes),
-        "preprocess": {"image_size": preprocess.image_size, "mean": list(preprocess.mean), "std": list(preprocess.std), "normalize": preprocess.normalize},
-        "config": config.to_dict(),
-        "class_prior": class_prior,  # training class shares when trained class-balanced (see prior_weights)
-        "epoch": epoch,
-        "best_metric": best_metric,
-        "state_dict": model.state_dict(),
-    }
-
-
-def score_parts(model: nn.Module, data: Dataset, split: dict[str, np.ndarray], preprocess: Preprocess, device: torch.device, tc: TrainConfig, class_weights: np.ndarray | None) -> dict[str, dict[str, Any]]:
+def score_parts(
+    model: nn.Module,
+    data: Dataset,
+    split: dict[str, np.ndarray],
+    preprocess: Preprocess,
+    device: torch.device,
+    tc: TrainConfig,
+    class_weights: np.ndarray | None,
+) -> dict[str, dict[str, Any]]:
     """Metrics of every part but 'train', scored as the run asks (test-time augmentation, precision)."""
     metrics = {}
     for part, idx in split.items():
         if part == "train" or len(idx) == 0:
             continue
         t0 = time.perf_counter()
-        probs, loss = evaluate(model, data.images[idx], data.labels[idx], preprocess, device, tta=tc.tta, amp=tc.amp, channels_last=tc.channels_last, class_weights=class_weights)
-        metrics[part] = classification_metrics(data.labels[idx], probs.argmax(1), data.classes) | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
+        probs, loss = evaluate(
+            model,
+            data.images[idx],
+            data.labels[idx],
+            preprocess,
+            device,
+            tta=tc.tta,
+            amp=tc.amp,
+            channels_last=tc.channels_last,
+            class_weights=class_weights,
+        )
+        scores = classification_metrics(data.labels[idx], probs.argmax(1), data.classes)
+        metrics[part] = scores | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
     return metrics
 
 
-def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Path | None = None) -> FitResult:
-    """Train on split['train'], early-stop on split['val'] macro-F1, evaluate every other part.
+@dataclass
+class _Fit:
+    """A fit in progress: what it trains, what it scores, and where it stands."""
 
-    Extra parts (e.g. 'train_eval', a sample of the training images) are evaluated too.
-
-    With out_dir, checkpoints go there every epoch and an interrupted fit continues from the
-    last one. The best weights are restored before the final evaluation.
-    """
-    tc = config.train
-    seed_everything(tc.seed)
-    device = resolve_device(tc.device)
-    train_idx, val_idx = split["train"], split["val"]
-    mean, std = channel_stats(data.images, train_idx)
-    preprocess = Preprocess(data.images.shape[1], mean, std, config.data.normalize)
-    counts = np.bincount(data.labels[train_idx], minlength=len(data.classes))
-    class_prior = (counts / counts.sum()).tolist() if tc.balance else None
-    class_weights = prior_weights(class_prior, tc.prior_weight)
-    model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
-    model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
-    optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay)
-    # the weights that are evaluated and saved: an exponential moving average when ema_decay > 0
-    ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
-    scored = ema.module if ema is not None else model
-    steps_per_epoch = max(1, len(train_idx) // tc.batch_size)
-    scheduler = build_scheduler(optimizer, tc.schedule, tc.lr, tc.epochs * steps_per_epoch, tc.warmup_fraction)
-    criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    # autocast decides per device (bf16/fp16 on CUDA, bf16 on CPUs with native bf16); fp16 needs loss scaling
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, tc.amp) == torch.float16)
-    stopper = EarlyStopping(tc.patience_epochs, tc.min_epochs)
-    history: list[dict[str, float]] = []
-    start_epoch, train_seconds = 0, 0.0
-    last_path = out_dir / CHECKPOINT_LAST if out_dir else None
+    config: Config
+    data: Dataset
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    device: torch.device
+    preprocess: Preprocess
+    class_prior: list[float] | None
+    model: nn.Module
+    ema: ModelEmaV3 | None
+    step: TrainStep
+    steps_per_epoch: int
+    stopper: EarlyStopping
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+    train_seconds: float = 0.0
     best_state: dict[str, torch.Tensor] | None = None
 
-    if last_path is not None and last_path.exists():
-        state = torch.load(last_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["train_state_dict"])
-        scored.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stopper.load_state_dict(state["early_stopping"])
-        history, start_epoch, train_seconds = state["history"], state["epoch"] + 1, state["train_seconds"]
-        best_path = out_dir / CHECKPOINT_BEST
-        if best_path.exists():
-            best_state = torch.load(best_path, map_location=device, weights_only=True)["state_dict"]
-        log.info("resuming %s at epoch %d/%d", out_dir, start_epoch + 1, tc.epochs)
+    @property
+    def scored(self) -> nn.Module:
+        """The weights that are evaluated and saved: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
-    stopped = bool(stopper.reason)
-    for epoch in range(start_epoch, tc.epochs):
-        if stopped:
-            break
+    @property
+    def class_weights(self) -> np.ndarray | None:
+        return prior_weights(self.class_prior, self.config.train.prior_weight)
+
+    def checkpoint(self, epoch: int) -> dict[str, Any]:
+        return RunDir.checkpoint(
+            self.scored, self.config, self.data.classes, self.preprocess, self.class_prior, epoch, self.stopper.best
+        )
+
+    def resume(self, run: RunDir) -> None:
+        """Continue from run's last.pt, if there is one."""
+        saved = run.resume_state(self.device)
+        if saved is None:
+            return
+        state, self.best_state = saved
+        self.model.load_state_dict(state["train_state_dict"])
+        self.scored.load_state_dict(state["state_dict"])
+        self.step.optimizer.load_state_dict(state["optimizer"])
+        self.step.scheduler.load_state_dict(state["scheduler"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.history, self.start_epoch, self.train_seconds = (
+            state["history"],
+            state["epoch"] + 1,
+            state["train_seconds"],
+        )
+        log.info("resuming %s at epoch %d/%d", run.root, self.start_epoch + 1, self.config.train.epochs)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one class-balanced, augmented epoch; score the validation part; return its history row."""
+        tc, data = self.config.train, self.data
         rng = np.random.default_rng([tc.seed, epoch])
         generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-        labels_train = data.labels[train_idx]
-        picks = balanced_order(labels_train, len(train_idx), rng) if tc.balance else rng.permutation(len(train_idx))
-        order = train_idx[picks]
-        stats = train_one_epoch(
-            model,
-            batches(data.images, data.labels, order, tc.batch_size, drop_last=True),
-            steps_per_epoch,
-            optimizer,
-            scheduler,
-            criterion,
-            preprocess,
-            lambda x, y: mix_batch(augment_batch(x, tc.augment, generator), y, len(data.classes), tc.mix, tc.mix_alpha, generator),
-            device,
-            amp=tc.amp,
-            scaler=scaler,
-            channels_last=tc.channels_last,
-            desc=f"epoch {epoch + 1}/{tc.epochs}",
-            on_step=(lambda: ema.update(model, step=scheduler.last_epoch)) if ema is not None else None,
+        labels_train = data.labels[self.train_idx]
+        picks = (
+            balanced_order(labels_train, len(self.train_idx), rng)
+            if tc.balance
+            else rng.permutation(len(self.train_idx))
         )
-        train_seconds += stats["seconds"]
-        val_probs, val_loss = evaluate(scored, data.images[val_idx], data.labels[val_idx], preprocess, device, amp=tc.amp, channels_last=tc.channels_last, class_weights=class_weights)
+        n_classes = len(data.classes)
+
+        def augment(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return mix_batch(augment_batch(x, tc.augment, generator), y, n_classes, tc.mix, tc.mix_alpha, generator)
+
+        stats = train_one_epoch(
+            self.model,
+            batches(data.images, data.labels, self.train_idx[picks], tc.batch_size, drop_last=True),
+            self.steps_per_epoch,
+            self.step,
+            self.preprocess,
+            augment,
+            desc=f"epoch {epoch + 1}/{tc.epochs}",
+        )
+        self.train_seconds += stats["seconds"]
+        val_idx = self.val_idx
+        val_probs, val_loss = evaluate(
+            self.scored,
+            data.images[val_idx],
+            data.labels[val_idx],
+            self.preprocess,
+            self.device,
+            amp=tc.amp,
+            channels_last=tc.channels_last,
+            class_weights=self.class_weights,
+        )
         val = classification_metrics(data.labels[val_idx], val_probs.argmax(1), data.classes)
-        row = {
+        return {
             "epoch": epoch + 1,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": self.step.scheduler.get_last_lr()[0],
             "train_loss": stats["loss"],
             "train_accuracy": stats["accuracy"],
             "val_loss": val_loss,
@@ -199,23 +225,107 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], out_dir: Pa
             "images_per_s": stats["images"] / stats["seconds"],
             "seconds": stats["seconds"],
         }
-        history.append(row)
-        improved = stopper.improved(val["f1"])
-        stopped = stopper.step(val["f1"], epoch)
-        log.info("epoch %d/%d  loss %.3f  val loss %.3f  val acc %.3f  val F1 %.3f  %.0f img/s%s", epoch + 1, tc.epochs, stats["loss"], val_loss, val["accuracy"], val["f1"], row["images_per_s"], "  *" if improved else "")
-        if improved:
-            best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
-        if out_dir is not None:
-            if improved:
-                atomic_torch_save(checkpoint_payload(scored, config, data.classes, preprocess, class_prior, epoch, stopper.best), out_dir / CHECKPOINT_BEST)
-            last = checkpoint_payload(scored, config, data.classes, preprocess, class_prior, epoch, stopper.best)
-            last.update(train_state_dict=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), early_stopping=stopper.state_dict(), history=history, train_seconds=train_seconds)
-            atomic_torch_save(last, out_dir / CHECKPOINT_LAST)
-    if stopper.reason:
-        log.info("early stop: %s", stopper.reason)
 
-    if best_state is not None:
-        scored.load_state_dict(best_state)
-    metrics = score_parts(scored, data, split, preprocess, device, tc, class_weights)
-    n_params = sum(p.numel() for p in model.parameters())
-    return FitResult(history, metrics, stopper.best_epoch + 1, stopper.reason or "epoch budget used", train_seconds, n_params, precision_name(device, tc.amp))
+
+def _start(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> _Fit:
+    """Seed, then build the model, weight average, optimiser, schedule and stopping for a fit."""
+    tc = config.train
+    seed_everything(tc.seed)
+    device = resolve_device(tc.device)
+    train_idx = split["train"]
+    mean, std = channel_stats(data.images, train_idx)
+    preprocess = Preprocess(data.images.shape[1], mean, std, config.data.normalize)
+    counts = np.bincount(data.labels[train_idx], minlength=len(data.classes))
+    class_prior = (counts / counts.sum()).tolist() if tc.balance else None
+    model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
+    model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
+    optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay)
+    ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
+    steps_per_epoch = max(1, len(train_idx) // tc.batch_size)
+    scheduler = build_scheduler(optimizer, tc.schedule, tc.lr, tc.epochs * steps_per_epoch, tc.warmup_fraction)
+    # autocast decides per device (bf16/fp16 on CUDA, bf16 on CPUs with native bf16); fp16 needs loss scaling
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, tc.amp) == torch.float16)
+    step = TrainStep(
+        optimizer,
+        scheduler,
+        nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
+        device,
+        tc.amp,
+        scaler,
+        tc.channels_last,
+        (lambda: ema.update(model, step=scheduler.last_epoch)) if ema is not None else None,
+    )
+    stopper = EarlyStopping(tc.patience_epochs, tc.min_epochs)
+    return _Fit(
+        config,
+        data,
+        train_idx,
+        split["val"],
+        device,
+        preprocess,
+        class_prior,
+        model,
+        ema,
+        step,
+        steps_per_epoch,
+        stopper,
+    )
+
+
+def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir | None = None) -> FitResult:
+    """Train on split['train'], early-stop on split['val'] macro-F1, evaluate every other part.
+
+    Extra parts (e.g. 'train_eval', a sample of the training images) are evaluated too. With a
+    run folder, checkpoints go there every epoch and an interrupted fit continues from the last
+    one. The best epoch's weights are scored (train.restore_best), or the last epoch's.
+    """
+    tc = config.train
+    state = _start(config, data, split)
+    if run is not None:
+        state.resume(run)
+    stopped = bool(state.stopper.reason)
+    for epoch in range(state.start_epoch, tc.epochs):
+        if stopped:
+            break
+        row = state.train_epoch(epoch)
+        state.history.append(row)
+        improved = state.stopper.improved(row["val_f1"])
+        stopped = state.stopper.step(row["val_f1"], epoch)
+        log.info(
+            "epoch %d/%d  loss %.3f  val loss %.3f  val acc %.3f  val F1 %.3f  %.0f img/s%s",
+            epoch + 1,
+            tc.epochs,
+            row["train_loss"],
+            row["val_loss"],
+            row["val_accuracy"],
+            row["val_f1"],
+            row["images_per_s"],
+            "  *" if improved else "",
+        )
+        if improved:
+            state.best_state = {k: v.detach().clone() for k, v in state.scored.state_dict().items()}
+        if run is not None:
+            if improved:
+                run.save_best(state.checkpoint(epoch))
+            run.save_last(
+                state.checkpoint(epoch),
+                {
+                    "train_state_dict": state.model.state_dict(),
+                    "optimizer": state.step.optimizer.state_dict(),
+                    "scheduler": state.step.scheduler.state_dict(),
+                    "early_stopping": state.stopper.state_dict(),
+                    "history": state.history,
+                    "train_seconds": state.train_seconds,
+                },
+            )
+    if state.stopper.reason:
+        log.info("early stop: %s", state.stopper.reason)
+    if tc.restore_best and state.best_state is not None:
+        state.scored.load_state_dict(state.best_state)
+    metrics = score_parts(state.scored, data, split, state.preprocess, state.device, tc, state.class_weights)
+    n_params = sum(p.numel() for p in state.model.parameters())
+    stop_reason = state.stopper.reason or "epoch budget used"
+    precision = precision_name(state.device, tc.amp)
+    return FitResult(
+        state.history, metrics, state.stopper.best_epoch + 1, stop_reason, state.train_seconds, n_params, precision
+    )

@@ -1,79 +1,155 @@
 """Grid search over any config keys (batch size x learning rate by default), on Optuna.
 
-The study lives in an SQLite file in the run folder: an interrupted search resumes without
-redoing finished trials, and the same code runs against a shared database (storage URL).
+Optuna's GridSampler alone decides which cell a trial fits; every cell is a run folder under
+out_dir (resumable, read back once finished). Trials live in an Optuna study named after a hash
+of the grid, the config and the split, in an SQLite file in out_dir or a shared database
+(`storage`). Heartbeats mark the trials of a killed worker stale; they are retried
+(RetryHeartbeatStaleTrialCallback), and the cell's run folder resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import json
 import logging
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset
-from defungi.experiments.run import fit_cached
+from defungi.errors import DefungiError
+from defungi.experiments.train import train
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 30  # a running trial says it is alive this often
+GRACE_PERIOD_S = 120  # a trial silent this long belongs to a dead worker: failed, then retried
+
+
+@dataclass
+class GridResult:
+    """Every cell's validation scores in a fixed order (last key varies fastest), and the best cell."""
+
+    grid: dict[str, list[Any]]
+    rows: list[dict[str, Any]]
+    best: dict[str, Any]
+    best_val_f1: float
+    trials_before: int
+    trials_run: int
+    study_name: str
+    train_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def parameter_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination, in a fixed order (last key varies fastest), like sklearn's ParameterGrid."""
     keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def cell_name(params: dict[str, Any]) -> str:
     """Folder name of one grid cell, e.g. 'batch_size=32,lr=0.001'."""
-    return ",".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in params.items())
+    return ",".join(
+        f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in params.items()
+    )
 
 
-def _open_study(storage: str, grid: dict[str, list[Any]]) -> optuna.Study:
-    """Load or create the study; stale RUNNING trials (a killed run) are failed and re-queued."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name="grid", storage=storage, direction="maximize", sampler=optuna.samplers.GridSampler(grid, seed=0), load_if_exists=True)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    return study
+def study_name(config: Config, split: dict[str, np.ndarray], grid: dict[str, list[Any]]) -> str:
+    """'grid-' and a hash of what the trials depend on, so that grids sharing a database stay apart."""
+    key = {
+        "grid": grid,
+        "config": config.to_dict(),
+        "split": {p: hashlib.sha1(np.asarray(i).tobytes()).hexdigest() for p, i in split.items()},
+    }
+    return "grid-" + hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def grid_search(config: Config, data: Dataset, split: dict[str, np.ndarray], grid: dict[str, list[Any]], out_dir: Path, storage: str | None = None) -> dict[str, Any]:
-    """Fit every cell (train on split['train'], score macro-F1 on split['val']); ranked results."""
+def open_storage(url: str) -> RDBStorage:
+    """An Optuna database with heartbeats, or a clear error for a URL that is not one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=GRACE_PERIOD_S,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
+        except (ValueError, ImportError, SQLAlchemyError) as exc:
+            raise DefungiError(
+                f"--storage {url}: not a usable database URL ({type(exc).__name__}); e.g. sqlite:///grid.db or postgresql://user@host/db"
+            ) from None
+
+
+def _key(params: dict[str, Any], keys: list[str]) -> tuple:
+    return tuple(params[k] for k in keys)
+
+
+def grid_search(
+    config: Config,
+    data: Dataset,
+    split: dict[str, np.ndarray],
+    grid: dict[str, list[Any]],
+    out_dir: Path,
+    storage: str | None = None,
+) -> GridResult:
+    """Fit every cell (train on split['train'], score macro-F1 on split['val']); results in grid order."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{(out_dir / 'grid.sqlite3').resolve()}"
-    study = _open_study(storage, grid)
-    cells = parameter_grid(grid)
+    keys, cells = list(grid), parameter_grid(grid)
+    name = study_name(config, split, grid)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=name,
+        storage=open_storage(storage or f"sqlite:///{(out_dir / 'grid.sqlite3').resolve()}"),
+        direction="maximize",
+        sampler=optuna.samplers.GridSampler(grid, seed=0),
+        load_if_exists=True,
+    )
 
-    def key(params: dict[str, Any]) -> tuple:
-        return tuple(params[k] for k in grid)
+    def complete() -> dict[tuple, optuna.trial.FrozenTrial]:
+        return {_key(t.params, keys): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
 
-    complete = {key(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    waiting = {key(t.system_attrs["fixed_params"]) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
-    missing = [c for c in cells if key(c) not in complete]
-    for c in missing:
-        if key(c) not in waiting:
-            study.enqueue_trial(c)
-    log.info("grid: %d cells, %d done before, %d to fit", len(cells), len(complete), len(missing))
+    before = complete()
+    missing = [c for c in cells if _key(c, keys) not in before]
+    log.info("grid %s: %d cells, %d done before, %d to fit", name, len(cells), len(cells) - len(missing), len(missing))
 
     def objective(trial: optuna.Trial) -> float:
         params = {k: trial.suggest_categorical(k, v) for k, v in grid.items()}
-        result = fit_cached(load_config_from(config, params), data, split, out_dir / cell_name(params))
-        trial.set_user_attr("val_loss", result["metrics"]["val"]["loss"])
-        trial.set_user_attr("val_accuracy", result["metrics"]["val"]["accuracy"])
-        trial.set_user_attr("train_seconds", result["train_seconds"])
-        return result["metrics"]["val"]["f1"]
+        record = train(load_config_from(config, params), out_dir / cell_name(params), data, split)
+        trial.set_user_attr("val_loss", record.score("val", "loss"))
+        trial.set_user_attr("val_accuracy", record.score("val", "accuracy"))
+        trial.set_user_attr("train_seconds", record.metrics["timing"]["train_seconds"])
+        return record.score("val")
 
     if missing:
-        study.optimize(objective, n_trials=len(missing))
-    by_cell = {key(t.params): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    rows = [
-        {**c, "val_f1": by_cell[key(c)].value, "val_loss": by_cell[key(c)].user_attrs["val_loss"], "val_accuracy": by_cell[key(c)].user_attrs["val_accuracy"], "train_seconds": by_cell[key(c)].user_attrs["train_seconds"]}
-        for c in cells
-    ]
+        study.optimize(objective)  # the grid sampler stops the study once every cell is finished
+    by_cell = complete()
+    rows = []
+    for c in cells:
+        t = by_cell[_key(c, keys)]
+        rows.append(
+            {**c, "val_f1": t.value, **{k: t.user_attrs[k] for k in ("val_loss", "val_accuracy", "train_seconds")}}
+        )
     best = max(rows, key=lambda r: r["val_f1"])
-    return {"grid": {k: list(v) for k, v in grid.items()}, "rows": rows, "best": {k: best[k] for k in grid}, "best_val_f1": best["val_f1"], "trials_before": len(complete), "trials_run": len(missing)}
+    return GridResult(
+        grid={k: list(v) for k, v in grid.items()},
+        rows=rows,
+        best={k: best[k] for k in keys},
+        best_val_f1=best["val_f1"],
+        trials_before=len(cells) - len(missing),
+        trials_run=len(missing),
+        study_name=name,
+        train_size=int(len(split["train"])),
+    )

@@ -44,7 +44,9 @@ def model_entry(name: str) -> ModelEntry:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name in timm.list_models():
-        return ModelEntry(name, lambda num_classes, **kw: timm.create_model(name, pretrained=False, num_classes=num_classes, **kw))
+        return ModelEntry(
+            name, lambda num_classes, **kw: timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+        )
     raise DefungiError(f"unknown model '{name}'; use one of {', '.join(list_models())} or a timm model name")
 
 

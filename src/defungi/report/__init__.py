@@ -1,1 +1,1 @@
-"""Reports: figures from results (no training), and pages that gather them."""
+"""Reports: figures and pages drawn from the files of run and study folders (no training, no model)."""

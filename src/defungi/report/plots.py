@@ -11,7 +11,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -51,22 +50,39 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes, xlabel="predicted", ylabel="true")
+            ax.text(
+                j,
+                i,
+                f"{int(m[i, j])}",
+                ha="center",
+                va="center",
+                color="white" if norm[i, j] > 0.5 else "black",
+                fontsize=9,
+            )
+    ax.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xticklabels=classes,
+        yticklabels=classes,
+        xlabel="predicted",
+        ylabel="true",
+    )
     ax.set_title(title or "confusion matrix")
     return _save(fig, path)
 
 
-def contact_sheet(paths: Sequence[Path], captions: Sequence[str], path: Path, thumb: int = 96, columns: int = 10, limit: int = 100) -> Path:
+def contact_sheet(
+    paths: Sequence[Path], captions: Sequence[str], path: Path, thumb: int = 96, columns: int = 10, limit: int = 100
+) -> Path:
     """A grid of thumbnails (e.g. the excluded outliers) with a caption under each."""
     from defungi.data.cache import open_image, square
 
-    shown = list(zip(paths, captions))[:limit]
+    shown = list(zip(paths, captions, strict=True))[:limit]
     rows = max(1, -(-len(shown) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.45), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (p, caption) in zip(axes.ravel(), shown):
+    for ax, (p, caption) in zip(axes.ravel(), shown, strict=False):
         try:
             ax.imshow(np.asarray(square(open_image(Path(p), thumb), thumb)))
         except OSError:
@@ -89,16 +105,14 @@ def plot_class_counts(counts: dict[str, dict[str, int]], path: Path, title: str 
         values = [counts[name][c] for c in classes]
         bars = ax.bar(np.arange(len(classes)) + k * width, values, width, label=name)
         ax.bar_label(bars, fontsize=7)
-    ax.set(xticks=np.arange(len(classes)) + width * (len(series) - 1) / 2, xticklabels=classes, ylabel="images", title=title)
+    ax.set(
+        xticks=np.arange(len(classes)) + width * (len(series) - 1) / 2,
+        xticklabels=classes,
+        ylabel="images",
+        title=title,
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
-
-
-def metrics_table(rows: dict[str, dict[str, Any]], keys: Sequence[str] = ("accuracy", "precision", "recall", "f1")) -> str:
-    """Markdown table: one row per named result, one column per metric."""
-    head = "| | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
-    body = "".join(f"| {name} | " + " | ".join("" if r.get(k) is None else f"{r[k]:.3f}" for k in keys) + " |\n" for name, r in rows.items())
-    return head + body
 
 
 def plot_learning_curve(curves: dict[str, dict[str, Any]], path: Path, title: str = "learning curve") -> Path:
@@ -122,10 +136,15 @@ def plot_learning_curve(curves: dict[str, dict[str, Any]], path: Path, title: st
     return _save(fig, path)
 
 
-def plot_epoch_curves(histories: Sequence[Sequence[dict[str, float]]], labels: Sequence[str], path: Path, title: str = "per-epoch validation macro-F1") -> Path:
+def plot_epoch_curves(
+    histories: Sequence[Sequence[dict[str, float]]],
+    labels: Sequence[str],
+    path: Path,
+    title: str = "per-epoch validation macro-F1",
+) -> Path:
     """Validation macro-F1 and training loss per epoch for several fits."""
     fig, (ax_f1, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.4))
-    for history, label in zip(histories, labels):
+    for history, label in zip(histories, labels, strict=True):
         epochs = [h["epoch"] for h in history]
         ax_f1.plot(epochs, [h["val_f1"] for h in history], "-o", ms=3, label=label)
         ax_loss.plot(epochs, [h["train_loss"] for h in history], "-o", ms=3, label=label)
@@ -138,7 +157,9 @@ def plot_epoch_curves(histories: Sequence[Sequence[dict[str, float]]], labels: S
     return _save(fig, path)
 
 
-def plot_grid(rows: Sequence[dict[str, Any]], x: str, y: str, path: Path, value: str = "val_f1", title: str = "grid search") -> Path:
+def plot_grid(
+    rows: Sequence[dict[str, Any]], x: str, y: str, path: Path, value: str = "val_f1", title: str = "grid search"
+) -> Path:
     """Heat map of value over the x and y grid keys, best cell outlined."""
     xs = sorted({r[x] for r in rows})
     ys = sorted({r[y] for r in rows})
@@ -150,15 +171,36 @@ def plot_grid(rows: Sequence[dict[str, Any]], x: str, y: str, path: Path, value:
     for i in range(len(ys)):
         for j in range(len(xs)):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white" if grid[i, j] < np.nanmean(grid) else "black", fontsize=9)
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:.3f}",
+                    ha="center",
+                    va="center",
+                    color="white" if grid[i, j] < np.nanmean(grid) else "black",
+                    fontsize=9,
+                )
     bi, bj = np.unravel_index(np.nanargmax(grid), grid.shape)
     ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
-    ax.set(xticks=range(len(xs)), yticks=range(len(ys)), xticklabels=[f"{v:g}" for v in xs], yticklabels=[str(v) for v in ys], xlabel=x.split(".")[-1], ylabel=y.split(".")[-1], title=title)
+    ax.set(
+        xticks=range(len(xs)),
+        yticks=range(len(ys)),
+        xticklabels=[f"{v:g}" for v in xs],
+        yticklabels=[str(v) for v in ys],
+        xlabel=x.split(".")[-1],
+        ylabel=y.split(".")[-1],
+        title=title,
+    )
     fig.colorbar(im, ax=ax, label=value.replace("_", " "))
     return _save(fig, path)
 
 
-def plot_bars(values: dict[str, dict[str, float]], path: Path, title: str, keys: Sequence[str] = ("accuracy", "precision", "recall", "f1")) -> Path:
+def plot_bars(
+    values: dict[str, dict[str, float]],
+    path: Path,
+    title: str,
+    keys: Sequence[str] = ("accuracy", "precision", "recall", "f1"),
+) -> Path:
     """Grouped bars of metrics per named result (e.g. with/without augmentation, ours vs published)."""
     names = list(values)
     width = 0.8 / len(names)
@@ -171,7 +213,16 @@ def plot_bars(values: dict[str, dict[str, float]], path: Path, title: str, keys:
     return _save(fig, path)
 
 
-def plot_errorbars(x: Sequence[float], mean: Sequence[float], spread: Sequence[float], path: Path, xlabel: str, ylabel: str, title: str, series: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> Path:
+def plot_errorbars(
+    x: Sequence[float],
+    mean: Sequence[float],
+    spread: Sequence[float],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+) -> Path:
     """Mean +- spread against x, optionally several named series."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, (m, s) in (series or {ylabel: (mean, spread)}).items():

@@ -11,7 +11,7 @@ import numpy as np
 from defungi.data.cache import decode_one
 from defungi.data.scan import IMAGE_SUFFIXES
 from defungi.errors import DefungiError
-from defungi.train.checkpoint import load_trained
+from defungi.experiments.rundir import load_trained
 from defungi.train.loop import predict_proba
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,9 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def predict(run_dir: str | Path, paths: list[str | Path], tta: bool | None = None, prior_weight: float | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+def predict(
+    run_dir: str | Path, paths: list[str | Path], tta: bool | None = None, prior_weight: float | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per file (path, predicted class, probability per class, or the error), and the classes."""
     trained = load_trained(run_dir)
     files = expand_paths(paths)
@@ -47,8 +49,19 @@ def predict(run_dir: str | Path, paths: list[str | Path], tta: bool | None = Non
             rows.append({"path": str(f), "error": f"unreadable image ({type(exc).__name__})"})
     if pixels:
         use_tta = trained.config.train.tta if tta is None else tta
-        probs = predict_proba(trained.model, np.stack(pixels), trained.preprocess, trained.device, tta=use_tta, amp=trained.config.train.amp, class_weights=trained.class_weights(prior_weight))
-        for f, p in zip(ok, probs):
-            rows.append({"path": str(f), "class": trained.classes[int(p.argmax())], "confidence": float(p.max())} | {c: float(v) for c, v in zip(trained.classes, p)})
+        probs = predict_proba(
+            trained.model,
+            np.stack(pixels),
+            trained.preprocess,
+            trained.device,
+            tta=use_tta,
+            amp=trained.config.train.amp,
+            class_weights=trained.class_weights(prior_weight),
+        )
+        for f, p in zip(ok, probs, strict=True):
+            rows.append(
+                {"path": str(f), "class": trained.classes[int(p.argmax())], "confidence": float(p.max())}
+                | {c: float(v) for c, v in zip(trained.classes, p, strict=True)}
+            )
     order = {str(f): i for i, f in enumerate(files)}
     return sorted(rows, key=lambda r: order[r["path"]]), trained.classes

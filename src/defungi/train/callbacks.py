@@ -28,14 +28,24 @@ class EarlyStopping:
             self.best, self.best_epoch, self.epochs_without_improvement = value, epoch, 0
         else:
             self.epochs_without_improvement += 1
-        if self.patience_epochs > 0 and epoch + 1 >= self.min_epochs and self.epochs_without_improvement >= self.patience_epochs:
-            self.reason = f"no improvement for {self.epochs_without_improvement} epochs (best {self.best:.4f} at epoch {self.best_epoch + 1})"
+        if (
+            self.patience_epochs > 0
+            and epoch + 1 >= self.min_epochs
+            and self.epochs_without_improvement >= self.patience_epochs
+        ):
+            best = f"best {self.best:.4f} at epoch {self.best_epoch + 1}"
+            self.reason = f"no improvement for {self.epochs_without_improvement} epochs ({best})"
             return True
         return False
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly."""
-        return {"best": self.best, "best_epoch": self.best_epoch, "epochs_without_improvement": self.epochs_without_improvement, "reason": self.reason}
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "reason": self.reason,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from state_dict()."""

@@ -36,17 +36,27 @@ class Preprocess:
 
     def to_tensor(self, batch: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
         """uint8 NHWC batch -> normalised float NCHW on device (channels-last strides for free)."""
-        x = torch.from_numpy(np.require(batch, requirements=("C", "W"))).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        x = (
+            torch.from_numpy(np.require(batch, requirements=("C", "W")))
+            .to(device, non_blocking=True)
+            .permute(0, 3, 1, 2)
+            .float()
+            .div_(255)
+        )
         if self.normalize == "image":
             x = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + IMAGE_STD_FLOOR)
         elif self.normalize == "luma":
             x = (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + IMAGE_STD_FLOOR)
         else:
-            x = (x - torch.tensor(self.mean, device=device).view(1, 3, 1, 1)) / torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+            x = (x - torch.tensor(self.mean, device=device).view(1, 3, 1, 1)) / torch.tensor(
+                self.std, device=device
+            ).view(1, 3, 1, 1)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
-def batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int, drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(
+    images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int, drop_last: bool = False
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(uint8 images, labels) in the given order; sorted fancy indexing keeps memory-mapped reads local."""
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
@@ -82,49 +92,58 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+@dataclass
+class TrainStep:
+    """What one optimisation step needs besides the batch: optimiser, schedule, loss, device,
+    precision, and a hook after every step (e.g. a weight average)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    criterion: nn.Module
+    device: torch.device
+    amp: bool = False
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = True
+    on_step: Callable[[], None] | None = None
+
+
 def train_one_epoch(
     model: nn.Module,
     data: Iterable[tuple[np.ndarray, np.ndarray]],
     n_batches: int,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    criterion: nn.Module,
+    step: TrainStep,
     preprocess: Preprocess,
     augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    amp: bool = False,
-    scaler: torch.amp.GradScaler | None = None,
-    channels_last: bool = True,
     desc: str = "train",
-    on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over data; returns mean loss, accuracy, images and seconds.
 
     augment maps (images, labels) to (images, targets); targets may be class indices or soft
-    labels (MixUp/CutMix). on_step runs after every optimiser step (e.g. a weight average).
+    labels (MixUp/CutMix).
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = progress_bar(n_batches, desc)
+    scaled = step.scaler is not None and step.scaler.is_enabled()
     for x_u8, y_np in data:
-        y = torch.from_numpy(y_np).to(device, non_blocking=True)
-        x, target = augment(preprocess.to_tensor(x_u8, device, channels_last), y)
-        with autocast(device, amp):
+        y = torch.from_numpy(y_np).to(step.device, non_blocking=True)
+        x, target = augment(preprocess.to_tensor(x_u8, step.device, step.channels_last), y)
+        with autocast(step.device, step.amp):
             logits = model(x)
-            loss = criterion(logits.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = step.criterion(logits.float(), target)
+        step.optimizer.zero_grad(set_to_none=True)
+        if scaled:
+            step.scaler.scale(loss).backward()
+            step.scaler.step(step.optimizer)
+            step.scaler.update()
         else:
             loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if on_step is not None:
-            on_step()
+            step.optimizer.step()
+        if step.scheduler is not None:
+            step.scheduler.step()
+        if step.on_step is not None:
+            step.on_step()
         n = len(y_np)
         total_loss += loss.item() * n
         correct += int((logits.argmax(1) == y).sum())
@@ -199,6 +218,19 @@ def evaluate(
     class_weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """Probabilities and mean cross-entropy loss on a labelled set."""
-    probs = predict_proba(model, images, preprocess, device, batch_size, tta, amp, channels_last, desc="evaluate", class_weights=class_weights)
-    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean()) if len(labels) else float("nan")
+    probs = predict_proba(
+        model,
+        images,
+        preprocess,
+        device,
+        batch_size,
+        tta,
+        amp,
+        channels_last,
+        desc="evaluate",
+        class_weights=class_weights,
+    )
+    loss = (
+        float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean()) if len(labels) else float("nan")
+    )
     return probs, loss

@@ -1,8 +1,11 @@
-"""Run a study's steps in order, each once: finished steps are read back, choices carried forward."""
+"""Run a study's steps in order, each once: finished steps are read back, choices carried forward.
+
+The study folder holds study.json (name, config, published figures, every finished step's
+result as data) and one folder per step with its fits; `defungi.report.study` draws the page.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -12,13 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from defungi.config import Config, load_config_from, same_config
+from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
-from defungi.experiments.run import dataset_for, split_for, write_exclusions
+from defungi.experiments.rundir import claim_config, write_exclusions
+from defungi.experiments.studies.results import StepResult
+from defungi.experiments.train import dataset_for, split_for
+from defungi.layout import StudyLayout, read_json
 from defungi.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
+
+STATE_FORMAT = 2  # study.json layout; 1 (before steps were typed results) is not resumed
 
 
 @dataclass
@@ -38,7 +46,7 @@ class Step:
 
     name: str
     title: str
-    run: Callable[[StudyContext, Path], dict[str, Any]]  # returns {'summary', 'figures', 'choice', ...}
+    run: Callable[[StudyContext, Path], StepResult]
 
 
 @dataclass(frozen=True)
@@ -50,38 +58,42 @@ class StudyDef:
     steps: list[Step]
 
 
-def run_study(name: str, config: Config, out_dir: Path) -> dict[str, Any]:
-    """Run (or resume) every step of a study into out_dir and build its report."""
-    from defungi.report.build import build_study_report
+STUDIES: dict[str, StudyDef] = {}
 
+
+def study_config(name: str, config: Config) -> Config:
+    """The config a study runs with: its model and its own sizes from the profile (per_study)."""
     study = STUDIES[name]
-    steps = study.steps
-    # this study's own sizes from the profile, then stored without the other studies' ones
-    config = load_config_from(config, {"train.model": study.model, **config.study.per_study.get(name, {}), "study.per_study": {}})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_path = out_dir / "study.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"study": name, "steps": {}}
-    if not same_config(state.get("config", config.to_dict()), config.to_dict()):
-        raise DefungiError(f"{out_dir} holds this study run with another config; use a new --out or delete it")
-    state["config"] = config.to_dict()
+    return load_config_from(
+        config, {"train.model": study.model, **config.study.per_study.get(name, {}), "study.per_study": {}}
+    )
+
+
+def run_study(name: str, config: Config, out_dir: Path) -> dict[str, Any]:
+    """Run (or resume) every step of a study into out_dir; returns the study state (study.json)."""
+    study = STUDIES[name]
+    config = study_config(name, config)
+    layout = StudyLayout(Path(out_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    claim_config(layout.config, config, layout.root, "use a new --out, or delete it to start again")
+    state = read_json(layout.state) if layout.state.exists() else {"format": STATE_FORMAT, "study": name, "steps": {}}
+    if state.get("format") != STATE_FORMAT:
+        raise DefungiError(f"{layout.root}: a study folder of an older defungi version; use a new --out")
+    state |= {"model": study.model, "published": study.published, "config": config.to_dict()}
     data = dataset_for(config)
-    write_exclusions(out_dir, data)
-    ctx = StudyContext(config, data, split_for(config, data), out_dir)
-    for i, step in enumerate(steps, start=1):
+    write_exclusions(layout.excluded, data)
+    ctx = StudyContext(config, data, split_for(config, data), layout.root)
+    for i, step in enumerate(study.steps, start=1):
         done = state["steps"].get(step.name)
         if done is None:
             ctx.split = split_for(load_config_from(config, ctx.choices), data)  # a step may choose the split ratio
-            log.info("study %s, step %d/%d: %s", name, i, len(steps), step.title)
+            log.info("study %s, step %d/%d: %s", name, i, len(study.steps), step.title)
             t0 = time.perf_counter()
-            step_dir = out_dir / f"{i:02d}-{step.name}"
+            step_dir = layout.step_dir(i, step.name)
             step_dir.mkdir(parents=True, exist_ok=True)
-            done = step.run(ctx, step_dir) | {"title": step.title, "seconds": time.perf_counter() - t0}
+            done = step.run(ctx, step_dir).to_dict() | {"title": step.title, "seconds": time.perf_counter() - t0}
             state["steps"][step.name] = done
-            atomic_write_json(state_path, state)
+            atomic_write_json(layout.state, state)
         ctx.choices.update(done.get("choice", {}))
-    report = build_study_report(state, out_dir, study.published)
-    log.info("study %s finished: report %s", name, report)
-    return state | {"report": str(report)}
-
-
-STUDIES: dict[str, StudyDef] = {}
+    atomic_write_json(layout.state, state)
+    return state

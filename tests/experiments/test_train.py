@@ -9,22 +9,43 @@ import torch
 from defungi.config import load_config
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
-from defungi.experiments.run import evaluate_run, train_run
+from defungi.experiments.rundir import load_trained
+from defungi.experiments.train import evaluate_run, train
+from defungi.jobs import evaluate_job, train_job
 from defungi.models.ensemble import Ensemble
-from defungi.train.checkpoint import load_trained
 from defungi.train.loop import predict_proba
 from tests.conftest import write_folder
 
 
 def _config(data: Path, **over):
-    values = {"data.root": str(data), "data.image_size": 24, "train.model": "convmixer", "train.model_args": '{"dim": 16, "depth": 1, "kernel_size": 3, "patch_size": 4}', "train.epochs": 6, "train.batch_size": 16, "train.lr": 5e-3, "train.ema_decay": 0}
+    values = {
+        "data.root": str(data),
+        "data.image_size": 24,
+        "train.model": "convmixer",
+        "train.model_args": '{"dim": 16, "depth": 1, "kernel_size": 3, "patch_size": 4}',
+        "train.epochs": 6,
+        "train.batch_size": 16,
+        "train.lr": 5e-3,
+        "train.ema_decay": 0,
+    }
     return load_config("quick", values | over)
 
 
 def test_run_folder_holds_everything_and_checkpoint_loads_weights_only(tiny_data: Path, tmp_path: Path):
     out = tmp_path / "run"
-    metrics = train_run(_config(tiny_data), out, progress=False)
-    for name in ("config.json", "split.csv", "metrics.json", "history.csv", "training_curves.png", "confusion_test.png", "excluded.csv", "excluded.png", "best.pt", "last.pt"):
+    metrics = train_job(_config(tiny_data), out).metrics
+    for name in (
+        "config.json",
+        "split.csv",
+        "metrics.json",
+        "history.csv",
+        "training_curves.png",
+        "confusion_test.png",
+        "excluded.csv",
+        "excluded.png",
+        "best.pt",
+        "last.pt",
+    ):
         assert (out / name).exists(), name
     assert metrics["test"]["f1"] > 0.5 and metrics["test"]["n"] > 0
     assert metrics["protocol"]["split"] == "grouped" and metrics["protocol"]["excluded"] == 1
@@ -35,7 +56,7 @@ def test_run_folder_holds_everything_and_checkpoint_loads_weights_only(tiny_data
 
 def test_interrupted_run_resumes_from_last_epoch(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     config = _config(tiny_data, **{"train.epochs": 4, "train.ema_decay": 0.9})  # the weight average resumes too
-    train_run(config, tmp_path / "uninterrupted", progress=False)
+    train(config, tmp_path / "uninterrupted")
     real = fit_module.train_one_epoch
     calls = []
 
@@ -47,10 +68,10 @@ def test_interrupted_run_resumes_from_last_epoch(tiny_data: Path, tmp_path: Path
 
     monkeypatch.setattr(fit_module, "train_one_epoch", dies_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_run(config, tmp_path / "run", progress=False)
+        train(config, tmp_path / "run")
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(fit_module, "train_one_epoch", real)
-    train_run(config, tmp_path / "run", progress=False)
+    train(config, tmp_path / "run")
     resumed = (tmp_path / "run" / "history.csv").read_text().splitlines()
     assert len(resumed) == 5
     first = (tmp_path / "uninterrupted" / "history.csv").read_text().splitlines()
@@ -62,15 +83,15 @@ def test_interrupted_run_resumes_from_last_epoch(tiny_data: Path, tmp_path: Path
 
 
 def test_changed_config_in_same_folder_is_refused(tiny_data: Path, tmp_path: Path):
-    train_run(_config(tiny_data, **{"train.epochs": 1}), tmp_path / "run", progress=False)
+    train(_config(tiny_data, **{"train.epochs": 1}), tmp_path / "run")
     with pytest.raises(DefungiError, match="another config"):
-        train_run(_config(tiny_data, **{"train.epochs": 2}), tmp_path / "run", progress=False)
+        train(_config(tiny_data, **{"train.epochs": 2}), tmp_path / "run")
 
 
 def test_evaluate_on_unseen_folder(tiny_data: Path, tmp_path: Path):
-    train_run(_config(tiny_data), tmp_path / "run", progress=False)
+    train(_config(tiny_data), tmp_path / "run")
     unseen = write_folder(tmp_path / "unseen", samples_per_class=2, patches=2, seed=7)
-    metrics = evaluate_run(tmp_path / "run", unseen)
+    metrics = evaluate_job(tmp_path / "run", unseen, None, None, None)
     assert metrics["n"] == 3 * 2 * 2
     assert json.loads((Path(metrics["out_dir"]) / "metrics.json").read_text())["n"] == metrics["n"]
     assert (Path(metrics["out_dir"]) / "confusion.png").exists()
@@ -78,27 +99,29 @@ def test_evaluate_on_unseen_folder(tiny_data: Path, tmp_path: Path):
 
 
 @pytest.mark.parametrize(("amp", "precision"), [(False, "float32"), (True, "bfloat16")])
-def test_run_records_the_precision_it_computed_in(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, amp: bool, precision: str):
+def test_run_records_the_precision_it_computed_in(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, amp: bool, precision: str
+):
     monkeypatch.setattr("defungi.train.loop.cpu_has_native_bf16", lambda: True)
-    metrics = train_run(_config(tiny_data, **{"train.epochs": 1, "train.amp": amp}), tmp_path / "run", progress=False)
+    metrics = train(_config(tiny_data, **{"train.epochs": 1, "train.amp": amp}), tmp_path / "run").metrics
     assert metrics["protocol"]["precision"] == precision and np.isfinite(metrics["test"]["loss"])
 
 
 def test_checkpoint_keeps_the_training_class_shares_for_the_decision(tiny_data: Path, tmp_path: Path):
-    train_run(_config(tiny_data, **{"train.epochs": 1}), tmp_path / "run", progress=False)
+    train(_config(tiny_data, **{"train.epochs": 1}), tmp_path / "run")
     trained = load_trained(tmp_path / "run")
     assert trained.class_prior is not None and abs(sum(trained.class_prior) - 1) < 1e-9
     assert np.allclose(trained.class_weights(), np.sqrt(trained.class_prior))
     assert trained.class_weights(0) is None
     unbalanced = _config(tiny_data, **{"train.epochs": 1, "train.balance": False})
-    metrics = train_run(unbalanced, tmp_path / "plain", progress=False)
+    metrics = train(unbalanced, tmp_path / "plain").metrics
     assert load_trained(tmp_path / "plain").class_weights() is None and metrics["protocol"]["prior_weight"] == 0
 
 
 def test_ensemble_run_scores_the_mean_of_its_seeded_members_and_resumes(tiny_data: Path, tmp_path: Path):
     config = _config(tiny_data, **{"train.epochs": 2, "train.ensemble": 2, "train.tta": False})
     out = tmp_path / "run"
-    metrics = train_run(config, out, progress=False)
+    metrics = train_job(config, out).metrics
     assert metrics["protocol"]["ensemble"] == 2 and [m["seed"] for m in metrics["members"]] == [0, 1]
     assert (out / "training_curves.png").exists() and (out / "confusion_test.png").exists()
     member_configs = [json.loads((out / f"member-{k}" / "config.json").read_text())["train"] for k in (0, 1)]
@@ -116,7 +139,25 @@ def test_ensemble_run_scores_the_mean_of_its_seeded_members_and_resumes(tiny_dat
     shutil.rmtree(out / "member-1")
     with pytest.raises(DefungiError, match="ensemble of 2 with 1 trained members"):
         load_trained(out)
-    again = train_run(config, out, progress=False)
+    again = train(config, out).metrics
     assert (out / "member-0" / "best.pt").stat().st_mtime_ns == first
     assert (out / "member-1" / "best.pt").exists() and again["test"]["f1"] == pytest.approx(metrics["test"]["f1"])
     assert evaluate_run(out, tiny_data)["n"] > 0
+
+
+def test_finished_run_is_read_back_without_training(tiny_data: Path, tmp_path: Path):
+    config = _config(tiny_data, **{"train.epochs": 1})
+    first = train(config, tmp_path / "run")
+    stamp = (tmp_path / "run" / "best.pt").stat().st_mtime_ns
+    again = train(config, tmp_path / "run")
+    assert again.metrics == first.metrics and again.history == first.history
+    assert (tmp_path / "run" / "best.pt").stat().st_mtime_ns == stamp
+
+
+def test_restore_best_false_scores_the_last_epoch(tiny_data: Path, tmp_path: Path):
+    config = _config(tiny_data, **{"train.epochs": 3, "train.restore_best": False, "train.tta": False})
+    record = train(config, tmp_path / "run")
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    # the validation score is the last epoch's, as its history row says, not the best epoch's
+    assert record.score("val") == pytest.approx(record.history[-1]["val_f1"])
+    assert last["epoch"] == 2

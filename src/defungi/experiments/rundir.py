@@ -1,0 +1,261 @@
+"""The run folder: the one owner of its files, its checkpoint schema, resume and "finished".
+
+A run folder is finished when metrics.json exists (written last); an unfinished one with
+last.pt resumes from its last epoch; config.json guards it against another config. Checkpoints
+are self-describing (model name and arguments, classes, preprocessing, config, class shares,
+epoch, best metric), written here and read back here, so a run folder alone rebuilds its model.
+An ensemble run holds one run folder per member (member-K).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from defungi.config import Config, config_from_dict, same_config
+from defungi.data.dataset import Dataset
+from defungi.errors import DefungiError
+from defungi.layout import RunLayout, read_history, read_json
+from defungi.models import create_model, model_entry
+from defungi.models.ensemble import Ensemble
+from defungi.train.loop import Preprocess, prior_weights
+from defungi.utils import atomic_torch_save, atomic_write_json, atomic_write_text, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def model_args(config: Config) -> dict[str, Any]:
+    """Registry defaults merged with the config's model_args (recorded in checkpoints)."""
+    return {**model_entry(config.train.model).defaults, **config.train.model_args}
+
+
+def claim_config(path: Path, config: Config, folder: Path, hint: str) -> None:
+    """Write config to path, or check that the config stored there is the same one (else: error with hint)."""
+    if path.exists():
+        stored = config_from_dict(read_json(path)).to_dict()
+        if not same_config(stored, config.to_dict()):
+            changed = _changed_keys(stored, config.to_dict())
+            raise DefungiError(
+                f"{folder} holds a run with another config ({', '.join(changed) or 'data root'}); {hint}"
+            )
+        return
+    atomic_write_json(path, config.to_dict())
+
+
+def _changed_keys(a: dict[str, Any], b: dict[str, Any], where: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = []
+    for key in a:
+        if isinstance(a[key], dict) and isinstance(b.get(key), dict) and key != "model_args":
+            keys += _changed_keys(a[key], b[key], f"{where}{key}.")
+        elif a[key] != b.get(key) and key != "root":
+            keys.append(f"{where}{key}")
+    return keys
+
+
+@dataclass
+class FitRecord:
+    """A finished run read back: its metrics.json and its per-epoch history."""
+
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+    path: Path
+
+    def score(self, part: str, key: str = "f1") -> float:
+        """One metric of one scored part, e.g. score('val') is the validation macro-F1."""
+        return self.metrics[part][key]
+
+
+@dataclass
+class TrainedModel:
+    """A model in eval mode with everything needed to feed it and read its output."""
+
+    model: nn.Module
+    preprocess: Preprocess
+    classes: list[str]
+    config: Config
+    device: torch.device
+    info: dict[str, Any]
+    class_prior: list[float] | None = None
+
+    def class_weights(self, power: float | None = None) -> np.ndarray | None:
+        """Probability weights for the decision (power: as trained when None; 0 switches them off)."""
+        return prior_weights(self.class_prior, self.config.train.prior_weight if power is None else power)
+
+
+class RunDir:
+    """One run folder; every read and write of its files goes through here."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.layout = RunLayout(Path(root))
+        self.root = self.layout.root
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def member(self, k: int) -> RunDir:
+        """The run folder of ensemble member k."""
+        return RunDir(self.layout.member(k).root)
+
+    # ---- config and "finished" -------------------------------------------------------------
+
+    def claim(self, config: Config) -> None:
+        """Create the folder for config, or check that it already holds a run of the same config."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        claim_config(
+            self.layout.config,
+            config,
+            self.root,
+            f"use a new --out, or 'defungi train --resume {self.root}' to continue that one",
+        )
+
+    def config(self) -> Config:
+        """The config the run was started with (for --resume)."""
+        if not self.layout.config.exists():
+            raise DefungiError(
+                f"{self.layout.config}: not a run folder (no config.json); "
+                f"start it with 'defungi train --out {self.root}'"
+            )
+        return config_from_dict(read_json(self.layout.config))
+
+    def finished(self) -> FitRecord | None:
+        """The record of a finished run, None if it has not finished."""
+        if not self.layout.metrics.exists():
+            return None
+        history = read_history(self.layout.history) if self.layout.history.exists() else []
+        return FitRecord(read_json(self.layout.metrics), history, self.root)
+
+    # ---- plain files -----------------------------------------------------------------------
+
+    def write_split(self, data: Dataset, split: dict[str, np.ndarray]) -> None:
+        """split.csv: every usable image with its class, sample group and part."""
+        part_of = {int(i): part for part, idx in split.items() for i in idx}
+        rows = [
+            [str(data.paths[i]), data.classes[data.labels[i]], data.groups[i], part_of.get(i, "unused")]
+            for i in range(len(data.paths))
+        ]
+        _write_csv(self.layout.split, ["path", "label", "group", "part"], rows)
+
+    def write_exclusions(self, data: Dataset) -> None:
+        """excluded.csv: the outliers and unreadable files left out of the run."""
+        write_exclusions(self.layout.excluded, data)
+
+    def write_result(self, history: list[dict[str, float]], metrics: dict[str, Any]) -> FitRecord:
+        """history.csv, then metrics.json (which marks the run finished)."""
+        keys = list(history[0]) if history else []
+        _write_csv(self.layout.history, keys, [[h[k] for k in keys] for h in history])
+        atomic_write_json(self.layout.metrics, metrics)
+        return FitRecord(metrics, history, self.root)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    @staticmethod
+    def checkpoint(
+        model: nn.Module,
+        config: Config,
+        classes: list[str],
+        preprocess: Preprocess,
+        class_prior: list[float] | None,
+        epoch: int,
+        best_metric: float,
+    ) -> dict[str, Any]:
+        """A self-describing checkpoint: enough to rebuild the model with no other file."""
+        return {
+            "model_name": config.train.model,
+            "model_args": model_args(config),
+            "classes": list(classes),
+            "preprocess": {
+                "image_size": preprocess.image_size,
+                "mean": list(preprocess.mean),
+                "std": list(preprocess.std),
+                "normalize": preprocess.normalize,
+            },
+            "config": config.to_dict(),
+            "class_prior": class_prior,  # training class shares when trained class-balanced (see prior_weights)
+            "epoch": epoch,
+            "best_metric": best_metric,
+            "state_dict": model.state_dict(),
+        }
+
+    def save_best(self, checkpoint: dict[str, Any]) -> None:
+        """best.pt: the scored weights of the best epoch so far."""
+        atomic_torch_save(checkpoint, self.layout.best)
+
+    def save_last(self, checkpoint: dict[str, Any], training_state: dict[str, Any]) -> None:
+        """last.pt: the checkpoint plus what a resume needs (training weights, optimiser,
+        schedule, callbacks, history, time)."""
+        atomic_torch_save(checkpoint | training_state, self.layout.last)
+
+    def resume_state(self, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None] | None:
+        """(last.pt, the best weights) of an interrupted fit, or None for a fresh start."""
+        if not self.layout.last.exists():
+            return None
+        last = _load(self.layout.last, device)
+        best = _load(self.layout.best, device)["state_dict"] if self.layout.best.exists() else None
+        return last, best
+
+
+def _load(path: Path, device: torch.device) -> dict[str, Any]:
+    """A checkpoint's contents (weights_only), or a clear error."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise DefungiError(f"{path}: unreadable checkpoint ({type(exc).__name__}); train again") from None
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    """A CSV file, atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_exclusions(path: Path, data: Dataset) -> None:
+    """The outliers and unreadable files left out, one row each (for a run or a study folder)."""
+    rows = [[e["path"], e["label"], e["grey_variance"], e["reason"]] for e in data.excluded]
+    _write_csv(path, ["path", "label", "grey_variance", "reason"], rows)
+
+
+def load_trained(run_dir: str | Path, device: str = "auto") -> TrainedModel:
+    """Rebuild the model of a run folder from best.pt (weights_only).
+
+    A run trained as an ensemble has one checkpoint per member (member-K/best.pt): they are
+    loaded as one model that averages their probabilities.
+    """
+    run = RunDir(run_dir)
+    expected = run.config().train.ensemble if run.layout.config.exists() else 1
+    paths = [run.member(k).layout.best for k in range(expected)] if expected > 1 else [run.layout.best]
+    present = [p for p in paths if p.exists()]
+    if not present:
+        raise DefungiError(f"{run.layout.best}: no checkpoint; train first with 'defungi train --out {run_dir}'")
+    if len(present) < len(paths):
+        raise DefungiError(
+            f"{run_dir}: an ensemble of {expected} with {len(present)} trained members; "
+            f"finish it with 'defungi train --resume {run_dir}'"
+        )
+    dev = resolve_device(device)
+    states = [_load(p, dev) for p in paths]
+    models = []
+    for state in states:
+        model = create_model(state["model_name"], num_classes=len(state["classes"]), **state["model_args"])
+        model.load_state_dict(state["state_dict"])
+        models.append(model)
+    model = models[0] if len(models) == 1 else Ensemble(models)
+    model.to(dev, memory_format=torch.channels_last).eval()
+    state = states[0]  # members share classes, preprocessing and class shares (one training part)
+    pre = state["preprocess"]
+    preprocess = Preprocess(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["normalize"])
+    info = {k: state[k] for k in ("model_name", "model_args", "epoch", "best_metric")} | {"members": len(states)}
+    return TrainedModel(
+        model, preprocess, state["classes"], config_from_dict(state["config"]), dev, info, state.get("class_prior")
+    )

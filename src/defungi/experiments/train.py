@@ -1,0 +1,218 @@
+"""Train into a run folder, and score a trained run on another folder.
+
+`train` is the one way every part of defungi fits a model (the train command, curves, grids,
+studies): a finished run folder is read back, an interrupted one resumes, an ensemble trains
+its members. Figures are drawn afterwards from the folder's files (`defungi.report.run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defungi.config import Config, load_config_from
+from defungi.data.dataset import Dataset, load_dataset
+from defungi.data.splits import train_val_test_split
+from defungi.errors import DefungiError
+from defungi.experiments.fit import FitResult, fit, score_parts
+from defungi.experiments.rundir import FitRecord, RunDir, load_trained, model_args
+from defungi.layout import EvaluationLayout, RunLayout
+from defungi.train.loop import evaluate, predict_proba
+from defungi.train.metrics import classification_metrics
+from defungi.utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def dataset_for(config: Config, progress: bool = True) -> Dataset:
+    """Load the images a config points at, at its image size, with its outlier threshold."""
+    if not config.data.root:
+        raise DefungiError("no data folder: pass --data DIR (or set DEFUNGI_DATA)")
+    return load_dataset(config.data.root, config.data.image_size, config.data.variance_threshold, progress=progress)
+
+
+def split_for(config: Config, data: Dataset) -> dict[str, np.ndarray]:
+    """The seeded train/val/test split a config asks for."""
+    dc = config.data
+    return train_val_test_split(data.labels, data.groups, dc.val_fraction, dc.test_fraction, dc.split, dc.seed)
+
+
+def train(
+    config: Config, out: str | Path, data: Dataset | None = None, split: dict[str, np.ndarray] | None = None
+) -> FitRecord:
+    """Train per config into the run folder out; returns its record.
+
+    A finished run of the same config is read back, an interrupted one resumes from its last
+    epoch, another config in the folder is refused. data and split default to the config's.
+    """
+    run = RunDir(out)
+    if run.layout.config.exists():
+        run.claim(config)  # refuses another config before any decoding
+        done = run.finished()
+        if done is not None:
+            log.info("%s is finished; delete it to train again", run.root)
+            return done
+    data = data if data is not None else dataset_for(config)
+    split = split if split is not None else split_for(config, data)
+    run.claim(config)
+    run.write_exclusions(data)
+    run.write_split(data, split)
+    log.info("split (%s): %s", config.data.split, {k: len(v) for k, v in split.items()})
+    if config.train.ensemble > 1:
+        return _train_ensemble(config, data, split, run)
+    result = fit(config, data, split, run)
+    return run.write_result(
+        result.history, _metrics(config, data, split, result.metrics, result.precision, **_fit_record(result))
+    )
+
+
+def _fit_record(result: FitResult) -> dict[str, Any]:
+    """Parameters, timing and stopping of one fit, as metrics.json records them."""
+    images_seen = sum(h["seconds"] * h["images_per_s"] for h in result.history)
+    timing = {
+        "train_seconds": result.train_seconds,
+        "epochs_run": len(result.history),
+        "train_images_per_s": images_seen / result.train_seconds if result.train_seconds else None,
+        "eval_seconds": {part: m["seconds"] for part, m in result.metrics.items()},
+    }
+    return {
+        "parameters": result.parameters,
+        "timing": timing,
+        "best_epoch": result.best_epoch,
+        "stop_reason": result.stop_reason,
+    }
+
+
+def _metrics(
+    config: Config,
+    data: Dataset,
+    split: dict[str, np.ndarray],
+    scores: dict[str, dict[str, Any]],
+    precision: str,
+    **record: Any,
+) -> dict[str, Any]:
+    """metrics.json: model, protocol, record (parameters, timing...), then the scored parts."""
+    protocol = {
+        "split": config.data.split,
+        "seed": config.data.seed,
+        "image_size": config.data.image_size,
+        "variance_threshold": config.data.variance_threshold,
+        "excluded": len(data.excluded),
+        "sizes": {part: int(len(idx)) for part, idx in split.items()},
+        "groups": {part: int(len(set(data.groups[idx]))) for part, idx in split.items()},
+        "test_time_augmentation": config.train.tta,
+        "precision": precision,
+        "prior_weight": config.train.prior_weight if config.train.balance else 0.0,
+        "ensemble": config.train.ensemble,
+        "metric_average": "macro over classes",
+    }
+    return {
+        "model": config.train.model,
+        "model_args": model_args(config),
+        "classes": data.classes,
+        "protocol": protocol,
+        **record,
+        **scores,
+    }
+
+
+def _train_ensemble(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir) -> FitRecord:
+    """train.ensemble fits that differ only in seed, each a run folder of its own (finished ones are
+    read back), scored together by the mean of their probabilities."""
+    tc = config.train
+    members = []
+    for k in range(tc.ensemble):
+        log.info("ensemble member %d/%d (seed %d)", k + 1, tc.ensemble, tc.seed + k)
+        member = load_config_from(config, {"train.ensemble": 1, "train.seed": tc.seed + k})
+        members.append(train(member, run.member(k).root, data, split))
+    trained = load_trained(run.root)
+    scores = score_parts(trained.model, data, split, trained.preprocess, trained.device, tc, trained.class_weights())
+    timings = [m.metrics["timing"] for m in members]
+    timing = {
+        "train_seconds": sum(t["train_seconds"] for t in timings),
+        "epochs_run": sum(t["epochs_run"] for t in timings),
+        "train_images_per_s": float(np.mean([t["train_images_per_s"] or np.nan for t in timings])),
+        "eval_seconds": {part: m["seconds"] for part, m in scores.items()},
+    }
+    metrics = _metrics(
+        config,
+        data,
+        split,
+        scores,
+        members[0].metrics["protocol"]["precision"],
+        parameters=sum(m.metrics["parameters"] for m in members),
+        timing=timing,
+        best_epoch=[m.metrics["best_epoch"] for m in members],
+        stop_reason="; ".join(f"seed {tc.seed + k}: {m.metrics['stop_reason']}" for k, m in enumerate(members)),
+        members=[
+            {"seed": tc.seed + k, "run": str(m.path)}
+            | {
+                part: {key: m.metrics[part][key] for key in ("accuracy", "precision", "recall", "f1")}
+                for part in scores
+            }
+            for k, m in enumerate(members)
+        ],
+    )
+    return run.write_result([], metrics)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data_root: str | Path,
+    out_dir: str | Path | None = None,
+    tta: bool | None = None,
+    prior_weight: float | None = None,
+) -> dict[str, Any]:
+    """Score a trained run on any labelled folder; metrics.json in out_dir (default: RUN/evaluations/NAME)."""
+    trained = load_trained(run_dir)
+    data = load_dataset(
+        data_root, trained.preprocess.image_size, trained.config.data.variance_threshold, classes=trained.classes
+    )
+    use_tta = trained.config.train.tta if tta is None else tta
+    power = trained.config.train.prior_weight if prior_weight is None else prior_weight
+    weights = trained.class_weights(power)
+    probs, loss = evaluate(
+        trained.model,
+        data.images,
+        data.labels,
+        trained.preprocess,
+        trained.device,
+        tta=use_tta,
+        amp=trained.config.train.amp,
+        class_weights=weights,
+    )
+    metrics = classification_metrics(data.labels, probs.argmax(1), trained.classes) | {
+        "loss": loss,
+        "data": str(data_root),
+        "run": str(run_dir),
+        "model": trained.info["model_name"],
+        "tta": use_tta,
+        "prior_weight": power if weights is not None else 0.0,
+        "excluded": data.excluded,
+    }
+    out = (
+        EvaluationLayout(Path(out_dir))
+        if out_dir
+        else RunLayout(Path(run_dir)).evaluation(Path(data_root).resolve().name)
+    )
+    atomic_write_json(out.metrics, metrics)
+    return metrics | {"out_dir": str(out.root)}
+
+
+def inference_images_per_s(run_dir: str | Path, n_images: int = 256, batch_size: int = 64) -> float:
+    """Images/s of a run's model predicting (no test-time augmentation, in the precision predict uses)
+    on synthetic inputs of its size."""
+    trained = load_trained(run_dir)
+    size = trained.preprocess.image_size
+    images = np.random.default_rng(0).integers(0, 256, (n_images, size, size, 3), dtype=np.uint8)
+    amp = trained.config.train.amp
+    predict_proba(
+        trained.model, images[:batch_size], trained.preprocess, trained.device, batch_size, amp=amp
+    )  # warm-up
+    start = time.perf_counter()
+    predict_proba(trained.model, images, trained.preprocess, trained.device, batch_size, amp=amp)
+    return n_images / (time.perf_counter() - start)

@@ -1,0 +1,92 @@
+"""What each command does, as one library call: compute (`experiments`), then draw and write
+pages from the files it wrote (`report`). The CLI parses options and calls one of these."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from defungi.config import Config
+from defungi.data.splits import tuning_pool, tuning_split
+from defungi.experiments.curve import LearningCurve, learning_curve
+from defungi.experiments.grid import GridResult, grid_search
+from defungi.experiments.rundir import FitRecord, RunDir
+from defungi.experiments.studies import run_study
+from defungi.experiments.train import dataset_for, evaluate_run, split_for, train
+from defungi.layout import SearchLayout
+from defungi.report.combined import build_combined_report, comparison_table, read_states
+from defungi.report.page import Table
+from defungi.report.run import render_evaluation, render_run
+from defungi.report.search import render_curve, render_grid
+from defungi.report.study import build_study_report
+from defungi.utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MAIN_STUDIES = ("resnet34", "convmixer")
+
+
+def train_job(config: Config, out: Path) -> FitRecord:
+    """Train (or resume, or read back) a run folder, then draw its figures."""
+    record = train(config, out)
+    render_run(out)
+    return record
+
+
+def resume_job(run_dir: Path) -> FitRecord:
+    """Continue an interrupted run with the config it was started with."""
+    return train_job(RunDir(run_dir).config(), run_dir)
+
+
+def evaluate_job(
+    run_dir: Path, data: Path, out: Path | None, tta: bool | None, prior_weight: float | None
+) -> dict[str, Any]:
+    """Score a run on a labelled folder; metrics.json and confusion.png."""
+    metrics = evaluate_run(run_dir, data, out, tta=tta, prior_weight=prior_weight)
+    render_evaluation(metrics["out_dir"])
+    return metrics
+
+
+def curve_job(config: Config, out: Path, fraction: float, sizes: list[float], cv: int) -> LearningCurve:
+    """A learning curve on `fraction` of the training + validation data: curve.json and its figures."""
+    data = dataset_for(config)
+    dc, layout = config.data, SearchLayout(out)
+    pool = tuning_pool(data.labels, data.groups, split_for(config, data), fraction, dc.split, dc.seed)
+    result = learning_curve(config, data, pool, sizes, layout.fits, cv=cv)
+    atomic_write_json(layout.curve, result.to_dict())
+    render_curve(out, f"learning curve, {fraction:.0%} of the data")
+    return result
+
+
+def grid_job(config: Config, out: Path, fraction: float, grid: dict[str, list[Any]], storage: str | None) -> GridResult:
+    """A grid search on `fraction` of the data (1.0: the main split's parts): grid.json and grid.png."""
+    data = dataset_for(config)
+    dc, layout = config.data, SearchLayout(out)
+    split = tuning_split(
+        data.labels, data.groups, split_for(config, data), fraction, dc.val_fraction, dc.split, dc.seed
+    )
+    result = grid_search(config, data, split, grid, layout.fits, storage)
+    atomic_write_json(layout.grid, result.to_dict())
+    render_grid(out, f"grid search, {fraction:.0%} of the data")
+    return result
+
+
+def study_job(name: str, config: Config, out: Path) -> Path:
+    """Run (or resume) a published study, then build its page; returns report.html."""
+    run_study(name, config, out)
+    return build_study_report(out)
+
+
+def report_job(study_dirs: list[Path], out: Path) -> Path:
+    """The combined page of finished study folders."""
+    return build_combined_report(study_dirs, out)
+
+
+def main_job(config: Config, out: Path) -> tuple[Path, Table]:
+    """The main job: both studies (resumable) with their pages, then the combined page; returns
+    the page and the comparison table."""
+    dirs = [out / f"study-{name}" for name in MAIN_STUDIES]
+    for name, study_dir in zip(MAIN_STUDIES, dirs, strict=True):
+        log.info("study %s: report %s", name, study_job(name, config, study_dir))
+    return report_job(dirs, out / "report"), comparison_table(read_states(dirs))

@@ -1,0 +1,150 @@
+"""Where each file of a run folder and a study folder lives, and how their plain files are read.
+
+The one place these names are spelled: `experiments.rundir` writes and resumes through them,
+`report` renders from them, `serve` loads through `experiments.rundir`. No torch here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of one training run's folder (an ensemble adds one run folder per member)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        """The full config the run was started with (a run resumes only with the same one)."""
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        """Written last: its presence means the run is finished."""
+        return self.root / "metrics.json"
+
+    @property
+    def history(self) -> Path:
+        """One row per epoch: loss, accuracy, validation macro-F1, images/s."""
+        return self.root / "history.csv"
+
+    @property
+    def split(self) -> Path:
+        """Every usable image with its class, sample group and part."""
+        return self.root / "split.csv"
+
+    @property
+    def excluded(self) -> Path:
+        """Outliers and unreadable files left out."""
+        return self.root / "excluded.csv"
+
+    @property
+    def best(self) -> Path:
+        """Weights with the best validation macro-F1 (what evaluate/predict load)."""
+        return self.root / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        """The last epoch's full training state (what a resume continues from)."""
+        return self.root / "last.pt"
+
+    def member(self, k: int) -> RunLayout:
+        """The run folder of ensemble member k."""
+        return RunLayout(self.root / f"member-{k}")
+
+    def figure(self, name: str) -> Path:
+        """A figure drawn from the run's files (training_curves, confusion_test, excluded...)."""
+        return self.root / f"{name}.png"
+
+    def evaluation(self, name: str) -> EvaluationLayout:
+        """Where `defungi evaluate` on a folder called name writes by default."""
+        return EvaluationLayout(self.root / "evaluations" / name)
+
+
+@dataclass(frozen=True)
+class EvaluationLayout:
+    """The files of one evaluation of a trained run on a labelled folder."""
+
+    root: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def confusion(self) -> Path:
+        return self.root / "confusion.png"
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """The files of a study folder: its state (steps as data), one folder per step, the report."""
+
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        """study.json: the study's name, config, published figures and every finished step's result."""
+        return self.root / "study.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def excluded(self) -> Path:
+        return self.root / "excluded.csv"
+
+    def step_dir(self, number: int, name: str) -> Path:
+        """The folder of step `number` (1-based), e.g. 02-curve20."""
+        return self.root / f"{number:02d}-{name}"
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file written by this package."""
+    return json.loads(Path(path).read_text())
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    """A CSV file with a header row, as a list of dicts of strings."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _number(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """history.csv as numbers (epoch as int)."""
+    return [{k: _number(v) for k, v in row.items()} for row in read_table(path)]
+
+
+@dataclass(frozen=True)
+class SearchLayout:
+    """The files of a stand-alone learning curve or grid search (`defungi curve`, `defungi grid`)."""
+
+    root: Path
+
+    @property
+    def fits(self) -> Path:
+        """One run folder per fit."""
+        return self.root / "fits"
+
+    @property
+    def curve(self) -> Path:
+        return self.root / "curve.json"
+
+    @property
+    def grid(self) -> Path:
+        return self.root / "grid.json"
+
+    def figure(self, name: str) -> Path:
+        return self.root / f"{name}.png"

@@ -1,0 +1,96 @@
+"""One small renderer: a page of headings, paragraphs, tables and figures, written as HTML
+(figures embedded, readable offline) and as Markdown (figures linked) from the same blocks."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from defungi.utils import atomic_write_text
+
+METRICS = ("accuracy", "precision", "recall", "f1")
+STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+    "img{max-width:100%;display:block;margin:.5em 0}"
+    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}.note{color:#777}"
+)
+
+
+@dataclass
+class Table:
+    """A header and rows of already formatted cells."""
+
+    header: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = [self.header, ["---"] * len(self.header), *self.rows]
+        return "".join("| " + " | ".join(cells) + " |\n" for cells in lines)
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def metrics_table(rows: dict[str, dict[str, Any]], keys: Sequence[str] = METRICS) -> Table:
+    """One row per named result, one column per metric (3 decimals; blank when missing)."""
+    return Table(
+        ["", *keys], [[name, *("" if r.get(k) is None else f"{r[k]:.3f}" for k in keys)] for name, r in rows.items()]
+    )
+
+
+@dataclass
+class Page:
+    """Blocks in order; `write` renders them as report.html and report.md in a folder."""
+
+    title: str
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("heading", (level, text)))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(("text", text))
+
+    def note(self, text: str) -> None:
+        self.blocks.append(("note", text))
+
+    def table(self, table: Table) -> None:
+        self.blocks.append(("table", table))
+
+    def figure(self, path: Path) -> None:
+        self.blocks.append(("figure", Path(path)))
+
+    def write(self, out_dir: Path, stem: str = "report") -> Path:
+        """report.html and report.md in out_dir; returns the HTML path."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        body, md = [f"<h1>{html.escape(self.title)}</h1>"], [f"# {self.title}\n"]
+        for kind, value in self.blocks:
+            if kind == "heading":
+                level, text = value
+                body.append(f"<h{level}>{html.escape(text)}</h{level}>")
+                md.append(f"{'#' * level} {text}\n")
+            elif kind in ("text", "note"):
+                body.append(f"<p class='{kind}'>{html.escape(value)}</p>")
+                md.append(f"_{value}_\n" if kind == "note" else f"{value}\n")
+            elif kind == "table":
+                body.append(value.html())
+                md.append(value.markdown())
+            else:
+                data = base64.b64encode(value.read_bytes()).decode()
+                body.append(f'<img src="data:image/png;base64,{data}" alt="{html.escape(value.name)}">')
+                md.append(f"![{value.name}]({os.path.relpath(value, out_dir)})\n")
+        page = (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
+        )
+        atomic_write_text(out_dir / f"{stem}.md", "\n".join(md))
+        atomic_write_text(out_dir / f"{stem}.html", page)
+        return out_dir / f"{stem}.html"

@@ -1,0 +1,57 @@
+"""A run folder's figures, drawn from its files alone (no model, no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from defungi.layout import EvaluationLayout, RunLayout, read_history, read_json, read_table
+from defungi.report.plots import contact_sheet, plot_confusion, plot_epoch_curves, plot_history
+
+
+def render_run(run_dir: str | Path) -> list[Path]:
+    """training_curves.png (the members' curves for an ensemble), confusion_PART.png per scored
+    part and excluded.png, from metrics.json, history.csv and excluded.csv; returns the figures."""
+    run = RunLayout(Path(run_dir))
+    metrics = read_json(run.metrics)
+    protocol, model = metrics["protocol"], metrics["model"]
+    figures = []
+    members = metrics.get("members")
+    if members:
+        histories = [read_history(run.member(k).history) for k in range(len(members))]
+        title = f"{model} x{len(members)}: members' validation macro-F1 per epoch"
+        figures.append(
+            plot_epoch_curves(histories, [f"seed {m['seed']}" for m in members], run.figure("training_curves"), title)
+        )
+    elif run.history.exists() and read_history(run.history):
+        figures.append(
+            plot_history(
+                read_history(run.history), run.figure("training_curves"), f"{model} ({protocol['split']} split)"
+            )
+        )
+    label = f"{model} x{len(members)}" if members else model
+    for part in protocol["sizes"]:
+        if part in metrics and "confusion_matrix" in metrics[part]:
+            title = f"{label}, {part} ({protocol['split']} split)"
+            figures.append(
+                plot_confusion(
+                    metrics[part]["confusion_matrix"], metrics["classes"], run.figure(f"confusion_{part}"), title
+                )
+            )
+    if run.excluded.exists():
+        figures.append(render_exclusions(run.excluded, run.figure("excluded")))
+    return figures
+
+
+def render_exclusions(table: Path, path: Path) -> Path:
+    """A contact sheet of the images listed in an excluded.csv."""
+    rows = read_table(table)
+    captions = [f"{r['label']} v={r['grey_variance'] or '?'}" for r in rows]
+    return contact_sheet([Path(r["path"]) for r in rows], captions, path)
+
+
+def render_evaluation(out_dir: str | Path) -> Path:
+    """confusion.png of an evaluation folder, from its metrics.json."""
+    evaluation = EvaluationLayout(Path(out_dir))
+    metrics = read_json(evaluation.metrics)
+    title = f"{metrics['model']} on {Path(metrics['data']).name}"
+    return plot_confusion(metrics["confusion_matrix"], metrics["classes"], evaluation.confusion, title)

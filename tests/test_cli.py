@@ -125,3 +125,16 @@ def test_unknown_config_key_and_model(tiny_data: Path, tmp_path: Path, capsys: p
 def test_evaluate_and_predict_without_a_run(tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture):
     _one_line_error(capsys, main(["evaluate", str(tmp_path), "--data", str(tiny_data)]), "no checkpoint")
     _one_line_error(capsys, main(["predict", str(tmp_path), str(tiny_data)]), "no checkpoint")
+
+
+def test_report_redraws_a_run_folder_from_its_files(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *TRAIN]) == 0
+    for figure in ("training_curves.png", "confusion_test.png", "excluded.png"):
+        (run / figure).unlink()
+    for checkpoint in ("best.pt", "last.pt"):
+        (run / checkpoint).unlink()  # no model needed
+    assert main(["report", str(run)]) == 0
+    assert all((run / f).exists() for f in ("training_curves.png", "confusion_test.png", "excluded.png"))
+    capsys.readouterr()
+    _one_line_error(capsys, main(["report", str(tmp_path)]), "neither a study folder")

@@ -213,9 +213,12 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from defungi.jobs import report_job
+    from defungi.jobs import redraw_job, report_job
 
-    print(f"report: {report_job([Path(d) for d in args.studies], Path(args.out))}")
+    for folder in args.folders:
+        print(f"{folder}: {', '.join(str(p) for p in redraw_job(Path(folder)))}")
+    if not args.folders:
+        print(f"report: {report_job([Path(d) for d in args.studies], Path(args.out))}")
     return 0
 
 
@@ -293,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="study folder (default: runs/study-NAME)")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("report", help="one page with both studies' final models beside the published figures")
+    p = sub.add_parser(
+        "report", help="redraw a run or study folder from its files, or one page with both studies' final models"
+    )
+    p.add_argument("folders", nargs="*", help="run or study folders to redraw (figures, report.html) without a model")
     p.add_argument(
         "--studies", nargs="+", default=["runs/study-resnet34", "runs/study-convmixer"], help="study folders"
     )

@@ -9,12 +9,13 @@ from typing import Any
 
 from defungi.config import Config
 from defungi.data.splits import tuning_pool, tuning_split
+from defungi.errors import DefungiError
 from defungi.experiments.curve import LearningCurve, learning_curve
 from defungi.experiments.grid import GridResult, grid_search
 from defungi.experiments.rundir import FitRecord, RunDir
 from defungi.experiments.studies import run_study
 from defungi.experiments.train import dataset_for, evaluate_run, split_for, train
-from defungi.layout import SearchLayout
+from defungi.layout import RunLayout, SearchLayout, StudyLayout
 from defungi.report.combined import build_combined_report, comparison_table, read_states
 from defungi.report.page import Table
 from defungi.report.run import render_evaluation, render_run
@@ -76,6 +77,15 @@ def study_job(name: str, config: Config, out: Path) -> Path:
     """Run (or resume) a published study, then build its page; returns report.html."""
     run_study(name, config, out)
     return build_study_report(out)
+
+
+def redraw_job(folder: Path) -> list[Path]:
+    """Redraw a study folder's page or a run folder's figures from their files; returns what was written."""
+    if StudyLayout(folder).state.exists():
+        return [build_study_report(folder)]
+    if RunLayout(folder).metrics.exists():
+        return render_run(folder)
+    raise DefungiError(f"{folder}: neither a study folder (study.json) nor a finished run folder (metrics.json)")
 
 
 def report_job(study_dirs: list[Path], out: Path) -> Path:

@@ -1,13 +1,14 @@
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from defungi.config import load_config
 from defungi.experiments.studies import STUDIES
-from defungi.jobs import main_job, study_job
+from defungi.jobs import main_job, redraw_job, study_job
 from defungi.report.combined import build_combined_report
 from tests.conftest import write_folder
 
@@ -126,3 +127,11 @@ def test_main_job_resumes_both_studies_and_returns_the_report(studies):
     assert "| convmixer, published (random split) | 0.780 | 0.810 | 0.790 | 0.800 |" in table.markdown()
     again = json.loads((out / "study.json").read_text())
     assert again["steps"] == before["steps"]  # every step read back, nothing refitted
+
+
+def test_study_page_is_rebuilt_from_its_files_without_a_model(studies, tmp_path: Path):
+    _, _, out = studies["resnet34"]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.pt", "*.png", "report.*"))
+    (page,) = redraw_job(copy)
+    assert page == copy / "report.html" and page.read_text().count("data:image/png;base64") >= 14

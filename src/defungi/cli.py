@@ -28,6 +28,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "train.batch_size": args.batch_size,
         "train.lr": args.lr,
         "train.device": args.device,
+        "data.cv_folds": getattr(args, "cv_folds", None),
     }
     for item in args.set or []:
         if "=" not in item:
@@ -81,14 +82,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise DefungiError("give --out RUN_DIR (or --resume RUN_DIR)")
     metrics = record.metrics
-    print(_metrics_line(f"{metrics['model']} test", metrics.get("test") or metrics["val"]))
+    scores = metrics.get("test") or metrics["val"]
+    cv = metrics["protocol"].get("cv_folds", 0)
+    what = f"{cv}-fold cross-validation, out of fold" if cv else "test"
+    print(_metrics_line(f"{metrics['model']} {what}, per image", scores))
+    if "samples" in scores:
+        print(_metrics_line(f"{metrics['model']} {what}, per sample", scores["samples"]))
     print(f"run folder: {record.path}")
     return 0
 
 
 def _metrics_line(name: str, m: dict[str, Any]) -> str:
-    scores = f"precision {m['precision']:.3f}  recall {m['recall']:.3f}  F1 {m['f1']:.3f}"
-    return f"{name}: accuracy {m['accuracy']:.3f}  {scores}  (n={m['n']})"
+    """Accuracy and macro P / R / F1, each with its 95% interval over samples where there is one."""
+    intervals = m.get("intervals", {})
+
+    def value(key: str) -> str:
+        low_high = f" [{intervals[key][0]:.3f}, {intervals[key][1]:.3f}]" if key in intervals else ""
+        return f"{m[key]:.3f}{low_high}"
+
+    scores = "  ".join(f"{key.replace('f1', 'F1')} {value(key)}" for key in ("accuracy", "precision", "recall", "f1"))
+    return f"{name}: {scores}  (n={m['n']})"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -100,8 +113,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "excluded"}, indent=2))
     else:
-        print(_metrics_line(f"{args.run_dir} on {args.data}", metrics))
-        print("per class:")
+        print(_metrics_line(f"{args.run_dir} on {args.data}, per image", metrics))
+        print(_metrics_line(f"{args.run_dir} on {args.data}, per sample", metrics["samples"]))
+        print("per class (images):")
         for c, row in metrics["per_class"].items():
             print(
                 f"  {c:>6}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  F1 {row['f1']:.3f}  "
@@ -236,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model into a run folder")
     _add_config_flags(p)
     p.add_argument("--out", help="run folder to create")
+    p.add_argument(
+        "--cv", dest="cv_folds", type=int, metavar="K", help="K-fold cross-validation (grouped unless --split random)"
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its folder")
     p.set_defaults(func=cmd_train)
 

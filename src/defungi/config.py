@@ -27,6 +27,9 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
+    # >= 2: K-fold cross-validation: every fold a run folder (fold-k) whose test part is one fold's
+    # samples and whose validation part is carved from the rest; scored out of fold
+    cv_folds: int = 0
 
 
 @dataclass
@@ -119,6 +122,10 @@ def validate(config: Config) -> Config:
         value = getattr(getattr(config, section), name)
         if value not in options:
             raise DefungiError(f"config key '{key}' is '{value}'; use one of {', '.join(options)}")
+    if config.data.cv_folds == 1 or config.data.cv_folds < 0:
+        raise DefungiError(
+            f"config key 'data.cv_folds' is {config.data.cv_folds}; use 0 (one split) or 2 or more folds"
+        )
     if config.train.ensemble < 1:
         raise DefungiError(
             f"config key 'train.ensemble' is {config.train.ensemble}; use 1 (one model) or more (an ensemble of seeds)"

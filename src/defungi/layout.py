@@ -58,6 +58,19 @@ class RunLayout:
         """The run folder of ensemble member k."""
         return RunLayout(self.root / f"member-{k}")
 
+    def fold(self, k: int) -> RunLayout:
+        """The run folder of cross-validation fold k (its test part: the k-th fold's samples)."""
+        return RunLayout(self.root / f"fold-{k}")
+
+    def predictions(self, part: str) -> Path:
+        """Per image of a scored part: path, sample, class, prediction, probability per class."""
+        return self.root / f"predictions_{part}.csv"
+
+    @property
+    def oof(self) -> Path:
+        """Cross-validation: every usable image scored once, by the fold model that never saw its sample."""
+        return self.root / "oof.csv"
+
     def figure(self, name: str) -> Path:
         """A figure drawn from the run's files (training_curves, confusion_test, excluded...)."""
         return self.root / f"{name}.png"

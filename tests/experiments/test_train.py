@@ -137,7 +137,7 @@ def test_ensemble_run_scores_the_mean_of_its_seeded_members_and_resumes(tiny_dat
     first = (out / "member-0" / "best.pt").stat().st_mtime_ns
     (out / "metrics.json").unlink()
     shutil.rmtree(out / "member-1")
-    with pytest.raises(DefungiError, match="ensemble of 2 with 1 trained members"):
+    with pytest.raises(DefungiError, match="1 of its 2 models are trained"):
         load_trained(out)
     again = train(config, out).metrics
     assert (out / "member-0" / "best.pt").stat().st_mtime_ns == first

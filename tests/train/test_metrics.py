@@ -1,6 +1,6 @@
 import numpy as np
 
-from defungi.train.metrics import classification_metrics
+from defungi.train.metrics import bootstrap_intervals, calibration, classification_metrics, sample_decisions
 
 
 def test_macro_metrics_and_confusion():
@@ -11,3 +11,42 @@ def test_macro_metrics_and_confusion():
     assert np.isclose(m["recall"], (3 / 4 + 1 + 1 / 2) / 3)
     assert m["confusion_matrix"][0] == [3, 1, 0]
     assert m["per_class"]["c"]["support"] == 2
+
+
+def test_sample_decision_is_the_mean_probability_of_its_images():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    ids, labels, mean = sample_decisions(probs, np.array([0, 0, 1, 1]), np.array(["a", "a", "b", "b"]))
+    assert list(ids) == ["a", "b"] and list(labels) == [0, 1]
+    assert np.allclose(mean, [[0.55, 0.45], [0.45, 0.55]])
+
+
+def test_bootstrap_resamples_samples_not_images():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(40) % 2, 10)
+    groups = np.repeat(np.arange(40), 10).astype(str)
+    # every image of a sample is decided together: right for 30 samples, wrong for 10
+    wrong = np.repeat(rng.permutation(40) < 10, 10)
+    predictions = np.where(wrong, 1 - labels, labels)
+    by_sample = bootstrap_intervals(labels, predictions, groups, 2, seed=1)
+    by_image = bootstrap_intervals(labels, predictions, np.arange(len(labels)).astype(str), 2, seed=1)
+    assert by_sample["accuracy"][0] < 0.75 < by_sample["accuracy"][1]
+    # 40 samples vary far more than 400 independent images would: the interval is wider
+    width = lambda iv: iv["accuracy"][1] - iv["accuracy"][0]  # noqa: E731
+    assert width(by_sample) > 2 * width(by_image)
+    assert bootstrap_intervals(labels, predictions, groups, 2, seed=1) == by_sample  # seeded
+
+
+def test_macro_scores_match_sklearn_when_every_class_is_present():
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    p = np.array([0, 0, 0, 1, 1, 1, 2, 0])
+    intervals = bootstrap_intervals(y, p, np.arange(8).astype(str), 3, n_boot=1)
+    full = classification_metrics(y, p, ["a", "b", "c"])
+    assert 0 <= intervals["f1"][0] <= 1 and full["f1"] > 0
+
+
+def test_calibration_error_is_the_gap_between_confidence_and_accuracy():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    honest = np.tile([0.6, 0.4], (10, 1))  # says 0.6 for class 0, which is right 40% of the time
+    assert np.isclose(calibration(honest, labels)["ece"], 0.2)
+    sure = np.tile([0.0, 1.0], (10, 1))
+    assert np.isclose(calibration(sure, labels)["ece"], 0.4)

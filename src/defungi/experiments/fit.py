@@ -28,7 +28,7 @@ from defungi.train.loop import (
     prior_weights,
     train_one_epoch,
 )
-from defungi.train.metrics import classification_metrics
+from defungi.train.metrics import classification_metrics, scored
 from defungi.utils import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class FitResult:
     train_seconds: float
     parameters: int
     precision: str  # what the forward passes computed in: 'float32', 'bfloat16' or 'float16'
+    probabilities: dict[str, np.ndarray]  # per scored part, one row per image
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -100,9 +101,10 @@ def score_parts(
     device: torch.device,
     tc: TrainConfig,
     class_weights: np.ndarray | None,
-) -> dict[str, dict[str, Any]]:
-    """Metrics of every part but 'train', scored as the run asks (test-time augmentation, precision)."""
-    metrics = {}
+) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """Metrics (image- and sample-level, with intervals over samples) and probabilities of every part
+    but 'train', scored as the run asks (test-time augmentation, precision)."""
+    metrics, probabilities = {}, {}
     for part, idx in split.items():
         if part == "train" or len(idx) == 0:
             continue
@@ -118,9 +120,10 @@ def score_parts(
             channels_last=tc.channels_last,
             class_weights=class_weights,
         )
-        scores = classification_metrics(data.labels[idx], probs.argmax(1), data.classes)
+        scores = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed=tc.seed)
         metrics[part] = scores | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
-    return metrics
+        probabilities[part] = probs
+    return metrics, probabilities
 
 
 @dataclass
@@ -322,10 +325,19 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir
         log.info("early stop: %s", state.stopper.reason)
     if tc.restore_best and state.best_state is not None:
         state.scored.load_state_dict(state.best_state)
-    metrics = score_parts(state.scored, data, split, state.preprocess, state.device, tc, state.class_weights)
+    metrics, probabilities = score_parts(
+        state.scored, data, split, state.preprocess, state.device, tc, state.class_weights
+    )
     n_params = sum(p.numel() for p in state.model.parameters())
     stop_reason = state.stopper.reason or "epoch budget used"
     precision = precision_name(state.device, tc.amp)
     return FitResult(
-        state.history, metrics, state.stopper.best_epoch + 1, stop_reason, state.train_seconds, n_params, precision
+        state.history,
+        metrics,
+        state.stopper.best_epoch + 1,
+        stop_reason,
+        state.train_seconds,
+        n_params,
+        precision,
+        probabilities,
     )

@@ -105,6 +105,20 @@ class RunDir:
         """The run folder of ensemble member k."""
         return RunDir(self.layout.member(k).root)
 
+    def fold(self, k: int) -> RunDir:
+        """The run folder of cross-validation fold k."""
+        return RunDir(self.layout.fold(k).root)
+
+    def parts(self) -> list[RunDir]:
+        """The run folders whose models together are this run's model: the K folds of a
+        cross-validation (each may be an ensemble), the members of an ensemble, or none."""
+        if not self.layout.config.exists():
+            return []
+        config = self.config()
+        if config.data.cv_folds >= 2:
+            return [leaf for k in range(config.data.cv_folds) for leaf in self.fold(k).parts() or [self.fold(k)]]
+        return [self.member(k) for k in range(config.train.ensemble)] if config.train.ensemble > 1 else []
+
     # ---- config and "finished" -------------------------------------------------------------
 
     def claim(self, config: Config) -> None:
@@ -147,6 +161,10 @@ class RunDir:
     def write_exclusions(self, data: Dataset) -> None:
         """excluded.csv: the outliers and unreadable files left out of the run."""
         write_exclusions(self.layout.excluded, data)
+
+    def write_predictions(self, part: str, data: Dataset, idx: np.ndarray, probs: np.ndarray) -> None:
+        """predictions_PART.csv: per image its path, sample, class, prediction and class probabilities."""
+        write_predictions(self.layout.predictions(part), data, idx, probs)
 
     def write_result(self, history: list[dict[str, float]], metrics: dict[str, Any]) -> FitRecord:
         """history.csv, then metrics.json (which marks the run finished)."""
@@ -220,6 +238,20 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def write_predictions(
+    path: Path, data: Dataset, idx: np.ndarray, probs: np.ndarray, extra: dict[str, list[Any]] | None = None
+) -> None:
+    """Per image: path, sample, class, prediction, probability per class (and extra columns)."""
+    extra = extra or {}
+    header = ["path", "sample", "class", *extra, "prediction", *(f"p_{c}" for c in data.classes)]
+    rows = [
+        [str(data.paths[i]), data.groups[i], data.classes[data.labels[i]], *(v[j] for v in extra.values()),
+         data.classes[int(p.argmax())], *(f"{x:.6f}" for x in p)]
+        for j, (i, p) in enumerate(zip(idx, probs, strict=True))
+    ]  # fmt: skip
+    _write_csv(path, header, rows)
+
+
 def write_exclusions(path: Path, data: Dataset) -> None:
     """The outliers and unreadable files left out, one row each (for a run or a study folder)."""
     rows = [[e["path"], e["label"], e["grey_variance"], e["reason"]] for e in data.excluded]
@@ -233,14 +265,13 @@ def load_trained(run_dir: str | Path, device: str = "auto") -> TrainedModel:
     loaded as one model that averages their probabilities.
     """
     run = RunDir(run_dir)
-    expected = run.config().train.ensemble if run.layout.config.exists() else 1
-    paths = [run.member(k).layout.best for k in range(expected)] if expected > 1 else [run.layout.best]
+    paths = [d.layout.best for d in run.parts()] or [run.layout.best]
     present = [p for p in paths if p.exists()]
     if not present:
         raise DefungiError(f"{run.layout.best}: no checkpoint; train first with 'defungi train --out {run_dir}'")
     if len(present) < len(paths):
         raise DefungiError(
-            f"{run_dir}: an ensemble of {expected} with {len(present)} trained members; "
+            f"{run_dir}: {len(present)} of its {len(paths)} models are trained; "
             f"finish it with 'defungi train --resume {run_dir}'"
         )
     dev = resolve_device(device)

@@ -16,13 +16,13 @@ import numpy as np
 
 from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset, load_dataset
-from defungi.data.splits import train_val_test_split
+from defungi.data.splits import kfold, train_val_test_split
 from defungi.errors import DefungiError
 from defungi.experiments.fit import FitResult, fit, score_parts
-from defungi.experiments.rundir import FitRecord, RunDir, load_trained, model_args
-from defungi.layout import EvaluationLayout, RunLayout
+from defungi.experiments.rundir import FitRecord, RunDir, load_trained, model_args, write_predictions
+from defungi.layout import EvaluationLayout, RunLayout, read_table
 from defungi.train.loop import evaluate, predict_proba
-from defungi.train.metrics import classification_metrics
+from defungi.train.metrics import scored
 from defungi.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ def train(
             log.info("%s is finished; delete it to train again", run.root)
             return done
     data = data if data is not None else dataset_for(config)
+    if config.data.cv_folds >= 2:
+        return _train_cv(config, data, run)
     split = split if split is not None else split_for(config, data)
     run.claim(config)
     run.write_exclusions(data)
@@ -65,9 +67,86 @@ def train(
     if config.train.ensemble > 1:
         return _train_ensemble(config, data, split, run)
     result = fit(config, data, split, run)
+    _write_predictions(run, data, split, result.probabilities)
     return run.write_result(
         result.history, _metrics(config, data, split, result.metrics, result.precision, **_fit_record(result))
     )
+
+
+def _write_predictions(run: RunDir, data: Dataset, split: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> None:
+    """predictions_val.csv and predictions_test.csv (the parts a user looks into)."""
+    for part in ("val", "test"):
+        if part in probs:
+            run.write_predictions(part, data, split[part], probs[part])
+
+
+def cv_splits(config: Config, data: Dataset) -> list[dict[str, np.ndarray]]:
+    """One split per fold of a K-fold cross-validation (grouped: whole samples): the fold's images
+    are its test part; a validation part for early stopping is carved from the other folds' samples
+    (val_fraction of all the data), never from the test part."""
+    dc, k_folds = config.data, config.data.cv_folds
+    units = data.groups if dc.split == "grouped" else np.arange(len(data.labels))
+    for c, name in enumerate(data.classes):
+        n_units = len(np.unique(units[data.labels == c]))
+        if n_units < k_folds:
+            what = "samples" if dc.split == "grouped" else "images"
+            raise DefungiError(
+                f"class {name} has {n_units} {what}; {k_folds}-fold cross-validation needs at least {k_folds} "
+                f"(use fewer folds{' or --split random' if dc.split == 'grouped' else ''})"
+            )
+    inner = min(0.5, dc.val_fraction / (1 - 1 / k_folds))
+    splits = []
+    for k, (rest, test) in enumerate(kfold(data.labels, data.groups, k_folds, dc.split, dc.seed)):
+        part = train_val_test_split(data.labels[rest], data.groups[rest], inner, 0.0, dc.split, dc.seed + k)
+        splits.append({"train": rest[part["train"]], "val": rest[part["val"]], "test": np.sort(test)})
+    return splits
+
+
+def _read_probabilities(path: Path, classes: list[str]) -> np.ndarray:
+    """The class probabilities of a predictions CSV, one row per image."""
+    return np.array([[float(r[f"p_{c}"]) for c in classes] for r in read_table(path)])
+
+
+def _train_cv(config: Config, data: Dataset, run: RunDir) -> FitRecord:
+    """K folds, each a run folder (finished ones read back); every usable image scored once by the
+    model that never saw its sample (oof.csv); metrics over all of them with intervals, per fold."""
+    splits = cv_splits(config, data)
+    folds = {f"fold-{k}": s["test"] for k, s in enumerate(splits)}
+    run.claim(config)
+    run.write_exclusions(data)
+    run.write_split(data, folds)
+    fold_config = load_config_from(config, {"data.cv_folds": 0})
+    records = []
+    for k, split in enumerate(splits):
+        log.info("cross-validation fold %d/%d: %s", k + 1, len(splits), {p: len(v) for p, v in split.items()})
+        records.append(train(fold_config, run.fold(k).root, data, split))
+    idx = np.concatenate([s["test"] for s in splits])
+    fold_of = np.concatenate([[k] * len(s["test"]) for k, s in enumerate(splits)])
+    probs = np.concatenate(
+        [_read_probabilities(run.fold(k).layout.predictions("test"), data.classes) for k in range(len(splits))]
+    )
+    order = np.argsort(idx)
+    idx, fold_of, probs = idx[order], fold_of[order], probs[order]
+    write_predictions(run.layout.oof, data, idx, probs, extra={"fold": fold_of.tolist()})
+    oof = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed=config.train.seed)
+    per_fold = [
+        {"fold": k, "test_images": r.metrics["test"]["n"], "test_samples": r.metrics["test"]["samples"]["n"]}
+        | {key: r.metrics["test"][key] for key in ("accuracy", "precision", "recall", "f1")}
+        | {f"sample_{key}": r.metrics["test"]["samples"][key] for key in ("accuracy", "f1")}
+        for k, r in enumerate(records)
+    ]
+    spread = {
+        key: {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+        for key in ("accuracy", "f1", "sample_accuracy", "sample_f1")
+        for v in [[f[key] for f in per_fold]]
+    }
+    timing = {"train_seconds": sum(r.metrics["timing"]["train_seconds"] for r in records)}
+    metrics = _metrics(
+        config, data, folds, {"test": oof}, records[0].metrics["protocol"]["precision"],
+        parameters=records[0].metrics["parameters"], timing=timing, folds=per_fold, fold_spread=spread,
+        sample_rule="a sample's decision: the mean of its images' class probabilities, then the most probable class",
+    )  # fmt: skip
+    return run.write_result([], metrics)
 
 
 def _fit_record(result: FitResult) -> dict[str, Any]:
@@ -108,6 +187,7 @@ def _metrics(
         "precision": precision,
         "prior_weight": config.train.prior_weight if config.train.balance else 0.0,
         "ensemble": config.train.ensemble,
+        "cv_folds": config.data.cv_folds,
         "metric_average": "macro over classes",
     }
     return {
@@ -130,7 +210,10 @@ def _train_ensemble(config: Config, data: Dataset, split: dict[str, np.ndarray],
         member = load_config_from(config, {"train.ensemble": 1, "train.seed": tc.seed + k})
         members.append(train(member, run.member(k).root, data, split))
     trained = load_trained(run.root)
-    scores = score_parts(trained.model, data, split, trained.preprocess, trained.device, tc, trained.class_weights())
+    scores, probs = score_parts(
+        trained.model, data, split, trained.preprocess, trained.device, tc, trained.class_weights()
+    )
+    _write_predictions(run, data, split, probs)
     timings = [m.metrics["timing"] for m in members]
     timing = {
         "train_seconds": sum(t["train_seconds"] for t in timings),
@@ -185,7 +268,7 @@ def evaluate_run(
         amp=trained.config.train.amp,
         class_weights=weights,
     )
-    metrics = classification_metrics(data.labels, probs.argmax(1), trained.classes) | {
+    metrics = scored(probs, data.labels, data.groups, trained.classes, seed=trained.config.train.seed) | {
         "loss": loss,
         "data": str(data_root),
         "run": str(run_dir),

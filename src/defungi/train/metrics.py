@@ -26,3 +26,89 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "classes": list(classes),
     }
+
+
+def sample_decisions(
+    probs: np.ndarray, labels: np.ndarray, groups: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One decision per physical sample: the mean of its images' probabilities.
+
+    Returns (sample ids, their labels: the most common label of their images, their mean probabilities).
+    """
+    ids, inverse = np.unique(groups, return_inverse=True)
+    n_classes = probs.shape[1]
+    sums = np.zeros((len(ids), n_classes))
+    np.add.at(sums, inverse, probs)
+    counts = np.bincount(inverse, minlength=len(ids))
+    votes = np.zeros((len(ids), n_classes), dtype=int)
+    np.add.at(votes, (inverse, labels), 1)
+    return ids, votes.argmax(1), sums / counts[:, None]
+
+
+def _scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy and macro precision / recall / F1 of confusion matrices (..., C, C), over the classes
+    with images (a class no image belongs to is left out, as a resample may have none)."""
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1)
+    support, predicted = confusion.sum(-1), confusion.sum(-2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = support > 0
+    n_present = present.sum(-1)
+    macro = {
+        k: (v * present).sum(-1) / n_present for k, v in (("precision", precision), ("recall", recall), ("f1", f1))
+    }
+    return {"accuracy": tp.sum(-1) / confusion.sum((-2, -1)), **macro}
+
+
+def bootstrap_intervals(
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    groups: np.ndarray,
+    n_classes: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
+    """95% intervals of accuracy and macro P / R / F1 from a bootstrap that resamples physical
+    samples (groups) with replacement, each drawn sample bringing all its images."""
+    ids, inverse = np.unique(groups, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(ids), (n_boot, len(ids)))
+    weights = np.stack([np.bincount(d, minlength=len(ids)) for d in draws])[:, inverse]  # (n_boot, images)
+    cells = labels * n_classes + predictions
+    confusion = np.stack([np.bincount(cells, weights=w, minlength=n_classes**2) for w in weights])
+    scores = _scores(confusion.reshape(n_boot, n_classes, n_classes))
+    tail = 100 * (1 - level) / 2
+    return {k: [float(np.nanpercentile(v, tail)), float(np.nanpercentile(v, 100 - tail))] for k, v in scores.items()}
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error of the top-class confidence, and the reliability table behind it."""
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    mean_conf = np.bincount(bins, weights=confidence, minlength=n_bins) / np.maximum(count, 1)
+    accuracy = np.bincount(bins, weights=correct, minlength=n_bins) / np.maximum(count, 1)
+    ece = float(np.sum(count / max(len(labels), 1) * np.abs(accuracy - mean_conf)))
+    return {
+        "ece": ece,
+        "bins": n_bins,
+        "count": count.tolist(),
+        "confidence": mean_conf.tolist(),
+        "accuracy": accuracy.tolist(),
+    }
+
+
+def scored(
+    probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, classes: list[str], seed: int = 0
+) -> dict[str, Any]:
+    """Image-level metrics with intervals over samples, and the same for one decision per sample."""
+    predictions = probs.argmax(1)
+    images = classification_metrics(labels, predictions, classes)
+    images["intervals"] = bootstrap_intervals(labels, predictions, groups, len(classes), seed=seed)
+    ids, sample_labels, sample_probs = sample_decisions(probs, labels, groups)
+    samples = classification_metrics(sample_labels, sample_probs.argmax(1), classes)
+    samples["intervals"] = bootstrap_intervals(sample_labels, sample_probs.argmax(1), ids, len(classes), seed=seed)
+    return images | {"samples": samples, "calibration": calibration(probs, labels)}

@@ -1,0 +1,101 @@
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from defungi.cli import main
+from defungi.config import load_config
+from defungi.data.dataset import load_dataset
+from defungi.errors import DefungiError
+from defungi.experiments import fit as fit_module
+from defungi.experiments.rundir import load_trained
+from defungi.experiments.train import cv_splits, train
+from tests.conftest import write_folder
+
+TINY = {
+    "data.image_size": 16,
+    "train.model": "convmixer",
+    "train.model_args": '{"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}',
+    "train.epochs": 2,
+    "train.batch_size": 8,
+    "train.tta": "false",
+}
+
+
+def _config(data: Path, **over):
+    return load_config("quick", {"data.root": str(data), **TINY, "data.cv_folds": 3, **over})
+
+
+def test_folds_keep_samples_whole_and_validate_on_other_samples(tiny_data: Path):
+    config = _config(tiny_data)
+    data = load_dataset(tiny_data, 16, 15.0, progress=False)
+    splits = cv_splits(config, data)
+    tests = np.concatenate([s["test"] for s in splits])
+    assert sorted(tests) == list(range(len(data.labels)))  # every usable image in exactly one test part
+    for s in splits:
+        groups = {part: set(data.groups[idx]) for part, idx in s.items()}
+        assert (
+            not groups["train"] & groups["test"]
+            and not groups["val"] & groups["test"]
+            and not groups["train"] & groups["val"]
+        )
+
+
+def test_cv_run_scores_every_image_once_out_of_fold_and_resumes(tiny_data: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "cv"
+    record = train(_config(tiny_data), out)
+    with open(out / "oof.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    usable = load_dataset(tiny_data, 16, 15.0, progress=False)
+    assert sorted(r["path"] for r in rows) == sorted(map(str, usable.paths))
+    assert {r["fold"] for r in rows} == {"0", "1", "2"}
+    for k in range(3):  # an image's fold model never trained on its sample
+        split = {r["path"]: r["part"] for r in csv.DictReader(open(out / f"fold-{k}" / "split.csv", newline=""))}
+        fold_rows = [r for r in rows if r["fold"] == str(k)]
+        assert all(split[r["path"]] == "test" for r in fold_rows)
+        trained_samples = {r["sample"] for r in rows if split[r["path"]] == "train"}
+        assert not trained_samples & {r["sample"] for r in fold_rows}
+    test = record.metrics["test"]
+    assert test["n"] == len(rows) and test["samples"]["n"] == len({r["sample"] for r in rows})
+    for level in (test, test["samples"]):
+        low, high = level["intervals"]["f1"]
+        assert 0 <= low <= high <= 1
+    assert len(record.metrics["folds"]) == 3 and "ece" in test["calibration"]
+    # killed in the third fold: the next call trains only that fold
+    (out / "metrics.json").unlink()
+    stamps = [(out / f"fold-{k}" / "best.pt").stat().st_mtime_ns for k in range(2)]
+    import shutil
+
+    shutil.rmtree(out / "fold-2")
+    calls = []
+    real = fit_module.train_one_epoch
+    monkeypatch.setattr(fit_module, "train_one_epoch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = train(_config(tiny_data), out)
+    assert len(calls) == 2  # two epochs of one fold
+    assert [(out / f"fold-{k}" / "best.pt").stat().st_mtime_ns for k in range(2)] == stamps
+    assert again.metrics["test"]["f1"] == pytest.approx(test["f1"])
+
+
+def test_evaluate_and_predict_take_a_cv_run_as_the_ensemble_of_its_folds(tiny_data: Path, tmp_path: Path, capsys):
+    out = tmp_path / "cv"
+    train(_config(tiny_data), out)
+    trained = load_trained(out)
+    assert trained.info["members"] == 3
+    unseen = write_folder(tmp_path / "unseen", samples_per_class=2, patches=2, seed=7)
+    assert main(["evaluate", str(out), "--data", str(unseen), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == 12 and metrics["samples"]["n"] == 6
+    assert main(["predict", str(out), str(unseen / "H1"), "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 5  # 2 samples x 2 patches and the blank field
+
+
+def test_cv_with_too_few_samples_is_one_line(tmp_path: Path, capsys):
+    data = write_folder(tmp_path / "d", samples_per_class=2, patches=2)
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--cv", "3", "--image-size", "16"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("defungi: error: class H1 has 2 samples; 3-fold") and "\n" not in err
+    with pytest.raises(DefungiError, match="data.cv_folds"):
+        _config(data, **{"data.cv_folds": 1})

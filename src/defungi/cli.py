@@ -166,6 +166,14 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from defungi.data.scan import resolve_data
+    from defungi.jobs import audit_job
+
+    print(f"audit: {audit_job(resolve_data(args.dir), Path(args.out), args.variance_threshold)}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from defungi.config import load_config
     from defungi.data.scan import resolve_data
@@ -229,6 +237,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from defungi.jobs import redraw_job, report_job
 
+    if args.compare:
+        from defungi.report.combined import build_comparison
+
+        print(f"report: {build_comparison([Path(d) for d in args.compare], Path(args.out))}")
+        return 0
     for folder in args.folders:
         print(f"{folder}: {', '.join(str(p) for p in redraw_job(Path(folder)))}")
     if not args.folders:
@@ -284,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dest", help="folder to download into (default: the user cache)")
     f.add_argument("--url", help="archive URL (default: the UCI address, or $DEFUNGI_URL)")
     f.set_defaults(func=cmd_fetch)
+    a = data_sub.add_parser("audit", help="counts, outliers, duplicates across samples, random-split leakage: a page")
+    a.add_argument("dir", nargs="?", help="folder of class folders (default: $DEFUNGI_DATA or the cached release)")
+    a.add_argument("--out", default="runs/audit")
+    a.add_argument("--variance-threshold", type=float, default=15.0, help="outliers: grey variance under this (15)")
+    a.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("curve", help="learning curve: validation macro-F1 and loss against training-set size")
     _add_config_flags(p)
@@ -320,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--studies", nargs="+", default=["runs/study-resnet34", "runs/study-convmixer"], help="study folders"
     )
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="finished runs side by side, with intervals")
     p.add_argument("--out", default="runs/report")
     p.set_defaults(func=cmd_report)
 

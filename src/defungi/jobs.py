@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from defungi.config import Config
+from defungi.data.audit import audit
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.errors import DefungiError
 from defungi.experiments.curve import LearningCurve, learning_curve
@@ -16,6 +17,7 @@ from defungi.experiments.rundir import FitRecord, RunDir
 from defungi.experiments.studies import run_study
 from defungi.experiments.train import dataset_for, evaluate_run, split_for, train
 from defungi.layout import RunLayout, SearchLayout, StudyLayout
+from defungi.report.audit import build_audit_report
 from defungi.report.combined import build_combined_report, comparison_table, read_states
 from defungi.report.page import Table
 from defungi.report.run import render_evaluation, render_run
@@ -86,6 +88,12 @@ def redraw_job(folder: Path) -> list[Path]:
     if RunLayout(folder).metrics.exists():
         return render_run(folder)
     raise DefungiError(f"{folder}: neither a study folder (study.json) nor a finished run folder (metrics.json)")
+
+
+def audit_job(root: Path, out: Path, variance_threshold: float) -> Path:
+    """The data audit of a folder: audit.json, then audit.html with its figures."""
+    atomic_write_json(out / "audit.json", audit(root, variance_threshold))
+    return build_audit_report(out)
 
 
 def report_job(study_dirs: list[Path], out: Path) -> Path:

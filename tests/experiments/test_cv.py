@@ -99,3 +99,21 @@ def test_cv_with_too_few_samples_is_one_line(tmp_path: Path, capsys):
     assert err.startswith("defungi: error: class H1 has 2 samples; 3-fold") and "\n" not in err
     with pytest.raises(DefungiError, match="data.cv_folds"):
         _config(data, **{"data.cv_folds": 1})
+
+
+def test_grouped_and_random_cv_side_by_side(tiny_data: Path, tmp_path: Path, capsys):
+    for split in ("grouped", "random"):
+        assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / split), "--cv", "3", "--split", split,
+                     *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "3-fold cross-validation, out of fold, per sample" in out and "F1 0." in out
+    for name in ("folds.png", "reliability_test.png", "confusion_test.png", "confusion_test_samples.png"):
+        assert (tmp_path / "grouped" / name).exists(), name
+    assert (
+        main(
+            ["report", "--compare", str(tmp_path / "grouped"), str(tmp_path / "random"), "--out", str(tmp_path / "cmp")]
+        )
+        == 0
+    )
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "grouped, 3-fold CV" in md and "random, 3-fold CV" in md and " points |" in md

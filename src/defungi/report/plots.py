@@ -72,9 +72,15 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
 
 
 def contact_sheet(
-    paths: Sequence[Path], captions: Sequence[str], path: Path, thumb: int = 96, columns: int = 10, limit: int = 100
+    paths: Sequence[Path],
+    captions: Sequence[str],
+    path: Path,
+    thumb: int = 96,
+    columns: int = 10,
+    limit: int = 100,
+    what: str = "excluded",
 ) -> Path:
-    """A grid of thumbnails (e.g. the excluded outliers) with a caption under each."""
+    """A grid of thumbnails (e.g. the excluded outliers) with a caption under each; the title counts them."""
     from defungi.data.cache import open_image, square
 
     shown = list(zip(paths, captions, strict=True))[:limit]
@@ -89,8 +95,8 @@ def contact_sheet(
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
         ax.set_title(caption, fontsize=6)
     if not shown:
-        axes[0, 0].text(0, 0.5, "nothing excluded", fontsize=10)
-    title = f"{len(paths)} excluded" + (f" (first {limit} shown)" if len(paths) > limit else "")
+        axes[0, 0].text(0, 0.5, f"nothing {what}", fontsize=10)
+    title = f"{len(paths)} {what}" + (f" (first {limit} shown)" if len(paths) > limit else "")
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
@@ -230,4 +236,45 @@ def plot_errorbars(
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_reliability(calibration: dict[str, Any], path: Path, title: str = "reliability") -> Path:
+    """Accuracy against confidence per bin (the diagonal is perfect calibration), with the bins' image counts."""
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(4.8, 5.2), height_ratios=(3, 1), sharex=True)
+    count = np.asarray(calibration["count"])
+    centres = (np.arange(calibration["bins"]) + 0.5) / calibration["bins"]
+    filled = count > 0
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.plot(np.asarray(calibration["confidence"])[filled], np.asarray(calibration["accuracy"])[filled], "-o", ms=4)
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title} (ECE {calibration['ece']:.3f})")
+    ax.grid(alpha=0.3)
+    ax_count.bar(centres, count, width=0.9 / calibration["bins"])
+    ax_count.set(xlabel="confidence of the predicted class", ylabel="images")
+    return _save(fig, path)
+
+
+def plot_folds(folds: Sequence[dict[str, Any]], path: Path, title: str = "macro-F1 per fold") -> Path:
+    """Macro-F1 per cross-validation fold, per image and per sample, with the mean of each."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    x = np.arange(len(folds))
+    for k, (key, label) in enumerate((("f1", "per image"), ("sample_f1", "per sample"))):
+        values = [f[key] for f in folds]
+        bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, label=f"{label} (mean {np.mean(values):.3f})")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set(xticks=x, xticklabels=[f"fold {f['fold'] + 1}\n{f['test_samples']} samples" for f in folds], ylim=(0, 1))
+    ax.set(ylabel="test macro-F1", title=title)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_variance(variance: Sequence[float], threshold: float, path: Path) -> Path:
+    """Histogram of the images' grey-level variance (log scale) with the outlier threshold."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    values = np.asarray(variance)
+    under = int(np.sum(values < threshold))
+    ax.hist(np.log10(np.maximum(values, 1e-3)), bins=60)
+    ax.axvline(np.log10(threshold), color="red", lw=2, label=f"threshold {threshold:g}: {under} images under it")
+    ax.set(xlabel="grey-level variance at 224 px (log10)", ylabel="images", title="image variance")
+    ax.legend(fontsize=8)
     return _save(fig, path)

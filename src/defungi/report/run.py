@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from defungi.layout import EvaluationLayout, RunLayout, read_history, read_json, read_table
-from defungi.report.plots import contact_sheet, plot_confusion, plot_epoch_curves, plot_history
+from defungi.report.plots import (
+    contact_sheet,
+    plot_confusion,
+    plot_epoch_curves,
+    plot_folds,
+    plot_history,
+    plot_reliability,
+)
 
 
 def render_run(run_dir: str | Path) -> list[Path]:
@@ -29,14 +36,25 @@ def render_run(run_dir: str | Path) -> list[Path]:
             )
         )
     label = f"{model} x{len(members)}" if members else model
-    for part in protocol["sizes"]:
-        if part in metrics and "confusion_matrix" in metrics[part]:
-            title = f"{label}, {part} ({protocol['split']} split)"
-            figures.append(
-                plot_confusion(
-                    metrics[part]["confusion_matrix"], metrics["classes"], run.figure(f"confusion_{part}"), title
-                )
-            )
+    for part in ("val", "test"):
+        if part not in metrics:
+            continue
+        name = "out of fold" if part == "test" and "folds" in metrics else part
+        for level, scores, suffix in (
+            ("images", metrics[part], ""),
+            ("samples", metrics[part].get("samples"), "_samples"),
+        ):
+            if scores is not None:
+                title = f"{label}, {name}, {level} ({protocol['split']} split)"
+                path = run.figure(f"confusion_{part}{suffix}")
+                figures.append(plot_confusion(scores["confusion_matrix"], metrics["classes"], path, title))
+    test = metrics.get("test", {})
+    if "calibration" in test:
+        title = f"{label}, {'out of fold' if 'folds' in metrics else 'test'}"
+        figures.append(plot_reliability(test["calibration"], run.figure("reliability_test"), title))
+    if "folds" in metrics:
+        title = f"{label}: {len(metrics['folds'])}-fold cross-validation ({protocol['split']})"
+        figures.append(plot_folds(metrics["folds"], run.figure("folds"), title))
     if run.excluded.exists():
         figures.append(render_exclusions(run.excluded, run.figure("excluded")))
     return figures

@@ -77,6 +77,7 @@ def test_study_takes_no_model_option(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_one_cell_grid(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    pytest.importorskip("optuna")  # not on the GPU check's machine
     args = [
         "grid",
         "--data",

@@ -1,20 +1,22 @@
 """What each command does, as one library call: compute (`experiments`), then draw and write
-pages from the files it wrote (`report`). The CLI parses options and calls one of these."""
+pages from the files it wrote (`report`). The CLI parses options and calls one of these.
+
+The searches (grid, studies) import Optuna when they run, so that training, evaluating and
+predicting work where it is not installed (the GPU check's machine).
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from defungi.config import Config
 from defungi.data.audit import audit
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.errors import DefungiError
 from defungi.experiments.curve import LearningCurve, learning_curve
-from defungi.experiments.grid import GridResult, grid_search
 from defungi.experiments.rundir import FitRecord, RunDir
-from defungi.experiments.studies import run_study
 from defungi.experiments.train import dataset_for, evaluate_run, split_for, train
 from defungi.layout import RunLayout, SearchLayout, StudyLayout
 from defungi.report.audit import build_audit_report
@@ -24,6 +26,9 @@ from defungi.report.run import render_evaluation, render_run
 from defungi.report.search import render_curve, render_grid
 from defungi.report.study import build_study_report
 from defungi.utils import atomic_write_json
+
+if TYPE_CHECKING:
+    from defungi.experiments.grid import GridResult
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ def curve_job(config: Config, out: Path, fraction: float, sizes: list[float], cv
 
 def grid_job(config: Config, out: Path, fraction: float, grid: dict[str, list[Any]], storage: str | None) -> GridResult:
     """A grid search on `fraction` of the data (1.0: the main split's parts): grid.json and grid.png."""
+    from defungi.experiments.grid import grid_search
+
     data = dataset_for(config)
     dc, layout = config.data, SearchLayout(out)
     split = tuning_split(
@@ -77,6 +84,8 @@ def grid_job(config: Config, out: Path, fraction: float, grid: dict[str, list[An
 
 def study_job(name: str, config: Config, out: Path) -> Path:
     """Run (or resume) a published study, then build its page; returns report.html."""
+    from defungi.experiments.studies import run_study
+
     run_study(name, config, out)
     return build_study_report(out)
 

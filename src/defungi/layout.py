@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -161,3 +163,9 @@ class SearchLayout:
 
     def figure(self, name: str) -> Path:
         return self.root / f"{name}.png"
+
+
+def read_predictions(path: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """A predictions CSV: the image paths and their class probabilities (one row per image)."""
+    rows = read_table(path)
+    return [r["path"] for r in rows], np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])

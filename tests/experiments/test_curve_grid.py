@@ -132,3 +132,33 @@ def test_a_killed_workers_cell_is_retried_after_its_heartbeat_stops(tmp_path: Pa
         ).trials
     ]
     assert sorted(states) == ["COMPLETE", "COMPLETE", "FAIL"]  # the stale trial failed, its retry completed
+
+
+def test_a_cell_stopped_with_ctrl_c_is_fitted_on_the_next_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import defungi.experiments.grid as grid_module
+
+    config, data = _setup(tmp_path)
+    split = split_for(config, data)
+    grid = {"train.batch_size": [8, 16], "train.lr": [1e-3, 2e-3]}
+    real, calls = grid_module.train, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grid_module, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        grid_search(config, data, split, grid, tmp_path / "grid")
+    monkeypatch.setattr(grid_module, "train", real)
+    result = grid_search(config, data, split, grid, tmp_path / "grid")
+    assert result.trials_before == 1 and result.trials_run == 3 and len(result.rows) == 4
+
+
+def test_a_fit_folder_is_not_read_back_for_another_split(tmp_path: Path):
+    config, data = _setup(tmp_path)
+    pool = np.arange(len(data.labels))
+    learning_curve(config, data, pool, [1.0], tmp_path / "curve", cv=0)
+    with pytest.raises(DefungiError, match="another split"):
+        learning_curve(config, data, pool[: len(pool) // 2], [1.0], tmp_path / "curve", cv=0)

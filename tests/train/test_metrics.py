@@ -50,3 +50,12 @@ def test_calibration_error_is_the_gap_between_confidence_and_accuracy():
     assert np.isclose(calibration(honest, labels)["ece"], 0.2)
     sure = np.tile([0.0, 1.0], (10, 1))
     assert np.isclose(calibration(sure, labels)["ece"], 0.4)
+
+
+def test_macro_metrics_average_the_classes_present_and_match_their_intervals():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0, 0, 1, 1])
+    m = classification_metrics(y, p, ["a", "b", "c"])
+    assert m["f1"] == 1.0 and m["absent_classes"] == ["c"]
+    low, high = bootstrap_intervals(y, p, np.arange(4).astype(str), 3, n_boot=50)["f1"]
+    assert low <= m["f1"] <= high

@@ -122,3 +122,26 @@ def tuning_split(
     pool = tuning_pool(labels, groups, split, fraction, mode, seed)
     tr, va = folds(labels, groups, pool, 0, val_fraction, mode, seed)[0]
     return {"train": tr, "val": va}
+
+
+def cv_folds(
+    labels: np.ndarray, groups: np.ndarray, classes: list[str], k_folds: int, val_fraction: float, mode: str, seed: int
+) -> list[dict[str, np.ndarray]]:
+    """One split per fold of a K-fold cross-validation (grouped: whole samples): the fold's images
+    are its test part; a validation part for early stopping is carved from the other folds' samples
+    (val_fraction of all the data), never from the test part."""
+    units = groups if mode == "grouped" else np.arange(len(labels)).astype(str)
+    for c, name in enumerate(classes):
+        n_units = len(np.unique(units[labels == c]))
+        if n_units <= k_folds:  # a fold to test on, and the others to train and validate on
+            what = "samples" if mode == "grouped" else "images"
+            raise DefungiError(
+                f"class {name} has {n_units} {what}; {k_folds}-fold cross-validation needs at least {k_folds + 1} "
+                f"(use fewer folds{' or --split random' if mode == 'grouped' else ''})"
+            )
+    inner = min(0.5, val_fraction / (1 - 1 / k_folds))
+    splits = []
+    for k, (rest, test) in enumerate(kfold(labels, groups, k_folds, mode, seed)):
+        part = train_val_test_split(labels[rest], groups[rest], inner, 0.0, mode, seed + k)
+        splits.append({"train": rest[part["train"]], "val": rest[part["val"]], "test": np.sort(test)})
+    return splits

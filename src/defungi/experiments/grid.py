@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 30  # a running trial says it is alive this often
 GRACE_PERIOD_S = 120  # a trial silent this long belongs to a dead worker: failed, then retried
+MAX_ATTEMPTS = 3  # rounds of the grid before a cell that keeps failing is reported
 
 
 @dataclass
@@ -85,7 +86,7 @@ def open_storage(url: str) -> RDBStorage:
                 url,
                 heartbeat_interval=HEARTBEAT_INTERVAL_S,
                 grace_period=GRACE_PERIOD_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                heartbeat_stale_trial_callback=_retry(),
             )
         except (ValueError, ImportError, SQLAlchemyError) as exc:
             raise DefungiError(
@@ -95,6 +96,24 @@ def open_storage(url: str) -> RDBStorage:
 
 def _key(params: dict[str, Any], keys: list[str]) -> tuple:
     return tuple(params[k] for k in keys)
+
+
+def _requeue_failed(study: optuna.Study, cells: set[tuple], keys: list[str]) -> None:
+    """Queue again, with its grid cell, the last failed trial of each cell that has none finished
+    (stopped with Ctrl-C, or a stale one): the grid sampler counts a failed cell as tried."""
+    trials = study.get_trials(deepcopy=False)
+    queued = {_key(t.params, keys) for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)}
+    failed = {_key(t.params, keys): t for t in trials if t.state == TrialState.FAIL and t.params}
+    for cell, trial in failed.items():
+        if cell in cells and cell not in queued:
+            _retry()(study, trial)
+
+
+def _retry() -> RetryHeartbeatStaleTrialCallback:
+    """Optuna's callback that queues a failed trial again with its parameters (and grid cell)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=MAX_ATTEMPTS)
 
 
 def grid_search(
@@ -133,9 +152,18 @@ def grid_search(
         trial.set_user_attr("train_seconds", record.metrics["timing"]["train_seconds"])
         return record.score("val")
 
-    if missing:
-        study.optimize(objective)  # the grid sampler stops the study once every cell is finished
+    for _ in range(MAX_ATTEMPTS):
+        left = [c for c in cells if _key(c, keys) not in complete()]
+        if not left:
+            break
+        _requeue_failed(study, {_key(c, keys) for c in left}, keys)
+        study.optimize(objective)  # the grid sampler stops the study once every cell has been tried
     by_cell = complete()
+    unfinished = [cell_name(c) for c in cells if _key(c, keys) not in by_cell]
+    if unfinished:
+        raise DefungiError(
+            f"grid {name}: cells {', '.join(unfinished)} failed {MAX_ATTEMPTS} times; see their folders in {out_dir}"
+        )
     rows = []
     for c in cells:
         t = by_cell[_key(c, keys)]

@@ -23,7 +23,7 @@ import torch.nn as nn
 from defungi.config import Config, config_from_dict, same_config
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
-from defungi.layout import RunLayout, read_history, read_json
+from defungi.layout import RunLayout, read_history, read_json, read_table
 from defungi.models import create_model, model_entry
 from defungi.models.ensemble import Ensemble
 from defungi.train.loop import Preprocess, prior_weights
@@ -158,6 +158,21 @@ class RunDir:
         ]
         _write_csv(self.layout.split, ["path", "label", "group", "part"], rows)
 
+    def check_split(self, data: Dataset, split: dict[str, np.ndarray]) -> None:
+        """Refuse to read back or resume a run that was trained on another split of the images."""
+        if not self.layout.split.exists():
+            return
+        stored = {r["path"]: r["part"] for r in read_table(self.layout.split)}
+        part_of = {str(data.paths[i]): part for part, idx in split.items() for i in idx}
+        changed = sum(
+            stored.get(path, "unused") != part_of.get(path, "unused") for path in stored.keys() | part_of.keys()
+        )
+        if changed:
+            raise DefungiError(
+                f"{self.root} holds a run on another split of the images ({changed} in another part); "
+                "use a new folder (a curve, grid or study with other settings needs its own --out)"
+            )
+
     def write_exclusions(self, data: Dataset) -> None:
         """excluded.csv: the outliers and unreadable files left out of the run."""
         write_exclusions(self.layout.excluded, data)
@@ -212,6 +227,11 @@ class RunDir:
         schedule, callbacks, history, time)."""
         atomic_torch_save(checkpoint | training_state, self.layout.last)
 
+    def scored_checkpoint(self) -> Path:
+        """The checkpoint holding the weights the run was scored with."""
+        restore_best = self.config().train.restore_best if self.layout.config.exists() else True
+        return self.layout.best if restore_best else self.layout.last
+
     def resume_state(self, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None] | None:
         """(last.pt, the best weights) of an interrupted fit, or None for a fresh start."""
         if not self.layout.last.exists():
@@ -259,13 +279,14 @@ def write_exclusions(path: Path, data: Dataset) -> None:
 
 
 def load_trained(run_dir: str | Path, device: str = "auto") -> TrainedModel:
-    """Rebuild the model of a run folder from best.pt (weights_only).
+    """Rebuild the model of a run folder from its checkpoint (weights_only): best.pt, or last.pt for
+    a fit scored at its last epoch (train.restore_best = false).
 
-    A run trained as an ensemble has one checkpoint per member (member-K/best.pt): they are
-    loaded as one model that averages their probabilities.
+    An ensemble (member-K) or a cross-validation (fold-K) has one checkpoint per part: they are
+    loaded as one model that averages their probabilities, with the mean of their class shares.
     """
     run = RunDir(run_dir)
-    paths = [d.layout.best for d in run.parts()] or [run.layout.best]
+    paths = [part.scored_checkpoint() for part in run.parts()] or [run.scored_checkpoint()]
     present = [p for p in paths if p.exists()]
     if not present:
         raise DefungiError(f"{run.layout.best}: no checkpoint; train first with 'defungi train --out {run_dir}'")
@@ -283,10 +304,14 @@ def load_trained(run_dir: str | Path, device: str = "auto") -> TrainedModel:
         models.append(model)
     model = models[0] if len(models) == 1 else Ensemble(models)
     model.to(dev, memory_format=torch.channels_last).eval()
-    state = states[0]  # members share classes, preprocessing and class shares (one training part)
+    state = states[0]  # the parts share classes and the normalisation rule
     pre = state["preprocess"]
+    if pre["normalize"] == "dataset" and any(s["preprocess"] != pre for s in states):
+        raise DefungiError(
+            f"{run_dir}: its parts were normalised with different training-set statistics; use one part's folder"
+        )
     preprocess = Preprocess(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["normalize"])
+    priors = [s.get("class_prior") for s in states]
+    class_prior = None if priors[0] is None else np.mean(priors, axis=0).tolist()
     info = {k: state[k] for k in ("model_name", "model_args", "epoch", "best_metric")} | {"members": len(states)}
-    return TrainedModel(
-        model, preprocess, state["classes"], config_from_dict(state["config"]), dev, info, state.get("class_prior")
-    )
+    return TrainedModel(model, preprocess, state["classes"], config_from_dict(state["config"]), dev, info, class_prior)

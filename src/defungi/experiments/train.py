@@ -16,11 +16,11 @@ import numpy as np
 
 from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset, load_dataset
-from defungi.data.splits import kfold, train_val_test_split
+from defungi.data.splits import cv_folds, train_val_test_split
 from defungi.errors import DefungiError
 from defungi.experiments.fit import FitResult, fit, score_parts
 from defungi.experiments.rundir import FitRecord, RunDir, load_trained, model_args, write_predictions
-from defungi.layout import EvaluationLayout, RunLayout, read_table
+from defungi.layout import EvaluationLayout, RunLayout, read_predictions
 from defungi.train.loop import evaluate, predict_proba
 from defungi.train.metrics import scored
 from defungi.utils import atomic_write_json
@@ -52,6 +52,8 @@ def train(
     run = RunDir(out)
     if run.layout.config.exists():
         run.claim(config)  # refuses another config before any decoding
+        if data is not None and split is not None:
+            run.check_split(data, split)
         done = run.finished()
         if done is not None:
             log.info("%s is finished; delete it to train again", run.root)
@@ -81,30 +83,19 @@ def _write_predictions(run: RunDir, data: Dataset, split: dict[str, np.ndarray],
 
 
 def cv_splits(config: Config, data: Dataset) -> list[dict[str, np.ndarray]]:
-    """One split per fold of a K-fold cross-validation (grouped: whole samples): the fold's images
-    are its test part; a validation part for early stopping is carved from the other folds' samples
-    (val_fraction of all the data), never from the test part."""
-    dc, k_folds = config.data, config.data.cv_folds
-    units = data.groups if dc.split == "grouped" else np.arange(len(data.labels))
-    for c, name in enumerate(data.classes):
-        n_units = len(np.unique(units[data.labels == c]))
-        if n_units < k_folds:
-            what = "samples" if dc.split == "grouped" else "images"
-            raise DefungiError(
-                f"class {name} has {n_units} {what}; {k_folds}-fold cross-validation needs at least {k_folds} "
-                f"(use fewer folds{' or --split random' if dc.split == 'grouped' else ''})"
-            )
-    inner = min(0.5, dc.val_fraction / (1 - 1 / k_folds))
-    splits = []
-    for k, (rest, test) in enumerate(kfold(data.labels, data.groups, k_folds, dc.split, dc.seed)):
-        part = train_val_test_split(data.labels[rest], data.groups[rest], inner, 0.0, dc.split, dc.seed + k)
-        splits.append({"train": rest[part["train"]], "val": rest[part["val"]], "test": np.sort(test)})
-    return splits
+    """The config's K-fold cross-validation of data (see `defungi.data.splits.cv_folds`)."""
+    dc = config.data
+    return cv_folds(data.labels, data.groups, data.classes, dc.cv_folds, dc.val_fraction, dc.split, dc.seed)
 
 
-def _read_probabilities(path: Path, classes: list[str]) -> np.ndarray:
-    """The class probabilities of a predictions CSV, one row per image."""
-    return np.array([[float(r[f"p_{c}"]) for c in classes] for r in read_table(path)])
+def _oof_probabilities(run: RunDir, k: int, data: Dataset, idx: np.ndarray) -> np.ndarray:
+    """Fold k's test probabilities, checked to be those of the images it is now given."""
+    paths, probs = read_predictions(run.fold(k).layout.predictions("test"), data.classes)
+    if paths != [str(data.paths[i]) for i in idx]:
+        raise DefungiError(
+            f"{run.fold(k).root}: its test images are not this fold's any more (the data changed); use a new --out"
+        )
+    return probs
 
 
 def _train_cv(config: Config, data: Dataset, run: RunDir) -> FitRecord:
@@ -122,9 +113,7 @@ def _train_cv(config: Config, data: Dataset, run: RunDir) -> FitRecord:
         records.append(train(fold_config, run.fold(k).root, data, split))
     idx = np.concatenate([s["test"] for s in splits])
     fold_of = np.concatenate([[k] * len(s["test"]) for k, s in enumerate(splits)])
-    probs = np.concatenate(
-        [_read_probabilities(run.fold(k).layout.predictions("test"), data.classes) for k in range(len(splits))]
-    )
+    probs = np.concatenate([_oof_probabilities(run, k, data, s["test"]) for k, s in enumerate(splits)])
     order = np.argsort(idx)
     idx, fold_of, probs = idx[order], fold_of[order], probs[order]
     write_predictions(run.layout.oof, data, idx, probs, extra={"fold": fold_of.tolist()})
@@ -218,7 +207,7 @@ def _train_ensemble(config: Config, data: Dataset, split: dict[str, np.ndarray],
     timing = {
         "train_seconds": sum(t["train_seconds"] for t in timings),
         "epochs_run": sum(t["epochs_run"] for t in timings),
-        "train_images_per_s": float(np.mean([t["train_images_per_s"] or np.nan for t in timings])),
+        "train_images_per_s": float(np.mean([t["train_images_per_s"] or 0.0 for t in timings])),
         "eval_seconds": {part: m["seconds"] for part, m in scores.items()},
     }
     metrics = _metrics(

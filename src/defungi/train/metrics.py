@@ -9,10 +9,12 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Macro-averaged metrics over all classes, the per-class table and the confusion matrix."""
+    """Macro-averaged metrics over the classes that have images here (the model's other classes are
+    listed as absent), the per-class table and the confusion matrix."""
     labels = list(range(len(classes)))
+    present = [int(c) for c in np.unique(y_true)]
     p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, labels=present, average="macro", zero_division=0)
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -25,6 +27,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "classes": list(classes),
+        "absent_classes": [c for i, c in enumerate(classes) if i not in present],
     }
 
 

@@ -18,7 +18,7 @@ from defungi.errors import DefungiError
 from defungi.experiments.curve import LearningCurve, learning_curve
 from defungi.experiments.rundir import FitRecord, RunDir
 from defungi.experiments.train import dataset_for, evaluate_run, split_for, train
-from defungi.layout import RunLayout, SearchLayout, StudyLayout
+from defungi.layout import AuditLayout, RunLayout, SearchLayout, StudyLayout
 from defungi.report.audit import build_audit_report
 from defungi.report.combined import build_combined_report, comparison_table, read_states
 from defungi.report.page import Table
@@ -101,7 +101,7 @@ def redraw_job(folder: Path) -> list[Path]:
 
 def audit_job(root: Path, out: Path, variance_threshold: float) -> Path:
     """The data audit of a folder: audit.json, then audit.html with its figures."""
-    atomic_write_json(out / "audit.json", audit(root, variance_threshold))
+    atomic_write_json(AuditLayout(out).result, audit(root, variance_threshold))
     return build_audit_report(out)
 
 

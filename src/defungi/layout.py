@@ -121,6 +121,20 @@ class StudyLayout:
         return self.root / f"{number:02d}-{name}"
 
 
+@dataclass(frozen=True)
+class AuditLayout:
+    """The files of a data audit (`defungi data audit`): the result and the page's figures."""
+
+    root: Path
+
+    @property
+    def result(self) -> Path:
+        return self.root / "audit.json"
+
+    def figure(self, name: str) -> Path:
+        return self.root / f"{name}.png"
+
+
 def read_json(path: Path) -> Any:
     """A JSON file written by this package."""
     return json.loads(Path(path).read_text())

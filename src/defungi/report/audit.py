@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from defungi.layout import read_json
+from defungi.layout import AuditLayout, read_json
 from defungi.report.page import Page, Table
 from defungi.report.plots import contact_sheet, plot_variance
 
 
 def build_audit_report(out_dir: Path) -> Path:
     """audit.html and audit.md in out_dir from its audit.json; returns the HTML path."""
-    result = read_json(out_dir / "audit.json")
+    layout = AuditLayout(out_dir)
+    result = read_json(layout.result)
     page = Page(f"Data audit: {result['root']}")
     per_class = result["classes"]
     keys = ("images", "samples", "usable", "outliers", "unreadable")
@@ -19,10 +20,12 @@ def build_audit_report(out_dir: Path) -> Path:
     rows.append(["all", *(str(sum(v[k] for v in per_class.values())) for k in keys)])
     page.table(Table(["class", *keys], rows))
     page.heading("Outliers: grey-level variance under the threshold")
-    page.figure(plot_variance(result["variance"], result["variance_threshold"], out_dir / "variance.png"))
+    page.figure(plot_variance(result["variance"], result["variance_threshold"], layout.figure("variance")))
     outliers = result["outliers"]
     captions = [f"{o['class']} v={o['variance']:.1f}" for o in outliers]
-    page.figure(contact_sheet([Path(o["path"]) for o in outliers], captions, out_dir / "outliers.png", what="outliers"))
+    page.figure(
+        contact_sheet([Path(o["path"]) for o in outliers], captions, layout.figure("outliers"), what="outliers")
+    )
     clusters = result["duplicate_clusters"]
     page.heading("Identical images under more than one sample number")
     page.text(
@@ -35,7 +38,7 @@ def build_audit_report(out_dir: Path) -> Path:
             contact_sheet(
                 [Path(i["path"]) for i in shown],
                 [f"{i['class']} {Path(i['path']).name}" for i in shown],
-                out_dir / "duplicates.png",
+                layout.figure("duplicates"),
                 columns=8,
                 what=f"images of the first {min(20, len(clusters))} clusters",
             )

@@ -53,6 +53,8 @@ def render_run(run_dir: str | Path) -> list[Path]:
         title = f"{label}, {'out of fold' if 'folds' in metrics else 'test'}"
         figures.append(plot_reliability(test["calibration"], run.figure("reliability_test"), title))
     if "folds" in metrics:
+        for k in range(len(metrics["folds"])):
+            figures += render_run(run.fold(k).root)
         title = f"{label}: {len(metrics['folds'])}-fold cross-validation ({protocol['split']})"
         figures.append(plot_folds(metrics["folds"], run.figure("folds"), title))
     if run.excluded.exists():

@@ -75,6 +75,8 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     }
     grid_step = "grid20" if name == "resnet34" else "grid_full"
     assert state["steps"][grid_step]["choice"]["train.batch_size"] == 8
+    assert "95% interval over samples" in state["steps"][grid_step]["summary"]
+    assert "| 95% interval |" in md
     # interrupted after four steps: drop the later ones, run again; finished fits are read back
     saved = json.loads((out / "study.json").read_text())
     for key in list(saved["steps"])[4:]:

@@ -150,6 +150,7 @@ def grid_search(
         trial.set_user_attr("val_loss", record.score("val", "loss"))
         trial.set_user_attr("val_accuracy", record.score("val", "accuracy"))
         trial.set_user_attr("train_seconds", record.metrics["timing"]["train_seconds"])
+        trial.set_user_attr("val_f1_interval", record.metrics["val"]["intervals"]["f1"])
         return record.score("val")
 
     for _ in range(MAX_ATTEMPTS):
@@ -168,7 +169,11 @@ def grid_search(
     for c in cells:
         t = by_cell[_key(c, keys)]
         rows.append(
-            {**c, "val_f1": t.value, **{k: t.user_attrs[k] for k in ("val_loss", "val_accuracy", "train_seconds")}}
+            {
+                **c,
+                "val_f1": t.value,
+                **{k: t.user_attrs[k] for k in ("val_f1_interval", "val_loss", "val_accuracy", "train_seconds")},
+            }
         )
     best = max(rows, key=lambda r: r["val_f1"])
     return GridResult(

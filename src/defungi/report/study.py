@@ -52,11 +52,24 @@ def _grid(step: dict[str, Any], out: Path, study: Path) -> Drawn:
     result, x, y = step["result"], step["x_key"], step["y_key"]
     ranked = sorted(result["rows"], key=lambda r: -r["val_f1"])
     rows = [
-        [str(k), str(r[y]), f"{r[x]:g}", f"{r['val_f1']:.3f}", f"{r['val_loss']:.3f}", f"{r['train_seconds']:.0f}"]
+        [
+            str(k),
+            str(r[y]),
+            f"{r[x]:g}",
+            f"{r['val_f1']:.3f}",
+            _interval(r.get("val_f1_interval")),
+            f"{r['val_loss']:.3f}",
+            f"{r['train_seconds']:.0f}",
+        ]
         for k, r in enumerate(ranked, 1)
     ]
-    table = Table(["rank", y.split(".")[-1], x.split(".")[-1], "val macro-F1", "val loss", "train s"], rows)
+    header = ["rank", y.split(".")[-1], x.split(".")[-1], "val macro-F1", "95% interval", "val loss", "train s"]
+    table = Table(header, rows)
     return [table], [plot_grid(result["rows"], x, y, out / "grid.png", title=step["title"])]
+
+
+def _interval(interval: list[float] | None) -> str:
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
 
 
 def _per_class(test: dict[str, Any]) -> Table:

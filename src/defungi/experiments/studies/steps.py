@@ -96,8 +96,31 @@ def grid(ctx: StudyContext, out: Path, grid_values: dict[str, list[Any]], pool_f
         f"Best cell: batch size {best[BATCH]}, learning rate {best[LR]:g} (validation macro-F1 "
         f"{result.best_val_f1:.3f}, "
         f"{len(split['train'])} training images); carried forward."
-    )
+    ) + within_noise({cell_label(r): (r["val_f1"], r["val_f1_interval"]) for r in result.rows})
     return Grid(summary=summary, choice=best, title=title, x_key=LR, y_key=BATCH, result=result.to_dict())
+
+
+def within_noise(scores: dict[str, tuple[float, list[float]]]) -> str:
+    """A sentence on the best of named (score, 95% interval) pairs against the runner-up: a choice
+    whose interval overlaps the runner-up's is within noise."""
+    ranked = sorted(scores.items(), key=lambda kv: -kv[1][0])
+    if len(ranked) < 2:
+        return ""
+    (_, (_, (low, high))), (second, (_, (low2, high2))) = ranked[:2]
+    if low <= high2 and low2 <= high:
+        return (
+            f" Within noise: its 95% interval over samples [{low:.3f}, {high:.3f}] overlaps the runner-up's "
+            f"({second}: [{low2:.3f}, {high2:.3f}]), so the data cannot tell them apart."
+        )
+    return (
+        f" Its 95% interval over samples [{low:.3f}, {high:.3f}] lies above the runner-up's "
+        f"({second}: [{low2:.3f}, {high2:.3f}])."
+    )
+
+
+def cell_label(row: dict[str, Any]) -> str:
+    """'batch 32, lr 0.001' for a grid row."""
+    return f"batch {row[BATCH]}, lr {row[LR]:g}"
 
 
 def around(best: float, factors: list[float]) -> list[float]:
@@ -113,13 +136,16 @@ def compare_augmentation(ctx: StudyContext, out: Path) -> Comparison:
         for level in ("basic", "strong")
     }
     f1 = {k: r.score("val") for k, r in records.items()}
+    noise = within_noise(
+        {f"{k} augmentation": (r.score("val"), r.metrics["val"]["intervals"]["f1"]) for k, r in records.items()}
+    )
     winner = max(f1, key=f1.get)
     summary = (
         f"Validation macro-F1 {f1['basic']:.3f} with the basic augmentation (flips, 90-degree rotations, "
         "colour jitter) and "
         f"{f1['strong']:.3f} with the strong one (+ random resized crops, stronger jitter); the {winner} "
         "augmentation is carried forward."
-    )
+    ) + noise
     return Comparison(
         summary=summary,
         choice={"train.augment": winner},

@@ -204,10 +204,11 @@ def _train_ensemble(config: Config, data: Dataset, split: dict[str, np.ndarray],
     )
     _write_predictions(run, data, split, probs)
     timings = [m.metrics["timing"] for m in members]
+    speeds = [t["train_images_per_s"] for t in timings if t["train_images_per_s"]]
     timing = {
         "train_seconds": sum(t["train_seconds"] for t in timings),
         "epochs_run": sum(t["epochs_run"] for t in timings),
-        "train_images_per_s": float(np.mean([t["train_images_per_s"] or 0.0 for t in timings])),
+        "train_images_per_s": float(np.mean(speeds)) if speeds else None,
         "eval_seconds": {part: m["seconds"] for part, m in scores.items()},
     }
     metrics = _metrics(

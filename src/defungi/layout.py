@@ -17,7 +17,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class RunLayout:
-    """The files of one training run's folder (an ensemble adds one run folder per member)."""
+    """The files of one training run's folder (an ensemble adds one run folder per member, a
+    cross-validation one per fold)."""
 
     root: Path
 
@@ -48,7 +49,8 @@ class RunLayout:
 
     @property
     def best(self) -> Path:
-        """Weights with the best validation macro-F1 (what evaluate/predict load)."""
+        """Weights with the best validation macro-F1 (what evaluate/predict load, unless the run was
+        scored at its last epoch: train.restore_best = false)."""
         return self.root / "best.pt"
 
     @property

@@ -4,7 +4,8 @@ A run folder is finished when metrics.json exists (written last); an unfinished 
 last.pt resumes from its last epoch; config.json guards it against another config. Checkpoints
 are self-describing (model name and arguments, classes, preprocessing, config, class shares,
 epoch, best metric), written here and read back here, so a run folder alone rebuilds its model.
-An ensemble run holds one run folder per member (member-K).
+An ensemble run holds one run folder per member (member-K), a cross-validation one per fold
+(fold-K); together they are the run's model.
 """
 
 from __future__ import annotations

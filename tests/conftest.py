@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -61,3 +63,16 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep decoded-image caches inside the test's temporary folder."""
     monkeypatch.setenv("DEFUNGI_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DEFUNGI_DATA", raising=False)
+
+
+def fails_on_call(real: Callable[..., Any], n: int, exc: type[BaseException] = KeyboardInterrupt) -> Callable[..., Any]:
+    """real, except that its n-th call raises exc (an interruption at a chosen point)."""
+    calls = []
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == n:
+            raise exc
+        return real(*args, **kwargs)
+
+    return wrapped

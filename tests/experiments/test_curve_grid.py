@@ -12,7 +12,7 @@ from defungi.errors import DefungiError
 from defungi.experiments.curve import learning_curve
 from defungi.experiments.grid import grid_search, open_storage, study_name
 from defungi.experiments.train import split_for
-from tests.conftest import write_folder
+from tests.conftest import fails_on_call, write_folder
 
 TINY = {
     "data.image_size": 16,
@@ -140,15 +140,8 @@ def test_a_cell_stopped_with_ctrl_c_is_fitted_on_the_next_run(tmp_path: Path, mo
     config, data = _setup(tmp_path)
     split = split_for(config, data)
     grid = {"train.batch_size": [8, 16], "train.lr": [1e-3, 2e-3]}
-    real, calls = grid_module.train, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(grid_module, "train", interrupted)
+    real = grid_module.train
+    monkeypatch.setattr(grid_module, "train", fails_on_call(real, 2))
     with pytest.raises(KeyboardInterrupt):
         grid_search(config, data, split, grid, tmp_path / "grid")
     monkeypatch.setattr(grid_module, "train", real)

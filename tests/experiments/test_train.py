@@ -14,7 +14,7 @@ from defungi.experiments.train import evaluate_run, train
 from defungi.jobs import evaluate_job, train_job
 from defungi.models.ensemble import Ensemble
 from defungi.train.loop import predict_proba
-from tests.conftest import write_folder
+from tests.conftest import fails_on_call, write_folder
 
 
 def _config(data: Path, **over):
@@ -58,15 +58,7 @@ def test_interrupted_run_resumes_from_last_epoch(tiny_data: Path, tmp_path: Path
     config = _config(tiny_data, **{"train.epochs": 4, "train.ema_decay": 0.9})  # the weight average resumes too
     train(config, tmp_path / "uninterrupted")
     real = fit_module.train_one_epoch
-    calls = []
-
-    def dies_in_third_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fit_module, "train_one_epoch", dies_in_third_epoch)
+    monkeypatch.setattr(fit_module, "train_one_epoch", fails_on_call(real, 3))  # dies in the third epoch
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "run")
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1

@@ -29,12 +29,8 @@ def render_run(run_dir: str | Path) -> list[Path]:
         figures.append(
             plot_epoch_curves(histories, [f"seed {m['seed']}" for m in members], run.figure("training_curves"), title)
         )
-    elif run.history.exists() and read_history(run.history):
-        figures.append(
-            plot_history(
-                read_history(run.history), run.figure("training_curves"), f"{model} ({protocol['split']} split)"
-            )
-        )
+    elif history := (read_history(run.history) if run.history.exists() else []):
+        figures.append(plot_history(history, run.figure("training_curves"), f"{model} ({protocol['split']} split)"))
     label = f"{model} x{len(members)}" if members else model
     for part in ("val", "test"):
         if part not in metrics:

@@ -38,7 +38,6 @@ def base_model(ctx: StudyContext, out: Path) -> FitSummary:
 def curve_90(ctx: StudyContext, out: Path) -> Curves:
     """Learning curve on 90% of the data."""
     return steps.curves(
-        ctx,
         {"90% of the data": steps.curve(ctx, out, 0.9, ctx.config.study.curve_fractions)},
         "learning curve on 90% of the data",
     )

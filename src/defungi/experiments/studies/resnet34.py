@@ -16,7 +16,7 @@ def curve_20(ctx: StudyContext, out: Path) -> Curves:
     sc = ctx.config.study
     label = f"{sc.subset_fraction:.0%} of the data"
     return steps.curves(
-        ctx, {label: steps.curve(ctx, out, sc.subset_fraction, sc.curve_fractions)}, f"learning curve on {label}"
+        {label: steps.curve(ctx, out, sc.subset_fraction, sc.curve_fractions)}, f"learning curve on {label}"
     )
 
 
@@ -44,7 +44,7 @@ def curves_full(ctx: StudyContext, out: Path) -> Curves:
         ),
         "validation set": steps.curve(ctx, out / "holdout", 1.0, sc.full_curve_fractions, epochs=sc.full_curve_epochs),
     }
-    return steps.curves(ctx, results, "learning curves on the full data")
+    return steps.curves(results, "learning curves on the full data")
 
 
 def final(ctx: StudyContext, out: Path) -> Final:

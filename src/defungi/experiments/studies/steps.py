@@ -78,7 +78,7 @@ def curve_summary(result: dict[str, Any]) -> str:
     )
 
 
-def curves(ctx: StudyContext, results: dict[str, dict[str, Any]], title: str) -> Curves:
+def curves(results: dict[str, dict[str, Any]], title: str) -> Curves:
     """Named learning curves as a step result."""
     summary = " ".join(
         f"{name}: {curve_summary(r)}" if len(results) > 1 else curve_summary(r) for name, r in results.items()

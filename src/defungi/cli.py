@@ -235,12 +235,10 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from defungi.jobs import redraw_job, report_job
+    from defungi.jobs import compare_job, redraw_job, report_job
 
     if args.compare:
-        from defungi.report.combined import build_comparison
-
-        print(f"report: {build_comparison([Path(d) for d in args.compare], Path(args.out))}")
+        print(f"report: {compare_job([Path(d) for d in args.compare], Path(args.out))}")
         return 0
     for folder in args.folders:
         print(f"{folder}: {', '.join(str(p) for p in redraw_job(Path(folder)))}")

@@ -74,7 +74,8 @@ class StudyConfig:
     curve_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     full_curve_fractions: list[float] = field(default_factory=lambda: [0.5, 1.0])
     full_curve_epochs: int = 4
-    cv_folds: int = 3
+    cv_folds: int = 3  # the cross-validated learning curve
+    final_folds: int = 3  # the final recipe is scored by this K-fold cross-validation, grouped and random
     grid_batch_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
     grid_lrs: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3, 4e-3])
     grid2_lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])

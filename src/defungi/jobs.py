@@ -15,12 +15,13 @@ from defungi.config import Config
 from defungi.data.audit import audit
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.errors import DefungiError
+from defungi.experiments.compare import paired_difference
 from defungi.experiments.curve import LearningCurve, learning_curve
 from defungi.experiments.rundir import FitRecord, RunDir
 from defungi.experiments.train import dataset_for, evaluate_run, split_for, train
 from defungi.layout import AuditLayout, RunLayout, SearchLayout, StudyLayout
 from defungi.report.audit import build_audit_report
-from defungi.report.combined import build_combined_report, comparison_table, read_states
+from defungi.report.combined import build_combined_report, build_comparison, comparison_table, read_states
 from defungi.report.page import Table
 from defungi.report.run import render_evaluation, render_run
 from defungi.report.search import render_curve, render_grid
@@ -103,6 +104,12 @@ def audit_job(root: Path, out: Path, variance_threshold: float) -> Path:
     """The data audit of a folder: audit.json, then audit.html with its figures."""
     atomic_write_json(AuditLayout(out).result, audit(root, variance_threshold))
     return build_audit_report(out)
+
+
+def compare_job(run_dirs: list[Path], out: Path) -> Path:
+    """Finished runs side by side; for two, the paired difference with its interval."""
+    difference = paired_difference(run_dirs[0], run_dirs[1]) if len(run_dirs) == 2 else None
+    return build_comparison(run_dirs, out, difference)
 
 
 def report_job(study_dirs: list[Path], out: Path) -> Path:

@@ -1,6 +1,9 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from defungi.data.scan import scan
 from defungi.data.splits import kfold, subset, train_val_test_split, tuning_split
 from defungi.errors import DefungiError
 
@@ -77,3 +80,31 @@ def test_tuning_split_never_touches_the_test_part():
     used = np.concatenate([part["train"], part["val"]])
     assert not set(used) & set(split["test"]) and len(used) < len(split["train"]) + len(split["val"])
     assert not set(groups[part["train"]]) & set(groups[part["val"]])
+
+
+@pytest.mark.parametrize("mode", ["grouped", "random"])
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.4])
+def test_holdout_is_the_asked_size_of_every_class(mode, fraction):
+    rng = np.random.default_rng(5)
+    sizes = rng.integers(1, 30, 200)  # samples of 1 to 29 images
+    groups = np.repeat(np.arange(200), sizes).astype(str)
+    labels = np.repeat(np.arange(200) % 5, sizes)
+    test = train_val_test_split(labels, groups, 0.15, fraction, mode, seed=0)["test"]
+    for c in range(5):
+        asked = fraction * np.sum(labels == c)
+        assert abs(np.sum(labels[test] == c) - asked) <= (15 if mode == "grouped" else 1)  # half a sample at most
+
+
+DEFUNGI = Path(__file__).resolve().parents[3] / "shared" / "defungi"
+
+
+@pytest.mark.skipif(not DEFUNGI.is_dir(), reason="no ../shared/defungi")
+def test_asked_test_fraction_holds_on_defungi_names():
+    records = scan(DEFUNGI)
+    classes = sorted({r.label for r in records})
+    labels = np.array([classes.index(r.label) for r in records])
+    groups = np.array([r.group for r in records])
+    split = train_val_test_split(labels, groups, 0.15, 0.4, "grouped", seed=0)
+    assert 0.37 <= len(split["test"]) / len(labels) <= 0.43
+    assert 0.12 <= len(split["val"]) / len(labels) <= 0.18
+    assert not set(groups[split["test"]]) & set(groups[split["train"]])

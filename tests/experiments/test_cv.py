@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from defungi.config import load_config
 from defungi.data.dataset import load_dataset
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
+from defungi.experiments.compare import paired_difference
 from defungi.experiments.rundir import load_trained
 from defungi.experiments.train import cv_splits, train
 from tests.conftest import write_folder
@@ -116,4 +118,12 @@ def test_grouped_and_random_cv_side_by_side(tiny_data: Path, tmp_path: Path, cap
         == 0
     )
     md = (tmp_path / "cmp" / "report.md").read_text()
-    assert "grouped, 3-fold CV" in md and "random, 3-fold CV" in md and " points |" in md
+    assert "grouped 3-fold CV), per sample |" in md and "random 3-fold CV), per image |" in md
+    assert re.search(r"\| f1, per sample \| [+-]\d+\.\d \| \[[+-]\d+\.\d, [+-]\d+\.\d\] \| (yes|no)", md)
+
+
+def test_runs_on_different_images_are_not_compared(tiny_data: Path, tmp_path: Path):
+    for name, seed in (("a", 0), ("b", 1)):
+        train(_config(tiny_data, **{"data.cv_folds": 0, "data.seed": seed}), tmp_path / name)
+    with pytest.raises(DefungiError, match="scored different images"):
+        paired_difference(tmp_path / "a", tmp_path / "b")

@@ -26,6 +26,7 @@ SMALL_STUDY = {
     "study.grid_lrs": "[0.001, 0.002]",
     "study.grid2_lr_factors": "[1.0, 2.0]",
     "study.cv_folds": 2,
+    "study.final_folds": 2,
     "study.split_ratios": "[0.7, 0.8]",
     "study.split_repeats": 1,
     "study.depths": "[8, 16]",
@@ -60,7 +61,8 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     page = (out / "report.html").read_text()
     assert page.count("<h2>") == 7 and page.count("data:image/png;base64") >= 14
     md = (out / "report.md").read_text()
-    assert f"{name}, published (random split)" in md and "grouped split" in md and "| split | test images |" in md
+    assert f"{name}, published (random split)" in md and f"{name}, random 2-fold CV, per sample |" in md
+    assert "| split | fold | test images / samples |" in md and "| larger than noise |" in md
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (out / link).exists(), link
     assert {step["kind"] for step in state["steps"].values()} <= {
@@ -99,12 +101,12 @@ def test_per_study_sizes_apply_to_their_study_only(studies):
 def test_final_fits_may_be_ensembles_while_explorations_fit_one_model(studies):
     state, _, out = studies["convmixer"]
     final = state["steps"]["final"]
-    assert "ensemble of 2 fits" in final["summary"]
+    assert "an ensemble of 2 fits" in final["summary"]
     for mode in ("grouped", "random"):
-        assert json.loads((out / final["runs"][mode] / "metrics.json").read_text())["protocol"]["ensemble"] == 2
+        fold = json.loads((out / final["runs"][mode] / "fold-1" / "metrics.json").read_text())
+        assert fold["protocol"]["ensemble"] == 2 and fold["protocol"]["split"] == mode
     explored = [json.loads(p.read_text())["train"]["ensemble"] for p in out.glob("0[2-6]-*/**/config.json")]
     assert explored and set(explored) == {1}
-    assert "convmixer (ensemble of 2)" in build_combined_report([out], out / "combined").read_text()
 
 
 def test_depth_step_states_a_verdict_on_16_mixers(studies):
@@ -116,8 +118,8 @@ def test_depth_step_states_a_verdict_on_16_mixers(studies):
 def test_combined_report(studies, tmp_path: Path):
     page = build_combined_report([studies["resnet34"][2], studies["convmixer"][2]], tmp_path / "report")
     text = page.read_text()
-    assert "resnet34, published (random split)" in text and "convmixer, defungi (grouped split)" in text
-    assert text.count("data:image/png;base64") == 4
+    assert "resnet34, published (random split)" in text and "convmixer, grouped 2-fold CV, per sample" in text
+    assert text.count("data:image/png;base64") == 8 and text.count("random minus grouped") == 2
     assert "inference images/s" in text
 
 
@@ -126,7 +128,7 @@ def test_main_job_resumes_both_studies_and_returns_the_report(studies):
     before = json.loads((out / "study.json").read_text())
     page, table = main_job(config, out.parent)
     assert page == out.parent / "report" / "report.html" and page.exists()
-    assert "| convmixer, published (random split) | 0.780 | 0.810 | 0.790 | 0.800 |" in table.markdown()
+    assert "| convmixer, published (random split) |  | 0.780 | 0.810 | 0.790 | 0.800 |" in table.markdown()
     again = json.loads((out / "study.json").read_text())
     assert again["steps"] == before["steps"]  # every step read back, nothing refitted
 

@@ -1,6 +1,12 @@
 import numpy as np
 
-from defungi.train.metrics import bootstrap_intervals, calibration, classification_metrics, sample_decisions
+from defungi.train.metrics import (
+    bootstrap_difference,
+    bootstrap_intervals,
+    calibration,
+    classification_metrics,
+    sample_decisions,
+)
 
 
 def test_macro_metrics_and_confusion():
@@ -59,3 +65,16 @@ def test_macro_metrics_average_the_classes_present_and_match_their_intervals():
     assert m["f1"] == 1.0 and m["absent_classes"] == ["c"]
     low, high = bootstrap_intervals(y, p, np.arange(4).astype(str), 3, n_boot=50)["f1"]
     assert low <= m["f1"] <= high
+
+
+def test_paired_difference_is_zero_for_the_same_predictions_and_signed_otherwise():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(60), 4).astype(str)
+    labels = np.repeat(np.arange(60) % 3, 4)
+    worse = np.where(rng.random(len(labels)) < 0.5, labels, (labels + 1) % 3)
+    same = bootstrap_difference(labels, worse, worse, groups, 3, n_boot=200)
+    assert same["f1"]["difference"] == 0 and same["f1"]["interval"] == [0.0, 0.0]
+    better = bootstrap_difference(labels, worse, labels, groups, 3, n_boot=200)
+    assert better["accuracy"]["difference"] == 1 - np.mean(worse == labels)
+    low, high = better["f1"]["interval"]
+    assert 0 < low <= better["f1"]["difference"] <= high <= 1

@@ -13,28 +13,51 @@ from defungi.errors import DefungiError
 SPLIT_MODES = ("grouped", "random")
 
 
+def _units(labels: np.ndarray, groups: np.ndarray, mode: str) -> np.ndarray:
+    """What a split keeps whole: the physical sample (grouped) or the image (random)."""
+    if mode == "grouped":
+        return np.asarray(groups)
+    if mode == "random":
+        return np.arange(len(labels)).astype(str)
+    raise DefungiError(f"unknown split mode '{mode}'; use one of {', '.join(SPLIT_MODES)}")
+
+
+def _pick(labels: np.ndarray, units: np.ndarray, fraction: float, seed: int, leave_one: bool) -> np.ndarray:
+    """Boolean mask of whole units that hold `fraction` of every class's images, within half a unit's
+    worth: per class, its units in a seeded random order are taken up to the count closest to the
+    target, at least one (and, with leave_one, never all). A unit whose images span two classes
+    counts towards both."""
+    rng = np.random.default_rng(seed)
+    names, unit_of = np.unique(units, return_inverse=True)
+    taken = np.zeros(len(names), dtype=bool)
+    for c in np.unique(labels):
+        counts = np.bincount(unit_of[labels == c], minlength=len(names))
+        free = rng.permutation(np.flatnonzero((counts > 0) & ~taken))
+        cum = np.concatenate([[0], np.cumsum(counts[free])])
+        have = counts[taken].sum()
+        k = int(np.argmin(np.abs(have + cum - fraction * counts.sum())))
+        k = max(k, 1 if have == 0 else 0)
+        if leave_one and k == len(free):
+            k -= 1
+        taken[free[:k]] = True
+    return taken[unit_of]
+
+
 def _holdout(
     labels: np.ndarray, groups: np.ndarray, fraction: float, mode: str, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (into labels) of a stratified holdout of about `fraction`; grouped keeps samples whole."""
-    n_splits = max(2, round(1 / fraction))
-    min_count = np.bincount(labels).min()
-    if mode == "grouped":
-        n_groups_min = min(len(np.unique(groups[labels == c])) for c in np.unique(labels))
-        if n_groups_min < 2:
-            raise DefungiError(
-                "a class has images of only one sample: a grouped split is impossible; use --split random"
-            )
-        splitter = StratifiedGroupKFold(n_splits=min(n_splits, n_groups_min), shuffle=True, random_state=seed)
-        rest, held = next(splitter.split(np.zeros(len(labels)), labels, groups))
-    elif mode == "random":
-        if min_count < 2:
-            raise DefungiError("a class has a single image: add images to it so that it can be split")
-        splitter = StratifiedKFold(n_splits=min(n_splits, int(min_count)), shuffle=True, random_state=seed)
-        rest, held = next(splitter.split(np.zeros(len(labels)), labels))
-    else:
-        raise DefungiError(f"unknown split mode '{mode}'; use one of {', '.join(SPLIT_MODES)}")
-    return rest, held
+    """Positions (into labels) of the rest and of a stratified holdout of `fraction` of every class
+    (within half a sample's worth when grouped, which keeps samples whole)."""
+    units = _units(labels, groups, mode)
+    fewest = min(len(np.unique(units[labels == c])) for c in np.unique(labels))
+    if fewest < 2:
+        raise DefungiError(
+            "a class has images of only one sample: a grouped split is impossible; use --split random"
+            if mode == "grouped"
+            else "a class has a single image: add images to it so that it can be split"
+        )
+    held = _pick(labels, units, fraction, seed, leave_one=True)
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def train_val_test_split(
@@ -70,31 +93,22 @@ def kfold(
 
 
 def subset(labels: np.ndarray, groups: np.ndarray, fraction: float, mode: str = "grouped", seed: int = 0) -> np.ndarray:
-    """Sorted positions of a stratified subset of about `fraction` (whole samples when grouped)."""
+    """Sorted positions of a stratified subset of `fraction` of every class (whole samples when grouped)."""
     if not 0 < fraction <= 1:
         raise DefungiError(f"fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
         return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    keys = groups if mode == "grouped" else np.arange(len(labels)).astype(str)
-    chosen: list[np.ndarray] = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        units = rng.permutation(np.unique(keys[members]))
-        sizes = np.array([np.sum(keys[members] == u) for u in units])
-        take = units[: max(1, int(np.searchsorted(np.cumsum(sizes), fraction * len(members)) + 1))]
-        chosen.append(members[np.isin(keys[members], take)])
-    return np.sort(np.concatenate(chosen))
+    return np.flatnonzero(_pick(labels, _units(labels, groups, mode), fraction, seed, leave_one=False))
 
 
 def folds(
     labels: np.ndarray, groups: np.ndarray, pool: np.ndarray, cv: int, val_fraction: float, mode: str, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train, validation) positions of pool: K folds when cv >= 2, else one holdout of about val_fraction."""
+    """(train, validation) positions of pool: K folds when cv >= 2, else one holdout of val_fraction."""
     sub_labels, sub_groups = labels[pool], groups[pool]
     if cv >= 2:
         return [(pool[tr], pool[va]) for tr, va in kfold(sub_labels, sub_groups, cv, mode, seed)]
-    tr, va = next(kfold(sub_labels, sub_groups, max(2, round(1 / val_fraction)), mode, seed))
+    tr, va = _holdout(sub_labels, sub_groups, val_fraction, mode, seed)
     return [(pool[tr], pool[va])]
 
 
@@ -130,7 +144,7 @@ def cv_folds(
     """One split per fold of a K-fold cross-validation (grouped: whole samples): the fold's images
     are its test part; a validation part for early stopping is carved from the other folds' samples
     (val_fraction of all the data), never from the test part."""
-    units = groups if mode == "grouped" else np.arange(len(labels)).astype(str)
+    units = _units(labels, groups, mode)
     for c, name in enumerate(classes):
         n_units = len(np.unique(units[labels == c]))
         if n_units <= k_folds:  # a fold to test on, and the others to train and validate on

@@ -46,6 +46,35 @@ def metrics_table(rows: dict[str, dict[str, Any]], keys: Sequence[str] = METRICS
     )
 
 
+def interval_table(rows: dict[str, dict[str, Any]], keys: Sequence[str] = METRICS) -> Table:
+    """One row per named result: its size and each metric with its 95% interval where it has one."""
+
+    def cell(r: dict[str, Any], k: str) -> str:
+        if r.get(k) is None:
+            return ""
+        low_high = r.get("intervals", {}).get(k)
+        return f"{r[k]:.3f}" + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
+
+    return Table(
+        ["", "n", *(f"{k} [95% interval]" for k in keys)],
+        [[name, str(r.get("n", "")), *(cell(r, k) for k in keys)] for name, r in rows.items()],
+    )
+
+
+def difference_table(difference: dict[str, Any], keys: Sequence[str] = ("f1", "accuracy")) -> Table:
+    """Second minus first in points, per image and per sample, with the paired bootstrap's 95%
+    interval and whether it excludes 0."""
+    rows = []
+    for level in ("images", "samples"):
+        for k in keys:
+            d = difference[level][k]
+            low, high = d["interval"]
+            verdict = "yes" if low > 0 or high < 0 else "no (within noise)"
+            points = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+            rows.append([f"{k}, per {level[:-1]}", f"{100 * d['difference']:+.1f}", points, verdict])
+    return Table(["metric", "difference (points)", "95% interval (paired, over samples)", "larger than noise"], rows)
+
+
 @dataclass
 class Page:
     """Blocks in order; `write` renders them as report.html and report.md in a folder."""

@@ -207,13 +207,18 @@ def plot_bars(
     title: str,
     keys: Sequence[str] = ("accuracy", "precision", "recall", "f1"),
 ) -> Path:
-    """Grouped bars of metrics per named result (e.g. with/without augmentation, ours vs published)."""
+    """Grouped bars of metrics per named result (e.g. with/without augmentation, ours vs published),
+    with 95% interval whiskers for a result that has intervals."""
     names = list(values)
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for k, name in enumerate(names):
-        bars = ax.bar(np.arange(len(keys)) + k * width, [values[name].get(m, np.nan) for m in keys], width, label=name)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        heights = np.array([values[name].get(m, np.nan) for m in keys], dtype=float)
+        bounds = values[name].get("intervals", {})
+        spans = np.array([bounds.get(m, [h, h]) for m, h in zip(keys, heights, strict=True)], dtype=float)
+        errors = np.abs(np.stack([heights - spans[:, 0], spans[:, 1] - heights]))
+        bars = ax.bar(np.arange(len(keys)) + k * width, heights, width, label=name, yerr=errors, capsize=2)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center")
     ax.set(xticks=np.arange(len(keys)) + width * (len(names) - 1) / 2, xticklabels=keys, ylim=(0, 1), title=title)
     ax.legend(fontsize=7)
     return _save(fig, path)

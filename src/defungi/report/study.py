@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from defungi.layout import RunLayout, StudyLayout, read_json
-from defungi.report.page import METRICS, Page, Table, metrics_table
+from defungi.report.page import Page, Table, difference_table, interval_table, metrics_table
 from defungi.report.plots import (
     plot_bars,
     plot_class_counts,
@@ -99,15 +99,17 @@ def _comparison(step: dict[str, Any], out: Path, study: Path) -> Drawn:
 
 def _split_ratio(step: dict[str, Any], out: Path, study: Path) -> Drawn:
     scores = np.asarray(step["scores"])
-    names = [f"{100 * r:.0f}/{100 - 100 * r:.0f}" for r in step["ratios"]]
+    names = step["labels"]
     mean, spread = scores.mean(axis=1), scores.std(axis=1)
     title = f"test macro-F1 by split ratio ({scores.shape[1]} seeds each)"
     figure = plot_errorbars(names, mean, spread, out / "split_ratio.png", "train/test split", "test macro-F1", title)
+    intervals = np.asarray(step["intervals"]).mean(axis=1)
     rows = [
-        [n, f"{m:.3f}", f"{s:.3f}", ", ".join(map(str, t))]
-        for n, m, s, t in zip(names, mean, spread, step["test_sizes"], strict=True)
+        [n, f"{m:.3f}", f"{s:.3f}", _interval(iv.tolist()), ", ".join(map(str, t))]
+        for n, m, s, iv, t in zip(names, mean, spread, intervals, step["test_sizes"], strict=True)
     ]
-    return [Table(["train/test", "mean test macro-F1", "spread", "test images per seed"], rows)], [figure]
+    header = ["train/test (test share)", "mean test macro-F1", "spread", "mean 95% interval", "test images per seed"]
+    return [Table(header, rows)], [figure]
 
 
 def _depth(step: dict[str, Any], out: Path, study: Path) -> Drawn:
@@ -131,23 +133,39 @@ def _depth(step: dict[str, Any], out: Path, study: Path) -> Drawn:
 
 
 def final_rows(name: str, step: dict[str, Any], published: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """The final test metrics per split mode beside the published figures, as named rows."""
-    rows: dict[str, dict[str, Any]] = {f"{name}, defungi ({mode} split)": m for mode, m in step["test"].items()}
+    """The final recipe's out-of-fold metrics per split mode, per image and per sample, beside the
+    published figures, as named rows."""
+    k = step["cv_folds"]
+    rows: dict[str, dict[str, Any]] = {}
+    for mode, m in step["test"].items():
+        rows[f"{name}, {mode} {k}-fold CV, per image"] = m
+        rows[f"{name}, {mode} {k}-fold CV, per sample"] = m["samples"]
     return rows | {f"{name}, published (random split)": published}
 
 
 def _final(step: dict[str, Any], out: Path, study: Path) -> Drawn:
     state = read_json(StudyLayout(study).state)
-    bars = {f"defungi, {mode} split": m for mode, m in step["test"].items()} | {
+    k = step["cv_folds"]
+    bars = {f"{mode} {k}-fold CV, per image": m for mode, m in step["test"].items()} | {
         "published (random split)": state["published"]
     }
-    figures = [plot_bars(bars, out / "final_vs_published.png", "test metrics (macro over classes)")]
+    title = "out-of-fold test metrics (macro over classes, 95% intervals over samples)"
+    figures = [plot_bars(bars, out / "final_vs_published.png", title)]
     for run in step["runs"].values():
         render_run(study / run)
         layout = RunLayout(study / run)
-        figures += [layout.figure("training_curves"), layout.figure("confusion_test")]
-    sizes = Table(["split", "test images"], [[mode, str(m["n"])] for mode, m in step["test"].items()])
-    return [metrics_table(final_rows(state["study"], step, state["published"]), METRICS), sizes], figures
+        figures += [layout.figure(f) for f in ("folds", "confusion_test", "confusion_test_samples", "reliability_test")]
+    folds = Table(
+        ["split", "fold", "test images / samples", "F1 per image", "F1 per sample"],
+        [
+            [mode, str(f["fold"]), f"{f['test_images']} / {f['test_samples']}", f"{f['f1']:.3f}"]
+            + [f"{f['sample_f1']:.3f}"]
+            for mode, rows in step["folds"].items()
+            for f in rows
+        ],
+    )
+    table = interval_table(final_rows(state["study"], step, state["published"]))
+    return [table, difference_table(step["gap"]), folds], figures
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any], Path, Path], Drawn]] = {

@@ -65,6 +65,28 @@ def _scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
     return {"accuracy": tp.sum(-1) / confusion.sum((-2, -1)), **macro}
 
 
+def _resample_weights(groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, images) weights of a bootstrap that draws physical samples (groups) with replacement,
+    each drawn sample bringing all its images."""
+    ids, inverse = np.unique(groups, return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(ids), (n_boot, len(ids)))
+    return np.stack([np.bincount(d, minlength=len(ids)) for d in draws])[:, inverse]
+
+
+def _resampled_scores(
+    labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray, n_classes: int
+) -> dict[str, np.ndarray]:
+    """The scores of every resample (rows of weights)."""
+    cells = labels * n_classes + predictions
+    confusion = np.stack([np.bincount(cells, weights=w, minlength=n_classes**2) for w in weights])
+    return _scores(confusion.reshape(len(weights), n_classes, n_classes))
+
+
+def _percentiles(values: np.ndarray, level: float) -> list[float]:
+    tail = 100 * (1 - level) / 2
+    return [float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))]
+
+
 def bootstrap_intervals(
     labels: np.ndarray,
     predictions: np.ndarray,
@@ -76,15 +98,28 @@ def bootstrap_intervals(
 ) -> dict[str, list[float]]:
     """95% intervals of accuracy and macro P / R / F1 from a bootstrap that resamples physical
     samples (groups) with replacement, each drawn sample bringing all its images."""
-    ids, inverse = np.unique(groups, return_inverse=True)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(ids), (n_boot, len(ids)))
-    weights = np.stack([np.bincount(d, minlength=len(ids)) for d in draws])[:, inverse]  # (n_boot, images)
-    cells = labels * n_classes + predictions
-    confusion = np.stack([np.bincount(cells, weights=w, minlength=n_classes**2) for w in weights])
-    scores = _scores(confusion.reshape(n_boot, n_classes, n_classes))
-    tail = 100 * (1 - level) / 2
-    return {k: [float(np.nanpercentile(v, tail)), float(np.nanpercentile(v, 100 - tail))] for k, v in scores.items()}
+    weights = _resample_weights(groups, n_boot, seed)
+    scores = _resampled_scores(labels, predictions, weights, n_classes)
+    return {k: _percentiles(v, level) for k, v in scores.items()}
+
+
+def bootstrap_difference(
+    labels: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    groups: np.ndarray,
+    n_classes: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, Any]]:
+    """Second minus first predictions of the same images, per metric: the difference and its 95%
+    interval from a paired bootstrap over physical samples (both scored on every resample)."""
+    weights = _resample_weights(groups, n_boot, seed)
+    a, b = (_resampled_scores(labels, p, weights, n_classes) for p in (first, second))
+    full = np.ones((1, len(labels)))
+    a0, b0 = (_resampled_scores(labels, p, full, n_classes) for p in (first, second))
+    return {k: {"difference": float(b0[k][0] - a0[k][0]), "interval": _percentiles(b[k] - a[k], level)} for k in a}
 
 
 def calibration(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> dict[str, Any]:

@@ -47,33 +47,41 @@ def split_ratio(ctx: StudyContext, out: Path) -> SplitRatio:
     """The same model at several train/test ratios, each with repeated seeds; the best ratio is kept."""
     sc, dc = ctx.config.study, ctx.config.data
     config = steps.explore_config(ctx)
-    scores = np.full((len(sc.split_ratios), sc.split_repeats), np.nan)
-    sizes = np.zeros((len(sc.split_ratios), sc.split_repeats), dtype=int)
+    shape = (len(sc.split_ratios), sc.split_repeats)
+    scores, sizes, intervals = np.full(shape, np.nan), np.zeros(shape, dtype=int), np.zeros((*shape, 2))
     for i, ratio in enumerate(sc.split_ratios):
         for r in range(sc.split_repeats):
             split = train_val_test_split(
                 ctx.data.labels, ctx.data.groups, dc.val_fraction * ratio, 1 - ratio, dc.split, dc.seed + 1000 * r
             )
-            scores[i, r] = train(config, out / "fits" / f"train{ratio:.2f}-seed{r}", ctx.data, split).score("test")
-            sizes[i, r] = len(split["test"])
+            record = train(config, out / "fits" / f"train{ratio:.2f}-seed{r}", ctx.data, split)
+            scores[i, r], sizes[i, r] = record.score("test"), len(split["test"])
+            intervals[i, r] = record.metrics["test"]["intervals"]["f1"]
     mean, spread = scores.mean(axis=1), scores.std(axis=1)
-    ratio = sc.split_ratios[int(np.argmax(mean))]
+    names = [  # the asked ratio and the test share the splits really had
+        f"{100 * r:.0f}/{100 - 100 * r:.0f} (test {100 * t.mean() / len(ctx.data.labels):.1f}%)"
+        for r, t in zip(sc.split_ratios, sizes, strict=True)
+    ]
+    best = int(np.argmax(mean))
     summary = (
-        "Mean test macro-F1 per ratio: "
-        + ", ".join(
-            f"{100 * r:.0f}/{100 - 100 * r:.0f}: {m:.3f} ± {s:.3f}"
-            for r, m, s in zip(sc.split_ratios, mean, spread, strict=True)
-        )
-        + f". {100 * ratio:.0f}/{100 - 100 * ratio:.0f} has the best mean and is carried forward "
+        "Mean test macro-F1 per ratio (asked train/test, the test share actually used): "
+        + ", ".join(f"{n}: {m:.3f} ± {s:.3f}" for n, m, s in zip(names, mean, spread, strict=True))
+        + f". {names[best]} has the best mean and is carried forward "
         "(a larger test part gives a steadier "
         "estimate, a larger training part a better model; the spread shows how much a single split can mislead)."
+        + steps.within_noise(
+            {n: (m, iv.mean(axis=0).tolist()) for n, m, iv in zip(names, mean, intervals, strict=True)}
+        )
     )
     return SplitRatio(
         summary=summary,
-        choice={"data.test_fraction": round(1 - ratio, 4)},
+        choice={"data.test_fraction": round(1 - sc.split_ratios[best], 4)},
         ratios=list(sc.split_ratios),
         scores=scores.tolist(),
         test_sizes=sizes.tolist(),
+        labels=names,
+        images=len(ctx.data.labels),
+        intervals=intervals.tolist(),
     )
 
 

@@ -72,12 +72,16 @@ class Comparison(StepResult):
 
 @dataclass(kw_only=True)
 class SplitRatio(StepResult):
-    """Test macro-F1 per train share (rows) and repeat (columns), with the test sizes used."""
+    """Test macro-F1 per train share (rows) and repeat (columns), with the test sizes used (of all
+    the usable images) and each fit's 95% interval of its test macro-F1."""
 
     kind: ClassVar[str] = "split_ratio"
     ratios: list[float]
+    labels: list[str]  # '60/40 (test 40.1%)'
     scores: list[list[float]]
     test_sizes: list[list[int]]
+    images: int
+    intervals: list[list[list[float]]]
 
 
 @dataclass(kw_only=True)
@@ -90,12 +94,15 @@ class Depth(StepResult):
 
 @dataclass(kw_only=True)
 class Final(StepResult):
-    """The final fits per split mode (run folders relative to the study folder) beside the published figures."""
+    """The final recipe scored by K-fold cross-validation per split mode (run folders relative to the
+    study folder): out-of-fold metrics, per-fold figures, and random minus grouped (paired, with intervals)."""
 
     kind: ClassVar[str] = "final"
     runs: dict[str, str]
     test: dict[str, dict[str, Any]]
+    folds: dict[str, list[dict[str, Any]]]
+    gap: dict[str, Any]
     timing: dict[str, dict[str, Any]]
     parameters: int
-    ensemble: int
+    cv_folds: int
     inference_images_per_s: float

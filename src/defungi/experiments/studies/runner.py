@@ -26,7 +26,7 @@ from defungi.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 2  # study.json layout; 1 (before steps were typed results) is not resumed
+STATE_FORMAT = 3  # study.json layout; older ones (2: final fits on one split; 1: untyped steps) are not resumed
 
 
 @dataclass

@@ -1,0 +1,61 @@
+"""Two finished runs compared on the images both scored: the difference of their macro metrics, per
+image and per sample, with a 95% interval from a paired bootstrap over physical samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defungi.errors import DefungiError
+from defungi.layout import RunLayout, read_json, read_table
+from defungi.train.metrics import bootstrap_difference, sample_decisions
+
+
+@dataclass
+class Scored:
+    """A run's scored images (out-of-fold for a cross-validation, else its test part), sorted by path."""
+
+    paths: list[str]
+    labels: np.ndarray
+    samples: np.ndarray
+    probs: np.ndarray
+    classes: list[str]
+
+
+def scored_images(run_dir: Path) -> Scored:
+    """Read a finished run's scored images from oof.csv or predictions_test.csv."""
+    layout = RunLayout(Path(run_dir))
+    if not layout.metrics.exists():
+        raise DefungiError(f"{run_dir}: not a finished run folder (no metrics.json); train it first")
+    classes = read_json(layout.metrics)["classes"]
+    path = layout.oof if layout.oof.exists() else layout.predictions("test")
+    if not path.exists():
+        raise DefungiError(f"{run_dir}: no {path.name}; it scored no test images, so there is nothing to compare")
+    rows = sorted(read_table(path), key=lambda r: r["path"])
+    return Scored(
+        paths=[r["path"] for r in rows],
+        labels=np.array([classes.index(r["class"]) for r in rows]),
+        samples=np.array([r["sample"] for r in rows]),
+        probs=np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows]),
+        classes=classes,
+    )
+
+
+def paired_difference(first: Path, second: Path, seed: int = 0) -> dict[str, Any]:
+    """Second run minus first, on the same images: per metric the difference and its 95% interval,
+    image-level and sample-level (a sample's decision: the mean of its images' probabilities)."""
+    a, b = scored_images(first), scored_images(second)
+    if a.paths != b.paths or a.classes != b.classes:
+        raise DefungiError(
+            f"{first} and {second} scored different images or classes; compare runs on the same data "
+            "(e.g. one recipe under grouped and random cross-validation)"
+        )
+    n_classes = len(a.classes)
+    images = bootstrap_difference(a.labels, a.probs.argmax(1), b.probs.argmax(1), a.samples, n_classes, seed=seed)
+    ids, labels, first_probs = sample_decisions(a.probs, a.labels, a.samples)
+    second_probs = sample_decisions(b.probs, b.labels, b.samples)[2]
+    samples = bootstrap_difference(labels, first_probs.argmax(1), second_probs.argmax(1), ids, n_classes, seed=seed)
+    return {"images": images, "samples": samples, "n_images": len(a.paths), "n_samples": len(ids)}

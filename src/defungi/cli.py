@@ -72,10 +72,21 @@ def _config(args: argparse.Namespace) -> Any:
     return load_config(args.profile, overrides)
 
 
+# options a resumed run takes from its own config.json
+RESUME_FIXED = ("data", "split", "model", "epochs", "batch_size", "lr", "image_size", "seed", "device", "set")
+RESUME_FIXED += ("cv_folds",)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from defungi.jobs import resume_job, train_job
 
     if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k in RESUME_FIXED and v is not None]
+        if given or args.out:
+            raise DefungiError(
+                f"--resume continues {args.resume} with the config it was started with; drop "
+                f"{', '.join(given + (['--out'] if args.out else []))} (or train into a new --out)"
+            )
         record = resume_job(Path(args.resume))
     elif args.out:
         record = train_job(_config(args), Path(args.out))
@@ -191,13 +202,20 @@ def _floats(text: str) -> list[float]:
 
 def _weight(text: str) -> float:
     value = float(text)
-    if value < 0:
+    if not 0 <= value <= 1:  # also NaN
         raise argparse.ArgumentTypeError(f"{text}: {PRIOR_WEIGHT_RANGE}")
     return value
 
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _positive_ints(text: str) -> list[int]:
+    values = _ints(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': give positive integers, e.g. 32,64")
+    return values
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
@@ -315,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--out", required=True)
     p.add_argument("--fraction", type=float, default=1.0, help="share of the data (1.0: the full training set)")
-    p.add_argument("--batch-sizes", type=_ints, default=[32, 64, 128])
+    p.add_argument("--batch-sizes", type=_positive_ints, default=[32, 64, 128])
     p.add_argument("--lrs", type=_floats, default=[5e-4, 1e-3, 2e-3, 4e-3])
     p.add_argument(
         "--param", action="append", metavar="KEY=V1,V2", help="another grid axis, e.g. train.weight_decay=0.01,0.05"

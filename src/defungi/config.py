@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -114,6 +116,7 @@ CHOICES = {
 
 
 PRIOR_WEIGHT_RANGE = "use 0 (balanced decision) to 1 (training class frequencies)"
+MIN_IMAGE_SIZE = 16  # px: the smallest input the models (patch 4 ConvMixer, ResNet stride 32) take usefully
 
 
 def validate(config: Config) -> Config:
@@ -131,8 +134,25 @@ def validate(config: Config) -> Config:
         raise DefungiError(
             f"config key 'train.ensemble' is {config.train.ensemble}; use 1 (one model) or more (an ensemble of seeds)"
         )
-    if config.train.prior_weight < 0:
+    if not 0 <= config.train.prior_weight <= 1:  # also NaN
         raise DefungiError(f"config key 'train.prior_weight' is {config.train.prior_weight:g}; {PRIOR_WEIGHT_RANGE}")
+    for key, value, low, fix in (
+        ("train.epochs", config.train.epochs, 1, "train at least one epoch"),
+        ("train.batch_size", config.train.batch_size, 1, "use a positive batch size, e.g. 32"),
+        ("data.image_size", config.data.image_size, MIN_IMAGE_SIZE, f"use {MIN_IMAGE_SIZE} px or more, e.g. 64"),
+    ):
+        if value < low:
+            raise DefungiError(f"config key '{key}' is {value}; {fix}")
+    if not (math.isfinite(config.train.lr) and config.train.lr > 0):
+        raise DefungiError(f"config key 'train.lr' is {config.train.lr:g}; use a positive learning rate, e.g. 1e-3")
+    dc = config.data
+    if not (0 < dc.val_fraction < 1 and 0 <= dc.test_fraction < 1 and dc.val_fraction + dc.test_fraction < 1):
+        raise DefungiError(
+            f"config keys 'data.val_fraction' ({dc.val_fraction:g}) and 'data.test_fraction' ({dc.test_fraction:g}): "
+            "the validation part needs a share in (0, 1), the test part [0, 1), and both together under 1"
+        )
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.train.device):
+        raise DefungiError(f"config key 'train.device' is '{config.train.device}'; use auto, cpu, cuda, cuda:N or mps")
     return config
 
 
@@ -172,7 +192,10 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         return bool(value)
     if isinstance(current, (dict, list)):
-        parsed = json.loads(value) if isinstance(value, str) else value
+        try:
+            parsed = json.loads(value) if isinstance(value, str) else value
+        except json.JSONDecodeError:
+            parsed = None
         if not isinstance(parsed, type(current)):
             raise DefungiError(f"config key '{name}' wants a {type(current).__name__} (JSON), got '{value}'")
         return parsed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -9,12 +10,16 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from defungi.errors import DefungiError
 
 log = logging.getLogger("defungi")
 
@@ -78,11 +83,34 @@ def _json_default(obj: Any) -> Any:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file and a rename."""
+    """torch.save through a uniquely named temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as fh:
+        torch.save(obj, fh)
     os.replace(tmp, path)
+
+
+@contextmanager
+def exclusive_lock(path: Path, busy: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on path (fcntl.flock; the file records the holder's pid). With busy, a
+    lock held elsewhere is a DefungiError (busy, with {pid} filled in); without, wait for it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            fh.seek(0)
+            raise DefungiError(busy.format(pid=fh.read().strip() or "?")) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.truncate(0)
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def seed_everything(seed: int) -> None:
@@ -96,4 +124,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        visible = torch.cuda.device_count()
+        raise DefungiError(f"--device {name}: no such CUDA GPU here ({visible} visible); use cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DefungiError(f"--device {name}: MPS is not available here; use cpu or auto")
+    return device

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +32,20 @@ class DecodedImages:
     errors: dict[int, str]  # index -> why the file could not be decoded
 
 
+# what a file that cannot be decoded raises (PIL's pixel limit included); it is skipped and listed
+DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB from any mode: grey, palette, RGBA (on white), 16-bit and float grey rescaled."""
+    """RGB from any mode: grey, palette, RGBA (on white); 16-bit grey scaled by its full range (not
+    stretched, so that a near-blank 16-bit image stays near-blank), float grey in [0, 1] by 255."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(image, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+        if image.mode != "F":
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        elif arr.max() <= 1:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "P", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -80,7 +88,7 @@ def _decode_chunk(args: tuple[list[str], int]) -> list[tuple[np.ndarray | None, 
         try:
             pixels, var, bits = decode_one(Path(p), size)
             out.append((pixels, var, bits, ""))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except DECODE_ERRORS as exc:
             out.append((None, float("nan"), None, f"{type(exc).__name__}: {exc}".splitlines()[0]))
     return out
 
@@ -102,40 +110,14 @@ def decode_images(
     progress: bool = True,
 ) -> DecodedImages:
     """Decoded images at size x size, from the cache when the same files were decoded before."""
-    from defungi.utils import progress_bar
+    from defungi.utils import exclusive_lock  # lazily, as utils imports torch
 
     folder = (cache_dir or default_cache_dir()) / "decoded" / f"{cache_key(records, size)}-{size}px"
     meta_path = folder / "meta.json"
-    n = len(records)
     if not meta_path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "images.u8.tmp"
-        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        variance = np.full(n, np.nan, dtype=np.float64)
-        ahash = np.zeros((n, HASH_SIDE * HASH_SIDE // 8), dtype=np.uint8)
-        errors: dict[int, str] = {}
-        chunk = 64
-        jobs = [([str(r.path) for r in records[i : i + chunk]], size) for i in range(0, n, chunk)]
-        workers = workers or min(os.cpu_count() or 1, 8)
-        with ProcessPoolExecutor(workers) if workers > 1 and n > 4 * chunk else _Serial() as pool:
-            results = pool.map(_decode_chunk, jobs)
-            bar = progress_bar(total=n, desc=f"decode {size}px", unit="img", enabled=progress)
-            for start, chunk_out in zip(range(0, n, chunk), results, strict=True):
-                for j, (pixels, var, bits, err) in enumerate(chunk_out):
-                    if err:
-                        errors[start + j] = err
-                    else:
-                        images[start + j], variance[start + j], ahash[start + j] = pixels, var, bits
-                bar.update(len(chunk_out))
-            bar.close()
-        images.flush()
-        del images
-        os.replace(tmp, folder / "images.npy")
-        np.savez(folder / "stats.npz", variance=variance, ahash=ahash)
-        tmp_meta = meta_path.with_suffix(".tmp")
-        tmp_meta.write_text(json.dumps({"n": n, "size": size, "errors": {str(k): v for k, v in errors.items()}}))
-        os.replace(tmp_meta, meta_path)
-        log.info("decoded %d images at %d px into %s", n, size, folder)
+        with exclusive_lock(folder / ".lock"):  # another process decoding the same entry: wait for it
+            if not meta_path.exists():
+                _decode_into(folder, records, size, workers, progress)
     meta = json.loads(meta_path.read_text())
     stats = np.load(folder / "stats.npz")
     return DecodedImages(
@@ -144,6 +126,41 @@ def decode_images(
         ahash=stats["ahash"],
         errors={int(k): v for k, v in meta["errors"].items()},
     )
+
+
+def _decode_into(folder: Path, records: list[ImageRecord], size: int, workers: int | None, progress: bool) -> None:
+    """Decode every record into folder: images.npy, stats.npz, then meta.json (written last)."""
+    from defungi.utils import atomic_write_text, progress_bar
+
+    n = len(records)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".images.", suffix=".npy")
+    os.close(fd)
+    images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    variance = np.full(n, np.nan, dtype=np.float64)
+    ahash = np.zeros((n, HASH_SIDE * HASH_SIDE // 8), dtype=np.uint8)
+    errors: dict[int, str] = {}
+    chunk = 64
+    jobs = [([str(r.path) for r in records[i : i + chunk]], size) for i in range(0, n, chunk)]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    with ProcessPoolExecutor(workers) if workers > 1 and n > 4 * chunk else _Serial() as pool:
+        results = pool.map(_decode_chunk, jobs)
+        bar = progress_bar(total=n, desc=f"decode {size}px", unit="img", enabled=progress)
+        for start, chunk_out in zip(range(0, n, chunk), results, strict=True):
+            for j, (pixels, var, bits, err) in enumerate(chunk_out):
+                if err:
+                    errors[start + j] = err
+                else:
+                    images[start + j], variance[start + j], ahash[start + j] = pixels, var, bits
+            bar.update(len(chunk_out))
+        bar.close()
+    images.flush()
+    del images
+    os.replace(tmp, folder / "images.npy")
+    np.savez(folder / "stats.npz", variance=variance, ahash=ahash)
+    atomic_write_text(
+        folder / "meta.json", json.dumps({"n": n, "size": size, "errors": {str(k): v for k, v in errors.items()}})
+    )
+    log.info("decoded %d images at %d px into %s", n, size, folder)
 
 
 class _Serial:

@@ -39,9 +39,11 @@ def load_dataset(
     """Scan, decode (cached), drop unreadable and low-variance images, merge duplicate groups.
 
     classes: the class list of a trained model, so that evaluation folders map to the same
-    indices; a folder class the model does not know is an error.
+    indices; a folder class the model does not know is an error, one class alone is fine. To train
+    (no classes), every class needs a usable image.
     """
-    records: list[ImageRecord] = scan(root)
+    training = classes is None
+    records: list[ImageRecord] = scan(root, min_classes=2 if training else 1)
     found = class_names(records)
     classes = classes or found
     unknown = sorted(set(found) - set(classes))
@@ -57,6 +59,12 @@ def load_dataset(
     if not keep.any():
         raise DefungiError(
             f"{root}: no usable images (all unreadable or under variance threshold {variance_threshold})"
+        )
+    empty = [c for c in found if not any(keep[i] for i, r in enumerate(records) if r.label == c)]
+    if empty and training:
+        raise DefungiError(
+            f"{root}: class {', '.join(empty)} has no usable image (all unreadable or under variance threshold "
+            f"{variance_threshold:g}; see the warnings above); add images or remove the folder"
         )
     groups = merge_duplicate_groups([r.group for r in records], decoded.ahash, keep)
     excluded = [

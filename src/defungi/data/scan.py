@@ -7,9 +7,11 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +56,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "defungi"
 
 
+def _subdirs(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
+
+
+def _has_images(folder: Path, recursive: bool = True) -> bool:
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    return any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in files)
+
+
+def _has_class_folders(folder: Path) -> bool:
+    """Whether folder holds at least two sub-folders with images of their own (a tree of classes)."""
+    return sum(_has_images(d, recursive=False) for d in _subdirs(folder)) >= 2
+
+
 def _class_root(root: Path) -> Path:
     """The folder that holds the class folders: root itself, or its single sub-folder."""
-    subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
-    has_images = any(any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir()) for d in subdirs)
-    if len(subdirs) == 1 and not has_images:
+    subdirs = _subdirs(root)
+    if len(subdirs) == 1 and not any(_has_images(d, recursive=False) for d in subdirs):
         return _class_root(subdirs[0])
     return root
 
@@ -70,15 +85,22 @@ def _unpack(archive: Path) -> Path:
     ).hexdigest()[:12]
     dest = default_cache_dir() / "unpacked" / f"{archive.stem}-{digest}"
     if not dest.is_dir():
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
         try:
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(tmp)
-        except zipfile.BadZipFile:
-            raise DefungiError(f"{archive}: not a readable .zip archive; download it again") from None
-        _unpack_nested(tmp)
-        tmp.rename(dest)
+            _unpack_nested(tmp)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DefungiError(
+                f"{archive}: not a readable .zip archive ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                "download it again"
+            ) from None
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process unpacked it first
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -90,8 +112,9 @@ def _unpack_nested(folder: Path) -> None:
         inner.unlink()
 
 
-def scan(root: str | Path) -> list[ImageRecord]:
-    """All images under root/<class>/ (root may be a .zip); errors name the path and the fix."""
+def scan(root: str | Path, min_classes: int = 2) -> list[ImageRecord]:
+    """All images under root/<class>/ (root may be a .zip); errors name the path and the fix.
+    min_classes: 2 to train a classifier, 1 to evaluate one."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DefungiError(f"{root}: no such file or folder; pass --data DIR or run 'defungi data fetch'")
@@ -102,6 +125,12 @@ def scan(root: str | Path) -> list[ImageRecord]:
         root = _unpack(root)
     base = _class_root(root)
     class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+    nested = [d.name for d in class_dirs if not _has_images(d, recursive=False) and _has_class_folders(d)]
+    if len(nested) > 1:
+        raise DefungiError(
+            f"{base} holds several trees of class folders ({', '.join(nested)}); pass --data {base / nested[0]} "
+            "(or another one of them)"
+        )
     if not class_dirs:
         raise DefungiError(f"{base}: no class folders; expected {base}/<class>/<image files>")
     records: list[ImageRecord] = []
@@ -112,7 +141,7 @@ def scan(root: str | Path) -> list[ImageRecord]:
                 f"{class_dir}: class folder has no images (.jpg/.png/.tif/.bmp); add images or remove the folder"
             )
         records += [ImageRecord(f, class_dir.name, group_of(f, class_dir.name)) for f in files]
-    if len(class_dirs) < 2:
+    if len(class_dirs) < min_classes:
         raise DefungiError(f"{base}: only one class folder ({class_dirs[0].name}); a classifier needs at least two")
     return records
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from defungi.layout import RunLayout, read_history, read_json, read_table
 from defungi.models import create_model, model_entry
 from defungi.models.ensemble import Ensemble
 from defungi.train.loop import Preprocess, prior_weights
-from defungi.utils import atomic_torch_save, atomic_write_json, atomic_write_text, resolve_device
+from defungi.utils import atomic_torch_save, atomic_write_json, atomic_write_text, exclusive_lock, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +124,34 @@ class RunDir:
 
     # ---- config and "finished" -------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Check, before any decoding, that the folder can hold a run: not a file, not under a file,
+        writable."""
+        for folder in (self.root, *self.root.parents):
+            if not folder.exists():
+                continue
+            if not folder.is_dir():
+                raise DefungiError(f"--out {self.root}: {folder} is a file; give a folder path")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise DefungiError(f"--out {self.root}: {folder} is not writable; use another --out")
+            return
+
+    def lock(self) -> AbstractContextManager[None]:
+        """The folder's exclusive lock, held while training into it."""
+        busy = f"{self.root} is in use by another defungi process (pid {{pid}}); wait for it, or use another --out"
+        return exclusive_lock(self.root / ".lock", busy)
+
+    def started(self) -> bool:
+        """Whether training has left anything to resume or read back (a checkpoint, a part, metrics)."""
+        marks = (self.layout.last, self.layout.best, self.layout.metrics, self.layout.fold(0).root)
+        return any(p.exists() for p in (*marks, self.layout.member(0).root))
+
     def claim(self, config: Config) -> None:
-        """Create the folder for config, or check that it already holds a run of the same config."""
+        """Create the folder for config, or check that it already holds a run of the same config (a
+        folder whose start failed before any training takes the new config)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.layout.config.exists() and not self.started():
+            self.layout.config.unlink()
         claim_config(
             self.layout.config,
             config,
@@ -151,27 +178,36 @@ class RunDir:
     # ---- plain files -----------------------------------------------------------------------
 
     def write_split(self, data: Dataset, split: dict[str, np.ndarray]) -> None:
-        """split.csv: every usable image with its class, sample group and part."""
+        """split.csv: every usable image with its class, sample group, part and file size (the run's
+        record of its data, checked when it is resumed or read back)."""
         part_of = {int(i): part for part, idx in split.items() for i in idx}
         rows = [
-            [str(data.paths[i]), data.classes[data.labels[i]], data.groups[i], part_of.get(i, "unused")]
-            for i in range(len(data.paths))
+            [str(p), data.classes[data.labels[i]], data.groups[i], part_of.get(i, "unused"), _size(p)]
+            for i, p in enumerate(data.paths)
         ]
-        _write_csv(self.layout.split, ["path", "label", "group", "part"], rows)
+        _write_csv(self.layout.split, ["path", "label", "group", "part", "bytes"], rows)
 
     def check_split(self, data: Dataset, split: dict[str, np.ndarray]) -> None:
-        """Refuse to read back or resume a run that was trained on another split of the images."""
-        if not self.layout.split.exists():
+        """Refuse to resume or read back a started run whose images were added, removed, changed
+        (another size) or put in another part since, naming the difference."""
+        if not (self.layout.split.exists() and self.started()):
             return
-        stored = {r["path"]: r["part"] for r in read_table(self.layout.split)}
+        stored = {r["path"]: r for r in read_table(self.layout.split)}
         part_of = {str(data.paths[i]): part for part, idx in split.items() for i in idx}
-        changed = sum(
-            stored.get(path, "unused") != part_of.get(path, "unused") for path in stored.keys() | part_of.keys()
-        )
-        if changed:
+        now = {str(p): part_of.get(str(p), "unused") for p in data.paths}
+        added, removed = sorted(now.keys() - stored.keys()), sorted(stored.keys() - now.keys())
+        common = stored.keys() & now.keys()
+        resized = sorted(p for p in common if stored[p].get("bytes", "") not in ("", str(_size(Path(p)))))
+        moved = sorted(p for p in common if stored[p]["part"] != now[p])
+        problems = [
+            f"{len(paths)} {what} (e.g. {paths[0]})"
+            for what, paths in (("added", added), ("removed", removed), ("changed", resized), ("moved", moved))
+            if paths
+        ]
+        if problems:
             raise DefungiError(
-                f"{self.root} holds a run on another split of the images ({changed} in another part); "
-                "use a new folder (a curve, grid or study with other settings needs its own --out)"
+                f"{self.root} was trained on other images or another split: {', '.join(problems)}; "
+                "train into a new --out (a curve, grid or study with other settings needs its own)"
             )
 
     def write_exclusions(self, data: Dataset) -> None:
@@ -257,6 +293,14 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+def _size(path: Path) -> int:
+    """A file's size in bytes (-1 when it is gone)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def write_predictions(

@@ -7,6 +7,7 @@ its members. Figures are drawn afterwards from the folder's files (`defungi.repo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -20,10 +21,10 @@ from defungi.data.splits import cv_folds, train_val_test_split
 from defungi.errors import DefungiError
 from defungi.experiments.fit import FitResult, fit, score_parts
 from defungi.experiments.rundir import FitRecord, RunDir, load_trained, model_args, write_predictions
-from defungi.layout import EvaluationLayout, RunLayout, read_predictions
+from defungi.layout import EvaluationLayout, RunLayout, read_json, read_predictions
 from defungi.train.loop import evaluate, predict_proba
 from defungi.train.metrics import scored
-from defungi.utils import atomic_write_json
+from defungi.utils import atomic_write_json, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,17 @@ def dataset_for(config: Config, progress: bool = True) -> Dataset:
 
 
 def split_for(config: Config, data: Dataset) -> dict[str, np.ndarray]:
-    """The seeded train/val/test split a config asks for."""
+    """The seeded train/val/test split a config asks for; a class too small for it is named."""
     dc = config.data
+    parts = 3 if dc.test_fraction > 0 else 2
+    for c, name in enumerate(data.classes):
+        units = len(set(data.groups[data.labels == c])) if dc.split == "grouped" else int(np.sum(data.labels == c))
+        if units < parts:
+            what = "samples" if dc.split == "grouped" else "images"
+            raise DefungiError(
+                f"class {name} has {units} {what}; a {dc.split} split into {parts} parts needs at least {parts} "
+                f"(add {what} to it{' or use --split random' if dc.split == 'grouped' else ''})"
+            )
     return train_val_test_split(data.labels, data.groups, dc.val_fraction, dc.test_fraction, dc.split, dc.seed)
 
 
@@ -50,29 +60,38 @@ def train(
     epoch, another config in the folder is refused. data and split default to the config's.
     """
     run = RunDir(out)
-    if run.layout.config.exists():
-        run.claim(config)  # refuses another config before any decoding
-        if data is not None and split is not None:
-            run.check_split(data, split)
-        done = run.finished()
-        if done is not None:
-            log.info("%s is finished; delete it to train again", run.root)
-            return done
-    data = data if data is not None else dataset_for(config)
-    if config.data.cv_folds >= 2:
-        return _train_cv(config, data, run)
-    split = split if split is not None else split_for(config, data)
-    run.claim(config)
-    run.write_exclusions(data)
-    run.write_split(data, split)
-    log.info("split (%s): %s", config.data.split, {k: len(v) for k, v in split.items()})
-    if config.train.ensemble > 1:
-        return _train_ensemble(config, data, split, run)
-    result = fit(config, data, split, run)
-    _write_predictions(run, data, split, result.probabilities)
-    return run.write_result(
-        result.history, _metrics(config, data, split, result.metrics, result.precision, **_fit_record(result))
-    )
+    run.prepare()
+    resolve_device(config.train.device)  # an unusable --device is refused before any decoding
+    with run.lock():
+        if run.layout.config.exists():
+            run.claim(config)  # refuses another config before any decoding
+            if data is not None and split is not None:
+                run.check_split(data, split)
+            done = run.finished()
+            if done is not None:
+                log.info("%s is finished; delete it to train again", run.root)
+                return done
+        data = data if data is not None else dataset_for(config)
+        if config.data.cv_folds >= 2:
+            return _train_cv(config, data, run)
+        split = split if split is not None else split_for(config, data)
+        if len(split["train"]) < config.train.batch_size:
+            raise DefungiError(
+                f"batch size {config.train.batch_size} is larger than the training part ({len(split['train'])} "
+                f"images); use --batch-size {len(split['train'])} or less"
+            )
+        run.claim(config)
+        run.check_split(data, split)
+        run.write_exclusions(data)
+        run.write_split(data, split)
+        log.info("split (%s): %s", config.data.split, {k: len(v) for k, v in split.items()})
+        if config.train.ensemble > 1:
+            return _train_ensemble(config, data, split, run)
+        result = fit(config, data, split, run)
+        _write_predictions(run, data, split, result.probabilities)
+        return run.write_result(
+            result.history, _metrics(config, data, split, result.metrics, result.precision, **_fit_record(result))
+        )
 
 
 def _write_predictions(run: RunDir, data: Dataset, split: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> None:
@@ -104,6 +123,7 @@ def _train_cv(config: Config, data: Dataset, run: RunDir) -> FitRecord:
     splits = cv_splits(config, data)
     folds = {f"fold-{k}": s["test"] for k, s in enumerate(splits)}
     run.claim(config)
+    run.check_split(data, folds)
     run.write_exclusions(data)
     run.write_split(data, folds)
     fold_config = load_config_from(config, {"data.cv_folds": 0})
@@ -240,7 +260,10 @@ def evaluate_run(
     tta: bool | None = None,
     prior_weight: float | None = None,
 ) -> dict[str, Any]:
-    """Score a trained run on any labelled folder; metrics.json in out_dir (default: RUN/evaluations/NAME)."""
+    """Score a trained run on any labelled folder; metrics.json in out_dir (default: RUN/evaluations/NAME,
+    NAME-<hash> when another folder of that name was evaluated there before)."""
+    out = EvaluationLayout(Path(out_dir)) if out_dir else _evaluation_layout(Path(run_dir), Path(data_root))
+    RunDir(out.root).prepare()
     trained = load_trained(run_dir)
     data = load_dataset(
         data_root, trained.preprocess.image_size, trained.config.data.variance_threshold, classes=trained.classes
@@ -267,13 +290,19 @@ def evaluate_run(
         "prior_weight": power if weights is not None else 0.0,
         "excluded": data.excluded,
     }
-    out = (
-        EvaluationLayout(Path(out_dir))
-        if out_dir
-        else RunLayout(Path(run_dir)).evaluation(Path(data_root).resolve().name)
-    )
     atomic_write_json(out.metrics, metrics)
     return metrics | {"out_dir": str(out.root)}
+
+
+def _evaluation_layout(run_dir: Path, data_root: Path) -> EvaluationLayout:
+    """RUN/evaluations/NAME for a data folder called NAME, unless another folder of that name was
+    evaluated there: then NAME-<hash of its path>."""
+    name = data_root.resolve().name
+    out = RunLayout(run_dir).evaluation(name)
+    if out.metrics.exists() and Path(read_json(out.metrics)["data"]).resolve() != data_root.resolve():
+        digest = hashlib.sha1(str(data_root.resolve()).encode()).hexdigest()[:6]
+        out = RunLayout(run_dir).evaluation(f"{name}-{digest}")
+    return out
 
 
 def inference_images_per_s(run_dir: str | Path, n_images: int = 256, batch_size: int = 64) -> float:

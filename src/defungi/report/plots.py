@@ -81,7 +81,7 @@ def contact_sheet(
     what: str = "excluded",
 ) -> Path:
     """A grid of thumbnails (e.g. the excluded outliers) with a caption under each; the title counts them."""
-    from defungi.data.cache import open_image, square
+    from defungi.data.cache import DECODE_ERRORS, open_image, square
 
     shown = list(zip(paths, captions, strict=True))[:limit]
     rows = max(1, -(-len(shown) // columns))
@@ -91,7 +91,7 @@ def contact_sheet(
     for ax, (p, caption) in zip(axes.ravel(), shown, strict=False):
         try:
             ax.imshow(np.asarray(square(open_image(Path(p), thumb), thumb)))
-        except OSError:
+        except DECODE_ERRORS:
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
         ax.set_title(caption, fontsize=6)
     if not shown:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from defungi.data.cache import decode_one
+from defungi.data.cache import DECODE_ERRORS, decode_one
 from defungi.data.scan import IMAGE_SUFFIXES
 from defungi.errors import DefungiError
 from defungi.experiments.rundir import load_trained
@@ -44,7 +44,7 @@ def predict(
         try:
             pixels.append(decode_one(f, size)[0])
             ok.append(f)
-        except (OSError, ValueError, SyntaxError) as exc:
+        except DECODE_ERRORS as exc:
             log.warning("skipped %s: %s", f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             rows.append({"path": str(f), "error": f"unreadable image ({type(exc).__name__})"})
     if pixels:

@@ -29,6 +29,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "train.lr": args.lr,
         "train.device": args.device,
         "data.cv_folds": getattr(args, "cv_folds", None),
+        "train.pretrained": True if args.pretrained else None,
+        "train.weights": args.weights,
     }
     for item in args.set or []:
         if "=" not in item:
@@ -55,6 +57,8 @@ def _add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument("--image-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+    p.add_argument("--pretrained", action="store_true", help="start from the model's ImageNet weights (head replaced)")
+    p.add_argument("--weights", metavar="PATH", help="start from weights in a file (a state dict or a checkpoint)")
     p.add_argument(
         "--set",
         action="append",
@@ -74,14 +78,15 @@ def _config(args: argparse.Namespace) -> Any:
 
 # options a resumed run takes from its own config.json
 RESUME_FIXED = ("data", "split", "model", "epochs", "batch_size", "lr", "image_size", "seed", "device", "set")
-RESUME_FIXED += ("cv_folds",)
+RESUME_FIXED += ("cv_folds", "weights", "pretrained")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from defungi.jobs import resume_job, train_job
 
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k in RESUME_FIXED and v is not None]
+        fixed = [k for k, v in vars(args).items() if k in RESUME_FIXED and v not in (None, False)]
+        given = [f"--{k.replace('_', '-')}" for k in fixed]
         if given or args.out:
             raise DefungiError(
                 f"--resume continues {args.resume} with the config it was started with; drop "

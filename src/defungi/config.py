@@ -23,7 +23,8 @@ class DataConfig:
     root: str = ""
     image_size: int = 64
     variance_threshold: float = 15.0  # grey-level variance at 224 px; see README "Outliers"
-    # luma: per-image mean/std over all channels (hue kept); image: per channel; dataset: training-set mean/std
+    # luma: per-image mean/std over all channels (hue kept); image: per channel; dataset: training-set mean/std;
+    # pretrained: the mean/std the model's pretrained weights were trained with
     normalize: str = "luma"
     split: str = "grouped"  # grouped: no physical sample in two parts; random: as the study
     val_fraction: float = 0.15
@@ -58,6 +59,10 @@ class TrainConfig:
     prior_weight: float = 0.5
     patience_epochs: int = 5
     restore_best: bool = True  # score the weights of the best validation epoch; false: the last epoch's
+    pretrained: bool = False  # start from the model's ImageNet weights (head replaced)
+    weights: str = ""  # or from this file: a state dict or a torchvision / timm / defungi checkpoint
+    freeze_backbone: bool = False  # train the head alone, on backbone features computed once per image (cached)
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to the head's (fine-tuning: e.g. 0.1)
     min_epochs: int = 0
     # mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with native bf16 (AVX512-BF16, AMX)
     amp: bool = True
@@ -107,7 +112,7 @@ class Config:
 
 CHOICES = {
     "data.split": ("grouped", "random"),
-    "data.normalize": ("image", "luma", "dataset"),
+    "data.normalize": ("image", "luma", "dataset", "pretrained"),
     "train.optimizer": ("adamw", "sgd"),
     "train.schedule": ("onecycle", "cosine"),
     "train.augment": ("none", "basic", "strong"),
@@ -151,6 +156,10 @@ def validate(config: Config) -> Config:
             f"config keys 'data.val_fraction' ({dc.val_fraction:g}) and 'data.test_fraction' ({dc.test_fraction:g}): "
             "the validation part needs a share in (0, 1), the test part [0, 1), and both together under 1"
         )
+    if config.train.weights and not Path(config.train.weights).expanduser().is_file():
+        raise DefungiError(f"--weights {config.train.weights}: no such file")
+    if not config.train.backbone_lr_scale >= 0:
+        raise DefungiError(f"config key 'train.backbone_lr_scale' is {config.train.backbone_lr_scale:g}; use 0 to 1")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.train.device):
         raise DefungiError(f"config key 'train.device' is '{config.train.device}'; use auto, cpu, cuda, cuda:N or mps")
     return config

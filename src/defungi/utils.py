@@ -91,6 +91,15 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save through a uniquely named temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as fh:
+        np.save(fh, array)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def exclusive_lock(path: Path, busy: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock on path (fcntl.flock; the file records the holder's pid). With busy, a

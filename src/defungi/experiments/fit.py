@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,8 +20,10 @@ from timm.utils import ModelEmaV3
 from defungi.config import Config, TrainConfig
 from defungi.data.augment import augment_batch, balanced_order, mix_batch
 from defungi.data.dataset import Dataset
+from defungi.data.scan import default_cache_dir
 from defungi.experiments.rundir import RunDir
 from defungi.models import create_model
+from defungi.models.pretrained import head_name, imagenet_state_dict, load_backbone, normalization, read_weights
 from defungi.train.callbacks import EarlyStopping
 from defungi.train.loop import (
     Preprocess,
@@ -24,12 +31,13 @@ from defungi.train.loop import (
     autocast_dtype,
     batches,
     evaluate,
+    head_inputs,
     precision_name,
     prior_weights,
     train_one_epoch,
 )
 from defungi.train.metrics import classification_metrics, scored
-from defungi.utils import resolve_device, seed_everything
+from defungi.utils import atomic_save_npy, exclusive_lock, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +56,29 @@ class FitResult:
     probabilities: dict[str, np.ndarray]  # per scored part, one row per image
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW or SGD with Nesterov momentum; no weight decay on norms and biases."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    head: str | None = None,
+    backbone_lr_scale: float = 1.0,
+) -> torch.optim.Optimizer:
+    """AdamW or SGD with Nesterov momentum; no weight decay on norms and biases; frozen weights left
+    out. With the head's name, the other (backbone) weights learn at backbone_lr_scale x lr."""
+    groups = []
+    for backbone in (False, True):
+        params = [
+            p
+            for n, p in model.named_parameters()
+            if p.requires_grad and (head is not None and not n.startswith(f"{head}.")) == backbone
+        ]
+        rate = lr * (backbone_lr_scale if backbone else 1.0)
+        groups += [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": rate},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": rate},
+        ]
+    groups = [g for g in groups if g["params"]]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":
@@ -61,13 +87,15 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, lr: float, total_steps: int, warmup_fraction: float
+    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_fraction: float
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """One-cycle, or linear warm-up then cosine decay, stepped once per batch."""
+    """One-cycle (peaking at each parameter group's rate), or linear warm-up then cosine decay,
+    stepped once per batch."""
     total_steps = max(total_steps, 10)  # one-cycle needs a few steps per phase (tiny test fits)
     if name == "onecycle":
+        peaks = [g["lr"] for g in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=total_steps, pct_start=warmup_fraction
+            optimizer, max_lr=peaks, total_steps=total_steps, pct_start=warmup_fraction
         )
     if name == "cosine":
         warmup = max(1, int(total_steps * warmup_fraction))
@@ -101,29 +129,45 @@ def score_parts(
     device: torch.device,
     tc: TrainConfig,
     class_weights: np.ndarray | None,
+    probabilities_of: Callable[[np.ndarray], tuple[np.ndarray, float]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """Metrics (image- and sample-level, with intervals over samples) and probabilities of every part
-    but 'train', scored as the run asks (test-time augmentation, precision)."""
+    but 'train', scored as the run asks (test-time augmentation, precision); probabilities_of(idx),
+    when given, computes (probabilities, loss) another way (e.g. from cached features)."""
     metrics, probabilities = {}, {}
     for part, idx in split.items():
         if part == "train" or len(idx) == 0:
             continue
         t0 = time.perf_counter()
-        probs, loss = evaluate(
-            model,
-            data.images[idx],
-            data.labels[idx],
-            preprocess,
-            device,
-            tta=tc.tta,
-            amp=tc.amp,
-            channels_last=tc.channels_last,
-            class_weights=class_weights,
-        )
+        probs, loss = (
+            probabilities_of or (lambda i: _evaluate(model, data, i, preprocess, device, tc, class_weights))
+        )(idx)
         scores = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed=tc.seed)
         metrics[part] = scores | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
         probabilities[part] = probs
     return metrics, probabilities
+
+
+def _evaluate(
+    model: nn.Module,
+    data: Dataset,
+    idx: np.ndarray,
+    preprocess: Preprocess,
+    device: torch.device,
+    tc: TrainConfig,
+    class_weights: np.ndarray | None,
+) -> tuple[np.ndarray, float]:
+    return evaluate(
+        model,
+        data.images[idx],
+        data.labels[idx],
+        preprocess,
+        device,
+        tta=tc.tta,
+        amp=tc.amp,
+        channels_last=tc.channels_last,
+        class_weights=class_weights,
+    )
 
 
 @dataclass
@@ -142,6 +186,8 @@ class _Fit:
     step: TrainStep
     steps_per_epoch: int
     stopper: EarlyStopping
+    head: str | None = None  # the head's module name, when the backbone is frozen or learns slower
+    features: np.ndarray | None = None  # frozen backbone: the head's input for every image (cached)
     history: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 0
     train_seconds: float = 0.0
@@ -180,7 +226,10 @@ class _Fit:
         log.info("resuming %s at epoch %d/%d", run.root, self.start_epoch + 1, self.config.train.epochs)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """Train one class-balanced, augmented epoch; score the validation part; return its history row."""
+        """Train one class-balanced, augmented epoch (of the head alone on cached features when the
+        backbone is frozen); score the validation part; return its history row."""
+        if self.features is not None:
+            return self.train_head_epoch(epoch)
         tc, data = self.config.train, self.data
         rng = np.random.default_rng([tc.seed, epoch])
         generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
@@ -229,6 +278,102 @@ class _Fit:
             "seconds": stats["seconds"],
         }
 
+    def train_head_epoch(self, epoch: int) -> dict[str, float]:
+        """One class-balanced epoch of the head on the frozen backbone's cached features (no
+        augmentation: a feature is computed once per image)."""
+        tc, data, step, features = self.config.train, self.data, self.step, self.features
+        rng = np.random.default_rng([tc.seed, epoch])
+        labels_train = data.labels[self.train_idx]
+        picks = (
+            balanced_order(labels_train, len(labels_train), rng) if tc.balance else rng.permutation(len(labels_train))
+        )
+        order, head = self.train_idx[picks], self.model.get_submodule(self.head)
+        head.train()
+        start, total, correct, seen = time.perf_counter(), 0.0, 0, 0
+        for i in range(0, len(order) - tc.batch_size + 1, tc.batch_size):
+            idx = np.sort(order[i : i + tc.batch_size])
+            x, y = torch.from_numpy(features[idx]).to(self.device), torch.from_numpy(data.labels[idx]).to(self.device)
+            logits = head(x)
+            loss = step.criterion(logits, y)
+            step.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step.optimizer.step()
+            step.scheduler.step()
+            if step.on_step is not None:
+                step.on_step()
+            total, correct, seen = (
+                total + loss.item() * len(y),
+                correct + int((logits.argmax(1) == y).sum()),
+                seen + len(y),
+            )
+        seconds = time.perf_counter() - start
+        probs, val_loss = self.head_probabilities(self.val_idx)
+        val = classification_metrics(data.labels[self.val_idx], probs.argmax(1), data.classes)
+        self.train_seconds += seconds
+        return {
+            "epoch": epoch + 1,
+            "lr": step.scheduler.get_last_lr()[0],
+            "train_loss": total / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val["accuracy"],
+            "val_f1": val["f1"],
+            "images_per_s": seen / seconds if seconds else 0.0,
+            "seconds": seconds,
+        }
+
+    @torch.no_grad()
+    def head_probabilities(self, idx: np.ndarray) -> tuple[np.ndarray, float]:
+        """(probabilities, loss) of the scored head on the cached features of images idx: what the
+        whole model computes on them without test-time augmentation."""
+        x = torch.from_numpy(self.features[idx]).to(self.device)
+        probs = torch.softmax(self.scored.get_submodule(self.head).eval()(x).float(), 1).cpu().numpy()
+        if self.class_weights is not None:
+            probs = probs * self.class_weights
+            probs /= probs.sum(1, keepdims=True)
+        labels = self.data.labels[idx]
+        return probs, float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean())
+
+
+def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
+    """Pretrained weights into everything but the head: from a file, or the model's ImageNet ones."""
+    if tc.weights:
+        load_backbone(model, read_weights(tc.weights), f"--weights {tc.weights}")
+    elif tc.pretrained:
+        load_backbone(model, imagenet_state_dict(tc.model), f"the ImageNet weights of {tc.model}")
+
+
+def _cached_features(
+    config: Config, data: Dataset, model: nn.Module, head: str, preprocess: Preprocess, device: torch.device
+) -> np.ndarray:
+    """The frozen backbone's features of every image, computed once per (images, model, weights,
+    preprocessing) in the user cache, so that CV folds and re-runs share them."""
+    tc = config.train
+    source = tc.weights and f"{Path(tc.weights).resolve()}:{Path(tc.weights).stat().st_size}" or "imagenet"
+    key = hashlib.sha1(
+        json.dumps(
+            [tc.model, tc.model_args, source, dataclasses.asdict(preprocess), tc.amp, [str(p) for p in data.paths]]
+        ).encode()
+    ).hexdigest()[:16]
+    path = default_cache_dir() / "features" / f"{key}.npy"
+    with exclusive_lock(path.with_suffix(".lock")):
+        if not path.exists():
+            t0 = time.perf_counter()
+            feats = head_inputs(
+                model,
+                model.get_submodule(head),
+                data.images,
+                preprocess,
+                device,
+                amp=tc.amp,
+                channels_last=tc.channels_last,
+            )
+            atomic_save_npy(path, feats)
+            log.info(
+                "backbone features of %d images in %.0f s, cached in %s", len(feats), time.perf_counter() - t0, path
+            )
+    return np.load(path)
+
 
 def _start(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> _Fit:
     """Seed, then build the model, weight average, optimiser, schedule and stopping for a fit."""
@@ -236,16 +381,24 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> _Fit:
     seed_everything(tc.seed)
     device = resolve_device(tc.device)
     train_idx = split["train"]
-    mean, std = channel_stats(data.images, train_idx)
+    if config.data.normalize == "pretrained":
+        mean, std = normalization(tc.model)
+    else:
+        mean, std = channel_stats(data.images, train_idx)
     preprocess = Preprocess(data.images.shape[1], mean, std, config.data.normalize)
     counts = np.bincount(data.labels[train_idx], minlength=len(data.classes))
     class_prior = (counts / counts.sum()).tolist() if tc.balance else None
     model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
+    _initial_weights(model, tc)
     model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
-    optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay)
+    head = head_name(model) if tc.freeze_backbone or tc.backbone_lr_scale != 1 else None
+    if tc.freeze_backbone:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(f"{head}.")
+    optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, head, tc.backbone_lr_scale)
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
     steps_per_epoch = max(1, len(train_idx) // tc.batch_size)
-    scheduler = build_scheduler(optimizer, tc.schedule, tc.lr, tc.epochs * steps_per_epoch, tc.warmup_fraction)
+    scheduler = build_scheduler(optimizer, tc.schedule, tc.epochs * steps_per_epoch, tc.warmup_fraction)
     # autocast decides per device (bf16/fp16 on CUDA, bf16 on CPUs with native bf16); fp16 needs loss scaling
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, tc.amp) == torch.float16)
     step = TrainStep(
@@ -272,6 +425,8 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> _Fit:
         step,
         steps_per_epoch,
         stopper,
+        head,
+        _cached_features(config, data, model, head, preprocess, device) if tc.freeze_backbone else None,
     )
 
 
@@ -325,8 +480,9 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir
         log.info("early stop: %s", state.stopper.reason)
     if tc.restore_best and state.best_state is not None:
         state.scored.load_state_dict(state.best_state)
+    cached = state.head_probabilities if state.features is not None and not tc.tta else None
     metrics, probabilities = score_parts(
-        state.scored, data, split, state.preprocess, state.device, tc, state.class_weights
+        state.scored, data, split, state.preprocess, state.device, tc, state.class_weights, cached
     )
     n_params = sum(p.numel() for p in state.model.parameters())
     stop_reason = state.stopper.reason or "epoch budget used"

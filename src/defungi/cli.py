@@ -266,7 +266,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     for folder in args.folders:
         print(f"{folder}: {', '.join(str(p) for p in redraw_job(Path(folder)))}")
     if not args.folders:
-        print(f"report: {report_job([Path(d) for d in args.studies], Path(args.out))}")
+        print(f"report: {report_job([Path(d) for d in args.studies], Path(args.out), [Path(r) for r in args.runs])}")
     return 0
 
 
@@ -360,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--studies", nargs="+", default=["runs/study-resnet34", "runs/study-convmixer"], help="study folders"
     )
     p.add_argument("--compare", nargs="+", metavar="RUN", help="finished runs side by side, with intervals")
+    p.add_argument("--runs", nargs="*", default=[], metavar="RUN", help="finished runs to show beside the studies")
     p.add_argument("--out", default="runs/report")
     p.set_defaults(func=cmd_report)
 

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from defungi.config import Config
+from defungi.config import Config, load_config
 from defungi.data.audit import audit
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.errors import DefungiError
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAIN_STUDIES = ("resnet34", "convmixer")
+TRANSFER_PROFILE = "transfer"
 
 
 def train_job(config: Config, out: Path) -> FitRecord:
@@ -112,15 +113,30 @@ def compare_job(run_dirs: list[Path], out: Path) -> Path:
     return build_comparison(run_dirs, out, difference)
 
 
-def report_job(study_dirs: list[Path], out: Path) -> Path:
-    """The combined page of finished study folders."""
-    return build_combined_report(study_dirs, out)
+def report_job(study_dirs: list[Path], out: Path, runs: list[Path] | None = None) -> Path:
+    """The combined page of finished study folders (and other finished runs beside them)."""
+    return build_combined_report(study_dirs, out, runs or [])
 
 
 def main_job(config: Config, out: Path) -> tuple[Path, Table]:
-    """The main job: both studies (resumable) with their pages, then the combined page; returns
-    the page and the comparison table."""
+    """The main job: both studies (resumable) with their pages; the transfer recipe (the transfer
+    profile) by grouped cross-validation on the same folds as the studies' final recipes; then the
+    combined page. Returns the page and the comparison table."""
     dirs = [out / f"study-{name}" for name in MAIN_STUDIES]
     for name, study_dir in zip(MAIN_STUDIES, dirs, strict=True):
         log.info("study %s: report %s", name, study_job(name, config, study_dir))
-    return report_job(dirs, out / "report"), comparison_table(read_states(dirs))
+    transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config))
+    log.info("transfer recipe: %s", train_job(transfer, out / "transfer").path)
+    return report_job(dirs, out / "report", [out / "transfer"]), comparison_table(read_states(dirs))
+
+
+def transfer_overrides(config: Config) -> dict[str, Any]:
+    """What the transfer run takes from the main job's config: the data, its split and seed, and
+    the studies' number of final folds (so that every recipe is scored on the same folds)."""
+    dc = config.data
+    return {
+        "data.root": dc.root,
+        "data.split": "grouped",
+        "data.seed": dc.seed,
+        "data.cv_folds": config.study.final_folds,
+    }

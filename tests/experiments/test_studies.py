@@ -5,10 +5,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+from defungi import jobs
 from defungi.config import load_config
 from defungi.experiments.studies import STUDIES
 from defungi.jobs import main_job, redraw_job, study_job
+from defungi.models import create_model
 from defungi.report.combined import build_combined_report
 from tests.conftest import write_folder
 
@@ -41,7 +44,12 @@ def studies(tmp_path_factory: pytest.TempPathFactory):
     """Both studies run once on tiny images, with a tiny ConvMixer standing in for each model."""
     root = tmp_path_factory.mktemp("studies")
     data = write_folder(root / "d", samples_per_class=8, patches=3)
-    config = load_config("quick", {"data.root": str(data), **SMALL_STUDY})
+    # the ResNet-34 study (a tiny ConvMixer standing in) starts from weights in a file, as --weights does
+    torch.save(
+        create_model("convmixer", 1000, **json.loads(SMALL_STUDY["train.model_args"])).state_dict(), root / "w.pt"
+    )
+    per_study = json.loads(SMALL_STUDY["study.per_study"]) | {"resnet34": {"train.weights": str(root / "w.pt")}}
+    config = load_config("quick", {"data.root": str(data), **SMALL_STUDY, "study.per_study": json.dumps(per_study)})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEFUNGI_CACHE", str(root / "cache"))
         for name in STUDIES:
@@ -93,6 +101,8 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
 
 def test_per_study_sizes_apply_to_their_study_only(studies):
     stored = {name: studies[name][0]["config"]["study"] for name in studies}
+    weights = {name: studies[name][0]["config"]["train"]["weights"] for name in studies}
+    assert weights["resnet34"].endswith("w.pt") and weights["convmixer"] == ""
     assert stored["convmixer"]["split_ratios"] == [0.75] and stored["resnet34"]["split_ratios"] == [0.7, 0.8]
     assert stored["convmixer"]["per_study"] == stored["resnet34"]["per_study"] == {}
     assert len(studies["convmixer"][0]["steps"]["split_ratio"]["scores"]) == 1
@@ -123,11 +133,14 @@ def test_combined_report(studies, tmp_path: Path):
     assert "inference images/s" in text
 
 
-def test_main_job_resumes_both_studies_and_returns_the_report(studies):
+def test_main_job_resumes_both_studies_and_returns_the_report(studies, monkeypatch: pytest.MonkeyPatch):
     _, config, out = studies["resnet34"]
+    real = jobs.transfer_overrides  # the transfer recipe, sized for tiny data
+    monkeypatch.setattr(jobs, "transfer_overrides", lambda c: real(c) | {"train.batch_size": 8, "data.image_size": 32})
     before = json.loads((out / "study.json").read_text())
     page, table = main_job(config, out.parent)
     assert page == out.parent / "report" / "report.html" and page.exists()
+    assert "Beside the studies" in page.read_text() and (out.parent / "transfer" / "oof.csv").exists()
     assert "| convmixer, published (random split) |  | 0.780 | 0.810 | 0.790 | 0.800 |" in table.markdown()
     again = json.loads((out / "study.json").read_text())
     assert again["steps"] == before["steps"]  # every step read back, nothing refitted

@@ -40,9 +40,10 @@ def comparison_table(states: list[dict[str, Any]]) -> Table:
     return interval_table(rows)
 
 
-def build_combined_report(study_dirs: list[Path], out_dir: Path) -> Path:
+def build_combined_report(study_dirs: list[Path], out_dir: Path, runs: list[Path] | None = None) -> Path:
     """Metrics with intervals, the leakage gap, confusion matrices, parameters, training time and
-    inference images/s of every study's final recipe on one page; returns the HTML path."""
+    inference images/s of every study's final recipe on one page, and other finished runs (e.g. the
+    transfer recipe) beside them; returns the HTML path."""
     states = read_states(study_dirs)
     page = Page("defungi: both final models beside the published study")
     page.text(
@@ -66,6 +67,13 @@ def build_combined_report(study_dirs: list[Path], out_dir: Path) -> Path:
         )
     header = ["model", "parameters", "training time (all folds of the grouped CV)", "inference images/s (one model)"]
     page.table(Table(header, details))
+    if runs:
+        page.heading("Beside the studies", level=2)
+        page.text(
+            "Other recipes scored the same way (out of fold, on the same grouped folds when they use the same seed "
+            "and number of folds as the studies' final step)."
+        )
+        page.table(interval_table(run_rows(runs)))
     for study_dir, state in zip(study_dirs, states, strict=True):
         final = state["steps"]["final"]
         page.heading(f"{state['study']}: random minus grouped (the leakage inflation)", level=3)
@@ -80,10 +88,8 @@ def build_combined_report(study_dirs: list[Path], out_dir: Path) -> Path:
     return page.write(out_dir)
 
 
-def build_comparison(run_dirs: list[Path], out_dir: Path, difference: dict[str, Any] | None = None) -> Path:
-    """Finished runs (e.g. one recipe under grouped and random cross-validation) side by side: image-
-    and sample-level metrics with their 95% intervals over samples; with the paired difference of two
-    runs (`defungi.experiments.compare`), its table. Returns the HTML path."""
+def run_rows(run_dirs: list[Path]) -> dict[str, dict[str, Any]]:
+    """Each finished run's scored images (out of fold for a CV run), per image and per sample, as named rows."""
     rows: dict[str, dict[str, Any]] = {}
     for run_dir in run_dirs:
         path = RunLayout(Path(run_dir)).metrics
@@ -94,6 +100,14 @@ def build_comparison(run_dirs: list[Path], out_dir: Path, difference: dict[str, 
         how = f"{protocol['cv_folds']}-fold CV" if protocol.get("cv_folds") else "one split"
         name = f"{run_dir} ({m['model']}, {protocol['split']} {how})"
         rows |= {f"{name}, per image": m["test"], f"{name}, per sample": m["test"]["samples"]}
+    return rows
+
+
+def build_comparison(run_dirs: list[Path], out_dir: Path, difference: dict[str, Any] | None = None) -> Path:
+    """Finished runs (e.g. one recipe under grouped and random cross-validation) side by side: image-
+    and sample-level metrics with their 95% intervals over samples; with the paired difference of two
+    runs (`defungi.experiments.compare`), its table. Returns the HTML path."""
+    rows = run_rows(run_dirs)
     page = Page("defungi: runs side by side")
     page.text(
         "Out-of-fold scores for cross-validation runs, test-part scores otherwise; macro-averaged over the classes, "

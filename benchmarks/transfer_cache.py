@@ -78,7 +78,8 @@ def main() -> None:
         n += 1
     head_epoch = time.perf_counter() - start
 
-    print(f"{args.model} at {args.image_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads; CPU: {cpu_flags()}")
+    threads = torch.get_num_threads()
+    print(f"{args.model} at {args.image_size} px, batch {args.batch_size}, {threads} threads; CPU: {cpu_flags()}")
     print(f"(a) head epoch on cached features: {head_epoch:.2f} s per {args.images} images")
     print(f"(b) fine-tuning epoch end to end:  {finetune:.0f} s per {args.images} images")
     print(f"(c) features, computed once:       {cache:.0f} s for {args.images} images")

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from defungi.cli import main
+from defungi.data import cache as cache_module
 from defungi.data.cache import decode_images
 from defungi.data.dataset import load_dataset
 from defungi.data.scan import scan
@@ -106,6 +107,8 @@ OPTION_CASES = {
     "val_fraction 0": (["--set", "data.val_fraction=0"], "'data.val_fraction' (0)"),
     "prior_weight 2": (["--set", "train.prior_weight=2"], "'train.prior_weight' is 2"),
     "device tpu": (["--device", "tpu"], "'train.device' is 'tpu'"),
+    "--weights missing": (["--weights", "nowhere.pt"], "--weights nowhere.pt: no such file"),
+    "frozen backbone from scratch": (["--set", "train.freeze_backbone=true"], "add --pretrained or --weights"),
 }
 
 
@@ -141,6 +144,10 @@ def test_a_batch_larger_than_the_training_part_is_refused_and_the_corrected_comm
     assert not (run / "last.pt").exists()
     code, _, _ = _cli("corrected command into the same --out", _train(tiny_data, run, "--batch-size", "8"), capsys)
     assert code == 0 and (run / "metrics.json").exists()
+    cv = tmp_path / "cv"
+    refused("batch size 100000, --cv 2", _train(tiny_data, cv, "--batch-size", "100000", "--cv", "2"), "larger than")
+    code, _, _ = _cli("corrected --cv command into the same --out", _train(tiny_data, cv, "--cv", "2"), capsys)
+    assert code == 0 and (cv / "oof.csv").exists()
 
 
 def test_grid_and_predict_options(trained: tuple[Path, Path], tmp_path: Path, refused):
@@ -220,8 +227,12 @@ def test_a_run_folder_in_use_is_refused_naming_the_holder(tiny_data: Path, tmp_p
         refused("the same --out twice at once", _train(tiny_data, run.root), f"(pid {os.getpid()})")
 
 
-def test_two_decodes_of_one_cache_entry_wait_for_each_other(tiny_data: Path, tmp_path: Path):
+def test_two_decodes_of_one_cache_entry_wait_for_each_other(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     records = scan(tiny_data)
+    calls, real = [], cache_module._decode_into
+    monkeypatch.setattr(cache_module, "_decode_into", lambda *a: calls.append(1) or real(*a))
     results: list[np.ndarray] = []
     threads = [
         threading.Thread(target=lambda: results.append(np.asarray(decode_images(records, 16, progress=False).images)))
@@ -231,7 +242,7 @@ def test_two_decodes_of_one_cache_entry_wait_for_each_other(tiny_data: Path, tmp
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 2 and np.array_equal(results[0], results[1])
+    assert len(results) == 2 and np.array_equal(results[0], results[1]) and calls == [1]  # one decoded, one waited
     (entry,) = (tmp_path / "cache" / "decoded").iterdir()
     assert sorted(p.name for p in entry.iterdir()) == [".lock", "images.npy", "meta.json", "stats.npz"]
 

@@ -156,10 +156,14 @@ def validate(config: Config) -> Config:
             f"config keys 'data.val_fraction' ({dc.val_fraction:g}) and 'data.test_fraction' ({dc.test_fraction:g}): "
             "the validation part needs a share in (0, 1), the test part [0, 1), and both together under 1"
         )
-    if config.train.weights and not Path(config.train.weights).expanduser().is_file():
-        raise DefungiError(f"--weights {config.train.weights}: no such file")
     if not config.train.backbone_lr_scale >= 0:
-        raise DefungiError(f"config key 'train.backbone_lr_scale' is {config.train.backbone_lr_scale:g}; use 0 to 1")
+        raise DefungiError(
+            f"config key 'train.backbone_lr_scale' is {config.train.backbone_lr_scale:g}; use 0 or more (e.g. 0.1)"
+        )
+    if config.train.freeze_backbone and not (config.train.pretrained or config.train.weights):
+        raise DefungiError(
+            "train.freeze_backbone trains a head on a pretrained backbone; add --pretrained or --weights FILE"
+        )
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.train.device):
         raise DefungiError(f"config key 'train.device' is '{config.train.device}'; use auto, cpu, cuda, cuda:N or mps")
     return config

@@ -131,8 +131,8 @@ def main_job(config: Config, out: Path) -> tuple[Path, Table]:
 
 
 def transfer_overrides(config: Config) -> dict[str, Any]:
-    """What the transfer run takes from the main job's config: the data, its split and seed, and
-    the studies' number of final folds (so that every recipe is scored on the same folds)."""
+    """What the transfer run takes from the main job's config: the data, its outlier threshold, split
+    and seed, and the studies' number of final folds (so that every recipe is scored on the same folds)."""
     dc = config.data
     return {
         "data.root": dc.root,

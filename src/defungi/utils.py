@@ -10,10 +10,10 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -82,22 +82,23 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save through a uniquely named temporary file and a rename."""
+def _atomic_write_binary(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """write(file) into a uniquely named temporary file, then rename it to path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as fh:
-        torch.save(obj, fh)
+        write(fh)
     os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save, atomically."""
+    _atomic_write_binary(path, lambda fh: torch.save(obj, fh))
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save through a uniquely named temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, array)
-    os.replace(tmp, path)
+    """np.save, atomically."""
+    _atomic_write_binary(path, lambda fh: np.save(fh, array))
 
 
 @contextmanager

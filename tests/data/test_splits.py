@@ -108,3 +108,16 @@ def test_asked_test_fraction_holds_on_defungi_names():
     assert 0.37 <= len(split["test"]) / len(labels) <= 0.43
     assert 0.12 <= len(split["val"]) / len(labels) <= 0.18
     assert not set(groups[split["test"]]) & set(groups[split["train"]])
+
+
+def test_a_sample_spanning_two_classes_stays_whole_and_every_class_is_on_both_sides():
+    labels, groups = _samples()
+    groups = groups.copy()
+    groups[labels == 1] = np.where(groups[labels == 1] == groups[labels == 1][0], "shared", groups[labels == 1])
+    groups[np.flatnonzero(labels == 0)[:4]] = "shared"  # a duplicate cluster across classes 0 and 1
+    for seed in range(20):
+        split = train_val_test_split(labels, groups, 0.15, 0.3, "grouped", seed)
+        parts = [set(groups[idx]) for idx in split.values()]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        for c in range(4):
+            assert all(np.any(labels[idx] == c) for idx in split.values())

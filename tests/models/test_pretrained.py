@@ -103,6 +103,8 @@ def test_a_frozen_backbone_head_run_predicts_what_it_scored(
         assert np.allclose(
             [float(row[f"p_{c}"]) for c in ("H1", "H2", "H3")], [again[c] for c in ("H1", "H2", "H3")], atol=1e-5
         )
+    (tmp_path / "w.pt").unlink()  # the run holds its weights: the file it started from is not needed any more
+    assert main(["predict", str(tmp_path / "run"), rows[0]["path"]]) == 0
     checkpoint = torch.load(fold / "last.pt", weights_only=True)
     assert checkpoint["preprocess"]["normalize"] == "pretrained" and checkpoint["preprocess"]["mean"] == [
         0.485,

@@ -60,20 +60,31 @@ def _subdirs(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
 
 
-def _has_images(folder: Path, recursive: bool = True) -> bool:
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    return any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in files)
+def _has_images(folder: Path) -> bool:
+    """Whether folder holds image files directly."""
+    return any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in folder.iterdir())
 
 
-def _has_class_folders(folder: Path) -> bool:
-    """Whether folder holds at least two sub-folders with images of their own (a tree of classes)."""
-    return sum(_has_images(d, recursive=False) for d in _subdirs(folder)) >= 2
+def _named_after_its_images(folder: Path) -> bool:
+    """Whether a folder is named like the class in its first image's DeFungi name (H1/H1_100a_3.jpg)."""
+    first = next((f for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES), None)
+    parsed = parse_name(first.stem) if first is not None else None
+    return parsed is not None and parsed["cls"].upper() == folder.name.upper()
+
+
+def _trees(folders: list[Path]) -> list[str]:
+    """The folders among these that hold class folders themselves (named like the classes in their
+    images' names) sharing a name with another such folder: two copies of a data set side by side."""
+    classes = {
+        d.name: {c.name for c in _subdirs(d) if _named_after_its_images(c)} for d in folders if not _has_images(d)
+    }
+    return sorted(n for n, names in classes.items() if any(names & other for m, other in classes.items() if m != n))
 
 
 def _class_root(root: Path) -> Path:
     """The folder that holds the class folders: root itself, or its single sub-folder."""
     subdirs = _subdirs(root)
-    if len(subdirs) == 1 and not any(_has_images(d, recursive=False) for d in subdirs):
+    if len(subdirs) == 1 and not _has_images(subdirs[0]):
         return _class_root(subdirs[0])
     return root
 
@@ -124,9 +135,9 @@ def scan(root: str | Path, min_classes: int = 2) -> list[ImageRecord]:
             raise DefungiError(f"{root}: expected a folder of class folders or a .zip of one")
         root = _unpack(root)
     base = _class_root(root)
-    class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
-    nested = [d.name for d in class_dirs if not _has_images(d, recursive=False) and _has_class_folders(d)]
-    if len(nested) > 1:
+    class_dirs = sorted(_subdirs(base))
+    nested = _trees(class_dirs)
+    if nested:
         raise DefungiError(
             f"{base} holds several trees of class folders ({', '.join(nested)}); pass --data {base / nested[0]} "
             "(or another one of them)"

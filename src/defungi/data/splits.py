@@ -57,6 +57,12 @@ def _holdout(
             else "a class has a single image: add images to it so that it can be split"
         )
     held = _pick(labels, units, fraction, seed, leave_one=True)
+    for c in np.unique(labels):
+        if held[labels == c].all() or not held[labels == c].any():
+            raise DefungiError(
+                f"the {mode} split leaves a class without images on one side (a sample spans two classes); "
+                "use another --seed or --split random"
+            )
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 

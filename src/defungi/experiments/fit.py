@@ -32,9 +32,11 @@ from defungi.train.loop import (
     batches,
     evaluate,
     head_inputs,
+    mean_nll,
     precision_name,
     prior_weights,
     train_one_epoch,
+    weighted,
 )
 from defungi.train.metrics import classification_metrics, scored
 from defungi.utils import atomic_save_npy, exclusive_lock, resolve_device, seed_everything
@@ -225,20 +227,20 @@ class _Fit:
         )
         log.info("resuming %s at epoch %d/%d", run.root, self.start_epoch + 1, self.config.train.epochs)
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Positions into the training part that one epoch visits: class-balanced, seeded per epoch."""
+        tc, n = self.config.train, len(self.train_idx)
+        rng = np.random.default_rng([tc.seed, epoch])
+        return balanced_order(self.data.labels[self.train_idx], n, rng) if tc.balance else rng.permutation(n)
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train one class-balanced, augmented epoch (of the head alone on cached features when the
         backbone is frozen); score the validation part; return its history row."""
         if self.features is not None:
             return self.train_head_epoch(epoch)
         tc, data = self.config.train, self.data
-        rng = np.random.default_rng([tc.seed, epoch])
         generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-        labels_train = data.labels[self.train_idx]
-        picks = (
-            balanced_order(labels_train, len(self.train_idx), rng)
-            if tc.balance
-            else rng.permutation(len(self.train_idx))
-        )
+        picks = self.epoch_order(epoch)
         n_classes = len(data.classes)
 
         def augment(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,12 +284,7 @@ class _Fit:
         """One class-balanced epoch of the head on the frozen backbone's cached features (no
         augmentation: a feature is computed once per image)."""
         tc, data, step, features = self.config.train, self.data, self.step, self.features
-        rng = np.random.default_rng([tc.seed, epoch])
-        labels_train = data.labels[self.train_idx]
-        picks = (
-            balanced_order(labels_train, len(labels_train), rng) if tc.balance else rng.permutation(len(labels_train))
-        )
-        order, head = self.train_idx[picks], self.model.get_submodule(self.head)
+        order, head = self.train_idx[self.epoch_order(epoch)], self.model.get_submodule(self.head)
         head.train()
         start, total, correct, seen = time.perf_counter(), 0.0, 0, 0
         for i in range(0, len(order) - tc.batch_size + 1, tc.batch_size):
@@ -327,12 +324,10 @@ class _Fit:
         """(probabilities, loss) of the scored head on the cached features of images idx: what the
         whole model computes on them without test-time augmentation."""
         x = torch.from_numpy(self.features[idx]).to(self.device)
-        probs = torch.softmax(self.scored.get_submodule(self.head).eval()(x).float(), 1).cpu().numpy()
-        if self.class_weights is not None:
-            probs = probs * self.class_weights
-            probs /= probs.sum(1, keepdims=True)
-        labels = self.data.labels[idx]
-        return probs, float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean())
+        probs = weighted(
+            torch.softmax(self.scored.get_submodule(self.head).eval()(x).float(), 1).cpu().numpy(), self.class_weights
+        )
+        return probs, mean_nll(probs, self.data.labels[idx])
 
 
 def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
@@ -346,15 +341,19 @@ def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
 def _cached_features(
     config: Config, data: Dataset, model: nn.Module, head: str, preprocess: Preprocess, device: torch.device
 ) -> np.ndarray:
-    """The frozen backbone's features of every image, computed once per (images, model, weights,
-    preprocessing) in the user cache, so that CV folds and re-runs share them."""
+    """The frozen backbone's features of every image, computed once per (image files, model and its
+    weights, preprocessing) in the user cache, so that CV folds and re-runs share them."""
     tc = config.train
-    source = tc.weights and f"{Path(tc.weights).resolve()}:{Path(tc.weights).stat().st_size}" or "imagenet"
-    key = hashlib.sha1(
-        json.dumps(
-            [tc.model, tc.model_args, source, dataclasses.asdict(preprocess), tc.amp, [str(p) for p in data.paths]]
-        ).encode()
-    ).hexdigest()[:16]
+    if tc.weights:
+        stat = Path(tc.weights).expanduser().stat()
+        source = f"{Path(tc.weights).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    else:
+        source = "imagenet"  # freeze_backbone needs pretrained weights (config.validate)
+    prep = dataclasses.asdict(preprocess)
+    if preprocess.normalize in ("image", "luma"):  # per-image normalisation: mean/std unused
+        prep = {k: v for k, v in prep.items() if k not in ("mean", "std")}
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data.paths]
+    key = hashlib.sha1(json.dumps([tc.model, tc.model_args, source, prep, tc.amp, files]).encode()).hexdigest()[:16]
     path = default_cache_dir() / "features" / f"{key}.npy"
     with exclusive_lock(path.with_suffix(".lock")):
         if not path.exists():
@@ -375,8 +374,9 @@ def _cached_features(
     return np.load(path)
 
 
-def _start(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> _Fit:
-    """Seed, then build the model, weight average, optimiser, schedule and stopping for a fit."""
+def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: bool) -> _Fit:
+    """Seed, then build the model (with its pretrained weights, unless the fit resumes), weight
+    average, optimiser, schedule and stopping for a fit."""
     tc = config.train
     seed_everything(tc.seed)
     device = resolve_device(tc.device)
@@ -389,7 +389,8 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> _Fit:
     counts = np.bincount(data.labels[train_idx], minlength=len(data.classes))
     class_prior = (counts / counts.sum()).tolist() if tc.balance else None
     model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
-    _initial_weights(model, tc)
+    if fresh:
+        _initial_weights(model, tc)
     model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
     head = head_name(model) if tc.freeze_backbone or tc.backbone_lr_scale != 1 else None
     if tc.freeze_backbone:
@@ -426,7 +427,6 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> _Fit:
         steps_per_epoch,
         stopper,
         head,
-        _cached_features(config, data, model, head, preprocess, device) if tc.freeze_backbone else None,
     )
 
 
@@ -438,9 +438,11 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir
     one. The best epoch's weights are scored (train.restore_best), or the last epoch's.
     """
     tc = config.train
-    state = _start(config, data, split)
+    state = _start(config, data, split, fresh=run is None or not run.layout.last.exists())
     if run is not None:
         state.resume(run)
+    if tc.freeze_backbone:  # after a resume, so that the features are those of the loaded backbone
+        state.features = _cached_features(config, data, state.model, state.head, state.preprocess, state.device)
     stopped = bool(state.stopper.reason)
     for epoch in range(state.start_epoch, tc.epochs):
         if stopped:

@@ -142,9 +142,11 @@ class RunDir:
         return exclusive_lock(self.root / ".lock", busy)
 
     def started(self) -> bool:
-        """Whether training has left anything to resume or read back (a checkpoint, a part, metrics)."""
-        marks = (self.layout.last, self.layout.best, self.layout.metrics, self.layout.fold(0).root)
-        return any(p.exists() for p in (*marks, self.layout.member(0).root))
+        """Whether training has left anything to resume or read back (a checkpoint or metrics, here
+        or in a fold or member)."""
+        if any(p.exists() for p in (self.layout.last, self.layout.best, self.layout.metrics)):
+            return True
+        return any(part.root.is_dir() and part.started() for part in (self.fold(0), self.member(0)))
 
     def claim(self, config: Config) -> None:
         """Create the folder for config, or check that it already holds a run of the same config (a

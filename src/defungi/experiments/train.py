@@ -62,6 +62,9 @@ def train(
     run = RunDir(out)
     run.prepare()
     resolve_device(config.train.device)  # an unusable --device is refused before any decoding
+    weights = Path(config.train.weights).expanduser() if config.train.weights else None
+    if weights is not None and not weights.is_file() and not run.started():
+        raise DefungiError(f"--weights {weights}: no such file")
     with run.lock():
         if run.layout.config.exists():
             run.claim(config)  # refuses another config before any decoding
@@ -75,11 +78,7 @@ def train(
         if config.data.cv_folds >= 2:
             return _train_cv(config, data, run)
         split = split if split is not None else split_for(config, data)
-        if len(split["train"]) < config.train.batch_size:
-            raise DefungiError(
-                f"batch size {config.train.batch_size} is larger than the training part ({len(split['train'])} "
-                f"images); use --batch-size {len(split['train'])} or less"
-            )
+        _check_batch_size(config, [split])
         run.claim(config)
         run.check_split(data, split)
         run.write_exclusions(data)
@@ -91,6 +90,16 @@ def train(
         _write_predictions(run, data, split, result.probabilities)
         return run.write_result(
             result.history, _metrics(config, data, split, result.metrics, result.precision, **_fit_record(result))
+        )
+
+
+def _check_batch_size(config: Config, splits: list[dict[str, np.ndarray]]) -> None:
+    """A batch must fit in every training part (else an epoch would train on nothing)."""
+    smallest = min(len(s["train"]) for s in splits)
+    if smallest < config.train.batch_size:
+        raise DefungiError(
+            f"batch size {config.train.batch_size} is larger than the training part ({smallest} images); "
+            f"use --batch-size {smallest} or less"
         )
 
 
@@ -121,6 +130,7 @@ def _train_cv(config: Config, data: Dataset, run: RunDir) -> FitRecord:
     """K folds, each a run folder (finished ones read back); every usable image scored once by the
     model that never saw its sample (oof.csv); metrics over all of them with intervals, per fold."""
     splits = cv_splits(config, data)
+    _check_batch_size(config, splits)
     folds = {f"fold-{k}": s["test"] for k, s in enumerate(splits)}
     run.claim(config)
     run.check_split(data, folds)
@@ -283,7 +293,7 @@ def evaluate_run(
     )
     metrics = scored(probs, data.labels, data.groups, trained.classes, seed=trained.config.train.seed) | {
         "loss": loss,
-        "data": str(data_root),
+        "data": str(Path(data_root).resolve()),
         "run": str(run_dir),
         "model": trained.info["model_name"],
         "tta": use_tta,

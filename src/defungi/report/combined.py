@@ -96,6 +96,8 @@ def run_rows(run_dirs: list[Path]) -> dict[str, dict[str, Any]]:
         if not path.exists():
             raise DefungiError(f"{run_dir}: not a finished run folder (no metrics.json)")
         m = read_json(path)
+        if "test" not in m:
+            raise DefungiError(f"{run_dir}: the run scored no test part; train it with a test part or --cv K")
         protocol = m["protocol"]
         how = f"{protocol['cv_folds']}-fold CV" if protocol.get("cv_folds") else "one split"
         name = f"{run_dir} ({m['model']}, {protocol['split']} {how})"

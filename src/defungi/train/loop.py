@@ -186,11 +186,22 @@ def predict_proba(
     bar.close()
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
-    probs = np.concatenate(out)
-    if class_weights is not None:
-        probs = probs * class_weights
-        probs /= probs.sum(1, keepdims=True)
-    return probs
+    return weighted(np.concatenate(out), class_weights)
+
+
+def weighted(probs: np.ndarray, class_weights: np.ndarray | None) -> np.ndarray:
+    """Probabilities rescaled by class weights (see prior_weights) and renormalised."""
+    if class_weights is None:
+        return probs
+    probs = probs * class_weights
+    return probs / probs.sum(1, keepdims=True)
+
+
+def mean_nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of probabilities against labels (NaN for no images)."""
+    return (
+        float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean()) if len(labels) else float("nan")
+    )
 
 
 @torch.no_grad()
@@ -258,7 +269,4 @@ def evaluate(
         desc="evaluate",
         class_weights=class_weights,
     )
-    loss = (
-        float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean()) if len(labels) else float("nan")
-    )
-    return probs, loss
+    return probs, mean_nll(probs, labels)

@@ -42,9 +42,10 @@ def test_train_evaluate_predict(tiny_data: Path, tmp_path: Path, capsys: pytest.
     assert main(["predict", str(run), str(unseen), "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 8 and sum("error" in r for r in rows) == 1
-    assert all(abs(sum(r[c] for c in ("H1", "H2", "H3")) - 1) < 1e-4 for r in rows if "error" not in r)
+    assert [Path(r["path"]).name for r in rows if r.get("status") == "no fungus visible"] == ["H1_99a_1.jpg"]
+    assert all(abs(sum(r[c] for c in ("H1", "H2", "H3")) - 1) < 1e-4 for r in rows if "class" in r)
     assert main(["predict", str(run), str(unseen / "H2"), "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].startswith("path,class,confidence,H1,H2,H3")
+    assert capsys.readouterr().out.splitlines()[0] == "level,specimen,path,label,class,confidence,H1,H2,H3,status"
 
 
 def test_resume_of_a_finished_run_reads_it_back(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,36 +143,62 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from defungi.serve.predict import predict
+    from defungi.serve.predict import by_specimen, predict, specimen_metrics
 
+    if args.group_by not in ("name", "folder"):
+        try:
+            re.compile(args.group_by)
+        except re.error as exc:
+            raise DefungiError(f"--group-by {args.group_by}: not a regular expression ({exc})") from None
     rows, classes = predict(args.run_dir, args.paths, tta=args.tta, prior_weight=args.prior_weight)
+    specimens = by_specimen(rows, classes, args.group_by) if args.by_sample else None
+    metrics = specimen_metrics(specimens, classes) if specimens is not None else None
     if args.format == "json":
-        print(json.dumps(rows, indent=2))
-    elif args.format == "csv":
+        print(json.dumps(rows if specimens is None else {"specimens": specimens, "metrics": metrics}, indent=2))
+        return 0
+    if args.format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "class", "confidence", *classes, "error"])
-        for r in rows:
-            writer.writerow(
-                [
-                    r["path"],
-                    r.get("class", ""),
-                    r.get("confidence", ""),
-                    *[r.get(c, "") for c in classes],
-                    r.get("error", ""),
-                ]
-            )
-    else:
-        width = max(len(r["path"]) for r in rows)
-        print(f"{'path':<{width}}  {'class':>6}  {'conf':>5}  " + "  ".join(f"{c:>6}" for c in classes))
-        for r in rows:
-            if "error" in r:
-                print(f"{r['path']:<{width}}  {r['error']}")
-            else:
-                print(
-                    f"{r['path']:<{width}}  {r['class']:>6}  {r['confidence']:5.2f}  "
-                    + "  ".join(f"{r[c]:6.3f}" for c in classes)
-                )
+        writer.writerow(["level", "specimen", "path", "label", "class", "confidence", *classes, "status"])
+        for level, specimen, r in _levels(rows, specimens):
+            cells = [r.get(k, "") for k in ("path", "label", "class", "confidence", *classes)]
+            writer.writerow([level, specimen, *["" if c is None else c for c in cells], _status(r)])
+        return 0
+    width = max(len(r["path"]) for r in rows) + 2
+    print(f"{'path':<{width}}  {'class':>6}  {'conf':>5}  " + "  ".join(f"{c:>6}" for c in classes))
+    for level, _, r in _levels(rows, specimens):
+        name = r["path"] if level != "specimen" else r["specimen"]
+        name = f"  {name}" if level == "image" and specimens is not None else name
+        if "class" in r:
+            probs = "  ".join(f"{r[c]:6.3f}" for c in classes)
+            print(f"{name:<{width}}  {r['class']:>6}  {r['confidence']:5.2f}  {probs}{_count(r)}")
+        else:
+            print(f"{name:<{width}}  {_status(r)}{_count(r)}")
+    if metrics is not None:
+        print(_metrics_line(f"per specimen ({metrics['n']} with a known class)", metrics))
     return 0
+
+
+def _levels(
+    rows: list[dict[str, Any]], specimens: list[dict[str, Any]] | None
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """(level, specimen, row): every image, or every specimen followed by its images."""
+    if specimens is None:
+        return [("image", "", r) for r in rows]
+    return [
+        (lvl, s["specimen"], r) for s in specimens for lvl, r in [("specimen", s), *(("image", r) for r in s["rows"])]
+    ]
+
+
+def _status(row: dict[str, Any]) -> str:
+    return row.get("error") or row.get("status") or ""
+
+
+def _count(row: dict[str, Any]) -> str:
+    """For a specimen: how many of its images decided it."""
+    if "images" not in row:
+        return ""
+    fungus = f", {row['no_fungus']} with no fungus visible" if row["no_fungus"] else ""
+    return f"  ({row['classified']} of {row['images']} images{fungus})"
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -308,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("paths", nargs="+")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument(
+        "--by-sample", action="store_true", help="one decision per specimen (the mean probability of its images)"
+    )
+    p.add_argument(
+        "--group-by",
+        default="name",
+        metavar="name|folder|REGEX",
+        help="what makes a specimen: DeFungi names (H1_100a_3 -> H1_100; default), one folder each, or a regex on "
+        "the file name (its first group)",
+    )
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
     p.set_defaults(func=cmd_predict)

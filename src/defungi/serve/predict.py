@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from defungi.data.cache import DECODE_ERRORS, decode_one
-from defungi.data.scan import IMAGE_SUFFIXES
+from defungi.data.quality import low_variance
+from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
 from defungi.experiments.rundir import load_trained
 from defungi.train.loop import predict_proba
+from defungi.train.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +38,26 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
 def predict(
     run_dir: str | Path, paths: list[str | Path], tta: bool | None = None, prior_weight: float | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per file (path, predicted class, probability per class, or the error), and the classes."""
+    """One row per file and the classes. A row holds the path, the class the folder or the file name
+    gives ('label', when it is a class of the model), and the predicted class with its probability
+    per class; or 'no fungus visible' for an image under the run's variance threshold (blank or
+    blurred: training leaves such images out, so they are not classified), or the error."""
     trained = load_trained(run_dir)
     files = expand_paths(paths)
-    size = trained.preprocess.image_size
+    size, threshold = trained.preprocess.image_size, trained.config.data.variance_threshold
     pixels, ok, rows = [], [], []
     for f in files:
         try:
-            pixels.append(decode_one(f, size)[0])
-            ok.append(f)
+            image, variance, _ = decode_one(f, size)
         except DECODE_ERRORS as exc:
             log.warning("skipped %s: %s", f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             rows.append({"path": str(f), "error": f"unreadable image ({type(exc).__name__})"})
+            continue
+        if low_variance(np.array([variance]), threshold)[0]:
+            rows.append({"path": str(f), "label": label_of(f, trained.classes), "status": NO_FUNGUS})
+        else:
+            pixels.append(image)
+            ok.append(f)
     if pixels:
         use_tta = trained.config.train.tta if tta is None else tta
         probs = predict_proba(
@@ -60,8 +71,67 @@ def predict(
         )
         for f, p in zip(ok, probs, strict=True):
             rows.append(
-                {"path": str(f), "class": trained.classes[int(p.argmax())], "confidence": float(p.max())}
+                {"path": str(f), "label": label_of(f, trained.classes), "class": trained.classes[int(p.argmax())]}
+                | {"confidence": float(p.max())}
                 | {c: float(v) for c, v in zip(trained.classes, p, strict=True)}
             )
     order = {str(f): i for i, f in enumerate(files)}
     return sorted(rows, key=lambda r: order[r["path"]]), trained.classes
+
+
+NO_FUNGUS = "no fungus visible"
+
+
+def label_of(path: Path, classes: list[str]) -> str | None:
+    """The true class where the file says it: its folder's name, else its DeFungi name (H1_100a_3)."""
+    if path.parent.name in classes:
+        return path.parent.name
+    parsed = parse_name(path.stem)
+    return parsed["cls"].upper() if parsed and parsed["cls"].upper() in classes else None
+
+
+def specimen_of(path: Path, group_by: str) -> str:
+    """The specimen a file belongs to: 'name' (DeFungi names: class and sample number, else the
+    folder), 'folder' (one folder per specimen), or a regular expression whose first group (or
+    whole match) on the file name is the specimen."""
+    if group_by == "name":
+        parsed = parse_name(path.stem)
+        return f"{parsed['cls'].upper()}_{parsed['sample']}" if parsed else str(path.parent)
+    if group_by == "folder":
+        return str(path.parent)
+    match = re.search(group_by, path.name)
+    return (match.group(1) if match.groups() else match.group(0)) if match else path.name
+
+
+def by_specimen(rows: list[dict[str, Any]], classes: list[str], group_by: str = "name") -> list[dict[str, Any]]:
+    """One decision per specimen: the mean probability of its classified images, then the most
+    probable class (the rule the sample-level metrics use); 'no fungus visible' when none of its
+    images could be classified. Each specimen keeps its image rows."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(specimen_of(Path(row["path"]), group_by), []).append(row)
+    specimens = []
+    for name, members in groups.items():
+        classified = [r for r in members if "class" in r]
+        labels = {r["label"] for r in members if r.get("label")}
+        decision: dict[str, Any] = {"specimen": name, "label": labels.pop() if len(labels) == 1 else None}
+        decision |= {"images": len(members), "classified": len(classified)}
+        decision["no_fungus"] = sum(r.get("status") == NO_FUNGUS for r in members)
+        if classified:
+            mean = np.mean([[r[c] for c in classes] for r in classified], axis=0)
+            decision |= {"class": classes[int(mean.argmax())], "confidence": float(mean.max())}
+            decision |= {c: float(v) for c, v in zip(classes, mean, strict=True)}
+        else:
+            decision["status"] = NO_FUNGUS if decision["no_fungus"] else "no readable image"
+        specimens.append(decision | {"rows": members})
+    return specimens
+
+
+def specimen_metrics(specimens: list[dict[str, Any]], classes: list[str]) -> dict[str, Any] | None:
+    """Accuracy and macro P / R / F1 over the decided specimens whose true class is known (None if none)."""
+    known = [s for s in specimens if s.get("label") and "class" in s]
+    if not known:
+        return None
+    y_true = np.array([classes.index(s["label"]) for s in known])
+    y_pred = np.array([classes.index(s["class"]) for s in known])
+    return classification_metrics(y_true, y_pred, classes)

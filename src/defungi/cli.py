@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         fixed = [k for k, v in vars(args).items() if k in RESUME_FIXED and v not in (None, False)]
-        given = [f"--{k.replace('_', '-')}" for k in fixed]
+        given = [f"--{'cv' if k == 'cv_folds' else k.replace('_', '-')}" for k in fixed]
         if given or args.out:
             raise DefungiError(
                 f"--resume continues {args.resume} with the config it was started with; drop "

@@ -45,7 +45,8 @@ def test_train_evaluate_predict(tiny_data: Path, tmp_path: Path, capsys: pytest.
     assert [Path(r["path"]).name for r in rows if r.get("status") == "no fungus visible"] == ["H1_99a_1.jpg"]
     assert all(abs(sum(r[c] for c in ("H1", "H2", "H3")) - 1) < 1e-4 for r in rows if "class" in r)
     assert main(["predict", str(run), str(unseen / "H2"), "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == "level,specimen,path,label,class,confidence,H1,H2,H3,status"
+    header = "level,specimen,path,label,class,decision,confidence,H1,H2,H3,status"
+    assert capsys.readouterr().out.splitlines()[0] == header
 
 
 def test_resume_of_a_finished_run_reads_it_back(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

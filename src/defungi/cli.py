@@ -143,34 +143,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from defungi.serve.predict import by_specimen, predict, specimen_metrics
+    from defungi.serve.predict import by_specimen, predict, run_temperature, specimen_metrics
 
     if args.group_by not in ("name", "folder"):
         try:
             re.compile(args.group_by)
         except re.error as exc:
             raise DefungiError(f"--group-by {args.group_by}: not a regular expression ({exc})") from None
-    rows, classes = predict(args.run_dir, args.paths, tta=args.tta, prior_weight=args.prior_weight)
-    specimens = by_specimen(rows, classes, args.group_by) if args.by_sample else None
+    rows, classes = predict(args.run_dir, args.paths, args.tta, args.prior_weight, args.abstain)
+    temperature = run_temperature(args.run_dir)
+    specimens = by_specimen(rows, classes, args.group_by, args.abstain, temperature) if args.by_sample else None
     metrics = specimen_metrics(specimens, classes) if specimens is not None else None
     if args.format == "json":
         print(json.dumps(rows if specimens is None else {"specimens": specimens, "metrics": metrics}, indent=2))
         return 0
     if args.format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["level", "specimen", "path", "label", "class", "confidence", *classes, "status"])
+        writer.writerow(["level", "specimen", "path", "label", "class", "decision", "confidence", *classes, "status"])
         for level, specimen, r in _levels(rows, specimens):
-            cells = [r.get(k, "") for k in ("path", "label", "class", "confidence", *classes)]
+            cells = [r.get(k, "") for k in ("path", "label", "class", "decision", "confidence", *classes)]
             writer.writerow([level, specimen, *["" if c is None else c for c in cells], _status(r)])
         return 0
     width = max(len(r["path"]) for r in rows) + 2
-    print(f"{'path':<{width}}  {'class':>6}  {'conf':>5}  " + "  ".join(f"{c:>6}" for c in classes))
+    print(f"{'path':<{width}}  {'decision':>9}  {'conf':>5}  " + "  ".join(f"{c:>6}" for c in classes))
     for level, _, r in _levels(rows, specimens):
         name = r["path"] if level != "specimen" else r["specimen"]
         name = f"  {name}" if level == "image" and specimens is not None else name
         if "class" in r:
             probs = "  ".join(f"{r[c]:6.3f}" for c in classes)
-            print(f"{name:<{width}}  {r['class']:>6}  {r['confidence']:5.2f}  {probs}{_count(r)}")
+            print(f"{name:<{width}}  {r['decision']:>9}  {r['confidence']:5.2f}  {probs}{_count(r)}")
         else:
             print(f"{name:<{width}}  {_status(r)}{_count(r)}")
     if metrics is not None:
@@ -236,6 +237,13 @@ def _weight(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:  # also NaN
         raise argparse.ArgumentTypeError(f"{text}: {PRIOR_WEIGHT_RANGE}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text}: give a confidence between 0 and 1")
     return value
 
 
@@ -347,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
+    p.add_argument(
+        "--abstain",
+        type=_share,
+        default=0.0,
+        metavar="P",
+        help="answer 'uncertain' below this calibrated confidence (0..1; default 0: always a class)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="data set utilities")

@@ -45,3 +45,15 @@ def test_specimens_by_folder_or_pattern(run: Path, tmp_path: Path, capsys):
     assert {s["specimen"] for s in json.loads(capsys.readouterr().out)["specimens"]} == {"H1", "H2", "H3"}
     assert main(["predict", str(run), str(held), "--by-sample", "--group-by", "(unclosed"]) == 2
     assert "not a regular expression" in capsys.readouterr().err
+
+
+def test_calibrated_confidence_and_abstention(run: Path, tiny_data: Path, capsys):
+    temperature = json.loads((run / "metrics.json").read_text())["temperature"]
+    assert temperature["fitted_on"] == "validation" and 0.05 <= temperature["temperature"] <= 20
+    assert [c["threshold"] for c in temperature["coverage"]] == [0.5, 0.7, 0.9]
+    capsys.readouterr()
+    assert main(["predict", str(run), str(tiny_data / "H2"), "--format", "json", "--abstain", "1"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if "class" in r]
+    assert rows and all(r["decision"] == "uncertain" for r in rows)
+    assert main(["predict", str(run), str(tiny_data / "H2"), "--format", "json"]) == 0
+    assert all(r["decision"] == r["class"] for r in json.loads(capsys.readouterr().out))

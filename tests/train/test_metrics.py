@@ -78,3 +78,17 @@ def test_paired_difference_is_zero_for_the_same_predictions_and_signed_otherwise
     assert better["accuracy"]["difference"] == 1 - np.mean(worse == labels)
     low, high = better["f1"]["interval"]
     assert 0 < low <= better["f1"]["difference"] <= high <= 1
+
+
+def test_temperature_scaling_softens_over_confident_probabilities():
+    from defungi.train.metrics import calibrated, temper
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    right = rng.random(600) < 0.6  # 60% right, each with confidence 0.98
+    predicted = np.where(right, labels, (labels + 1) % 3)
+    probs = np.full((600, 3), 0.01)
+    probs[np.arange(600), predicted] = 0.98
+    result = calibrated(probs[:300], labels[:300], probs[300:], labels[300:])
+    assert result["temperature"] > 1 and result["ece_after"] < result["ece_before"] / 2
+    assert np.array_equal(temper(probs, 3.0).argmax(1), probs.argmax(1))

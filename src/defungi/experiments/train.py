@@ -23,7 +23,7 @@ from defungi.experiments.fit import FitResult, fit, score_parts
 from defungi.experiments.rundir import FitRecord, RunDir, load_trained, model_args, write_predictions
 from defungi.layout import EvaluationLayout, RunLayout, read_json, read_predictions
 from defungi.train.loop import evaluate, predict_proba
-from defungi.train.metrics import scored
+from defungi.train.metrics import calibrated, scored
 from defungi.utils import atomic_write_json, resolve_device
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,9 @@ def train(
             return _train_ensemble(config, data, split, run)
         result = fit(config, data, split, run)
         _write_predictions(run, data, split, result.probabilities)
+        record = _fit_record(result) | _temperature(data, split, result.probabilities)
         return run.write_result(
-            result.history, _metrics(config, data, split, result.metrics, result.precision, **_fit_record(result))
+            result.history, _metrics(config, data, split, result.metrics, result.precision, **record)
         )
 
 
@@ -101,6 +102,15 @@ def _check_batch_size(config: Config, splits: list[dict[str, np.ndarray]]) -> No
             f"batch size {config.train.batch_size} is larger than the training part ({smallest} images); "
             f"use --batch-size {smallest} or less"
         )
+
+
+def _temperature(data: Dataset, split: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """{'temperature': ...} fitted on the validation part and checked on the test part (see
+    `defungi.train.metrics.calibrated`), when the run scored both."""
+    if len(probs.get("val", [])) == 0 or len(probs.get("test", [])) == 0:
+        return {}
+    labels = data.labels
+    return {"temperature": calibrated(probs["val"], labels[split["val"]], probs["test"], labels[split["test"]])}
 
 
 def _write_predictions(run: RunDir, data: Dataset, split: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> None:
@@ -148,6 +158,10 @@ def _train_cv(config: Config, data: Dataset, run: RunDir) -> FitRecord:
     idx, fold_of, probs = idx[order], fold_of[order], probs[order]
     write_predictions(run.layout.oof, data, idx, probs, extra={"fold": fold_of.tolist()})
     oof = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed=config.train.seed)
+    val_idx = np.concatenate([s["val"] for s in splits])
+    val_probs = np.concatenate(
+        [read_predictions(run.fold(k).layout.predictions("val"), data.classes)[1] for k in range(len(splits))]
+    )  # each fold's validation part, scored by its own model
     per_fold = [
         {"fold": k, "test_images": r.metrics["test"]["n"], "test_samples": r.metrics["test"]["samples"]["n"]}
         | {key: r.metrics["test"][key] for key in ("accuracy", "precision", "recall", "f1")}
@@ -163,6 +177,7 @@ def _train_cv(config: Config, data: Dataset, run: RunDir) -> FitRecord:
     metrics = _metrics(
         config, data, folds, {"test": oof}, records[0].metrics["protocol"]["precision"],
         parameters=records[0].metrics["parameters"], timing=timing, folds=per_fold, fold_spread=spread,
+        **_temperature(data, {"val": val_idx, "test": idx}, {"val": val_probs, "test": probs}),
         sample_rule="a sample's decision: the mean of its images' class probabilities, then the most probable class",
     )  # fmt: skip
     return run.write_result([], metrics)
@@ -250,6 +265,7 @@ def _train_ensemble(config: Config, data: Dataset, split: dict[str, np.ndarray],
         parameters=sum(m.metrics["parameters"] for m in members),
         timing=timing,
         best_epoch=[m.metrics["best_epoch"] for m in members],
+        **_temperature(data, split, probs),
         stop_reason="; ".join(f"seed {tc.seed + k}: {m.metrics['stop_reason']}" for k, m in enumerate(members)),
         members=[
             {"seed": tc.seed + k, "run": str(m.path)}

@@ -14,8 +14,9 @@ from defungi.data.quality import low_variance
 from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
 from defungi.experiments.rundir import load_trained
+from defungi.layout import RunLayout, read_json
 from defungi.train.loop import predict_proba
-from defungi.train.metrics import classification_metrics
+from defungi.train.metrics import classification_metrics, temper
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,26 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+def run_temperature(run_dir: str | Path) -> float:
+    """The temperature fitted on the run's validation part (1.0 for a run without one)."""
+    path = RunLayout(Path(run_dir)).metrics
+    return float(read_json(path).get("temperature", {}).get("temperature", 1.0)) if path.exists() else 1.0
+
+
 def predict(
-    run_dir: str | Path, paths: list[str | Path], tta: bool | None = None, prior_weight: float | None = None
+    run_dir: str | Path,
+    paths: list[str | Path],
+    tta: bool | None = None,
+    prior_weight: float | None = None,
+    abstain: float = 0.0,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per file and the classes. A row holds the path, the class the folder or the file name
     gives ('label', when it is a class of the model), and the predicted class with its probability
     per class; or 'no fungus visible' for an image under the run's variance threshold (blank or
-    blurred: training leaves such images out, so they are not classified), or the error."""
+    blurred: training leaves such images out, so they are not classified), or the error.
+    The class probabilities are the model's, as the run scored them; 'confidence' is the most
+    probable class's probability calibrated by the run's temperature, and below `abstain` a row's
+    decision is 'uncertain' (its most probable class is kept beside it)."""
     trained = load_trained(run_dir)
     files = expand_paths(paths)
     size, threshold = trained.preprocess.image_size, trained.config.data.variance_threshold
@@ -69,10 +83,11 @@ def predict(
             amp=trained.config.train.amp,
             class_weights=trained.class_weights(prior_weight),
         )
-        for f, p in zip(ok, probs, strict=True):
+        confidence = temper(probs, run_temperature(run_dir)).max(1)
+        for f, p, conf in zip(ok, probs, confidence, strict=True):
             rows.append(
                 {"path": str(f), "label": label_of(f, trained.classes), "class": trained.classes[int(p.argmax())]}
-                | {"confidence": float(p.max())}
+                | {"confidence": float(conf), "decision": decide(trained.classes[int(p.argmax())], conf, abstain)}
                 | {c: float(v) for c, v in zip(trained.classes, p, strict=True)}
             )
     order = {str(f): i for i, f in enumerate(files)}
@@ -80,6 +95,12 @@ def predict(
 
 
 NO_FUNGUS = "no fungus visible"
+UNCERTAIN = "uncertain"
+
+
+def decide(best: str, confidence: float, abstain: float) -> str:
+    """The class, or 'uncertain' when the calibrated confidence is under the abstention threshold."""
+    return best if confidence >= abstain else UNCERTAIN
 
 
 def label_of(path: Path, classes: list[str]) -> str | None:
@@ -103,10 +124,17 @@ def specimen_of(path: Path, group_by: str) -> str:
     return (match.group(1) if match.groups() else match.group(0)) if match else path.name
 
 
-def by_specimen(rows: list[dict[str, Any]], classes: list[str], group_by: str = "name") -> list[dict[str, Any]]:
+def by_specimen(
+    rows: list[dict[str, Any]],
+    classes: list[str],
+    group_by: str = "name",
+    abstain: float = 0.0,
+    temperature: float = 1.0,
+) -> list[dict[str, Any]]:
     """One decision per specimen: the mean probability of its classified images, then the most
     probable class (the rule the sample-level metrics use); 'no fungus visible' when none of its
-    images could be classified. Each specimen keeps its image rows."""
+    images could be classified. Its confidence is the decision's mean probability at the run's
+    (image-level) temperature, and 'uncertain' below abstain. Each specimen keeps its image rows."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(specimen_of(Path(row["path"]), group_by), []).append(row)
@@ -119,7 +147,8 @@ def by_specimen(rows: list[dict[str, Any]], classes: list[str], group_by: str = 
         decision["no_fungus"] = sum(r.get("status") == NO_FUNGUS for r in members)
         if classified:
             mean = np.mean([[r[c] for c in classes] for r in classified], axis=0)
-            decision |= {"class": classes[int(mean.argmax())], "confidence": float(mean.max())}
+            best, conf = classes[int(mean.argmax())], float(temper(mean[None], temperature).max())
+            decision |= {"class": best, "confidence": conf, "decision": decide(best, conf, abstain)}
             decision |= {c: float(v) for c, v in zip(classes, mean, strict=True)}
         else:
             decision["status"] = NO_FUNGUS if decision["no_fungus"] else "no readable image"

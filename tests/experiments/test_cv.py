@@ -109,7 +109,8 @@ def test_grouped_and_random_cv_side_by_side(tiny_data: Path, tmp_path: Path, cap
                      *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "3-fold cross-validation, out of fold, per sample" in out and "F1 0." in out
-    for name in ("folds.png", "reliability_test.png", "confusion_test.png", "confusion_test_samples.png"):
+    names = ("folds.png", "reliability_test.png", "confusion_test.png", "confusion_test_samples.png")
+    for name in (*names, "confident_errors.png"):
         assert (tmp_path / "grouped" / name).exists(), name
     assert (
         main(

@@ -92,3 +92,13 @@ def test_temperature_scaling_softens_over_confident_probabilities():
     result = calibrated(probs[:300], labels[:300], probs[300:], labels[300:])
     assert result["temperature"] > 1 and result["ece_after"] < result["ece_before"] / 2
     assert np.array_equal(temper(probs, 3.0).argmax(1), probs.argmax(1))
+
+
+def test_most_confused_pairs_are_the_largest_off_diagonal_cells():
+    y_true = np.array([0] * 10 + [1] * 10 + [2] * 10)
+    y_pred = np.array([0] * 6 + [1] * 4 + [1] * 9 + [2] * 1 + [2] * 10)
+    pairs = classification_metrics(y_true, y_pred, ["a", "b", "c"])["most_confused"]
+    assert pairs == [
+        {"true": "a", "predicted": "b", "count": 4, "share": 0.4},
+        {"true": "b", "predicted": "c", "count": 1, "share": 0.1},
+    ]

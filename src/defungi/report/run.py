@@ -53,9 +53,26 @@ def render_run(run_dir: str | Path) -> list[Path]:
             figures += render_run(run.fold(k).root)
         title = f"{label}: {len(metrics['folds'])}-fold cross-validation ({protocol['split']})"
         figures.append(plot_folds(metrics["folds"], run.figure("folds"), title))
+    scored = run.oof if run.oof.exists() else run.predictions("test")
+    if scored.exists():
+        figures.append(render_confident_errors(scored, run.figure("confident_errors")))
     if run.excluded.exists():
         figures.append(render_exclusions(run.excluded, run.figure("excluded")))
     return figures
+
+
+def render_confident_errors(predictions: Path, path: Path, limit: int = 20) -> Path:
+    """A contact sheet of the most confidently wrong images of a predictions CSV (test or out of
+    fold), each captioned true -> predicted and the predicted class's probability."""
+    wrong = []
+    for r in read_table(predictions):
+        if r["prediction"] != r["class"]:
+            wrong.append((float(r[f"p_{r['prediction']}"]), r))
+    wrong.sort(key=lambda pr: -pr[0])
+    shown = wrong[:limit]
+    captions = [f"{r['class']}->{r['prediction']} {p:.2f}" for p, r in shown]
+    paths = [Path(r["path"]) for _, r in shown]
+    return contact_sheet(paths, captions, path, limit=limit, what=f"most confidently wrong (of {len(wrong)} wrong)")
 
 
 def render_exclusions(table: Path, path: Path) -> Path:

@@ -154,7 +154,8 @@ def _final(step: dict[str, Any], out: Path, study: Path) -> Drawn:
     for run in step["runs"].values():
         render_run(study / run)
         layout = RunLayout(study / run)
-        figures += [layout.figure(f) for f in ("folds", "confusion_test", "confusion_test_samples", "reliability_test")]
+        names = ("folds", "confusion_test", "confusion_test_samples", "reliability_test", "confident_errors")
+        figures += [layout.figure(f) for f in names]
     folds = Table(
         ["split", "fold", "test images / samples", "F1 per image", "F1 per sample"],
         [
@@ -165,7 +166,15 @@ def _final(step: dict[str, Any], out: Path, study: Path) -> Drawn:
         ],
     )
     table = interval_table(final_rows(state["study"], step, state["published"]))
-    return [table, difference_table(step["gap"]), folds], figures
+    confused = Table(
+        ["split", "true class", "predicted as", "images", "share of the true class"],
+        [
+            [mode, c["true"], c["predicted"], str(c["count"]), f"{c['share']:.0%}"]
+            for mode, m in step["test"].items()
+            for c in m.get("most_confused", [])
+        ],
+    )
+    return [table, difference_table(step["gap"]), folds, confused], figures
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any], Path, Path], Drawn]] = {

@@ -15,6 +15,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     present = [int(c) for c in np.unique(y_true)]
     p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, labels=present, average="macro", zero_division=0)
+    confusion = confusion_matrix(y_true, y_pred, labels=labels)
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -25,10 +26,27 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
             c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
             for i, c in enumerate(classes)
         },
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix": confusion.tolist(),
+        "most_confused": most_confused(confusion, classes),
         "classes": list(classes),
         "absent_classes": [c for i, c in enumerate(classes) if i not in present],
     }
+
+
+def most_confused(confusion: np.ndarray, classes: list[str], top: int = 3) -> list[dict[str, Any]]:
+    """The largest off-diagonal cells: true class, predicted class, count and share of the true class."""
+    off = confusion * (1 - np.eye(len(classes), dtype=confusion.dtype))
+    cells = [np.unravel_index(i, off.shape) for i in np.argsort(off, axis=None)[::-1][:top]]
+    return [
+        {
+            "true": classes[t],
+            "predicted": classes[q],
+            "count": int(off[t, q]),
+            "share": float(off[t, q] / confusion[t].sum()),
+        }
+        for t, q in cells
+        if off[t, q] > 0
+    ]
 
 
 def sample_decisions(

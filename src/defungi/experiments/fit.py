@@ -267,7 +267,13 @@ class _Fit:
             channels_last=tc.channels_last,
             class_weights=self.class_weights,
         )
-        val = classification_metrics(data.labels[val_idx], val_probs.argmax(1), data.classes)
+        return self.history_row(epoch, stats, val_probs, val_loss)
+
+    def history_row(
+        self, epoch: int, stats: dict[str, float], val_probs: np.ndarray, val_loss: float
+    ) -> dict[str, float]:
+        """One epoch's row of history.csv, from its training stats and validation probabilities."""
+        val = classification_metrics(self.data.labels[self.val_idx], val_probs.argmax(1), self.data.classes)
         return {
             "epoch": epoch + 1,
             "lr": self.step.scheduler.get_last_lr()[0],
@@ -276,7 +282,7 @@ class _Fit:
             "val_loss": val_loss,
             "val_accuracy": val["accuracy"],
             "val_f1": val["f1"],
-            "images_per_s": stats["images"] / stats["seconds"],
+            "images_per_s": stats["images"] / stats["seconds"] if stats["seconds"] else 0.0,
             "seconds": stats["seconds"],
         }
 
@@ -303,21 +309,14 @@ class _Fit:
                 correct + int((logits.argmax(1) == y).sum()),
                 seen + len(y),
             )
-        seconds = time.perf_counter() - start
-        probs, val_loss = self.head_probabilities(self.val_idx)
-        val = classification_metrics(data.labels[self.val_idx], probs.argmax(1), data.classes)
-        self.train_seconds += seconds
-        return {
-            "epoch": epoch + 1,
-            "lr": step.scheduler.get_last_lr()[0],
-            "train_loss": total / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            "val_loss": val_loss,
-            "val_accuracy": val["accuracy"],
-            "val_f1": val["f1"],
-            "images_per_s": seen / seconds if seconds else 0.0,
-            "seconds": seconds,
+        stats = {
+            "loss": total / max(seen, 1),
+            "accuracy": correct / max(seen, 1),
+            "images": seen,
+            "seconds": time.perf_counter() - start,
         }
+        self.train_seconds += stats["seconds"]
+        return self.history_row(epoch, stats, *self.head_probabilities(self.val_idx))
 
     @torch.no_grad()
     def head_probabilities(self, idx: np.ndarray) -> tuple[np.ndarray, float]:

@@ -53,6 +53,7 @@ def test_a_state_dict_from_a_file_fills_the_backbone_not_the_head(tmp_path: Path
     model = create_model("convmixer", num_classes=5, **TINY_MIXER)
     load_backbone(model, read_weights(tmp_path / "w.pth"), "w.pth")
     assert torch.equal(model.stem[0].weight, source.stem[0].weight) and model.head.out_features == 5
+    assert not model.head.weight.any() and not model.head.bias.any()  # a new head, every class equally likely
     wide = create_model("convmixer", num_classes=5, **{**TINY_MIXER, "dim": 16})
     with pytest.raises(DefungiError, match="of another shape, e.g. stem.0.weight"):
         load_backbone(wide, read_weights(tmp_path / "w.pth"), "w.pth")

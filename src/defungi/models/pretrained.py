@@ -64,7 +64,10 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load every weight but the head's from state; anything missing or of another shape is an error."""
+    """Load every weight but the head's from state (anything missing or of another shape is an
+    error), and start the new head at zero: every class equally likely at first. (timm's random
+    head init, uniform over +-1/sqrt(classes), turns a pretrained backbone's features into logits
+    so large that the first loss is about 5 instead of ln 5 = 1.6.)"""
     head = head_name(model)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{head}.")}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
@@ -78,3 +81,6 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str)
             f"e.g. {example}); use weights saved from the same architecture"
         )
     model.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+    new_head = model.get_submodule(head)
+    nn.init.zeros_(new_head.weight)
+    nn.init.zeros_(new_head.bias)

@@ -60,7 +60,8 @@ def load_dataset(
         raise DefungiError(
             f"{root}: no usable images (all unreadable or under variance threshold {variance_threshold})"
         )
-    empty = [c for c in found if not any(keep[i] for i, r in enumerate(records) if r.label == c)]
+    record_labels = np.array([r.label for r in records])
+    empty = [c for c in found if not keep[record_labels == c].any()]
     if empty and training:
         raise DefungiError(
             f"{root}: class {', '.join(empty)} has no usable image (all unreadable or under variance threshold "

@@ -6,7 +6,7 @@ DATA ?= $(DEFUNGI_DATA)
 PROFILE ?= quick
 OUT ?= runs/main
 
-.PHONY: venv run test test-slow lint bench clean
+.PHONY: venv system-deps run test test-slow lint bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -20,14 +20,25 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Debian's chromium + chromedriver (the browser test) and postgresql (the shared-search tests), where
+# they are missing and this user can install them; otherwise those tests skip, saying why.
+SYSTEM_PACKAGES := chromium chromium-driver postgresql
+system-deps:
+	@if ! command -v chromedriver >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(SYSTEM_PACKAGES) (Debian packages) for the tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	  else echo "note: $(SYSTEM_PACKAGES) not installed (needs root and apt-get); their tests will skip"; fi; \
+	fi
+
 run: venv
 	$(BIN)/defungi run --profile $(PROFILE) --out $(OUT) $(if $(DATA),--data $(DATA),)
 
 # tests on tiny generated images; the slow ones (whole studies, killed workers) with test-slow
-test: venv
+test: venv system-deps
 	$(BIN)/python -m pytest -m "not slow"
 
-test-slow: venv
+test-slow: venv system-deps
 	$(BIN)/python -m pytest -m slow
 
 lint: venv

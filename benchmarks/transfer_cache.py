@@ -14,20 +14,14 @@ against E*b for an E-epoch fit. The CPU's AVX-512 flags are printed beside the t
 from __future__ import annotations
 
 import argparse
-import re
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from defungi.models import create_model
 from defungi.models.pretrained import head_name
-
-
-def cpu_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return " ".join(sorted(set(re.findall(r"avx512[a-z_0-9]*", text)))) or "no AVX-512 (AVX2 or less)"
+from defungi.utils import cpu_flags
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 CLASSES = ("H1", "H2", "H3")
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "defungi"  # the real images, where CI has them
 
 
 def make_image(rng: np.random.Generator, cls: int, size: int = 40) -> Image.Image:

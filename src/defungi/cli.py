@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -98,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         record = train_job(_config(args), Path(args.out))
     else:
         raise DefungiError("give --out RUN_DIR (or --resume RUN_DIR)")
+    if record is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     metrics = record.metrics
     scores = metrics.get("test") or metrics["val"]
     cv = metrics["protocol"].get("cv_folds", 0)
@@ -143,15 +146,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from defungi.serve.predict import by_specimen, predict, run_temperature, specimen_metrics
+    from defungi.serve.predict import by_specimen, predict, specimen_metrics
+    from defungi.serve.predictor import open_predictor
 
     if args.group_by not in ("name", "folder"):
         try:
             re.compile(args.group_by)
         except re.error as exc:
             raise DefungiError(f"--group-by {args.group_by}: not a regular expression ({exc})") from None
-    rows, classes = predict(args.run_dir, args.paths, args.tta, args.prior_weight, args.abstain)
-    temperature = run_temperature(args.run_dir)
+    model = open_predictor(args.run_dir, args.backend)
+    rows, classes = predict(model, args.paths, args.tta, args.prior_weight, args.abstain), model.classes
+    temperature = model.temperature
     specimens = by_specimen(rows, classes, args.group_by, args.abstain, temperature) if args.by_sample else None
     metrics = specimen_metrics(specimens, classes) if specimens is not None else None
     if args.format == "json":
@@ -176,6 +181,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  {_status(r)}{_count(r)}")
     if metrics is not None:
         print(_metrics_line(f"per specimen ({metrics['n']} with a known class)", metrics))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from defungi.serve.export import export_onnx
+
+    result = export_onnx(args.run_dir, args.out, args.opset)
+    print(
+        f"wrote {result['path']} (ONNX opset {result['opset']}); largest difference to PyTorch on "
+        f"{result['checked_on']}: {result['max_abs_diff']:.1e}"
+    )
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from defungi.serve.explain import explain
+
+    written = explain(args.run_dir, args.images, args.out, tta=args.tta, prior_weight=args.prior_weight)
+    print(f"{len(written)} Grad-CAM figures in {args.out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from defungi.serve.web import serve
+
+    serve(args.run_dir, args.host, args.port)
     return 0
 
 
@@ -362,7 +393,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="answer 'uncertain' below this calibrated confidence (0..1; default 0: always a class)",
     )
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="onnx: onnxruntime on RUN_DIR/model.onnx (or a .onnx file) from 'defungi export', without torch",
+    )
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="the run's model as ONNX, checked against PyTorch on the run's images")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="ONNX file to write (default: RUN_DIR/model.onnx)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("explain", help="Grad-CAM figures: where the evidence for the predicted class lies")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="folder for the figures")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("serve", help="a local web page: drop a specimen's images, see classes, Grad-CAM, decision")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("data", help="data set utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -424,15 +481,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _distributed(args: argparse.Namespace) -> int:
+    """A command under torchrun: only train runs there; the process group is left at the end."""
+    from defungi.train import distributed
+
+    if args.command != "train":
+        raise DefungiError(f"torchrun runs 'defungi train' only, not '{args.command}'; run it without torchrun")
+    try:
+        return args.func(args)
+    finally:
+        distributed.teardown()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `defungi` console script."""
     args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))  # torchrun's; the other ranks log warnings only
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            return _distributed(args)
         return args.func(args)
     except DefungiError as exc:
         print(f"defungi: error: {exc}", file=sys.stderr)

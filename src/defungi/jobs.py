@@ -37,14 +37,16 @@ MAIN_STUDIES = ("resnet34", "convmixer")
 TRANSFER_PROFILE = "transfer"
 
 
-def train_job(config: Config, out: Path) -> FitRecord:
-    """Train (or resume, or read back) a run folder, then draw its figures."""
+def train_job(config: Config, out: Path) -> FitRecord | None:
+    """Train (or resume, or read back) a run folder, then draw its figures (None: a torchrun rank
+    other than 0, which only trained)."""
     record = train(config, out)
-    render_run(out)
+    if record is not None:
+        render_run(out)
     return record
 
 
-def resume_job(run_dir: Path) -> FitRecord:
+def resume_job(run_dir: Path) -> FitRecord | None:
     """Continue an interrupted run with the config it was started with."""
     return train_job(RunDir(run_dir).config(), run_dir)
 

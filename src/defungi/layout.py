@@ -54,6 +54,11 @@ class RunLayout:
         return self.root / "best.pt"
 
     @property
+    def onnx(self) -> Path:
+        """The model exported for onnxruntime, with what predict needs in its metadata ('defungi export')."""
+        return self.root / "model.onnx"
+
+    @property
     def last(self) -> Path:
         """The last epoch's full training state (what a resume continues from)."""
         return self.root / "last.pt"

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -47,8 +48,9 @@ class _LineProgress:
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True) -> Any:
-    """A tqdm bar on a terminal; periodic log lines otherwise; nothing when disabled."""
-    if not enabled:
+    """A tqdm bar on a terminal; periodic log lines otherwise; nothing when disabled (or on a
+    torchrun rank other than 0)."""
+    if not enabled or os.environ.get("RANK", "0") != "0":
         return tqdm(total=total, disable=True)
     if sys.stderr.isatty():
         return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
@@ -141,3 +143,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DefungiError(f"--device {name}: MPS is not available here; use cpu or auto")
     return device
+
+
+def cpu_flags() -> str:
+    """The CPU's AVX-512 flags (printed beside every timing: they change training speed 4-7x)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " ".join(sorted(set(re.findall(r"avx512[a-z_0-9]*", text)))) or "no AVX-512 (AVX2 or less)"

@@ -1,11 +1,10 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from defungi.data.scan import scan
 from defungi.data.splits import kfold, subset, train_val_test_split, tuning_split
 from defungi.errors import DefungiError
+from tests.conftest import REAL_DATA
 
 
 def _toy(n_groups: int = 60, per_group: int = 5):
@@ -95,7 +94,7 @@ def test_holdout_is_the_asked_size_of_every_class(mode, fraction):
         assert abs(np.sum(labels[test] == c) - asked) <= (15 if mode == "grouped" else 1)  # half a sample at most
 
 
-DEFUNGI = Path(__file__).resolve().parents[3] / "shared" / "defungi"
+DEFUNGI = REAL_DATA
 
 
 @pytest.mark.skipif(not DEFUNGI.is_dir(), reason="no ../shared/defungi")

@@ -5,9 +5,7 @@ import pytest
 
 from defungi.cli import main
 from tests.conftest import write_folder
-
-TINY = ["--image-size", "16", "--epochs", "2", "--batch-size", "8", "--model", "convmixer"]
-TINY += ["--set", 'train.model_args={"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}']
+from tests.serve.conftest import TINY
 
 
 @pytest.fixture

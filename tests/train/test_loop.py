@@ -10,9 +10,9 @@ from defungi.train.loop import (
     autocast_dtype,
     batches,
     predict_proba,
-    prior_weights,
     train_one_epoch,
 )
+from defungi.train.metrics import prior_weights
 
 
 def _toy():

@@ -24,6 +24,7 @@ from defungi.data.scan import default_cache_dir
 from defungi.experiments.rundir import RunDir
 from defungi.models import create_model
 from defungi.models.pretrained import head_name, imagenet_state_dict, load_backbone, normalization, read_weights
+from defungi.train import distributed
 from defungi.train.callbacks import EarlyStopping
 from defungi.train.loop import (
     Preprocess,
@@ -34,11 +35,9 @@ from defungi.train.loop import (
     head_inputs,
     mean_nll,
     precision_name,
-    prior_weights,
     train_one_epoch,
-    weighted,
 )
-from defungi.train.metrics import classification_metrics, scored
+from defungi.train.metrics import classification_metrics, prior_weights, scored, weighted
 from defungi.utils import atomic_save_npy, exclusive_lock, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -194,6 +193,7 @@ class _Fit:
     start_epoch: int = 0
     train_seconds: float = 0.0
     best_state: dict[str, torch.Tensor] | None = None
+    trainer: nn.Module | None = None  # what the training steps call: the model, or DDP around it (torchrun)
 
     @property
     def scored(self) -> nn.Module:
@@ -238,24 +238,27 @@ class _Fit:
         backbone is frozen); score the validation part; return its history row."""
         if self.features is not None:
             return self.train_head_epoch(epoch)
-        tc, data = self.config.train, self.data
-        generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-        picks = self.epoch_order(epoch)
+        tc, data, rank = self.config.train, self.data, distributed.world()
+        generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch + rank.rank * 7_919)
+        picks = distributed.shard(self.epoch_order(epoch), tc.batch_size)
         n_classes = len(data.classes)
 
         def augment(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return mix_batch(augment_batch(x, tc.augment, generator), y, n_classes, tc.mix, tc.mix_alpha, generator)
 
         stats = train_one_epoch(
-            self.model,
-            batches(data.images, data.labels, self.train_idx[picks], tc.batch_size, drop_last=True),
+            self.trainer or self.model,
+            batches(data.images, data.labels, self.train_idx[picks], tc.batch_size // rank.size, drop_last=True),
             self.steps_per_epoch,
             self.step,
             self.preprocess,
             augment,
             desc=f"epoch {epoch + 1}/{tc.epochs}",
         )
+        stats = distributed.reduce_stats(stats)
         self.train_seconds += stats["seconds"]
+        if not rank.main:  # rank 0 validates; every rank takes its row (early stopping reads it)
+            return distributed.from_main(None)
         val_idx = self.val_idx
         val_probs, val_loss = evaluate(
             self.scored,
@@ -267,7 +270,7 @@ class _Fit:
             channels_last=tc.channels_last,
             class_weights=self.class_weights,
         )
-        return self.history_row(epoch, stats, val_probs, val_loss)
+        return distributed.from_main(self.history_row(epoch, stats, val_probs, val_loss))
 
     def history_row(
         self, epoch: int, stats: dict[str, float], val_probs: np.ndarray, val_loss: float
@@ -378,7 +381,7 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: b
     average, optimiser, schedule and stopping for a fit."""
     tc = config.train
     seed_everything(tc.seed)
-    device = resolve_device(tc.device)
+    device = distributed.setup(resolve_device(tc.device))
     train_idx = split["train"]
     if config.data.normalize == "pretrained":
         mean, std = normalization(tc.model)
@@ -395,6 +398,7 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: b
     if tc.freeze_backbone:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(f"{head}.")
+    trainer = distributed.wrap(model, device)
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, head, tc.backbone_lr_scale)
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
     steps_per_epoch = max(1, len(train_idx) // tc.batch_size)
@@ -426,15 +430,18 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: b
         steps_per_epoch,
         stopper,
         head,
+        trainer=trainer,
     )
 
 
-def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir | None = None) -> FitResult:
+def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir | None = None) -> FitResult | None:
     """Train on split['train'], early-stop on split['val'] macro-F1, evaluate every other part.
 
     Extra parts (e.g. 'train_eval', a sample of the training images) are evaluated too. With a
     run folder, checkpoints go there every epoch and an interrupted fit continues from the last
     one. The best epoch's weights are scored (train.restore_best), or the last epoch's.
+    Under torchrun every rank trains its share of each batch; rank 0 alone validates, writes
+    checkpoints and scores (the other ranks return None).
     """
     tc = config.train
     state = _start(config, data, split, fresh=run is None or not run.layout.last.exists())
@@ -442,6 +449,7 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir
         state.resume(run)
     if tc.freeze_backbone:  # after a resume, so that the features are those of the loaded backbone
         state.features = _cached_features(config, data, state.model, state.head, state.preprocess, state.device)
+    main = distributed.world().main
     stopped = bool(state.stopper.reason)
     for epoch in range(state.start_epoch, tc.epochs):
         if stopped:
@@ -461,9 +469,9 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir
             row["images_per_s"],
             "  *" if improved else "",
         )
-        if improved:
+        if improved and main:
             state.best_state = {k: v.detach().clone() for k, v in state.scored.state_dict().items()}
-        if run is not None:
+        if run is not None and main:
             if improved:
                 run.save_best(state.checkpoint(epoch))
             run.save_last(
@@ -479,6 +487,8 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir
             )
     if state.stopper.reason:
         log.info("early stop: %s", state.stopper.reason)
+    if not main:
+        return None
     if tc.restore_best and state.best_state is not None:
         state.scored.load_state_dict(state.best_state)
     cached = state.head_probabilities if state.features is not None and not tc.tta else None

@@ -29,7 +29,8 @@ from defungi.errors import DefungiError
 from defungi.layout import RunLayout, read_history, read_json, read_table
 from defungi.models import create_model, model_entry
 from defungi.models.ensemble import Ensemble
-from defungi.train.loop import Preprocess, prior_weights
+from defungi.train.loop import Preprocess
+from defungi.train.metrics import prior_weights
 from defungi.utils import atomic_torch_save, atomic_write_json, atomic_write_text, exclusive_lock, resolve_device
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ from defungi.errors import DefungiError
 from defungi.experiments.fit import FitResult, fit, score_parts
 from defungi.experiments.rundir import FitRecord, RunDir, load_trained, model_args, write_predictions
 from defungi.layout import EvaluationLayout, RunLayout, read_json, read_predictions
+from defungi.train import distributed
 from defungi.train.loop import evaluate, predict_proba
 from defungi.train.metrics import calibrated, scored
 from defungi.utils import atomic_write_json, resolve_device
@@ -53,13 +54,19 @@ def split_for(config: Config, data: Dataset) -> dict[str, np.ndarray]:
 
 def train(
     config: Config, out: str | Path, data: Dataset | None = None, split: dict[str, np.ndarray] | None = None
-) -> FitRecord:
+) -> FitRecord | None:
     """Train per config into the run folder out; returns its record.
 
     A finished run of the same config is read back, an interrupted one resumes from its last
     epoch, another config in the folder is refused. data and split default to the config's.
+    Under torchrun, rank 0 does all of this and the other ranks only train with it (None).
     """
     run = RunDir(out)
+    rank = distributed.world()
+    if rank.size > 1:
+        _check_distributed(config, rank.size)
+        if not rank.main:
+            return _follow(config, run, data, split)
     run.prepare()
     resolve_device(config.train.device)  # an unusable --device is refused before any decoding
     weights = Path(config.train.weights).expanduser() if config.train.weights else None
@@ -92,6 +99,28 @@ def train(
         return run.write_result(
             result.history, _metrics(config, data, split, result.metrics, result.precision, **record)
         )
+
+
+def _check_distributed(config: Config, ranks: int) -> None:
+    """What torchrun can train: one model, each global batch split evenly between the ranks."""
+    tc = config.train
+    if config.data.cv_folds >= 2 or tc.ensemble > 1 or tc.freeze_backbone:
+        raise DefungiError(
+            "torchrun trains one model end to end: drop --cv, train.ensemble and train.freeze_backbone, "
+            "or run them in one process"
+        )
+    if tc.batch_size % ranks:
+        raise DefungiError(f"batch size {tc.batch_size} does not split evenly over {ranks} processes")
+
+
+def _follow(config: Config, run: RunDir, data: Dataset | None, split: dict[str, np.ndarray] | None) -> None:
+    """A rank > 0: the same data, split and steps as rank 0 (resuming where its last.pt says),
+    reading the run folder only."""
+    if run.layout.metrics.exists():
+        return None
+    data = data if data is not None else dataset_for(config, progress=False)
+    fit(config, data, split if split is not None else split_for(config, data), run)
+    return None
 
 
 def _check_batch_size(config: Config, splits: list[dict[str, np.ndarray]]) -> None:
@@ -221,6 +250,7 @@ def _metrics(
         "precision": precision,
         "prior_weight": config.train.prior_weight if config.train.balance else 0.0,
         "ensemble": config.train.ensemble,
+        "processes": distributed.world().size,  # torchrun ranks that trained it (one global batch between them)
         "cv_folds": config.data.cv_folds,
         "metric_average": "macro over classes",
     }

@@ -283,3 +283,14 @@ def plot_variance(variance: Sequence[float], threshold: float, path: Path) -> Pa
     ax.set(xlabel="grey-level variance at 224 px (log10)", ylabel="images", title="image variance")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_explanation(image: np.ndarray, overlay: np.ndarray, path: Path, title: str) -> Path:
+    """An image beside its Grad-CAM overlay (where the predicted class's evidence lies)."""
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3.4))
+    for ax, picture, caption in zip(axes, (image, overlay), ("image (as the model sees it)", "Grad-CAM"), strict=True):
+        ax.imshow(picture, interpolation="bilinear")
+        ax.set_title(caption, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

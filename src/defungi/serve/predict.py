@@ -1,4 +1,4 @@
-"""Class and probabilities for image files or folders, from a run folder."""
+"""Class and probabilities for image files or folders, and one decision per specimen."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from defungi.data.cache import DECODE_ERRORS, decode_one
 from defungi.data.quality import low_variance
 from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
-from defungi.experiments.rundir import load_trained
-from defungi.layout import RunLayout, read_json
-from defungi.train.loop import predict_proba
+from defungi.serve.predictor import Predictor
 from defungi.train.metrics import classification_metrics, temper
 
 log = logging.getLogger(__name__)
@@ -36,62 +34,66 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def run_temperature(run_dir: str | Path) -> float:
-    """The temperature fitted on the run's validation part (1.0 for a run without one)."""
-    path = RunLayout(Path(run_dir)).metrics
-    return float(read_json(path).get("temperature", {}).get("temperature", 1.0)) if path.exists() else 1.0
-
-
 def predict(
-    run_dir: str | Path,
+    model: Predictor,
     paths: list[str | Path],
     tta: bool | None = None,
     prior_weight: float | None = None,
     abstain: float = 0.0,
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per file and the classes. A row holds the path, the class the folder or the file name
-    gives ('label', when it is a class of the model), and the predicted class with its probability
-    per class; or 'no fungus visible' for an image under the run's variance threshold (blank or
+) -> list[dict[str, Any]]:
+    """One row per file. A row holds the path, the class the folder or the file name gives
+    ('label', when it is a class of the model), and the predicted class with its probability per
+    class; or 'no fungus visible' for an image under the run's variance threshold (blank or
     blurred: training leaves such images out, so they are not classified), or the error.
     The class probabilities are the model's, as the run scored them; 'confidence' is the most
     probable class's probability calibrated by the run's temperature, and below `abstain` a row's
     decision is 'uncertain' (its most probable class is kept beside it)."""
-    trained = load_trained(run_dir)
     files = expand_paths(paths)
-    size, threshold = trained.preprocess.image_size, trained.config.data.variance_threshold
-    pixels, ok, rows = [], [], []
+    rows, pixels = decode(model, files)
+    return classify(model, rows, pixels, tta, prior_weight, abstain)
+
+
+def decode(model: Predictor, files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """A row per file (its error or 'no fungus visible' where it cannot be classified) and the
+    pixels, at the model's input size, of the files to classify (by path)."""
+    rows, pixels = [], {}
     for f in files:
+        row: dict[str, Any] = {"path": str(f)}
         try:
-            image, variance, _ = decode_one(f, size)
+            image, variance, _ = decode_one(f, model.image_size)
         except DECODE_ERRORS as exc:
             log.warning("skipped %s: %s", f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            rows.append({"path": str(f), "error": f"unreadable image ({type(exc).__name__})"})
+            rows.append(row | {"error": f"unreadable image ({type(exc).__name__})"})
             continue
-        if low_variance(np.array([variance]), threshold)[0]:
-            rows.append({"path": str(f), "label": label_of(f, trained.classes), "status": NO_FUNGUS})
+        row["label"] = label_of(f, model.classes)
+        if low_variance(np.array([variance]), model.variance_threshold)[0]:
+            row["status"] = NO_FUNGUS
         else:
-            pixels.append(image)
-            ok.append(f)
-    if pixels:
-        use_tta = trained.config.train.tta if tta is None else tta
-        probs = predict_proba(
-            trained.model,
-            np.stack(pixels),
-            trained.preprocess,
-            trained.device,
-            tta=use_tta,
-            amp=trained.config.train.amp,
-            class_weights=trained.class_weights(prior_weight),
-        )
-        confidence = temper(probs, run_temperature(run_dir)).max(1)
-        for f, p, conf in zip(ok, probs, confidence, strict=True):
-            rows.append(
-                {"path": str(f), "label": label_of(f, trained.classes), "class": trained.classes[int(p.argmax())]}
-                | {"confidence": float(conf), "decision": decide(trained.classes[int(p.argmax())], conf, abstain)}
-                | {c: float(v) for c, v in zip(trained.classes, p, strict=True)}
-            )
-    order = {str(f): i for i, f in enumerate(files)}
-    return sorted(rows, key=lambda r: order[r["path"]]), trained.classes
+            pixels[str(f)] = image
+        rows.append(row)
+    return rows, pixels
+
+
+def classify(
+    model: Predictor,
+    rows: list[dict[str, Any]],
+    pixels: dict[str, np.ndarray],
+    tta: bool | None = None,
+    prior_weight: float | None = None,
+    abstain: float = 0.0,
+) -> list[dict[str, Any]]:
+    """The rows of decode with the class, calibrated confidence, decision and probabilities of every
+    decoded image filled in."""
+    if not pixels:
+        return rows
+    probs = model.probabilities(np.stack(list(pixels.values())), tta, prior_weight)
+    confidence = temper(probs, model.temperature).max(1)
+    result = {}
+    for path, p, conf in zip(pixels, probs, confidence, strict=True):
+        best = model.classes[int(p.argmax())]
+        result[path] = {"class": best, "confidence": float(conf), "decision": decide(best, conf, abstain)}
+        result[path] |= {c: float(v) for c, v in zip(model.classes, p, strict=True)}
+    return [r | result.get(r["path"], {}) for r in rows]
 
 
 NO_FUNGUS = "no fungus visible"

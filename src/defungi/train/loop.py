@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from defungi.data.augment import dihedral
+from defungi.train.metrics import weighted
 from defungi.utils import progress_bar
 
 IMAGE_STD_FLOOR = 0.02  # keeps blank patches from being amplified into noise
@@ -36,22 +37,18 @@ class Preprocess:
 
     def to_tensor(self, batch: np.ndarray, device: torch.device, channels_last: bool = True) -> torch.Tensor:
         """uint8 NHWC batch -> normalised float NCHW on device (channels-last strides for free)."""
-        x = (
-            torch.from_numpy(np.require(batch, requirements=("C", "W")))
-            .to(device, non_blocking=True)
-            .permute(0, 3, 1, 2)
-            .float()
-            .div_(255)
-        )
-        if self.normalize == "image":
-            x = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + IMAGE_STD_FLOOR)
-        elif self.normalize == "luma":
-            x = (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + IMAGE_STD_FLOOR)
-        else:
-            x = (x - torch.tensor(self.mean, device=device).view(1, 3, 1, 1)) / torch.tensor(
-                self.std, device=device
-            ).view(1, 3, 1, 1)
+        x = self.normalized(torch.from_numpy(np.require(batch, requirements=("C", "W"))).to(device, non_blocking=True))
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+    def normalized(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC tensor -> normalised float NCHW (also traced into an exported model)."""
+        x = batch.permute(0, 3, 1, 2).float() / 255
+        if self.normalize == "image":
+            return (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + IMAGE_STD_FLOOR)
+        if self.normalize == "luma":
+            return (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + IMAGE_STD_FLOOR)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
 
 
 def batches(
@@ -189,14 +186,6 @@ def predict_proba(
     return weighted(np.concatenate(out), class_weights)
 
 
-def weighted(probs: np.ndarray, class_weights: np.ndarray | None) -> np.ndarray:
-    """Probabilities rescaled by class weights (see prior_weights) and renormalised."""
-    if class_weights is None:
-        return probs
-    probs = probs * class_weights
-    return probs / probs.sum(1, keepdims=True)
-
-
 def mean_nll(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean cross-entropy of probabilities against labels (NaN for no images)."""
     return (
@@ -230,18 +219,6 @@ def head_inputs(
     finally:
         hook.remove()
     return np.concatenate(out) if out else np.zeros((0, head.in_features), dtype=np.float32)
-
-
-def prior_weights(class_prior: Sequence[float] | None, power: float) -> np.ndarray | None:
-    """Weights that move a class-balanced model's probabilities towards the training frequencies.
-
-    A model trained on class-balanced batches predicts as if every class were equally common;
-    multiplying by prior**power (post-hoc logit adjustment, Menon et al. 2021) puts back part
-    (power 0..1) of the real class frequencies. None when there is nothing to adjust.
-    """
-    if class_prior is None or power == 0:
-        return None
-    return np.asarray(class_prior, dtype=np.float64) ** power
 
 
 def evaluate(

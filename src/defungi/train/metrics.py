@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -217,3 +218,23 @@ def scored(
     samples = classification_metrics(sample_labels, sample_probs.argmax(1), classes)
     samples["intervals"] = bootstrap_intervals(sample_labels, sample_probs.argmax(1), ids, len(classes), seed=seed)
     return images | {"samples": samples, "calibration": calibration(probs, labels)}
+
+
+def prior_weights(class_prior: Sequence[float] | None, power: float) -> np.ndarray | None:
+    """Weights that move a class-balanced model's probabilities towards the training frequencies.
+
+    A model trained on class-balanced batches predicts as if every class were equally common;
+    multiplying by prior**power (post-hoc logit adjustment, Menon et al. 2021) puts back part
+    (power 0..1) of the real class frequencies. None when there is nothing to adjust.
+    """
+    if class_prior is None or power == 0:
+        return None
+    return np.asarray(class_prior, dtype=np.float64) ** power
+
+
+def weighted(probs: np.ndarray, class_weights: np.ndarray | None) -> np.ndarray:
+    """Probabilities rescaled by class weights (see prior_weights) and renormalised."""
+    if class_weights is None:
+        return probs
+    probs = probs * class_weights
+    return probs / probs.sum(1, keepdims=True)

@@ -1,0 +1,58 @@
+"""Inference with onnxruntime from an exported model: no torch import, the same decisions as the
+run (the 8 flips/rotations averaged here where the run used test-time augmentation)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defungi.errors import DefungiError
+from defungi.serve.predictor import Predictor
+
+METADATA_KEY = "defungi"  # the ONNX metadata entry holding Predictor.metadata() as JSON
+BATCH = 64
+
+
+def dihedral_nhwc(images: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of the 8 flips/rotations of an NHWC batch (as data.augment.dihedral does on NCHW)."""
+    if k >= 4:
+        images = images[:, :, ::-1]
+    return np.ascontiguousarray(np.rot90(images, k % 4, axes=(1, 2)))
+
+
+def _load_errors(ort: Any) -> tuple[type[Exception], ...]:
+    """onnxruntime's refusals of a file that is not a loadable model (they derive from Exception alone)."""
+    state = ort.capi.onnxruntime_pybind11_state
+    return state.Fail, state.InvalidProtobuf, state.InvalidGraph, state.InvalidArgument, state.NoSuchFile
+
+
+def onnx_predictor(path: Path, threads: int | None = None) -> Predictor:
+    """A Predictor running PATH (written by 'defungi export') on onnxruntime's CPU provider."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        run = path.parent if path.name == "model.onnx" else path
+        raise DefungiError(f"{path}: no exported model; write it with 'defungi export {run}'")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        meta = json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
+    except (KeyError, ValueError, *_load_errors(ort)) as exc:
+        raise DefungiError(f"{path}: not a model written by 'defungi export' ({type(exc).__name__})") from None
+    name = session.get_inputs()[0].name
+
+    def scores(images: np.ndarray, tta: bool) -> np.ndarray:
+        views = range(8) if tta else range(1)
+        out = [
+            sum(session.run(None, {name: dihedral_nhwc(images[i : i + BATCH], k)})[0] for k in views) / len(views)
+            for i in range(0, len(images), BATCH)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(meta["classes"])), dtype=np.float32)
+
+    return Predictor(**meta, scores=scores)

@@ -1,0 +1,89 @@
+"""A trained model as `predict` and the web page use it: its classes, input size, variance
+threshold, temperature and a function from uint8 images to class probabilities. It comes from a
+run folder (PyTorch) or from an exported ONNX file (onnxruntime; torch is then never imported)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defungi.errors import DefungiError
+from defungi.layout import RunLayout, read_json
+from defungi.train.metrics import prior_weights, weighted
+
+BACKENDS = ("torch", "onnx")
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """What is needed to classify decoded images the way the run was scored."""
+
+    classes: list[str]
+    image_size: int
+    variance_threshold: float
+    temperature: float
+    tta: bool
+    prior_weight: float
+    class_prior: list[float] | None
+    scores: Callable[[np.ndarray, bool], np.ndarray]  # uint8 NHWC images, tta -> probabilities
+    trained: Any = None  # the TrainedModel of the torch backend (Grad-CAM needs it)
+
+    def probabilities(
+        self, images: np.ndarray, tta: bool | None = None, prior_weight: float | None = None
+    ) -> np.ndarray:
+        """Class probabilities (tta and prior weight as trained unless given)."""
+        probs = self.scores(images, self.tta if tta is None else tta)
+        power = self.prior_weight if prior_weight is None else prior_weight
+        return weighted(probs, prior_weights(self.class_prior, power))
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the model, as JSON (stored inside an exported ONNX file)."""
+        names = ("classes", "image_size", "variance_threshold", "temperature", "tta", "prior_weight", "class_prior")
+        return {k: getattr(self, k) for k in names}
+
+
+def run_temperature(run_dir: str | Path) -> float:
+    """The temperature fitted on the run's validation part (1.0 for a run without one)."""
+    path = RunLayout(Path(run_dir)).metrics
+    return float(read_json(path).get("temperature", {}).get("temperature", 1.0)) if path.exists() else 1.0
+
+
+def open_predictor(source: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
+    """The model of a run folder with PyTorch, or with onnxruntime from SOURCE/model.onnx (or a .onnx file)."""
+    if backend == "onnx":
+        from defungi.serve.lite import onnx_predictor
+
+        path = Path(source)
+        return onnx_predictor(RunLayout(path).onnx if path.is_dir() else path)
+    if backend != "torch":
+        raise DefungiError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
+    return torch_predictor(source, device)
+
+
+def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:
+    """The run folder's model (its checkpoints, one per fold or member, averaged) with PyTorch."""
+    from defungi.experiments.rundir import load_trained
+    from defungi.train.loop import predict_proba
+
+    trained = load_trained(run_dir, device)
+
+    def scores(images: np.ndarray, tta: bool) -> np.ndarray:
+        return predict_proba(
+            trained.model, images, trained.preprocess, trained.device, tta=tta, amp=trained.config.train.amp
+        )
+
+    return Predictor(
+        classes=list(trained.classes),
+        image_size=trained.preprocess.image_size,
+        variance_threshold=trained.config.data.variance_threshold,
+        temperature=run_temperature(run_dir),
+        tta=trained.config.train.tta,
+        prior_weight=trained.config.train.prior_weight,
+        class_prior=trained.class_prior,
+        scores=scores,
+        trained=trained,
+    )

@@ -1,0 +1,158 @@
+"""A local web page for one specimen at a time (FastAPI): drop its images, see each image's class,
+probabilities and Grad-CAM, and the specimen's decision with its calibrated confidence."""
+
+from __future__ import annotations
+
+import base64
+import io
+import ipaddress
+import logging
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from defungi.serve.explain import explained
+from defungi.serve.predict import NO_FUNGUS, by_specimen
+from defungi.serve.predictor import Predictor, torch_predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may upload (a decompression bomb is refused before it is decoded)."""
+
+    files: int = 32
+    bytes_per_file: int = 20 * 2**20
+    pixels: int = 40_000_000
+
+
+def screen(data: bytes, limits: Limits) -> str | None:
+    """Why an upload cannot be classified before decoding it (None when it may be)."""
+    if not data:
+        return "empty file (0 bytes)"
+    if len(data) > limits.bytes_per_file:
+        return f"file too large ({len(data) / 2**20:.0f} MB; the limit is {limits.bytes_per_file // 2**20} MB)"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        return f"too many pixels (the limit is {limits.pixels / 1e6:.0f} megapixels)"
+    except (OSError, ValueError, SyntaxError):
+        return "not an image (JPEG, PNG, TIFF or BMP expected)"
+    if width * height > limits.pixels:
+        return f"too many pixels ({width}×{height}; the limit is {limits.pixels / 1e6:.0f} megapixels)"
+    return None
+
+
+def png_data_url(pixels: np.ndarray) -> str:
+    """An RGB array as a data: URL the page can show."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def answer(model: Predictor, uploads: list[tuple[str, bytes]], abstain: float, limits: Limits) -> dict[str, Any]:
+    """The page's answer: a row per upload (class, probabilities, Grad-CAM; or why not) and the
+    specimen's decision. Uploads are written to a temporary folder that is removed afterwards."""
+    if len(uploads) > limits.files:
+        return {"error": f"{len(uploads)} files: at most {limits.files} images of one specimen at a time"}
+    refused = {i: why for i, (_, data) in enumerate(uploads) if (why := screen(data, limits))}
+    with tempfile.TemporaryDirectory(prefix="defungi-upload-") as tmp:
+        paths = {}
+        for i, (name, data) in enumerate(uploads):
+            if i not in refused:
+                paths[i] = Path(tmp) / f"{i:03d}{Path(name).suffix.lower()[:6]}"
+                paths[i].write_bytes(data)
+        rows = {Path(r["path"]): r for r in explained(model, list(paths.values()), abstain=abstain)} if paths else {}
+    images = []
+    for i, (name, _) in enumerate(uploads):
+        row = {"error": refused[i]} if i in refused else dict(rows[paths[i]])
+        if "error" in row and i not in refused:
+            row["error"] = "unreadable or truncated image"
+        shown = {"name": name, "status": row.get("error") or row.get("status") or ""}
+        if "class" in row:
+            shown |= {k: row[k] for k in ("class", "decision", "confidence")}
+            shown |= {"probabilities": {c: row[c] for c in model.classes}, "image": png_data_url(row["image"])}
+            shown["gradcam"] = png_data_url(row["overlay"])
+        images.append(shown | {"row": {k: v for k, v in row.items() if k not in ("image", "overlay", "path")}})
+    specimen = by_specimen(
+        [img["row"] | {"path": f"specimen/{i}"} for i, img in enumerate(images)],
+        model.classes,
+        group_by="folder",
+        abstain=abstain,
+        temperature=model.temperature,
+    )
+    decision = {k: v for k, v in specimen[0].items() if k not in ("rows", "specimen", "label")} if images else {}
+    return {"classes": model.classes, "images": [{k: v for k, v in i.items() if k != "row"} for i in images]} | {
+        "specimen": decision
+    }
+
+
+def create_app(model: Predictor, limits: Limits = Limits()) -> FastAPI:
+    """The FastAPI application: the page at /, the answer at POST /api/predict, /health."""
+    app = FastAPI(title="defungi", docs_url=None, redoc_url=None)
+    page = files("defungi.serve").joinpath("static/index.html").read_text()
+    lock = threading.Lock()  # one request at a time on the model (Grad-CAM hooks into it)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "classes": model.classes, "no_fungus": NO_FUNGUS}
+
+    @app.post("/api/predict")
+    async def predict(request: Request) -> JSONResponse:
+        try:
+            form = await request.form(max_files=10 * limits.files, max_part_size=limits.bytes_per_file + 1)
+        except Exception as exc:  # the multipart parser's own refusals (too many parts, a part too large)
+            return JSONResponse({"error": f"upload refused: {getattr(exc, 'detail', exc)}"}, status_code=400)
+        cap = limits.bytes_per_file + 1  # enough to tell that a file is too large, never more in memory
+        uploads = [(u.filename or "unnamed", await u.read(cap)) for u in form.getlist("files") if hasattr(u, "read")]
+        abstain = _share(str(form.get("abstain", "0")))
+        if not uploads:
+            return JSONResponse({"error": "no file received; pick or drop images of one specimen"}, status_code=400)
+
+        def locked() -> dict[str, Any]:
+            with lock:
+                return answer(model, uploads, abstain, limits)
+
+        result = await run_in_threadpool(locked)
+        return JSONResponse(result, status_code=413 if "error" in result else 200)
+
+    return app
+
+
+def _share(text: str) -> float:
+    """The abstention threshold from the page (0..1; anything else is 0)."""
+    return min(max(float(text), 0.0), 1.0) if re.fullmatch(r"\d*\.?\d+", text.strip()) else 0.0
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the page for the run's model until interrupted (loopback only unless host says otherwise)."""
+    import uvicorn
+
+    if host != "localhost" and not _loopback(host):
+        log.warning("listening on %s: anyone who can reach this address can use the page", host)
+    app = create_app(torch_predictor(run_dir))
+    log.info("open http://%s:%d/ in a browser", host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

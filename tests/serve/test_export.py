@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from defungi.cli import main
+from defungi.errors import DefungiError
+from defungi.serve.lite import dihedral_nhwc
+from defungi.serve.predictor import open_predictor
+from tests.conftest import write_folder
+
+
+def test_exported_model_matches_pytorch_and_predicts_without_torch(trained_run: Path, tmp_path: Path, capsys):
+    assert main(["export", str(trained_run)]) == 0
+    printed = capsys.readouterr().out
+    assert "model.onnx (ONNX opset 17)" in printed and "images of the run's split.csv" in printed
+    assert float(printed.rsplit(": ", 1)[1]) <= 1e-4
+    held = write_folder(tmp_path / "held", samples_per_class=1, patches=3, seed=5)
+    for tta in ("--tta", "--no-tta"):
+        answers = []
+        for backend in ("torch", "onnx"):
+            assert main(["predict", str(trained_run), str(held), "--format", "json", tta, "--backend", backend]) == 0
+            answers.append(json.loads(capsys.readouterr().out))
+        torch_rows, onnx_rows = answers
+        assert [r.get("class") for r in torch_rows] == [r.get("class") for r in onnx_rows]
+        assert [r.get("status") for r in onnx_rows].count("no fungus visible") == 1  # the blank field
+        diffs = [
+            abs(a[c] - b[c])
+            for a, b in zip(torch_rows, onnx_rows, strict=True)
+            if "class" in a
+            for c in "H1 H2 H3".split()
+        ]
+        assert max(diffs) < 1e-4
+    script = (
+        "import sys\nfrom defungi.cli import main\n"
+        f"code = main(['predict', {str(trained_run)!r}, {str(held)!r}, '--backend', 'onnx', '--by-sample'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "per specimen (3 with a known class)" in done.stdout
+
+
+def test_dihedral_views_match_the_training_ones():
+    import torch
+
+    from defungi.data.augment import dihedral
+
+    x = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+    for k in range(8):
+        ours = dihedral(torch.from_numpy(x).permute(0, 3, 1, 2), k).permute(0, 2, 3, 1).numpy()
+        assert np.array_equal(dihedral_nhwc(x, k), ours)
+
+
+def test_missing_or_foreign_onnx_file_is_one_clear_error(trained_run: Path, tmp_path: Path):
+    with pytest.raises(DefungiError, match="defungi export"):
+        open_predictor(tmp_path, "onnx")
+    bogus = tmp_path / "other.onnx"
+    bogus.write_bytes(b"not a model")
+    with pytest.raises(DefungiError, match="not a model written by 'defungi export'"):
+        open_predictor(bogus, "onnx")

@@ -1,0 +1,132 @@
+import io
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from defungi.serve.predictor import torch_predictor
+from defungi.serve.web import create_app
+from tests.conftest import REAL_DATA, make_image
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def _jpeg(seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    make_image(np.random.default_rng(seed), 1, 40).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _huge_png(side: int = 20000) -> bytes:
+    """A valid 1-bit side x side PNG (400 megapixels at 20000), a few tens of kB compressed."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress((b"\x00" + b"\x00" * (side // 8)) * side, 9)
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def client(trained_run: Path) -> TestClient:
+    return TestClient(create_app(torch_predictor(trained_run)))
+
+
+def test_bad_uploads_get_a_message_each_and_the_server_keeps_serving(client: TestClient, tmp_path: Path):
+    good = _jpeg()
+    uploads = {
+        "notes.txt": b"not an image at all\n",
+        "empty.jpg": b"",
+        "truncated.jpg": good[: len(good) // 2],
+        "huge.png": _huge_png(),
+        "good.jpg": good,
+    }
+    before = set(os.listdir(tmp_path))
+    reply = client.post("/api/predict", files=[("files", (n, d)) for n, d in uploads.items()], data={"abstain": "0"})
+    assert reply.status_code == 200
+    shown = {i["name"]: i for i in reply.json()["images"]}
+    assert shown["notes.txt"]["status"].startswith("not an image")
+    assert shown["empty.jpg"]["status"] == "empty file (0 bytes)"
+    assert shown["truncated.jpg"]["status"] == "unreadable or truncated image"
+    assert shown["huge.png"]["status"].startswith("too many pixels")
+    assert shown["good.jpg"]["class"] in ("H1", "H2", "H3") and shown["good.jpg"]["gradcam"].startswith(
+        "data:image/png"
+    )
+    assert reply.json()["specimen"]["classified"] == 1 and reply.json()["specimen"]["images"] == 5
+    many = client.post("/api/predict", files=[("files", (f"{i}.jpg", good)) for i in range(50)])
+    assert many.status_code == 413 and many.json()["error"] == "50 files: at most 32 images of one specimen at a time"
+    assert client.post("/api/predict", data={"abstain": "0.5"}).json()["error"].startswith("no file received")
+    blank = io.BytesIO()
+    Image.new("RGB", (40, 40), (128, 128, 128)).save(blank, format="PNG")
+    after = client.post("/api/predict", files=[("files", ("blank.png", blank.getvalue())), ("files", ("ok.jpg", good))])
+    assert after.status_code == 200 and after.json()["images"][0]["status"] == "no fungus visible"
+    assert set(os.listdir(tmp_path)) == before  # nothing written outside a temp folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver (make test installs them)")
+def test_page_in_headless_chromium_classifies_two_uploaded_images(trained_run: Path, tmp_path: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if REAL_DATA.is_dir():  # two real DeFungi images where CI has them, else generated ones
+        images = [sorted((REAL_DATA / c).iterdir())[0] for c in ("H1", "H2")]
+    else:
+        images = [tmp_path / f"H{i}_1a_1.jpg" for i in (1, 2)]
+        for i, path in enumerate(images):
+            path.write_bytes(_jpeg(i))
+    port = _free_port()
+    cmd = [sys.executable, "-m", "defungi.cli", "serve", str(trained_run), "--port", str(port)]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"):
+        options.add_argument(flag)
+    for flag in ("--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium'}")
+    options.add_argument("--window-size=1200,900")
+    driver = None
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()
+                time.sleep(0.5)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver.get(f"http://127.0.0.1:{port}/")
+        driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in images))
+        driver.find_element(By.ID, "submit").click()
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".image-row")) == 2)
+        shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".image-row .class")]
+        assert len(shown) == 2 and all(c in ("H1", "H2", "H3", "uncertain") for c in shown)
+        assert driver.find_element(By.ID, "decision").text.startswith("Specimen: ")
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".image-row img")) == 4  # each image and its Grad-CAM
+        screenshot = Path(os.environ.get("DEFUNGI_SCREENSHOT", tmp_path / "page.png"))
+        assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        server.wait(timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,22 @@ from PIL import Image
 
 CLASSES = ("H1", "H2", "H3")
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "defungi"  # the real images, where CI has them
+
+# Test modules of parts whose library a machine may lack (the GPU check's has PyTorch, not these):
+# left out there, and the header says which.
+OPTIONAL = {
+    "serve/test_web.py": "fastapi",
+    "serve/test_export.py": "onnxruntime",
+    "serve/test_explain.py": "pytorch_grad_cam",
+    "experiments/test_curve_grid.py": "optuna",
+    "experiments/test_shared_grid.py": "optuna",
+    "experiments/test_studies.py": "optuna",
+}
+collect_ignore = [path for path, module in OPTIONAL.items() if importlib.util.find_spec(module) is None]
+
+
+def pytest_report_header() -> str | None:
+    return f"left out, their library missing: {', '.join(collect_ignore)}" if collect_ignore else None
 
 
 def make_image(rng: np.random.Generator, cls: int, size: int = 40) -> Image.Image:
@@ -77,3 +94,14 @@ def fails_on_call(real: Callable[..., Any], n: int, exc: type[BaseException] = K
         return real(*args, **kwargs)
 
     return wrapped
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """The URL of a PostgreSQL server started for this test session (skipped without one)."""
+    from tests.postgres import postgres, server_bin
+
+    if server_bin() is None:
+        pytest.skip("no PostgreSQL server or psycopg (make test installs Debian's postgresql package)")
+    with postgres() as url:
+        yield url

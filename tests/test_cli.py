@@ -94,7 +94,7 @@ def test_one_cell_grid(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFi
         *TRAIN[6:],
     ]
     assert main(args) == 0
-    assert "0 trials done before, 1 run now" in capsys.readouterr().out
+    assert "0 cells done before, 1 fitted by this worker" in capsys.readouterr().out
     assert json.loads((tmp_path / "g" / "grid.json").read_text())["best"] == {"train.batch_size": 16, "train.lr": 1e-3}
 
 

@@ -308,8 +308,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
     for item in args.param or []:
         key, _, values = item.partition("=")
         grid[key] = [json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" else v for v in values.split(",")]
-    result = grid_job(_config(args), Path(args.out), args.fraction, grid, args.storage)
-    print(f"{result.trials_before} trials done before, {result.trials_run} run now (Optuna study {result.study_name})")
+    result = grid_job(_config(args), Path(args.out), args.fraction, grid, args.storage, args.heartbeat)
+    print(
+        f"{result.trials_before} cells done before, {result.trials_run} fitted by this worker "
+        f"(Optuna study {result.study_name})"
+    )
     for r in sorted(result.rows, key=lambda r: -r["val_f1"]):
         print("  " + "  ".join(f"{k.split('.')[-1]}={r[k]}" for k in grid) + f"  val macro-F1 {r['val_f1']:.3f}")
     print(f"best: {result.best}  (heat map: {args.out}/grid.png)")
@@ -452,7 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--param", action="append", metavar="KEY=V1,V2", help="another grid axis, e.g. train.weight_decay=0.01,0.05"
     )
-    p.add_argument("--storage", help="Optuna storage URL (default: SQLite in --out)")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL shared by workers, e.g. postgresql://user@host/db (default: SQLite in --out)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        metavar="S",
+        help="a worker's trial says it is alive every S seconds; one silent for 4xS is retried (default 30)",
+    )
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("study", help="a published study, every step, resumable, ending in a report")
@@ -503,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if "WORLD_SIZE" in os.environ:  # started by torchrun
             return _distributed(args)
         return args.func(args)
     except DefungiError as exc:

@@ -71,7 +71,14 @@ def curve_job(config: Config, out: Path, fraction: float, sizes: list[float], cv
     return result
 
 
-def grid_job(config: Config, out: Path, fraction: float, grid: dict[str, list[Any]], storage: str | None) -> GridResult:
+def grid_job(
+    config: Config,
+    out: Path,
+    fraction: float,
+    grid: dict[str, list[Any]],
+    storage: str | None,
+    heartbeat: float | None = None,
+) -> GridResult:
     """A grid search on `fraction` of the data (1.0: the main split's parts): grid.json and grid.png."""
     from defungi.experiments.grid import grid_search
 
@@ -80,7 +87,7 @@ def grid_job(config: Config, out: Path, fraction: float, grid: dict[str, list[An
     split = tuning_split(
         data.labels, data.groups, split_for(config, data), fraction, dc.val_fraction, dc.split, dc.seed
     )
-    result = grid_search(config, data, split, grid, layout.fits, storage)
+    result = grid_search(config, data, split, grid, layout.fits, storage, heartbeat)
     atomic_write_json(layout.grid, result.to_dict())
     render_grid(out, f"grid search, {fraction:.0%} of the data")
     return result

@@ -1,10 +1,14 @@
 """Grid search over any config keys (batch size x learning rate by default), on Optuna.
 
-Optuna's GridSampler alone decides which cell a trial fits; every cell is a run folder under
-out_dir (resumable, read back once finished). Trials live in an Optuna study named after a hash
-of the grid, the config and the split, in an SQLite file in out_dir or a shared database
-(`storage`). Heartbeats mark the trials of a killed worker stale; they are retried
-(RetryHeartbeatStaleTrialCallback), and the cell's run folder resumes where it stopped.
+Trials live in an Optuna study named after a hash of the grid, the config and the split, in an
+SQLite file in out_dir or a database that several workers share (`storage`, e.g. PostgreSQL).
+A worker queues one open cell at a time and takes a waiting trial from the queue (Optuna pops it
+atomically); a trial whose cell another worker holds (an earlier trial of it running or waiting,
+or one finished) is pruned before it trains, so every cell is fitted once. Heartbeats mark the
+trials of a killed worker stale; they are queued again (RetryHeartbeatStaleTrialCallback) and
+taken by any worker, and the cell's run folder resumes where it stopped. A worker with nothing
+to take waits until every cell is finished. Every cell is a run folder under out_dir of the
+worker that fitted it; the results come from the study.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import itertools
 import json
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +26,9 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
 from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset
@@ -34,7 +39,10 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 30  # a running trial says it is alive this often
 GRACE_PERIOD_S = 120  # a trial silent this long belongs to a dead worker: failed, then retried
-MAX_ATTEMPTS = 3  # rounds of the grid before a cell that keeps failing is reported
+MAX_ATTEMPTS = 3  # failed trials of a cell before it is reported
+POLL_S = 2.0  # a worker with no cell to take looks again this often
+SCHEMA_ATTEMPTS = 5
+ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
 
 
 @dataclass
@@ -77,40 +85,59 @@ def study_name(config: Config, split: dict[str, np.ndarray], grid: dict[str, lis
     return "grid-" + hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def open_storage(url: str) -> RDBStorage:
-    """An Optuna database with heartbeats, or a clear error for a URL that is not one."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=GRACE_PERIOD_S,
-                heartbeat_stale_trial_callback=_retry(),
-            )
-        except (ValueError, ImportError, SQLAlchemyError) as exc:
-            raise DefungiError(
-                f"--storage {url}: not a usable database URL ({type(exc).__name__}); e.g. sqlite:///grid.db or postgresql://user@host/db"
-            ) from None
+def open_storage(url: str, heartbeat: float | None = None) -> RDBStorage:
+    """An Optuna database with heartbeats (every `heartbeat` s, a trial silent for 4 of them is
+    stale; default 30 s and 120 s), or a clear error for a URL that is not one. Workers that start
+    together on an empty database race to create its tables: the losers try again."""
+    for attempt in range(SCHEMA_ATTEMPTS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=max(1, round(heartbeat)) if heartbeat else HEARTBEAT_INTERVAL_S,
+                    grace_period=max(2, round(4 * heartbeat)) if heartbeat else GRACE_PERIOD_S,
+                    heartbeat_stale_trial_callback=_retry(),
+                )
+            except ImportError as exc:
+                raise DefungiError(
+                    f"--storage {url}: the database's Python driver is missing ({exc}); for PostgreSQL: "
+                    "pip install 'psycopg[binary]'"
+                ) from None
+            except (IntegrityError, ProgrammingError):  # another worker created the tables meanwhile
+                if attempt == SCHEMA_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+            except (ValueError, SQLAlchemyError) as exc:
+                raise DefungiError(
+                    f"--storage {url}: not a usable database URL ({type(exc).__name__}); "
+                    "e.g. sqlite:///grid.db or postgresql://user@host/db"
+                ) from None
+    raise AssertionError("unreachable")
 
 
 def _key(params: dict[str, Any], keys: list[str]) -> tuple:
     return tuple(params[k] for k in keys)
 
 
-def _requeue_failed(study: optuna.Study, cells: set[tuple], keys: list[str]) -> None:
-    """Queue again, with its grid cell, the last failed trial of each cell that has none finished
-    (stopped with Ctrl-C, or a stale one): the grid sampler counts a failed cell as tried."""
-    trials = study.get_trials(deepcopy=False)
-    queued = {_key(t.params, keys) for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)}
-    failed = {_key(t.params, keys): t for t in trials if t.state == TrialState.FAIL and t.params}
-    for cell, trial in failed.items():
-        if cell in cells and cell not in queued:
-            _retry()(study, trial)
+def _cell(trial: optuna.trial.FrozenTrial, keys: list[str]) -> tuple | None:
+    """The grid cell of a trial: its parameters, or those it was queued with."""
+    params = trial.params or trial.system_attrs.get("fixed_params") or {}
+    return _key(params, keys) if all(k in params for k in keys) else None
+
+
+def _held_elsewhere(study: optuna.Study, number: int, cell: tuple, keys: list[str]) -> bool:
+    """Whether another trial owns the cell: a finished one, or an earlier one running or waiting
+    (the earliest active trial of a cell is the one that fits it)."""
+    for t in study.get_trials(deepcopy=False):
+        if t.number != number and _cell(t, keys) == cell:
+            if t.state == TrialState.COMPLETE or (t.state in ACTIVE and t.number < number):
+                return True
+    return False
 
 
 def _retry() -> RetryHeartbeatStaleTrialCallback:
-    """Optuna's callback that queues a failed trial again with its parameters (and grid cell)."""
+    """Optuna's callback that queues a stale trial again with its parameters."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RetryHeartbeatStaleTrialCallback(max_retry=MAX_ATTEMPTS)
@@ -123,6 +150,7 @@ def grid_search(
     grid: dict[str, list[Any]],
     out_dir: Path,
     storage: str | None = None,
+    heartbeat: float | None = None,
 ) -> GridResult:
     """Fit every cell (train on split['train'], score macro-F1 on split['val']); results in grid order."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,9 +159,10 @@ def grid_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=name,
-        storage=open_storage(storage or f"sqlite:///{(out_dir / 'grid.sqlite3').resolve()}"),
+        storage=open_storage(storage or f"sqlite:///{(out_dir / 'grid.sqlite3').resolve()}", heartbeat),
         direction="maximize",
-        sampler=optuna.samplers.GridSampler(grid, seed=0),
+        # cells are queued with their parameters; a trial made when the queue ran dry meanwhile draws one
+        sampler=optuna.samplers.RandomSampler(),
         load_if_exists=True,
     )
 
@@ -144,27 +173,43 @@ def grid_search(
     missing = [c for c in cells if _key(c, keys) not in before]
     log.info("grid %s: %d cells, %d done before, %d to fit", name, len(cells), len(cells) - len(missing), len(missing))
 
+    fitted: list[str] = []  # the cells this worker fitted
+
     def objective(trial: optuna.Trial) -> float:
         params = {k: trial.suggest_categorical(k, v) for k, v in grid.items()}
+        if _held_elsewhere(study, trial.number, _key(params, keys), keys):
+            raise optuna.TrialPruned(f"cell {cell_name(params)} is another worker's")
         record = train(load_config_from(config, params), out_dir / cell_name(params), data, split)
+        fitted.append(cell_name(params))
         trial.set_user_attr("val_loss", record.score("val", "loss"))
         trial.set_user_attr("val_accuracy", record.score("val", "accuracy"))
         trial.set_user_attr("train_seconds", record.metrics["timing"]["train_seconds"])
         trial.set_user_attr("val_f1_interval", record.metrics["val"]["intervals"]["f1"])
         return record.score("val")
 
-    for _ in range(MAX_ATTEMPTS):
-        left = [c for c in cells if _key(c, keys) not in complete()]
-        if not left:
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        done = {_cell(t, keys) for t in trials if t.state == TrialState.COMPLETE}
+        active = {_cell(t, keys) for t in trials if t.state in ACTIVE}
+        failed = [_cell(t, keys) for t in trials if t.state == TrialState.FAIL]
+        open_cells = [c for c in cells if _key(c, keys) not in done | active]
+        given_up = [cell_name(c) for c in open_cells if failed.count(_key(c, keys)) >= MAX_ATTEMPTS]
+        if given_up:
+            raise DefungiError(
+                f"grid {name}: cells {', '.join(given_up)} failed {MAX_ATTEMPTS} times; see their folders in {out_dir}"
+            )
+        if all(_key(c, keys) in done for c in cells):
             break
-        _requeue_failed(study, {_key(c, keys) for c in left}, keys)
-        study.optimize(objective)  # the grid sampler stops the study once every cell has been tried
+        if not any(t.state == TrialState.WAITING for t in trials):
+            if not open_cells:  # the rest is running elsewhere: wait for it, or for a worker to go stale
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    fail_stale_trials(study)
+                time.sleep(POLL_S)
+                continue
+            study.enqueue_trial(open_cells[0])
+        study.optimize(objective, n_trials=1)  # takes a waiting trial
     by_cell = complete()
-    unfinished = [cell_name(c) for c in cells if _key(c, keys) not in by_cell]
-    if unfinished:
-        raise DefungiError(
-            f"grid {name}: cells {', '.join(unfinished)} failed {MAX_ATTEMPTS} times; see their folders in {out_dir}"
-        )
     rows = []
     for c in cells:
         t = by_cell[_key(c, keys)]
@@ -182,7 +227,7 @@ def grid_search(
         best={k: best[k] for k in keys},
         best_val_f1=best["val_f1"],
         trials_before=len(cells) - len(missing),
-        trials_run=len(missing),
+        trials_run=len(fitted),
         study_name=name,
         train_size=int(len(split["train"])),
     )

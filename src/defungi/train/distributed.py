@@ -25,6 +25,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (a world of one process included)
 
     @property
     def main(self) -> bool:
@@ -35,13 +36,14 @@ class World:
 def world() -> World:
     """The world torchrun set up for this process (size 1 without torchrun)."""
     env = os.environ
-    return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    ranks = (int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    return World(*ranks, launched="WORLD_SIZE" in env)
 
 
 def setup(device: torch.device) -> torch.device:
     """Join the process group once (NCCL on CUDA, gloo on the CPU); the device this rank trains on."""
     w = world()
-    if w.size == 1:
+    if not w.launched:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", w.local_rank)
@@ -60,8 +62,8 @@ def teardown() -> None:
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """The module that trains: DDP around model in a world of several processes, else model."""
-    if world().size == 1:
+    """The module that trains: DDP around model under torchrun, else model."""
+    if not world().launched:
         return model
     from torch.nn.parallel import DistributedDataParallel
 

@@ -78,6 +78,7 @@ def export_onnx(
         # ran ConvMixer-8 at 217 images/s on onnxruntime here, the dynamo exporter's at 112.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the normalisation constants, traced as such
             torch.onnx.export(
                 module,
                 example,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,23 @@ from PIL import Image
 
 CLASSES = ("H1", "H2", "H3")
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "defungi"  # the real images, where CI has them
+
+# the smallest ConvMixer, for CLI fits on tiny images: "defungi train ... *TINY_MODEL"
+TINY_MODEL = [
+    "--model",
+    "convmixer",
+    "--set",
+    'train.model_args={"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}',
+]
+SRC = Path(__file__).resolve().parents[1] / "src"  # for subprocesses: PYTHONPATH
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 # Test modules of parts whose library a machine may lack (the GPU check's has PyTorch, not these):
 # left out there, and the header says which.

@@ -6,12 +6,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.conftest import free_port
 
 
 def server_bin() -> Path | None:
@@ -24,12 +25,6 @@ def server_bin() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def postgres() -> Iterator[str]:
     """A running server; yields the URL of its 'postgres' database for the user 'defungi'."""
@@ -40,7 +35,7 @@ def postgres() -> Iterator[str]:
     if os.geteuid() == 0:  # initdb refuses root: the package's 'postgres' user runs the server
         shutil.chown(root, "postgres")
         as_owner = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     try:
         subprocess.run(
             [*as_owner, str(bin_dir / "initdb"), "-D", str(data), "-U", "defungi", "--auth=trust", "-E", "UTF8"],

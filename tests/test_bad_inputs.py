@@ -30,10 +30,9 @@ from defungi.data.cache import decode_images
 from defungi.data.dataset import load_dataset
 from defungi.data.scan import scan
 from defungi.experiments.rundir import RunDir
-from tests.conftest import make_image, write_folder
+from tests.conftest import TINY_MODEL, make_image, write_folder
 
-TINY = ["--image-size", "16", "--epochs", "1", "--batch-size", "8", "--model", "convmixer"]
-TINY += ["--set", 'train.model_args={"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}']
+TINY = ["--image-size", "16", "--epochs", "1", "--batch-size", "8", *TINY_MODEL]
 
 
 def _cli(case: str, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

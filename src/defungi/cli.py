@@ -289,6 +289,12 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
+def _seconds(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': give a whole number of seconds, 1 or more, e.g. 30")
+    return int(text)
+
+
 def cmd_curve(args: argparse.Namespace) -> int:
     from defungi.jobs import curve_job
 
@@ -461,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--heartbeat",
-        type=float,
+        type=_seconds,
         metavar="S",
         help="a worker's trial says it is alive every S seconds; one silent for 4xS is retried (default 30)",
     )
@@ -508,15 +514,15 @@ def _distributed(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `defungi` console script."""
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))  # torchrun's; the other ranks log warnings only
+    first = os.environ.get("RANK", "0") in ("", "0")  # torchrun's rank: the others log warnings only
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+        level=logging.DEBUG if args.verbose else logging.INFO if first else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
-        if "WORLD_SIZE" in os.environ:  # started by torchrun
-            return _distributed(args)
+        if "TORCHELASTIC_RUN_ID" in os.environ or (args.command == "train" and "WORLD_SIZE" in os.environ):
+            return _distributed(args)  # started by torchrun (or another launcher of train)
         return args.func(args)
     except DefungiError as exc:
         print(f"defungi: error: {exc}", file=sys.stderr)

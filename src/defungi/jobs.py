@@ -77,7 +77,7 @@ def grid_job(
     fraction: float,
     grid: dict[str, list[Any]],
     storage: str | None,
-    heartbeat: float | None = None,
+    heartbeat: int | None = None,
 ) -> GridResult:
     """A grid search on `fraction` of the data (1.0: the main split's parts): grid.json and grid.png."""
     from defungi.experiments.grid import grid_search

@@ -12,13 +12,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.conftest import write_folder
+from tests.conftest import SRC, TINY_MODEL, write_folder
 from tests.postgres import new_database
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 CELLS = ["--batch-sizes", "8,16", "--lrs", "1e-3,2e-3,4e-3"]  # 6 cells
-TINY = ["--image-size", "16", "--model", "convmixer", "--set", "train.tta=false"]
-TINY += ["--set", 'train.model_args={"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}']
+TINY = ["--image-size", "16", "--set", "train.tta=false", *TINY_MODEL]
 
 
 def _worker(data: Path, out: Path, url: str, epochs: int = 2) -> subprocess.Popen:

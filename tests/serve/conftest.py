@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from defungi.cli import main
-from tests.conftest import write_folder
+from tests.conftest import TINY_MODEL, write_folder
 
-TINY = ["--image-size", "16", "--epochs", "2", "--batch-size", "8", "--model", "convmixer"]
-TINY += ["--set", 'train.model_args={"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}']
+TINY = ["--image-size", "16", "--epochs", "2", "--batch-size", "8", *TINY_MODEL]
+TINY += ["--set", "train.amp=false"]  # fp32 wherever the tests run, as the ONNX comparison needs
 
 
 @pytest.fixture(scope="module")

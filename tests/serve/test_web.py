@@ -1,10 +1,10 @@
 import io
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import zlib
@@ -17,7 +17,7 @@ from PIL import Image
 
 from defungi.serve.predictor import torch_predictor
 from defungi.serve.web import create_app
-from tests.conftest import REAL_DATA, make_image
+from tests.conftest import REAL_DATA, free_port, make_image
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -44,7 +44,12 @@ def client(trained_run: Path) -> TestClient:
     return TestClient(create_app(torch_predictor(trained_run)))
 
 
-def test_bad_uploads_get_a_message_each_and_the_server_keeps_serving(client: TestClient, tmp_path: Path):
+def test_bad_uploads_get_a_message_each_and_the_server_keeps_serving(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    temp = tmp_path / "temp"  # where the uploads go for the time of a request
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     good = _jpeg()
     uploads = {
         "notes.txt": b"not an image at all\n",
@@ -53,7 +58,6 @@ def test_bad_uploads_get_a_message_each_and_the_server_keeps_serving(client: Tes
         "huge.png": _huge_png(),
         "good.jpg": good,
     }
-    before = set(os.listdir(tmp_path))
     reply = client.post("/api/predict", files=[("files", (n, d)) for n, d in uploads.items()], data={"abstain": "0"})
     assert reply.status_code == 200
     shown = {i["name"]: i for i in reply.json()["images"]}
@@ -72,13 +76,15 @@ def test_bad_uploads_get_a_message_each_and_the_server_keeps_serving(client: Tes
     Image.new("RGB", (40, 40), (128, 128, 128)).save(blank, format="PNG")
     after = client.post("/api/predict", files=[("files", ("blank.png", blank.getvalue())), ("files", ("ok.jpg", good))])
     assert after.status_code == 200 and after.json()["images"][0]["status"] == "no fungus visible"
-    assert set(os.listdir(tmp_path)) == before  # nothing written outside a temp folder
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert list(temp.iterdir()) == []  # every upload's temporary folder removed
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+    assert (
+        client.post("/api/predict", files=[("files", ("x.eps", eps))])
+        .json()["images"][0]["status"]
+        .startswith("not an image")
+    )
+    huge = client.post("/api/predict", files=[("files", ("a.jpg", good))], headers={"content-length": str(2**30)})
+    assert huge.status_code == 413 and huge.json()["error"].startswith("upload too large")
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver (make test installs them)")
@@ -94,7 +100,7 @@ def test_page_in_headless_chromium_classifies_two_uploaded_images(trained_run: P
         images = [tmp_path / f"H{i}_1a_1.jpg" for i in (1, 2)]
         for i, path in enumerate(images):
             path.write_bytes(_jpeg(i))
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "defungi.cli", "serve", str(trained_run), "--port", str(port)]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     options = webdriver.ChromeOptions()

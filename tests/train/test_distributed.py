@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +12,9 @@ import pytest
 
 from defungi.cli import main
 from defungi.train import distributed
-from tests.conftest import write_folder
+from tests.conftest import SRC, TINY_MODEL, free_port, write_folder
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-TINY = ["--image-size", "16", "--epochs", "4", "--batch-size", "8", "--model", "convmixer"]
-TINY += ["--set", 'train.model_args={"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}']
+TINY = ["--image-size", "16", "--epochs", "4", "--batch-size", "8", "--device", "cpu", *TINY_MODEL]
 
 # Each rank records what it opens for writing, creates, renames or deletes under the run folder;
 # rank 0 kills itself (SIGKILL) after its KILL_AFTER-th last.pt when that is set.
@@ -54,18 +51,12 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(tmp_path: Path, run: Path, argv: list[str], **env: str) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node 2` of the launcher above, for `defungi argv`."""
     launcher = tmp_path / "launcher.py"
     launcher.write_text(LAUNCHER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
-    cmd += ["--master-port", str(_port()), str(launcher), str(run), str(tmp_path / f"{run.name}.writes"), *argv]
+    cmd += ["--master-port", str(free_port()), str(launcher), str(run), str(tmp_path / f"{run.name}.writes"), *argv]
     environ = os.environ | {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"} | env
     return subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=600)
 

@@ -210,8 +210,13 @@ class _Fit:
         )
 
     def resume(self, run: RunDir) -> None:
-        """Continue from run's last.pt, if there is one."""
-        saved = run.resume_state(self.device)
+        """Continue from run's last.pt, if there is one (under torchrun: rank 0's, sent to every rank,
+        whose machines need not hold the run folder)."""
+        rank = distributed.world()
+        if rank.launched:
+            saved = distributed.from_main(run.resume_state(torch.device("cpu")) if rank.main else None)
+        else:
+            saved = run.resume_state(self.device)
         if saved is None:
             return
         state, self.best_state = saved

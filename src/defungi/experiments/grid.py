@@ -28,7 +28,7 @@ import numpy as np
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
-from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 30  # a running trial says it is alive this often
 GRACE_PERIOD_S = 120  # a trial silent this long belongs to a dead worker: failed, then retried
-MAX_ATTEMPTS = 3  # failed trials of a cell before it is reported
+MAX_ATTEMPTS = 3  # trials of a cell that raised an error (not interrupted, not stale) before it is reported
 POLL_S = 2.0  # a worker with no cell to take looks again this often
 SCHEMA_ATTEMPTS = 5
 ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
@@ -85,18 +85,20 @@ def study_name(config: Config, split: dict[str, np.ndarray], grid: dict[str, lis
     return "grid-" + hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def open_storage(url: str, heartbeat: float | None = None) -> RDBStorage:
+def open_storage(url: str, heartbeat: int | None = None) -> RDBStorage:
     """An Optuna database with heartbeats (every `heartbeat` s, a trial silent for 4 of them is
-    stale; default 30 s and 120 s), or a clear error for a URL that is not one. Workers that start
-    together on an empty database race to create its tables: the losers try again."""
+    stale; default 30 s and 120 s), or a one-line error. Workers that start together on an empty
+    database race to create its tables: the losers try again. postgresql:// means psycopg 3."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     for attempt in range(SCHEMA_ATTEMPTS):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
                 return RDBStorage(
                     url,
-                    heartbeat_interval=max(1, round(heartbeat)) if heartbeat else HEARTBEAT_INTERVAL_S,
-                    grace_period=max(2, round(4 * heartbeat)) if heartbeat else GRACE_PERIOD_S,
+                    heartbeat_interval=heartbeat or HEARTBEAT_INTERVAL_S,
+                    grace_period=4 * heartbeat if heartbeat else GRACE_PERIOD_S,
                     heartbeat_stale_trial_callback=_retry(),
                 )
             except ImportError as exc:
@@ -104,16 +106,24 @@ def open_storage(url: str, heartbeat: float | None = None) -> RDBStorage:
                     f"--storage {url}: the database's Python driver is missing ({exc}); for PostgreSQL: "
                     "pip install 'psycopg[binary]'"
                 ) from None
-            except (IntegrityError, ProgrammingError):  # another worker created the tables meanwhile
+            except (IntegrityError, ProgrammingError) as exc:  # another worker created the tables meanwhile?
                 if attempt == SCHEMA_ATTEMPTS - 1:
-                    raise
+                    raise DefungiError(f"--storage {url}: cannot set up Optuna's tables: {_first_line(exc)}") from None
                 time.sleep(0.2 * (attempt + 1))
+            except OperationalError as exc:
+                raise DefungiError(f"--storage {url}: cannot use the database: {_first_line(exc)}") from None
             except (ValueError, SQLAlchemyError) as exc:
                 raise DefungiError(
                     f"--storage {url}: not a usable database URL ({type(exc).__name__}); "
                     "e.g. sqlite:///grid.db or postgresql://user@host/db"
                 ) from None
     raise AssertionError("unreachable")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's own message, without SQLAlchemy's statement and background lines."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _key(params: dict[str, Any], keys: list[str]) -> tuple:
@@ -150,7 +160,7 @@ def grid_search(
     grid: dict[str, list[Any]],
     out_dir: Path,
     storage: str | None = None,
-    heartbeat: float | None = None,
+    heartbeat: int | None = None,
 ) -> GridResult:
     """Fit every cell (train on split['train'], score macro-F1 on split['val']); results in grid order."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +189,11 @@ def grid_search(
         params = {k: trial.suggest_categorical(k, v) for k, v in grid.items()}
         if _held_elsewhere(study, trial.number, _key(params, keys), keys):
             raise optuna.TrialPruned(f"cell {cell_name(params)} is another worker's")
-        record = train(load_config_from(config, params), out_dir / cell_name(params), data, split)
+        try:
+            record = train(load_config_from(config, params), out_dir / cell_name(params), data, split)
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}".splitlines()[0])
+            raise
         fitted.append(cell_name(params))
         trial.set_user_attr("val_loss", record.score("val", "loss"))
         trial.set_user_attr("val_accuracy", record.score("val", "accuracy"))
@@ -191,12 +205,13 @@ def grid_search(
         trials = study.get_trials(deepcopy=False)
         done = {_cell(t, keys) for t in trials if t.state == TrialState.COMPLETE}
         active = {_cell(t, keys) for t in trials if t.state in ACTIVE}
-        failed = [_cell(t, keys) for t in trials if t.state == TrialState.FAIL]
+        errors = [_cell(t, keys) for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
         open_cells = [c for c in cells if _key(c, keys) not in done | active]
-        given_up = [cell_name(c) for c in open_cells if failed.count(_key(c, keys)) >= MAX_ATTEMPTS]
+        given_up = [cell_name(c) for c in open_cells if errors.count(_key(c, keys)) >= MAX_ATTEMPTS]
         if given_up:
             raise DefungiError(
-                f"grid {name}: cells {', '.join(given_up)} failed {MAX_ATTEMPTS} times; see their folders in {out_dir}"
+                f"grid {name}: cells {', '.join(given_up)} raised an error {MAX_ATTEMPTS} times (their trials' "
+                f"user attribute 'error'); see their folders in {out_dir}"
             )
         if all(_key(c, keys) in done for c in cells):
             break

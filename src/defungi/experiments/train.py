@@ -63,8 +63,10 @@ def train(
     """
     run = RunDir(out)
     rank = distributed.world()
-    if rank.size > 1:
-        _check_distributed(config, rank.size)
+    if rank.launched:
+        if rank.size > 1:
+            _check_distributed(config, rank.size)
+        distributed.setup(resolve_device(config.train.device))
         if not rank.main:
             return _follow(config, run, data, split)
     run.prepare()
@@ -80,6 +82,7 @@ def train(
             done = run.finished()
             if done is not None:
                 log.info("%s is finished; delete it to train again", run.root)
+                distributed.from_main(True)  # the other torchrun ranks stop too
                 return done
         data = data if data is not None else dataset_for(config)
         if config.data.cv_folds >= 2:
@@ -93,6 +96,7 @@ def train(
         log.info("split (%s): %s", config.data.split, {k: len(v) for k, v in split.items()})
         if config.train.ensemble > 1:
             return _train_ensemble(config, data, split, run)
+        distributed.from_main(False)  # the other torchrun ranks train with this one
         result = fit(config, data, split, run)
         _write_predictions(run, data, split, result.probabilities)
         record = _fit_record(result) | _temperature(data, split, result.probabilities)
@@ -114,9 +118,9 @@ def _check_distributed(config: Config, ranks: int) -> None:
 
 
 def _follow(config: Config, run: RunDir, data: Dataset | None, split: dict[str, np.ndarray] | None) -> None:
-    """A rank > 0: the same data, split and steps as rank 0 (resuming where its last.pt says),
-    reading the run folder only."""
-    if run.layout.metrics.exists():
+    """A rank > 0: the same data, split and steps as rank 0, which says whether the run is finished
+    and sends its last.pt to resume from (this rank's machine need not hold the run folder)."""
+    if distributed.from_main(None):
         return None
     data = data if data is not None else dataset_for(config, progress=False)
     fit(config, data, split if split is not None else split_for(config, data), run)

@@ -17,8 +17,9 @@ from defungi.serve.predictor import Predictor, torch_predictor
 
 log = logging.getLogger(__name__)
 
-# the last 4-D feature map before global pooling: torchvision ResNet, timm ConvMixer, timm EfficientNet
-FEATURE_STAGES = ("layer4", "blocks", "bn2")
+# the last 4-D feature map before global pooling: torchvision ResNet, timm EfficientNet (after its
+# last convolution, conv_head), timm ConvMixer (its last mixer)
+FEATURE_STAGES = ("layer4", "bn2", "blocks")
 
 
 def cam_layers(model: nn.Module) -> list[nn.Module]:
@@ -29,7 +30,7 @@ def cam_layers(model: nn.Module) -> list[nn.Module]:
         stage = getattr(model, name, None)
         if isinstance(stage, nn.Sequential):
             return [stage[-1]]
-        if isinstance(stage, nn.Module):
+        if isinstance(stage, nn.Module) and not isinstance(stage, nn.Identity):
             return [stage]
     return [[m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]]
 
@@ -69,13 +70,16 @@ def explain(run_dir: str | Path, paths: list[str | Path], out: str | Path, **dec
     """One figure per classified image in out (image, Grad-CAM overlay; predicted and true class in
     the title). Images that cannot be classified are listed in the log, with the reason."""
     model = torch_predictor(run_dir)
-    written = []
+    written: list[Path] = []
+    seen: dict[str, int] = {}  # stems already written: files of one name in two folders get -2, -3
     for row in explained(model, expand_paths(paths), **decision):
         if "overlay" not in row:
             log.warning("%s: %s, not explained", row["path"], row.get("error") or row.get("status"))
             continue
         title = f"predicted {row['decision']} ({row['confidence']:.2f})  ·  true {row['label'] or 'unknown'}"
-        name = f"{Path(row['path']).stem}.gradcam.png"
+        stem = Path(row["path"]).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        name = f"{stem}-{seen[stem]}.gradcam.png" if seen[stem] > 1 else f"{stem}.gradcam.png"
         written.append(
             plot_explanation(row["image"], row["overlay"], Path(out) / name, f"{Path(row['path']).name}\n{title}")
         )

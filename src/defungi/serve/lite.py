@@ -38,7 +38,8 @@ def onnx_predictor(path: Path, threads: int | None = None) -> Predictor:
         run = path.parent if path.name == "model.onnx" else path
         raise DefungiError(f"{path}: no exported model; write it with 'defungi export {run}'")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    options.intra_op_num_threads = threads or cores
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from defungi.serve.explain import explained
 from defungi.serve.predict import NO_FUNGUS, by_specimen
@@ -34,25 +35,31 @@ class Limits:
 
     files: int = 32
     bytes_per_file: int = 20 * 2**20
+    bytes_total: int = 200 * 2**20  # one request, refused by its Content-Length before it is read
     pixels: int = 40_000_000
 
 
-def screen(data: bytes, limits: Limits) -> str | None:
-    """Why an upload cannot be classified before decoding it (None when it may be)."""
+OPENED = ["JPEG", "PNG", "TIFF", "BMP"]  # the Pillow decoders an upload may reach
+FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp"}  # MPO: a camera's JPEG
+
+
+def screen(data: bytes, limits: Limits) -> tuple[str | None, str]:
+    """(why an upload cannot be classified, or None; the file suffix of its format), from its
+    header alone: nothing is decoded here, and only JPEG, PNG, TIFF and BMP are opened at all."""
     if not data:
-        return "empty file (0 bytes)"
+        return "empty file (0 bytes)", ""
     if len(data) > limits.bytes_per_file:
-        return f"file too large ({len(data) / 2**20:.0f} MB; the limit is {limits.bytes_per_file // 2**20} MB)"
+        return f"file too large (over {limits.bytes_per_file // 2**20} MB)", ""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
+        with Image.open(io.BytesIO(data), formats=OPENED) as image:
+            (width, height), suffix = image.size, FORMATS[image.format]
     except Image.DecompressionBombError:
-        return f"too many pixels (the limit is {limits.pixels / 1e6:.0f} megapixels)"
-    except (OSError, ValueError, SyntaxError):
-        return "not an image (JPEG, PNG, TIFF or BMP expected)"
+        return f"too many pixels (the limit is {limits.pixels / 1e6:.0f} megapixels)", ""
+    except (OSError, ValueError, SyntaxError, KeyError):
+        return "not an image (JPEG, PNG, TIFF or BMP expected)", ""
     if width * height > limits.pixels:
-        return f"too many pixels ({width}×{height}; the limit is {limits.pixels / 1e6:.0f} megapixels)"
-    return None
+        return f"too many pixels ({width}×{height}; the limit is {limits.pixels / 1e6:.0f} megapixels)", ""
+    return None, suffix
 
 
 def png_data_url(pixels: np.ndarray) -> str:
@@ -65,14 +72,13 @@ def png_data_url(pixels: np.ndarray) -> str:
 def answer(model: Predictor, uploads: list[tuple[str, bytes]], abstain: float, limits: Limits) -> dict[str, Any]:
     """The page's answer: a row per upload (class, probabilities, Grad-CAM; or why not) and the
     specimen's decision. Uploads are written to a temporary folder that is removed afterwards."""
-    if len(uploads) > limits.files:
-        return {"error": f"{len(uploads)} files: at most {limits.files} images of one specimen at a time"}
-    refused = {i: why for i, (_, data) in enumerate(uploads) if (why := screen(data, limits))}
+    screened = [screen(data, limits) for _, data in uploads]
+    refused = {i: why for i, (why, _) in enumerate(screened) if why}
     with tempfile.TemporaryDirectory(prefix="defungi-upload-") as tmp:
         paths = {}
-        for i, (name, data) in enumerate(uploads):
+        for i, (_, data) in enumerate(uploads):
             if i not in refused:
-                paths[i] = Path(tmp) / f"{i:03d}{Path(name).suffix.lower()[:6]}"
+                paths[i] = Path(tmp) / f"{i:03d}{screened[i][1]}"  # our name: the client's is only shown
                 paths[i].write_bytes(data)
         rows = {Path(r["path"]): r for r in explained(model, list(paths.values()), abstain=abstain)} if paths else {}
     images = []
@@ -115,24 +121,37 @@ def create_app(model: Predictor, limits: Limits = Limits()) -> FastAPI:
 
     @app.post("/api/predict")
     async def predict(request: Request) -> JSONResponse:
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > limits.bytes_total:
+            return _refuse(f"upload too large (over {limits.bytes_total // 2**20} MB in all); send fewer files", 413)
         try:
-            form = await request.form(max_files=10 * limits.files, max_part_size=limits.bytes_per_file + 1)
-        except Exception as exc:  # the multipart parser's own refusals (too many parts, a part too large)
-            return JSONResponse({"error": f"upload refused: {getattr(exc, 'detail', exc)}"}, status_code=400)
-        cap = limits.bytes_per_file + 1  # enough to tell that a file is too large, never more in memory
-        uploads = [(u.filename or "unnamed", await u.read(cap)) for u in form.getlist("files") if hasattr(u, "read")]
-        abstain = _share(str(form.get("abstain", "0")))
+            async with request.form(max_files=10 * limits.files) as form:
+                files = [u for u in form.getlist("files") if hasattr(u, "read")]
+                if len(files) > limits.files:
+                    return _refuse(f"{len(files)} files: at most {limits.files} images of one specimen at a time", 413)
+                cap = limits.bytes_per_file + 1  # enough to tell that a file is too large, never more in memory
+                uploads = [(u.filename or "unnamed", await u.read(cap)) for u in files]
+                abstain = _share(str(form.get("abstain", "0")))
+        except HTTPException as exc:  # the multipart parser's refusals (too many parts, a malformed body)
+            return _refuse(f"upload refused: {exc.detail}", 400)
         if not uploads:
-            return JSONResponse({"error": "no file received; pick or drop images of one specimen"}, status_code=400)
+            return _refuse("no file received; pick or drop images of one specimen", 400)
 
         def locked() -> dict[str, Any]:
             with lock:
                 return answer(model, uploads, abstain, limits)
 
-        result = await run_in_threadpool(locked)
-        return JSONResponse(result, status_code=413 if "error" in result else 200)
+        try:
+            return JSONResponse(await run_in_threadpool(locked))
+        except Exception as exc:  # noqa: BLE001 - the page shows a line; the server keeps serving
+            log.exception("answering an upload failed")
+            return _refuse(f"internal error ({type(exc).__name__}); the server log has the details", 500)
 
     return app
+
+
+def _refuse(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
 
 
 def _share(text: str) -> float:

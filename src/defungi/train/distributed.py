@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from defungi.errors import DefungiError
+
 
 @dataclass(frozen=True)
 class World:
@@ -41,17 +43,22 @@ def world() -> World:
 
 
 def setup(device: torch.device) -> torch.device:
-    """Join the process group once (NCCL on CUDA, gloo on the CPU); the device this rank trains on."""
+    """Join the process group once (NCCL for CUDA tensors and gloo for CPU ones on GPUs, gloo alone
+    on CPUs); the device this rank trains on (its own GPU, by LOCAL_RANK)."""
     w = world()
     if not w.launched:
         return device
     if device.type == "cuda":
+        if w.local_rank >= torch.cuda.device_count():
+            raise DefungiError(
+                f"process {w.local_rank} of this machine has no GPU of its own ({torch.cuda.device_count()} here); "
+                "start at most that many with --nproc-per-node, or train with --device cpu"
+            )
         device = torch.device("cuda", w.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
-        )
+        cuda = device.type == "cuda"
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device if cuda else None)
     return device
 
 
@@ -104,9 +111,3 @@ def from_main(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier() -> None:
-    """Wait for every rank (e.g. before they read a checkpoint rank 0 may write)."""
-    if world().size > 1:
-        dist.barrier()

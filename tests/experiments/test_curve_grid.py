@@ -155,3 +155,35 @@ def test_a_fit_folder_is_not_read_back_for_another_split(tmp_path: Path):
     learning_curve(config, data, pool, [1.0], tmp_path / "curve", cv=0)
     with pytest.raises(DefungiError, match="another split"):
         learning_curve(config, data, pool[: len(pool) // 2], [1.0], tmp_path / "curve", cv=0)
+
+
+def test_cell_names_stay_apart_where_two_keys_end_alike():
+    from defungi.experiments.grid import cell_name
+
+    assert cell_name({"train.batch_size": 32, "train.lr": 1e-3}) == "batch_size=32,lr=0.001"
+    assert cell_name({"train.seed": 1, "data.seed": 2}) == "train.seed=1,data.seed=2"
+
+
+@pytest.mark.parametrize("axes", [1, 3])
+def test_grid_figure_for_one_or_three_axes(tmp_path: Path, axes: int):
+    import itertools
+    import json
+
+    from defungi.report.search import render_grid
+
+    grid = {"train.lr": [1e-3, 2e-3], "train.batch_size": [16, 32], "train.optimizer": ["adamw", "sgd"]}
+    grid = dict(list(grid.items())[:axes])
+    rows = [
+        dict(zip(grid, cell, strict=True)) | {"val_f1": i / 10}
+        for i, cell in enumerate(itertools.product(*grid.values()))
+    ]
+    (tmp_path / "grid.json").write_text(json.dumps({"grid": grid, "rows": rows}))
+    (figure,) = render_grid(tmp_path, "grid")
+    assert figure.name == "grid.png" and figure.stat().st_size > 5000
+
+
+def test_curve_points_of_close_fractions_get_their_own_folders():
+    from defungi.experiments.curve import _point_name
+
+    assert _point_name(0, 0.25) == "fold0-size0.25"  # the names earlier versions wrote (resume finds them)
+    assert len({_point_name(1, f) for f in (0.12, 0.125, 0.1249)}) == 3

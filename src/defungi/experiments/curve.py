@@ -40,6 +40,12 @@ class LearningCurve:
         return dataclasses.asdict(self)
 
 
+def _point_name(fold: int, fraction: float) -> str:
+    """A curve point's folder: fold and training fraction (two decimals, as before, unless that
+    would merge two fractions)."""
+    return f"fold{fold}-size{fraction:.2f}" if round(fraction, 2) == fraction else f"fold{fold}-size{fraction:g}"
+
+
 def learning_curve(
     config: Config, data: Dataset, pool: np.ndarray, train_fractions: Sequence[float], out_dir: Path, cv: int = 0
 ) -> LearningCurve:
@@ -64,7 +70,7 @@ def learning_curve(
             log.info("curve fold %d/%d, %.0f%% of training (%d images)", f + 1, len(parts), 100 * fraction, len(sub))
             record = train(
                 config,
-                out_dir / f"fold{f}-size{fraction:.2f}",
+                out_dir / _point_name(f, fraction),
                 data,
                 {"train": sub, "val": va, "train_eval": train_eval},
             )

@@ -69,9 +69,12 @@ def parameter_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def cell_name(params: dict[str, Any]) -> str:
-    """Folder name of one grid cell, e.g. 'batch_size=32,lr=0.001'."""
+    """Folder name of one grid cell, e.g. 'batch_size=32,lr=0.001': each key's last part, or the
+    whole key where two keys share it (train.seed and data.seed)."""
+    short = [k.split(".")[-1] for k in params]
+    names = [s if short.count(s) == 1 else k for s, k in zip(short, params, strict=True)]
     return ",".join(
-        f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in params.items()
+        f"{n}={v:g}" if isinstance(v, float) else f"{n}={v}" for n, v in zip(names, params.values(), strict=True)
     )
 
 

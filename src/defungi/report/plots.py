@@ -191,7 +191,7 @@ def plot_grid(
     ax.set(
         xticks=range(len(xs)),
         yticks=range(len(ys)),
-        xticklabels=[f"{v:g}" for v in xs],
+        xticklabels=[f"{v:g}" if isinstance(v, float) else str(v) for v in xs],
         yticklabels=[str(v) for v in ys],
         xlabel=x.split(".")[-1],
         ylabel=y.split(".")[-1],

@@ -22,10 +22,20 @@ def render_curve(out_dir: str | Path, title: str) -> list[Path]:
 
 
 def render_grid(out_dir: str | Path, title: str) -> list[Path]:
-    """grid.png (a heat map when the grid has two axes) from grid.json."""
+    """grid.png from grid.json: a heat map over the last two axes (the best cell over any others,
+    named in the title; one row for a one-axis grid)."""
     layout = SearchLayout(Path(out_dir))
     grid = read_json(layout.grid)
-    keys = list(grid["grid"])
-    if len(keys) != 2:
-        return []
-    return [plot_grid(grid["rows"], keys[1], keys[0], layout.figure("grid"), title=title)]
+    keys, rows = list(grid["grid"]), grid["rows"]
+    if len(keys) == 1:
+        rows, keys = [r | {"grid": "all"} for r in rows], ["grid", *keys]
+    y, x, others = keys[-2], keys[-1], keys[:-2]
+    if others:
+        best: dict[tuple, dict] = {}
+        for r in rows:
+            cell = (r[y], r[x])
+            if cell not in best or r["val_f1"] > best[cell]["val_f1"]:
+                best[cell] = r
+        rows = list(best.values())
+        title = f"{title} (best over {', '.join(k.split('.')[-1] for k in others)})"
+    return [plot_grid(rows, x, y, layout.figure("grid"), title=title)]

@@ -183,6 +183,7 @@ class _Fit:
     preprocess: Preprocess
     class_prior: list[float] | None
     model: nn.Module
+    trainer: nn.Module  # what the training steps call: the model, or DDP around it (torchrun)
     ema: ModelEmaV3 | None
     step: TrainStep
     steps_per_epoch: int
@@ -193,7 +194,6 @@ class _Fit:
     start_epoch: int = 0
     train_seconds: float = 0.0
     best_state: dict[str, torch.Tensor] | None = None
-    trainer: nn.Module | None = None  # what the training steps call: the model, or DDP around it (torchrun)
 
     @property
     def scored(self) -> nn.Module:
@@ -252,7 +252,7 @@ class _Fit:
             return mix_batch(augment_batch(x, tc.augment, generator), y, n_classes, tc.mix, tc.mix_alpha, generator)
 
         stats = train_one_epoch(
-            self.trainer or self.model,
+            self.trainer,
             batches(data.images, data.labels, self.train_idx[picks], tc.batch_size // rank.size, drop_last=True),
             self.steps_per_epoch,
             self.step,
@@ -430,12 +430,12 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: b
         preprocess,
         class_prior,
         model,
+        trainer,
         ema,
         step,
         steps_per_epoch,
         stopper,
         head,
-        trainer=trainer,
     )
 
 

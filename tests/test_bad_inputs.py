@@ -108,6 +108,7 @@ OPTION_CASES = {
     "device tpu": (["--device", "tpu"], "'train.device' is 'tpu'"),
     "--weights missing": (["--weights", "nowhere.pt"], "--weights nowhere.pt: no such file"),
     "frozen backbone from scratch": (["--set", "train.freeze_backbone=true"], "add --pretrained or --weights"),
+    "train_from unfrozen": (["--set", "train.train_from=blocks.5"], "add --set train.freeze_backbone=true"),
 }
 
 

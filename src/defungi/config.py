@@ -62,6 +62,7 @@ class TrainConfig:
     pretrained: bool = False  # start from the model's ImageNet weights (head replaced)
     weights: str = ""  # or from this file: a state dict or a torchvision / timm / defungi checkpoint
     freeze_backbone: bool = False  # train the head alone, on backbone features computed once per image (cached)
+    train_from: str = ""  # with freeze_backbone: the first module that trains (e.g. blocks.5); "" = the head
     backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to the head's (fine-tuning: e.g. 0.1)
     min_epochs: int = 0
     # mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with native bf16 (AVX512-BF16, AMX)
@@ -163,6 +164,11 @@ def validate(config: Config) -> Config:
     if config.train.freeze_backbone and not (config.train.pretrained or config.train.weights):
         raise DefungiError(
             "train.freeze_backbone trains a head on a pretrained backbone; add --pretrained or --weights FILE"
+        )
+    if config.train.train_from and not config.train.freeze_backbone:
+        raise DefungiError(
+            "train.train_from trains the modules from there on the frozen ones' cached output; "
+            "add --set train.freeze_backbone=true"
         )
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.train.device):
         raise DefungiError(f"config key 'train.device' is '{config.train.device}'; use auto, cpu, cuda, cuda:N or mps")

@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import json
+import re
 import urllib.error
 from pathlib import Path
 
@@ -14,7 +15,14 @@ from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.models import create_model, registry
 from defungi.models.efficientnet import TIMM_NAME, lite0_imagenet
-from defungi.models.pretrained import head_name, imagenet_state_dict, load_backbone, normalization, read_weights
+from defungi.models.pretrained import (
+    head_name,
+    imagenet_state_dict,
+    load_backbone,
+    normalization,
+    read_weights,
+    tail_from,
+)
 from defungi.models.registry import Pretrained, model_entry
 
 TINY_MIXER = {"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}
@@ -81,20 +89,69 @@ def test_wrong_shaped_weights_are_one_line(tiny_data: Path, tmp_path: Path, caps
     assert "does not fit this model" in capsys.readouterr().err
 
 
-def test_a_frozen_backbone_head_run_predicts_what_it_scored(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+@pytest.mark.parametrize(
+    ("model", "at", "kind", "length"),
+    [
+        ("efficientnet-lite0", "blocks.5", torch.nn.Sequential, 7),  # blocks.5-6, conv_head, bn2, pool, flatten, head
+        ("efficientnet-lite0", "classifier", torch.nn.Linear, None),
+        ("resnet18", "layer4", torch.nn.Sequential, 4),  # layer4, avgpool, flatten, fc
+        ("convmixer", "blocks.1", torch.nn.Sequential, 5),  # blocks.1, pooling, head_drop, flatten, head
+    ],
+)
+def test_the_tail_from_a_module_computes_what_the_whole_model_computes_from_there(model, at, kind, length):
+    net = create_model(model, num_classes=5, **({**TINY_MIXER, "depth": 2} if model == "convmixer" else {})).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tail = tail_from(net, at, x[:2])
+    assert isinstance(tail, kind) and (length is None or len(tail) == length)
+    inputs = []
+    net.get_submodule(at).register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    with torch.no_grad():
+        out = net(x)
+        assert torch.allclose(tail(inputs[0]), out, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("at", "needle"),
+    [
+        ("blocks.9", "train.train_from 'blocks.9': blocks has no part '9'; use one of 0, 1"),
+        ("blocks.5.0.conv_dw", "the parts of blocks.5.0 do not run in order"),
+        ("nowhere", "EfficientNet has no part 'nowhere'; use one of conv_stem, bn1, blocks"),
+    ],
+)
+def test_a_tail_from_a_module_that_is_not_there_or_not_in_order_is_refused(at: str, needle: str):
+    with pytest.raises(DefungiError, match=re.escape(needle)):
+        tail_from(create_model("efficientnet-lite0", num_classes=5), at, torch.zeros(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("train_from", ["", "blocks.1"])
+def test_a_frozen_backbone_run_predicts_what_it_scored(
+    train_from: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
-    torch.save(create_model("convmixer", num_classes=1000, **TINY_MIXER).state_dict(), tmp_path / "w.pt")
+    mixer = {**TINY_MIXER, "depth": 2}
+    start = create_model("convmixer", num_classes=1000, **mixer).state_dict()
+    torch.save(start, tmp_path / "w.pt")
     computed = []
-    real = fit_module.head_inputs
-    monkeypatch.setattr(fit_module, "head_inputs", lambda *a, **k: computed.append(1) or real(*a, **k))
+    real = fit_module.module_inputs
+    monkeypatch.setattr(fit_module, "module_inputs", lambda *a, **k: computed.append(1) or real(*a, **k))
     argv = ["train", "--data", str(tiny_data), "--model", "convmixer", "--weights", str(tmp_path / "w.pt")]
-    argv += ["--set", f"train.model_args={json.dumps(TINY_MIXER)}", "--set", "train.freeze_backbone=true"]
-    argv += ["--set", "data.normalize=pretrained", "--set", "train.tta=false"]
+    argv += ["--set", f"train.model_args={json.dumps(mixer)}", "--set", "train.freeze_backbone=true"]
+    argv += [
+        "--set",
+        f"train.train_from={train_from}",
+        "--set",
+        "data.normalize=pretrained",
+        "--set",
+        "train.tta=false",
+    ]
     argv += ["--image-size", "16", "--epochs", "3", "--batch-size", "8"]
     assert main([*argv, "--out", str(tmp_path / "run"), "--cv", "2"]) == 0
-    assert computed == [1]  # both folds trained their heads on one feature computation
+    assert computed == [1]  # both folds trained on one computation of the frozen part's output
     fold = tmp_path / "run" / "fold-0"
+    trained = torch.load(fold / "last.pt", weights_only=True)["state_dict"]
+    frozen = ("stem.", "blocks.0.") if train_from else ("stem.", "blocks.")
+    for name, value in trained.items():
+        if name.endswith(("weight", "bias")) and not name.startswith("head."):
+            assert torch.equal(value, start[name]) == name.startswith(frozen), name
     with open(fold / "predictions_test.csv") as fh:
         rows = list(csv.DictReader(fh))
     capsys.readouterr()

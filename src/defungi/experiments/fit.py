@@ -23,17 +23,25 @@ from defungi.data.dataset import Dataset
 from defungi.data.scan import default_cache_dir
 from defungi.experiments.rundir import RunDir
 from defungi.models import create_model
-from defungi.models.pretrained import head_name, imagenet_state_dict, load_backbone, normalization, read_weights
+from defungi.models.pretrained import (
+    head_name,
+    imagenet_state_dict,
+    load_backbone,
+    normalization,
+    read_weights,
+    tail_from,
+)
 from defungi.train import distributed
 from defungi.train.callbacks import EarlyStopping
 from defungi.train.loop import (
     Preprocess,
     TrainStep,
+    autocast,
     autocast_dtype,
     batches,
     evaluate,
-    head_inputs,
     mean_nll,
+    module_inputs,
     precision_name,
     train_one_epoch,
 )
@@ -189,7 +197,9 @@ class _Fit:
     steps_per_epoch: int
     stopper: EarlyStopping
     head: str | None = None  # the head's module name, when the backbone is frozen or learns slower
-    features: np.ndarray | None = None  # frozen backbone: the head's input for every image (cached)
+    train_from: str | None = None  # frozen backbone: the first module that trains (the head, or e.g. blocks.5)
+    features: np.ndarray | None = None  # frozen backbone: that module's input for every image (cached)
+    tails: list[nn.Module] = field(default_factory=list)  # what runs from train_from on: trained, scored
     history: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 0
     train_seconds: float = 0.0
@@ -239,10 +249,10 @@ class _Fit:
         return balanced_order(self.data.labels[self.train_idx], n, rng) if tc.balance else rng.permutation(n)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """Train one class-balanced, augmented epoch (of the head alone on cached features when the
-        backbone is frozen); score the validation part; return its history row."""
+        """Train one class-balanced, augmented epoch (of the modules from train_from on, on cached
+        inputs, when the backbone is frozen); score the validation part; return its history row."""
         if self.features is not None:
-            return self.train_head_epoch(epoch)
+            return self.train_cached_epoch(epoch)
         tc, data, rank = self.config.train, self.data, distributed.world()
         generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch + rank.rank * 7_919)
         picks = distributed.shard(self.epoch_order(epoch), tc.batch_size)
@@ -294,17 +304,34 @@ class _Fit:
             "seconds": stats["seconds"],
         }
 
-    def train_head_epoch(self, epoch: int) -> dict[str, float]:
-        """One class-balanced epoch of the head on the frozen backbone's cached features (no
-        augmentation: a feature is computed once per image)."""
-        tc, data, step, features = self.config.train, self.data, self.step, self.features
-        order, head = self.train_idx[self.epoch_order(epoch)], self.model.get_submodule(self.head)
-        head.train()
+    def cache_inputs(self) -> None:
+        """Compute (or read from the cache) the input of train_from for every image, and what runs
+        from there on: in the trained model and in the scored one."""
+        example = _example_batch(self.preprocess, self.device)
+        self.tails = [tail_from(m, self.train_from, example) for m in (self.model, self.scored)]
+        self.features = _cached_inputs(
+            self.config, self.data, self.model, self.train_from, self.preprocess, self.device
+        )
+
+    def cached_batch(self, idx: np.ndarray) -> torch.Tensor:
+        """The cached inputs of images idx, on the device (channels last where configured)."""
+        x = torch.from_numpy(np.ascontiguousarray(self.features[idx])).to(self.device)
+        return (
+            x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and self.config.train.channels_last else x
+        )
+
+    def train_cached_epoch(self, epoch: int) -> dict[str, float]:
+        """One class-balanced epoch of the modules from train_from on, on the frozen backbone's cached
+        output (no augmentation: it is computed once per image)."""
+        tc, data, step = self.config.train, self.data, self.step
+        order, tail = self.train_idx[self.epoch_order(epoch)], self.tails[0]
+        tail.train()
         start, total, correct, seen = time.perf_counter(), 0.0, 0, 0
         for i in range(0, len(order) - tc.batch_size + 1, tc.batch_size):
             idx = np.sort(order[i : i + tc.batch_size])
-            x, y = torch.from_numpy(features[idx]).to(self.device), torch.from_numpy(data.labels[idx]).to(self.device)
-            logits = head(x)
+            x, y = self.cached_batch(idx), torch.from_numpy(data.labels[idx]).to(self.device)
+            with autocast(self.device, tc.amp):
+                logits = tail(x).float()
             loss = step.criterion(logits, y)
             step.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -324,17 +351,24 @@ class _Fit:
             "seconds": time.perf_counter() - start,
         }
         self.train_seconds += stats["seconds"]
-        return self.history_row(epoch, stats, *self.head_probabilities(self.val_idx))
+        return self.history_row(epoch, stats, *self.cached_probabilities(self.val_idx))
 
     @torch.no_grad()
-    def head_probabilities(self, idx: np.ndarray) -> tuple[np.ndarray, float]:
-        """(probabilities, loss) of the scored head on the cached features of images idx: what the
-        whole model computes on them without test-time augmentation."""
-        x = torch.from_numpy(self.features[idx]).to(self.device)
-        probs = weighted(
-            torch.softmax(self.scored.get_submodule(self.head).eval()(x).float(), 1).cpu().numpy(), self.class_weights
-        )
+    def cached_probabilities(self, idx: np.ndarray) -> tuple[np.ndarray, float]:
+        """(probabilities, loss) of the scored model from train_from on, on the cached inputs of
+        images idx: what the whole model computes on them without test-time augmentation."""
+        tail, out = self.tails[1].eval(), []
+        for start in range(0, len(idx), 256):
+            with autocast(self.device, self.config.train.amp):
+                out.append(torch.softmax(tail(self.cached_batch(idx[start : start + 256])).float(), 1).cpu().numpy())
+        probs = weighted(np.concatenate(out) if out else np.zeros((0, len(self.data.classes))), self.class_weights)
         return probs, mean_nll(probs, self.data.labels[idx])
+
+
+def _example_batch(preprocess: Preprocess, device: torch.device) -> torch.Tensor:
+    """Two random inputs of the model's size (from their own generator: the global one is left alone)."""
+    size = preprocess.image_size
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
@@ -345,11 +379,12 @@ def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
         load_backbone(model, imagenet_state_dict(tc.model), f"the ImageNet weights of {tc.model}")
 
 
-def _cached_features(
-    config: Config, data: Dataset, model: nn.Module, head: str, preprocess: Preprocess, device: torch.device
+def _cached_inputs(
+    config: Config, data: Dataset, model: nn.Module, module: str, preprocess: Preprocess, device: torch.device
 ) -> np.ndarray:
-    """The frozen backbone's features of every image, computed once per (image files, model and its
-    weights, preprocessing) in the user cache, so that CV folds and re-runs share them."""
+    """The input of the model's module (the head: its features) for every image, computed once per
+    (image files, model and its weights, module, preprocessing, precision) in the user cache, so that
+    CV folds and re-runs share them; read memory-mapped."""
     tc = config.train
     if tc.weights:
         stat = Path(tc.weights).expanduser().stat()
@@ -360,14 +395,15 @@ def _cached_features(
     if preprocess.normalize in ("image", "luma"):  # per-image normalisation: mean/std unused
         prep = {k: v for k, v in prep.items() if k not in ("mean", "std")}
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data.paths]
-    key = hashlib.sha1(json.dumps([tc.model, tc.model_args, source, prep, tc.amp, files]).encode()).hexdigest()[:16]
-    path = default_cache_dir() / "features" / f"{key}.npy"
+    precision = precision_name(device, tc.amp)
+    key = hashlib.sha1(json.dumps([tc.model, tc.model_args, source, module, prep, precision, files]).encode())
+    path = default_cache_dir() / "features" / f"{key.hexdigest()[:16]}.npy"
     with exclusive_lock(path.with_suffix(".lock")):
         if not path.exists():
             t0 = time.perf_counter()
-            feats = head_inputs(
+            feats = module_inputs(
                 model,
-                model.get_submodule(head),
+                model.get_submodule(module),
                 data.images,
                 preprocess,
                 device,
@@ -376,9 +412,9 @@ def _cached_features(
             )
             atomic_save_npy(path, feats)
             log.info(
-                "backbone features of %d images in %.0f s, cached in %s", len(feats), time.perf_counter() - t0, path
+                "inputs of %s for %d images in %.0f s, cached in %s", module, len(feats), time.perf_counter() - t0, path
             )
-    return np.load(path)
+    return np.load(path, mmap_mode="r")
 
 
 def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: bool) -> _Fit:
@@ -400,9 +436,11 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: b
         _initial_weights(model, tc)
     model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
     head = head_name(model) if tc.freeze_backbone or tc.backbone_lr_scale != 1 else None
-    if tc.freeze_backbone:
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith(f"{head}.")
+    train_from = (tc.train_from or head) if tc.freeze_backbone else None
+    if train_from is not None:
+        trains = {id(p) for p in tail_from(model, train_from, _example_batch(preprocess, device)).parameters()}
+        for p in model.parameters():
+            p.requires_grad = id(p) in trains
     trainer = distributed.wrap(model, device)
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, head, tc.backbone_lr_scale)
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
@@ -436,6 +474,7 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: b
         steps_per_epoch,
         stopper,
         head,
+        train_from,
     )
 
 
@@ -453,7 +492,7 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir
     if run is not None:
         state.resume(run)
     if tc.freeze_backbone:  # after a resume, so that the features are those of the loaded backbone
-        state.features = _cached_features(config, data, state.model, state.head, state.preprocess, state.device)
+        state.cache_inputs()
     main = distributed.world().main
     stopped = bool(state.stopper.reason)
     for epoch in range(state.start_epoch, tc.epochs):
@@ -496,7 +535,7 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir
         return None
     if tc.restore_best and state.best_state is not None:
         state.scored.load_state_dict(state.best_state)
-    cached = state.head_probabilities if state.features is not None and not tc.tta else None
+    cached = state.cached_probabilities if state.features is not None and not tc.tta else None
     metrics, probabilities = score_parts(
         state.scored, data, split, state.preprocess, state.device, tc, state.class_weights, cached
     )

@@ -84,3 +84,46 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     new_head = model.get_submodule(head)
     nn.init.zeros_(new_head.weight)
     nn.init.zeros_(new_head.bias)
+
+
+def tail_from(model: nn.Module, name: str, example: torch.Tensor) -> nn.Module:
+    """The part of the model that runs from its module `name` (included) to the output, over the same
+    weights: the head itself, or (for a model whose forward runs its modules in order, as timm's
+    EfficientNet and ConvMixer and torchvision's ResNet do) those modules in order, flattened before
+    the head. Checked on example inputs against the whole model; a clear error where it differs."""
+    head = model.get_submodule(head_name(model))
+    where = f"train.train_from '{name}'"
+    parent, after, parts = model, [], name.split(".")
+    for i, part in enumerate(parts):
+        owner = ".".join(parts[:i]) or type(model).__name__
+        children = dict(parent.named_children())
+        if part not in children:
+            raise DefungiError(f"{where}: {owner} has no part '{part}'; use one of {', '.join(children)}")
+        if i > 0 and not isinstance(parent, nn.Sequential):
+            raise DefungiError(
+                f"{where}: the parts of {owner} do not run in order; choose {owner} or a module above it"
+            )
+        names = list(children)
+        after.append([children[n] for n in names[names.index(part) + 1 :]])
+        parent = children[part]
+    modules = [parent, *(m for level in reversed(after) for m in level)]
+    if parent is not head:
+        if head not in modules:
+            raise DefungiError(f"{where}: the head does not come after it; choose a module before the head")
+        modules.insert(modules.index(head), nn.Flatten(1))
+    tail = nn.Sequential(*modules) if parent is not head else head
+    inputs: list[torch.Tensor] = []
+    handle = parent.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example)
+            same = torch.allclose(tail(inputs[0]), out, rtol=1e-3, atol=1e-4)
+    finally:
+        handle.remove()
+        model.train(training)
+    if not same:
+        raise DefungiError(
+            f"{where}: {type(model).__name__} does not run its modules in order from there; use the head"
+        )
+    return tail

@@ -194,9 +194,9 @@ def mean_nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def head_inputs(
+def module_inputs(
     model: nn.Module,
-    head: nn.Module,
+    module: nn.Module,
     images: np.ndarray,
     preprocess: Preprocess,
     device: torch.device,
@@ -204,10 +204,11 @@ def head_inputs(
     amp: bool = False,
     channels_last: bool = True,
 ) -> np.ndarray:
-    """What the model's head receives for each image (its pooled features), float32 (N, D)."""
+    """What one module of the model receives for each image (e.g. the head: the pooled features),
+    float32, one row per image."""
     model.eval()
     out: list[np.ndarray] = []
-    hook = head.register_forward_hook(lambda _m, inputs, _o: out.append(inputs[0].float().cpu().numpy()))
+    hook = module.register_forward_pre_hook(lambda _m, args: out.append(args[0].float().cpu().numpy()))
     try:
         order = np.arange(len(images))
         bar = progress_bar(-(-len(images) // batch_size), "features")
@@ -218,7 +219,7 @@ def head_inputs(
         bar.close()
     finally:
         hook.remove()
-    return np.concatenate(out) if out else np.zeros((0, head.in_features), dtype=np.float32)
+    return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)
 
 
 def evaluate(

@@ -108,6 +108,7 @@ OPTION_CASES = {
     "device tpu": (["--device", "tpu"], "'train.device' is 'tpu'"),
     "--weights missing": (["--weights", "nowhere.pt"], "--weights nowhere.pt: no such file"),
     "frozen backbone from scratch": (["--set", "train.freeze_backbone=true"], "add --pretrained or --weights"),
+    "cached_views 9": (["--set", "train.cached_views=9"], "'train.cached_views' is 9"),
     "train_from unfrozen": (["--set", "train.train_from=blocks.5"], "add --set train.freeze_backbone=true"),
 }
 

@@ -63,6 +63,9 @@ class TrainConfig:
     weights: str = ""  # or from this file: a state dict or a torchvision / timm / defungi checkpoint
     freeze_backbone: bool = False  # train the head alone, on backbone features computed once per image (cached)
     train_from: str = ""  # with freeze_backbone: the first module that trains (e.g. blocks.5); "" = the head
+    # with freeze_backbone: the frozen part's output is cached for this many of the 8 flips/rotations of each
+    # image (1: the image as is); every epoch trains on one of them per image, at random
+    cached_views: int = 1
     backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to the head's (fine-tuning: e.g. 0.1)
     min_epochs: int = 0
     # mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with native bf16 (AVX512-BF16, AMX)
@@ -169,6 +172,10 @@ def validate(config: Config) -> Config:
         raise DefungiError(
             "train.train_from trains the modules from there on the frozen ones' cached output; "
             "add --set train.freeze_backbone=true"
+        )
+    if not 1 <= config.train.cached_views <= 8:
+        raise DefungiError(
+            f"config key 'train.cached_views' is {config.train.cached_views}; use 1 (as is) to 8 (every flip/rotation)"
         )
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.train.device):
         raise DefungiError(f"config key 'train.device' is '{config.train.device}'; use auto, cpu, cuda, cuda:N or mps")

@@ -123,9 +123,9 @@ def test_a_tail_from_a_module_that_is_not_there_or_not_in_order_is_refused(at: s
         tail_from(create_model("efficientnet-lite0", num_classes=5), at, torch.zeros(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("train_from", ["", "blocks.1"])
+@pytest.mark.parametrize(("train_from", "views"), [("", 1), ("blocks.1", 2)])
 def test_a_frozen_backbone_run_predicts_what_it_scored(
-    train_from: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    train_from: str, views: int, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
     mixer = {**TINY_MIXER, "depth": 2}
     start = create_model("convmixer", num_classes=1000, **mixer).state_dict()
@@ -143,9 +143,9 @@ def test_a_frozen_backbone_run_predicts_what_it_scored(
         "--set",
         "train.tta=false",
     ]
-    argv += ["--image-size", "16", "--epochs", "3", "--batch-size", "8"]
+    argv += ["--image-size", "16", "--epochs", "3", "--batch-size", "8", "--set", f"train.cached_views={views}"]
     assert main([*argv, "--out", str(tmp_path / "run"), "--cv", "2"]) == 0
-    assert computed == [1]  # both folds trained on one computation of the frozen part's output
+    assert computed == [1] * views  # both folds trained on one computation of the frozen part's output per view
     fold = tmp_path / "run" / "fold-0"
     trained = torch.load(fold / "last.pt", weights_only=True)["state_dict"]
     frozen = ("stem.", "blocks.0.") if train_from else ("stem.", "blocks.")

@@ -198,7 +198,7 @@ class _Fit:
     stopper: EarlyStopping
     head: str | None = None  # the head's module name, when the backbone is frozen or learns slower
     train_from: str | None = None  # frozen backbone: the first module that trains (the head, or e.g. blocks.5)
-    features: np.ndarray | None = None  # frozen backbone: that module's input for every image (cached)
+    features: list[np.ndarray] = field(default_factory=list)  # frozen backbone: that module's input, per view
     tails: list[nn.Module] = field(default_factory=list)  # what runs from train_from on: trained, scored
     history: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 0
@@ -251,7 +251,7 @@ class _Fit:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train one class-balanced, augmented epoch (of the modules from train_from on, on cached
         inputs, when the backbone is frozen); score the validation part; return its history row."""
-        if self.features is not None:
+        if self.features:
             return self.train_cached_epoch(epoch)
         tc, data, rank = self.config.train, self.data, distributed.world()
         generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch + rank.rank * 7_919)
@@ -309,13 +309,19 @@ class _Fit:
         from there on: in the trained model and in the scored one."""
         example = _example_batch(self.preprocess, self.device)
         self.tails = [tail_from(m, self.train_from, example) for m in (self.model, self.scored)]
-        self.features = _cached_inputs(
-            self.config, self.data, self.model, self.train_from, self.preprocess, self.device
-        )
+        self.features = [
+            _cached_inputs(self.config, self.data, self.model, self.train_from, self.preprocess, self.device, view)
+            for view in range(self.config.train.cached_views)
+        ]
 
-    def cached_batch(self, idx: np.ndarray) -> torch.Tensor:
-        """The cached inputs of images idx, on the device (channels last where configured)."""
-        x = torch.from_numpy(np.ascontiguousarray(self.features[idx])).to(self.device)
+    def cached_batch(self, idx: np.ndarray, views: np.ndarray | None = None) -> torch.Tensor:
+        """The cached inputs of images idx (of their views, or as they are), on the device (channels
+        last where configured)."""
+        views = np.zeros(len(idx), dtype=int) if views is None else views
+        batch = np.empty((len(idx), *self.features[0].shape[1:]), dtype=np.float32)
+        for view in np.unique(views):
+            batch[views == view] = self.features[view][idx[views == view]]
+        x = torch.from_numpy(batch).to(self.device)
         return (
             x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and self.config.train.channels_last else x
         )
@@ -325,11 +331,13 @@ class _Fit:
         output (no augmentation: it is computed once per image)."""
         tc, data, step = self.config.train, self.data, self.step
         order, tail = self.train_idx[self.epoch_order(epoch)], self.tails[0]
+        views = np.random.default_rng([tc.seed, epoch, 1]).integers(tc.cached_views, size=len(order))
         tail.train()
         start, total, correct, seen = time.perf_counter(), 0.0, 0, 0
         for i in range(0, len(order) - tc.batch_size + 1, tc.batch_size):
-            idx = np.sort(order[i : i + tc.batch_size])
-            x, y = self.cached_batch(idx), torch.from_numpy(data.labels[idx]).to(self.device)
+            pick = np.argsort(order[i : i + tc.batch_size]) + i
+            idx = order[pick]
+            x, y = self.cached_batch(idx, views[pick]), torch.from_numpy(data.labels[idx]).to(self.device)
             with autocast(self.device, tc.amp):
                 logits = tail(x).float()
             loss = step.criterion(logits, y)
@@ -380,11 +388,17 @@ def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
 
 
 def _cached_inputs(
-    config: Config, data: Dataset, model: nn.Module, module: str, preprocess: Preprocess, device: torch.device
+    config: Config,
+    data: Dataset,
+    model: nn.Module,
+    module: str,
+    preprocess: Preprocess,
+    device: torch.device,
+    view: int = 0,
 ) -> np.ndarray:
-    """The input of the model's module (the head: its features) for every image, computed once per
-    (image files, model and its weights, module, preprocessing, precision) in the user cache, so that
-    CV folds and re-runs share them; read memory-mapped."""
+    """The input of the model's module (the head: its features) for every image's view-th flip/rotation,
+    computed once per (image files, model and its weights, module, preprocessing, precision, view) in
+    the user cache, so that CV folds and re-runs share them; read memory-mapped."""
     tc = config.train
     if tc.weights:
         stat = Path(tc.weights).expanduser().stat()
@@ -396,7 +410,8 @@ def _cached_inputs(
         prep = {k: v for k, v in prep.items() if k not in ("mean", "std")}
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data.paths]
     precision = precision_name(device, tc.amp)
-    key = hashlib.sha1(json.dumps([tc.model, tc.model_args, source, module, prep, precision, files]).encode())
+    what = [tc.model, tc.model_args, source, module, prep, precision, files] + ([view] if view else [])
+    key = hashlib.sha1(json.dumps(what).encode())
     path = default_cache_dir() / "features" / f"{key.hexdigest()[:16]}.npy"
     with exclusive_lock(path.with_suffix(".lock")):
         if not path.exists():
@@ -409,10 +424,16 @@ def _cached_inputs(
                 device,
                 amp=tc.amp,
                 channels_last=tc.channels_last,
+                view=view,
             )
             atomic_save_npy(path, feats)
             log.info(
-                "inputs of %s for %d images in %.0f s, cached in %s", module, len(feats), time.perf_counter() - t0, path
+                "inputs of %s for %d images (view %d) in %.0f s, cached in %s",
+                module,
+                len(feats),
+                view,
+                time.perf_counter() - t0,
+                path,
             )
     return np.load(path, mmap_mode="r")
 
@@ -535,7 +556,7 @@ def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir
         return None
     if tc.restore_best and state.best_state is not None:
         state.scored.load_state_dict(state.best_state)
-    cached = state.cached_probabilities if state.features is not None and not tc.tta else None
+    cached = state.cached_probabilities if state.features and not tc.tta else None
     metrics, probabilities = score_parts(
         state.scored, data, split, state.preprocess, state.device, tc, state.class_weights, cached
     )

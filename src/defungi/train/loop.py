@@ -203,9 +203,10 @@ def module_inputs(
     batch_size: int = 128,
     amp: bool = False,
     channels_last: bool = True,
+    view: int = 0,
 ) -> np.ndarray:
     """What one module of the model receives for each image (e.g. the head: the pooled features),
-    float32, one row per image."""
+    float32, one row per image; of the view-th flip/rotation of each image (0: as is)."""
     model.eval()
     out: list[np.ndarray] = []
     hook = module.register_forward_pre_hook(lambda _m, args: out.append(args[0].float().cpu().numpy()))
@@ -214,7 +215,7 @@ def module_inputs(
         bar = progress_bar(-(-len(images) // batch_size), "features")
         for x_u8, _ in batches(images, order, order, batch_size):
             with autocast(device, amp):
-                model(preprocess.to_tensor(x_u8, device, channels_last))
+                model(dihedral(preprocess.to_tensor(x_u8, device, channels_last), view))
             bar.update(1)
         bar.close()
     finally:

@@ -328,7 +328,7 @@ class _Fit:
 
     def train_cached_epoch(self, epoch: int) -> dict[str, float]:
         """One class-balanced epoch of the modules from train_from on, on the frozen backbone's cached
-        output (no augmentation: it is computed once per image)."""
+        output (augmented only by the cached flips/rotations: one per image, drawn per epoch)."""
         tc, data, step = self.config.train, self.data, self.step
         order, tail = self.train_idx[self.epoch_order(epoch)], self.tails[0]
         views = np.random.default_rng([tc.seed, epoch, 1]).integers(tc.cached_views, size=len(order))

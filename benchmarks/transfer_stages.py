@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from defungi.data.cache import open_image, square
 from defungi.models import create_model
 from defungi.models.pretrained import imagenet_state_dict, load_backbone, normalization
+from defungi.train.loop import Preprocess
 from defungi.train.metrics import scored
 from defungi.utils import cpu_flags
 
@@ -38,12 +39,11 @@ def stage_features(
         model.get_submodule(name).register_forward_hook(
             lambda _m, _i, o, name=name: out[name].append(torch.cat([o.mean((2, 3)), o.amax((2, 3))], 1).numpy())
         )
-    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    preprocess = Preprocess(size, mean, std, "pretrained")
     with torch.no_grad():
         for start in range(0, len(paths), 64):
             pixels = np.stack([np.asarray(square(open_image(Path(p), size), size)) for p in paths[start : start + 64]])
-            x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean_t) / std_t
-            model(x.contiguous(memory_format=torch.channels_last))
+            model(preprocess.to_tensor(pixels, torch.device("cpu")))
     return {name: np.concatenate(chunks) for name, chunks in out.items()}
 
 

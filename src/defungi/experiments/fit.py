@@ -199,7 +199,7 @@ class _Fit:
     head: str | None = None  # the head's module name, when the backbone is frozen or learns slower
     train_from: str | None = None  # frozen backbone: the first module that trains (the head, or e.g. blocks.5)
     features: list[np.ndarray] = field(default_factory=list)  # frozen backbone: that module's input, per view
-    tails: list[nn.Module] = field(default_factory=list)  # what runs from train_from on: trained, scored
+    tails: list[nn.Module] = field(default_factory=list)  # what runs from train_from on: trained, [scored]
     history: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 0
     train_seconds: float = 0.0
@@ -305,10 +305,7 @@ class _Fit:
         }
 
     def cache_inputs(self) -> None:
-        """Compute (or read from the cache) the input of train_from for every image, and what runs
-        from there on: in the trained model and in the scored one."""
-        example = _example_batch(self.preprocess, self.device)
-        self.tails = [tail_from(m, self.train_from, example) for m in (self.model, self.scored)]
+        """Compute (or read from the cache) the input of train_from for every image, per view."""
         self.features = [
             _cached_inputs(self.config, self.data, self.model, self.train_from, self.preprocess, self.device, view)
             for view in range(self.config.train.cached_views)
@@ -365,18 +362,12 @@ class _Fit:
     def cached_probabilities(self, idx: np.ndarray) -> tuple[np.ndarray, float]:
         """(probabilities, loss) of the scored model from train_from on, on the cached inputs of
         images idx: what the whole model computes on them without test-time augmentation."""
-        tail, out = self.tails[1].eval(), []
+        tail, out = self.tails[-1].eval(), []
         for start in range(0, len(idx), 256):
             with autocast(self.device, self.config.train.amp):
                 out.append(torch.softmax(tail(self.cached_batch(idx[start : start + 256])).float(), 1).cpu().numpy())
         probs = weighted(np.concatenate(out) if out else np.zeros((0, len(self.data.classes))), self.class_weights)
         return probs, mean_nll(probs, self.data.labels[idx])
-
-
-def _example_batch(preprocess: Preprocess, device: torch.device) -> torch.Tensor:
-    """Two random inputs of the model's size (from their own generator: the global one is left alone)."""
-    size = preprocess.image_size
-    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
@@ -458,13 +449,19 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: b
     model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
     head = head_name(model) if tc.freeze_backbone or tc.backbone_lr_scale != 1 else None
     train_from = (tc.train_from or head) if tc.freeze_backbone else None
-    if train_from is not None:
-        trains = {id(p) for p in tail_from(model, train_from, _example_batch(preprocess, device)).parameters()}
+    tails: list[nn.Module] = []  # what runs from train_from on: in the trained model (and its weight average)
+    if train_from is not None:  # random inputs from their own generator: the global one is left alone
+        size = preprocess.image_size
+        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        tails.append(tail_from(model, train_from, example))
+        trains = {id(p) for p in tails[0].parameters()}
         for p in model.parameters():
             p.requires_grad = id(p) in trains
     trainer = distributed.wrap(model, device)
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, head, tc.backbone_lr_scale)
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
+    if tails and ema is not None:
+        tails.append(tail_from(ema.module, train_from, example))
     steps_per_epoch = max(1, len(train_idx) // tc.batch_size)
     scheduler = build_scheduler(optimizer, tc.schedule, tc.epochs * steps_per_epoch, tc.warmup_fraction)
     # autocast decides per device (bf16/fp16 on CUDA, bf16 on CPUs with native bf16); fp16 needs loss scaling
@@ -496,6 +493,7 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: b
         stopper,
         head,
         train_from,
+        tails=tails,
     )
 
 

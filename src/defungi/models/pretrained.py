@@ -107,11 +107,13 @@ def tail_from(model: nn.Module, name: str, example: torch.Tensor) -> nn.Module:
         after.append([children[n] for n in names[names.index(part) + 1 :]])
         parent = children[part]
     modules = [parent, *(m for level in reversed(after) for m in level)]
-    if parent is not head:
-        if head not in modules:
-            raise DefungiError(f"{where}: the head does not come after it; choose a module before the head")
+    if parent is head:
+        tail = head
+    elif head in modules:
         modules.insert(modules.index(head), nn.Flatten(1))
-    tail = nn.Sequential(*modules) if parent is not head else head
+        tail = nn.Sequential(*modules)
+    else:
+        raise DefungiError(f"{where}: the head does not come after it; choose a module before the head")
     inputs: list[torch.Tensor] = []
     handle = parent.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
     training = model.training

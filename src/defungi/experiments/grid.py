@@ -170,10 +170,9 @@ def grid_search(
     keys, cells = list(grid), parameter_grid(grid)
     name = study_name(config, split, grid)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    rdb = open_storage(storage or f"sqlite:///{(out_dir / 'grid.sqlite3').resolve()}", heartbeat)
     study = optuna.create_study(
         study_name=name,
-        storage=rdb,
+        storage=open_storage(storage or f"sqlite:///{(out_dir / 'grid.sqlite3').resolve()}", heartbeat),
         direction="maximize",
         # cells are queued with their parameters; a trial made when the queue ran dry meanwhile draws one
         sampler=optuna.samplers.RandomSampler(),
@@ -190,9 +189,6 @@ def grid_search(
     fitted: list[str] = []  # the cells this worker fitted
 
     def objective(trial: optuna.Trial) -> float:
-        # Optuna's heartbeat thread records its first beat asynchronously: a worker that died before it
-        # would leave a running trial that never goes stale, and the other workers would wait on it forever
-        rdb.record_heartbeat(trial._trial_id)
         params = {k: trial.suggest_categorical(k, v) for k, v in grid.items()}
         if _held_elsewhere(study, trial.number, _key(params, keys), keys):
             raise optuna.TrialPruned(f"cell {cell_name(params)} is another worker's")

@@ -99,7 +99,8 @@ def _dies_in_second_cell(tmp_path: Path) -> None:
 
     def train(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 2:  # after the first beat of the trial's heartbeat thread (Optuna records it asynchronously)
+            time.sleep(2)
             os._exit(9)
         return real(*args, **kwargs)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from defungi.config import PRIOR_WEIGHT_RANGE
 from defungi.errors import DefungiError
+from defungi.results.schema import to_dict
 
 log = logging.getLogger("defungi")
 
@@ -102,12 +103,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if record is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     metrics = record.metrics
-    scores = metrics.get("test") or metrics["val"]
-    cv = metrics["protocol"].get("cv_folds", 0)
-    what = f"{cv}-fold cross-validation, out of fold" if cv else "test"
-    print(_metrics_line(f"{metrics['model']} {what}, per image", scores))
-    if "samples" in scores:
-        print(_metrics_line(f"{metrics['model']} {what}, per sample", scores["samples"]))
+    scores = metrics.reported
+    what = (
+        f"{metrics.protocol.cv_folds}-fold cross-validation, out of fold"
+        if metrics.kind == "cv"
+        else metrics.reported_name
+    )
+    print(_metrics_line(f"{metrics.model} {what}, per image", to_dict(scores)))
+    if scores.samples is not None:
+        print(_metrics_line(f"{metrics.model} {what}, per sample", to_dict(scores.samples)))
     print(f"run folder: {record.path}")
     return 0
 
@@ -127,21 +131,20 @@ def _metrics_line(name: str, m: dict[str, Any]) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from defungi.jobs import evaluate_job
 
-    metrics = evaluate_job(
+    evaluation, folder = evaluate_job(
         Path(args.run_dir), Path(args.data), Path(args.out) if args.out else None, args.tta, args.prior_weight
     )
+    scores = evaluation.scores
     if args.json:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "excluded"}, indent=2))
+        print(json.dumps({k: v for k, v in to_dict(evaluation).items() if k != "excluded"}, indent=2))
     else:
-        print(_metrics_line(f"{args.run_dir} on {args.data}, per image", metrics))
-        print(_metrics_line(f"{args.run_dir} on {args.data}, per sample", metrics["samples"]))
+        print(_metrics_line(f"{args.run_dir} on {args.data}, per image", to_dict(scores)))
+        if scores.samples is not None:
+            print(_metrics_line(f"{args.run_dir} on {args.data}, per sample", to_dict(scores.samples)))
         print("per class (images):")
-        for c, row in metrics["per_class"].items():
-            print(
-                f"  {c:>6}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  F1 {row['f1']:.3f}  "
-                f"n={row['support']}"
-            )
-        print(f"excluded {len(metrics['excluded'])} images; report: {metrics['out_dir']}")
+        for c, row in scores.per_class.items():
+            print(f"  {c:>6}  precision {row.precision:.3f}  recall {row.recall:.3f}  F1 {row.f1:.3f}  n={row.support}")
+        print(f"excluded {len(evaluation.excluded)} images; report: {folder}")
     return 0
 
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from defungi.config import Config, load_config
 from defungi.data.audit import audit
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.errors import DefungiError
 from defungi.experiments.compare import paired_difference
-from defungi.experiments.curve import LearningCurve, learning_curve
+from defungi.experiments.curve import learning_curve
+from defungi.experiments.evaluate import evaluate_run
+from defungi.experiments.protocols import dataset_for, fit_run, split_for
 from defungi.experiments.rundir import FitRecord, RunDir
-from defungi.experiments.train import dataset_for, evaluate_run, split_for, train
 from defungi.layout import AuditLayout, RunLayout, SearchLayout, StudyLayout
 from defungi.report.audit import build_audit_report
 from defungi.report.combined import build_combined_report, build_comparison, comparison_table, read_states
@@ -26,10 +27,10 @@ from defungi.report.page import Table
 from defungi.report.run import render_evaluation, render_run
 from defungi.report.search import render_curve, render_grid
 from defungi.report.study import build_study_report
+from defungi.results.run import Evaluation
+from defungi.results.schema import to_dict
+from defungi.results.search import GridResult, LearningCurve
 from defungi.utils import atomic_write_json
-
-if TYPE_CHECKING:
-    from defungi.experiments.grid import GridResult
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ TRANSFER_PROFILE = "transfer"
 def train_job(config: Config, out: Path) -> FitRecord | None:
     """Train (or resume, or read back) a run folder, then draw its figures (None: a torchrun rank
     other than 0, which only trained)."""
-    record = train(config, out)
+    record = fit_run(config, out)
     if record is not None:
         render_run(out)
     return record
@@ -53,11 +54,11 @@ def resume_job(run_dir: Path) -> FitRecord | None:
 
 def evaluate_job(
     run_dir: Path, data: Path, out: Path | None, tta: bool | None, prior_weight: float | None
-) -> dict[str, Any]:
-    """Score a run on a labelled folder; metrics.json and confusion.png."""
-    metrics = evaluate_run(run_dir, data, out, tta=tta, prior_weight=prior_weight)
-    render_evaluation(metrics["out_dir"])
-    return metrics
+) -> tuple[Evaluation, Path]:
+    """Score a run on a labelled folder; metrics.json and confusion.png in the folder it returns."""
+    evaluation, folder = evaluate_run(run_dir, data, out, tta=tta, prior_weight=prior_weight)
+    render_evaluation(folder)
+    return evaluation, folder
 
 
 def curve_job(config: Config, out: Path, fraction: float, sizes: list[float], cv: int) -> LearningCurve:
@@ -66,7 +67,7 @@ def curve_job(config: Config, out: Path, fraction: float, sizes: list[float], cv
     dc, layout = config.data, SearchLayout(out)
     pool = tuning_pool(data.labels, data.groups, split_for(config, data), fraction, dc.split, dc.seed)
     result = learning_curve(config, data, pool, sizes, layout.fits, cv=cv)
-    atomic_write_json(layout.curve, result.to_dict())
+    atomic_write_json(layout.curve, to_dict(result))
     render_curve(out, f"learning curve, {fraction:.0%} of the data")
     return result
 
@@ -88,7 +89,7 @@ def grid_job(
         data.labels, data.groups, split_for(config, data), fraction, dc.val_fraction, dc.split, dc.seed
     )
     result = grid_search(config, data, split, grid, layout.fits, storage, heartbeat)
-    atomic_write_json(layout.grid, result.to_dict())
+    atomic_write_json(layout.grid, to_dict(result))
     render_grid(out, f"grid search, {fraction:.0%} of the data")
     return result
 

@@ -11,7 +11,7 @@ from defungi.data.dataset import load_dataset
 from defungi.errors import DefungiError
 from defungi.experiments.curve import learning_curve
 from defungi.experiments.grid import grid_search, open_storage, study_name
-from defungi.experiments.train import split_for
+from defungi.experiments.protocols import split_for
 from tests.conftest import fails_on_call, write_folder
 
 TINY = {
@@ -95,7 +95,7 @@ def _dies_in_second_cell(tmp_path: Path) -> None:
     os.environ["DEFUNGI_CACHE"] = str(tmp_path / "cache")
     grid_module.HEARTBEAT_INTERVAL_S, grid_module.GRACE_PERIOD_S = 1, 2
     config, data = _setup(tmp_path)
-    real, calls = grid_module.train, []
+    real, calls = grid_module.fit_run, []
 
     def train(*args, **kwargs):
         calls.append(1)
@@ -104,7 +104,7 @@ def _dies_in_second_cell(tmp_path: Path) -> None:
             os._exit(9)
         return real(*args, **kwargs)
 
-    grid_module.train = train
+    grid_module.fit_run = train
     grid_search(
         config, data, split_for(config, data), {"train.batch_size": [8, 16], "train.lr": [1e-3]}, tmp_path / "grid"
     )
@@ -141,11 +141,11 @@ def test_a_cell_stopped_with_ctrl_c_is_fitted_on_the_next_run(tmp_path: Path, mo
     config, data = _setup(tmp_path)
     split = split_for(config, data)
     grid = {"train.batch_size": [8, 16], "train.lr": [1e-3, 2e-3]}
-    real = grid_module.train
-    monkeypatch.setattr(grid_module, "train", fails_on_call(real, 2))
+    real = grid_module.fit_run
+    monkeypatch.setattr(grid_module, "fit_run", fails_on_call(real, 2))
     with pytest.raises(KeyboardInterrupt):
         grid_search(config, data, split, grid, tmp_path / "grid")
-    monkeypatch.setattr(grid_module, "train", real)
+    monkeypatch.setattr(grid_module, "fit_run", real)
     result = grid_search(config, data, split, grid, tmp_path / "grid")
     assert result.trials_before == 1 and result.trials_run == 3 and len(result.rows) == 4
 
@@ -171,6 +171,8 @@ def test_grid_figure_for_one_or_three_axes(tmp_path: Path, axes: int):
     import json
 
     from defungi.report.search import render_grid
+    from defungi.results.schema import to_dict
+    from defungi.results.search import GridResult
 
     grid = {"train.lr": [1e-3, 2e-3], "train.batch_size": [16, 32], "train.optimizer": ["adamw", "sgd"]}
     grid = dict(list(grid.items())[:axes])
@@ -178,7 +180,9 @@ def test_grid_figure_for_one_or_three_axes(tmp_path: Path, axes: int):
         dict(zip(grid, cell, strict=True)) | {"val_f1": i / 10}
         for i, cell in enumerate(itertools.product(*grid.values()))
     ]
-    (tmp_path / "grid.json").write_text(json.dumps({"grid": grid, "rows": rows}))
+    best = max(rows, key=lambda r: r["val_f1"])
+    result = GridResult(grid, rows, {k: best[k] for k in grid}, best["val_f1"], 0, len(rows), "grid-test", 100)
+    (tmp_path / "grid.json").write_text(json.dumps(to_dict(result)))
     (figure,) = render_grid(tmp_path, "grid")
     assert figure.name == "grid.png" and figure.stat().st_size > 5000
 

@@ -12,8 +12,7 @@ from defungi.data.dataset import load_dataset
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.experiments.compare import paired_difference
-from defungi.experiments.rundir import load_trained
-from defungi.experiments.train import cv_splits, train
+from defungi.experiments.protocols import cv_splits, fit_run, load_trained
 from tests.conftest import write_folder
 
 TINY = {
@@ -47,7 +46,7 @@ def test_folds_keep_samples_whole_and_validate_on_other_samples(tiny_data: Path)
 
 def test_cv_run_scores_every_image_once_out_of_fold_and_resumes(tiny_data: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "cv"
-    record = train(_config(tiny_data), out)
+    record = fit_run(_config(tiny_data), out)
     with open(out / "oof.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     usable = load_dataset(tiny_data, 16, 15.0, progress=False)
@@ -59,12 +58,13 @@ def test_cv_run_scores_every_image_once_out_of_fold_and_resumes(tiny_data: Path,
         assert all(split[r["path"]] == "test" for r in fold_rows)
         trained_samples = {r["sample"] for r in rows if split[r["path"]] == "train"}
         assert not trained_samples & {r["sample"] for r in fold_rows}
-    test = record.metrics["test"]
-    assert test["n"] == len(rows) and test["samples"]["n"] == len({r["sample"] for r in rows})
-    for level in (test, test["samples"]):
-        low, high = level["intervals"]["f1"]
+    test = record.metrics.part("test")
+    assert test.n == len(rows) and test.samples.n == len({r["sample"] for r in rows})
+    for level in (test, test.samples):
+        low, high = level.interval("f1")
         assert 0 <= low <= high <= 1
-    assert len(record.metrics["folds"]) == 3 and "ece" in test["calibration"]
+    assert record.metrics.kind == "cv" and record.metrics.reported_name == "out of fold"
+    assert len(record.metrics.folds) == 3 and len(record.metrics.best_epochs) == 3 and test.calibration.ece >= 0
     # killed in the third fold: the next call trains only that fold
     (out / "metrics.json").unlink()
     stamps = [(out / f"fold-{k}" / "best.pt").stat().st_mtime_ns for k in range(2)]
@@ -74,21 +74,21 @@ def test_cv_run_scores_every_image_once_out_of_fold_and_resumes(tiny_data: Path,
     calls = []
     real = fit_module.train_one_epoch
     monkeypatch.setattr(fit_module, "train_one_epoch", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = train(_config(tiny_data), out)
+    again = fit_run(_config(tiny_data), out)
     assert len(calls) == 2  # two epochs of one fold
     assert [(out / f"fold-{k}" / "best.pt").stat().st_mtime_ns for k in range(2)] == stamps
-    assert again.metrics["test"]["f1"] == pytest.approx(test["f1"])
+    assert again.metrics.part("test").f1 == pytest.approx(test.f1)
 
 
 def test_evaluate_and_predict_take_a_cv_run_as_the_ensemble_of_its_folds(tiny_data: Path, tmp_path: Path, capsys):
     out = tmp_path / "cv"
-    train(_config(tiny_data), out)
+    fit_run(_config(tiny_data), out)
     trained = load_trained(out)
     assert trained.info["members"] == 3
     unseen = write_folder(tmp_path / "unseen", samples_per_class=2, patches=2, seed=7)
     assert main(["evaluate", str(out), "--data", str(unseen), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["n"] == 12 and metrics["samples"]["n"] == 6
+    assert metrics["scores"]["n"] == 12 and metrics["scores"]["samples"]["n"] == 6
     assert main(["predict", str(out), str(unseen / "H1"), "--format", "json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 5  # 2 samples x 2 patches and the blank field
 
@@ -125,6 +125,6 @@ def test_grouped_and_random_cv_side_by_side(tiny_data: Path, tmp_path: Path, cap
 
 def test_runs_on_different_images_are_not_compared(tiny_data: Path, tmp_path: Path):
     for name, seed in (("a", 0), ("b", 1)):
-        train(_config(tiny_data, **{"data.cv_folds": 0, "data.seed": seed}), tmp_path / name)
+        fit_run(_config(tiny_data, **{"data.cv_folds": 0, "data.seed": seed}), tmp_path / name)
     with pytest.raises(DefungiError, match="scored different images"):
         paired_difference(tmp_path / "a", tmp_path / "b")

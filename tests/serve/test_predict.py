@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from defungi.cli import main
+from defungi.results.run import read_run_metrics
 from tests.conftest import write_folder
 from tests.serve.conftest import TINY
 
@@ -46,9 +47,9 @@ def test_specimens_by_folder_or_pattern(run: Path, tmp_path: Path, capsys):
 
 
 def test_calibrated_confidence_and_abstention(run: Path, tiny_data: Path, capsys):
-    temperature = json.loads((run / "metrics.json").read_text())["temperature"]
-    assert temperature["fitted_on"] == "validation" and 0.05 <= temperature["temperature"] <= 20
-    assert [c["threshold"] for c in temperature["coverage"]] == [0.5, 0.7, 0.9]
+    temperature = read_run_metrics(run / "metrics.json").temperature
+    assert temperature.fitted_on == "validation" and 0.05 <= temperature.temperature <= 20
+    assert [c.threshold for c in temperature.coverage] == [0.5, 0.7, 0.9]
     capsys.readouterr()
     assert main(["predict", str(run), str(tiny_data / "H2"), "--format", "json", "--abstain", "1"]) == 0
     rows = [r for r in json.loads(capsys.readouterr().out) if "class" in r]

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from defungi.errors import DefungiError
-from defungi.layout import RunLayout, read_json, read_table
+from defungi.layout import RunLayout, read_table
+from defungi.results.run import PairedDifference, read_run_metrics
+from defungi.results.schema import from_dict
 from defungi.train.metrics import bootstrap_difference, sample_decisions
 
 
@@ -30,7 +31,7 @@ def scored_images(run_dir: Path) -> Scored:
     layout = RunLayout(Path(run_dir))
     if not layout.metrics.exists():
         raise DefungiError(f"{run_dir}: not a finished run folder (no metrics.json); train it first")
-    classes = read_json(layout.metrics)["classes"]
+    classes = read_run_metrics(layout.metrics).classes
     path = layout.oof if layout.oof.exists() else layout.predictions("test")
     if not path.exists():
         raise DefungiError(f"{run_dir}: no {path.name}; it scored no test images, so there is nothing to compare")
@@ -44,7 +45,7 @@ def scored_images(run_dir: Path) -> Scored:
     )
 
 
-def paired_difference(first: Path, second: Path, seed: int = 0) -> dict[str, Any]:
+def paired_difference(first: Path, second: Path, seed: int = 0) -> PairedDifference:
     """Second run minus first, on the same images: per metric the difference and its 95% interval,
     image-level and sample-level (a sample's decision: the mean of its images' probabilities)."""
     a, b = scored_images(first), scored_images(second)
@@ -58,4 +59,6 @@ def paired_difference(first: Path, second: Path, seed: int = 0) -> dict[str, Any
     ids, labels, first_probs = sample_decisions(a.probs, a.labels, a.samples)
     second_probs = sample_decisions(b.probs, b.labels, b.samples)[2]
     samples = bootstrap_difference(labels, first_probs.argmax(1), second_probs.argmax(1), ids, n_classes, seed=seed)
-    return {"images": images, "samples": samples, "n_images": len(a.paths), "n_samples": len(ids)}
+    return from_dict(
+        PairedDifference, {"images": images, "samples": samples, "n_images": len(a.paths), "n_samples": len(ids)}
+    )

@@ -2,42 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from defungi.config import Config
 from defungi.data.dataset import Dataset
 from defungi.data.splits import folds, subset
-from defungi.experiments.train import train
+from defungi.experiments.protocols import fit_run
+from defungi.results.search import LearningCurve
 
 log = logging.getLogger(__name__)
 
 TRAIN_EVAL_MAX = 600  # training images scored per fit for the training curve (a sample keeps it cheap)
-
-
-@dataclass
-class LearningCurve:
-    """Scores per fold (rows) and training-set fraction (columns), and every fit's history."""
-
-    train_fractions: list[float]
-    cv: int
-    folds: int
-    train_size: list[list[float]]
-    train_f1: list[list[float]]
-    train_loss: list[list[float]]
-    val_f1: list[list[float]]
-    val_loss: list[list[float]]
-    seconds: list[list[float]]
-    histories: list[list[list[dict[str, float]]]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _point_name(fold: int, fraction: float) -> str:
@@ -68,7 +47,7 @@ def learning_curve(
             rng = np.random.default_rng([dc.seed, f, j])
             train_eval = np.sort(rng.choice(sub, min(len(sub), TRAIN_EVAL_MAX), replace=False))
             log.info("curve fold %d/%d, %.0f%% of training (%d images)", f + 1, len(parts), 100 * fraction, len(sub))
-            record = train(
+            record = fit_run(
                 config,
                 out_dir / _point_name(f, fraction),
                 data,
@@ -80,7 +59,7 @@ def learning_curve(
                 record.score("train_eval", "loss"),
             )
             scores["val_f1"][f, j], scores["val_loss"][f, j] = record.score("val"), record.score("val", "loss")
-            scores["seconds"][f, j] = record.metrics["timing"]["train_seconds"]
+            scores["seconds"][f, j] = record.metrics.timing.train_seconds
             histories[f].append(record.history)
     arrays = {k: v.tolist() for k, v in scores.items()}
     return LearningCurve(list(train_fractions), cv, len(parts), histories=histories, **arrays)

@@ -13,14 +13,12 @@ worker that fitted it; the results come from the study.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, S
 from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
-from defungi.experiments.train import train
+from defungi.experiments.protocols import fit_run
+from defungi.results.search import GridResult
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +42,6 @@ MAX_ATTEMPTS = 3  # trials of a cell that raised an error (not interrupted, not 
 POLL_S = 2.0  # a worker with no cell to take looks again this often
 SCHEMA_ATTEMPTS = 5
 ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
-
-
-@dataclass
-class GridResult:
-    """Every cell's validation scores in a fixed order (last key varies fastest), and the best cell."""
-
-    grid: dict[str, list[Any]]
-    rows: list[dict[str, Any]]
-    best: dict[str, Any]
-    best_val_f1: float
-    trials_before: int
-    trials_run: int
-    study_name: str
-    train_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def parameter_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -193,15 +175,15 @@ def grid_search(
         if _held_elsewhere(study, trial.number, _key(params, keys), keys):
             raise optuna.TrialPruned(f"cell {cell_name(params)} is another worker's")
         try:
-            record = train(load_config_from(config, params), out_dir / cell_name(params), data, split)
+            record = fit_run(load_config_from(config, params), out_dir / cell_name(params), data, split)
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}".splitlines()[0])
             raise
         fitted.append(cell_name(params))
         trial.set_user_attr("val_loss", record.score("val", "loss"))
         trial.set_user_attr("val_accuracy", record.score("val", "accuracy"))
-        trial.set_user_attr("train_seconds", record.metrics["timing"]["train_seconds"])
-        trial.set_user_attr("val_f1_interval", record.metrics["val"]["intervals"]["f1"])
+        trial.set_user_attr("train_seconds", record.metrics.timing.train_seconds)
+        trial.set_user_attr("val_f1_interval", record.metrics.part("val").interval("f1"))
         return record.score("val")
 
     while True:

@@ -29,6 +29,8 @@ from defungi.errors import DefungiError
 from defungi.layout import RunLayout, read_history, read_json, read_table
 from defungi.models import create_model, model_entry
 from defungi.models.ensemble import Ensemble
+from defungi.results.run import RunMetrics, read_run_metrics
+from defungi.results.schema import SCHEMA_VERSION, check_version, to_dict
 from defungi.train.loop import Preprocess
 from defungi.train.metrics import prior_weights
 from defungi.utils import atomic_torch_save, atomic_write_json, atomic_write_text, exclusive_lock, resolve_device
@@ -69,13 +71,13 @@ def _changed_keys(a: dict[str, Any], b: dict[str, Any], where: str = "") -> list
 class FitRecord:
     """A finished run read back: its metrics.json and its per-epoch history."""
 
-    metrics: dict[str, Any]
+    metrics: RunMetrics
     history: list[dict[str, float]]
     path: Path
 
     def score(self, part: str, key: str = "f1") -> float:
         """One metric of one scored part, e.g. score('val') is the validation macro-F1."""
-        return self.metrics[part][key]
+        return getattr(self.metrics.part(part), key)
 
 
 @dataclass
@@ -112,16 +114,6 @@ class RunDir:
     def fold(self, k: int) -> RunDir:
         """The run folder of cross-validation fold k."""
         return RunDir(self.layout.fold(k).root)
-
-    def parts(self) -> list[RunDir]:
-        """The run folders whose models together are this run's model: the K folds of a
-        cross-validation (each may be an ensemble), the members of an ensemble, or none."""
-        if not self.layout.config.exists():
-            return []
-        config = self.config()
-        if config.data.cv_folds >= 2:
-            return [leaf for k in range(config.data.cv_folds) for leaf in self.fold(k).parts() or [self.fold(k)]]
-        return [self.member(k) for k in range(config.train.ensemble)] if config.train.ensemble > 1 else []
 
     # ---- config and "finished" -------------------------------------------------------------
 
@@ -175,8 +167,9 @@ class RunDir:
         """The record of a finished run, None if it has not finished."""
         if not self.layout.metrics.exists():
             return None
+        metrics = read_run_metrics(self.layout.metrics)
         history = read_history(self.layout.history) if self.layout.history.exists() else []
-        return FitRecord(read_json(self.layout.metrics), history, self.root)
+        return FitRecord(metrics, history, self.root)
 
     # ---- plain files -----------------------------------------------------------------------
 
@@ -221,11 +214,11 @@ class RunDir:
         """predictions_PART.csv: per image its path, sample, class, prediction and class probabilities."""
         write_predictions(self.layout.predictions(part), data, idx, probs)
 
-    def write_result(self, history: list[dict[str, float]], metrics: dict[str, Any]) -> FitRecord:
+    def write_result(self, history: list[dict[str, float]], metrics: RunMetrics) -> FitRecord:
         """history.csv, then metrics.json (which marks the run finished)."""
         keys = list(history[0]) if history else []
         _write_csv(self.layout.history, keys, [[h[k] for k in keys] for h in history])
-        atomic_write_json(self.layout.metrics, metrics)
+        atomic_write_json(self.layout.metrics, to_dict(metrics))
         return FitRecord(metrics, history, self.root)
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -242,6 +235,7 @@ class RunDir:
     ) -> dict[str, Any]:
         """A self-describing checkpoint: enough to rebuild the model with no other file."""
         return {
+            "schema_version": SCHEMA_VERSION,
             "model_name": config.train.model,
             "model_args": model_args(config),
             "classes": list(classes),
@@ -284,9 +278,13 @@ class RunDir:
 def _load(path: Path, device: torch.device) -> dict[str, Any]:
     """A checkpoint's contents (weights_only), or a clear error."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise DefungiError(f"{path}: unreadable checkpoint ({type(exc).__name__}); train again") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise DefungiError(f"{path}: not a defungi checkpoint; train again into a new folder")
+    check_version(state.get("schema_version"), path)
+    return state
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -326,23 +324,10 @@ def write_exclusions(path: Path, data: Dataset) -> None:
     _write_csv(path, ["path", "label", "grey_variance", "reason"], rows)
 
 
-def load_trained(run_dir: str | Path, device: str = "auto") -> TrainedModel:
-    """Rebuild the model of a run folder from its checkpoint (weights_only): best.pt, or last.pt for
-    a fit scored at its last epoch (train.restore_best = false).
-
-    An ensemble (member-K) or a cross-validation (fold-K) has one checkpoint per part: they are
-    loaded as one model that averages their probabilities, with the mean of their class shares.
-    """
-    run = RunDir(run_dir)
-    paths = [part.scored_checkpoint() for part in run.parts()] or [run.scored_checkpoint()]
-    present = [p for p in paths if p.exists()]
-    if not present:
-        raise DefungiError(f"{run.layout.best}: no checkpoint; train first with 'defungi train --out {run_dir}'")
-    if len(present) < len(paths):
-        raise DefungiError(
-            f"{run_dir}: {len(present)} of its {len(paths)} models are trained; "
-            f"finish it with 'defungi train --resume {run_dir}'"
-        )
+def load_checkpoints(paths: list[Path], device: str = "auto") -> TrainedModel:
+    """Rebuild a model from its self-describing checkpoints (weights_only, all present); several (the folds of a
+    cross-validation, the members of an ensemble) are one model that averages their probabilities,
+    with the mean of their class shares."""
     dev = resolve_device(device)
     states = [_load(p, dev) for p in paths]
     models = []
@@ -356,7 +341,8 @@ def load_trained(run_dir: str | Path, device: str = "auto") -> TrainedModel:
     pre = state["preprocess"]
     if pre["normalize"] == "dataset" and any(s["preprocess"] != pre for s in states):
         raise DefungiError(
-            f"{run_dir}: its parts were normalised with different training-set statistics; use one part's folder"
+            f"{paths[0].parent.parent}: its parts were normalised with different training-set statistics; "
+            "use one part's folder"
         )
     preprocess = Preprocess(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["normalize"])
     priors = [s.get("class_prior") for s in states]

@@ -10,6 +10,8 @@ from defungi.layout import RunLayout, StudyLayout, read_json
 from defungi.report.page import Page, Table, difference_table, interval_table
 from defungi.report.run import render_run
 from defungi.report.study import final_rows
+from defungi.results.run import PairedDifference, Scores, read_run_metrics
+from defungi.results.schema import from_dict
 
 
 def read_states(study_dirs: list[Path]) -> list[dict[str, Any]]:
@@ -77,7 +79,7 @@ def build_combined_report(study_dirs: list[Path], out_dir: Path, runs: list[Path
     for study_dir, state in zip(study_dirs, states, strict=True):
         final = state["steps"]["final"]
         page.heading(f"{state['study']}: random minus grouped (the leakage inflation)", level=3)
-        page.table(difference_table(final["gap"]))
+        page.table(difference_table(from_dict(PairedDifference, final["gap"])))
         for mode, run in final["runs"].items():
             layout = RunLayout(Path(study_dir) / run)
             if not layout.figure("confusion_test").exists():
@@ -88,24 +90,26 @@ def build_combined_report(study_dirs: list[Path], out_dir: Path, runs: list[Path
     return page.write(out_dir)
 
 
-def run_rows(run_dirs: list[Path]) -> dict[str, dict[str, Any]]:
+def run_rows(run_dirs: list[Path]) -> dict[str, Scores]:
     """Each finished run's scored images (out of fold for a CV run), per image and per sample, as named rows."""
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[str, Scores] = {}
     for run_dir in run_dirs:
         path = RunLayout(Path(run_dir)).metrics
         if not path.exists():
             raise DefungiError(f"{run_dir}: not a finished run folder (no metrics.json)")
-        m = read_json(path)
-        if "test" not in m:
+        m = read_run_metrics(path)
+        if "test" not in m.parts:
             raise DefungiError(f"{run_dir}: the run scored no test part; train it with a test part or --cv K")
-        protocol = m["protocol"]
-        how = f"{protocol['cv_folds']}-fold CV" if protocol.get("cv_folds") else "one split"
-        name = f"{run_dir} ({m['model']}, {protocol['split']} {how})"
-        rows |= {f"{name}, per image": m["test"], f"{name}, per sample": m["test"]["samples"]}
+        test, protocol = m.parts["test"], m.protocol
+        how = f"{protocol.cv_folds}-fold CV" if m.kind == "cv" else "one split"
+        name = f"{run_dir} ({m.model}, {protocol.split} {how})"
+        rows[f"{name}, per image"] = test
+        if test.samples is not None:
+            rows[f"{name}, per sample"] = test.samples
     return rows
 
 
-def build_comparison(run_dirs: list[Path], out_dir: Path, difference: dict[str, Any] | None = None) -> Path:
+def build_comparison(run_dirs: list[Path], out_dir: Path, difference: PairedDifference | None = None) -> Path:
     """Finished runs (e.g. one recipe under grouped and random cross-validation) side by side: image-
     and sample-level metrics with their 95% intervals over samples; with the paired difference of two
     runs (`defungi.experiments.compare`), its table. Returns the HTML path."""
@@ -119,7 +123,7 @@ def build_comparison(run_dirs: list[Path], out_dir: Path, difference: dict[str, 
     if difference is not None:
         page.heading("Second run minus first", level=2)
         page.text(
-            f"On the same {difference['n_images']} images ({difference['n_samples']} samples); the interval comes "
+            f"On the same {difference.n_images} images ({difference.n_samples} samples); the interval comes "
             "from a bootstrap that draws samples and scores both runs on each draw."
         )
         page.table(difference_table(difference))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defungi.results.run import PairedDifference, Scores
 from defungi.utils import atomic_write_text
 
 METRICS = ("accuracy", "precision", "recall", "f1")
@@ -46,32 +47,38 @@ def metrics_table(rows: dict[str, dict[str, Any]], keys: Sequence[str] = METRICS
     )
 
 
-def interval_table(rows: dict[str, dict[str, Any]], keys: Sequence[str] = METRICS) -> Table:
-    """One row per named result: its size and each metric with its 95% interval where it has one."""
+def interval_table(rows: dict[str, Scores | dict[str, Any]], keys: Sequence[str] = METRICS) -> Table:
+    """One row per named result (scores, or published figures as a dict): its size and each metric with
+    its 95% interval where it has one."""
 
-    def cell(r: dict[str, Any], k: str) -> str:
-        if r.get(k) is None:
+    def cell(r: Scores | dict[str, Any], k: str) -> str:
+        value = getattr(r, k) if isinstance(r, Scores) else r.get(k)
+        if value is None:
             return ""
-        low_high = r.get("intervals", {}).get(k)
-        return f"{r[k]:.3f}" + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
+        low_high = r.interval(k) if isinstance(r, Scores) else r.get("intervals", {}).get(k)
+        return f"{value:.3f}" + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
+
+    def size(r: Scores | dict[str, Any]) -> str:
+        return str(r.n) if isinstance(r, Scores) else str(r.get("n", ""))
 
     return Table(
         ["", "n", *(f"{k} [95% interval]" for k in keys)],
-        [[name, str(r.get("n", "")), *(cell(r, k) for k in keys)] for name, r in rows.items()],
+        [[name, size(r), *(cell(r, k) for k in keys)] for name, r in rows.items()],
     )
 
 
-def difference_table(difference: dict[str, Any], keys: Sequence[str] = ("f1", "accuracy")) -> Table:
+def difference_table(difference: PairedDifference, keys: Sequence[str] = ("f1", "accuracy")) -> Table:
     """Second minus first in points, per image and per sample, with the paired bootstrap's 95%
     interval and whether it excludes 0."""
     rows = []
-    for level in ("images", "samples"):
+    for level, differences in (("image", difference.images), ("sample", difference.samples)):
         for k in keys:
-            d = difference[level][k]
-            low, high = d["interval"]
-            verdict = "yes" if low > 0 or high < 0 else "no (within noise)"
+            d = differences[k]
+            low, high = d.interval
             points = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
-            rows.append([f"{k}, per {level[:-1]}", f"{100 * d['difference']:+.1f}", points, verdict])
+            rows.append(
+                [f"{k}, per {level}", f"{100 * d.difference:+.1f}", points, "yes" if d.clear else "no (within noise)"]
+            )
     return Table(["metric", "difference (points)", "95% interval (paired, over samples)", "larger than noise"], rows)
 
 

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from defungi.results.run import FoldScores, Reliability  # noqa: E402
+
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     """Save atomically (write then rename) and close."""
@@ -244,30 +246,30 @@ def plot_errorbars(
     return _save(fig, path)
 
 
-def plot_reliability(calibration: dict[str, Any], path: Path, title: str = "reliability") -> Path:
+def plot_reliability(calibration: Reliability, path: Path, title: str = "reliability") -> Path:
     """Accuracy against confidence per bin (the diagonal is perfect calibration), with the bins' image counts."""
     fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(4.8, 5.2), height_ratios=(3, 1), sharex=True)
-    count = np.asarray(calibration["count"])
-    centres = (np.arange(calibration["bins"]) + 0.5) / calibration["bins"]
+    count = np.asarray(calibration.count)
+    centres = (np.arange(calibration.bins) + 0.5) / calibration.bins
     filled = count > 0
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-    ax.plot(np.asarray(calibration["confidence"])[filled], np.asarray(calibration["accuracy"])[filled], "-o", ms=4)
-    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title} (ECE {calibration['ece']:.3f})")
+    ax.plot(np.asarray(calibration.confidence)[filled], np.asarray(calibration.accuracy)[filled], "-o", ms=4)
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title} (ECE {calibration.ece:.3f})")
     ax.grid(alpha=0.3)
-    ax_count.bar(centres, count, width=0.9 / calibration["bins"])
+    ax_count.bar(centres, count, width=0.9 / calibration.bins)
     ax_count.set(xlabel="confidence of the predicted class", ylabel="images")
     return _save(fig, path)
 
 
-def plot_folds(folds: Sequence[dict[str, Any]], path: Path, title: str = "macro-F1 per fold") -> Path:
+def plot_folds(folds: Sequence[FoldScores], path: Path, title: str = "macro-F1 per fold") -> Path:
     """Macro-F1 per cross-validation fold, per image and per sample, with the mean of each."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
     x = np.arange(len(folds))
     for k, (key, label) in enumerate((("f1", "per image"), ("sample_f1", "per sample"))):
-        values = [f[key] for f in folds]
+        values = [getattr(f, key) for f in folds]
         bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, label=f"{label} (mean {np.mean(values):.3f})")
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set(xticks=x, xticklabels=[f"fold {f['fold'] + 1}\n{f['test_samples']} samples" for f in folds], ylim=(0, 1))
+    ax.set(xticks=x, xticklabels=[f"fold {f.fold + 1}\n{f.test_samples} samples" for f in folds], ylim=(0, 1))
     ax.set(ylabel="test macro-F1", title=title)
     ax.legend(fontsize=7)
     return _save(fig, path)

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from defungi.layout import SearchLayout, read_json
+from defungi.layout import SearchLayout
 from defungi.report.plots import plot_epoch_curves, plot_grid, plot_learning_curve
+from defungi.results.schema import to_dict
+from defungi.results.search import read_curve, read_grid
 
 
 def render_curve(out_dir: str | Path, title: str) -> list[Path]:
     """learning_curve.png and epoch_curves.png from curve.json."""
     layout = SearchLayout(Path(out_dir))
-    curve = read_json(layout.curve)
-    label = f"{curve['cv']}-fold CV" if curve["cv"] >= 2 else "validation set"
-    histories = [h for fold in curve["histories"] for h in fold]
-    labels = [f"fold {f + 1}, {s:.0%}" for f in range(curve["folds"]) for s in curve["train_fractions"]]
+    curve = read_curve(layout.curve)
+    histories = [h for fold in curve.histories for h in fold]
+    labels = [f"fold {f + 1}, {s:.0%}" for f in range(curve.folds) for s in curve.train_fractions]
     return [
-        plot_learning_curve({label: curve}, layout.figure("learning_curve"), f"{title} ({label})"),
+        plot_learning_curve({curve.label: to_dict(curve)}, layout.figure("learning_curve"), f"{title} ({curve.label})"),
         plot_epoch_curves(histories, labels, layout.figure("epoch_curves")),
     ]
 
@@ -25,8 +26,8 @@ def render_grid(out_dir: str | Path, title: str) -> list[Path]:
     """grid.png from grid.json: a heat map over the last two axes (the best cell over any others,
     named in the title; one row for a one-axis grid)."""
     layout = SearchLayout(Path(out_dir))
-    grid = read_json(layout.grid)
-    keys, rows = list(grid["grid"]), grid["rows"]
+    grid = read_grid(layout.grid)
+    keys, rows = list(grid.grid), grid.rows
     if len(keys) == 1:
         rows, keys = [r | {"grid": "all"} for r in rows], ["grid", *keys]
     y, x, others = keys[-2], keys[-1], keys[:-2]

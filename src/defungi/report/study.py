@@ -20,6 +20,8 @@ from defungi.report.plots import (
     plot_learning_curve,
 )
 from defungi.report.run import render_run
+from defungi.results.run import PairedDifference
+from defungi.results.schema import from_dict
 
 Drawn = tuple[list[Table], list[Path]]
 
@@ -174,7 +176,7 @@ def _final(step: dict[str, Any], out: Path, study: Path) -> Drawn:
             for c in m.get("most_confused", [])
         ],
     )
-    return [table, difference_table(step["gap"]), folds, confused], figures
+    return [table, difference_table(from_dict(PairedDifference, step["gap"])), folds, confused], figures
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any], Path, Path], Drawn]] = {

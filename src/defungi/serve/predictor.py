@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from defungi.errors import DefungiError
-from defungi.layout import RunLayout, read_json
+from defungi.layout import RunLayout
+from defungi.results.run import read_run_metrics
 from defungi.train.metrics import prior_weights, weighted
 
 BACKENDS = ("torch", "onnx")
@@ -49,7 +50,8 @@ class Predictor:
 def run_temperature(run_dir: str | Path) -> float:
     """The temperature fitted on the run's validation part (1.0 for a run without one)."""
     path = RunLayout(Path(run_dir)).metrics
-    return float(read_json(path).get("temperature", {}).get("temperature", 1.0)) if path.exists() else 1.0
+    fitted = read_run_metrics(path).temperature if path.exists() else None
+    return fitted.temperature if fitted is not None else 1.0
 
 
 def open_predictor(source: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
@@ -66,7 +68,7 @@ def open_predictor(source: str | Path, backend: str = "torch", device: str = "au
 
 def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:
     """The run folder's model (its checkpoints, one per fold or member, averaged) with PyTorch."""
-    from defungi.experiments.rundir import load_trained
+    from defungi.experiments.protocols import load_trained
     from defungi.train.loop import predict_proba
 
     trained = load_trained(run_dir, device)

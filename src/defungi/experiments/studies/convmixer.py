@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 
 from defungi.data.splits import train_val_test_split
+from defungi.experiments.protocols import fit_run
 from defungi.experiments.rundir import model_args
 from defungi.experiments.studies import steps
 from defungi.experiments.studies.results import Curves, Depth, Final, FitSummary, Grid, SplitRatio
 from defungi.experiments.studies.runner import STUDIES, Step, StudyContext, StudyDef
-from defungi.experiments.train import train
 
 PUBLISHED = {"accuracy": 0.78, "precision": 0.81, "recall": 0.79, "f1": 0.80}  # 8 mixers
 DEPTH = "train.model_args"
@@ -25,12 +25,12 @@ def _args(ctx: StudyContext, **change: Any) -> dict[str, Any]:
 
 def base_model(ctx: StudyContext, out: Path) -> FitSummary:
     """The documented default ConvMixer trained and evaluated."""
-    record = train(steps.explore_config(ctx), out / "fit", ctx.data, ctx.split)
-    args, test = _args(ctx), record.metrics["test"]
+    record = fit_run(steps.explore_config(ctx), out / "fit", ctx.data, ctx.split)
+    args, test = _args(ctx), record.metrics.part("test")
     summary = (
         f"ConvMixer with width {args['dim']}, {args['depth']} mixers, kernel {args['kernel_size']}, "
         f"patch {args['patch_size']}: "
-        f"test macro-F1 {test['f1']:.3f}, accuracy {test['accuracy']:.3f} after {len(record.history)} epochs."
+        f"test macro-F1 {test.f1:.3f}, accuracy {test.accuracy:.3f} after {len(record.history)} epochs."
     )
     return FitSummary(summary=summary, label="base model", test=test, history=record.history)
 
@@ -54,9 +54,9 @@ def split_ratio(ctx: StudyContext, out: Path) -> SplitRatio:
             split = train_val_test_split(
                 ctx.data.labels, ctx.data.groups, dc.val_fraction * ratio, 1 - ratio, dc.split, dc.seed + 1000 * r
             )
-            record = train(config, out / "fits" / f"train{ratio:.2f}-seed{r}", ctx.data, split)
+            record = fit_run(config, out / "fits" / f"train{ratio:.2f}-seed{r}", ctx.data, split)
             scores[i, r], sizes[i, r] = record.score("test"), len(split["test"])
-            intervals[i, r] = record.metrics["test"]["intervals"]["f1"]
+            intervals[i, r] = record.metrics.part("test").interval("f1")
     mean, spread = scores.mean(axis=1), scores.std(axis=1)
     names = [  # the asked ratio and the test share the splits really had
         f"{100 * r:.0f}/{100 - 100 * r:.0f} (test {100 * t.mean() / len(ctx.data.labels):.1f}%)"
@@ -95,11 +95,11 @@ def grid_full(ctx: StudyContext, out: Path) -> Grid:
 
 def evaluate_tuned(ctx: StudyContext, out: Path) -> FitSummary:
     """Performance of the tuned model on the test part: metrics, per-class table, confusion matrix."""
-    record = train(steps.explore_config(ctx), out / "fit", ctx.data, ctx.split)
-    test = record.metrics["test"]
+    record = fit_run(steps.explore_config(ctx), out / "fit", ctx.data, ctx.split)
+    test = record.metrics.part("test")
     summary = (
-        f"Tuned model: test accuracy {test['accuracy']:.3f}, macro precision {test['precision']:.3f}, "
-        f"recall {test['recall']:.3f}, F1 {test['f1']:.3f}."
+        f"Tuned model: test accuracy {test.accuracy:.3f}, macro precision {test.precision:.3f}, "
+        f"recall {test.recall:.3f}, F1 {test.f1:.3f}."
     )
     return FitSummary(summary=summary, label="tuned model", test=test, history=record.history)
 
@@ -114,13 +114,13 @@ def depth(ctx: StudyContext, out: Path) -> Depth:
         records = {}
         for f in sorted(set(sc.depth_lr_factors) | {1.0}):
             config = steps.explore_config(ctx, **{DEPTH: _args(ctx, depth=d), steps.LR: float(f"{lr * f:.3g}")})
-            records[f] = train(config, out / "fits" / f"depth{d}-lr{lr * f:.3g}", ctx.data, split)
+            records[f] = fit_run(config, out / "fits" / f"depth{d}-lr{lr * f:.3g}", ctx.data, split)
         retuned = max(records, key=lambda f: records[f].score("val"))
         rows.append(
             {
                 "depth": d,
                 "tuned_for_8": records[1.0].score("test"),
-                "tuned_for_8_interval": records[1.0].metrics["test"]["intervals"]["f1"],
+                "tuned_for_8_interval": records[1.0].metrics.part("test").interval("f1"),
                 "retuned": records[retuned].score("test"),
                 "retuned_lr": float(f"{lr * retuned:.3g}"),
                 "val_retuned": records[retuned].score("val"),

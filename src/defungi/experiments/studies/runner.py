@@ -18,9 +18,9 @@ import numpy as np
 from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
+from defungi.experiments.protocols import dataset_for, split_for
 from defungi.experiments.rundir import claim_config, write_exclusions
 from defungi.experiments.studies.results import StepResult
-from defungi.experiments.train import dataset_for, split_for
 from defungi.layout import StudyLayout, read_json
 from defungi.utils import atomic_write_json
 

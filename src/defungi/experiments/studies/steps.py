@@ -12,10 +12,13 @@ from defungi.data.augment import balanced_order
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.experiments.compare import paired_difference
 from defungi.experiments.curve import learning_curve
+from defungi.experiments.evaluate import inference_images_per_s
 from defungi.experiments.grid import grid_search
+from defungi.experiments.protocols import fit_run
 from defungi.experiments.studies.results import ClassCounts, Comparison, Curves, Final, Grid
 from defungi.experiments.studies.runner import StudyContext
-from defungi.experiments.train import inference_images_per_s, train
+from defungi.results.run import PairedDifference, Scores
+from defungi.results.schema import to_dict
 
 BATCH, LR = "train.batch_size", "train.lr"
 
@@ -62,7 +65,7 @@ def curve(
     config = explore_config(ctx, **({"train.epochs": epochs} if epochs else {}))
     result = learning_curve(config, ctx.data, pool, fractions, out / "fits", cv=cv)
     label = f"{cv}-fold cross-validation" if cv else "validation set"
-    return result.to_dict() | {"pool_size": int(len(pool)), "label": label}
+    return to_dict(result) | {"pool_size": int(len(pool)), "label": label}
 
 
 def curve_summary(result: dict[str, Any]) -> str:
@@ -98,7 +101,7 @@ def grid(ctx: StudyContext, out: Path, grid_values: dict[str, list[Any]], pool_f
         f"{result.best_val_f1:.3f}, "
         f"{len(split['train'])} training images); carried forward."
     ) + within_noise({cell_label(r): (r["val_f1"], r["val_f1_interval"]) for r in result.rows})
-    return Grid(summary=summary, choice=best, title=title, x_key=LR, y_key=BATCH, result=result.to_dict())
+    return Grid(summary=summary, choice=best, title=title, x_key=LR, y_key=BATCH, result=to_dict(result))
 
 
 def within_noise(scores: dict[str, tuple[float, list[float]]]) -> str:
@@ -133,12 +136,12 @@ def compare_augmentation(ctx: StudyContext, out: Path) -> Comparison:
     """The tuned model with the basic and the strong augmentation, same budget."""
     split = {"train": ctx.split["train"], "val": ctx.split["val"]}
     records = {
-        level: train(explore_config(ctx, **{"train.augment": level}), out / "fits" / level, ctx.data, split)
+        level: fit_run(explore_config(ctx, **{"train.augment": level}), out / "fits" / level, ctx.data, split)
         for level in ("basic", "strong")
     }
     f1 = {k: r.score("val") for k, r in records.items()}
     noise = within_noise(
-        {f"{k} augmentation": (r.score("val"), r.metrics["val"]["intervals"]["f1"]) for k, r in records.items()}
+        {f"{k} augmentation": (r.score("val"), r.metrics.part("val").interval("f1")) for k, r in records.items()}
     )
     winner = max(f1, key=f1.get)
     summary = (
@@ -151,7 +154,7 @@ def compare_augmentation(ctx: StudyContext, out: Path) -> Comparison:
         summary=summary,
         choice={"train.augment": winner},
         title="validation metrics, same budget",
-        val={f"{k} augmentation": r.metrics["val"] for k, r in records.items()},
+        val={f"{k} augmentation": r.metrics.part("val") for k, r in records.items()},
         histories={f"{k} augmentation": r.history for k, r in records.items()},
     )
 
@@ -162,44 +165,42 @@ def final_fits(ctx: StudyContext, out: Path, published: dict[str, float], extra:
     records = {}
     for mode in ("grouped", "random"):
         changes = {**ctx.choices, **(extra or {}), "data.split": mode, "data.cv_folds": ctx.config.study.final_folds}
-        records[mode] = train(load_config_from(ctx.config, changes), out / mode, ctx.data)
+        records[mode] = fit_run(load_config_from(ctx.config, changes), out / mode, ctx.data)
     gap = paired_difference(records["grouped"].path, records["random"].path, seed=ctx.config.train.seed)
-    g, r = (records[m].metrics["test"] for m in ("grouped", "random"))
-    members = records["grouped"].metrics["protocol"]["ensemble"]
+    g, r = (records[m].metrics.part("test") for m in ("grouped", "random"))
+    members = records["grouped"].metrics.protocol.ensemble
     summary = (
         (f"Each fold's model is an ensemble of {members} fits that differ only in their seed. " if members > 1 else "")
         + f"The final recipe, scored by {ctx.config.study.final_folds}-fold cross-validation: every usable image once, "
         "by a model that never saw it (95% intervals from a bootstrap over samples). "
-        f"Grouped (no sample in two parts): macro-F1 {_f1(g)} per image, {_f1(g['samples'])} per sample. "
+        f"Grouped (no sample in two parts): macro-F1 {_f1(g)} per image, {_f1(g.samples)} per sample. "
         f"Random (the published protocol: published F1 {published['f1']:.2f}): {_f1(r)} per image, "
-        f"{_f1(r['samples'])} per sample. " + _gap_sentence(gap)
+        f"{_f1(r.samples)} per sample. " + _gap_sentence(gap)
     )
     return Final(
         summary=summary,
         runs={mode: str(rec.path.relative_to(ctx.out_dir)) for mode, rec in records.items()},
-        test={mode: rec.metrics["test"] for mode, rec in records.items()},
-        folds={mode: rec.metrics["folds"] for mode, rec in records.items()},
+        test={mode: rec.metrics.part("test") for mode, rec in records.items()},
+        folds={mode: rec.metrics.folds for mode, rec in records.items()},
         gap=gap,
-        timing={mode: rec.metrics["timing"] for mode, rec in records.items()},
-        parameters=records["grouped"].metrics["parameters"],
+        timing={mode: rec.metrics.timing for mode, rec in records.items()},
+        parameters=records["grouped"].metrics.parameters,
         cv_folds=ctx.config.study.final_folds,
         inference_images_per_s=inference_images_per_s(records["grouped"].path / "fold-0"),
     )
 
 
-def _f1(scores: dict[str, Any]) -> str:
-    low, high = scores["intervals"]["f1"]
-    return f"{scores['f1']:.3f} [{low:.3f}, {high:.3f}]"
+def _f1(scores: Scores | None) -> str:
+    assert scores is not None  # every scored part has its per-sample scores
+    low, high = scores.intervals["f1"]
+    return f"{scores.f1:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def _gap_sentence(gap: dict[str, Any]) -> str:
+def _gap_sentence(gap: PairedDifference) -> str:
     """What near-copies leaking across a random split add, in points with the paired interval."""
     parts = []
-    for level in ("images", "samples"):
-        d = gap[level]["f1"]
-        low, high = d["interval"]
-        verdict = "larger than the noise" if low > 0 or high < 0 else "within the noise"
-        parts.append(
-            f"{100 * d['difference']:+.1f} points per {level[:-1]} [{100 * low:+.1f}, {100 * high:+.1f}], {verdict}"
-        )
+    for level, d in (("image", gap.images["f1"]), ("sample", gap.samples["f1"])):
+        low, high = d.interval
+        verdict = "larger than the noise" if d.clear else "within the noise"
+        parts.append(f"{100 * d.difference:+.1f} points per {level} [{100 * low:+.1f}, {100 * high:+.1f}], {verdict}")
     return f"Random minus grouped macro-F1 (paired 95% interval): {'; '.join(parts)}."

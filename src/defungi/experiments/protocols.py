@@ -1,0 +1,438 @@
+"""Fit a run folder by its protocol: one fit, an ensemble of seeds, or K-fold cross-validation.
+
+`fit_run(config, out)` is the one way every part of defungi fits models (the train command,
+curves, grids, studies): a finished run folder is read back, an interrupted one resumes. Each
+protocol is an object that plans its fits (sub-run folders: members, folds) and combines their
+results into one `RunMetrics`; `protocol_for(config)` picks it, and `load_trained` asks it which
+checkpoints make up the run's model. Figures are drawn afterwards from the folder's files.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from defungi.config import Config, load_config_from
+from defungi.data.dataset import Dataset, load_dataset
+from defungi.data.splits import cv_folds, train_val_test_split
+from defungi.errors import DefungiError
+from defungi.experiments.fit import FitResult, fit, score_parts
+from defungi.experiments.rundir import FitRecord, RunDir, TrainedModel, load_checkpoints, model_args, write_predictions
+from defungi.layout import read_predictions
+from defungi.results.run import (
+    METRIC_NAMES,
+    FoldScores,
+    MemberScores,
+    PartScores,
+    Protocol,
+    RunKind,
+    RunMetrics,
+    Spread,
+    TemperatureFit,
+    Timing,
+)
+from defungi.results.schema import from_dict
+from defungi.train import distributed
+from defungi.train.metrics import calibrated, scored
+from defungi.utils import resolve_device
+
+log = logging.getLogger(__name__)
+
+Split = dict[str, np.ndarray]
+
+
+def dataset_for(config: Config, progress: bool = True) -> Dataset:
+    """Load the images a config points at, at its image size, with its outlier threshold."""
+    if not config.data.root:
+        raise DefungiError("no data folder: pass --data DIR (or set DEFUNGI_DATA)")
+    return load_dataset(config.data.root, config.data.image_size, config.data.variance_threshold, progress=progress)
+
+
+def split_for(config: Config, data: Dataset) -> Split:
+    """The seeded train/val/test split a config asks for; a class too small for it is named."""
+    dc = config.data
+    parts = 3 if dc.test_fraction > 0 else 2
+    for c, name in enumerate(data.classes):
+        units = len(set(data.groups[data.labels == c])) if dc.split == "grouped" else int(np.sum(data.labels == c))
+        if units < parts:
+            what = "samples" if dc.split == "grouped" else "images"
+            raise DefungiError(
+                f"class {name} has {units} {what}; a {dc.split} split into {parts} parts needs at least {parts} "
+                f"(add {what} to it{' or use --split random' if dc.split == 'grouped' else ''})"
+            )
+    return train_val_test_split(data.labels, data.groups, dc.val_fraction, dc.test_fraction, dc.split, dc.seed)
+
+
+def cv_splits(config: Config, data: Dataset) -> list[Split]:
+    """The config's K-fold cross-validation of data (see `defungi.data.splits.cv_folds`)."""
+    dc = config.data
+    return cv_folds(data.labels, data.groups, data.classes, dc.cv_folds, dc.val_fraction, dc.split, dc.seed)
+
+
+@dataclass
+class FitProtocol(ABC):
+    """How a run folder is fitted: which fits it plans, and how their results combine."""
+
+    config: Config
+    kind: ClassVar[RunKind]
+
+    def parts(self, run: RunDir) -> list[RunDir]:
+        """The run folders whose models together are this run's model (none: the run's own)."""
+        return []
+
+    @abstractmethod
+    def execute(self, run: RunDir, data: Dataset, split: Split | None) -> FitRecord:
+        """Fit every planned part into run (finished ones read back) and write the run's result."""
+
+    def metrics(self, data: Dataset, split: Split, precision: str, **record: Any) -> RunMetrics:
+        """The run's metrics.json: what was trained and how, then record (scores, timing...)."""
+        config = self.config
+        protocol = Protocol(
+            split=config.data.split,
+            seed=config.data.seed,
+            image_size=config.data.image_size,
+            variance_threshold=config.data.variance_threshold,
+            excluded=len(data.excluded),
+            sizes={part: int(len(idx)) for part, idx in split.items()},
+            groups={part: int(len(set(data.groups[idx]))) for part, idx in split.items()},
+            test_time_augmentation=config.train.tta,
+            precision=precision,
+            prior_weight=config.train.prior_weight if config.train.balance else 0.0,
+            ensemble=config.train.ensemble,
+            processes=distributed.world().size,
+            cv_folds=config.data.cv_folds,
+        )
+        return RunMetrics(
+            kind=self.kind,
+            model=config.train.model,
+            model_args=model_args(config),
+            classes=list(data.classes),
+            protocol=protocol,
+            **record,
+        )
+
+    def start(self, run: RunDir, data: Dataset, splits: list[Split], recorded: Split) -> None:
+        """Check that a batch fits every training part, claim the folder and record the data and its
+        split (recorded: part -> images) before any training."""
+        smallest = min(len(s["train"]) for s in splits)
+        if smallest < self.config.train.batch_size:
+            raise DefungiError(
+                f"batch size {self.config.train.batch_size} is larger than the training part ({smallest} images); "
+                f"use --batch-size {smallest} or less"
+            )
+        run.claim(self.config)
+        run.check_split(data, recorded)
+        run.write_exclusions(data)
+        run.write_split(data, recorded)
+
+
+def protocol_for(config: Config) -> FitProtocol:
+    """The protocol a config asks for: K-fold cross-validation, an ensemble of seeds, or one fit."""
+    if config.data.cv_folds >= 2:
+        return CrossValidation(config)
+    return SeedEnsemble(config) if config.train.ensemble > 1 else SingleFit(config)
+
+
+def fit_run(
+    config: Config, out: str | Path, data: Dataset | None = None, split: Split | None = None
+) -> FitRecord | None:
+    """Fit per config into the run folder out; returns its record.
+
+    A finished run of the same config is read back, an interrupted one resumes from its last
+    epoch, another config in the folder is refused. data and split default to the config's.
+    Under torchrun, rank 0 does all of this and the other ranks only train with it (None).
+    """
+    run = RunDir(out)
+    rank = distributed.world()
+    if rank.launched:
+        if rank.size > 1:
+            _check_distributed(config, rank.size)
+        distributed.setup(resolve_device(config.train.device))
+        if not rank.main:
+            return _follow(config, run, data, split)
+    run.prepare()
+    resolve_device(config.train.device)  # an unusable --device is refused before any decoding
+    weights = Path(config.train.weights).expanduser() if config.train.weights else None
+    if weights is not None and not weights.is_file() and not run.started():
+        raise DefungiError(f"--weights {weights}: no such file")
+    with run.lock():
+        if run.layout.config.exists():
+            run.claim(config)  # refuses another config before any decoding
+            if data is not None and split is not None:
+                run.check_split(data, split)
+            done = run.finished()
+            if done is not None:
+                log.info("%s is finished; delete it to train again", run.root)
+                distributed.from_main(True)  # the other torchrun ranks stop too
+                return done
+        data = data if data is not None else dataset_for(config)
+        return protocol_for(config).execute(run, data, split)
+
+
+def _check_distributed(config: Config, ranks: int) -> None:
+    """What torchrun can train: one model, each global batch split evenly between the ranks."""
+    tc = config.train
+    if config.data.cv_folds >= 2 or tc.ensemble > 1 or tc.freeze_backbone:
+        raise DefungiError(
+            "torchrun trains one model end to end: drop --cv, train.ensemble and train.freeze_backbone, "
+            "or run them in one process"
+        )
+    if tc.batch_size % ranks:
+        raise DefungiError(f"batch size {tc.batch_size} does not split evenly over {ranks} processes")
+
+
+def _follow(config: Config, run: RunDir, data: Dataset | None, split: Split | None) -> None:
+    """A rank > 0: the same data, split and steps as rank 0, which says whether the run is finished
+    and sends its last.pt to resume from (this rank's machine need not hold the run folder)."""
+    if distributed.from_main(None):
+        return None
+    data = data if data is not None else dataset_for(config, progress=False)
+    fit(config, data, split if split is not None else split_for(config, data), run)
+    return None
+
+
+def _temperature(
+    data: Dataset, val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
+) -> TemperatureFit | None:
+    """A temperature fitted on the validation images' probabilities and checked on the test images'
+    (see `defungi.train.metrics.calibrated`); each is (images, probabilities). None without both."""
+    (val_idx, val_probs), (test_idx, test_probs) = val, test
+    if len(val_idx) == 0 or len(test_idx) == 0:
+        return None
+    fitted = calibrated(val_probs, data.labels[val_idx], test_probs, data.labels[test_idx])
+    return from_dict(TemperatureFit, fitted)
+
+
+def _parts(scores: dict[str, dict[str, Any]]) -> dict[str, PartScores]:
+    """Scored parts (`score_parts`' dicts) as typed records."""
+    return {part: from_dict(PartScores, s, part) for part, s in scores.items()}
+
+
+def _scored_temperature(data: Dataset, split: Split, probs: dict[str, np.ndarray]) -> TemperatureFit | None:
+    """The temperature of a run that scored its validation and test parts."""
+    if "val" not in probs or "test" not in probs:
+        return None
+    return _temperature(data, (split["val"], probs["val"]), (split["test"], probs["test"]))
+
+
+def _write_predictions(run: RunDir, data: Dataset, split: Split, probs: dict[str, np.ndarray]) -> None:
+    """predictions_val.csv and predictions_test.csv (the parts a user looks into)."""
+    for part in ("val", "test"):
+        if part in probs:
+            run.write_predictions(part, data, split[part], probs[part])
+
+
+class SingleFit(FitProtocol):
+    """One model trained on the split's training part, early-stopped on its validation part."""
+
+    kind: ClassVar[RunKind] = "fit"
+
+    def execute(self, run: RunDir, data: Dataset, split: Split | None) -> FitRecord:
+        split = split if split is not None else split_for(self.config, data)
+        self.start(run, data, [split], split)
+        log.info("split (%s): %s", self.config.data.split, {k: len(v) for k, v in split.items()})
+        distributed.from_main(False)  # the other torchrun ranks train with this one
+        result = fit(self.config, data, split, run)
+        _write_predictions(run, data, split, result.probabilities)
+        metrics = self.metrics(
+            data,
+            split,
+            result.precision,
+            parameters=result.parameters,
+            timing=_timing(result),
+            best_epochs=[result.best_epoch],
+            stop_reason=result.stop_reason,
+            parts=_parts(result.metrics),
+            temperature=_scored_temperature(data, split, result.probabilities),
+        )
+        return run.write_result(result.history, metrics)
+
+
+def _timing(result: FitResult) -> Timing:
+    """Training time, epochs and speed of one fit, and the seconds each part took to score."""
+    images_seen = sum(h["seconds"] * h["images_per_s"] for h in result.history)
+    return Timing(
+        train_seconds=result.train_seconds,
+        epochs_run=len(result.history),
+        train_images_per_s=images_seen / result.train_seconds if result.train_seconds else None,
+        eval_seconds={part: m["seconds"] for part, m in result.metrics.items()},
+    )
+
+
+def _summed_timing(records: list[FitRecord], eval_seconds: dict[str, float] | None = None) -> Timing:
+    """The timing of several fits (folds, members) together: their sums and mean speed."""
+    timings = [r.metrics.timing for r in records]
+    speeds = [t.train_images_per_s for t in timings if t.train_images_per_s]
+    return Timing(
+        train_seconds=sum(t.train_seconds for t in timings),
+        epochs_run=sum(t.epochs_run for t in timings),
+        train_images_per_s=float(np.mean(speeds)) if speeds else None,
+        eval_seconds=eval_seconds or {},
+    )
+
+
+class SeedEnsemble(FitProtocol):
+    """train.ensemble fits that differ only in seed, each a run folder of its own (member-K), scored
+    together by the mean of their probabilities."""
+
+    kind: ClassVar[RunKind] = "ensemble"
+
+    def member_configs(self) -> list[Config]:
+        tc = self.config.train
+        return [
+            load_config_from(self.config, {"train.ensemble": 1, "train.seed": tc.seed + k}) for k in range(tc.ensemble)
+        ]
+
+    def parts(self, run: RunDir) -> list[RunDir]:
+        return [run.member(k) for k in range(self.config.train.ensemble)]
+
+    def execute(self, run: RunDir, data: Dataset, split: Split | None) -> FitRecord:
+        split = split if split is not None else split_for(self.config, data)
+        self.start(run, data, [split], split)
+        members = []
+        for k, member in enumerate(self.member_configs()):
+            log.info("ensemble member %d/%d (seed %d)", k + 1, len(self.parts(run)), member.train.seed)
+            members.append(fit_run(member, run.member(k).root, data, split))
+        trained = load_trained(run.root)
+        tc = self.config.train
+        scores, probs = score_parts(
+            trained.model, data, split, trained.preprocess, trained.device, tc, trained.class_weights()
+        )
+        _write_predictions(run, data, split, probs)
+        metrics = self.metrics(
+            data,
+            split,
+            members[0].metrics.protocol.precision,
+            parameters=sum(m.metrics.parameters for m in members),
+            timing=_summed_timing(members, {part: s["seconds"] for part, s in scores.items()}),
+            best_epochs=[e for m in members for e in m.metrics.best_epochs],
+            stop_reason="; ".join(
+                f"seed {c.train.seed}: {m.metrics.stop_reason}"
+                for c, m in zip(self.member_configs(), members, strict=True)
+            ),
+            parts=_parts(scores),
+            temperature=_scored_temperature(data, split, probs),
+            members=[
+                MemberScores(
+                    seed=c.train.seed,
+                    run=str(m.path),
+                    parts={
+                        p: {k: getattr(s, k) for k in METRIC_NAMES} for p, s in m.metrics.parts.items() if p in scores
+                    },
+                )
+                for c, m in zip(self.member_configs(), members, strict=True)
+            ],
+        )
+        return run.write_result([], metrics)
+
+
+class CrossValidation(FitProtocol):
+    """K folds, each a run folder (fold-K, itself one fit or an ensemble); every usable image scored
+    once by the model that never saw its sample (oof.csv); metrics over all of them with intervals,
+    and per fold."""
+
+    kind: ClassVar[RunKind] = "cv"
+
+    @property
+    def fold_config(self) -> Config:
+        return load_config_from(self.config, {"data.cv_folds": 0})
+
+    def parts(self, run: RunDir) -> list[RunDir]:
+        inner = protocol_for(self.fold_config)
+        return [leaf for k in range(self.config.data.cv_folds) for leaf in inner.parts(run.fold(k)) or [run.fold(k)]]
+
+    def execute(self, run: RunDir, data: Dataset, split: Split | None) -> FitRecord:
+        splits = cv_splits(self.config, data)
+        folds = {f"fold-{k}": s["test"] for k, s in enumerate(splits)}
+        self.start(run, data, splits, folds)
+        records = []
+        for k, fold in enumerate(splits):
+            log.info("cross-validation fold %d/%d: %s", k + 1, len(splits), {p: len(v) for p, v in fold.items()})
+            records.append(fit_run(self.fold_config, run.fold(k).root, data, fold))
+        idx, fold_of, probs = _out_of_fold(run, data, splits)
+        write_predictions(run.layout.oof, data, idx, probs, extra={"fold": fold_of.tolist()})
+        oof = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed=self.config.train.seed)
+        val = (
+            np.concatenate([s["val"] for s in splits]),
+            np.concatenate([_fold_probabilities(run, k, data, s["val"], "val") for k, s in enumerate(splits)]),
+        )  # each fold's validation part, scored by its own model
+        per_fold = [_fold_scores(k, r.metrics.part("test")) for k, r in enumerate(records)]
+        metrics = self.metrics(
+            data,
+            folds,
+            records[0].metrics.protocol.precision,
+            parameters=records[0].metrics.parameters,
+            timing=_summed_timing(records),
+            best_epochs=[e for r in records for e in r.metrics.best_epochs],
+            stop_reason="; ".join(f"fold {k}: {r.metrics.stop_reason}" for k, r in enumerate(records)),
+            parts={"test": from_dict(PartScores, oof, "out of fold")},
+            temperature=_temperature(data, val, (idx, probs)),
+            folds=per_fold,
+            fold_spread={
+                key: _spread([getattr(f, key) for f in per_fold])
+                for key in ("accuracy", "f1", "sample_accuracy", "sample_f1")
+            },
+        )
+        return run.write_result([], metrics)
+
+
+def _out_of_fold(run: RunDir, data: Dataset, splits: list[Split]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every fold's test images, their fold and the probabilities its model gave them, by image."""
+    idx = np.concatenate([s["test"] for s in splits])
+    fold_of = np.concatenate([[k] * len(s["test"]) for k, s in enumerate(splits)])
+    probs = np.concatenate([_fold_probabilities(run, k, data, s["test"], "test") for k, s in enumerate(splits)])
+    order = np.argsort(idx)
+    return idx[order], fold_of[order], probs[order]
+
+
+def _fold_probabilities(run: RunDir, k: int, data: Dataset, idx: np.ndarray, part: str) -> np.ndarray:
+    """Fold k's probabilities of one part, checked to be those of the images it is now given."""
+    paths, probs = read_predictions(run.fold(k).layout.predictions(part), data.classes)
+    if paths != [str(data.paths[i]) for i in idx]:
+        raise DefungiError(
+            f"{run.fold(k).root}: its {part} images are not this fold's any more (the data changed); use a new --out"
+        )
+    return probs
+
+
+def _fold_scores(k: int, test: PartScores) -> FoldScores:
+    samples = test.samples
+    assert samples is not None  # every scored part has its per-sample scores
+    return FoldScores(
+        fold=k,
+        test_images=test.n,
+        test_samples=samples.n,
+        accuracy=test.accuracy,
+        precision=test.precision,
+        recall=test.recall,
+        f1=test.f1,
+        sample_accuracy=samples.accuracy,
+        sample_f1=samples.f1,
+    )
+
+
+def _spread(values: list[float]) -> Spread:
+    return Spread(float(np.mean(values)), float(np.std(values)), float(np.min(values)), float(np.max(values)))
+
+
+def load_trained(run_dir: str | Path, device: str = "auto") -> TrainedModel:
+    """Rebuild the model of a run folder from its checkpoints: its own best.pt (last.pt for a fit
+    scored at its last epoch: train.restore_best = false), or those of its parts (the members of an
+    ensemble, the folds of a cross-validation), loaded as one model that averages them."""
+    run = RunDir(run_dir)
+    parts = protocol_for(run.config()).parts(run) if run.layout.config.exists() else []
+    paths = [part.scored_checkpoint() for part in parts] or [run.scored_checkpoint()]
+    present = [p for p in paths if p.exists()]
+    if not present:
+        raise DefungiError(f"{run.layout.best}: no checkpoint; train first with 'defungi train --out {run_dir}'")
+    if len(present) < len(paths):
+        raise DefungiError(
+            f"{run_dir}: {len(present)} of its {len(paths)} models are trained; "
+            f"finish it with 'defungi train --resume {run_dir}'"
+        )
+    return load_checkpoints(paths, device)

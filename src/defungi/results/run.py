@@ -1,0 +1,246 @@
+"""What a run folder's metrics.json and an evaluation's metrics.json hold, as typed records.
+
+Written by `defungi.experiments` and read by everyone else (report, cli, grid, curve, studies)
+through `read_run_metrics` / `read_evaluation`: attributes, not string keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from defungi.results.schema import SCHEMA_VERSION, read_record
+
+RunKind = Literal["fit", "ensemble", "cv"]
+METRIC_NAMES = ("accuracy", "precision", "recall", "f1")  # macro over the classes with images
+
+
+@dataclass
+class ClassScores:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass
+class Confusion:
+    """A cell of the confusion matrix off its diagonal: how often true was taken for predicted."""
+
+    true: str
+    predicted: str
+    count: int
+    share: float  # of the true class's images
+
+
+@dataclass
+class Reliability:
+    """Expected calibration error of the top-class confidence and the reliability table behind it."""
+
+    ece: float
+    bins: int
+    count: list[int]
+    confidence: list[float]
+    accuracy: list[float]
+
+
+@dataclass
+class Scores:
+    """Macro-averaged scores of one set of decisions (images, or samples), the per-class table, the
+    confusion matrix and 95% intervals from a bootstrap over physical samples."""
+
+    n: int
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    per_class: dict[str, ClassScores]
+    confusion_matrix: list[list[int]]
+    most_confused: list[Confusion]
+    classes: list[str]
+    absent_classes: list[str]
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+
+    def interval(self, metric: str = "f1") -> list[float] | None:
+        """The metric's 95% interval, None when it was not computed."""
+        return self.intervals.get(metric)
+
+
+@dataclass
+class PartScores(Scores):
+    """A scored part of a run (val, test, out of fold...): per image, per sample, calibration, and how
+    it was scored."""
+
+    samples: Scores | None = None
+    calibration: Reliability | None = None
+    loss: float | None = None
+    tta: bool | None = None
+    seconds: float | None = None
+
+
+@dataclass
+class Protocol:
+    """How a run was trained and scored."""
+
+    split: str
+    seed: int
+    image_size: int
+    variance_threshold: float
+    excluded: int
+    sizes: dict[str, int]
+    groups: dict[str, int]
+    test_time_augmentation: bool
+    precision: str  # what the forward passes computed in: float32, bfloat16 or float16
+    prior_weight: float
+    ensemble: int
+    processes: int  # torchrun ranks that trained it (one global batch between them)
+    cv_folds: int
+    metric_average: str = "macro over classes"
+
+
+@dataclass
+class Timing:
+    train_seconds: float
+    epochs_run: int
+    train_images_per_s: float | None = None
+    eval_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ThresholdRow:
+    threshold: float
+    coverage: float
+    accuracy: float
+
+
+@dataclass
+class TemperatureFit:
+    """A temperature fitted on one part's probabilities and what it did on another part."""
+
+    temperature: float
+    fitted_on: str
+    ece_before: float
+    ece_after: float
+    coverage: list[ThresholdRow]
+
+
+@dataclass
+class FoldScores:
+    """One cross-validation fold's test part."""
+
+    fold: int
+    test_images: int
+    test_samples: int
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    sample_accuracy: float
+    sample_f1: float
+
+
+@dataclass
+class Spread:
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
+@dataclass
+class MemberScores:
+    """One ensemble member: its seed, its run folder and its own macro scores per part."""
+
+    seed: int
+    run: str
+    parts: dict[str, dict[str, float]]
+
+
+@dataclass
+class RunMetrics:
+    """metrics.json of a finished run: what was trained, how, and its scored parts. kind says which
+    protocol made it: one fit, an ensemble of seeds (members) or K-fold cross-validation (folds, whose
+    'test' part is out of fold)."""
+
+    kind: RunKind
+    model: str
+    model_args: dict[str, Any]
+    classes: list[str]
+    protocol: Protocol
+    parameters: int
+    timing: Timing
+    best_epochs: list[int]  # 1-based, one per fit (a fold, a member, or the one fit)
+    stop_reason: str
+    parts: dict[str, PartScores]
+    temperature: TemperatureFit | None = None
+    folds: list[FoldScores] = field(default_factory=list)
+    fold_spread: dict[str, Spread] = field(default_factory=dict)
+    members: list[MemberScores] = field(default_factory=list)
+    sample_rule: str = "a sample's decision: the mean of its images' class probabilities, then the most probable class"
+    schema_version: int = SCHEMA_VERSION
+
+    def part(self, name: str) -> PartScores:
+        """A scored part; a KeyError names the parts there are."""
+        if name not in self.parts:
+            raise KeyError(f"no part {name!r} (scored: {', '.join(self.parts)})")
+        return self.parts[name]
+
+    @property
+    def reported(self) -> PartScores:
+        """What a run is judged by: its test part (out of fold for a CV), else its validation part."""
+        return self.parts.get("test") or self.part("val")
+
+    @property
+    def reported_name(self) -> str:
+        """'out of fold', 'test' or 'val': what `reported` holds."""
+        if "test" not in self.parts:
+            return "val"
+        return "out of fold" if self.kind == "cv" else "test"
+
+
+@dataclass
+class Evaluation:
+    """metrics.json of `defungi evaluate`: a trained run scored on another labelled folder."""
+
+    scores: PartScores
+    data: str
+    run: str
+    model: str
+    tta: bool
+    prior_weight: float
+    excluded: list[dict[str, Any]]
+    schema_version: int = SCHEMA_VERSION
+
+
+def read_run_metrics(path: Path) -> RunMetrics:
+    """A run's metrics.json (see `read_record` for the errors)."""
+    return read_record(RunMetrics, path)
+
+
+def read_evaluation(path: Path) -> Evaluation:
+    """An evaluation's metrics.json."""
+    return read_record(Evaluation, path)
+
+
+@dataclass
+class Difference:
+    """Second run minus first on one metric, and its 95% interval from a paired bootstrap over samples."""
+
+    difference: float
+    interval: list[float]
+
+    @property
+    def clear(self) -> bool:
+        """Whether the interval excludes 0 (the difference is more than the draw of samples)."""
+        return self.interval[0] > 0 or self.interval[1] < 0
+
+
+@dataclass
+class PairedDifference:
+    """Two runs compared on the same images: per metric, per image and per sample."""
+
+    images: dict[str, Difference]
+    samples: dict[str, Difference]
+    n_images: int
+    n_samples: int

@@ -1,0 +1,56 @@
+"""What a learning curve (curve.json) and a grid search (grid.json) hold, as typed records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from defungi.results.schema import SCHEMA_VERSION, read_record
+
+
+@dataclass
+class LearningCurve:
+    """Scores per fold (rows) and training-set fraction (columns), and every fit's history."""
+
+    train_fractions: list[float]
+    cv: int
+    folds: int
+    train_size: list[list[float]]
+    train_f1: list[list[float]]
+    train_loss: list[list[float]]
+    val_f1: list[list[float]]
+    val_loss: list[list[float]]
+    seconds: list[list[float]]
+    histories: list[list[list[dict[str, float]]]]
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def label(self) -> str:
+        """How the curve was validated: 'K-fold CV' or 'validation set'."""
+        return f"{self.cv}-fold CV" if self.cv >= 2 else "validation set"
+
+
+@dataclass
+class GridResult:
+    """Every cell's validation scores in a fixed order (last key varies fastest), and the best cell."""
+
+    grid: dict[str, list[Any]]
+    rows: list[dict[str, Any]]
+    best: dict[str, Any]
+    best_val_f1: float
+    trials_before: int
+    trials_run: int
+    study_name: str
+    train_size: int
+    schema_version: int = SCHEMA_VERSION
+
+
+def read_curve(path: Path) -> LearningCurve:
+    """curve.json (see `read_record` for the errors)."""
+    return read_record(LearningCurve, path)
+
+
+def read_grid(path: Path) -> GridResult:
+    """grid.json (see `read_record` for the errors)."""
+    return read_record(GridResult, path)

@@ -47,9 +47,11 @@ def test_specimens_by_folder_or_pattern(run: Path, tmp_path: Path, capsys):
 
 
 def test_calibrated_confidence_and_abstention(run: Path, tiny_data: Path, capsys):
-    temperature = read_run_metrics(run / "metrics.json").temperature
-    assert temperature.fitted_on == "validation" and 0.05 <= temperature.temperature <= 20
-    assert [c.threshold for c in temperature.coverage] == [0.5, 0.7, 0.9]
+    temperature = read_run_metrics(run / "metrics.json").trust.temperatures["image"]
+    assert temperature.fitted_on == "the validation part" and 0.05 <= temperature.temperature <= 20
+    assert temperature.kept == (
+        temperature.nll_after < temperature.nll_before and temperature.ece_after < temperature.ece_before
+    )
     capsys.readouterr()
     assert main(["predict", str(run), str(tiny_data / "H2"), "--format", "json", "--abstain", "1"]) == 0
     rows = [r for r in json.loads(capsys.readouterr().out) if "class" in r]

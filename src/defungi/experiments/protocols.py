@@ -23,6 +23,7 @@ from defungi.data.splits import cv_folds, train_val_test_split
 from defungi.errors import DefungiError
 from defungi.experiments.fit import FitResult, fit, score_parts
 from defungi.experiments.rundir import FitRecord, RunDir, TrainedModel, load_checkpoints, model_args, write_predictions
+from defungi.experiments.trust import assess
 from defungi.layout import read_predictions
 from defungi.results.run import (
     METRIC_NAMES,
@@ -33,12 +34,12 @@ from defungi.results.run import (
     RunKind,
     RunMetrics,
     Spread,
-    TemperatureFit,
     Timing,
 )
 from defungi.results.schema import from_dict
+from defungi.results.trust import Trust
 from defungi.train import distributed
-from defungi.train.metrics import calibrated, scored
+from defungi.train.metrics import scored
 from defungi.utils import resolve_device
 
 log = logging.getLogger(__name__)
@@ -196,28 +197,20 @@ def _follow(config: Config, run: RunDir, data: Dataset | None, split: Split | No
     return None
 
 
-def _temperature(
-    data: Dataset, val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
-) -> TemperatureFit | None:
-    """A temperature fitted on the validation images' probabilities and checked on the test images'
-    (see `defungi.train.metrics.calibrated`); each is (images, probabilities). None without both."""
-    (val_idx, val_probs), (test_idx, test_probs) = val, test
-    if len(val_idx) == 0 or len(test_idx) == 0:
-        return None
-    fitted = calibrated(val_probs, data.labels[val_idx], test_probs, data.labels[test_idx])
-    return from_dict(TemperatureFit, fitted)
-
-
 def _parts(scores: dict[str, dict[str, Any]]) -> dict[str, PartScores]:
     """Scored parts (`score_parts`' dicts) as typed records."""
     return {part: from_dict(PartScores, s, part) for part, s in scores.items()}
 
 
-def _scored_temperature(data: Dataset, split: Split, probs: dict[str, np.ndarray]) -> TemperatureFit | None:
-    """The temperature of a run that scored its validation and test parts."""
-    if "val" not in probs or "test" not in probs:
+def _split_trust(data: Dataset, split: Split, probs: dict[str, np.ndarray], seed: int) -> Trust | None:
+    """What answers of a one-split run can be trusted to: fitted on its validation part, checked on its
+    test part (None without both)."""
+    if "val" not in probs or "test" not in probs or not len(split["val"]) or not len(split["test"]):
         return None
-    return _temperature(data, (split["val"], probs["val"]), (split["test"], probs["test"]))
+    idx = np.concatenate([split["val"], split["test"]])
+    fold = np.r_[np.full(len(split["val"]), -1), np.zeros(len(split["test"]), dtype=int)]
+    both = np.concatenate([probs["val"], probs["test"]])
+    return assess(both, data.labels[idx], data.groups[idx], fold, data.classes, "validation + test", seed=seed)
 
 
 def _write_predictions(run: RunDir, data: Dataset, split: Split, probs: dict[str, np.ndarray]) -> None:
@@ -248,7 +241,7 @@ class SingleFit(FitProtocol):
             best_epochs=[result.best_epoch],
             stop_reason=result.stop_reason,
             parts=_parts(result.metrics),
-            temperature=_scored_temperature(data, split, result.probabilities),
+            trust=_split_trust(data, split, result.probabilities, self.config.train.seed),
         )
         return run.write_result(result.history, metrics)
 
@@ -316,7 +309,7 @@ class SeedEnsemble(FitProtocol):
                 for c, m in zip(self.member_configs(), members, strict=True)
             ),
             parts=_parts(scores),
-            temperature=_scored_temperature(data, split, probs),
+            trust=_split_trust(data, split, probs, tc.seed),
             members=[
                 MemberScores(
                     seed=c.train.seed,
@@ -356,11 +349,8 @@ class CrossValidation(FitProtocol):
             records.append(fit_run(self.fold_config, run.fold(k).root, data, fold))
         idx, fold_of, probs = _out_of_fold(run, data, splits)
         write_predictions(run.layout.oof, data, idx, probs, extra={"fold": fold_of.tolist()})
-        oof = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed=self.config.train.seed)
-        val = (
-            np.concatenate([s["val"] for s in splits]),
-            np.concatenate([_fold_probabilities(run, k, data, s["val"], "val") for k, s in enumerate(splits)]),
-        )  # each fold's validation part, scored by its own model
+        seed = self.config.train.seed
+        oof = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed=seed)
         per_fold = [_fold_scores(k, r.metrics.part("test")) for k, r in enumerate(records)]
         metrics = self.metrics(
             data,
@@ -371,7 +361,7 @@ class CrossValidation(FitProtocol):
             best_epochs=[e for r in records for e in r.metrics.best_epochs],
             stop_reason="; ".join(f"fold {k}: {r.metrics.stop_reason}" for k, r in enumerate(records)),
             parts={"test": from_dict(PartScores, oof, "out of fold")},
-            temperature=_temperature(data, val, (idx, probs)),
+            trust=assess(probs, data.labels[idx], data.groups[idx], fold_of, data.classes, "out of fold", seed=seed),
             folds=per_fold,
             fold_spread={
                 key: _spread([getattr(f, key) for f in per_fold])
@@ -385,17 +375,17 @@ def _out_of_fold(run: RunDir, data: Dataset, splits: list[Split]) -> tuple[np.nd
     """Every fold's test images, their fold and the probabilities its model gave them, by image."""
     idx = np.concatenate([s["test"] for s in splits])
     fold_of = np.concatenate([[k] * len(s["test"]) for k, s in enumerate(splits)])
-    probs = np.concatenate([_fold_probabilities(run, k, data, s["test"], "test") for k, s in enumerate(splits)])
+    probs = np.concatenate([_fold_probabilities(run, k, data, s["test"]) for k, s in enumerate(splits)])
     order = np.argsort(idx)
     return idx[order], fold_of[order], probs[order]
 
 
-def _fold_probabilities(run: RunDir, k: int, data: Dataset, idx: np.ndarray, part: str) -> np.ndarray:
-    """Fold k's probabilities of one part, checked to be those of the images it is now given."""
-    paths, probs = read_predictions(run.fold(k).layout.predictions(part), data.classes)
+def _fold_probabilities(run: RunDir, k: int, data: Dataset, idx: np.ndarray) -> np.ndarray:
+    """Fold k's test probabilities, checked to be those of the images it is now given."""
+    paths, probs = read_predictions(run.fold(k).layout.predictions("test"), data.classes)
     if paths != [str(data.paths[i]) for i in idx]:
         raise DefungiError(
-            f"{run.fold(k).root}: its {part} images are not this fold's any more (the data changed); use a new --out"
+            f"{run.fold(k).root}: its test images are not this fold's any more (the data changed); use a new --out"
         )
     return probs
 

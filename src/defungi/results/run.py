@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from defungi.results.schema import SCHEMA_VERSION, read_record
+from defungi.results.trust import Trust
 
 RunKind = Literal["fit", "ensemble", "cv"]
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1")  # macro over the classes with images
@@ -108,24 +109,6 @@ class Timing:
 
 
 @dataclass
-class ThresholdRow:
-    threshold: float
-    coverage: float
-    accuracy: float
-
-
-@dataclass
-class TemperatureFit:
-    """A temperature fitted on one part's probabilities and what it did on another part."""
-
-    temperature: float
-    fitted_on: str
-    ece_before: float
-    ece_after: float
-    coverage: list[ThresholdRow]
-
-
-@dataclass
 class FoldScores:
     """One cross-validation fold's test part."""
 
@@ -173,7 +156,7 @@ class RunMetrics:
     best_epochs: list[int]  # 1-based, one per fit (a fold, a member, or the one fit)
     stop_reason: str
     parts: dict[str, PartScores]
-    temperature: TemperatureFit | None = None
+    trust: Trust | None = None  # calibration, prediction sets and selective answers, checked on held-out units
     folds: list[FoldScores] = field(default_factory=list)
     fold_spread: dict[str, Spread] = field(default_factory=dict)
     members: list[MemberScores] = field(default_factory=list)

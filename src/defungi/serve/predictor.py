@@ -48,10 +48,11 @@ class Predictor:
 
 
 def run_temperature(run_dir: str | Path) -> float:
-    """The temperature fitted on the run's validation part (1.0 for a run without one)."""
+    """The image temperature the run's answers use: fitted on held-out predictions and kept where it
+    helped on others (1.0 otherwise)."""
     path = RunLayout(Path(run_dir)).metrics
-    fitted = read_run_metrics(path).temperature if path.exists() else None
-    return fitted.temperature if fitted is not None else 1.0
+    trust = read_run_metrics(path).trust if path.exists() else None
+    return trust.temperatures["image"].applied if trust is not None else 1.0
 
 
 def open_predictor(source: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:

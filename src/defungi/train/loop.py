@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from defungi.data.augment import dihedral
-from defungi.train.metrics import weighted
+from defungi.train.metrics import mean_nll, weighted
 from defungi.utils import progress_bar
 
 IMAGE_STD_FLOOR = 0.02  # keeps blank patches from being amplified into noise
@@ -184,13 +184,6 @@ def predict_proba(
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return weighted(np.concatenate(out), class_weights)
-
-
-def mean_nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean cross-entropy of probabilities against labels (NaN for no images)."""
-    return (
-        float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean()) if len(labels) else float("nan")
-    )
 
 
 @torch.no_grad()

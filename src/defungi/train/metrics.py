@@ -158,6 +158,13 @@ def calibration(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> dict
     }
 
 
+def mean_nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of probabilities against labels (NaN for no images)."""
+    return (
+        float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean()) if len(labels) else float("nan")
+    )
+
+
 def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Probabilities with their temperature changed: p ** (1 / T), renormalised (the same ranking;
     T > 1 softens over-confident probabilities)."""
@@ -175,36 +182,6 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
         return float(-np.log(np.clip(tempered[np.arange(len(labels)), labels], 1e-12, 1)).mean())
 
     return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20)), method="bounded").x))
-
-
-def coverage(
-    probs: np.ndarray, labels: np.ndarray, thresholds: tuple[float, ...] = (0.5, 0.7, 0.9)
-) -> list[dict[str, float]]:
-    """For each confidence threshold: the share of images answered (confidence at least the
-    threshold; the rest 'uncertain') and the accuracy on them."""
-    confidence, correct = probs.max(1), probs.argmax(1) == labels
-    rows = []
-    for t in thresholds:
-        answered = confidence >= t
-        accuracy = float(correct[answered].mean()) if answered.any() else float("nan")
-        rows.append({"threshold": t, "coverage": float(answered.mean()), "accuracy": accuracy})
-    return rows
-
-
-def calibrated(
-    val_probs: np.ndarray, val_labels: np.ndarray, test_probs: np.ndarray, test_labels: np.ndarray
-) -> dict[str, Any]:
-    """A temperature fitted on validation probabilities, and what it does to the test part: the
-    expected calibration error before and after, and accuracy against coverage at three thresholds."""
-    temperature = fit_temperature(val_probs, val_labels)
-    after = temper(test_probs, temperature)
-    return {
-        "temperature": temperature,
-        "fitted_on": "validation",
-        "ece_before": calibration(test_probs, test_labels)["ece"],
-        "ece_after": calibration(after, test_labels)["ece"],
-        "coverage": coverage(after, test_labels),
-    }
 
 
 def scored(

@@ -1,0 +1,211 @@
+"""How far a run's answers can be trusted, measured on predictions it did not fit on.
+
+Given held-out probabilities (out of fold for a cross-validation; validation and test parts for one
+split), `assess` fits what answers use (an image and a specimen temperature, conformal thresholds
+per level and unit) and checks each on units it was not fitted on: for a cross-validation, fold k is
+checked with what the other folds' predictions fitted (cross-fitting), and the stored values are
+fitted on every fold; for one split, the validation part fits and the test part checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from defungi.results.trust import (
+    ClassCoverage,
+    ConformalSets,
+    RiskCoverage,
+    SelectiveRow,
+    SetCheck,
+    TemperatureCheck,
+    Trust,
+)
+from defungi.train.conformal import prediction_sets, thresholds, unit_weights
+from defungi.train.metrics import calibration, fit_temperature, mean_nll, sample_decisions, temper
+from defungi.train.selective import COVERAGES, accuracy_at, accuracy_intervals, risk_coverage
+
+LEVELS = (0.9, 0.95)
+
+
+@dataclass
+class Held:
+    """Held-out predictions at one unit (images, or specimens by the mean of their images)."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray  # the specimen of each row (itself, for specimens)
+    fold: np.ndarray  # which check a row belongs to (-1: only fits)
+
+    def take(self, rows: np.ndarray) -> Held:
+        return Held(self.probs[rows], self.labels[rows], self.groups[rows], self.fold[rows])
+
+    def pairs(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(rows that fit, rows that check) per check: every other fold against one fold, or the
+        rows of no fold (-1) against the rest."""
+        folds = [k for k in np.unique(self.fold) if k >= 0]
+        if (self.fold < 0).any():
+            return [(np.flatnonzero(self.fold < 0), np.flatnonzero(self.fold >= 0))]
+        return [(np.flatnonzero(self.fold != k), np.flatnonzero(self.fold == k)) for k in folds]
+
+    @property
+    def fitting(self) -> np.ndarray:
+        """The rows the stored values are fitted on."""
+        return np.flatnonzero(self.fold < 0) if (self.fold < 0).any() else np.arange(len(self.labels))
+
+
+def by_specimen(images: Held) -> Held:
+    """One row per specimen: the mean of its images' probabilities, its images' class and fold."""
+    ids, labels, means = sample_decisions(images.probs, images.labels, images.groups)
+    _, first = np.unique(images.groups, return_index=True)
+    return Held(means, labels, ids, images.fold[first])
+
+
+def check_temperature(held: Held, unit: str, fitted_on: str, checked_on: str) -> TemperatureCheck:
+    """Fit the temperature on each pair's fitting rows, apply it to its checking rows, and compare
+    NLL and ECE there before and after; the stored temperature is fitted on all fitting rows."""
+    before, after, labels = [], [], []
+    for fit_rows, check_rows in held.pairs():
+        t = fit_temperature(held.probs[fit_rows], held.labels[fit_rows])
+        before.append(held.probs[check_rows])
+        after.append(temper(held.probs[check_rows], t))
+        labels.append(held.labels[check_rows])
+    b, a, y = np.concatenate(before), np.concatenate(after), np.concatenate(labels)
+    nll_b, nll_a = mean_nll(b, y), mean_nll(a, y)
+    ece_b, ece_a = calibration(b, y)["ece"], calibration(a, y)["ece"]
+    rows = held.fitting
+    return TemperatureCheck(
+        unit=unit,  # type: ignore[arg-type]
+        temperature=fit_temperature(held.probs[rows], held.labels[rows]),
+        fitted_on=fitted_on,
+        checked_on=checked_on,
+        nll_before=nll_b,
+        nll_after=nll_a,
+        ece_before=ece_b,
+        ece_after=ece_a,
+        kept=bool(nll_a < nll_b and ece_a < ece_b),
+    )
+
+
+def _set_check(sets: np.ndarray, labels: np.ndarray, groups: np.ndarray, classes: Sequence[str], seed: int) -> SetCheck:
+    """Coverage and size of sets, with intervals from a bootstrap that draws specimens (each with
+    all its rows)."""
+    hit, size = sets[np.arange(len(labels)), labels].astype(float), sets.sum(1).astype(float)
+    ids, inverse = np.unique(groups, return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(ids), (1000, len(ids)))
+    weights = np.stack([np.bincount(d, minlength=len(ids)) for d in draws])[:, inverse]
+    cov = (weights * hit).sum(1) / weights.sum(1)
+    mean_size = (weights * size).sum(1) / weights.sum(1)
+    return SetCheck(
+        coverage=float(hit.mean()),
+        coverage_interval=[float(np.percentile(cov, 2.5)), float(np.percentile(cov, 97.5))],
+        mean_size=float(size.mean()),
+        size_interval=[float(np.percentile(mean_size, 2.5)), float(np.percentile(mean_size, 97.5))],
+        singleton_share=float(np.mean(size == 1)),
+        n=len(labels),
+        per_class={
+            c: ClassCoverage(float(hit[labels == k].mean()), float(size[labels == k].mean()), int(np.sum(labels == k)))
+            for k, c in enumerate(classes)
+            if np.any(labels == k)
+        },
+    )
+
+
+def conformal_sets(held: Held, unit: str, level: float, classes: Sequence[str], seed: int = 0) -> ConformalSets:
+    """Thresholds at level, fitted on the fitting rows, and both modes checked by cross-fitting;
+    class-conditional answers where some class's marginal coverage fell short of the level by more
+    than its interval allows (its upper end below the level)."""
+    n_classes = len(classes)
+    weights = unit_weights(held.groups)
+    checked_sets: dict[str, list[np.ndarray]] = {"marginal": [], "class-conditional": []}
+    check_rows = []
+    for fit_rows, rows in held.pairs():
+        marginal, per_class = thresholds(
+            held.probs[fit_rows], held.labels[fit_rows], n_classes, level, weights[fit_rows]
+        )
+        checked_sets["marginal"].append(prediction_sets(held.probs[rows], marginal))
+        checked_sets["class-conditional"].append(prediction_sets(held.probs[rows], per_class))
+        check_rows.append(rows)
+    rows = np.concatenate(check_rows)
+    checked = {
+        mode: _set_check(np.concatenate(s), held.labels[rows], held.groups[rows], classes, seed)
+        for mode, s in checked_sets.items()
+    }
+    short = _class_falls_short(np.concatenate(checked_sets["marginal"]), held.take(rows), level, seed)
+    fit = held.fitting
+    marginal, per_class = thresholds(held.probs[fit], held.labels[fit], n_classes, level, weights[fit])
+    return ConformalSets(
+        level=level,
+        unit=unit,  # type: ignore[arg-type]
+        marginal=marginal,
+        per_class={c: float(t) for c, t in zip(classes, per_class, strict=True)},
+        mode="class-conditional" if short else "marginal",
+        calibration_units=len(np.unique(held.groups[fit])),
+        checked=checked,
+    )
+
+
+def _class_falls_short(sets: np.ndarray, held: Held, level: float, seed: int) -> bool:
+    """Whether some class's coverage is below level beyond the noise (the upper end of its 95%
+    bootstrap interval over specimens under the level)."""
+    hit = sets[np.arange(len(held.labels)), held.labels].astype(float)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(held.labels):
+        rows = held.labels == c
+        ids, inverse = np.unique(held.groups[rows], return_inverse=True)
+        draws = rng.integers(0, len(ids), (1000, len(ids)))
+        weights = np.stack([np.bincount(d, minlength=len(ids)) for d in draws])[:, inverse]
+        upper = np.percentile((weights * hit[rows]).sum(1) / weights.sum(1), 97.5)
+        if upper < level:
+            return True
+    return False
+
+
+def selective(held: Held, seed: int = 0) -> RiskCoverage:
+    """The risk-coverage curve of specimens ranked by their (calibrated) confidence, and the accuracy
+    at 100, 90, 80, 70 and 50% answered, with intervals over specimens."""
+    confidence, correct = held.probs.max(1), held.probs.argmax(1) == held.labels
+    cut, coverage, accuracy = risk_coverage(confidence, correct)
+    intervals = accuracy_intervals(confidence, correct, COVERAGES, seed=seed)
+    order = np.sort(confidence)[::-1]
+    table = [
+        SelectiveRow(c, accuracy_at(confidence, correct, c), iv, float(order[max(1, int(round(c * len(order)))) - 1]))
+        for c, iv in zip(COVERAGES, intervals, strict=True)
+    ]
+    return RiskCoverage("specimen", cut.tolist(), coverage.tolist(), accuracy.tolist(), table)
+
+
+def assess(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    fold: np.ndarray,
+    classes: Sequence[str],
+    source: str,
+    levels: Sequence[float] = LEVELS,
+    seed: int = 0,
+) -> Trust:
+    """Temperatures, conformal sets (per level, per image and per specimen) and selective answers of
+    held-out predictions; fold: the check each row belongs to (-1: only fits, see `Held.pairs`)."""
+    images = Held(probs, labels, groups, fold)
+    fitted_on, checked_on = (
+        ("the validation part", "the test part") if (fold < 0).any() else ("the other folds", "each fold")
+    )
+    image_t = check_temperature(images, "image", fitted_on, checked_on)
+    images = Held(temper(probs, image_t.applied), labels, groups, fold)
+    specimens = by_specimen(Held(probs, labels, groups, fold))
+    specimen_t = check_temperature(specimens, "specimen", fitted_on, checked_on)
+    specimens = Held(temper(specimens.probs, specimen_t.applied), specimens.labels, specimens.groups, specimens.fold)
+    sets = [
+        conformal_sets(held, unit, level, classes, seed)
+        for level in levels
+        for unit, held in (("specimen", specimens), ("image", images))
+    ]
+    return Trust(
+        source=source,
+        temperatures={"image": image_t, "specimen": specimen_t},
+        sets=sets,
+        selective=selective(specimens, seed),
+    )

@@ -1,0 +1,106 @@
+"""What a run says about how far its answers can be trusted: calibration that was checked,
+conformal prediction sets with their measured coverage, and selective answers (risk-coverage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Unit = Literal["image", "specimen"]
+SetMode = Literal["marginal", "class-conditional"]
+
+
+@dataclass
+class TemperatureCheck:
+    """A temperature fitted by NLL on some units' probabilities and checked on others: kept only where
+    it lowered both the NLL and the expected calibration error there."""
+
+    unit: Unit
+    temperature: float
+    fitted_on: str
+    checked_on: str
+    nll_before: float
+    nll_after: float
+    ece_before: float
+    ece_after: float
+    kept: bool
+
+    @property
+    def applied(self) -> float:
+        """The temperature answers use: the fitted one if it helped, else 1 (none)."""
+        return self.temperature if self.kept else 1.0
+
+
+@dataclass
+class ClassCoverage:
+    coverage: float
+    mean_size: float
+    n: int
+
+
+@dataclass
+class SetCheck:
+    """Prediction sets measured on units their thresholds were not calibrated on: the share that hold
+    the true class and their size, with 95% intervals from a bootstrap over specimens."""
+
+    coverage: float
+    coverage_interval: list[float]
+    mean_size: float
+    size_interval: list[float]
+    singleton_share: float
+    n: int
+    per_class: dict[str, ClassCoverage]
+
+
+@dataclass
+class ConformalSets:
+    """Split-conformal thresholds (on 1 - p) at one coverage level and unit: marginal and per class;
+    mode says which ones answer (class-conditional where a class fell short of the level)."""
+
+    level: float
+    unit: Unit
+    marginal: float
+    per_class: dict[str, float]
+    mode: SetMode
+    calibration_units: int
+    checked: dict[str, SetCheck] = field(default_factory=dict)  # by mode
+
+    def threshold(self, classes: list[str]) -> list[float]:
+        """The threshold of every class, in the classes' order, under the chosen mode."""
+        return [self.per_class[c] if self.mode == "class-conditional" else self.marginal for c in classes]
+
+
+@dataclass
+class SelectiveRow:
+    coverage: float
+    accuracy: float
+    interval: list[float]
+    threshold: float
+
+
+@dataclass
+class RiskCoverage:
+    """Accuracy against the share of units answered, most confident first (confidence: calibrated)."""
+
+    unit: Unit
+    thresholds: list[float]
+    coverage: list[float]
+    accuracy: list[float]
+    table: list[SelectiveRow]
+
+
+@dataclass
+class Trust:
+    """Everything above for one run, from held-out predictions (out of fold, or validation + test)."""
+
+    source: str
+    temperatures: dict[str, TemperatureCheck]  # by unit
+    sets: list[ConformalSets]
+    selective: RiskCoverage
+
+    def conformal(self, level: float, unit: Unit) -> ConformalSets:
+        """The sets at a level and unit; a KeyError names the levels there are."""
+        for s in self.sets:
+            if s.unit == unit and abs(s.level - level) < 1e-9:
+                return s
+        raise KeyError(f"no {unit} sets at {level:g} (levels: {sorted({s.level for s in self.sets})})")

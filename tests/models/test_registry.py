@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -78,6 +82,17 @@ def test_the_entry_says_the_native_input_size_and_normalisation():
     assert model_entry("efficientnet-lite0").normalization == ((0.5,) * 3, (0.5,) * 3)
     assert (model_entry("convmixer").input_size, model_entry("convmixer").normalization) == (None, imagenet)
     assert model_entry("resnet10t").input_size == 176  # timm's pretrained_cfg
+
+
+def test_the_names_load_without_torch_and_the_cli_offers_them():
+    script = (
+        "import sys\nfrom defungi.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n"
+        "    assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    wide = {**os.environ, "COLUMNS": "1000"}  # argparse wraps help at the terminal's width, also inside names
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=wide)
+    assert done.returncode == 0, done.stderr
+    assert ", ".join(list_models()) + ", or any timm model name" in done.stdout
 
 
 def test_convmixer_depth_and_head_follow_arguments():

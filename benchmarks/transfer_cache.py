@@ -19,8 +19,7 @@ import time
 import torch
 import torch.nn as nn
 
-from defungi.models import create_model
-from defungi.models.pretrained import head_name
+from defungi.models import create_model, model_entry
 from defungi.utils import cpu_flags
 
 
@@ -35,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=5).to(memory_format=torch.channels_last)
-    head = model.get_submodule(head_name(model))
+    head = model.get_submodule(model_entry(args.model).parts.classifier)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 5, (args.batch_size,))
     criterion = nn.CrossEntropyLoss()

@@ -23,8 +23,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from defungi.data.cache import open_image, square
-from defungi.models import create_model
-from defungi.models.pretrained import imagenet_state_dict, load_backbone, normalization
+from defungi.models import create_model, model_entry
+from defungi.models.pretrained import imagenet_state_dict, load_backbone
 from defungi.train.loop import Preprocess
 from defungi.train.metrics import scored
 from defungi.utils import cpu_flags
@@ -72,11 +72,12 @@ def main() -> None:
     labels = np.array([classes.index(r["label"]) for r in rows])
     folds, groups = np.array([r["part"] for r in rows]), np.array([r["group"] for r in rows])
     model = create_model(args.model, num_classes=len(classes))
-    load_backbone(model, imagenet_state_dict(args.model), f"the ImageNet weights of {args.model}")
+    load_backbone(model, args.model, imagenet_state_dict(args.model), f"the ImageNet weights of {args.model}")
     model.eval().to(memory_format=torch.channels_last)
     stages = args.stages.split(",")
     t0 = time.perf_counter()
-    feats = stage_features(model, stages, [r["path"] for r in rows], args.image_size, *normalization(args.model))
+    mean, std = model_entry(args.model).normalization
+    feats = stage_features(model, stages, [r["path"] for r in rows], args.image_size, mean, std)
     print(
         f"{len(rows)} images, {len(set(groups))} samples, {len(set(folds))} folds; forward pass "
         f"{time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads, CPU flags: {cpu_flags() or 'no AVX-512'}"

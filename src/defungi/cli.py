@@ -53,7 +53,9 @@ def _add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
     split_help = "grouped: no physical sample in two parts (default); random: as the published study"
     p.add_argument("--split", choices=["grouped", "random"], help=split_help)
     if model:
-        p.add_argument("--model", help="resnet34, convmixer-8, convmixer-16, convmixer, or any timm model name")
+        from defungi.models import list_models  # the registry's names load without torch
+
+        p.add_argument("--model", help=f"{', '.join(list_models())}, or any timm model name")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

@@ -15,14 +15,7 @@ from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.models import create_model, registry
 from defungi.models.efficientnet import TIMM_NAME, lite0_imagenet
-from defungi.models.pretrained import (
-    head_name,
-    imagenet_state_dict,
-    load_backbone,
-    normalization,
-    read_weights,
-    tail_from,
-)
+from defungi.models.pretrained import imagenet_state_dict, load_backbone, read_weights, tail_from
 from defungi.models.registry import Pretrained, model_entry
 
 TINY_MIXER = {"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}
@@ -48,23 +41,21 @@ def test_lite0_package_weights_map_one_to_one_onto_timm_and_match_the_reference_
 
 def test_lite0_backbone_loads_and_its_head_is_replaced():
     model = create_model("efficientnet-lite0", num_classes=5)
-    load_backbone(model, imagenet_state_dict("efficientnet-lite0"), "lite0")
-    assert head_name(model) == "classifier" and model.classifier.out_features == 5
+    load_backbone(model, "efficientnet-lite0", imagenet_state_dict("efficientnet-lite0"), "lite0")
+    assert model.classifier.out_features == 5 and not model.classifier.weight.any()
     assert torch.equal(model.conv_stem.weight, lite0_imagenet()["conv_stem.weight"])
-    assert normalization("efficientnet-lite0") == ((0.5,) * 3, (0.5,) * 3)
-    assert normalization("resnet34")[0] == (0.485, 0.456, 0.406)
 
 
 def test_a_state_dict_from_a_file_fills_the_backbone_not_the_head(tmp_path: Path):
     source = create_model("convmixer", num_classes=1000, **TINY_MIXER)
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pth")
     model = create_model("convmixer", num_classes=5, **TINY_MIXER)
-    load_backbone(model, read_weights(tmp_path / "w.pth"), "w.pth")
+    load_backbone(model, "convmixer", read_weights(tmp_path / "w.pth"), "w.pth")
     assert torch.equal(model.stem[0].weight, source.stem[0].weight) and model.head.out_features == 5
     assert not model.head.weight.any() and not model.head.bias.any()  # a new head, every class equally likely
     wide = create_model("convmixer", num_classes=5, **{**TINY_MIXER, "dim": 16})
     with pytest.raises(DefungiError, match="of another shape, e.g. stem.0.weight"):
-        load_backbone(wide, read_weights(tmp_path / "w.pth"), "w.pth")
+        load_backbone(wide, "convmixer", read_weights(tmp_path / "w.pth"), "w.pth")
 
 
 def test_offline_imagenet_weights_are_one_line(
@@ -95,13 +86,15 @@ def test_wrong_shaped_weights_are_one_line(tiny_data: Path, tmp_path: Path, caps
         ("efficientnet-lite0", "blocks.5", torch.nn.Sequential, 7),  # blocks.5-6, conv_head, bn2, pool, flatten, head
         ("efficientnet-lite0", "classifier", torch.nn.Linear, None),
         ("resnet18", "layer4", torch.nn.Sequential, 4),  # layer4, avgpool, flatten, fc
-        ("convmixer", "blocks.1", torch.nn.Sequential, 5),  # blocks.1, pooling, head_drop, flatten, head
+        ("convmixer", "blocks.1", torch.nn.Sequential, 5),  # blocks.1, global_pool, head_drop, flatten, head
+        ("convnext_atto", "stages.3", torch.nn.Sequential, 3),  # stages.3, norm_pre, head (it pools and flattens)
+        ("convnext_atto", "head.fc", torch.nn.Linear, None),  # a classifier inside the head module
     ],
 )
 def test_the_tail_from_a_module_computes_what_the_whole_model_computes_from_there(model, at, kind, length):
     net = create_model(model, num_classes=5, **({**TINY_MIXER, "depth": 2} if model == "convmixer" else {})).eval()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    tail = tail_from(net, at, x[:2])
+    tail = tail_from(net, model, at, x[:2])
     assert isinstance(tail, kind) and (length is None or len(tail) == length)
     inputs = []
     net.get_submodule(at).register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
@@ -115,12 +108,14 @@ def test_the_tail_from_a_module_computes_what_the_whole_model_computes_from_ther
     [
         ("blocks.9", "train.train_from 'blocks.9': blocks has no part '9'; use one of 0, 1"),
         ("blocks.5.0.conv_dw", "the parts of blocks.5.0 do not run in order"),
-        ("nowhere", "EfficientNet has no part 'nowhere'; use one of conv_stem, bn1, blocks"),
+        ("nowhere", "efficientnet-lite0 splits at blocks, conv_head, classifier (or inside one that is a sequence)"),
+        ("bn1", "efficientnet-lite0 splits at blocks, conv_head"),  # there, but not declared to run in order
     ],
 )
 def test_a_tail_from_a_module_that_is_not_there_or_not_in_order_is_refused(at: str, needle: str):
+    net = create_model("efficientnet-lite0", num_classes=5)
     with pytest.raises(DefungiError, match=re.escape(needle)):
-        tail_from(create_model("efficientnet-lite0", num_classes=5), at, torch.zeros(2, 3, 32, 32))
+        tail_from(net, "efficientnet-lite0", at, torch.zeros(2, 3, 32, 32))
 
 
 @pytest.mark.parametrize(("train_from", "views"), [("", 1), ("blocks.1", 2)])

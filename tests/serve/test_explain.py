@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from defungi.cli import main
-from defungi.models import create_model
+from defungi.models import create_model, model_entry
 from defungi.models.ensemble import Ensemble
 from defungi.serve.explain import cam_layers, gradcam
 from defungi.train.loop import Preprocess
@@ -24,12 +24,15 @@ from tests.conftest import write_folder
 def test_gradcam_maps_of_each_family_cover_the_image(name: str, kwargs: dict):
     torch.manual_seed(0)
     model = create_model(name, num_classes=3, **kwargs).eval()
-    layer = cam_layers(model)[0]
+    layer = cam_layers(model, model_entry(name).parts.features)[0]
     seen = []
     hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     trained = SimpleNamespace(
-        model=model, preprocess=Preprocess(32, (0.5,) * 3, (0.25,) * 3), device=torch.device("cpu")
+        model=model,
+        preprocess=Preprocess(32, (0.5,) * 3, (0.25,) * 3),
+        device=torch.device("cpu"),
+        info={"model_name": name},
     )
     cams = gradcam(SimpleNamespace(trained=trained), images, [0, 2])
     hook.remove()
@@ -39,7 +42,8 @@ def test_gradcam_maps_of_each_family_cover_the_image(name: str, kwargs: dict):
 
 def test_every_member_of_a_cross_validated_model_is_explained():
     members = [create_model("convmixer", 3, dim=8, depth=1, kernel_size=3, patch_size=4) for _ in range(3)]
-    assert len(cam_layers(Ensemble(members))) == 3
+    layers = cam_layers(Ensemble(members), model_entry("convmixer").parts.features)
+    assert [id(layer) for layer in layers] == [id(m.blocks) for m in members]
 
 
 def test_explain_writes_a_figure_per_classified_image(trained_run: Path, tmp_path: Path, capsys):

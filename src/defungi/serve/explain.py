@@ -1,5 +1,5 @@
-"""Why the model decided: Grad-CAM (pytorch-grad-cam) on the last feature map of ResNet, ConvMixer,
-EfficientNet (or the last convolution of another model; every member of a cross-validated run)."""
+"""Why the model decided: Grad-CAM (pytorch-grad-cam) on the feature map that the model's registry
+entry names (every member of a cross-validated run)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
+from defungi.models import model_entry
 from defungi.models.ensemble import Ensemble
 from defungi.report.plots import plot_explanation
 from defungi.serve.predict import classify, decode, expand_paths
@@ -17,22 +18,12 @@ from defungi.serve.predictor import Predictor, torch_predictor
 
 log = logging.getLogger(__name__)
 
-# the last 4-D feature map before global pooling: torchvision ResNet, timm EfficientNet (after its
-# last convolution, conv_head), timm ConvMixer (its last mixer)
-FEATURE_STAGES = ("layer4", "bn2", "blocks")
 
-
-def cam_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers whose activations and gradients Grad-CAM weighs (one per ensemble member)."""
-    if isinstance(model, Ensemble):
-        return [layer for member in model.members for layer in cam_layers(member)]
-    for name in FEATURE_STAGES:
-        stage = getattr(model, name, None)
-        if isinstance(stage, nn.Sequential):
-            return [stage[-1]]
-        if isinstance(stage, nn.Module) and not isinstance(stage, nn.Identity):
-            return [stage]
-    return [[m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]]
+def cam_layers(model: nn.Module, features: str) -> list[nn.Module]:
+    """The layers whose activations and gradients Grad-CAM weighs: the module named features (the
+    last 4-D feature map), of each member of an ensemble."""
+    members = model.members if isinstance(model, Ensemble) else [model]
+    return [member.get_submodule(features) for member in members]
 
 
 def gradcam(model: Predictor, images: np.ndarray, targets: list[int]) -> np.ndarray:
@@ -42,7 +33,8 @@ def gradcam(model: Predictor, images: np.ndarray, targets: list[int]) -> np.ndar
 
     trained = model.trained
     x = trained.preprocess.to_tensor(images, trained.device, channels_last=False)
-    with GradCAM(model=trained.model, target_layers=cam_layers(trained.model)) as cam:
+    layers = cam_layers(trained.model, model_entry(trained.info["model_name"]).parts.features)
+    with GradCAM(model=trained.model, target_layers=layers) as cam:
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
 
 

@@ -63,12 +63,13 @@ def train(
     """
     run = RunDir(out)
     rank = distributed.world()
+    sync = distributed.Sync(rank)  # where the torchrun ranks of this run's fit meet
     if rank.launched:
         if rank.size > 1:
             _check_distributed(config, rank.size)
         distributed.setup(resolve_device(config.train.device))
         if not rank.main:
-            return _follow(config, run, data, split)
+            return _follow(config, run, data, split, sync)
     run.prepare()
     resolve_device(config.train.device)  # an unusable --device is refused before any decoding
     weights = Path(config.train.weights).expanduser() if config.train.weights else None
@@ -82,7 +83,7 @@ def train(
             done = run.finished()
             if done is not None:
                 log.info("%s is finished; delete it to train again", run.root)
-                distributed.from_main(True)  # the other torchrun ranks stop too
+                sync.start()  # no fit: the other torchrun ranks stop too
                 return done
         data = data if data is not None else dataset_for(config)
         if config.data.cv_folds >= 2:
@@ -96,8 +97,7 @@ def train(
         log.info("split (%s): %s", config.data.split, {k: len(v) for k, v in split.items()})
         if config.train.ensemble > 1:
             return _train_ensemble(config, data, split, run)
-        distributed.from_main(False)  # the other torchrun ranks train with this one
-        result = fit(config, data, split, run)
+        result = fit(config, data, split, run, sync)  # its start tells the other torchrun ranks to fit too
         _write_predictions(run, data, split, result.probabilities)
         record = _fit_record(result) | _temperature(data, split, result.probabilities)
         return run.write_result(
@@ -117,14 +117,14 @@ def _check_distributed(config: Config, ranks: int) -> None:
         raise DefungiError(f"batch size {tc.batch_size} does not split evenly over {ranks} processes")
 
 
-def _follow(config: Config, run: RunDir, data: Dataset | None, split: dict[str, np.ndarray] | None) -> None:
-    """A rank > 0: the same data, split and steps as rank 0, which says whether the run is finished
-    and sends its last.pt to resume from (this rank's machine need not hold the run folder)."""
-    if distributed.from_main(None):
-        return None
-    data = data if data is not None else dataset_for(config, progress=False)
-    fit(config, data, split if split is not None else split_for(config, data), run)
-    return None
+def _follow(
+    config: Config, run: RunDir, data: Dataset | None, split: dict[str, np.ndarray] | None, sync: distributed.Sync
+) -> None:
+    """A rank > 0: hears at sync's start whether rank 0 fits (its last.pt comes with it: this rank's
+    machine need not hold the run folder), then fits with it on the same data and split."""
+    if sync.start().trains:
+        data = data if data is not None else dataset_for(config, progress=False)
+        fit(config, data, split if split is not None else split_for(config, data), run, sync)
 
 
 def _check_batch_size(config: Config, splits: list[dict[str, np.ndarray]]) -> None:

@@ -395,7 +395,10 @@ class _Features:
         return probs, mean_nll(probs, task.data.labels[idx])
 
 
-def _source(task: _Task, learner: _Learner) -> _Images | _Features:
+_Source = _Images | _Features  # a fit's batch source: forward, batches(epoch), probabilities(idx)
+
+
+def _source(task: _Task, learner: _Learner) -> _Source:
     """What the fit trains on: the images, or with a frozen backbone the input of train_from for every
     image, computed (or read from the cache) per view, from the backbone's weights as they are now."""
     if learner.train_from is None:
@@ -428,7 +431,7 @@ def _resume(learner: _Learner, saved: tuple[dict[str, Any], dict[str, torch.Tens
 
 
 def _history_row(
-    task: _Task, learner: _Learner, source: _Images | _Features, epoch: int, stats: dict[str, float]
+    task: _Task, learner: _Learner, source: _Source, epoch: int, stats: dict[str, float]
 ) -> dict[str, float]:
     """One epoch's row of history.csv: its training stats, and the scored model on the validation part."""
     val_probs, val_loss = source.probabilities(task.val_idx)
@@ -466,7 +469,7 @@ def _save(run: RunDir, task: _Task, learner: _Learner, progress: _Progress, epoc
 def _train(
     task: _Task,
     learner: _Learner,
-    source: _Images | _Features,
+    source: _Source,
     progress: _Progress,
     run: RunDir | None,
     sync: distributed.Sync,
@@ -506,7 +509,7 @@ def _train(
 
 
 def _result(
-    task: _Task, learner: _Learner, source: _Images | _Features, progress: _Progress, split: dict[str, np.ndarray]
+    task: _Task, learner: _Learner, source: _Source, progress: _Progress, split: dict[str, np.ndarray]
 ) -> FitResult:
     """Score every part but 'train' with the best epoch's weights (train.restore_best) or the last's:
     through the batch source without test-time augmentation, on the images with it."""

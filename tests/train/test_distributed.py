@@ -5,11 +5,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.multiprocessing as mp
 
 from defungi.cli import main
 from defungi.results.run import read_run_metrics
@@ -72,6 +75,52 @@ def test_shards_of_the_ranks_make_up_one_process_batches(monkeypatch: pytest.Mon
         parts.append(distributed.shard(order, 8).reshape(-1, 4))
     together = np.concatenate(parts, axis=1).ravel()
     assert np.array_equal(together, order[:48])  # 6 global batches of 8, each half on one rank
+
+
+def _meet(rank: int, port: int, out: str, rank_0_fits: bool) -> None:
+    """One of two processes meeting at a Sync as a fit and train()'s follower do (mp.spawn's target)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.setup(torch.device("cpu"))
+    sync, seen = distributed.Sync(), {}
+
+    def only_rank_0(value: object) -> object:
+        assert rank == 0, "rank 0 alone reads the run folder, validates and scores"
+        return value
+
+    if rank == 0:
+        start = sync.start((lambda: only_rank_0({"epoch": 3})) if rank_0_fits else None)
+    else:
+        heard = sync.start()  # the follower hears the start before it loads the data ...
+        start = sync.start(lambda: only_rank_0(None))  # ... and its fit meets the same start again
+        seen["same start"] = heard == start
+    seen["start"] = list(start)
+    if start.trains:
+        stats = {"loss": rank + 1.0, "accuracy": rank / 2, "images": 10 * (rank + 1), "seconds": rank + 1.0}
+        seen["row"] = sync.epoch(stats, lambda s: only_rank_0(s | {"val_f1": 0.5}))
+        seen["end"] = sync.end(lambda: only_rank_0("scored"))
+    Path(out, f"{rank}.json").write_text(json.dumps(seen))
+    distributed.teardown()
+
+
+@pytest.mark.parametrize("rank_0_fits", [True, False])
+def test_the_ranks_meet_at_the_same_points_and_hear_rank_0(rank_0_fits: bool, tmp_path: Path):
+    ranks = mp.spawn(_meet, args=(free_port(), str(tmp_path), rank_0_fits), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not ranks.join(timeout=5):  # False until both have ended (an error in one is raised here)
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two ranks did not finish meeting within 5 minutes (a deadlock)")
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen[1]["same start"] and seen[0]["start"] == seen[1]["start"]
+    if not rank_0_fits:  # e.g. the run is finished: nobody fits
+        assert seen[0]["start"] == [False, None] and "row" not in seen[1]
+        return
+    assert seen[1]["start"] == [True, {"epoch": 3}]  # rank 0's resume state, on every rank
+    row = {"loss": (10 + 2 * 20) / 30, "accuracy": 20 * 0.5 / 30, "images": 30, "seconds": 2.0, "val_f1": 0.5}
+    assert seen[0]["row"] == seen[1]["row"] == pytest.approx(row)  # stats over both ranks, rank 0's validation
+    assert seen[0]["end"] == "scored" and seen[1]["end"] is None
 
 
 def test_two_gloo_processes_train_like_one_and_only_rank_0_writes(tmp_path: Path):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,18 +33,21 @@ from defungi.models.pretrained import (
 from defungi.train import distributed
 from defungi.train.callbacks import EarlyStopping
 from defungi.train.loop import (
+    Batch,
     Preprocess,
     TrainStep,
-    autocast,
     autocast_dtype,
     batches,
     evaluate,
-    mean_nll,
+    feature_batches,
+    feature_rows,
+    image_batches,
     module_inputs,
     precision_name,
+    probabilities,
     train_one_epoch,
 )
-from defungi.train.metrics import classification_metrics, prior_weights, scored, weighted
+from defungi.train.metrics import classification_metrics, mean_nll, prior_weights, scored
 from defungi.utils import atomic_save_npy, exclusive_lock, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -177,9 +181,9 @@ def _evaluate(
     )
 
 
-@dataclass
-class _Fit:
-    """A fit in progress: what it trains, what it scores, and where it stands."""
+@dataclass(frozen=True)
+class _Task:
+    """What a fit is about: the images and its parts, the device, the preprocessing, the class shares."""
 
     config: Config
     data: Dataset
@@ -187,58 +191,15 @@ class _Fit:
     val_idx: np.ndarray
     device: torch.device
     preprocess: Preprocess
-    class_prior: list[float] | None
-    model: nn.Module
-    trainer: nn.Module  # what the training steps call: the model, or DDP around it (torchrun)
-    ema: ModelEmaV3 | None
-    step: TrainStep
-    steps_per_epoch: int
-    stopper: EarlyStopping
-    head: str | None = None  # the head's module name, when the backbone is frozen or learns slower
-    train_from: str | None = None  # frozen backbone: the first module that trains (the head, or e.g. blocks.5)
-    features: list[np.ndarray] = field(default_factory=list)  # frozen backbone: that module's input, per view
-    tails: list[nn.Module] = field(default_factory=list)  # what runs from train_from on: trained, [scored]
-    history: list[dict[str, float]] = field(default_factory=list)
-    start_epoch: int = 0
-    train_seconds: float = 0.0
-    best_state: dict[str, torch.Tensor] | None = None
-
-    @property
-    def scored(self) -> nn.Module:
-        """The weights that are evaluated and saved: the moving average when there is one."""
-        return self.ema.module if self.ema is not None else self.model
+    class_prior: list[float] | None  # training class shares, when trained class-balanced
 
     @property
     def class_weights(self) -> np.ndarray | None:
         return prior_weights(self.class_prior, self.config.train.prior_weight)
 
-    def checkpoint(self, epoch: int) -> dict[str, Any]:
-        return RunDir.checkpoint(
-            self.scored, self.config, self.data.classes, self.preprocess, self.class_prior, epoch, self.stopper.best
-        )
-
-    def resume(self, run: RunDir) -> None:
-        """Continue from run's last.pt, if there is one (under torchrun: rank 0's, sent to every rank,
-        whose machines need not hold the run folder)."""
-        rank = distributed.world()
-        if rank.launched:
-            saved = distributed.from_main(run.resume_state(torch.device("cpu")) if rank.main else None)
-        else:
-            saved = run.resume_state(self.device)
-        if saved is None:
-            return
-        state, self.best_state = saved
-        self.model.load_state_dict(state["train_state_dict"])
-        self.scored.load_state_dict(state["state_dict"])
-        self.step.optimizer.load_state_dict(state["optimizer"])
-        self.step.scheduler.load_state_dict(state["scheduler"])
-        self.stopper.load_state_dict(state["early_stopping"])
-        self.history, self.start_epoch, self.train_seconds = (
-            state["history"],
-            state["epoch"] + 1,
-            state["train_seconds"],
-        )
-        log.info("resuming %s at epoch %d/%d", run.root, self.start_epoch + 1, self.config.train.epochs)
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train_idx) // self.config.train.batch_size)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Positions into the training part that one epoch visits: class-balanced, seeded per epoch."""
@@ -246,126 +207,332 @@ class _Fit:
         rng = np.random.default_rng([tc.seed, epoch])
         return balanced_order(self.data.labels[self.train_idx], n, rng) if tc.balance else rng.permutation(n)
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """Train one class-balanced, augmented epoch (of the modules from train_from on, on cached
-        inputs, when the backbone is frozen); score the validation part; return its history row."""
-        if self.features:
-            return self.train_cached_epoch(epoch)
-        tc, data, rank = self.config.train, self.data, distributed.world()
+
+def _task(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> _Task:
+    """Seed, join the torchrun world, and settle the preprocessing (the training part's channel
+    statistics, or those of the pretrained weights) and class shares of a fit."""
+    tc = config.train
+    seed_everything(tc.seed)
+    device = distributed.setup(resolve_device(tc.device))
+    train_idx = split["train"]
+    if config.data.normalize == "pretrained":
+        mean, std = model_entry(tc.model).normalization
+    else:
+        mean, std = channel_stats(data.images, train_idx)
+    preprocess = Preprocess(data.images.shape[1], mean, std, config.data.normalize)
+    counts = np.bincount(data.labels[train_idx], minlength=len(data.classes))
+    class_prior = (counts / counts.sum()).tolist() if tc.balance else None
+    return _Task(config, data, train_idx, split["val"], device, preprocess, class_prior)
+
+
+@dataclass
+class _Learner:
+    """What a fit trains and scores: the model, its weight average, one optimisation step, early
+    stopping; with a frozen backbone, what runs from train_from on."""
+
+    model: nn.Module
+    trainer: nn.Module  # what the training steps call: the model, or DDP around it (torchrun)
+    ema: ModelEmaV3 | None
+    step: TrainStep
+    stopper: EarlyStopping
+    train_from: str | None = None  # frozen backbone: the first module that trains (the head, or e.g. blocks.5)
+    tails: list[nn.Module] = field(default_factory=list)  # what runs from train_from on: trained, [scored]
+
+    @property
+    def scored(self) -> nn.Module:
+        """The weights that are evaluated and saved: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def training_state(self) -> dict[str, Any]:
+        """What last.pt holds for a resume besides the scored weights and the fit's progress."""
+        return {
+            "train_state_dict": self.model.state_dict(),
+            "optimizer": self.step.optimizer.state_dict(),
+            "scheduler": self.step.scheduler.state_dict(),
+            "scaler": self.step.scaler.state_dict(),
+            "early_stopping": self.stopper.state_dict(),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Continue from a last.pt's state (see training_state)."""
+        self.model.load_state_dict(state["train_state_dict"])
+        self.scored.load_state_dict(state["state_dict"])
+        self.step.optimizer.load_state_dict(state["optimizer"])
+        self.step.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # a disabled scaler saves {}
+            self.step.scaler.load_state_dict(state["scaler"])
+        self.stopper.load_state_dict(state["early_stopping"])
+
+
+def _model(task: _Task, fresh: bool) -> nn.Module:
+    """The model on the device, with its pretrained weights unless the fit resumes."""
+    tc = task.config.train
+    model = create_model(tc.model, num_classes=len(task.data.classes), **tc.model_args)
+    if fresh:
+        _initial_weights(model, tc)
+    return model.to(task.device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
+
+
+def _learner(task: _Task, model: nn.Module) -> _Learner:
+    """The model's training: the modules that train (all, or those from train_from on), optimiser,
+    schedule, loss scaling, weight average and early stopping."""
+    tc = task.config.train
+    head = model_entry(tc.model).parts.classifier if tc.freeze_backbone or tc.backbone_lr_scale != 1 else None
+    train_from = (tc.train_from or head) if tc.freeze_backbone else None
+    # random inputs that check the tails, from their own generator: the global one is left alone
+    size = task.preprocess.image_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(task.device)
+    tails = [] if train_from is None else [tail_from(model, tc.model, train_from, example)]
+    if tails:
+        trains = {id(p) for p in tails[0].parameters()}
+        for p in model.parameters():
+            p.requires_grad = id(p) in trains
+    trainer = distributed.wrap(model, task.device)
+    optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, head, tc.backbone_lr_scale)
+    ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
+    if tails and ema is not None:
+        tails.append(tail_from(ema.module, tc.model, train_from, example))
+    step = _train_step(task, model, optimizer, ema)
+    stopper = EarlyStopping(tc.patience_epochs, tc.min_epochs)
+    return _Learner(model, trainer, ema, step, stopper, train_from, tails)
+
+
+def _train_step(task: _Task, model: nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEmaV3 | None) -> TrainStep:
+    """The optimisation step: schedule, label-smoothed loss, precision, and the weight average's update."""
+    tc = task.config.train
+    scheduler = build_scheduler(optimizer, tc.schedule, tc.epochs * task.steps_per_epoch, tc.warmup_fraction)
+    # autocast decides per device (bf16/fp16 on CUDA, bf16 on CPUs with native bf16); fp16 needs loss scaling
+    scaler = torch.amp.GradScaler(task.device.type, enabled=autocast_dtype(task.device, tc.amp) == torch.float16)
+    return TrainStep(
+        optimizer,
+        scheduler,
+        nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
+        task.device,
+        tc.amp,
+        scaler,
+        on_step=(lambda: ema.update(model, step=scheduler.last_epoch)) if ema is not None else None,
+    )
+
+
+@dataclass
+class _Images:
+    """A fit's batch source on the images: augmented and mixed, this rank's share of every global
+    batch; validated by the scored model on the images."""
+
+    task: _Task
+    learner: _Learner
+
+    @property
+    def forward(self) -> nn.Module:
+        return self.learner.trainer
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """One epoch's class-balanced training batches, augmented from a generator seeded per epoch and rank."""
+        task, tc, rank = self.task, self.task.config.train, distributed.world()
         generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch + rank.rank * 7_919)
-        picks = distributed.shard(self.epoch_order(epoch), tc.batch_size)
-        n_classes = len(data.classes)
+        n_classes = len(task.data.classes)
 
         def augment(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return mix_batch(augment_batch(x, tc.augment, generator), y, n_classes, tc.mix, tc.mix_alpha, generator)
 
-        stats = train_one_epoch(
-            self.trainer,
-            batches(data.images, data.labels, self.train_idx[picks], tc.batch_size // rank.size, drop_last=True),
-            self.steps_per_epoch,
-            self.step,
-            self.preprocess,
-            augment,
-            desc=f"epoch {epoch + 1}/{tc.epochs}",
-        )
-        stats = distributed.reduce_stats(stats)
-        self.train_seconds += stats["seconds"]
-        if not rank.main:  # rank 0 validates; every rank takes its row (early stopping reads it)
-            return distributed.from_main(None)
-        val_idx = self.val_idx
-        val_probs, val_loss = evaluate(
-            self.scored,
-            data.images[val_idx],
-            data.labels[val_idx],
-            self.preprocess,
-            self.device,
+        picks = task.train_idx[distributed.shard(task.epoch_order(epoch), tc.batch_size)]
+        local = batches(task.data.images, task.data.labels, picks, tc.batch_size // rank.size, drop_last=True)
+        return image_batches(local, task.preprocess, task.device, tc.channels_last, augment)
+
+    def probabilities(self, idx: np.ndarray) -> tuple[np.ndarray, float]:
+        """(probabilities, loss) of the scored model on images idx, without test-time augmentation."""
+        task, tc = self.task, self.task.config.train
+        return evaluate(
+            self.learner.scored,
+            task.data.images[idx],
+            task.data.labels[idx],
+            task.preprocess,
+            task.device,
             amp=tc.amp,
             channels_last=tc.channels_last,
-            class_weights=self.class_weights,
-        )
-        return distributed.from_main(self.history_row(epoch, stats, val_probs, val_loss))
-
-    def history_row(
-        self, epoch: int, stats: dict[str, float], val_probs: np.ndarray, val_loss: float
-    ) -> dict[str, float]:
-        """One epoch's row of history.csv, from its training stats and validation probabilities."""
-        val = classification_metrics(self.data.labels[self.val_idx], val_probs.argmax(1), self.data.classes)
-        return {
-            "epoch": epoch + 1,
-            "lr": self.step.scheduler.get_last_lr()[0],
-            "train_loss": stats["loss"],
-            "train_accuracy": stats["accuracy"],
-            "val_loss": val_loss,
-            "val_accuracy": val["accuracy"],
-            "val_f1": val["f1"],
-            "images_per_s": stats["images"] / stats["seconds"] if stats["seconds"] else 0.0,
-            "seconds": stats["seconds"],
-        }
-
-    def cache_inputs(self) -> None:
-        """Compute (or read from the cache) the input of train_from for every image, per view."""
-        self.features = [
-            _cached_inputs(self.config, self.data, self.model, self.train_from, self.preprocess, self.device, view)
-            for view in range(self.config.train.cached_views)
-        ]
-
-    def cached_batch(self, idx: np.ndarray, views: np.ndarray | None = None) -> torch.Tensor:
-        """The cached inputs of images idx (of their views, or as they are), on the device (channels
-        last where configured)."""
-        views = np.zeros(len(idx), dtype=int) if views is None else views
-        batch = np.empty((len(idx), *self.features[0].shape[1:]), dtype=np.float32)
-        for view in np.unique(views):
-            batch[views == view] = self.features[view][idx[views == view]]
-        x = torch.from_numpy(batch).to(self.device)
-        return (
-            x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and self.config.train.channels_last else x
+            class_weights=task.class_weights,
         )
 
-    def train_cached_epoch(self, epoch: int) -> dict[str, float]:
-        """One class-balanced epoch of the modules from train_from on, on the frozen backbone's cached
-        output (augmented only by the cached flips/rotations: one per image, drawn per epoch)."""
-        tc, data, step = self.config.train, self.data, self.step
-        order, tail = self.train_idx[self.epoch_order(epoch)], self.tails[0]
+
+@dataclass
+class _Features:
+    """A fit's batch source with a frozen backbone: the cached input of train_from, per image one of
+    its cached flips/rotations drawn per epoch; validated by the scored tail on the images as they are."""
+
+    task: _Task
+    learner: _Learner
+    features: list[np.ndarray]  # the input of train_from for every image, per cached view
+
+    @property
+    def forward(self) -> nn.Module:
+        return self.learner.tails[0]
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """One epoch's class-balanced training batches of cached inputs."""
+        task, tc = self.task, self.task.config.train
+        order = task.train_idx[task.epoch_order(epoch)]
         views = np.random.default_rng([tc.seed, epoch, 1]).integers(tc.cached_views, size=len(order))
-        tail.train()
-        start, total, correct, seen = time.perf_counter(), 0.0, 0, 0
-        for i in range(0, len(order) - tc.batch_size + 1, tc.batch_size):
-            pick = np.argsort(order[i : i + tc.batch_size]) + i
-            idx = order[pick]
-            x, y = self.cached_batch(idx, views[pick]), torch.from_numpy(data.labels[idx]).to(self.device)
-            with autocast(self.device, tc.amp):
-                logits = tail(x).float()
-            loss = step.criterion(logits, y)
-            step.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            step.optimizer.step()
-            step.scheduler.step()
-            if step.on_step is not None:
-                step.on_step()
-            total, correct, seen = (
-                total + loss.item() * len(y),
-                correct + int((logits.argmax(1) == y).sum()),
-                seen + len(y),
-            )
-        stats = {
-            "loss": total / max(seen, 1),
-            "accuracy": correct / max(seen, 1),
-            "images": seen,
-            "seconds": time.perf_counter() - start,
-        }
-        self.train_seconds += stats["seconds"]
-        return self.history_row(epoch, stats, *self.cached_probabilities(self.val_idx))
+        return feature_batches(
+            self.features, task.data.labels, order, views, tc.batch_size, task.device, tc.channels_last
+        )
 
-    @torch.no_grad()
-    def cached_probabilities(self, idx: np.ndarray) -> tuple[np.ndarray, float]:
-        """(probabilities, loss) of the scored model from train_from on, on the cached inputs of
-        images idx: what the whole model computes on them without test-time augmentation."""
-        tail, out = self.tails[-1].eval(), []
-        for start in range(0, len(idx), 256):
-            with autocast(self.device, self.config.train.amp):
-                out.append(torch.softmax(tail(self.cached_batch(idx[start : start + 256])).float(), 1).cpu().numpy())
-        probs = weighted(np.concatenate(out) if out else np.zeros((0, len(self.data.classes))), self.class_weights)
-        return probs, mean_nll(probs, self.data.labels[idx])
+    def probabilities(self, idx: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, float]:
+        """(probabilities, loss) of the scored model from train_from on, on the cached inputs of images
+        idx: what the whole model computes on them without test-time augmentation."""
+        task, tc = self.task, self.task.config.train
+        inputs = (
+            feature_rows(self.features, idx[start : start + batch_size], task.device, channels_last=tc.channels_last)
+            for start in range(0, len(idx), batch_size)
+        )
+        n_batches = -(-len(idx) // batch_size)
+        tail = self.learner.tails[-1]
+        probs = probabilities(
+            tail, inputs, n_batches, task.device, tc.amp, desc="evaluate", class_weights=task.class_weights
+        )
+        return probs, mean_nll(probs, task.data.labels[idx])
+
+
+_Source = _Images | _Features  # a fit's batch source: forward, batches(epoch), probabilities(idx)
+
+
+def _source(task: _Task, learner: _Learner) -> _Source:
+    """What the fit trains on: the images, or with a frozen backbone the input of train_from for every
+    image, computed (or read from the cache) per view, from the backbone's weights as they are now."""
+    if learner.train_from is None:
+        return _Images(task, learner)
+    features = [
+        _cached_inputs(task.config, task.data, learner.model, learner.train_from, task.preprocess, task.device, view)
+        for view in range(task.config.train.cached_views)
+    ]
+    return _Features(task, learner, features)
+
+
+@dataclass
+class _Progress:
+    """Where a fit stands: its history, the epoch it continues from, its time, the best weights so far."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+    train_seconds: float = 0.0
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+def _resume(learner: _Learner, saved: tuple[dict[str, Any], dict[str, torch.Tensor] | None] | None) -> _Progress:
+    """A fresh fit's progress, or (saved: last.pt and the best weights) that of the interrupted fit,
+    whose training state is loaded into learner."""
+    if saved is None:
+        return _Progress()
+    state, best = saved
+    learner.load(state)
+    return _Progress(state["history"], state["epoch"] + 1, state["train_seconds"], best)
+
+
+def _history_row(
+    task: _Task, learner: _Learner, source: _Source, epoch: int, stats: dict[str, float]
+) -> dict[str, float]:
+    """One epoch's row of history.csv: its training stats, and the scored model on the validation part."""
+    val_probs, val_loss = source.probabilities(task.val_idx)
+    val = classification_metrics(task.data.labels[task.val_idx], val_probs.argmax(1), task.data.classes)
+    return {
+        "epoch": epoch + 1,
+        "lr": learner.step.scheduler.get_last_lr()[0],
+        "train_loss": stats["loss"],
+        "train_accuracy": stats["accuracy"],
+        "val_loss": val_loss,
+        "val_accuracy": val["accuracy"],
+        "val_f1": val["f1"],
+        "images_per_s": stats["images"] / stats["seconds"] if stats["seconds"] else 0.0,
+        "seconds": stats["seconds"],
+    }
+
+
+def _save(run: RunDir, task: _Task, learner: _Learner, progress: _Progress, epoch: int, improved: bool) -> None:
+    """best.pt when the epoch improved on the best, last.pt (with what a resume needs) every epoch."""
+    checkpoint = RunDir.checkpoint(
+        learner.scored,
+        task.config,
+        task.data.classes,
+        task.preprocess,
+        task.class_prior,
+        epoch,
+        learner.stopper.best,
+    )
+    if improved:
+        run.save_best(checkpoint)
+    progress_state = {"history": progress.history, "train_seconds": progress.train_seconds}
+    run.save_last(checkpoint, learner.training_state() | progress_state)
+
+
+def _train(
+    task: _Task,
+    learner: _Learner,
+    source: _Source,
+    progress: _Progress,
+    run: RunDir | None,
+    sync: distributed.Sync,
+) -> None:
+    """The epochs from progress.start_epoch until the budget is used or early stopping ends them:
+    every rank trains and takes rank 0's history row; rank 0 keeps the best weights and checkpoints."""
+    tc, stopper = task.config.train, learner.stopper
+    stopped = bool(stopper.reason)
+    for epoch in range(progress.start_epoch, tc.epochs):
+        if stopped:
+            break
+        stats = train_one_epoch(
+            source.forward, source.batches(epoch), task.steps_per_epoch, learner.step, f"epoch {epoch + 1}/{tc.epochs}"
+        )
+        row = sync.epoch(stats, functools.partial(_history_row, task, learner, source, epoch))
+        progress.history.append(row)
+        progress.train_seconds += row["seconds"]
+        improved = stopper.improved(row["val_f1"])
+        stopped = stopper.step(row["val_f1"], epoch)
+        log.info(
+            "epoch %d/%d  loss %.3f  val loss %.3f  val acc %.3f  val F1 %.3f  %.0f img/s%s",
+            epoch + 1,
+            tc.epochs,
+            row["train_loss"],
+            row["val_loss"],
+            row["val_accuracy"],
+            row["val_f1"],
+            row["images_per_s"],
+            "  *" if improved else "",
+        )
+        if improved and sync.main:
+            progress.best_state = {k: v.detach().clone() for k, v in learner.scored.state_dict().items()}
+        if run is not None and sync.main:
+            _save(run, task, learner, progress, epoch, improved)
+    if stopper.reason:
+        log.info("early stop: %s", stopper.reason)
+
+
+def _result(
+    task: _Task, learner: _Learner, source: _Source, progress: _Progress, split: dict[str, np.ndarray]
+) -> FitResult:
+    """Score every part but 'train' with the best epoch's weights (train.restore_best) or the last's:
+    through the batch source without test-time augmentation, on the images with it."""
+    tc = task.config.train
+    if tc.restore_best and progress.best_state is not None:
+        learner.scored.load_state_dict(progress.best_state)
+    metrics, probabilities = score_parts(
+        learner.scored,
+        task.data,
+        split,
+        task.preprocess,
+        task.device,
+        tc,
+        task.class_weights,
+        None if tc.tta else source.probabilities,
+    )
+    return FitResult(
+        progress.history,
+        metrics,
+        learner.stopper.best_epoch + 1,
+        learner.stopper.reason or "epoch budget used",
+        progress.train_seconds,
+        sum(p.numel() for p in learner.model.parameters()),
+        precision_name(task.device, tc.amp),
+        probabilities,
+    )
 
 
 def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
@@ -427,145 +594,29 @@ def _cached_inputs(
     return np.load(path, mmap_mode="r")
 
 
-def _start(config: Config, data: Dataset, split: dict[str, np.ndarray], fresh: bool) -> _Fit:
-    """Seed, then build the model (with its pretrained weights, unless the fit resumes), weight
-    average, optimiser, schedule and stopping for a fit."""
-    tc = config.train
-    seed_everything(tc.seed)
-    device = distributed.setup(resolve_device(tc.device))
-    train_idx = split["train"]
-    if config.data.normalize == "pretrained":
-        mean, std = model_entry(tc.model).normalization
-    else:
-        mean, std = channel_stats(data.images, train_idx)
-    preprocess = Preprocess(data.images.shape[1], mean, std, config.data.normalize)
-    counts = np.bincount(data.labels[train_idx], minlength=len(data.classes))
-    class_prior = (counts / counts.sum()).tolist() if tc.balance else None
-    model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
-    if fresh:
-        _initial_weights(model, tc)
-    model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
-    head = model_entry(tc.model).parts.classifier if tc.freeze_backbone or tc.backbone_lr_scale != 1 else None
-    train_from = (tc.train_from or head) if tc.freeze_backbone else None
-    tails: list[nn.Module] = []  # what runs from train_from on: in the trained model (and its weight average)
-    if train_from is not None:  # random inputs from their own generator: the global one is left alone
-        size = preprocess.image_size
-        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-        tails.append(tail_from(model, tc.model, train_from, example))
-        trains = {id(p) for p in tails[0].parameters()}
-        for p in model.parameters():
-            p.requires_grad = id(p) in trains
-    trainer = distributed.wrap(model, device)
-    optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, head, tc.backbone_lr_scale)
-    ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
-    if tails and ema is not None:
-        tails.append(tail_from(ema.module, tc.model, train_from, example))
-    steps_per_epoch = max(1, len(train_idx) // tc.batch_size)
-    scheduler = build_scheduler(optimizer, tc.schedule, tc.epochs * steps_per_epoch, tc.warmup_fraction)
-    # autocast decides per device (bf16/fp16 on CUDA, bf16 on CPUs with native bf16); fp16 needs loss scaling
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, tc.amp) == torch.float16)
-    step = TrainStep(
-        optimizer,
-        scheduler,
-        nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
-        device,
-        tc.amp,
-        scaler,
-        tc.channels_last,
-        (lambda: ema.update(model, step=scheduler.last_epoch)) if ema is not None else None,
-    )
-    stopper = EarlyStopping(tc.patience_epochs, tc.min_epochs)
-    return _Fit(
-        config,
-        data,
-        train_idx,
-        split["val"],
-        device,
-        preprocess,
-        class_prior,
-        model,
-        trainer,
-        ema,
-        step,
-        steps_per_epoch,
-        stopper,
-        head,
-        train_from,
-        tails=tails,
-    )
-
-
-def fit(config: Config, data: Dataset, split: dict[str, np.ndarray], run: RunDir | None = None) -> FitResult | None:
+def fit(
+    config: Config,
+    data: Dataset,
+    split: dict[str, np.ndarray],
+    run: RunDir | None = None,
+    sync: distributed.Sync | None = None,
+) -> FitResult | None:
     """Train on split['train'], early-stop on split['val'] macro-F1, evaluate every other part.
 
     Extra parts (e.g. 'train_eval', a sample of the training images) are evaluated too. With a
     run folder, checkpoints go there every epoch and an interrupted fit continues from the last
     one. The best epoch's weights are scored (train.restore_best), or the last epoch's.
-    Under torchrun every rank trains its share of each batch; rank 0 alone validates, writes
-    checkpoints and scores (the other ranks return None).
+    Under torchrun every rank calls fit with a Sync of its own: every rank trains its share of
+    each batch and resumes from rank 0's last.pt; rank 0 alone validates, writes checkpoints and
+    scores (the other ranks return None).
     """
-    tc = config.train
-    state = _start(config, data, split, fresh=run is None or not run.layout.last.exists())
-    if run is not None:
-        state.resume(run)
-    if tc.freeze_backbone:  # after a resume, so that the features are those of the loaded backbone
-        state.cache_inputs()
-    main = distributed.world().main
-    stopped = bool(state.stopper.reason)
-    for epoch in range(state.start_epoch, tc.epochs):
-        if stopped:
-            break
-        row = state.train_epoch(epoch)
-        state.history.append(row)
-        improved = state.stopper.improved(row["val_f1"])
-        stopped = state.stopper.step(row["val_f1"], epoch)
-        log.info(
-            "epoch %d/%d  loss %.3f  val loss %.3f  val acc %.3f  val F1 %.3f  %.0f img/s%s",
-            epoch + 1,
-            tc.epochs,
-            row["train_loss"],
-            row["val_loss"],
-            row["val_accuracy"],
-            row["val_f1"],
-            row["images_per_s"],
-            "  *" if improved else "",
-        )
-        if improved and main:
-            state.best_state = {k: v.detach().clone() for k, v in state.scored.state_dict().items()}
-        if run is not None and main:
-            if improved:
-                run.save_best(state.checkpoint(epoch))
-            run.save_last(
-                state.checkpoint(epoch),
-                {
-                    "train_state_dict": state.model.state_dict(),
-                    "optimizer": state.step.optimizer.state_dict(),
-                    "scheduler": state.step.scheduler.state_dict(),
-                    "early_stopping": state.stopper.state_dict(),
-                    "history": state.history,
-                    "train_seconds": state.train_seconds,
-                },
-            )
-    if state.stopper.reason:
-        log.info("early stop: %s", state.stopper.reason)
-    if not main:
-        return None
-    if tc.restore_best and state.best_state is not None:
-        state.scored.load_state_dict(state.best_state)
-    cached = state.cached_probabilities if state.features and not tc.tta else None
-    metrics, probabilities = score_parts(
-        state.scored, data, split, state.preprocess, state.device, tc, state.class_weights, cached
-    )
-    n_params = sum(p.numel() for p in state.model.parameters())
-    stop_reason = state.stopper.reason or "epoch budget used"
-    precision = precision_name(state.device, tc.amp)
-    return FitResult(
-        state.history,
-        metrics,
-        state.stopper.best_epoch + 1,
-        stop_reason,
-        state.train_seconds,
-        n_params,
-        precision,
-        probabilities,
-    )
+    sync = sync if sync is not None else distributed.Sync()
+    saved = sync.start(lambda: run.resume_state(torch.device("cpu")) if run is not None else None).saved
+    task = _task(config, data, split)
+    learner = _learner(task, _model(task, fresh=saved is None))
+    progress = _resume(learner, saved)
+    if saved is not None:
+        log.info("resuming %s at epoch %d/%d", run.root, progress.start_epoch + 1, config.train.epochs)
+    source = _source(task, learner)  # after a resume: the cached inputs are those of the loaded backbone
+    _train(task, learner, source, progress, run, sync)
+    return sync.end(lambda: _result(task, learner, source, progress, split))

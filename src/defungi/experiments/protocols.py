@@ -87,8 +87,9 @@ class FitProtocol(ABC):
         return []
 
     @abstractmethod
-    def execute(self, run: RunDir, data: Dataset, split: Split | None) -> FitRecord:
-        """Fit every planned part into run (finished ones read back) and write the run's result."""
+    def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
+        """Fit every planned part into run (finished ones read back) and write the run's result; sync:
+        where the torchrun ranks of a single fit meet."""
 
     def metrics(self, data: Dataset, split: Split, precision: str, **record: Any) -> RunMetrics:
         """The run's metrics.json: what was trained and how, then record (scores, timing...)."""
@@ -150,12 +151,13 @@ def fit_run(
     """
     run = RunDir(out)
     rank = distributed.world()
+    sync = distributed.Sync(rank)  # where the torchrun ranks of this run's fit meet
     if rank.launched:
         if rank.size > 1:
             _check_distributed(config, rank.size)
         distributed.setup(resolve_device(config.train.device))
         if not rank.main:
-            return _follow(config, run, data, split)
+            return _follow(config, run, data, split, sync)
     run.prepare()
     resolve_device(config.train.device)  # an unusable --device is refused before any decoding
     weights = Path(config.train.weights).expanduser() if config.train.weights else None
@@ -169,10 +171,10 @@ def fit_run(
             done = run.finished()
             if done is not None:
                 log.info("%s is finished; delete it to train again", run.root)
-                distributed.from_main(True)  # the other torchrun ranks stop too
+                sync.start()  # no fit: the other torchrun ranks stop too
                 return done
         data = data if data is not None else dataset_for(config)
-        return protocol_for(config).execute(run, data, split)
+        return protocol_for(config).execute(run, data, split, sync)
 
 
 def _check_distributed(config: Config, ranks: int) -> None:
@@ -187,14 +189,12 @@ def _check_distributed(config: Config, ranks: int) -> None:
         raise DefungiError(f"batch size {tc.batch_size} does not split evenly over {ranks} processes")
 
 
-def _follow(config: Config, run: RunDir, data: Dataset | None, split: Split | None) -> None:
-    """A rank > 0: the same data, split and steps as rank 0, which says whether the run is finished
-    and sends its last.pt to resume from (this rank's machine need not hold the run folder)."""
-    if distributed.from_main(None):
-        return None
-    data = data if data is not None else dataset_for(config, progress=False)
-    fit(config, data, split if split is not None else split_for(config, data), run)
-    return None
+def _follow(config: Config, run: RunDir, data: Dataset | None, split: Split | None, sync: distributed.Sync) -> None:
+    """A rank > 0: hears at sync's start whether rank 0 fits (its last.pt comes with it: this rank's
+    machine need not hold the run folder), then fits with it on the same data and split."""
+    if sync.start().trains:
+        data = data if data is not None else dataset_for(config, progress=False)
+        fit(config, data, split if split is not None else split_for(config, data), run, sync)
 
 
 def _parts(scores: dict[str, dict[str, Any]]) -> dict[str, PartScores]:
@@ -225,12 +225,11 @@ class SingleFit(FitProtocol):
 
     kind: ClassVar[RunKind] = "fit"
 
-    def execute(self, run: RunDir, data: Dataset, split: Split | None) -> FitRecord:
+    def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
         split = split if split is not None else split_for(self.config, data)
         self.start(run, data, [split], split)
         log.info("split (%s): %s", self.config.data.split, {k: len(v) for k, v in split.items()})
-        distributed.from_main(False)  # the other torchrun ranks train with this one
-        result = fit(self.config, data, split, run)
+        result = fit(self.config, data, split, run, sync)  # its start tells the other torchrun ranks to fit too
         _write_predictions(run, data, split, result.probabilities)
         metrics = self.metrics(
             data,
@@ -284,7 +283,7 @@ class SeedEnsemble(FitProtocol):
     def parts(self, run: RunDir) -> list[RunDir]:
         return [run.member(k) for k in range(self.config.train.ensemble)]
 
-    def execute(self, run: RunDir, data: Dataset, split: Split | None) -> FitRecord:
+    def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
         split = split if split is not None else split_for(self.config, data)
         self.start(run, data, [split], split)
         members = []
@@ -339,7 +338,7 @@ class CrossValidation(FitProtocol):
         inner = protocol_for(self.fold_config)
         return [leaf for k in range(self.config.data.cv_folds) for leaf in inner.parts(run.fold(k)) or [run.fold(k)]]
 
-    def execute(self, run: RunDir, data: Dataset, split: Split | None) -> FitRecord:
+    def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
         splits = cv_splits(self.config, data)
         folds = {f"fold-{k}": s["test"] for k, s in enumerate(splits)}
         self.start(run, data, splits, folds)

@@ -9,8 +9,9 @@ torchrun) is the world of size 1, where everything here does nothing.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from defungi.errors import DefungiError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -111,3 +114,49 @@ def from_main(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class Start(NamedTuple):
+    """What rank 0 decided at the start of a fit: whether it trains, and from which saved state."""
+
+    trains: bool
+    saved: Any = None  # what the fit resumes from (None: a fresh start)
+
+
+class Sync:
+    """The points where the processes of one fit meet: start, every epoch's end, the end.
+
+    Every rank runs the same fit and makes the same calls in the same order; what rank 0 alone
+    knows (the run folder, the validation) is passed as a function that rank 0 alone calls, and
+    every rank gets its answer. In a world of one process each call is a plain function call.
+    One Sync per fit.
+    """
+
+    def __init__(self, w: World | None = None) -> None:
+        self.world = w if w is not None else world()
+        self._start: Start | None = None
+
+    @property
+    def main(self) -> bool:
+        """Whether this is rank 0, the process that writes the run folder."""
+        return self.world.main
+
+    def start(self, saved: Callable[[], Any] | None = None) -> Start:
+        """Rank 0's decision, met once: with saved (a function reading the state to resume from, None
+        for a fresh fit) the run trains, without it it does not (e.g. it is finished). The other ranks'
+        arguments are ignored; a rank's later calls return what it met (a follower hears the start
+        before it loads the data, then fits with the same Sync)."""
+        if self._start is None:
+            decision = (Start(True, saved()) if saved is not None else Start(False)) if self.main else None
+            self._start = from_main(decision)
+        return self._start
+
+    def epoch(self, stats: dict[str, float], row: Callable[[dict[str, float]], dict[str, float]]) -> dict[str, float]:
+        """An epoch's end: its training stats over every rank's images (reduce_stats), then the history
+        row that rank 0 makes of them (it alone validates), on every rank (early stopping reads it)."""
+        stats = reduce_stats(stats)
+        return from_main(row(stats) if self.main else None)
+
+    def end(self, result: Callable[[], T]) -> T | None:
+        """The fit's result, made by rank 0 alone (it scores); None on the other ranks."""
+        return result() if self.main else None

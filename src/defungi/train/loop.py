@@ -1,12 +1,14 @@
-"""The two loops: `train_one_epoch` and `evaluate`. No argument parsing, no file I/O."""
+"""The loops: `train_one_epoch` (the only one that steps an optimiser) and `evaluate`, over batch
+sources (images, or a frozen backbone's cached output). No argument parsing, no file I/O."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -89,10 +91,18 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+class Batch(NamedTuple):
+    """One training batch, on the device and ready for the forward function."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor  # class indices, or soft labels (MixUp/CutMix)
+    labels: torch.Tensor  # class indices, for the accuracy
+
+
 @dataclass
 class TrainStep:
     """What one optimisation step needs besides the batch: optimiser, schedule, loss, device,
-    precision, and a hook after every step (e.g. a weight average)."""
+    precision (with loss scaling for fp16), and a hook after every step (e.g. a weight average)."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
@@ -100,48 +110,40 @@ class TrainStep:
     device: torch.device
     amp: bool = False
     scaler: torch.amp.GradScaler | None = None
-    channels_last: bool = True
     on_step: Callable[[], None] | None = None
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """Gradients of loss, then one step of the optimiser and the schedule (loss scaled when the
+        scaler is enabled: fp16 gradients would underflow)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.on_step is not None:
+            self.on_step()
 
 
 def train_one_epoch(
-    model: nn.Module,
-    data: Iterable[tuple[np.ndarray, np.ndarray]],
-    n_batches: int,
-    step: TrainStep,
-    preprocess: Preprocess,
-    augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    desc: str = "train",
+    model: nn.Module, batches: Iterable[Batch], n_batches: int, step: TrainStep, desc: str = "train"
 ) -> dict[str, float]:
-    """One pass over data; returns mean loss, accuracy, images and seconds.
-
-    augment maps (images, labels) to (images, targets); targets may be class indices or soft
-    labels (MixUp/CutMix).
-    """
+    """One pass of model over batches (images, or a frozen backbone's cached output: see
+    image_batches and feature_batches); returns mean loss, accuracy, images and seconds."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = progress_bar(n_batches, desc)
-    scaled = step.scaler is not None and step.scaler.is_enabled()
-    for x_u8, y_np in data:
-        y = torch.from_numpy(y_np).to(step.device, non_blocking=True)
-        x, target = augment(preprocess.to_tensor(x_u8, step.device, step.channels_last), y)
+    for x, target, y in batches:
         with autocast(step.device, step.amp):
             logits = model(x)
             loss = step.criterion(logits.float(), target)
-        step.optimizer.zero_grad(set_to_none=True)
-        if scaled:
-            step.scaler.scale(loss).backward()
-            step.scaler.step(step.optimizer)
-            step.scaler.update()
-        else:
-            loss.backward()
-            step.optimizer.step()
-        if step.scheduler is not None:
-            step.scheduler.step()
-        if step.on_step is not None:
-            step.on_step()
-        n = len(y_np)
+        step.backward_and_step(loss)
+        n = len(y)
         total_loss += loss.item() * n
         correct += int((logits.argmax(1) == y).sum())
         seen += n
@@ -152,7 +154,94 @@ def train_one_epoch(
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen, "seconds": seconds}
 
 
+def image_batches(
+    data: Iterable[tuple[np.ndarray, np.ndarray]],
+    preprocess: Preprocess,
+    device: torch.device,
+    channels_last: bool = True,
+    augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> Iterator[Batch]:
+    """Training batches from (uint8 images, labels): normalised, then augment(images, labels) ->
+    (images, targets), e.g. flips and MixUp."""
+    for x_u8, y_np in data:
+        y = torch.from_numpy(y_np).to(device, non_blocking=True)
+        x = preprocess.to_tensor(x_u8, device, channels_last)
+        x, target = augment(x, y) if augment is not None else (x, y)
+        yield Batch(x, target, y)
+
+
+def feature_rows(
+    features: Sequence[np.ndarray],
+    idx: np.ndarray,
+    device: torch.device,
+    views: np.ndarray | None = None,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """Rows idx of cached module inputs (features[v]: those of every image's v-th flip/rotation), each
+    of its view (default 0: the image as is), on device (channels-last feature maps where asked)."""
+    views = np.zeros(len(idx), dtype=int) if views is None else views
+    batch = np.empty((len(idx), *features[0].shape[1:]), dtype=np.float32)
+    for view in np.unique(views):
+        batch[views == view] = features[view][idx[views == view]]
+    x = torch.from_numpy(batch).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and channels_last else x
+
+
+def feature_batches(
+    features: Sequence[np.ndarray],
+    labels: np.ndarray,
+    order: np.ndarray,
+    views: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool = True,
+) -> Iterator[Batch]:
+    """Training batches of cached module inputs: images order[i] as their views[i], whole batches
+    only, each read in index order (memory-mapped reads stay local)."""
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        pick = np.argsort(order[start : start + batch_size]) + start
+        idx = order[pick]
+        y = torch.from_numpy(labels[idx]).to(device)
+        yield Batch(feature_rows(features, idx, device, views[pick], channels_last), y, y)
+
+
+def image_inputs(
+    images: np.ndarray, preprocess: Preprocess, device: torch.device, batch_size: int, channels_last: bool = True
+) -> Iterator[torch.Tensor]:
+    """images in order, normalised, batch by batch."""
+    order = np.arange(len(images))
+    for x_u8, _ in batches(images, order, order, batch_size):
+        yield preprocess.to_tensor(x_u8, device, channels_last)
+
+
 @torch.no_grad()
+def probabilities(
+    model: nn.Module,
+    inputs: Iterable[torch.Tensor],
+    n_batches: int,
+    device: torch.device,
+    amp: bool = False,
+    tta: bool = False,
+    desc: str = "predict",
+    class_weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """Class probabilities of model for batches of inputs (images, or cached module inputs); tta
+    averages the 8 flips/rotations; class_weights (see prior_weights) rescale and renormalise them."""
+    model.eval()
+    out = []
+    bar = progress_bar(n_batches, desc)
+    for x in inputs:
+        with autocast(device, amp):
+            views = range(8) if tta else range(1)
+            probs = sum(F.softmax(model(dihedral(x, k)).float(), dim=1) for k in views) / len(views)
+        out.append(probs.cpu().numpy())
+        bar.update(1)
+    bar.close()
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return weighted(np.concatenate(out), class_weights)
+
+
 def predict_proba(
     model: nn.Module,
     images: np.ndarray,
@@ -169,21 +258,8 @@ def predict_proba(
 
     class_weights (see prior_weights) rescale the probabilities and renormalise them.
     """
-    model.eval()
-    out = []
-    order = np.arange(len(images))
-    bar = progress_bar(-(-len(images) // batch_size), desc)
-    for x_u8, _ in batches(images, order, order, batch_size):
-        x = preprocess.to_tensor(x_u8, device, channels_last)
-        with autocast(device, amp):
-            views = range(8) if tta else range(1)
-            probs = sum(F.softmax(model(dihedral(x, k)).float(), dim=1) for k in views) / len(views)
-        out.append(probs.cpu().numpy())
-        bar.update(1)
-    bar.close()
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return weighted(np.concatenate(out), class_weights)
+    inputs = image_inputs(images, preprocess, device, batch_size, channels_last)
+    return probabilities(model, inputs, -(-len(images) // batch_size), device, amp, tta, desc, class_weights)
 
 
 @torch.no_grad()
@@ -204,11 +280,10 @@ def module_inputs(
     out: list[np.ndarray] = []
     hook = module.register_forward_pre_hook(lambda _m, args: out.append(args[0].float().cpu().numpy()))
     try:
-        order = np.arange(len(images))
         bar = progress_bar(-(-len(images) // batch_size), "features")
-        for x_u8, _ in batches(images, order, order, batch_size):
+        for x in image_inputs(images, preprocess, device, batch_size, channels_last):
             with autocast(device, amp):
-                model(dihedral(preprocess.to_tensor(x_u8, device, channels_last), view))
+                model(dihedral(x, view))
             bar.update(1)
         bar.close()
     finally:

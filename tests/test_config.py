@@ -48,3 +48,10 @@ def test_same_config_resolves_roots_and_fills_keys_added_later(tmp_path: Path):
     older = a | {"study": {k: v for k, v in a["study"].items() if k != "per_study"}}  # saved before the key existed
     assert same_config(older, a)
     assert not same_config(a, load_config("quick", {"data.root": str(tmp_path / "d"), "train.lr": 0.5}).to_dict())
+
+
+def test_pretrained_weights_bring_their_normalisation_unless_it_is_set():
+    pretrained = {"train.model": "efficientnet-lite0", "train.pretrained": True}
+    assert load_config("quick").data.normalize == "luma"  # from scratch: the profile's
+    assert load_config("quick", pretrained).data.normalize == "pretrained"
+    assert load_config("quick", pretrained | {"data.normalize": "luma"}).data.normalize == "luma"

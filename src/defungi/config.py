@@ -248,11 +248,16 @@ def profile_path(name: str) -> Path:
 
 
 def load_config(profile: str = "quick", overrides: dict[str, Any] | None = None) -> Config:
-    """Profile file first, then dotted overrides such as {'train.lr': 1e-3}."""
+    """Profile file first, then dotted overrides such as {'train.lr': 1e-3}. Pretrained weights bring
+    the normalisation they were trained with, unless the overrides set data.normalize."""
     config = Config(profile=profile)
     with open(profile_path(profile), "rb") as fh:
         _apply(config, tomllib.load(fh), "")
-    return load_config_from(config, overrides or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    config = load_config_from(config, overrides)
+    if config.train.pretrained and "data.normalize" not in overrides and config.data.normalize != "pretrained":
+        config = load_config_from(config, {"data.normalize": "pretrained"})
+    return config
 
 
 def load_config_from(config: Config, overrides: dict[str, Any]) -> Config:

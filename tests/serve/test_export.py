@@ -8,9 +8,10 @@ import pytest
 
 from defungi.cli import main
 from defungi.errors import DefungiError
+from defungi.results.run import read_run_metrics
 from defungi.serve.lite import dihedral_nhwc
 from defungi.serve.predictor import open_predictor
-from tests.conftest import write_folder
+from tests.conftest import TINY_MODEL, write_folder
 
 
 def test_exported_model_matches_pytorch_and_predicts_without_torch(trained_run: Path, tmp_path: Path, capsys):
@@ -62,3 +63,22 @@ def test_missing_or_foreign_onnx_file_is_one_clear_error(trained_run: Path, tmp_
     bogus.write_bytes(b"not a model")
     with pytest.raises(DefungiError, match="not a model written by 'defungi export'"):
         open_predictor(bogus, "onnx")
+
+
+def test_both_backends_decide_alike_for_a_run_trained_in_bf16(tmp_path: Path, monkeypatch, capsys):
+    """A CPU with native bf16 trains in bf16 autocast; answers are fp32 on both backends."""
+    monkeypatch.setattr("defungi.train.loop.cpu_has_native_bf16", lambda: True)
+    data, run = write_folder(tmp_path / "data"), tmp_path / "run"
+    tiny = ["--image-size", "16", "--epochs", "2", "--batch-size", "8", *TINY_MODEL, "--set", "train.amp=true"]
+    assert main(["train", "--data", str(data), "--out", str(run), *tiny]) == 0
+    assert read_run_metrics(run / "metrics.json").protocol.precision == "bfloat16"
+    assert main(["export", str(run)]) == 0
+    held = write_folder(tmp_path / "held", samples_per_class=3, patches=4, seed=11)
+    capsys.readouterr()
+    answers = []
+    for backend in ("torch", "onnx"):
+        assert main(["predict", str(run), str(held), "--format", "json", "--backend", backend]) == 0
+        answers.append([r for r in json.loads(capsys.readouterr().out) if "class" in r])
+    torch_rows, onnx_rows = answers
+    assert len(torch_rows) == 3 * 3 * 4 and [r["class"] for r in torch_rows] == [r["class"] for r in onnx_rows]
+    assert max(abs(a[c] - b[c]) for a, b in zip(*answers, strict=True) for c in ("H1", "H2", "H3")) < 1e-4

@@ -42,6 +42,7 @@ from defungi.train.loop import (
     feature_batches,
     feature_rows,
     image_batches,
+    inference_precision,
     module_inputs,
     precision_name,
     probabilities,
@@ -565,7 +566,7 @@ def _cached_inputs(
     if preprocess.normalize in ("image", "luma"):  # per-image normalisation: mean/std unused
         prep = {k: v for k, v in prep.items() if k not in ("mean", "std")}
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data.paths]
-    precision = precision_name(device, tc.amp)
+    precision = precision_name(device, inference_precision(device, tc.amp))
     what = [tc.model, tc.model_args, source, module, prep, precision, files] + ([view] if view else [])
     key = hashlib.sha1(json.dumps(what).encode())
     path = default_cache_dir() / "features" / f"{key.hexdigest()[:16]}.npy"

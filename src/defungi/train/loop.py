@@ -91,6 +91,12 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def inference_precision(device: torch.device, enabled: bool) -> bool:
+    """Whether answers (no gradient) use mixed precision: on GPUs; never on CPUs, where they are
+    computed in fp32 like the exported ONNX model, so that both backends decide alike."""
+    return enabled and device.type != "cpu"
+
+
 class Batch(NamedTuple):
     """One training batch, on the device and ready for the forward function."""
 
@@ -225,13 +231,14 @@ def probabilities(
     desc: str = "predict",
     class_weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Class probabilities of model for batches of inputs (images, or cached module inputs); tta
+    """Class probabilities of model for batches of inputs (images, or cached module inputs), in mixed
+    precision only on GPUs (see inference_precision); tta
     averages the 8 flips/rotations; class_weights (see prior_weights) rescale and renormalise them."""
     model.eval()
     out = []
     bar = progress_bar(n_batches, desc)
     for x in inputs:
-        with autocast(device, amp):
+        with autocast(device, inference_precision(device, amp)):
             views = range(8) if tta else range(1)
             probs = sum(F.softmax(model(dihedral(x, k)).float(), dim=1) for k in views) / len(views)
         out.append(probs.cpu().numpy())
@@ -282,7 +289,7 @@ def module_inputs(
     try:
         bar = progress_bar(-(-len(images) // batch_size), "features")
         for x in image_inputs(images, preprocess, device, batch_size, channels_last):
-            with autocast(device, amp):
+            with autocast(device, inference_precision(device, amp)):
                 model(dihedral(x, view))
             bar.update(1)
         bar.close()

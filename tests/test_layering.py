@@ -1,11 +1,15 @@
 """Data flows one way: config -> data -> model -> train -> experiments -> report -> jobs -> cli."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import defungi
+from tests.conftest import SRC
 
 PACKAGE = Path(defungi.__file__).parent
 FORBIDDEN = {  # unit -> what it must not import
@@ -32,3 +36,19 @@ def _imports(unit: str) -> set[str]:
 @pytest.mark.parametrize("unit", sorted(FORBIDDEN))
 def test_nothing_lower_imports_anything_higher(unit: str):
     assert not _imports(unit) & FORBIDDEN[unit]
+
+
+# each module of report/, and the layout, imported in a fresh interpreter: none of them may pull torch in
+TORCH_FREE = {
+    "report": "import pkgutil, defungi.report as r\n"
+    "for m in pkgutil.iter_modules(r.__path__): __import__(f'defungi.report.{m.name}')",
+    "layout": "import defungi.layout",
+}
+
+
+@pytest.mark.parametrize("unit", sorted(TORCH_FREE))
+def test_reports_and_the_layout_import_without_torch(unit: str):
+    code = f"{TORCH_FREE[unit]}\nimport sys\nassert 'torch' not in sys.modules, 'torch imported'"
+    env = os.environ | {"PYTHONPATH": str(SRC)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -46,7 +46,8 @@ from defungi.train.loop import (
     train_one_epoch,
 )
 from defungi.train.metrics import classification_metrics, prior_weights, scored, weighted
-from defungi.utils import atomic_save_npy, exclusive_lock, resolve_device, seed_everything
+from defungi.train.runtime import resolve_device, seed_everything
+from defungi.utils import atomic_save_npy, exclusive_lock
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from defungi.models import create_model, model_entry
 from defungi.models.ensemble import Ensemble
 from defungi.train.loop import Preprocess
 from defungi.train.metrics import prior_weights
-from defungi.utils import atomic_torch_save, atomic_write_json, atomic_write_text, exclusive_lock, resolve_device
+from defungi.train.runtime import atomic_torch_save, resolve_device
+from defungi.utils import atomic_write_json, atomic_write_text, exclusive_lock
 
 log = logging.getLogger(__name__)
 

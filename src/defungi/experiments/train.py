@@ -25,7 +25,8 @@ from defungi.layout import EvaluationLayout, RunLayout, read_json, read_predicti
 from defungi.train import distributed
 from defungi.train.loop import evaluate, predict_proba
 from defungi.train.metrics import calibrated, scored
-from defungi.utils import atomic_write_json, resolve_device
+from defungi.train.runtime import resolve_device
+from defungi.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -52,3 +52,38 @@ def test_reports_and_the_layout_import_without_torch(unit: str):
     env = os.environ | {"PYTHONPATH": str(SRC)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports (at the top or inside a function)."""
+    names = {
+        ".".join(("defungi", *f.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): f
+        for f in PACKAGE.rglob("*.py")
+    }
+    graph = {}
+    for name, f in names.items():
+        found = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:  # `from package import module` names the module
+                found |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module for a in node.names
+                }
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = found & set(names) - {name}
+    return graph
+
+
+def test_no_module_imports_itself_back():
+    graph = _module_imports()
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo += graph[module]
+        return seen
+
+    assert not [m for m in sorted(graph) if m in reachable(m)]

@@ -146,8 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from defungi.serve.predict import by_specimen, predict, specimen_metrics
-    from defungi.serve.predictor import open_predictor
+    from defungi.serve.predict import by_specimen, open_predictor, predict, specimen_metrics
 
     if args.group_by not in ("name", "folder"):
         try:

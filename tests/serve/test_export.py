@@ -9,7 +9,7 @@ import pytest
 from defungi.cli import main
 from defungi.errors import DefungiError
 from defungi.serve.lite import dihedral_nhwc
-from defungi.serve.predictor import open_predictor
+from defungi.serve.predict import open_predictor
 from tests.conftest import write_folder
 
 

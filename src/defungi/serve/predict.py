@@ -13,10 +13,24 @@ from defungi.data.cache import DECODE_ERRORS, decode_one
 from defungi.data.quality import low_variance
 from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
-from defungi.serve.predictor import Predictor
+from defungi.layout import RunLayout
+from defungi.serve.lite import onnx_predictor
+from defungi.serve.predictor import Predictor, torch_predictor
 from defungi.train.metrics import classification_metrics, temper
 
 log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx")
+
+
+def open_predictor(source: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
+    """The model of a run folder with PyTorch, or with onnxruntime from SOURCE/model.onnx (or a .onnx file)."""
+    if backend == "onnx":
+        path = Path(source)
+        return onnx_predictor(RunLayout(path).onnx if path.is_dir() else path)
+    if backend != "torch":
+        raise DefungiError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
+    return torch_predictor(source, device)
 
 
 def expand_paths(paths: list[str | Path]) -> list[Path]:

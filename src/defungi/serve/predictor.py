@@ -1,6 +1,7 @@
 """A trained model as `predict` and the web page use it: its classes, input size, variance
 threshold, temperature and a function from uint8 images to class probabilities. It comes from a
-run folder (PyTorch) or from an exported ONNX file (onnxruntime; torch is then never imported)."""
+run folder (PyTorch, here) or from an exported ONNX file (`serve.lite`: onnxruntime; torch is then
+never imported); `serve.predict.open_predictor` picks one."""
 
 from __future__ import annotations
 
@@ -11,11 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from defungi.errors import DefungiError
 from defungi.layout import RunLayout, read_json
 from defungi.train.metrics import prior_weights, weighted
-
-BACKENDS = ("torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -50,18 +48,6 @@ def run_temperature(run_dir: str | Path) -> float:
     """The temperature fitted on the run's validation part (1.0 for a run without one)."""
     path = RunLayout(Path(run_dir)).metrics
     return float(read_json(path).get("temperature", {}).get("temperature", 1.0)) if path.exists() else 1.0
-
-
-def open_predictor(source: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
-    """The model of a run folder with PyTorch, or with onnxruntime from SOURCE/model.onnx (or a .onnx file)."""
-    if backend == "onnx":
-        from defungi.serve.lite import onnx_predictor
-
-        path = Path(source)
-        return onnx_predictor(RunLayout(path).onnx if path.is_dir() else path)
-    if backend != "torch":
-        raise DefungiError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
-    return torch_predictor(source, device)
 
 
 def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:

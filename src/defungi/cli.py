@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +83,7 @@ RESUME_FIXED += ("cv_folds", "weights", "pretrained")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from defungi.jobs import resume_job, train_job
+    from defungi.report.page import metrics_line as _metrics_line
 
     if args.resume:
         fixed = [k for k, v in vars(args).items() if k in RESUME_FIXED and v not in (None, False)]
@@ -112,20 +111,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _metrics_line(name: str, m: dict[str, Any]) -> str:
-    """Accuracy and macro P / R / F1, each with its 95% interval over samples where there is one."""
-    intervals = m.get("intervals", {})
-
-    def value(key: str) -> str:
-        low_high = f" [{intervals[key][0]:.3f}, {intervals[key][1]:.3f}]" if key in intervals else ""
-        return f"{m[key]:.3f}{low_high}"
-
-    scores = "  ".join(f"{key.replace('f1', 'F1')} {value(key)}" for key in ("accuracy", "precision", "recall", "f1"))
-    return f"{name}: {scores}  (n={m['n']})"
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from defungi.jobs import evaluate_job
+    from defungi.report.page import metrics_line as _metrics_line
 
     metrics = evaluate_job(
         Path(args.run_dir), Path(args.data), Path(args.out) if args.out else None, args.tta, args.prior_weight
@@ -146,40 +134,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from defungi.serve.predict import by_specimen, open_predictor, predict, specimen_metrics
+    from defungi.serve.format import format_predictions
+    from defungi.serve.predict import predict_files
 
-    if args.group_by not in ("name", "folder"):
-        try:
-            re.compile(args.group_by)
-        except re.error as exc:
-            raise DefungiError(f"--group-by {args.group_by}: not a regular expression ({exc})") from None
-    model = open_predictor(args.run_dir, args.backend)
-    rows, classes = predict(model, args.paths, args.tta, args.prior_weight, args.abstain), model.classes
-    temperature = model.temperature
-    specimens = by_specimen(rows, classes, args.group_by, args.abstain, temperature) if args.by_sample else None
-    metrics = specimen_metrics(specimens, classes) if specimens is not None else None
-    if args.format == "json":
-        print(json.dumps(rows if specimens is None else {"specimens": specimens, "metrics": metrics}, indent=2))
-        return 0
-    if args.format == "csv":
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["level", "specimen", "path", "label", "class", "decision", "confidence", *classes, "status"])
-        for level, specimen, r in _levels(rows, specimens):
-            cells = [r.get(k, "") for k in ("path", "label", "class", "decision", "confidence", *classes)]
-            writer.writerow([level, specimen, *["" if c is None else c for c in cells], _status(r)])
-        return 0
-    width = max(len(r["path"]) for r in rows) + 2
-    print(f"{'path':<{width}}  {'decision':>9}  {'conf':>5}  " + "  ".join(f"{c:>6}" for c in classes))
-    for level, _, r in _levels(rows, specimens):
-        name = r["path"] if level != "specimen" else r["specimen"]
-        name = f"  {name}" if level == "image" and specimens is not None else name
-        if "class" in r:
-            probs = "  ".join(f"{r[c]:6.3f}" for c in classes)
-            print(f"{name:<{width}}  {r['decision']:>9}  {r['confidence']:5.2f}  {probs}{_count(r)}")
-        else:
-            print(f"{name:<{width}}  {_status(r)}{_count(r)}")
-    if metrics is not None:
-        print(_metrics_line(f"per specimen ({metrics['n']} with a known class)", metrics))
+    result = predict_files(
+        args.run_dir, args.paths, args.backend, args.tta, args.prior_weight, args.abstain, args.by_sample, args.group_by
+    )
+    print(format_predictions(result, args.format), end="")
     return 0
 
 
@@ -207,29 +168,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.run_dir, args.host, args.port)
     return 0
-
-
-def _levels(
-    rows: list[dict[str, Any]], specimens: list[dict[str, Any]] | None
-) -> list[tuple[str, str, dict[str, Any]]]:
-    """(level, specimen, row): every image, or every specimen followed by its images."""
-    if specimens is None:
-        return [("image", "", r) for r in rows]
-    return [
-        (lvl, s["specimen"], r) for s in specimens for lvl, r in [("specimen", s), *(("image", r) for r in s["rows"])]
-    ]
-
-
-def _status(row: dict[str, Any]) -> str:
-    return row.get("error") or row.get("status") or ""
-
-
-def _count(row: dict[str, Any]) -> str:
-    """For a specimen: how many of its images decided it."""
-    if "images" not in row:
-        return ""
-    fungus = f", {row['no_fungus']} with no fungus visible" if row["no_fungus"] else ""
-    return f"  ({row['classified']} of {row['images']} images{fungus})"
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -296,31 +234,23 @@ def _seconds(text: str) -> int:
 
 def cmd_curve(args: argparse.Namespace) -> int:
     from defungi.jobs import curve_job
+    from defungi.report.search import curve_summary
 
     result = curve_job(_config(args), Path(args.out), args.fraction, args.sizes, args.cv)
-    for j, size in enumerate(result.train_fractions):
-        val = [row[j] for row in result.val_f1]
-        images = sum(row[j] for row in result.train_size) / len(val)
-        print(f"{size:>5.0%} of training ({images:.0f} images): validation macro-F1 {sum(val) / len(val):.3f}")
-    print(f"figures: {args.out}/learning_curve.png, {args.out}/epoch_curves.png")
+    print(curve_summary(result.to_dict(), Path(args.out)))
     return 0
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from defungi.jobs import grid_job
+    from defungi.report.search import grid_summary
 
     grid = {"train.batch_size": args.batch_sizes, "train.lr": args.lrs}
     for item in args.param or []:
         key, _, values = item.partition("=")
         grid[key] = [json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" else v for v in values.split(",")]
     result = grid_job(_config(args), Path(args.out), args.fraction, grid, args.storage, args.heartbeat)
-    print(
-        f"{result.trials_before} cells done before, {result.trials_run} fitted by this worker "
-        f"(Optuna study {result.study_name})"
-    )
-    for r in sorted(result.rows, key=lambda r: -r["val_f1"]):
-        print("  " + "  ".join(f"{k.split('.')[-1]}={r[k]}" for k in grid) + f"  val macro-F1 {r['val_f1']:.3f}")
-    print(f"best: {result.best}  (heat map: {args.out}/grid.png)")
+    print(grid_summary(result.to_dict(), Path(args.out)))
     return 0
 
 

@@ -46,19 +46,27 @@ def metrics_table(rows: dict[str, dict[str, Any]], keys: Sequence[str] = METRICS
     )
 
 
+def with_interval(scores: dict[str, Any], key: str) -> str:
+    """A metric and its 95% interval where it has one, e.g. '0.812 [0.770, 0.851]' (blank when missing)."""
+    if scores.get(key) is None:
+        return ""
+    low_high = scores.get("intervals", {}).get(key)
+    return f"{scores[key]:.3f}" + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
+
+
 def interval_table(rows: dict[str, dict[str, Any]], keys: Sequence[str] = METRICS) -> Table:
     """One row per named result: its size and each metric with its 95% interval where it has one."""
-
-    def cell(r: dict[str, Any], k: str) -> str:
-        if r.get(k) is None:
-            return ""
-        low_high = r.get("intervals", {}).get(k)
-        return f"{r[k]:.3f}" + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
-
     return Table(
         ["", "n", *(f"{k} [95% interval]" for k in keys)],
-        [[name, str(r.get("n", "")), *(cell(r, k) for k in keys)] for name, r in rows.items()],
+        [[name, str(r.get("n", "")), *(with_interval(r, k) for k in keys)] for name, r in rows.items()],
     )
+
+
+def metrics_line(name: str, scores: dict[str, Any]) -> str:
+    """One line for a terminal: accuracy and macro P / R / F1, each with its 95% interval over
+    samples where there is one, and the number scored."""
+    values = "  ".join(f"{k.replace('f1', 'F1')} {with_interval(scores, k)}" for k in METRICS)
+    return f"{name}: {values}  (n={scores['n']})"
 
 
 def difference_table(difference: dict[str, Any], keys: Sequence[str] = ("f1", "accuracy")) -> Table:

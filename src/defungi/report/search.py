@@ -1,11 +1,16 @@
-"""Figures of a stand-alone learning curve or grid search, from its JSON file."""
+"""Figures of a stand-alone learning curve or grid search, from its JSON file, and what the
+command prints of it."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from defungi.layout import SearchLayout, read_json
 from defungi.report.plots import plot_epoch_curves, plot_grid, plot_learning_curve
+
+CURVE_FIGURES = ("learning_curve", "epoch_curves")
+GRID_FIGURE = "grid"
 
 
 def render_curve(out_dir: str | Path, title: str) -> list[Path]:
@@ -15,9 +20,10 @@ def render_curve(out_dir: str | Path, title: str) -> list[Path]:
     label = f"{curve['cv']}-fold CV" if curve["cv"] >= 2 else "validation set"
     histories = [h for fold in curve["histories"] for h in fold]
     labels = [f"fold {f + 1}, {s:.0%}" for f in range(curve["folds"]) for s in curve["train_fractions"]]
+    learning, epochs = (layout.figure(name) for name in CURVE_FIGURES)
     return [
-        plot_learning_curve({label: curve}, layout.figure("learning_curve"), f"{title} ({label})"),
-        plot_epoch_curves(histories, labels, layout.figure("epoch_curves")),
+        plot_learning_curve({label: curve}, learning, f"{title} ({label})"),
+        plot_epoch_curves(histories, labels, epochs),
     ]
 
 
@@ -38,4 +44,28 @@ def render_grid(out_dir: str | Path, title: str) -> list[Path]:
                 best[cell] = r
         rows = list(best.values())
         title = f"{title} (best over {', '.join(k.split('.')[-1] for k in others)})"
-    return [plot_grid(rows, x, y, layout.figure("grid"), title=title)]
+    return [plot_grid(rows, x, y, layout.figure(GRID_FIGURE), title=title)]
+
+
+def curve_summary(curve: dict[str, Any], out_dir: Path) -> str:
+    """Lines for a terminal: the mean validation macro-F1 (over folds) per training fraction, and the figures."""
+    lines = []
+    for j, size in enumerate(curve["train_fractions"]):
+        val = [row[j] for row in curve["val_f1"]]
+        images = sum(row[j] for row in curve["train_size"]) / len(val)
+        lines.append(f"{size:>5.0%} of training ({images:.0f} images): validation macro-F1 {sum(val) / len(val):.3f}")
+    figures = ", ".join(str(SearchLayout(out_dir).figure(name)) for name in CURVE_FIGURES)
+    return "\n".join([*lines, f"figures: {figures}"])
+
+
+def grid_summary(grid: dict[str, Any], out_dir: Path) -> str:
+    """Lines for a terminal: what this worker fitted, every cell best first, and the best cell."""
+    lines = [
+        f"{grid['trials_before']} cells done before, {grid['trials_run']} fitted by this worker "
+        f"(Optuna study {grid['study_name']})"
+    ]
+    for r in sorted(grid["rows"], key=lambda r: -r["val_f1"]):
+        cell = "  ".join(f"{k.split('.')[-1]}={r[k]}" for k in grid["grid"])
+        lines.append(f"  {cell}  val macro-F1 {r['val_f1']:.3f}")
+    lines.append(f"best: {grid['best']}  (heat map: {SearchLayout(out_dir).figure(GRID_FIGURE)})")
+    return "\n".join(lines)

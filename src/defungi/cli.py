@@ -274,17 +274,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+Commands = argparse._SubParsersAction  # what add_subparsers returns (argparse gives it no public name)
+
 PRIOR_HELP = (
     "weight of the training class frequencies in the decision, 0..1 "
     "(default: as trained; 0 treats the classes as equally common)"
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="defungi", description="Classify microscope images of fungi (DeFungi).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _train_parser(sub: Commands) -> None:
+    """defungi train: one model into a run folder (or --resume it)."""
     p = sub.add_parser("train", help="train one model into a run folder")
     _add_config_flags(p)
     p.add_argument("--out", help="run folder to create")
@@ -294,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its folder")
     p.set_defaults(func=cmd_train)
 
+
+def _evaluate_parser(sub: Commands) -> None:
+    """defungi evaluate: a trained run scored on a labelled folder."""
     p = sub.add_parser("evaluate", help="score a trained run on a labelled folder")
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="folder of class folders (images the model never saw)")
@@ -308,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _predict_parser(sub: Commands) -> None:
+    """defungi predict: class and probabilities per image, or per specimen."""
     p = sub.add_parser("predict", help="class and probabilities for images or folders")
     p.add_argument("run_dir")
     p.add_argument("paths", nargs="+")
@@ -339,12 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
+
+def _export_parser(sub: Commands) -> None:
+    """defungi export: the run's model as ONNX."""
     p = sub.add_parser("export", help="the run's model as ONNX, checked against PyTorch on the run's images")
     p.add_argument("run_dir")
     p.add_argument("--out", help="ONNX file to write (default: RUN_DIR/model.onnx)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
     p.set_defaults(func=cmd_export)
 
+
+def _explain_parser(sub: Commands) -> None:
+    """defungi explain: Grad-CAM figures."""
     p = sub.add_parser("explain", help="Grad-CAM figures: where the evidence for the predicted class lies")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+", help="image files or folders")
@@ -353,12 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
     p.set_defaults(func=cmd_explain)
 
+
+def _serve_parser(sub: Commands) -> None:
+    """defungi serve: the local web page."""
     p = sub.add_parser("serve", help="a local web page: drop a specimen's images, see classes, Grad-CAM, decision")
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
 
+
+def _data_parser(sub: Commands) -> None:
+    """defungi data fetch | audit."""
     p = sub.add_parser("data", help="data set utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help="download the public DeFungi release (UCI id 773)")
@@ -371,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--variance-threshold", type=float, default=15.0, help="outliers: grey variance under this (15)")
     a.set_defaults(func=cmd_audit)
 
+
+def _curve_parser(sub: Commands) -> None:
+    """defungi curve: a learning curve."""
     p = sub.add_parser("curve", help="learning curve: validation macro-F1 and loss against training-set size")
     _add_config_flags(p)
     p.add_argument("--out", required=True)
@@ -381,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv", type=int, default=0, help="K-fold cross-validation (0: one validation set)")
     p.set_defaults(func=cmd_curve)
 
+
+def _grid_parser(sub: Commands) -> None:
+    """defungi grid: a grid search, shared by workers through --storage."""
     p = sub.add_parser("grid", help="grid search over batch size x learning rate (Optuna, resumable)")
     _add_config_flags(p)
     p.add_argument("--out", required=True)
@@ -402,12 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_grid)
 
+
+def _study_parser(sub: Commands) -> None:
+    """defungi study NAME: a published study."""
     p = sub.add_parser("study", help="a published study, every step, resumable, ending in a report")
     p.add_argument("name", choices=["resnet34", "convmixer"])
     _add_config_flags(p, model=False)
     p.add_argument("--out", help="study folder (default: runs/study-NAME)")
     p.set_defaults(func=cmd_study)
 
+
+def _report_parser(sub: Commands) -> None:
+    """defungi report: pages and figures redrawn from folders."""
     p = sub.add_parser(
         "report", help="redraw a run or study folder from its files, or one page with both studies' final models"
     )
@@ -420,11 +449,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/report")
     p.set_defaults(func=cmd_report)
 
+
+def _run_parser(sub: Commands) -> None:
+    """defungi run: the main job."""
     p = sub.add_parser("run", help="the main job: both studies (resumable), then the combined report")
     p.add_argument("--data")
     p.add_argument("--out", default="runs/main")
     p.add_argument("--profile", default="quick")
     p.set_defaults(func=cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `defungi` command line: its global options and one sub-command per job."""
+    parser = argparse.ArgumentParser(prog="defungi", description="Classify microscope images of fungi (DeFungi).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _train_parser,
+        _evaluate_parser,
+        _predict_parser,
+        _export_parser,
+        _explain_parser,
+        _serve_parser,
+        _data_parser,
+        _curve_parser,
+        _grid_parser,
+        _study_parser,
+        _report_parser,
+        _run_parser,
+    ):
+        add(sub)
     return parser
 
 

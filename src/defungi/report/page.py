@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defungi.layout import PageLayout
 from defungi.utils import atomic_write_text
 
 METRICS = ("accuracy", "precision", "recall", "f1")
@@ -85,7 +86,7 @@ def difference_table(difference: dict[str, Any], keys: Sequence[str] = ("f1", "a
 
 @dataclass
 class Page:
-    """Blocks in order; `write` renders them as report.html and report.md in a folder."""
+    """Blocks in order; `write` renders them as HTML and Markdown (report.html and report.md in a folder)."""
 
     title: str
     blocks: list[tuple[str, Any]] = field(default_factory=list)
@@ -105,8 +106,10 @@ class Page:
     def figure(self, path: Path) -> None:
         self.blocks.append(("figure", Path(path)))
 
-    def write(self, out_dir: Path, stem: str = "report") -> Path:
-        """report.html and report.md in out_dir; returns the HTML path."""
+    def write(self, out: Path | PageLayout) -> Path:
+        """The page where a layout says, or as report.html and report.md in a folder; returns the HTML path."""
+        layout = out if isinstance(out, PageLayout) else PageLayout(out)
+        out_dir = layout.root
         out_dir.mkdir(parents=True, exist_ok=True)
         body, md = [f"<h1>{html.escape(self.title)}</h1>"], [f"# {self.title}\n"]
         for kind, value in self.blocks:
@@ -128,6 +131,6 @@ class Page:
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
         )
-        atomic_write_text(out_dir / f"{stem}.md", "\n".join(md))
-        atomic_write_text(out_dir / f"{stem}.html", page)
-        return out_dir / f"{stem}.html"
+        atomic_write_text(layout.markdown, "\n".join(md))
+        atomic_write_text(layout.html, page)
+        return layout.html

@@ -13,8 +13,8 @@ from defungi.serve.predict import open_predictor
 from tests.conftest import write_folder
 
 
-def test_exported_model_matches_pytorch_and_predicts_without_torch(trained_run: Path, tmp_path: Path, capsys):
-    assert main(["export", str(trained_run)]) == 0
+def test_exported_model_matches_pytorch_and_predicts_without_torch(tiny_run_copy: Path, tmp_path: Path, capsys):
+    assert main(["export", str(tiny_run_copy)]) == 0
     printed = capsys.readouterr().out
     assert "model.onnx (ONNX opset 17)" in printed and "images of the run's split.csv" in printed
     assert float(printed.rsplit(": ", 1)[1]) <= 1e-4
@@ -22,7 +22,7 @@ def test_exported_model_matches_pytorch_and_predicts_without_torch(trained_run: 
     for tta in ("--tta", "--no-tta"):
         answers = []
         for backend in ("torch", "onnx"):
-            assert main(["predict", str(trained_run), str(held), "--format", "json", tta, "--backend", backend]) == 0
+            assert main(["predict", str(tiny_run_copy), str(held), "--format", "json", tta, "--backend", backend]) == 0
             answers.append(json.loads(capsys.readouterr().out))
         torch_rows, onnx_rows = answers
         assert [r.get("class") for r in torch_rows] == [r.get("class") for r in onnx_rows]
@@ -36,7 +36,7 @@ def test_exported_model_matches_pytorch_and_predicts_without_torch(trained_run: 
         assert max(diffs) < 1e-4
     script = (
         "import sys\nfrom defungi.cli import main\n"
-        f"code = main(['predict', {str(trained_run)!r}, {str(held)!r}, '--backend', 'onnx', '--by-sample'])\n"
+        f"code = main(['predict', {str(tiny_run_copy)!r}, {str(held)!r}, '--backend', 'onnx', '--by-sample'])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(code)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -55,7 +55,7 @@ def test_dihedral_views_match_the_training_ones():
         assert np.array_equal(dihedral_nhwc(x, k), ours)
 
 
-def test_missing_or_foreign_onnx_file_is_one_clear_error(trained_run: Path, tmp_path: Path):
+def test_missing_or_foreign_onnx_file_is_one_clear_error(tmp_path: Path):
     with pytest.raises(DefungiError, match="defungi export"):
         open_predictor(tmp_path, "onnx")
     bogus = tmp_path / "other.onnx"

@@ -1,10 +1,14 @@
-"""Tiny generated DeFungi-like folders, so that tests are fast and need no real data."""
+"""Tiny generated DeFungi-like folders, so that tests are fast and need no real data, and the one
+tiny recipe that every test that trains starts from."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +16,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from defungi.cli import main
+from defungi.config import Config, load_config
+
 CLASSES = ("H1", "H2", "H3")
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "defungi"  # the real images, where CI has them
 
-# the smallest ConvMixer, for CLI fits on tiny images: "defungi train ... *TINY_MODEL"
-TINY_MODEL = [
-    "--model",
-    "convmixer",
-    "--set",
-    'train.model_args={"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}',
-]
+# THE tiny recipe: the smallest ConvMixer on 16 px images, 2 epochs of batches of 8 (config keys); a
+# test changes what it is about through `over` (tiny_config, tiny_args), never a recipe of its own
+TINY = {
+    "data.image_size": 16,
+    "train.model": "convmixer",
+    "train.model_args": {"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4},
+    "train.epochs": 2,
+    "train.batch_size": 8,
+}
+FLAGS = {  # config keys that a training command takes as options of their own (a later one wins)
+    "data.image_size": "--image-size",
+    "train.model": "--model",
+    "train.epochs": "--epochs",
+    "train.batch_size": "--batch-size",
+    "train.device": "--device",
+}
 SRC = Path(__file__).resolve().parents[1] / "src"  # for subprocesses: PYTHONPATH
 
 
@@ -86,6 +102,47 @@ def write_folder(
                 make_image(rng, c, size).save(folder / f"{name}_{s + 1}a_{p + 1}.jpg", quality=95)
     Image.new("RGB", (size, size), (128, 128, 128)).save(root / classes[0] / f"{classes[0]}_99a_1.jpg")
     return root
+
+
+def tiny_config(data: Path, over: dict[str, Any] | None = None) -> Config:
+    """The tiny recipe as a config on the folder data, with over (dotted keys) changed."""
+    return load_config("quick", {"data.root": str(data), **TINY, **(over or {})})
+
+
+def tiny_args(over: dict[str, Any] | None = None) -> list[str]:
+    """The tiny recipe as options of `defungi train` (or grid, curve), with over changed: a key's own
+    option where it has one (so that a later one on the command line still wins), else --set."""
+    args = []
+    for key, value in (TINY | (over or {})).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        args += [FLAGS[key], text] if key in FLAGS else ["--set", f"{key}={text}"]
+    return args
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """A finished run of the tiny recipe and the generated folder it was trained on."""
+
+    data: Path
+    run: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """The tiny recipe trained once per session, in fp32 wherever the tests run (as the ONNX
+    comparison needs), for the tests that only read a trained run (tiny_run_copy for the others)."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = write_folder(root / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEFUNGI_CACHE", str(root / "cache"))
+        assert main(["train", "--data", str(data), "--out", str(root / "run"), *tiny_args({"train.amp": False})]) == 0
+    return TinyRun(data, root / "run")
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run: TinyRun, tmp_path: Path) -> Path:
+    """A copy of tiny_run's folder for a test that writes into it (evaluations, an exported model)."""
+    return Path(shutil.copytree(tiny_run.run, tmp_path / "tiny-run"))
 
 
 @pytest.fixture

@@ -32,9 +32,9 @@ from defungi.data.dataset import load_dataset
 from defungi.data.scan import scan
 from defungi.experiments.rundir import RunDir
 from defungi.results.run import read_run_metrics
-from tests.conftest import TINY_MODEL, make_image, write_folder
+from tests.conftest import TinyRun, make_image, tiny_args, write_folder
 
-TINY = ["--image-size", "16", "--epochs", "1", "--batch-size", "8", *TINY_MODEL]
+TINY = tiny_args({"train.epochs": 1})
 
 
 def _cli(case: str, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -74,17 +74,6 @@ def refused(capsys: pytest.CaptureFixture) -> Iterator[Callable[[str, list[Any],
 
     yield check
     assert not misses, misses
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny data folder and a finished run trained on it."""
-    root = tmp_path_factory.mktemp("corpus")
-    data = write_folder(root / "data", samples_per_class=5, patches=3)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DEFUNGI_CACHE", str(root / "cache"))
-        assert main(["train", "--data", str(data), "--out", str(root / "run"), *TINY]) == 0
-    return data, root / "run"
 
 
 def _train(data: Path, out: Path, *extra: str) -> list[str]:
@@ -153,8 +142,8 @@ def test_a_batch_larger_than_the_training_part_is_refused_and_the_corrected_comm
     assert code == 0 and (cv / "oof.csv").exists()
 
 
-def test_grid_and_predict_options(trained: tuple[Path, Path], tmp_path: Path, refused):
-    data, run = trained
+def test_grid_and_predict_options(tiny_run: TinyRun, tmp_path: Path, refused):
+    data, run = tiny_run.data, tiny_run.run  # every case is refused before it writes
     grid = ["grid", "--data", data, "--out", tmp_path / "g", *TINY]
     refused("grid --batch-sizes 0", [*grid, "--batch-sizes", "0"], "give positive integers")
     refused("grid --storage notaurl", [*grid, "--storage", "notaurl"], "not a usable database URL")
@@ -168,9 +157,8 @@ def test_grid_and_predict_options(trained: tuple[Path, Path], tmp_path: Path, re
 # ---- resume: the same run, the same data ---------------------------------------------------------
 
 
-def test_resume_takes_no_options(trained: tuple[Path, Path], refused):
-    _, run = trained
-    argv = ["train", "--resume", run, "--epochs", "7", "--lr", "0.5"]
+def test_resume_takes_no_options(tiny_run: TinyRun, refused):
+    argv = ["train", "--resume", tiny_run.run, "--epochs", "7", "--lr", "0.5"]
     refused("--resume with --epochs --lr", argv, "drop --epochs, --lr")
 
 
@@ -320,8 +308,8 @@ def test_a_class_with_no_usable_image_refuses_training(tiny_data: Path, tmp_path
     refused("a class whose files are all unreadable", _train(tiny_data, tmp_path / "run"), "class H3 has no")
 
 
-def test_one_class_evaluation_folder_scores_the_classes_present(trained: tuple[Path, Path], tmp_path: Path, capsys):
-    _, run = trained
+def test_one_class_evaluation_folder_scores_the_classes_present(tiny_run_copy: Path, tmp_path: Path, capsys):
+    run = tiny_run_copy  # evaluate writes into RUN/evaluations
     one = write_folder(tmp_path / "one", samples_per_class=2, patches=2, classes=("H2",), seed=3)
     (one / "H2" / "H2_99a_1.jpg").unlink()
     code, _, out = _cli("evaluate on a one-class folder", ["evaluate", run, "--data", one, "--json"], capsys)
@@ -329,15 +317,14 @@ def test_one_class_evaluation_folder_scores_the_classes_present(trained: tuple[P
     assert code == 0 and metrics["scores"]["absent_classes"] == ["H1", "H3"] and metrics["scores"]["n"] == 4
 
 
-def test_evaluations_of_two_folders_with_one_name_are_kept_apart(trained: tuple[Path, Path], tmp_path: Path, capsys):
-    _, run = trained
+def test_evaluations_of_two_folders_with_one_name_are_kept_apart(tiny_run_copy: Path, tmp_path: Path, capsys):
+    run = tiny_run_copy
     for parent in ("a", "b"):
         folder = write_folder(tmp_path / parent / "base", samples_per_class=1, patches=2, seed=ord(parent))
         assert main(["evaluate", str(run), "--data", str(folder)]) == 0
     capsys.readouterr()
     made = sorted(p.name for p in (run / "evaluations").iterdir() if p.name.startswith("base"))
     assert len(made) == 2 and made[0] == "base"
-    shutil.rmtree(run / "evaluations")
 
 
 def test_a_near_blank_16_bit_image_is_excluded_like_its_8_bit_twin(tmp_path: Path):

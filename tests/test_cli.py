@@ -6,20 +6,9 @@ import pytest
 
 from defungi.cli import main
 from defungi.results.run import read_run_metrics
-from tests.conftest import write_folder
+from tests.conftest import tiny_args, write_folder
 
-TRAIN = [
-    "--image-size",
-    "24",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "16",
-    "--model",
-    "convmixer",
-    "--set",
-    'train.model_args={"dim": 16, "depth": 1, "kernel_size": 3, "patch_size": 4}',
-]
+TRAIN = tiny_args()
 
 
 def _one_line_error(capsys: pytest.CaptureFixture, code: int, needle: str) -> None:
@@ -28,10 +17,8 @@ def _one_line_error(capsys: pytest.CaptureFixture, code: int, needle: str) -> No
     assert err.startswith("defungi: error:") and "\n" not in err and needle in err, err
 
 
-def test_train_evaluate_predict(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(run), *TRAIN]) == 0
-    assert "F1" in capsys.readouterr().out
+def test_evaluate_and_predict_a_trained_run(tiny_run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    run = tiny_run_copy  # evaluate writes into RUN/evaluations
     unseen = write_folder(tmp_path / "unseen", samples_per_class=1, patches=2, seed=5)
     assert main(["evaluate", str(run), "--data", str(unseen), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["scores"]["n"] == 6
@@ -55,6 +42,7 @@ def test_resume_of_a_finished_run_reads_it_back(tiny_data: Path, tmp_path: Path,
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny_data), "--out", str(run), *TRAIN]) == 0
     first = capsys.readouterr().out
+    assert "F1" in first and f"run folder: {run}" in first
     stamps = {name: (run / name).stat().st_mtime_ns for name in ("best.pt", "last.pt", "metrics.json")}
     assert main(["train", "--resume", str(run)]) == 0
     assert capsys.readouterr().out == first  # the same metrics line and folder
@@ -90,8 +78,7 @@ def test_one_cell_grid(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFi
         "16",
         "--lrs",
         "1e-3",
-        *TRAIN[:4],
-        *TRAIN[6:],
+        *TRAIN,
     ]
     assert main(args) == 0
     assert "0 cells done before, 1 fitted by this worker" in capsys.readouterr().out
@@ -130,9 +117,8 @@ def test_evaluate_and_predict_without_a_run(tmp_path: Path, tiny_data: Path, cap
     _one_line_error(capsys, main(["predict", str(tmp_path), str(tiny_data)]), "no checkpoint")
 
 
-def test_report_redraws_a_run_folder_from_its_files(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(run), *TRAIN]) == 0
+def test_report_redraws_a_run_folder_from_its_files(tiny_run_copy: Path, tmp_path: Path, capsys):
+    run = tiny_run_copy
     for figure in ("training_curves.png", "confusion_test.png", "excluded.png"):
         (run / figure).unlink()
     for checkpoint in ("best.pt", "last.pt"):

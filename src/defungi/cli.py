@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,6 +86,7 @@ RESUME_FIXED += ("cv_folds", "weights", "pretrained")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from defungi.jobs import resume_job, train_job
+    from defungi.report.page import metrics_line
 
     if args.resume:
         fixed = [k for k, v in vars(args).items() if k in RESUME_FIXED and v not in (None, False)]
@@ -111,27 +110,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if metrics.kind == "cv"
         else metrics.reported_name
     )
-    print(_metrics_line(f"{metrics.model} {what}, per image", to_dict(scores)))
+    print(metrics_line(f"{metrics.model} {what}, per image", scores))
     if scores.samples is not None:
-        print(_metrics_line(f"{metrics.model} {what}, per sample", to_dict(scores.samples)))
+        print(metrics_line(f"{metrics.model} {what}, per sample", scores.samples))
     print(f"run folder: {record.path}")
     return 0
 
 
-def _metrics_line(name: str, m: dict[str, Any]) -> str:
-    """Accuracy and macro P / R / F1, each with its 95% interval over samples where there is one."""
-    intervals = m.get("intervals", {})
-
-    def value(key: str) -> str:
-        low_high = f" [{intervals[key][0]:.3f}, {intervals[key][1]:.3f}]" if key in intervals else ""
-        return f"{m[key]:.3f}{low_high}"
-
-    scores = "  ".join(f"{key.replace('f1', 'F1')} {value(key)}" for key in ("accuracy", "precision", "recall", "f1"))
-    return f"{name}: {scores}  (n={m['n']})"
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from defungi.jobs import evaluate_job
+    from defungi.report.page import metrics_line
 
     evaluation, folder = evaluate_job(
         Path(args.run_dir), Path(args.data), Path(args.out) if args.out else None, args.tta, args.prior_weight
@@ -140,9 +128,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in to_dict(evaluation).items() if k != "excluded"}, indent=2))
     else:
-        print(_metrics_line(f"{args.run_dir} on {args.data}, per image", to_dict(scores)))
+        print(metrics_line(f"{args.run_dir} on {args.data}, per image", scores))
         if scores.samples is not None:
-            print(_metrics_line(f"{args.run_dir} on {args.data}, per sample", to_dict(scores.samples)))
+            print(metrics_line(f"{args.run_dir} on {args.data}, per sample", scores.samples))
         print("per class (images):")
         for c, row in scores.per_class.items():
             print(f"  {c:>6}  precision {row.precision:.3f}  recall {row.recall:.3f}  F1 {row.f1:.3f}  n={row.support}")
@@ -151,41 +139,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from defungi.serve.predict import by_specimen, predict, specimen_metrics
-    from defungi.serve.predictor import open_predictor
+    from defungi.serve.format import format_predictions
+    from defungi.serve.predict import predict_files
 
-    if args.group_by not in ("name", "folder"):
-        try:
-            re.compile(args.group_by)
-        except re.error as exc:
-            raise DefungiError(f"--group-by {args.group_by}: not a regular expression ({exc})") from None
-    model = open_predictor(args.run_dir, args.backend)
-    rows, classes = predict(model, args.paths, args.tta, args.prior_weight, args.abstain), model.classes
-    temperature = model.temperature
-    specimens = by_specimen(rows, classes, args.group_by, args.abstain, temperature) if args.by_sample else None
-    metrics = specimen_metrics(specimens, classes) if specimens is not None else None
-    if args.format == "json":
-        print(json.dumps(rows if specimens is None else {"specimens": specimens, "metrics": metrics}, indent=2))
-        return 0
-    if args.format == "csv":
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["level", "specimen", "path", "label", "class", "decision", "confidence", *classes, "status"])
-        for level, specimen, r in _levels(rows, specimens):
-            cells = [r.get(k, "") for k in ("path", "label", "class", "decision", "confidence", *classes)]
-            writer.writerow([level, specimen, *["" if c is None else c for c in cells], _status(r)])
-        return 0
-    width = max(len(r["path"]) for r in rows) + 2
-    print(f"{'path':<{width}}  {'decision':>9}  {'conf':>5}  " + "  ".join(f"{c:>6}" for c in classes))
-    for level, _, r in _levels(rows, specimens):
-        name = r["path"] if level != "specimen" else r["specimen"]
-        name = f"  {name}" if level == "image" and specimens is not None else name
-        if "class" in r:
-            probs = "  ".join(f"{r[c]:6.3f}" for c in classes)
-            print(f"{name:<{width}}  {r['decision']:>9}  {r['confidence']:5.2f}  {probs}{_count(r)}")
-        else:
-            print(f"{name:<{width}}  {_status(r)}{_count(r)}")
-    if metrics is not None:
-        print(_metrics_line(f"per specimen ({metrics['n']} with a known class)", metrics))
+    result = predict_files(
+        args.run_dir, args.paths, args.backend, args.tta, args.prior_weight, args.abstain, args.by_sample, args.group_by
+    )
+    print(format_predictions(result, args.format), end="")
     return 0
 
 
@@ -213,29 +173,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.run_dir, args.host, args.port)
     return 0
-
-
-def _levels(
-    rows: list[dict[str, Any]], specimens: list[dict[str, Any]] | None
-) -> list[tuple[str, str, dict[str, Any]]]:
-    """(level, specimen, row): every image, or every specimen followed by its images."""
-    if specimens is None:
-        return [("image", "", r) for r in rows]
-    return [
-        (lvl, s["specimen"], r) for s in specimens for lvl, r in [("specimen", s), *(("image", r) for r in s["rows"])]
-    ]
-
-
-def _status(row: dict[str, Any]) -> str:
-    return row.get("error") or row.get("status") or ""
-
-
-def _count(row: dict[str, Any]) -> str:
-    """For a specimen: how many of its images decided it."""
-    if "images" not in row:
-        return ""
-    fungus = f", {row['no_fungus']} with no fungus visible" if row["no_fungus"] else ""
-    return f"  ({row['classified']} of {row['images']} images{fungus})"
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -302,31 +239,23 @@ def _seconds(text: str) -> int:
 
 def cmd_curve(args: argparse.Namespace) -> int:
     from defungi.jobs import curve_job
+    from defungi.report.search import curve_summary
 
     result = curve_job(_config(args), Path(args.out), args.fraction, args.sizes, args.cv)
-    for j, size in enumerate(result.train_fractions):
-        val = [row[j] for row in result.val_f1]
-        images = sum(row[j] for row in result.train_size) / len(val)
-        print(f"{size:>5.0%} of training ({images:.0f} images): validation macro-F1 {sum(val) / len(val):.3f}")
-    print(f"figures: {args.out}/learning_curve.png, {args.out}/epoch_curves.png")
+    print(curve_summary(result, Path(args.out)))
     return 0
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from defungi.jobs import grid_job
+    from defungi.report.search import grid_summary
 
     grid = {"train.batch_size": args.batch_sizes, "train.lr": args.lrs}
     for item in args.param or []:
         key, _, values = item.partition("=")
         grid[key] = [json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" else v for v in values.split(",")]
     result = grid_job(_config(args), Path(args.out), args.fraction, grid, args.storage, args.heartbeat)
-    print(
-        f"{result.trials_before} cells done before, {result.trials_run} fitted by this worker "
-        f"(Optuna study {result.study_name})"
-    )
-    for r in sorted(result.rows, key=lambda r: -r["val_f1"]):
-        print("  " + "  ".join(f"{k.split('.')[-1]}={r[k]}" for k in grid) + f"  val macro-F1 {r['val_f1']:.3f}")
-    print(f"best: {result.best}  (heat map: {args.out}/grid.png)")
+    print(grid_summary(result, Path(args.out)))
     return 0
 
 
@@ -350,17 +279,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+Commands = argparse._SubParsersAction  # what add_subparsers returns (argparse gives it no public name)
+
 PRIOR_HELP = (
     "weight of the training class frequencies in the decision, 0..1 "
     "(default: as trained; 0 treats the classes as equally common)"
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="defungi", description="Classify microscope images of fungi (DeFungi).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _train_parser(sub: Commands) -> None:
+    """defungi train: one model into a run folder (or --resume it)."""
     p = sub.add_parser("train", help="train one model into a run folder")
     _add_config_flags(p)
     p.add_argument("--out", help="run folder to create")
@@ -370,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its folder")
     p.set_defaults(func=cmd_train)
 
+
+def _evaluate_parser(sub: Commands) -> None:
+    """defungi evaluate: a trained run scored on a labelled folder."""
     p = sub.add_parser("evaluate", help="score a trained run on a labelled folder")
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="folder of class folders (images the model never saw)")
@@ -384,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _predict_parser(sub: Commands) -> None:
+    """defungi predict: class and probabilities per image, or per specimen."""
     p = sub.add_parser("predict", help="class and probabilities for images or folders")
     p.add_argument("run_dir")
     p.add_argument("paths", nargs="+")
@@ -415,12 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
+
+def _export_parser(sub: Commands) -> None:
+    """defungi export: the run's model as ONNX."""
     p = sub.add_parser("export", help="the run's model as ONNX, checked against PyTorch on the run's images")
     p.add_argument("run_dir")
     p.add_argument("--out", help="ONNX file to write (default: RUN_DIR/model.onnx)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
     p.set_defaults(func=cmd_export)
 
+
+def _explain_parser(sub: Commands) -> None:
+    """defungi explain: Grad-CAM figures."""
     p = sub.add_parser("explain", help="Grad-CAM figures: where the evidence for the predicted class lies")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+", help="image files or folders")
@@ -429,12 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
     p.set_defaults(func=cmd_explain)
 
+
+def _serve_parser(sub: Commands) -> None:
+    """defungi serve: the local web page."""
     p = sub.add_parser("serve", help="a local web page: drop a specimen's images, see classes, Grad-CAM, decision")
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
 
+
+def _data_parser(sub: Commands) -> None:
+    """defungi data fetch | audit."""
     p = sub.add_parser("data", help="data set utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help="download the public DeFungi release (UCI id 773)")
@@ -447,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--variance-threshold", type=float, default=15.0, help="outliers: grey variance under this (15)")
     a.set_defaults(func=cmd_audit)
 
+
+def _curve_parser(sub: Commands) -> None:
+    """defungi curve: a learning curve."""
     p = sub.add_parser("curve", help="learning curve: validation macro-F1 and loss against training-set size")
     _add_config_flags(p)
     p.add_argument("--out", required=True)
@@ -457,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv", type=int, default=0, help="K-fold cross-validation (0: one validation set)")
     p.set_defaults(func=cmd_curve)
 
+
+def _grid_parser(sub: Commands) -> None:
+    """defungi grid: a grid search, shared by workers through --storage."""
     p = sub.add_parser("grid", help="grid search over batch size x learning rate (Optuna, resumable)")
     _add_config_flags(p)
     p.add_argument("--out", required=True)
@@ -478,12 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_grid)
 
+
+def _study_parser(sub: Commands) -> None:
+    """defungi study NAME: a published study."""
     p = sub.add_parser("study", help="a published study, every step, resumable, ending in a report")
     p.add_argument("name", choices=["resnet34", "convmixer"])
     _add_config_flags(p, model=False)
     p.add_argument("--out", help="study folder (default: runs/study-NAME)")
     p.set_defaults(func=cmd_study)
 
+
+def _report_parser(sub: Commands) -> None:
+    """defungi report: pages and figures redrawn from folders."""
     p = sub.add_parser(
         "report", help="redraw a run or study folder from its files, or one page with both studies' final models"
     )
@@ -496,11 +454,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/report")
     p.set_defaults(func=cmd_report)
 
+
+def _run_parser(sub: Commands) -> None:
+    """defungi run: the main job."""
     p = sub.add_parser("run", help="the main job: both studies (resumable), then the combined report")
     p.add_argument("--data")
     p.add_argument("--out", default="runs/main")
     p.add_argument("--profile", default="quick")
     p.set_defaults(func=cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `defungi` command line: its global options and one sub-command per job."""
+    parser = argparse.ArgumentParser(prog="defungi", description="Classify microscope images of fungi (DeFungi).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _train_parser,
+        _evaluate_parser,
+        _predict_parser,
+        _export_parser,
+        _explain_parser,
+        _serve_parser,
+        _data_parser,
+        _curve_parser,
+        _grid_parser,
+        _study_parser,
+        _report_parser,
+        _run_parser,
+    ):
+        add(sub)
     return parser
 
 

@@ -90,6 +90,23 @@ class RunLayout:
 
 
 @dataclass(frozen=True)
+class PageLayout:
+    """A page of a folder, written twice from the same blocks: HTML (figures embedded, readable
+    offline) and Markdown (figures linked)."""
+
+    root: Path
+    stem: str = "report"
+
+    @property
+    def html(self) -> Path:
+        return self.root / f"{self.stem}.html"
+
+    @property
+    def markdown(self) -> Path:
+        return self.root / f"{self.stem}.md"
+
+
+@dataclass(frozen=True)
 class EvaluationLayout:
     """The files of one evaluation of a trained run on a labelled folder."""
 
@@ -137,6 +154,10 @@ class AuditLayout:
     @property
     def result(self) -> Path:
         return self.root / "audit.json"
+
+    @property
+    def page(self) -> PageLayout:
+        return PageLayout(self.root, "audit")
 
     def figure(self, name: str) -> Path:
         return self.root / f"{name}.png"

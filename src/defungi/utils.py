@@ -1,4 +1,5 @@
-"""Small helpers shared by every layer: progress bars, atomic writes, seeding, devices."""
+"""Small helpers shared by every layer, without torch (reports import them): progress bars, atomic
+writes, locks, CPU flags. The torch ones (devices, seeds, checkpoints) are in `defungi.train.runtime`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import fcntl
 import json
 import logging
 import os
-import random
 import re
 import sys
 import tempfile
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from defungi.errors import DefungiError
@@ -84,7 +83,7 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def _atomic_write_binary(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write_binary(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """write(file) into a uniquely named temporary file, then rename it to path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -93,14 +92,9 @@ def _atomic_write_binary(path: Path, write: Callable[[BinaryIO], None]) -> None:
     os.replace(tmp, path)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save, atomically."""
-    _atomic_write_binary(path, lambda fh: torch.save(obj, fh))
-
-
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """np.save, atomically."""
-    _atomic_write_binary(path, lambda fh: np.save(fh, array))
+    atomic_write_binary(path, lambda fh: np.save(fh, array))
 
 
 @contextmanager
@@ -123,26 +117,6 @@ def exclusive_lock(path: Path, busy: str | None = None) -> Iterator[None]:
         finally:
             fh.truncate(0)
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        visible = torch.cuda.device_count()
-        raise DefungiError(f"--device {name}: no such CUDA GPU here ({visible} visible); use cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DefungiError(f"--device {name}: MPS is not available here; use cpu or auto")
-    return device
 
 
 def cpu_flags() -> str:

@@ -6,27 +6,17 @@ import numpy as np
 import optuna
 import pytest
 
-from defungi.config import load_config
 from defungi.data.dataset import load_dataset
 from defungi.errors import DefungiError
 from defungi.experiments.curve import learning_curve
 from defungi.experiments.grid import grid_search, open_storage, study_name
 from defungi.experiments.protocols import split_for
-from tests.conftest import fails_on_call, write_folder
-
-TINY = {
-    "data.image_size": 16,
-    "train.model": "convmixer",
-    "train.model_args": '{"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}',
-    "train.epochs": 1,
-    "train.batch_size": 8,
-    "train.tta": "false",
-}
+from tests.conftest import fails_on_call, tiny_config, write_folder
 
 
 def _setup(tmp_path: Path):
     data_dir = write_folder(tmp_path / "d", samples_per_class=6, patches=3)
-    config = load_config("quick", {"data.root": str(data_dir), **TINY})
+    config = tiny_config(data_dir, {"train.epochs": 1, "train.tta": False})
     data = load_dataset(data_dir, 16, 15.0, progress=False)
     return config, data
 

@@ -7,26 +7,16 @@ import numpy as np
 import pytest
 
 from defungi.cli import main
-from defungi.config import load_config
 from defungi.data.dataset import load_dataset
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.experiments.compare import paired_difference
 from defungi.experiments.protocols import cv_splits, fit_run, load_trained
-from tests.conftest import write_folder
-
-TINY = {
-    "data.image_size": 16,
-    "train.model": "convmixer",
-    "train.model_args": '{"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}',
-    "train.epochs": 2,
-    "train.batch_size": 8,
-    "train.tta": "false",
-}
+from tests.conftest import tiny_args, tiny_config, write_folder
 
 
 def _config(data: Path, **over):
-    return load_config("quick", {"data.root": str(data), **TINY, "data.cv_folds": 3, **over})
+    return tiny_config(data, {"train.tta": False, "data.cv_folds": 3, **over})
 
 
 def test_folds_keep_samples_whole_and_validate_on_other_samples(tiny_data: Path):
@@ -105,8 +95,8 @@ def test_cv_with_too_few_samples_is_one_line(tmp_path: Path, capsys):
 
 def test_grouped_and_random_cv_side_by_side(tiny_data: Path, tmp_path: Path, capsys):
     for split in ("grouped", "random"):
-        assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / split), "--cv", "3", "--split", split,
-                     *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]) == 0  # fmt: skip
+        argv = ["train", "--data", str(tiny_data), "--out", str(tmp_path / split), "--cv", "3", "--split", split]
+        assert main([*argv, *tiny_args({"train.tta": False})]) == 0
     out = capsys.readouterr().out
     assert "3-fold cross-validation, out of fold, per sample" in out and "F1 0." in out
     names = ("folds.png", "reliability_test.png", "confusion_test.png", "confusion_test_samples.png")

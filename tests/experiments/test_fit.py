@@ -13,8 +13,8 @@ from defungi.config import Config, load_config
 from defungi.data.dataset import Dataset, load_dataset
 from defungi.experiments import fit as fit_module
 from defungi.experiments.fit import FitResult, fit
-from defungi.experiments.rundir import RunDir
 from defungi.experiments.protocols import split_for
+from defungi.experiments.rundir import RunDir
 from defungi.models import create_model
 from defungi.train import distributed
 from tests.conftest import fails_on_call

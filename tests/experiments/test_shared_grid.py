@@ -12,11 +12,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.conftest import SRC, TINY_MODEL, write_folder
+from tests.conftest import SRC, tiny_args, write_folder
 from tests.postgres import new_database
 
 CELLS = ["--batch-sizes", "8,16", "--lrs", "1e-3,2e-3,4e-3"]  # 6 cells
-TINY = ["--image-size", "16", "--set", "train.tta=false", *TINY_MODEL]
+TINY = tiny_args({"train.tta": False})  # --epochs after it wins
 
 
 def _worker(data: Path, out: Path, url: str, epochs: int = 2) -> subprocess.Popen:

@@ -10,7 +10,7 @@ from defungi.models import create_model, model_entry
 from defungi.models.ensemble import Ensemble
 from defungi.serve.explain import cam_layers, gradcam
 from defungi.train.loop import Preprocess
-from tests.conftest import write_folder
+from tests.conftest import TinyRun, write_folder
 
 
 @pytest.mark.parametrize(
@@ -46,9 +46,9 @@ def test_every_member_of_a_cross_validated_model_is_explained():
     assert [id(layer) for layer in layers] == [id(m.blocks) for m in members]
 
 
-def test_explain_writes_a_figure_per_classified_image(trained_run: Path, tmp_path: Path, capsys):
+def test_explain_writes_a_figure_per_classified_image(tiny_run: TinyRun, tmp_path: Path, capsys):
     held = write_folder(tmp_path / "held", samples_per_class=1, patches=2, seed=3)
-    assert main(["explain", str(trained_run), str(held), "--out", str(tmp_path / "why")]) == 0
+    assert main(["explain", str(tiny_run.run), str(held), "--out", str(tmp_path / "why")]) == 0
     assert "6 Grad-CAM figures" in capsys.readouterr().out  # 3 classes x 2 patches; the blank field is not explained
     figures = sorted((tmp_path / "why").glob("*.gradcam.png"))
     assert len(figures) == 6 and figures[0].name == "H1_1a_1.gradcam.png" and figures[0].stat().st_size > 5000

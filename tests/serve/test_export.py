@@ -10,12 +10,12 @@ from defungi.cli import main
 from defungi.errors import DefungiError
 from defungi.results.run import read_run_metrics
 from defungi.serve.lite import dihedral_nhwc
-from defungi.serve.predictor import open_predictor
-from tests.conftest import TINY_MODEL, write_folder
+from defungi.serve.predict import open_predictor
+from tests.conftest import tiny_args, write_folder
 
 
-def test_exported_model_matches_pytorch_and_predicts_without_torch(trained_run: Path, tmp_path: Path, capsys):
-    assert main(["export", str(trained_run)]) == 0
+def test_exported_model_matches_pytorch_and_predicts_without_torch(tiny_run_copy: Path, tmp_path: Path, capsys):
+    assert main(["export", str(tiny_run_copy)]) == 0
     printed = capsys.readouterr().out
     assert "model.onnx (ONNX opset 17)" in printed and "images of the run's split.csv" in printed
     assert float(printed.rsplit(": ", 1)[1]) <= 1e-4
@@ -23,7 +23,7 @@ def test_exported_model_matches_pytorch_and_predicts_without_torch(trained_run: 
     for tta in ("--tta", "--no-tta"):
         answers = []
         for backend in ("torch", "onnx"):
-            assert main(["predict", str(trained_run), str(held), "--format", "json", tta, "--backend", backend]) == 0
+            assert main(["predict", str(tiny_run_copy), str(held), "--format", "json", tta, "--backend", backend]) == 0
             answers.append(json.loads(capsys.readouterr().out))
         torch_rows, onnx_rows = answers
         assert [r.get("class") for r in torch_rows] == [r.get("class") for r in onnx_rows]
@@ -37,7 +37,7 @@ def test_exported_model_matches_pytorch_and_predicts_without_torch(trained_run: 
         assert max(diffs) < 1e-4
     script = (
         "import sys\nfrom defungi.cli import main\n"
-        f"code = main(['predict', {str(trained_run)!r}, {str(held)!r}, '--backend', 'onnx', '--by-sample'])\n"
+        f"code = main(['predict', {str(tiny_run_copy)!r}, {str(held)!r}, '--backend', 'onnx', '--by-sample'])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(code)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -56,7 +56,7 @@ def test_dihedral_views_match_the_training_ones():
         assert np.array_equal(dihedral_nhwc(x, k), ours)
 
 
-def test_missing_or_foreign_onnx_file_is_one_clear_error(trained_run: Path, tmp_path: Path):
+def test_missing_or_foreign_onnx_file_is_one_clear_error(tmp_path: Path):
     with pytest.raises(DefungiError, match="defungi export"):
         open_predictor(tmp_path, "onnx")
     bogus = tmp_path / "other.onnx"
@@ -69,8 +69,7 @@ def test_both_backends_decide_alike_for_a_run_trained_in_bf16(tmp_path: Path, mo
     """A CPU with native bf16 trains in bf16 autocast; answers are fp32 on both backends."""
     monkeypatch.setattr("defungi.train.loop.cpu_has_native_bf16", lambda: True)
     data, run = write_folder(tmp_path / "data"), tmp_path / "run"
-    tiny = ["--image-size", "16", "--epochs", "2", "--batch-size", "8", *TINY_MODEL, "--set", "train.amp=true"]
-    assert main(["train", "--data", str(data), "--out", str(run), *tiny]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run), *tiny_args({"train.amp": True})]) == 0
     assert read_run_metrics(run / "metrics.json").protocol.precision == "bfloat16"
     assert main(["export", str(run)]) == 0
     held = write_folder(tmp_path / "held", samples_per_class=3, patches=4, seed=11)

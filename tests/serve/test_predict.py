@@ -1,24 +1,15 @@
 import json
 from pathlib import Path
 
-import pytest
-
 from defungi.cli import main
 from defungi.results.run import read_run_metrics
-from tests.conftest import write_folder
-from tests.serve.conftest import TINY
+from tests.conftest import TinyRun, write_folder
 
 
-@pytest.fixture
-def run(tiny_data: Path, tmp_path: Path) -> Path:
-    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), *TINY]) == 0
-    return tmp_path / "run"
-
-
-def test_one_decision_per_specimen_with_its_images_and_blank_fields(run: Path, tmp_path: Path, capsys):
+def test_one_decision_per_specimen_with_its_images_and_blank_fields(tiny_run: TinyRun, tmp_path: Path, capsys):
     held = write_folder(tmp_path / "held", samples_per_class=2, patches=3, seed=9)
     capsys.readouterr()
-    assert main(["predict", str(run), str(held), "--by-sample", "--format", "json"]) == 0
+    assert main(["predict", str(tiny_run.run), str(held), "--by-sample", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     specimens = {s["specimen"]: s for s in out["specimens"]}
     assert len(specimens) == 3 * 2 + 1  # six samples, and the blank field's own sample H1_99
@@ -29,32 +20,33 @@ def test_one_decision_per_specimen_with_its_images_and_blank_fields(run: Path, t
     mean_h2 = sum(r["H2"] for r in decided["rows"]) / 3
     assert abs(decided["H2"] - mean_h2) < 1e-6  # the decision is the mean probability of its images
     assert out["metrics"]["n"] == 6 and 0 <= out["metrics"]["f1"] <= 1
-    assert main(["predict", str(run), str(held), "--by-sample"]) == 0
+    assert main(["predict", str(tiny_run.run), str(held), "--by-sample"]) == 0
     table = capsys.readouterr().out
     assert "(3 of 3 images)" in table and "per specimen (6 with a known class): accuracy" in table
     assert "H1_99" in table and "no fungus visible" in table
 
 
-def test_specimens_by_folder_or_pattern(run: Path, tmp_path: Path, capsys):
+def test_specimens_by_folder_or_pattern(tiny_run: TinyRun, tmp_path: Path, capsys):
     held = write_folder(tmp_path / "held", samples_per_class=1, patches=2, seed=4)
     capsys.readouterr()
-    assert main(["predict", str(run), str(held), "--by-sample", "--group-by", "folder", "--format", "json"]) == 0
+    by_sample = ["predict", str(tiny_run.run), str(held), "--by-sample"]
+    assert main([*by_sample, "--group-by", "folder", "--format", "json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["specimens"]) == 3  # one per class folder
-    assert main(["predict", str(run), str(held), "--by-sample", "--group-by", r"^(H\d)_", "--format", "json"]) == 0
+    assert main([*by_sample, "--group-by", r"^(H\d)_", "--format", "json"]) == 0
     assert {s["specimen"] for s in json.loads(capsys.readouterr().out)["specimens"]} == {"H1", "H2", "H3"}
-    assert main(["predict", str(run), str(held), "--by-sample", "--group-by", "(unclosed"]) == 2
+    assert main([*by_sample, "--group-by", "(unclosed"]) == 2
     assert "not a regular expression" in capsys.readouterr().err
 
 
-def test_calibrated_confidence_and_abstention(run: Path, tiny_data: Path, capsys):
-    temperature = read_run_metrics(run / "metrics.json").trust.temperatures["image"]
+def test_calibrated_confidence_and_abstention(tiny_run: TinyRun, capsys):
+    temperature = read_run_metrics(tiny_run.run / "metrics.json").trust.temperatures["image"]
     assert temperature.fitted_on == "the validation part" and 0.05 <= temperature.temperature <= 20
     assert temperature.kept == (
         temperature.nll_after < temperature.nll_before and temperature.ece_after < temperature.ece_before
     )
     capsys.readouterr()
-    assert main(["predict", str(run), str(tiny_data / "H2"), "--format", "json", "--abstain", "1"]) == 0
+    assert main(["predict", str(tiny_run.run), str(tiny_run.data / "H2"), "--format", "json", "--abstain", "1"]) == 0
     rows = [r for r in json.loads(capsys.readouterr().out) if "class" in r]
     assert rows and all(r["decision"] == "uncertain" for r in rows)
-    assert main(["predict", str(run), str(tiny_data / "H2"), "--format", "json"]) == 0
+    assert main(["predict", str(tiny_run.run), str(tiny_run.data / "H2"), "--format", "json"]) == 0
     assert all(r["decision"] == r["class"] for r in json.loads(capsys.readouterr().out))

@@ -17,7 +17,7 @@ from PIL import Image
 
 from defungi.serve.predictor import torch_predictor
 from defungi.serve.web import create_app
-from tests.conftest import REAL_DATA, free_port, make_image
+from tests.conftest import REAL_DATA, TinyRun, free_port, make_image
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -40,8 +40,8 @@ def _huge_png(side: int = 20000) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def client(trained_run: Path) -> TestClient:
-    return TestClient(create_app(torch_predictor(trained_run)))
+def client(tiny_run: TinyRun) -> TestClient:
+    return TestClient(create_app(torch_predictor(tiny_run.run)))
 
 
 def test_bad_uploads_get_a_message_each_and_the_server_keeps_serving(
@@ -88,7 +88,7 @@ def test_bad_uploads_get_a_message_each_and_the_server_keeps_serving(
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver (make test installs them)")
-def test_page_in_headless_chromium_classifies_two_uploaded_images(trained_run: Path, tmp_path: Path):
+def test_page_in_headless_chromium_classifies_two_uploaded_images(tiny_run: TinyRun, tmp_path: Path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -101,7 +101,7 @@ def test_page_in_headless_chromium_classifies_two_uploaded_images(trained_run: P
         for i, path in enumerate(images):
             path.write_bytes(_jpeg(i))
     port = free_port()
-    cmd = [sys.executable, "-m", "defungi.cli", "serve", str(trained_run), "--port", str(port)]
+    cmd = [sys.executable, "-m", "defungi.cli", "serve", str(tiny_run.run), "--port", str(port)]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM

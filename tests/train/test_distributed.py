@@ -17,9 +17,9 @@ import torch.multiprocessing as mp
 from defungi.cli import main
 from defungi.results.run import read_run_metrics
 from defungi.train import distributed
-from tests.conftest import SRC, TINY_MODEL, free_port, write_folder
+from tests.conftest import SRC, free_port, tiny_args, write_folder
 
-TINY = ["--image-size", "16", "--epochs", "4", "--batch-size", "8", "--device", "cpu", *TINY_MODEL]
+TINY = tiny_args({"train.epochs": 4, "train.device": "cpu"})
 
 # Each rank records what it opens for writing, creates, renames or deletes under the run folder;
 # rank 0 kills itself (SIGKILL) after its KILL_AFTER-th last.pt when that is set.
@@ -164,7 +164,7 @@ def test_torchrun_refuses_what_it_cannot_split(tmp_path: Path):
     odd = torchrun(
         tmp_path,
         tmp_path / "odd",
-        ["train", "--data", str(data), "--out", str(tmp_path / "odd"), *TINY[:-4], "--batch-size", "7"],
+        ["train", "--data", str(data), "--out", str(tmp_path / "odd"), *TINY, "--batch-size", "7"],
     )
     assert odd.returncode != 0 and "batch size 7 does not split evenly over 2 processes" in odd.stderr
     cv = torchrun(tmp_path, tmp_path / "cv", ["grid", "--data", str(data), "--out", str(tmp_path / "cv")])

@@ -1,4 +1,6 @@
 import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from defungi.train.metrics import (
     bootstrap_difference,
@@ -42,12 +44,29 @@ def test_bootstrap_resamples_samples_not_images():
     assert bootstrap_intervals(labels, predictions, groups, 2, seed=1) == by_sample  # seeded
 
 
-def test_macro_scores_match_sklearn_when_every_class_is_present():
-    y = np.array([0, 0, 0, 0, 1, 1, 2, 2])
-    p = np.array([0, 0, 0, 1, 1, 1, 2, 0])
-    intervals = bootstrap_intervals(y, p, np.arange(8).astype(str), 3, n_boot=1)
-    full = classification_metrics(y, p, ["a", "b", "c"])
-    assert 0 <= intervals["f1"][0] <= 1 and full["f1"] > 0
+@pytest.mark.parametrize("seed", range(5))
+def test_macro_scores_match_sklearn_with_a_class_absent(seed: int):
+    """Random labels of a 4-class model whose last class has no image here (but is sometimes predicted):
+    macro precision / recall / F1 are scikit-learn's per-class scores averaged over the 3 present classes."""
+    rng = np.random.default_rng(seed)
+    classes = ["a", "b", "c", "absent"]
+    y = rng.integers(0, 3, 60)
+    p = np.where(rng.random(60) < 0.6, y, rng.integers(0, 4, 60))
+    m = classification_metrics(y, p, classes)
+    precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=range(4), zero_division=0)
+    present = support > 0
+    assert list(present) == [True, True, True, False] and m["absent_classes"] == ["absent"]
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert m["precision"] == pytest.approx(precision[present].mean())
+    assert m["recall"] == pytest.approx(recall[present].mean())
+    assert m["f1"] == pytest.approx(f1[present].mean())
+    assert m["f1"] != pytest.approx(f1.mean())  # the absent class's zero is not averaged in
+    for i, c in enumerate(classes):
+        assert m["per_class"][c] == pytest.approx(
+            {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": support[i]}
+        )
+    intervals = bootstrap_intervals(y, p, np.arange(60).astype(str), 4, n_boot=50, seed=seed)
+    assert all(0 <= intervals[k][0] <= intervals[k][1] <= 1 for k in ("accuracy", "precision", "recall", "f1"))
 
 
 def test_calibration_error_is_the_gap_between_confidence_and_accuracy():

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from defungi.data.scan import ImageRecord, default_cache_dir
+from defungi.utils import atomic_write_text, exclusive_lock, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,6 @@ def decode_images(
     progress: bool = True,
 ) -> DecodedImages:
     """Decoded images at size x size, from the cache when the same files were decoded before."""
-    from defungi.utils import exclusive_lock  # lazily, as utils imports torch
-
     folder = (cache_dir or default_cache_dir()) / "decoded" / f"{cache_key(records, size)}-{size}px"
     meta_path = folder / "meta.json"
     if not meta_path.exists():
@@ -130,8 +129,6 @@ def decode_images(
 
 def _decode_into(folder: Path, records: list[ImageRecord], size: int, workers: int | None, progress: bool) -> None:
     """Decode every record into folder: images.npy, stats.npz, then meta.json (written last)."""
-    from defungi.utils import atomic_write_text, progress_bar
-
     n = len(records)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".images.", suffix=".npy")
     os.close(fd)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defungi.data.cache import decode_images
+from defungi.data.cache import DecodedImages, decode_images
 from defungi.data.quality import low_variance, merge_duplicate_groups
 from defungi.data.scan import ImageRecord, class_names, scan
 from defungi.errors import DefungiError
@@ -56,27 +56,8 @@ def load_dataset(
     unreadable[list(decoded.errors)] = True
     outlier = low_variance(decoded.variance, variance_threshold) & ~unreadable
     keep = ~(unreadable | outlier)
-    if not keep.any():
-        raise DefungiError(
-            f"{root}: no usable images (all unreadable or under variance threshold {variance_threshold})"
-        )
-    record_labels = np.array([r.label for r in records])
-    empty = [c for c in found if not keep[record_labels == c].any()]
-    if empty and training:
-        raise DefungiError(
-            f"{root}: class {', '.join(empty)} has no usable image (all unreadable or under variance threshold "
-            f"{variance_threshold:g}; see the warnings above); add images or remove the folder"
-        )
+    _check_usable(root, records, keep, variance_threshold, found if training else [])
     groups = merge_duplicate_groups([r.group for r in records], decoded.ahash, keep)
-    excluded = [
-        {
-            "path": str(records[i].path),
-            "label": records[i].label,
-            "grey_variance": "" if np.isnan(decoded.variance[i]) else f"{decoded.variance[i]:.2f}",
-            "reason": decoded.errors.get(int(i), f"grey variance under {variance_threshold:g}"),
-        }
-        for i in np.flatnonzero(~keep)
-    ]
     idx = np.flatnonzero(keep)
     log.info(
         "%d images, %d usable, %d outliers, %d unreadable",
@@ -91,5 +72,37 @@ def load_dataset(
         groups=np.array([groups[i] for i in idx]),
         paths=[records[i].path for i in idx],
         classes=list(classes),
-        excluded=excluded,
+        excluded=_excluded(records, decoded, keep, variance_threshold),
     )
+
+
+def _check_usable(
+    root: str | Path, records: list[ImageRecord], keep: np.ndarray, variance_threshold: float, needed: list[str]
+) -> None:
+    """Refuse a folder with no usable image, or one where a needed class (all of them, to train) has none."""
+    if not keep.any():
+        raise DefungiError(
+            f"{root}: no usable images (all unreadable or under variance threshold {variance_threshold})"
+        )
+    record_labels = np.array([r.label for r in records])
+    empty = [c for c in needed if not keep[record_labels == c].any()]
+    if empty:
+        raise DefungiError(
+            f"{root}: class {', '.join(empty)} has no usable image (all unreadable or under variance threshold "
+            f"{variance_threshold:g}; see the warnings above); add images or remove the folder"
+        )
+
+
+def _excluded(
+    records: list[ImageRecord], decoded: DecodedImages, keep: np.ndarray, variance_threshold: float
+) -> list[dict[str, str]]:
+    """Each image left out: its path, label, grey variance and why (its decoding error, or the threshold)."""
+    return [
+        {
+            "path": str(records[i].path),
+            "label": records[i].label,
+            "grey_variance": "" if np.isnan(decoded.variance[i]) else f"{decoded.variance[i]:.2f}",
+            "reason": decoded.errors.get(int(i), f"grey variance under {variance_threshold:g}"),
+        }
+        for i in np.flatnonzero(~keep)
+    ]

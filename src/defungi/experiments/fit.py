@@ -49,7 +49,8 @@ from defungi.train.loop import (
     train_one_epoch,
 )
 from defungi.train.metrics import classification_metrics, mean_nll, prior_weights, scored
-from defungi.utils import atomic_save_npy, exclusive_lock, resolve_device, seed_everything
+from defungi.train.runtime import resolve_device, seed_everything
+from defungi.utils import atomic_save_npy, exclusive_lock
 
 log = logging.getLogger(__name__)
 

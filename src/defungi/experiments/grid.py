@@ -19,6 +19,7 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,20 +152,8 @@ def grid_search(
     out_dir.mkdir(parents=True, exist_ok=True)
     keys, cells = list(grid), parameter_grid(grid)
     name = study_name(config, split, grid)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=name,
-        storage=open_storage(storage or f"sqlite:///{(out_dir / 'grid.sqlite3').resolve()}", heartbeat),
-        direction="maximize",
-        # cells are queued with their parameters; a trial made when the queue ran dry meanwhile draws one
-        sampler=optuna.samplers.RandomSampler(),
-        load_if_exists=True,
-    )
-
-    def complete() -> dict[tuple, optuna.trial.FrozenTrial]:
-        return {_key(t.params, keys): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-
-    before = complete()
+    study = _open_study(name, storage or f"sqlite:///{(out_dir / 'grid.sqlite3').resolve()}", heartbeat)
+    before = _completed(study, keys)
     missing = [c for c in cells if _key(c, keys) not in before]
     log.info("grid %s: %d cells, %d done before, %d to fit", name, len(cells), len(cells) - len(missing), len(missing))
 
@@ -186,40 +175,9 @@ def grid_search(
         trial.set_user_attr("val_f1_interval", record.metrics.part("val").interval("f1"))
         return record.score("val")
 
-    while True:
-        trials = study.get_trials(deepcopy=False)
-        done = {_cell(t, keys) for t in trials if t.state == TrialState.COMPLETE}
-        active = {_cell(t, keys) for t in trials if t.state in ACTIVE}
-        errors = [_cell(t, keys) for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
-        open_cells = [c for c in cells if _key(c, keys) not in done | active]
-        given_up = [cell_name(c) for c in open_cells if errors.count(_key(c, keys)) >= MAX_ATTEMPTS]
-        if given_up:
-            raise DefungiError(
-                f"grid {name}: cells {', '.join(given_up)} raised an error {MAX_ATTEMPTS} times (their trials' "
-                f"user attribute 'error'); see their folders in {out_dir}"
-            )
-        if all(_key(c, keys) in done for c in cells):
-            break
-        if not any(t.state == TrialState.WAITING for t in trials):
-            if not open_cells:  # the rest is running elsewhere: wait for it, or for a worker to go stale
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    fail_stale_trials(study)
-                time.sleep(POLL_S)
-                continue
-            study.enqueue_trial(open_cells[0])
-        study.optimize(objective, n_trials=1)  # takes a waiting trial
-    by_cell = complete()
-    rows = []
-    for c in cells:
-        t = by_cell[_key(c, keys)]
-        rows.append(
-            {
-                **c,
-                "val_f1": t.value,
-                **{k: t.user_attrs[k] for k in ("val_f1_interval", "val_loss", "val_accuracy", "train_seconds")},
-            }
-        )
+    _work(study, cells, keys, objective, out_dir)
+    by_cell = _completed(study, keys)
+    rows = [{**c, "val_f1": by_cell[_key(c, keys)].value, **_scores(by_cell[_key(c, keys)])} for c in cells]
     best = max(rows, key=lambda r: r["val_f1"])
     return GridResult(
         grid={k: list(v) for k, v in grid.items()},
@@ -231,3 +189,60 @@ def grid_search(
         study_name=name,
         train_size=int(len(split["train"])),
     )
+
+
+def _open_study(name: str, storage: str, heartbeat: int | None) -> optuna.Study:
+    """The grid's Optuna study in storage, created by the first worker to ask."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(
+        study_name=name,
+        storage=open_storage(storage, heartbeat),
+        direction="maximize",
+        # cells are queued with their parameters; a trial made when the queue ran dry meanwhile draws one
+        sampler=optuna.samplers.RandomSampler(),
+        load_if_exists=True,
+    )
+
+
+def _completed(study: optuna.Study, keys: list[str]) -> dict[tuple, optuna.trial.FrozenTrial]:
+    """The study's completed trials by grid cell."""
+    return {_key(t.params, keys): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+
+
+def _scores(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """What a completed trial recorded beside its validation macro-F1."""
+    return {k: trial.user_attrs[k] for k in ("val_f1_interval", "val_loss", "val_accuracy", "train_seconds")}
+
+
+def _work(
+    study: optuna.Study,
+    cells: list[dict[str, Any]],
+    keys: list[str],
+    objective: Callable[[optuna.Trial], float],
+    out_dir: Path,
+) -> None:
+    """Take waiting trials (queueing one open cell at a time) until every cell is complete; with no
+    cell left to take, wait for the other workers' trials (or for them to go stale, then retry them)."""
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        done = {_cell(t, keys) for t in trials if t.state == TrialState.COMPLETE}
+        active = {_cell(t, keys) for t in trials if t.state in ACTIVE}
+        errors = [_cell(t, keys) for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
+        open_cells = [c for c in cells if _key(c, keys) not in done | active]
+        given_up = [cell_name(c) for c in open_cells if errors.count(_key(c, keys)) >= MAX_ATTEMPTS]
+        if given_up:
+            raise DefungiError(
+                f"grid {study.study_name}: cells {', '.join(given_up)} raised an error {MAX_ATTEMPTS} times (their "
+                f"trials' user attribute 'error'); see their folders in {out_dir}"
+            )
+        if all(_key(c, keys) in done for c in cells):
+            return
+        if not any(t.state == TrialState.WAITING for t in trials):
+            if not open_cells:  # the rest is running elsewhere: wait for it, or for a worker to go stale
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    fail_stale_trials(study)
+                time.sleep(POLL_S)
+                continue
+            study.enqueue_trial(open_cells[0])
+        study.optimize(objective, n_trials=1)  # takes a waiting trial

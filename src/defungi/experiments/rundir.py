@@ -33,7 +33,8 @@ from defungi.results.run import RunMetrics, read_run_metrics
 from defungi.results.schema import SCHEMA_VERSION, check_version, to_dict
 from defungi.train.loop import Preprocess
 from defungi.train.metrics import prior_weights
-from defungi.utils import atomic_torch_save, atomic_write_json, atomic_write_text, exclusive_lock, resolve_device
+from defungi.train.runtime import atomic_torch_save, resolve_device
+from defungi.utils import atomic_write_json, atomic_write_text, exclusive_lock
 
 log = logging.getLogger(__name__)
 

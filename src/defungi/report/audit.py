@@ -54,4 +54,4 @@ def build_audit_report(out_dir: Path) -> Path:
         f"{leak['test_samples_also_in_training']} of the {leak['test_samples']} samples in its test part are also "
         "trained on. The grouped split (the default) leaks none of them."
     )
-    return page.write(out_dir, stem="audit")
+    return page.write(layout.page)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defungi.layout import PageLayout
 from defungi.results.run import PairedDifference, Scores
 from defungi.utils import atomic_write_text
 
@@ -47,24 +48,35 @@ def metrics_table(rows: dict[str, dict[str, Any]], keys: Sequence[str] = METRICS
     )
 
 
-def interval_table(rows: dict[str, Scores | dict[str, Any]], keys: Sequence[str] = METRICS) -> Table:
-    """One row per named result (scores, or published figures as a dict): its size and each metric with
-    its 95% interval where it has one."""
+def with_interval(scores: Scores | dict[str, Any], key: str) -> str:
+    """A metric and its 95% interval where it has one, e.g. '0.812 [0.770, 0.851]' (blank when missing);
+    of typed scores, or of a dict of figures (e.g. the published ones)."""
+    typed = isinstance(scores, Scores)
+    value = getattr(scores, key) if typed else scores.get(key)
+    if value is None:
+        return ""
+    low_high = scores.interval(key) if typed else scores.get("intervals", {}).get(key)
+    return f"{value:.3f}" + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
 
-    def cell(r: Scores | dict[str, Any], k: str) -> str:
-        value = getattr(r, k) if isinstance(r, Scores) else r.get(k)
-        if value is None:
-            return ""
-        low_high = r.interval(k) if isinstance(r, Scores) else r.get("intervals", {}).get(k)
-        return f"{value:.3f}" + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
+
+def interval_table(rows: dict[str, Scores | dict[str, Any]], keys: Sequence[str] = METRICS) -> Table:
+    """One row per named result: its size and each metric with its 95% interval where it has one."""
 
     def size(r: Scores | dict[str, Any]) -> str:
         return str(r.n) if isinstance(r, Scores) else str(r.get("n", ""))
 
     return Table(
         ["", "n", *(f"{k} [95% interval]" for k in keys)],
-        [[name, size(r), *(cell(r, k) for k in keys)] for name, r in rows.items()],
+        [[name, size(r), *(with_interval(r, k) for k in keys)] for name, r in rows.items()],
     )
+
+
+def metrics_line(name: str, scores: Scores | dict[str, Any]) -> str:
+    """One line for a terminal: accuracy and macro P / R / F1, each with its 95% interval over
+    samples where there is one, and the number scored."""
+    values = "  ".join(f"{k.replace('f1', 'F1')} {with_interval(scores, k)}" for k in METRICS)
+    n = scores.n if isinstance(scores, Scores) else scores["n"]
+    return f"{name}: {values}  (n={n})"
 
 
 def difference_table(difference: PairedDifference, keys: Sequence[str] = ("f1", "accuracy")) -> Table:
@@ -84,7 +96,7 @@ def difference_table(difference: PairedDifference, keys: Sequence[str] = ("f1", 
 
 @dataclass
 class Page:
-    """Blocks in order; `write` renders them as report.html and report.md in a folder."""
+    """Blocks in order; `write` renders them as HTML and Markdown (report.html and report.md in a folder)."""
 
     title: str
     blocks: list[tuple[str, Any]] = field(default_factory=list)
@@ -104,8 +116,10 @@ class Page:
     def figure(self, path: Path) -> None:
         self.blocks.append(("figure", Path(path)))
 
-    def write(self, out_dir: Path, stem: str = "report") -> Path:
-        """report.html and report.md in out_dir; returns the HTML path."""
+    def write(self, out: Path | PageLayout) -> Path:
+        """The page where a layout says, or as report.html and report.md in a folder; returns the HTML path."""
+        layout = out if isinstance(out, PageLayout) else PageLayout(out)
+        out_dir = layout.root
         out_dir.mkdir(parents=True, exist_ok=True)
         body, md = [f"<h1>{html.escape(self.title)}</h1>"], [f"# {self.title}\n"]
         for kind, value in self.blocks:
@@ -127,6 +141,6 @@ class Page:
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
         )
-        atomic_write_text(out_dir / f"{stem}.md", "\n".join(md))
-        atomic_write_text(out_dir / f"{stem}.html", page)
-        return out_dir / f"{stem}.html"
+        atomic_write_text(layout.markdown, "\n".join(md))
+        atomic_write_text(layout.html, page)
+        return layout.html

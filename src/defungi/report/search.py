@@ -1,4 +1,5 @@
-"""Figures of a stand-alone learning curve or grid search, from its JSON file."""
+"""Figures of a stand-alone learning curve or grid search, from its JSON file, and what the
+command prints of it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from pathlib import Path
 from defungi.layout import SearchLayout
 from defungi.report.plots import plot_epoch_curves, plot_grid, plot_learning_curve
 from defungi.results.schema import to_dict
-from defungi.results.search import read_curve, read_grid
+from defungi.results.search import GridResult, LearningCurve, read_curve, read_grid
+
+CURVE_FIGURES = ("learning_curve", "epoch_curves")
+GRID_FIGURE = "grid"
 
 
 def render_curve(out_dir: str | Path, title: str) -> list[Path]:
@@ -16,9 +20,10 @@ def render_curve(out_dir: str | Path, title: str) -> list[Path]:
     curve = read_curve(layout.curve)
     histories = [h for fold in curve.histories for h in fold]
     labels = [f"fold {f + 1}, {s:.0%}" for f in range(curve.folds) for s in curve.train_fractions]
+    learning, epochs = (layout.figure(name) for name in CURVE_FIGURES)
     return [
-        plot_learning_curve({curve.label: to_dict(curve)}, layout.figure("learning_curve"), f"{title} ({curve.label})"),
-        plot_epoch_curves(histories, labels, layout.figure("epoch_curves")),
+        plot_learning_curve({curve.label: to_dict(curve)}, learning, f"{title} ({curve.label})"),
+        plot_epoch_curves(histories, labels, epochs),
     ]
 
 
@@ -39,4 +44,26 @@ def render_grid(out_dir: str | Path, title: str) -> list[Path]:
                 best[cell] = r
         rows = list(best.values())
         title = f"{title} (best over {', '.join(k.split('.')[-1] for k in others)})"
-    return [plot_grid(rows, x, y, layout.figure("grid"), title=title)]
+    return [plot_grid(rows, x, y, layout.figure(GRID_FIGURE), title=title)]
+
+
+def curve_summary(curve: LearningCurve, out_dir: Path) -> str:
+    """Lines for a terminal: the mean validation macro-F1 (over folds) per training fraction, and the figures."""
+    lines = []
+    for j, size in enumerate(curve.train_fractions):
+        val = [row[j] for row in curve.val_f1]
+        images = sum(row[j] for row in curve.train_size) / len(val)
+        lines.append(f"{size:>5.0%} of training ({images:.0f} images): validation macro-F1 {sum(val) / len(val):.3f}")
+    figures = ", ".join(str(SearchLayout(out_dir).figure(name)) for name in CURVE_FIGURES)
+    return "\n".join([*lines, f"figures: {figures}"])
+
+
+def grid_summary(grid: GridResult, out_dir: Path) -> str:
+    """Lines for a terminal: what this worker fitted, every cell best first, and the best cell."""
+    done = f"{grid.trials_before} cells done before, {grid.trials_run} fitted by this worker"
+    lines = [f"{done} (Optuna study {grid.study_name})"]
+    for r in sorted(grid.rows, key=lambda r: -r["val_f1"]):
+        cell = "  ".join(f"{k.split('.')[-1]}={r[k]}" for k in grid.grid)
+        lines.append(f"  {cell}  val macro-F1 {r['val_f1']:.3f}")
+    lines.append(f"best: {grid.best}  (heat map: {SearchLayout(out_dir).figure(GRID_FIGURE)})")
+    return "\n".join(lines)

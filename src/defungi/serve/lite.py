@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from defungi.errors import DefungiError
+from defungi.layout import RunLayout
 from defungi.serve.predictor import Predictor
 
 METADATA_KEY = "defungi"  # the ONNX metadata entry holding Predictor.metadata() as JSON
@@ -35,7 +36,7 @@ def onnx_predictor(path: Path, threads: int | None = None) -> Predictor:
     import onnxruntime as ort
 
     if not path.is_file():
-        run = path.parent if path.name == "model.onnx" else path
+        run = path.parent if path == RunLayout(path.parent).onnx else path
         raise DefungiError(f"{path}: no exported model; write it with 'defungi export {run}'")
     options = ort.SessionOptions()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,24 @@ from defungi.data.cache import DECODE_ERRORS, decode_one
 from defungi.data.quality import low_variance
 from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
-from defungi.serve.predictor import Predictor
+from defungi.layout import RunLayout
+from defungi.serve.lite import onnx_predictor
+from defungi.serve.predictor import Predictor, torch_predictor
 from defungi.train.metrics import classification_metrics, temper
 
 log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx")
+
+
+def open_predictor(source: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
+    """The model of a run folder with PyTorch, or with onnxruntime from SOURCE/model.onnx (or a .onnx file)."""
+    if backend == "onnx":
+        path = Path(source)
+        return onnx_predictor(RunLayout(path).onnx if path.is_dir() else path)
+    if backend != "torch":
+        raise DefungiError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
+    return torch_predictor(source, device)
 
 
 def expand_paths(paths: list[str | Path]) -> list[Path]:
@@ -166,3 +181,40 @@ def specimen_metrics(specimens: list[dict[str, Any]], classes: list[str]) -> dic
     y_true = np.array([classes.index(s["label"]) for s in known])
     y_pred = np.array([classes.index(s["class"]) for s in known])
     return classification_metrics(y_true, y_pred, classes)
+
+
+@dataclass
+class Predictions:
+    """What `defungi predict` answers: the model's classes and a row per image; with specimens, one
+    decision per specimen (each holding its image rows) and their metrics where the class is known."""
+
+    classes: list[str]
+    rows: list[dict[str, Any]]
+    specimens: list[dict[str, Any]] | None = None
+    metrics: dict[str, Any] | None = None
+
+
+def predict_files(
+    source: str | Path,
+    paths: list[str | Path],
+    backend: str = "torch",
+    tta: bool | None = None,
+    prior_weight: float | None = None,
+    abstain: float = 0.0,
+    by_sample: bool = False,
+    group_by: str = "name",
+) -> Predictions:
+    """`defungi predict`: the model of source (see open_predictor) on every image file of paths; with
+    by_sample, one decision per specimen as well (group_by: see specimen_of, checked before any work)."""
+    if group_by not in ("name", "folder"):
+        try:
+            re.compile(group_by)
+        except re.error as exc:
+            raise DefungiError(f"--group-by {group_by}: not a regular expression ({exc})") from None
+    model = open_predictor(source, backend)
+    classes = list(model.classes)
+    rows = predict(model, paths, tta, prior_weight, abstain)
+    if not by_sample:
+        return Predictions(classes, rows)
+    specimens = by_specimen(rows, classes, group_by, abstain, model.temperature)
+    return Predictions(classes, rows, specimens, specimen_metrics(specimens, classes))

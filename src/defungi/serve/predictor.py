@@ -1,6 +1,7 @@
 """A trained model as `predict` and the web page use it: its classes, input size, variance
 threshold, temperature and a function from uint8 images to class probabilities. It comes from a
-run folder (PyTorch) or from an exported ONNX file (onnxruntime; torch is then never imported)."""
+run folder (PyTorch, here) or from an exported ONNX file (`serve.lite`: onnxruntime; torch is then
+never imported); `serve.predict.open_predictor` picks one."""
 
 from __future__ import annotations
 
@@ -11,12 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from defungi.errors import DefungiError
 from defungi.layout import RunLayout
 from defungi.results.run import read_run_metrics
 from defungi.train.metrics import prior_weights, weighted
-
-BACKENDS = ("torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -53,18 +51,6 @@ def run_temperature(run_dir: str | Path) -> float:
     path = RunLayout(Path(run_dir)).metrics
     trust = read_run_metrics(path).trust if path.exists() else None
     return trust.temperatures["image"].applied if trust is not None else 1.0
-
-
-def open_predictor(source: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
-    """The model of a run folder with PyTorch, or with onnxruntime from SOURCE/model.onnx (or a .onnx file)."""
-    if backend == "onnx":
-        from defungi.serve.lite import onnx_predictor
-
-        path = Path(source)
-        return onnx_predictor(RunLayout(path).onnx if path.is_dir() else path)
-    if backend != "torch":
-        raise DefungiError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
-    return torch_predictor(source, device)
 
 
 def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:

@@ -40,7 +40,7 @@ from defungi.results.schema import from_dict
 from defungi.results.trust import Trust
 from defungi.train import distributed
 from defungi.train.metrics import scored
-from defungi.utils import resolve_device
+from defungi.train.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from typing import Any
 from defungi.config import PRIOR_WEIGHT_RANGE
 from defungi.errors import DefungiError
 from defungi.results.schema import to_dict
+from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE
 
 log = logging.getLogger("defungi")
 
@@ -143,7 +144,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from defungi.serve.predict import predict_files
 
     result = predict_files(
-        args.run_dir, args.paths, args.backend, args.tta, args.prior_weight, args.abstain, args.by_sample, args.group_by
+        args.run_dir,
+        args.paths,
+        args.backend,
+        args.tta,
+        args.prior_weight,
+        _answer_settings(args),
+        args.by_sample,
+        args.group_by,
     )
     print(format_predictions(result, args.format), end="")
     return 0
@@ -334,13 +342,7 @@ def _predict_parser(sub: Commands) -> None:
     )
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
-    p.add_argument(
-        "--abstain",
-        type=_share,
-        default=0.0,
-        metavar="P",
-        help="answer 'uncertain' below this calibrated confidence (0..1; default 0: always a class)",
-    )
+    _add_answer_options(p)
     p.add_argument(
         "--backend",
         choices=["torch", "onnx"],
@@ -348,6 +350,38 @@ def _predict_parser(sub: Commands) -> None:
         help="onnx: onnxruntime on RUN_DIR/model.onnx (or a .onnx file) from 'defungi export', without torch",
     )
     p.set_defaults(func=cmd_predict)
+
+
+def _add_answer_options(p: argparse.ArgumentParser) -> None:
+    """How answers are given (serve.predict.Answers): the sets' level, abstention, a target accuracy."""
+    p.add_argument(
+        "--coverage",
+        type=_share,
+        default=DEFAULT_COVERAGE,
+        metavar="L",
+        help=f"prediction sets that hold the true class with probability L (default {DEFAULT_COVERAGE:g}; "
+        "the levels the run calibrated)",
+    )
+    p.add_argument(
+        "--abstain",
+        type=_share,
+        default=DEFAULT_ABSTAIN,
+        metavar="P",
+        help="answer an image 'uncertain' below this calibrated confidence and leave it out of its specimen's "
+        f"decision (0..1; default {DEFAULT_ABSTAIN:g}: always a class)",
+    )
+    p.add_argument(
+        "--target-accuracy",
+        type=_share,
+        default=None,
+        metavar="A",
+        help="answer 'not sure: look yourself' for specimens under the confidence whose answers reached "
+        "accuracy A on held-out specimens (says which share to expect answered)",
+    )
+
+
+def _answer_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"coverage": args.coverage, "abstain": args.abstain, "target_accuracy": args.target_accuracy}
 
 
 def _export_parser(sub: Commands) -> None:

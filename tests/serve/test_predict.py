@@ -1,8 +1,11 @@
 import json
 from pathlib import Path
 
+import numpy as np
+
 from defungi.cli import main
 from defungi.results.run import read_run_metrics
+from defungi.train.metrics import temper
 from tests.conftest import TinyRun, write_folder
 
 
@@ -50,3 +53,39 @@ def test_calibrated_confidence_and_abstention(tiny_run: TinyRun, capsys):
     assert rows and all(r["decision"] == "uncertain" for r in rows)
     assert main(["predict", str(tiny_run.run), str(tiny_run.data / "H2"), "--format", "json"]) == 0
     assert all(r["decision"] == r["class"] for r in json.loads(capsys.readouterr().out))
+
+
+def test_a_specimen_is_answered_with_its_prediction_set_and_uncertain_images_are_left_out(
+    tiny_run: TinyRun, tmp_path: Path, capsys
+):
+    trust = read_run_metrics(tiny_run.run / "metrics.json").trust
+    held = write_folder(tmp_path / "held", samples_per_class=2, patches=3, seed=9)
+    args = ["predict", str(tiny_run.run), str(held), "--by-sample", "--format", "json"]
+    assert main(args) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert "90%" in answer["note"] and answer["model"]["specimens"] > 0
+    thresholds = trust.conformal(0.9, "specimen").threshold(["H1", "H2", "H3"])
+    for s in (s for s in answer["specimens"] if "class" in s):
+        calibrated = temper(np.array([[s[c] for c in ("H1", "H2", "H3")]]), trust.temperatures["specimen"].applied)
+        inside = [c for c, p, t in zip(("H1", "H2", "H3"), calibrated[0], thresholds, strict=True) if 1 - p <= t]
+        assert set(s["set"].replace(" or ", ", ").split(", ")) == set(inside) | {s["class"]}
+        assert s["answer"] == (s["class"] if s["set_size"] == 1 else f"{s['set']} (90% set)")
+    assert main([*args, "--abstain", "1"]) == 0  # every image uncertain: no specimen is decided
+    specimens = json.loads(capsys.readouterr().out)["specimens"]
+    decided = [s for s in specimens if s["classified"]]
+    assert decided and all(s["answer"] == "not sure: look yourself" and s["counted"] == 0 for s in decided)
+    assert main([*args, "--coverage", "0.8"]) == 2
+    assert capsys.readouterr().err.strip().endswith("calibrated prediction sets at 0.9, 0.95; use one")
+
+
+def test_a_target_accuracy_answers_only_the_specimens_confident_enough(tiny_run: TinyRun, tmp_path: Path, capsys):
+    curve = read_run_metrics(tiny_run.run / "metrics.json").trust.selective
+    target = max(curve.accuracy)
+    threshold = min(t for t, a in zip(curve.thresholds, curve.accuracy, strict=True) if a >= target)
+    held = write_folder(tmp_path / "held", samples_per_class=3, patches=3, seed=4)
+    args = ["predict", str(tiny_run.run), str(held), "--by-sample", "--format", "json"]
+    assert main([*args, "--target-accuracy", str(target)]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert f"confidence >= {threshold:.2f}" in answer["note"]
+    for s in (s for s in answer["specimens"] if "class" in s):
+        assert (s["answer"] == "not sure: look yourself") == (s["confidence"] < threshold - 1e-12)

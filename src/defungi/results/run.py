@@ -227,3 +227,58 @@ class PairedDifference:
     samples: dict[str, Difference]
     n_images: int
     n_samples: int
+
+
+@dataclass
+class ModelCard:
+    """What a lab is told about the model that answers: what it is and how well it did on specimens it
+    never saw (out of fold for a cross-validation, else its test part), with 95% intervals."""
+
+    model: str
+    kind: RunKind
+    measured_on: str
+    images: int
+    specimens: int
+    image_accuracy: float
+    image_f1: float
+    specimen_accuracy: float
+    specimen_f1: float
+    intervals: dict[str, list[float]]  # image_accuracy, image_f1, specimen_accuracy, specimen_f1
+
+    def summary(self) -> str:
+        """One line, e.g. 'efficientnet-lite0 (cv): on 401 specimens never seen ... accuracy 0.79 [0.75, 0.83]'."""
+
+        def value(key: str) -> str:
+            low, high = self.intervals.get(key, [float("nan")] * 2)
+            return f"{getattr(self, key):.2f} [{low:.2f}, {high:.2f}]"
+
+        return (
+            f"{self.model}: on {self.specimens} specimens it never saw ({self.measured_on}), right on "
+            f"{value('specimen_accuracy')} of specimens and {value('image_accuracy')} of images (95% intervals)"
+        )
+
+
+def model_card(metrics: RunMetrics) -> ModelCard | None:
+    """The card of a run that scored specimens it did not train on (None without a test part)."""
+    test = metrics.parts.get("test")
+    if test is None or test.samples is None:
+        return None
+    how = (
+        f"{metrics.protocol.cv_folds}-fold {metrics.protocol.split} cross-validation, out of fold"
+        if metrics.kind == "cv"
+        else f"the test part of a {metrics.protocol.split} split"
+    )
+    intervals = {f"image_{k}": test.intervals[k] for k in ("accuracy", "f1") if k in test.intervals}
+    intervals |= {f"specimen_{k}": test.samples.intervals[k] for k in ("accuracy", "f1") if k in test.samples.intervals}
+    return ModelCard(
+        model=metrics.model,
+        kind=metrics.kind,
+        measured_on=how,
+        images=test.n,
+        specimens=test.samples.n,
+        image_accuracy=test.accuracy,
+        image_f1=test.f1,
+        specimen_accuracy=test.samples.accuracy,
+        specimen_f1=test.samples.f1,
+        intervals=intervals,
+    )

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Unit = Literal["image", "specimen"]
+DEFAULT_COVERAGE = 0.9  # the level of the prediction sets answers show (CLI and page alike)
+DEFAULT_ABSTAIN = 0.0  # images answered 'uncertain' under this calibrated confidence (CLI and page alike)
 SetMode = Literal["marginal", "class-conditional"]
 
 

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from defungi.report.page import metrics_line
+from defungi.results.schema import to_dict
 from defungi.serve.predict import Predictions
 
 
@@ -18,8 +19,12 @@ def format_predictions(result: Predictions, fmt: str) -> str:
 
 
 def as_json(result: Predictions) -> str:
-    """The image rows; with specimens, the specimens (each holding its image rows) and their metrics."""
-    obj = result.rows if result.specimens is None else {"specimens": result.specimens, "metrics": result.metrics}
+    """The image rows; with specimens, the specimens (each holding its image rows), their metrics, how
+    to read the answers and the model card."""
+    if result.specimens is None:
+        return json.dumps(result.rows, indent=2) + "\n"
+    card = None if result.card is None else to_dict(result.card)
+    obj = {"specimens": result.specimens, "metrics": result.metrics, "note": result.note, "model": card}
     return json.dumps(obj, indent=2) + "\n"
 
 
@@ -27,7 +32,7 @@ def as_csv(result: Predictions) -> str:
     """One line per specimen and per image, a column per class; blank cells where a row has no value."""
     out = io.StringIO()
     writer = csv.writer(out)
-    keys = ("path", "label", "class", "decision", "confidence", *result.classes)
+    keys = ("path", "label", "class", "decision", "confidence", "set", "answer", *result.classes)
     writer.writerow(["level", "specimen", *keys, "status"])
     for level, specimen, r in _levels(result):
         cells = (r.get(k) for k in keys)
@@ -36,20 +41,27 @@ def as_csv(result: Predictions) -> str:
 
 
 def as_table(result: Predictions) -> str:
-    """Aligned columns (a specimen's images indented under it), then the specimens' metrics if any."""
+    """Aligned columns (a specimen's images indented under it, its answer beside it), then how to read
+    the answers, the specimens' metrics and the model card."""
     classes, nested = result.classes, result.specimens is not None
     width = max(len(r["path"]) for r in result.rows) + 2
-    lines = [f"{'path':<{width}}  {'decision':>9}  {'conf':>5}  " + "  ".join(f"{c:>6}" for c in classes)]
+    sets = max((len(r.get("set", "")) for _, _, r in _levels(result)), default=0)
+    head = f"{'path':<{width}}  {'decision':>9}  {'conf':>5}  {'set':<{sets}}  " + "  ".join(f"{c:>6}" for c in classes)
+    lines = [head]
     for level, _, r in _levels(result):
         name = r["path"] if level != "specimen" else r["specimen"]
         name = f"  {name}" if level == "image" and nested else name
         if "class" in r:
             probs = "  ".join(f"{r[c]:6.3f}" for c in classes)
-            lines.append(f"{name:<{width}}  {r['decision']:>9}  {r['confidence']:5.2f}  {probs}{_count(r)}")
+            cells = f"{r['decision']:>9}  {r['confidence']:5.2f}  {r.get('set', ''):<{sets}}  {probs}"
+            answer = f"  -> {r['answer']}" if level == "specimen" else ""
+            lines.append(f"{name:<{width}}  {cells}{_count(r)}{answer}")
         else:
             lines.append(f"{name:<{width}}  {_status(r)}{_count(r)}")
+    lines += [f"answers: {result.note}"] if result.note else []
     if result.metrics is not None:
         lines.append(metrics_line(f"per specimen ({result.metrics['n']} with a known class)", result.metrics))
+    lines += [f"model: {result.card.summary()}"] if result.card is not None else []
     return "\n".join(lines) + "\n"
 
 
@@ -74,4 +86,6 @@ def _count(row: dict[str, Any]) -> str:
     if "images" not in row:
         return ""
     fungus = f", {row['no_fungus']} with no fungus visible" if row["no_fungus"] else ""
-    return f"  ({row['classified']} of {row['images']} images{fungus})"
+    uncertain = row["classified"] - row["counted"]
+    left_out = f", {uncertain} uncertain left out" if uncertain else ""
+    return f"  ({row['counted']} of {row['images']} images{fungus}{left_out})"

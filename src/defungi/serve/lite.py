@@ -57,4 +57,4 @@ def onnx_predictor(path: Path, threads: int | None = None) -> Predictor:
         ]
         return np.concatenate(out) if out else np.zeros((0, len(meta["classes"])), dtype=np.float32)
 
-    return Predictor(**meta, scores=scores)
+    return Predictor.from_metadata(meta, scores, str(path))

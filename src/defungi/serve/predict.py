@@ -15,9 +15,13 @@ from defungi.data.quality import low_variance
 from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
 from defungi.layout import RunLayout
+from defungi.results.run import ModelCard
+from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE, Trust, Unit
 from defungi.serve.lite import onnx_predictor
 from defungi.serve.predictor import Predictor, torch_predictor
+from defungi.train.conformal import prediction_sets, set_label
 from defungi.train.metrics import classification_metrics, temper
+from defungi.train.selective import threshold_for_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +58,18 @@ def predict(
     paths: list[str | Path],
     tta: bool | None = None,
     prior_weight: float | None = None,
-    abstain: float = 0.0,
+    answers: Answers | None = None,
 ) -> list[dict[str, Any]]:
     """One row per file. A row holds the path, the class the folder or the file name gives
     ('label', when it is a class of the model), and the predicted class with its probability per
     class; or 'no fungus visible' for an image under the run's variance threshold (blank or
     blurred: training leaves such images out, so they are not classified), or the error.
     The class probabilities are the model's, as the run scored them; 'confidence' is the most
-    probable class's probability calibrated by the run's temperature, and below `abstain` a row's
-    decision is 'uncertain' (its most probable class is kept beside it)."""
+    probable class's probability calibrated as the run measured it helped, 'set' the classes the
+    image's prediction set holds (see Answers), and 'decision' the class or 'uncertain'."""
     files = expand_paths(paths)
     rows, pixels = decode(model, files)
-    return classify(model, rows, pixels, tta, prior_weight, abstain)
+    return classify(model, rows, pixels, tta, prior_weight, answers)
 
 
 def decode(model: Predictor, files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
@@ -95,29 +99,108 @@ def classify(
     pixels: dict[str, np.ndarray],
     tta: bool | None = None,
     prior_weight: float | None = None,
-    abstain: float = 0.0,
+    answers: Answers | None = None,
 ) -> list[dict[str, Any]]:
-    """The rows of decode with the class, calibrated confidence, decision and probabilities of every
-    decoded image filled in."""
+    """The rows of decode with the class, calibrated confidence, prediction set, decision and
+    probabilities of every decoded image filled in (answers: as the run measured, by default)."""
     if not pixels:
         return rows
+    answers = answers or Answers.of(model)
     probs = model.probabilities(np.stack(list(pixels.values())), tta, prior_weight)
-    confidence = temper(probs, model.temperature).max(1)
+    calibrated = temper(probs, model.temperature("image"))
+    sets = answers.sets("image", calibrated, model.classes)
     result = {}
-    for path, p, conf in zip(pixels, probs, confidence, strict=True):
-        best = model.classes[int(p.argmax())]
-        result[path] = {"class": best, "confidence": float(conf), "decision": decide(best, conf, abstain)}
+    for k, (path, p) in enumerate(zip(pixels, probs, strict=True)):
+        best, conf = model.classes[int(p.argmax())], float(calibrated[k].max())
+        result[path] = {"class": best, "confidence": conf, "decision": best if conf >= answers.abstain else UNCERTAIN}
+        result[path] |= answers.set_fields(sets, k, model.classes)
         result[path] |= {c: float(v) for c, v in zip(model.classes, p, strict=True)}
     return [r | result.get(r["path"], {}) for r in rows]
 
 
 NO_FUNGUS = "no fungus visible"
 UNCERTAIN = "uncertain"
+NOT_SURE = "not sure: look yourself"
 
 
-def decide(best: str, confidence: float, abstain: float) -> str:
-    """The class, or 'uncertain' when the calibrated confidence is under the abstention threshold."""
-    return best if confidence >= abstain else UNCERTAIN
+@dataclass(frozen=True)
+class Answers:
+    """How answers are given, from what the run measured on held-out specimens (`Predictor.trust`):
+    prediction sets that hold the true class with probability `coverage`; images under `abstain`
+    calibrated confidence answered 'uncertain' and left out of their specimen's decision; specimens
+    under the confidence that reached `target_accuracy` answered 'not sure: look yourself'."""
+
+    coverage: float = DEFAULT_COVERAGE
+    abstain: float = DEFAULT_ABSTAIN
+    trust: Trust | None = None
+    selective: tuple[float, float, float] | None = None  # confidence threshold, expected coverage, accuracy
+
+    @classmethod
+    def of(
+        cls,
+        model: Predictor,
+        coverage: float = DEFAULT_COVERAGE,
+        abstain: float = DEFAULT_ABSTAIN,
+        target_accuracy: float | None = None,
+    ) -> Answers:
+        """The answers of model at these settings; a level or target the run did not measure is one line."""
+        trust = model.trust
+        if trust is not None:
+            levels = sorted({s.level for s in trust.sets})
+            if not any(abs(level - coverage) < 1e-9 for level in levels):
+                known = ", ".join(f"{level:g}" for level in levels)
+                raise DefungiError(f"--coverage {coverage:g}: the run calibrated prediction sets at {known}; use one")
+        selective = None
+        if target_accuracy is not None:
+            if trust is None:
+                raise DefungiError(
+                    "--target-accuracy needs a run that scored held-out specimens (--cv K or a test part)"
+                )
+            curve = trust.selective
+            selective = threshold_for_accuracy(
+                np.array(curve.thresholds), np.array(curve.coverage), np.array(curve.accuracy), target_accuracy
+            )
+            if selective is None:
+                best = max(curve.accuracy)
+                raise DefungiError(
+                    f"--target-accuracy {target_accuracy:g}: no share of held-out specimens reached it "
+                    f"(the most confident ones reached {best:.2f}); ask for less"
+                )
+        return cls(coverage, abstain, trust, selective)
+
+    def sets(self, unit: Unit, calibrated: np.ndarray, classes: list[str]) -> np.ndarray | None:
+        """The prediction sets of calibrated probabilities at this level (None: the run has none)."""
+        if self.trust is None:
+            return None
+        return prediction_sets(calibrated, np.array(self.trust.conformal(self.coverage, unit).threshold(classes)))
+
+    def set_fields(self, sets: np.ndarray | None, k: int, classes: list[str]) -> dict[str, Any]:
+        """A row's 'set' (e.g. 'H1 or H2') and 'set_size', when there are sets."""
+        if sets is None:
+            return {}
+        return {"set": set_label(sets[k], classes), "set_size": int(sets[k].sum())}
+
+    def specimen_answer(self, row: dict[str, Any]) -> str:
+        """What a lab reads for a specimen: its class, its set at the level, or 'not sure'."""
+        if row["decision"] == UNCERTAIN:
+            return NOT_SURE
+        if row.get("set_size", 1) > 1:
+            return f"{row['set']} ({self.coverage:.0%} set)"
+        return row["class"]
+
+    def note(self) -> str | None:
+        """How to read the answers, in one line (None without a measured trust)."""
+        if self.trust is None:
+            return None
+        source = self.trust.source
+        text = f"sets hold the true class of {self.coverage:.0%} of specimens (calibrated on {source} specimens)"
+        if self.selective is not None:
+            threshold, covered, accuracy = self.selective
+            text += (
+                f"; specimens answered at confidence >= {threshold:.2f}: {accuracy:.0%} right on the "
+                f"{covered:.0%} answered under cross-validation, the others 'not sure'"
+            )
+        return text
 
 
 def label_of(path: Path, classes: list[str]) -> str | None:
@@ -143,34 +226,44 @@ def specimen_of(path: Path, group_by: str) -> str:
 
 def by_specimen(
     rows: list[dict[str, Any]],
-    classes: list[str],
+    model: Predictor,
+    answers: Answers,
     group_by: str = "name",
-    abstain: float = 0.0,
-    temperature: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """One decision per specimen: the mean probability of its classified images, then the most
-    probable class (the rule the sample-level metrics use); 'no fungus visible' when none of its
-    images could be classified. Its confidence is the decision's mean probability at the run's
-    (image-level) temperature, and 'uncertain' below abstain. Each specimen keeps its image rows."""
+    """One decision per specimen: the mean probability of its images that were classified and not
+    'uncertain', then the most probable class (the rule the sample-level metrics use); its confidence
+    calibrated at the specimen level, its prediction set, and 'uncertain' (answer: not sure) under the
+    selective threshold; 'no fungus visible' when none of its images could be classified. Each specimen
+    keeps its image rows."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(specimen_of(Path(row["path"]), group_by), []).append(row)
-    specimens = []
-    for name, members in groups.items():
-        classified = [r for r in members if "class" in r]
-        labels = {r["label"] for r in members if r.get("label")}
-        decision: dict[str, Any] = {"specimen": name, "label": labels.pop() if len(labels) == 1 else None}
-        decision |= {"images": len(members), "classified": len(classified)}
-        decision["no_fungus"] = sum(r.get("status") == NO_FUNGUS for r in members)
-        if classified:
-            mean = np.mean([[r[c] for c in classes] for r in classified], axis=0)
-            best, conf = classes[int(mean.argmax())], float(temper(mean[None], temperature).max())
-            decision |= {"class": best, "confidence": conf, "decision": decide(best, conf, abstain)}
-            decision |= {c: float(v) for c, v in zip(classes, mean, strict=True)}
-        else:
-            decision["status"] = NO_FUNGUS if decision["no_fungus"] else "no readable image"
-        specimens.append(decision | {"rows": members})
-    return specimens
+    return [_specimen(name, members, model, answers) for name, members in groups.items()]
+
+
+def _specimen(name: str, members: list[dict[str, Any]], model: Predictor, answers: Answers) -> dict[str, Any]:
+    """One specimen's decision from its image rows (see by_specimen)."""
+    classes = model.classes
+    classified = [r for r in members if "class" in r]
+    counted = [r for r in classified if r["decision"] != UNCERTAIN]
+    labels = {r["label"] for r in members if r.get("label")}
+    decision: dict[str, Any] = {"specimen": name, "label": labels.pop() if len(labels) == 1 else None}
+    decision |= {"images": len(members), "classified": len(classified), "counted": len(counted)}
+    decision["no_fungus"] = sum(r.get("status") == NO_FUNGUS for r in members)
+    if counted:
+        mean = np.mean([[r[c] for c in classes] for r in counted], axis=0)[None]
+        calibrated = temper(mean, model.temperature("specimen"))
+        best, conf = classes[int(mean.argmax())], float(calibrated.max())
+        sure = answers.selective is None or conf >= answers.selective[0]
+        decision |= {"class": best, "confidence": conf, "decision": best if sure else UNCERTAIN}
+        decision |= answers.set_fields(answers.sets("specimen", calibrated, classes), 0, classes)
+        decision |= {c: float(v) for c, v in zip(classes, mean[0], strict=True)}
+        decision["answer"] = answers.specimen_answer(decision)
+    elif classified:
+        decision |= {"decision": UNCERTAIN, "answer": NOT_SURE, "status": "every image uncertain"}
+    else:
+        decision["status"] = NO_FUNGUS if decision["no_fungus"] else "no readable image"
+    return decision | {"rows": members}
 
 
 def specimen_metrics(specimens: list[dict[str, Any]], classes: list[str]) -> dict[str, Any] | None:
@@ -186,12 +279,24 @@ def specimen_metrics(specimens: list[dict[str, Any]], classes: list[str]) -> dic
 @dataclass
 class Predictions:
     """What `defungi predict` answers: the model's classes and a row per image; with specimens, one
-    decision per specimen (each holding its image rows) and their metrics where the class is known."""
+    decision per specimen (each holding its image rows) and their metrics where the class is known; how
+    to read them (note) and what the model is (card)."""
 
     classes: list[str]
     rows: list[dict[str, Any]]
     specimens: list[dict[str, Any]] | None = None
     metrics: dict[str, Any] | None = None
+    note: str | None = None
+    card: ModelCard | None = None
+
+
+def check_group_by(group_by: str) -> None:
+    """A --group-by that is neither 'name' nor 'folder' must be a regular expression."""
+    if group_by not in ("name", "folder"):
+        try:
+            re.compile(group_by)
+        except re.error as exc:
+            raise DefungiError(f"--group-by {group_by}: not a regular expression ({exc})") from None
 
 
 def predict_files(
@@ -200,21 +305,19 @@ def predict_files(
     backend: str = "torch",
     tta: bool | None = None,
     prior_weight: float | None = None,
-    abstain: float = 0.0,
+    settings: dict[str, Any] | None = None,
     by_sample: bool = False,
     group_by: str = "name",
 ) -> Predictions:
     """`defungi predict`: the model of source (see open_predictor) on every image file of paths; with
-    by_sample, one decision per specimen as well (group_by: see specimen_of, checked before any work)."""
-    if group_by not in ("name", "folder"):
-        try:
-            re.compile(group_by)
-        except re.error as exc:
-            raise DefungiError(f"--group-by {group_by}: not a regular expression ({exc})") from None
+    by_sample, one decision per specimen as well (group_by: see specimen_of, checked before any work).
+    settings: Answers.of's coverage, abstain and target_accuracy."""
+    check_group_by(group_by)
     model = open_predictor(source, backend)
-    classes = list(model.classes)
-    rows = predict(model, paths, tta, prior_weight, abstain)
-    if not by_sample:
-        return Predictions(classes, rows)
-    specimens = by_specimen(rows, classes, group_by, abstain, model.temperature)
-    return Predictions(classes, rows, specimens, specimen_metrics(specimens, classes))
+    answers = Answers.of(model, **(settings or {}))
+    rows = predict(model, paths, tta, prior_weight, answers)
+    result = Predictions(list(model.classes), rows, note=answers.note(), card=model.card)
+    if by_sample:
+        result.specimens = by_specimen(rows, model, answers, group_by)
+        result.metrics = specimen_metrics(result.specimens, result.classes)
+    return result

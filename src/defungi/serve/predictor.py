@@ -1,5 +1,6 @@
 """A trained model as `predict` and the web page use it: its classes, input size, variance
-threshold, temperature and a function from uint8 images to class probabilities. It comes from a
+threshold, what the run measured about its answers, and a function from uint8 images to class
+probabilities. It comes from a
 run folder (PyTorch, here) or from an exported ONNX file (`serve.lite`: onnxruntime; torch is then
 never imported); `serve.predict.open_predictor` picks one."""
 
@@ -13,22 +14,27 @@ from typing import Any
 import numpy as np
 
 from defungi.layout import RunLayout
-from defungi.results.run import read_run_metrics
+from defungi.results.run import ModelCard, model_card, read_run_metrics
+from defungi.results.schema import SCHEMA_VERSION, check_version, from_dict, to_dict
+from defungi.results.trust import Trust, Unit
 from defungi.train.metrics import prior_weights, weighted
 
 
 @dataclass(frozen=True)
 class Predictor:
-    """What is needed to classify decoded images the way the run was scored."""
+    """What is needed to classify decoded images the way the run was scored, and what the run measured
+    about its answers (trust: calibration, prediction sets, selective answers; card: how accurate it
+    was on specimens it never saw)."""
 
     classes: list[str]
     image_size: int
     variance_threshold: float
-    temperature: float
     tta: bool
     prior_weight: float
     class_prior: list[float] | None
     scores: Callable[[np.ndarray, bool], np.ndarray]  # uint8 NHWC images, tta -> probabilities
+    trust: Trust | None = None
+    card: ModelCard | None = None
     trained: Any = None  # the TrainedModel of the torch backend (Grad-CAM needs it)
 
     def probabilities(
@@ -39,18 +45,30 @@ class Predictor:
         power = self.prior_weight if prior_weight is None else prior_weight
         return weighted(probs, prior_weights(self.class_prior, power))
 
+    def temperature(self, unit: Unit = "image") -> float:
+        """The temperature that calibrates an image's (or a specimen's mean) probabilities: 1 where the
+        run measured none that helped."""
+        return self.trust.temperatures[unit].applied if self.trust is not None else 1.0
+
     def metadata(self) -> dict[str, Any]:
         """Everything but the model, as JSON (stored inside an exported ONNX file)."""
-        names = ("classes", "image_size", "variance_threshold", "temperature", "tta", "prior_weight", "class_prior")
-        return {k: getattr(self, k) for k in names}
+        names = ("classes", "image_size", "variance_threshold", "tta", "prior_weight", "class_prior")
+        records = {k: None if getattr(self, k) is None else to_dict(getattr(self, k)) for k in ("trust", "card")}
+        return {"schema_version": SCHEMA_VERSION, **{k: getattr(self, k) for k in names}, **records}
 
-
-def run_temperature(run_dir: str | Path) -> float:
-    """The image temperature the run's answers use: fitted on held-out predictions and kept where it
-    helped on others (1.0 otherwise)."""
-    path = RunLayout(Path(run_dir)).metrics
-    trust = read_run_metrics(path).trust if path.exists() else None
-    return trust.temperatures["image"].applied if trust is not None else 1.0
+    @classmethod
+    def from_metadata(
+        cls, meta: dict[str, Any], scores: Callable[[np.ndarray, bool], np.ndarray], source: str
+    ) -> Predictor:
+        """The predictor that metadata() described, answering with scores (a SchemaError names source)."""
+        check_version(meta.pop("schema_version", None), source)
+        trust, card = meta.pop("trust"), meta.pop("card")
+        return cls(
+            **meta,
+            scores=scores,
+            trust=None if trust is None else from_dict(Trust, trust, "trust"),
+            card=None if card is None else from_dict(ModelCard, card, "card"),
+        )
 
 
 def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:
@@ -59,17 +77,20 @@ def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:
     from defungi.train.loop import predict_proba
 
     trained = load_trained(run_dir, device)
+    path = RunLayout(Path(run_dir)).metrics
+    metrics = read_run_metrics(path) if path.exists() else None
 
     def scores(images: np.ndarray, tta: bool) -> np.ndarray:
         return predict_proba(
             trained.model, images, trained.preprocess, trained.device, tta=tta, amp=trained.config.train.amp
-        )
+        )  # fp32 on CPUs, as the exported model (see train.loop.inference_precision)
 
     return Predictor(
         classes=list(trained.classes),
         image_size=trained.preprocess.image_size,
         variance_threshold=trained.config.data.variance_threshold,
-        temperature=run_temperature(run_dir),
+        trust=metrics.trust if metrics else None,
+        card=model_card(metrics) if metrics else None,
         tta=trained.config.train.tta,
         prior_weight=trained.config.train.prior_weight,
         class_prior=trained.class_prior,

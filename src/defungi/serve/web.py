@@ -22,8 +22,10 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from defungi.errors import DefungiError
+from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE
 from defungi.serve.explain import explained
-from defungi.serve.predict import NO_FUNGUS, by_specimen
+from defungi.serve.predict import NO_FUNGUS, Answers, by_specimen
 from defungi.serve.predictor import Predictor, torch_predictor
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def png_data_url(pixels: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def answer(model: Predictor, uploads: list[tuple[str, bytes]], abstain: float, limits: Limits) -> dict[str, Any]:
+def answer(model: Predictor, uploads: list[tuple[str, bytes]], answers: Answers, limits: Limits) -> dict[str, Any]:
     """The page's answer: a row per upload (class, probabilities, Grad-CAM; or why not) and the
     specimen's decision. Uploads are written to a temporary folder that is removed afterwards."""
     screened = [screen(data, limits) for _, data in uploads]
@@ -80,7 +82,7 @@ def answer(model: Predictor, uploads: list[tuple[str, bytes]], abstain: float, l
             if i not in refused:
                 paths[i] = Path(tmp) / f"{i:03d}{screened[i][1]}"  # our name: the client's is only shown
                 paths[i].write_bytes(data)
-        rows = {Path(r["path"]): r for r in explained(model, list(paths.values()), abstain=abstain)} if paths else {}
+        rows = {Path(r["path"]): r for r in explained(model, list(paths.values()), answers=answers)} if paths else {}
     images = []
     for i, (name, _) in enumerate(uploads):
         row = {"error": refused[i]} if i in refused else dict(rows[paths[i]])
@@ -88,21 +90,16 @@ def answer(model: Predictor, uploads: list[tuple[str, bytes]], abstain: float, l
             row["error"] = "unreadable or truncated image"
         shown = {"name": name, "status": row.get("error") or row.get("status") or ""}
         if "class" in row:
-            shown |= {k: row[k] for k in ("class", "decision", "confidence")}
+            shown |= {k: row.get(k) for k in ("class", "decision", "confidence", "set")}
             shown |= {"probabilities": {c: row[c] for c in model.classes}, "image": png_data_url(row["image"])}
             shown["gradcam"] = png_data_url(row["overlay"])
         images.append(shown | {"row": {k: v for k, v in row.items() if k not in ("image", "overlay", "path")}})
     specimen = by_specimen(
-        [img["row"] | {"path": f"specimen/{i}"} for i, img in enumerate(images)],
-        model.classes,
-        group_by="folder",
-        abstain=abstain,
-        temperature=model.temperature,
+        [img["row"] | {"path": f"specimen/{i}"} for i, img in enumerate(images)], model, answers, group_by="folder"
     )
     decision = {k: v for k, v in specimen[0].items() if k not in ("rows", "specimen", "label")} if images else {}
-    return {"classes": model.classes, "images": [{k: v for k, v in i.items() if k != "row"} for i in images]} | {
-        "specimen": decision
-    }
+    shown_images = [{k: v for k, v in i.items() if k != "row"} for i in images]
+    return {"classes": model.classes, "images": shown_images, "specimen": decision, "note": answers.note()}
 
 
 def create_app(model: Predictor, limits: Limits = Limits()) -> FastAPI:
@@ -119,6 +116,13 @@ def create_app(model: Predictor, limits: Limits = Limits()) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"status": "ok", "classes": model.classes, "no_fungus": NO_FUNGUS}
 
+    @app.get("/api/model")
+    def card() -> dict[str, Any]:
+        """What answers: the model card, the sets' levels and the page's defaults (shared with the CLI)."""
+        levels = sorted({s.level for s in model.trust.sets}) if model.trust else []
+        summary = model.card.summary() if model.card else "a model with no held-out measurement (no test part)"
+        return {"card": summary, "levels": levels, "coverage": DEFAULT_COVERAGE, "abstain": DEFAULT_ABSTAIN}
+
     @app.post("/api/predict")
     async def predict(request: Request) -> JSONResponse:
         size = request.headers.get("content-length", "")
@@ -131,15 +135,24 @@ def create_app(model: Predictor, limits: Limits = Limits()) -> FastAPI:
                     return _refuse(f"{len(files)} files: at most {limits.files} images of one specimen at a time", 413)
                 cap = limits.bytes_per_file + 1  # enough to tell that a file is too large, never more in memory
                 uploads = [(u.filename or "unnamed", await u.read(cap)) for u in files]
-                abstain = _share(str(form.get("abstain", "0")))
+                settings = {k: _share(str(form.get(k, ""))) for k in ("coverage", "abstain", "target_accuracy")}
         except HTTPException as exc:  # the multipart parser's refusals (too many parts, a malformed body)
             return _refuse(f"upload refused: {exc.detail}", 400)
         if not uploads:
             return _refuse("no file received; pick or drop images of one specimen", 400)
+        try:
+            answers = Answers.of(
+                model,
+                settings["coverage"] or DEFAULT_COVERAGE,
+                settings["abstain"] or DEFAULT_ABSTAIN,
+                settings["target_accuracy"],
+            )
+        except DefungiError as exc:
+            return _refuse(str(exc).replace("--", ""), 400)
 
         def locked() -> dict[str, Any]:
             with lock:
-                return answer(model, uploads, abstain, limits)
+                return answer(model, uploads, answers, limits)
 
         try:
             return JSONResponse(await run_in_threadpool(locked))
@@ -154,9 +167,9 @@ def _refuse(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _share(text: str) -> float:
-    """The abstention threshold from the page (0..1; anything else is 0)."""
-    return min(max(float(text), 0.0), 1.0) if re.fullmatch(r"\d*\.?\d+", text.strip()) else 0.0
+def _share(text: str) -> float | None:
+    """A share from the page's form (0..1), None when missing or not a number."""
+    return min(max(float(text), 0.0), 1.0) if re.fullmatch(r"\d*\.?\d+", text.strip()) else None
 
 
 def _loopback(host: str) -> bool:

@@ -123,19 +123,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from defungi.report.page import metrics_line
 
     evaluation, folder = evaluate_job(
-        Path(args.run_dir), Path(args.data), Path(args.out) if args.out else None, args.tta, args.prior_weight
+        Path(args.run_dir),
+        Path(args.data),
+        Path(args.out) if args.out else None,
+        args.tta,
+        args.prior_weight,
+        _answer_settings(args),
+        args.group_by,
     )
-    scores = evaluation.scores
     if args.json:
         print(json.dumps({k: v for k, v in to_dict(evaluation).items() if k != "excluded"}, indent=2))
-    else:
-        print(metrics_line(f"{args.run_dir} on {args.data}, per image", scores))
-        if scores.samples is not None:
-            print(metrics_line(f"{args.run_dir} on {args.data}, per sample", scores.samples))
-        print("per class (images):")
-        for c, row in scores.per_class.items():
-            print(f"  {c:>6}  precision {row.precision:.3f}  recall {row.recall:.3f}  F1 {row.f1:.3f}  n={row.support}")
-        print(f"excluded {len(evaluation.excluded)} images; report: {folder}")
+        return 0
+    scores = evaluation.scores
+    print(metrics_line(f"{args.run_dir} on {args.data}, per image", scores))
+    if scores.samples is not None:
+        print(metrics_line(f"{args.run_dir} on {args.data}, per specimen", scores.samples))
+    print("per class (images):")
+    for c, row in scores.per_class.items():
+        print(f"  {c:>6}  precision {row.precision:.3f}  recall {row.recall:.3f}  F1 {row.f1:.3f}  n={row.support}")
+    for unit, check in evaluation.sets.items():
+        low, high = check.coverage_interval
+        print(
+            f"sets at {evaluation.level:.0%}, per {unit}: coverage {check.coverage:.3f} [{low:.3f}, {high:.3f}], "
+            f"mean size {check.mean_size:.2f}, one class {check.singleton_share:.0%} (n={check.n})"
+        )
+    if evaluation.selective is not None:
+        s = evaluation.selective
+        print(f"answered {s.answered:.0%} of specimens at confidence >= {s.threshold:.3f}: accuracy {s.accuracy:.3f}")
+    print(f"excluded {len(evaluation.excluded)} images; report: {folder / 'report.html'}")
     return 0
 
 
@@ -309,10 +324,15 @@ def _train_parser(sub: Commands) -> None:
 
 def _evaluate_parser(sub: Commands) -> None:
     """defungi evaluate: a trained run scored on a labelled folder."""
-    p = sub.add_parser("evaluate", help="score a trained run on a labelled folder")
+    p = sub.add_parser(
+        "evaluate", help="answer a labelled folder as a lab would; score the answers, sets and refusals (report.html)"
+    )
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="folder of class folders (images the model never saw)")
-    p.add_argument("--out", help="where to write metrics.json and confusion.png (default: RUN_DIR/evaluations/NAME)")
+    p.add_argument(
+        "--out",
+        help="where to write metrics.json, the tables, figures and report.html (default: RUN_DIR/evaluations/NAME)",
+    )
     p.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
@@ -320,6 +340,8 @@ def _evaluate_parser(sub: Commands) -> None:
         help="average the 8 flips/rotations (default: as trained)",
     )
     p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
+    _add_group_by(p)
+    _add_answer_options(p)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
 
@@ -333,13 +355,7 @@ def _predict_parser(sub: Commands) -> None:
     p.add_argument(
         "--by-sample", action="store_true", help="one decision per specimen (the mean probability of its images)"
     )
-    p.add_argument(
-        "--group-by",
-        default="name",
-        metavar="name|folder|REGEX",
-        help="what makes a specimen: DeFungi names (H1_100a_3 -> H1_100; default), one folder each, or a regex on "
-        "the file name (its first group)",
-    )
+    _add_group_by(p)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
     _add_answer_options(p)
@@ -350,6 +366,16 @@ def _predict_parser(sub: Commands) -> None:
         help="onnx: onnxruntime on RUN_DIR/model.onnx (or a .onnx file) from 'defungi export', without torch",
     )
     p.set_defaults(func=cmd_predict)
+
+
+def _add_group_by(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--group-by",
+        default="name",
+        metavar="name|folder|REGEX",
+        help="what makes a specimen: DeFungi names (H1_100a_3 -> H1_100; default), one folder each, or a regex on "
+        "the file name (its first group)",
+    )
 
 
 def _add_answer_options(p: argparse.ArgumentParser) -> None:

@@ -17,14 +17,13 @@ from defungi.data.splits import tuning_pool, tuning_split
 from defungi.errors import DefungiError
 from defungi.experiments.compare import paired_difference
 from defungi.experiments.curve import learning_curve
-from defungi.experiments.evaluate import evaluate_run
 from defungi.experiments.protocols import dataset_for, fit_run, split_for
 from defungi.experiments.rundir import FitRecord, RunDir
 from defungi.layout import AuditLayout, RunLayout, SearchLayout, StudyLayout
 from defungi.report.audit import build_audit_report
 from defungi.report.combined import build_combined_report, build_comparison, comparison_table, read_states
 from defungi.report.page import Table
-from defungi.report.run import render_evaluation, render_run
+from defungi.report.run import build_evaluation_report, build_run_report
 from defungi.report.search import render_curve, render_grid
 from defungi.report.study import build_study_report
 from defungi.results.run import Evaluation
@@ -43,7 +42,7 @@ def train_job(config: Config, out: Path) -> FitRecord | None:
     other than 0, which only trained)."""
     record = fit_run(config, out)
     if record is not None:
-        render_run(out)
+        build_run_report(out)
     return record
 
 
@@ -53,11 +52,19 @@ def resume_job(run_dir: Path) -> FitRecord | None:
 
 
 def evaluate_job(
-    run_dir: Path, data: Path, out: Path | None, tta: bool | None, prior_weight: float | None
+    run_dir: Path,
+    data: Path,
+    out: Path | None,
+    tta: bool | None = None,
+    prior_weight: float | None = None,
+    settings: dict[str, Any] | None = None,
+    group_by: str = "name",
 ) -> tuple[Evaluation, Path]:
-    """Score a run on a labelled folder; metrics.json and confusion.png in the folder it returns."""
-    evaluation, folder = evaluate_run(run_dir, data, out, tta=tta, prior_weight=prior_weight)
-    render_evaluation(folder)
+    """A run answering a labelled folder as a lab would (serve.evaluate), then its page and figures."""
+    from defungi.serve.evaluate import evaluate_folder
+
+    evaluation, folder = evaluate_folder(run_dir, data, out, tta, prior_weight, settings, group_by)
+    build_evaluation_report(folder)
     return evaluation, folder
 
 
@@ -103,11 +110,11 @@ def study_job(name: str, config: Config, out: Path) -> Path:
 
 
 def redraw_job(folder: Path) -> list[Path]:
-    """Redraw a study folder's page or a run folder's figures from their files; returns what was written."""
+    """Redraw a study folder's page or a run folder's page and figures from their files; returns the page."""
     if StudyLayout(folder).state.exists():
         return [build_study_report(folder)]
     if RunLayout(folder).metrics.exists():
-        return render_run(folder)
+        return [build_run_report(folder)]
     raise DefungiError(f"{folder}: neither a study folder (study.json) nor a finished run folder (metrics.json)")
 
 

@@ -88,6 +88,11 @@ class RunLayout:
         """Where `defungi evaluate` on a folder called name writes by default."""
         return EvaluationLayout(self.root / "evaluations" / name)
 
+    @property
+    def page(self) -> PageLayout:
+        """The run's page (`defungi report RUN`)."""
+        return PageLayout(self.root)
+
 
 @dataclass(frozen=True)
 class PageLayout:
@@ -117,8 +122,26 @@ class EvaluationLayout:
         return self.root / "metrics.json"
 
     @property
+    def predictions(self) -> Path:
+        """Per image: path, specimen, true class, prediction, calibrated confidence, set, probabilities."""
+        return self.root / "predictions.csv"
+
+    @property
+    def specimens(self) -> Path:
+        """Per specimen: true class, decision, confidence, set, answer, right or wrong."""
+        return self.root / "specimens.csv"
+
+    def figure(self, name: str) -> Path:
+        """confusion (images), confusion_specimens, confident_errors."""
+        return self.root / f"{name}.png"
+
+    @property
     def confusion(self) -> Path:
-        return self.root / "confusion.png"
+        return self.figure("confusion")
+
+    @property
+    def page(self) -> PageLayout:
+        return PageLayout(self.root)
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ import torch
 
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
-from defungi.experiments.evaluate import evaluate_run
 from defungi.experiments.protocols import fit_run, load_trained
 from defungi.jobs import evaluate_job, train_job
 from defungi.models.ensemble import Ensemble
 from defungi.results.run import read_evaluation, read_run_metrics
+from defungi.serve.evaluate import evaluate_folder
 from defungi.train.loop import predict_proba
 from tests.conftest import fails_on_call, tiny_config, write_folder
 
@@ -136,7 +136,7 @@ def test_ensemble_run_scores_the_mean_of_its_seeded_members_and_resumes(tiny_dat
     again = fit_run(config, out).metrics
     assert (out / "member-0" / "best.pt").stat().st_mtime_ns == first
     assert (out / "member-1" / "best.pt").exists() and again.part("test").f1 == pytest.approx(metrics.part("test").f1)
-    assert evaluate_run(out, tiny_data)[0].scores.n > 0
+    assert evaluate_folder(out, tiny_data)[0].scores.n > 0
 
 
 def test_finished_run_is_read_back_without_training(tiny_data: Path, tmp_path: Path):

@@ -89,9 +89,11 @@ def check_temperature(held: Held, unit: str, fitted_on: str, checked_on: str) ->
     )
 
 
-def _set_check(sets: np.ndarray, labels: np.ndarray, groups: np.ndarray, classes: Sequence[str], seed: int) -> SetCheck:
-    """Coverage and size of sets, with intervals from a bootstrap that draws specimens (each with
-    all its rows)."""
+def set_check(
+    sets: np.ndarray, labels: np.ndarray, groups: np.ndarray, classes: Sequence[str], seed: int = 0
+) -> SetCheck:
+    """Coverage and size of sets (boolean, rows x classes) against labels, with intervals from a
+    bootstrap that draws specimens (groups, each with all its rows)."""
     hit, size = sets[np.arange(len(labels)), labels].astype(float), sets.sum(1).astype(float)
     ids, inverse = np.unique(groups, return_inverse=True)
     draws = np.random.default_rng(seed).integers(0, len(ids), (1000, len(ids)))
@@ -130,7 +132,7 @@ def conformal_sets(held: Held, unit: str, level: float, classes: Sequence[str], 
         check_rows.append(rows)
     rows = np.concatenate(check_rows)
     checked = {
-        mode: _set_check(np.concatenate(s), held.labels[rows], held.groups[rows], classes, seed)
+        mode: set_check(np.concatenate(s), held.labels[rows], held.groups[rows], classes, seed)
         for mode, s in checked_sets.items()
     }
     short = _class_falls_short(np.concatenate(checked_sets["marginal"]), held.take(rows), level, seed)

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from defungi.results.run import FoldScores, Reliability  # noqa: E402
+from defungi.results.trust import RiskCoverage  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -295,4 +296,20 @@ def plot_explanation(image: np.ndarray, overlay: np.ndarray, path: Path, title: 
         ax.set_title(caption, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_risk_coverage(curve: RiskCoverage, path: Path, title: str = "selective answers") -> Path:
+    """Accuracy on the answered specimens against the share answered, most confident first, with the
+    tabulated shares marked (their 95% intervals as bars)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(np.asarray(curve.coverage) * 100, curve.accuracy, "-", lw=1.5, label="answered most confident first")
+    shares = np.array([r.coverage for r in curve.table]) * 100
+    accuracy = np.array([r.accuracy for r in curve.table])
+    errors = np.abs(np.array([r.interval for r in curve.table]).T - accuracy)
+    ax.errorbar(shares, accuracy, yerr=errors, fmt="o", capsize=3, label="95% interval over specimens")
+    ax.set(xlabel=f"{curve.unit}s answered (%)", ylabel="accuracy on those answered", xlim=(0, 102), title=title)
+    ax.set_ylim(min(0.5, float(np.min(curve.accuracy)) - 0.05), 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
     return _save(fig, path)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from defungi.layout import EvaluationLayout, RunLayout, read_history, read_table
+from defungi.report.page import Page, interval_table
 from defungi.report.plots import (
     contact_sheet,
     plot_confusion,
@@ -12,8 +14,10 @@ from defungi.report.plots import (
     plot_folds,
     plot_history,
     plot_reliability,
+    plot_risk_coverage,
 )
-from defungi.results.run import read_evaluation, read_run_metrics
+from defungi.report.trust import set_table, trust_section
+from defungi.results.run import model_card, read_evaluation, read_run_metrics
 
 
 def render_run(run_dir: str | Path) -> list[Path]:
@@ -51,6 +55,9 @@ def render_run(run_dir: str | Path) -> list[Path]:
             figures += render_run(run.fold(k).root)
         title = f"{label}: {len(metrics.folds)}-fold cross-validation ({split})"
         figures.append(plot_folds(metrics.folds, run.figure("folds"), title))
+    if metrics.trust is not None:
+        title = f"{label}: accuracy of the specimens answered ({metrics.trust.source})"
+        figures.append(plot_risk_coverage(metrics.trust.selective, run.figure("risk_coverage"), title))
     scored_images = run.oof if run.oof.exists() else run.predictions("test")
     if scored_images.exists():
         figures.append(render_confident_errors(scored_images, run.figure("confident_errors")))
@@ -80,9 +87,67 @@ def render_exclusions(table: Path, path: Path) -> Path:
     return contact_sheet([Path(r["path"]) for r in rows], captions, path)
 
 
-def render_evaluation(out_dir: str | Path) -> Path:
-    """confusion.png of an evaluation folder, from its metrics.json."""
-    evaluation = EvaluationLayout(Path(out_dir))
-    result = read_evaluation(evaluation.metrics)
-    title = f"{result.model} on {Path(result.data).name}"
-    return plot_confusion(result.scores.confusion_matrix, result.scores.classes, evaluation.confusion, title)
+def build_run_report(run_dir: str | Path) -> Path:
+    """report.html (and .md) of one finished run: what it is, its scores per image and per specimen
+    with intervals, how far its answers can be trusted, and its figures (drawn if missing)."""
+    run = RunLayout(Path(run_dir))
+    metrics = read_run_metrics(run.metrics)
+    figures = render_run(run.root)
+    page = Page(f"defungi: {run.root.name}")
+    card = model_card(metrics)
+    page.text(card.summary() + "." if card else f"{metrics.model} ({metrics.kind}); it scored no test part.")
+    page.text(
+        f"{metrics.kind} run; {metrics.protocol.split} split; images {metrics.protocol.image_size} px; trained in "
+        f"{metrics.protocol.precision}; {metrics.parameters:,} parameters; {metrics.stop_reason}."
+    )
+    rows: dict[str, Any] = {}
+    for part, scores in metrics.parts.items():
+        name = metrics.reported_name if part == "test" else part
+        rows[f"{name}, per image"] = scores
+        if scores.samples is not None:
+            rows[f"{name}, per specimen"] = scores.samples
+    page.table(interval_table(rows))
+    if metrics.trust is not None:
+        trust_section(page, metrics.trust, run.figure("risk_coverage"))
+    page.heading("Figures", level=2)
+    for figure in figures:
+        if figure.parent == run.root and figure.name != "risk_coverage.png":
+            page.figure(figure)
+    return page.write(run.page)
+
+
+def build_evaluation_report(out_dir: str | Path) -> Path:
+    """The figures (confusion per image and per specimen, most confidently wrong images) and report.html
+    of an evaluation folder, from its metrics.json and predictions.csv."""
+    layout = EvaluationLayout(Path(out_dir))
+    result = read_evaluation(layout.metrics)
+    scores, title = result.scores, f"{result.model} on {Path(result.data).name}"
+    figures = [plot_confusion(scores.confusion_matrix, scores.classes, layout.confusion, f"{title}, images")]
+    if scores.samples is not None:
+        path = layout.figure("confusion_specimens")
+        figures.append(plot_confusion(scores.samples.confusion_matrix, scores.classes, path, f"{title}, specimens"))
+    if layout.predictions.exists():
+        figures.append(render_confident_errors(layout.predictions, layout.figure("confident_errors")))
+    page = Page(f"defungi: {title}")
+    page.text(
+        f"{result.run} answering {result.data}: {scores.n} images, specimens grouped by {result.group_by}; "
+        f"{len(result.excluded)} images left out (unreadable, or no fungus visible). Tables: "
+        f"{layout.predictions.name} (per image), {layout.specimens.name} (per specimen)."
+    )
+    rows: dict[str, Any] = {"per image": scores}
+    if scores.samples is not None:
+        rows["per specimen"] = scores.samples
+    page.table(interval_table(rows))
+    if result.sets and result.level is not None:
+        page.heading("Prediction sets", level=2)
+        page.table(set_table(result.sets, result.level))
+    if result.selective is not None:
+        s = result.selective
+        interval = f" [{s.interval[0]:.3f}, {s.interval[1]:.3f}]" if s.interval else ""
+        page.text(
+            f"Asked for accuracy {s.target_accuracy:.0%}: specimens answered at confidence >= {s.threshold:.3f}: "
+            f"{s.answered:.0%} of them, {s.accuracy:.3f}{interval} right."
+        )
+    for figure in figures:
+        page.figure(figure)
+    return page.write(layout.page)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from defungi.results.schema import SCHEMA_VERSION, read_record
-from defungi.results.trust import Trust
+from defungi.results.trust import SetCheck, Trust
 
 RunKind = Literal["fit", "ensemble", "cv"]
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1")  # macro over the classes with images
@@ -183,8 +183,22 @@ class RunMetrics:
 
 
 @dataclass
+class SelectiveCheck:
+    """Specimens answered at a confidence threshold (from a target accuracy): the share answered and the
+    accuracy on them, with a 95% interval over specimens."""
+
+    target_accuracy: float
+    threshold: float
+    answered: float
+    accuracy: float
+    interval: list[float]
+
+
+@dataclass
 class Evaluation:
-    """metrics.json of `defungi evaluate`: a trained run scored on another labelled folder."""
+    """metrics.json of `defungi evaluate`: a trained run answering another labelled folder as a lab
+    would use it; its scores per image and per specimen (grouped by group_by), its prediction sets'
+    empirical coverage at level per unit, and its selective answers when a target accuracy was asked."""
 
     scores: PartScores
     data: str
@@ -193,6 +207,10 @@ class Evaluation:
     tta: bool
     prior_weight: float
     excluded: list[dict[str, Any]]
+    group_by: str = "name"
+    level: float | None = None
+    sets: dict[str, SetCheck] = field(default_factory=dict)  # by unit
+    selective: SelectiveCheck | None = None
     schema_version: int = SCHEMA_VERSION
 
 

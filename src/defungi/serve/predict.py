@@ -175,10 +175,11 @@ class Answers:
         return prediction_sets(calibrated, np.array(self.trust.conformal(self.coverage, unit).threshold(classes)))
 
     def set_fields(self, sets: np.ndarray | None, k: int, classes: list[str]) -> dict[str, Any]:
-        """A row's 'set' (e.g. 'H1 or H2') and 'set_size', when there are sets."""
+        """A row's 'set' as a lab reads it (e.g. 'H1 or H2'), its classes and size, when there are sets."""
         if sets is None:
             return {}
-        return {"set": set_label(sets[k], classes), "set_size": int(sets[k].sum())}
+        inside = [c for c, keep in zip(classes, sets[k], strict=True) if keep]
+        return {"set": set_label(sets[k], classes), "set_classes": inside, "set_size": len(inside)}
 
     def specimen_answer(self, row: dict[str, Any]) -> str:
         """What a lab reads for a specimen: its class, its set at the level, or 'not sure'."""

@@ -12,9 +12,9 @@ from defungi.data.augment import balanced_order
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.experiments.compare import paired_difference
 from defungi.experiments.curve import learning_curve
-from defungi.experiments.evaluate import inference_images_per_s
 from defungi.experiments.grid import grid_search
 from defungi.experiments.protocols import fit_run
+from defungi.experiments.speed import inference_images_per_s
 from defungi.experiments.studies.results import ClassCounts, Comparison, Curves, Final, Grid
 from defungi.experiments.studies.runner import StudyContext
 from defungi.results.run import PairedDifference, Scores

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from defungi.layout import SearchLayout
 from defungi.report.plots import plot_epoch_curves, plot_grid, plot_learning_curve
-from defungi.results.schema import to_dict
 from defungi.results.search import read_curve, read_grid
 
 
@@ -17,7 +16,7 @@ def render_curve(out_dir: str | Path, title: str) -> list[Path]:
     histories = [h for fold in curve.histories for h in fold]
     labels = [f"fold {f + 1}, {s:.0%}" for f in range(curve.folds) for s in curve.train_fractions]
     return [
-        plot_learning_curve({curve.label: to_dict(curve)}, layout.figure("learning_curve"), f"{title} ({curve.label})"),
+        plot_learning_curve({curve.label: curve}, layout.figure("learning_curve"), f"{title} ({curve.label})"),
         plot_epoch_curves(histories, labels, layout.figure("epoch_curves")),
     ]
 

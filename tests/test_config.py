@@ -10,10 +10,11 @@ def test_profiles_overrides_and_round_trip():
     quick, paper = load_config("quick"), load_config("paper")
     assert quick.data.image_size < paper.data.image_size == 224
     config = load_config(
-        "quick", {"train.lr": "0.01", "train.tta": "false", "study.grid_lrs": "[0.1, 0.2]", "data.seed": None}
+        "quick", {"train.lr": "0.01", "train.tta": "false", "train.model_args": '{"dim": 8}', "data.seed": None}
     )
-    assert config.train.lr == 0.01 and config.train.tta is False and config.study.grid_lrs == [0.1, 0.2]
+    assert config.train.lr == 0.01 and config.train.tta is False and config.train.model_args == {"dim": 8}
     assert config_from_dict(config.to_dict()) == config
+    assert "study" not in config.to_dict()  # a run carries no study's options (the profile's [study] table)
 
 
 @pytest.mark.parametrize(
@@ -23,7 +24,8 @@ def test_profiles_overrides_and_round_trip():
         ("train.epochs", "many", "wants int"),
         ("data.split", "stratified", "use one of"),
         ("train.tta", "maybe", "true/false"),
-        ("study.grid_lrs", "0.1", "wants a list"),
+        ("train.model_args", "8", "wants a dict"),
+        ("study.grid_lrs", "[0.1]", "sizes a published study, not a run"),
         ("train.prior_weight", "-1", "0 \\(balanced decision\\) to 1"),
     ],
 )
@@ -42,10 +44,7 @@ def test_same_config_resolves_roots_and_fills_keys_added_later(tmp_path: Path):
     a = load_config("quick", {"data.root": str(tmp_path / "d")}).to_dict()
     b = load_config("quick", {"data.root": str(tmp_path / "x" / ".." / "d")}).to_dict()
     assert same_config(a, b)
-    a = load_config(
-        "quick", {"data.root": str(tmp_path / "d"), "study.per_study": {}}
-    ).to_dict()  # as a study stores it
-    older = a | {"study": {k: v for k, v in a["study"].items() if k != "per_study"}}  # saved before the key existed
+    older = a | {"train": {k: v for k, v in a["train"].items() if k != "cached_views"}}  # saved before the key existed
     assert same_config(older, a)
     assert not same_config(a, load_config("quick", {"data.root": str(tmp_path / "d"), "train.lr": 0.5}).to_dict())
 

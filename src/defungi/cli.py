@@ -71,11 +71,11 @@ def _add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
     )
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace, leave_out: Sequence[str] = ()) -> Any:
     from defungi.config import load_config
     from defungi.data.scan import resolve_data
 
-    overrides = _overrides(args)
+    overrides = {k: v for k, v in _overrides(args).items() if k not in leave_out}
     overrides["data.root"] = str(resolve_data(args.data))
     return load_config(args.profile, overrides)
 
@@ -254,6 +254,14 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
+def _study(name: str) -> str:
+    from defungi.jobs import study_names  # the studies' registry, imported once a study command is parsed
+
+    if name not in study_names():
+        raise argparse.ArgumentTypeError(f"unknown study '{name}'; known: {', '.join(study_names())}")
+    return name
+
+
 def _seconds(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"'{text}': give a whole number of seconds, 1 or more, e.g. 30")
@@ -285,12 +293,14 @@ def cmd_grid(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from defungi.jobs import study_job
 
-    print(f"report: {study_job(args.name, _config(args), Path(args.out or f'runs/study-{args.name}'))}")
+    options = {k: v for k, v in _overrides(args).items() if k.split(".")[0] == "study"}  # the study's, not the run's
+    out = Path(args.out or f"runs/study-{args.name}")
+    print(f"report: {study_job(args.name, _config(args, leave_out=list(options)), out, options)}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from defungi.jobs import compare_job, redraw_job, report_job
+    from defungi.jobs import compare_job, redraw_job, report_job, study_dirs
 
     if args.compare:
         print(f"report: {compare_job([Path(d) for d in args.compare], Path(args.out))}")
@@ -298,7 +308,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     for folder in args.folders:
         print(f"{folder}: {', '.join(str(p) for p in redraw_job(Path(folder)))}")
     if not args.folders:
-        print(f"report: {report_job([Path(d) for d in args.studies], Path(args.out), [Path(r) for r in args.runs])}")
+        studies = [Path(d) for d in args.studies] if args.studies else study_dirs(Path("runs"))
+        print(f"report: {report_job(studies, Path(args.out), [Path(r) for r in args.runs])}")
     return 0
 
 
@@ -494,7 +505,7 @@ def _grid_parser(sub: Commands) -> None:
 def _study_parser(sub: Commands) -> None:
     """defungi study NAME: a published study."""
     p = sub.add_parser("study", help="a published study, every step, resumable, ending in a report")
-    p.add_argument("name", choices=["resnet34", "convmixer"])
+    p.add_argument("name", type=_study, help="a published study (defungi.experiments.studies), e.g. resnet34")
     _add_config_flags(p, model=False)
     p.add_argument("--out", help="study folder (default: runs/study-NAME)")
     p.set_defaults(func=cmd_study)
@@ -506,9 +517,7 @@ def _report_parser(sub: Commands) -> None:
         "report", help="redraw a run or study folder from its files, or one page with both studies' final models"
     )
     p.add_argument("folders", nargs="*", help="run or study folders to redraw (figures, report.html) without a model")
-    p.add_argument(
-        "--studies", nargs="+", default=["runs/study-resnet34", "runs/study-convmixer"], help="study folders"
-    )
+    p.add_argument("--studies", nargs="+", help="study folders (default: runs/study-NAME of every published study)")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="finished runs side by side, with intervals")
     p.add_argument("--runs", nargs="*", default=[], metavar="RUN", help="finished runs to show beside the studies")
     p.add_argument("--out", default="runs/report")

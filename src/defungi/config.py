@@ -77,37 +77,13 @@ class TrainConfig:
 
 
 @dataclass
-class StudyConfig:
-    """How big the study steps are: exploratory fits, curves, grids, folds."""
-
-    epochs: int = 6  # per exploratory fit (curves, grids, comparisons); final fits use train.epochs
-    subset_fraction: float = 0.2  # the study's "20% of the data" for the first curve and grid
-    curve_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    full_curve_fractions: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    full_curve_epochs: int = 4
-    cv_folds: int = 3  # the cross-validated learning curve
-    final_folds: int = 3  # the final recipe is scored by this K-fold cross-validation, grouped and random
-    grid_batch_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
-    grid_lrs: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3, 4e-3])
-    grid2_lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    grid2_batch_sizes: list[int] = field(default_factory=list)  # empty: keep the first grid's best
-    split_ratios: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9])  # train share
-    split_repeats: int = 2
-    depths: list[int] = field(default_factory=lambda: [8, 16, 4])
-    depth_lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    per_study: dict[str, dict[str, Any]] = field(
-        default_factory=dict
-    )  # {'convmixer': {'study.epochs': 5}}: dotted overrides for one study
-
-
-@dataclass
 class Config:
-    """Everything a run needs; written to the run folder as config.json."""
+    """Everything a run needs; written to the run folder as config.json. (A published study's own
+    options, a profile's [study] table, live with the study: `defungi.experiments.studies`.)"""
 
     profile: str = "quick"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON-safe)."""
@@ -194,8 +170,9 @@ def same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return normal(a) == normal(b)
 
 
-def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
-    """Set dataclass fields from a dict, recursing into nested sections."""
+def apply_values(obj: Any, values: dict[str, Any], where: str) -> None:
+    """Set dataclass fields from a dict, recursing into nested sections; an unknown key is an error
+    naming it (where: the keys' dotted prefix, e.g. 'train.')."""
     names = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in names:
@@ -204,7 +181,7 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise DefungiError(f"config key '{where}{key}' is a section; give a table")
-            _apply(current, value, f"{where}{key}.")
+            apply_values(current, value, f"{where}{key}.")
         else:
             setattr(obj, key, _coerce(value, current, f"{where}{key}"))
 
@@ -247,12 +224,21 @@ def profile_path(name: str) -> Path:
     return Path(str(shipped))
 
 
-def load_config(profile: str = "quick", overrides: dict[str, Any] | None = None) -> Config:
-    """Profile file first, then dotted overrides such as {'train.lr': 1e-3}. Pretrained weights bring
-    the normalisation they were trained with, unless the overrides set data.normalize."""
-    config = Config(profile=profile)
+def profile_table(profile: str) -> dict[str, Any]:
+    """A profile's TOML as nested tables."""
     with open(profile_path(profile), "rb") as fh:
-        _apply(config, tomllib.load(fh), "")
+        return tomllib.load(fh)
+
+
+def load_config(profile: str = "quick", overrides: dict[str, Any] | None = None) -> Config:
+    """Profile file first, then dotted overrides such as {'train.lr': 1e-3}. The profile's [study] table
+    is the published studies' (`defungi.experiments.studies` reads it); a run has no study options.
+    Pretrained weights bring the normalisation they were trained with, unless the overrides set
+    data.normalize."""
+    config = Config(profile=profile)
+    table = profile_table(profile)
+    table.pop("study", None)
+    apply_values(config, table, "")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     config = load_config_from(config, overrides)
     if config.train.pretrained and "data.normalize" not in overrides and config.data.normalize != "pretrained":
@@ -260,24 +246,33 @@ def load_config(profile: str = "quick", overrides: dict[str, Any] | None = None)
     return config
 
 
-def load_config_from(config: Config, overrides: dict[str, Any]) -> Config:
-    """A copy of config with dotted overrides applied (None values are ignored)."""
-    config = copy.deepcopy(config)
-    nested: dict[str, Any] = {}
+def nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys as nested tables ({'train.lr': 1e-3} -> {'train': {'lr': 1e-3}}); None values left out."""
+    tables: dict[str, Any] = {}
     for dotted, value in overrides.items():
         if value is None:
             continue
         *parents, leaf = dotted.split(".")
-        node = nested
+        node = tables
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    _apply(config, nested, "")
+    return tables
+
+
+def load_config_from(config: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of config with dotted overrides applied (None values are ignored)."""
+    config = copy.deepcopy(config)
+    tables = nested(overrides)
+    if "study" in tables:
+        key = next(k for k in overrides if k.split(".")[0] == "study")
+        raise DefungiError(f"config key '{key}' sizes a published study, not a run; give it to 'defungi study'")
+    apply_values(config, tables, "")
     return validate(config)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config saved by `Config.to_dict` (e.g. from a run folder)."""
     config = Config()
-    _apply(config, values, "")
+    apply_values(config, values, "")
     return validate(config)

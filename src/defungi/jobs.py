@@ -21,7 +21,7 @@ from defungi.experiments.protocols import dataset_for, fit_run, split_for
 from defungi.experiments.rundir import FitRecord, RunDir
 from defungi.layout import AuditLayout, RunLayout, SearchLayout, StudyLayout
 from defungi.report.audit import build_audit_report
-from defungi.report.combined import build_combined_report, build_comparison, comparison_table, read_states
+from defungi.report.combined import build_combined_report, build_comparison, comparison_table, final_of, read_states
 from defungi.report.page import Table
 from defungi.report.run import build_evaluation_report, build_run_report
 from defungi.report.search import render_curve, render_grid
@@ -33,7 +33,6 @@ from defungi.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-MAIN_STUDIES = ("resnet34", "convmixer")
 TRANSFER_PROFILE = "transfer"
 
 
@@ -101,11 +100,24 @@ def grid_job(
     return result
 
 
-def study_job(name: str, config: Config, out: Path) -> Path:
-    """Run (or resume) a published study, then build its page; returns report.html."""
+def study_names() -> list[str]:
+    """The published studies, in the order the main job runs them."""
+    from defungi.experiments.studies import STUDIES
+
+    return list(STUDIES)
+
+
+def study_dirs(root: Path) -> list[Path]:
+    """Each published study's folder under root (study-NAME)."""
+    return [root / f"study-{name}" for name in study_names()]
+
+
+def study_job(name: str, config: Config, out: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Run (or resume) a published study, sized by config's profile and dotted overrides (study.KEY,
+    study.NAME.KEY), then build its page; returns report.html."""
     from defungi.experiments.studies import run_study
 
-    run_study(name, config, out)
+    run_study(name, config, out, overrides)
     return build_study_report(out)
 
 
@@ -135,19 +147,20 @@ def report_job(study_dirs: list[Path], out: Path, runs: list[Path] | None = None
     return build_combined_report(study_dirs, out, runs or [])
 
 
-def main_job(config: Config, out: Path) -> tuple[Path, Table]:
-    """The main job: both studies (resumable) with their pages; the transfer recipe (the transfer
-    profile) by grouped cross-validation on the same folds as the studies' final recipes; then the
+def main_job(config: Config, out: Path, study_overrides: dict[str, Any] | None = None) -> tuple[Path, Table]:
+    """The main job: every published study (resumable) with its page; the transfer recipe (the transfer
+    profile) by grouped cross-validation on the same folds as the first study's final recipe; then the
     combined page. Returns the page and the comparison table."""
-    dirs = [out / f"study-{name}" for name in MAIN_STUDIES]
-    for name, study_dir in zip(MAIN_STUDIES, dirs, strict=True):
-        log.info("study %s: report %s", name, study_job(name, config, study_dir))
-    transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config))
+    dirs = study_dirs(out)
+    for name, study_dir in zip(study_names(), dirs, strict=True):
+        log.info("study %s: report %s", name, study_job(name, config, study_dir, study_overrides))
+    states = read_states(dirs)
+    transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config, final_of(states[0]).cv_folds))
     log.info("transfer recipe: %s", train_job(transfer, out / "transfer").path)
-    return report_job(dirs, out / "report", [out / "transfer"]), comparison_table(read_states(dirs))
+    return report_job(dirs, out / "report", [out / "transfer"]), comparison_table(states)
 
 
-def transfer_overrides(config: Config) -> dict[str, Any]:
+def transfer_overrides(config: Config, final_folds: int) -> dict[str, Any]:
     """What the transfer run takes from the main job's config: the data, its outlier threshold, split
     and seed, and the studies' number of final folds (so that every recipe is scored on the same folds)."""
     dc = config.data
@@ -155,5 +168,5 @@ def transfer_overrides(config: Config) -> dict[str, Any]:
         "data.root": dc.root,
         "data.split": "grouped",
         "data.seed": dc.seed,
-        "data.cv_folds": config.study.final_folds,
+        "data.cv_folds": final_folds,
     }

@@ -8,34 +8,40 @@ import pytest
 import torch
 
 from defungi import jobs
-from defungi.config import load_config
+from defungi.config import config_from_dict, load_config
+from defungi.errors import DefungiError
 from defungi.experiments.studies import STUDIES
 from defungi.jobs import main_job, redraw_job, study_job
 from defungi.models import create_model
 from defungi.report.combined import build_combined_report
+from defungi.results.run import read_run_metrics
+from defungi.results.schema import to_dict
+from defungi.results.study import read_study
 from tests.conftest import write_folder
 
 pytestmark = pytest.mark.slow  # both studies end to end, in tiny: about a minute
 
-SMALL_STUDY = {
+SMALL_RUN = {
     "data.image_size": 16,
     "train.epochs": 2,
     "train.batch_size": 8,
+    "train.model_args": '{"dim": 8, "kernel_size": 3, "patch_size": 4}',
+}
+SMALL_STUDY = {
     "study.epochs": 1,
-    "study.full_curve_epochs": 1,
-    "study.subset_fraction": 0.5,
     "study.curve_fractions": "[0.5, 1.0]",
     "study.grid_batch_sizes": "[8]",
     "study.grid_lrs": "[0.001, 0.002]",
-    "study.grid2_lr_factors": "[1.0, 2.0]",
-    "study.cv_folds": 2,
     "study.final_folds": 2,
-    "study.split_ratios": "[0.7, 0.8]",
-    "study.split_repeats": 1,
-    "study.depths": "[8, 16]",
-    "study.depth_lr_factors": "[1.0, 2.0]",
-    "train.model_args": '{"dim": 8, "kernel_size": 3, "patch_size": 4}',
-    "study.per_study": '{"convmixer": {"study.split_ratios": [0.75], "train.ensemble": 2}}',
+    "study.resnet34.subset_fraction": 0.5,
+    "study.resnet34.grid2_lr_factors": "[1.0, 2.0]",
+    "study.resnet34.cv_folds": 2,
+    "study.resnet34.full_curve_epochs": 1,
+    "study.convmixer.split_ratios": "[0.75]",
+    "study.convmixer.split_repeats": 1,
+    "study.convmixer.depths": "[8, 16]",
+    "study.convmixer.depth_lr_factors": "[1.0, 2.0]",
+    "study.convmixer.config": '{"train.ensemble": 2}',  # in place of the quick profile's width 128
 }
 
 
@@ -45,27 +51,25 @@ def studies(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("studies")
     data = write_folder(root / "d", samples_per_class=8, patches=3)
     # the ResNet-34 study (a tiny ConvMixer standing in) starts from weights in a file, as --weights does
-    torch.save(
-        create_model("convmixer", 1000, **json.loads(SMALL_STUDY["train.model_args"])).state_dict(), root / "w.pt"
-    )
-    per_study = json.loads(SMALL_STUDY["study.per_study"]) | {"resnet34": {"train.weights": str(root / "w.pt")}}
-    config = load_config("quick", {"data.root": str(data), **SMALL_STUDY, "study.per_study": json.dumps(per_study)})
+    torch.save(create_model("convmixer", 1000, **json.loads(SMALL_RUN["train.model_args"])).state_dict(), root / "w.pt")
+    options = SMALL_STUDY | {"study.resnet34.config": json.dumps({"train.weights": str(root / "w.pt")})}
+    config = load_config("quick", {"data.root": str(data), **SMALL_RUN})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEFUNGI_CACHE", str(root / "cache"))
         for name in STUDIES:
             mp.setitem(STUDIES, name, dataclasses.replace(STUDIES[name], model="convmixer"))
         for name in ("resnet34", "convmixer"):
-            study_job(name, config, root / f"study-{name}")
+            study_job(name, config, root / f"study-{name}", options)
         yield {
-            name: (json.loads((root / f"study-{name}" / "study.json").read_text()), config, root / f"study-{name}")
+            name: (read_study(root / f"study-{name}" / "study.json"), (config, options), root / f"study-{name}")
             for name in ("resnet34", "convmixer")
         }
 
 
 @pytest.mark.parametrize("name", ["resnet34", "convmixer"])
 def test_study_runs_every_step_reports_and_resumes(name: str, studies):
-    state, config, out = studies[name]
-    assert len(state["steps"]) == 7
+    state, (config, options), out = studies[name]
+    assert [type(s.result) for s in state.steps.values()] == [s.result_type for s in STUDIES[name].steps]
     page = (out / "report.html").read_text()
     assert page.count("<h2>") == 7 and page.count("data:image/png;base64") >= 14
     md = (out / "report.md").read_text()
@@ -73,56 +77,52 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     assert "| split | fold | test images / samples |" in md and "| larger than noise |" in md
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (out / link).exists(), link
-    assert {step["kind"] for step in state["steps"].values()} <= {
-        "class_counts",
-        "curves",
-        "grid",
-        "fit",
-        "comparison",
-        "split_ratio",
-        "depth",
-        "final",
-    }
-    grid_step = "grid20" if name == "resnet34" else "grid_full"
-    assert state["steps"][grid_step]["choice"]["train.batch_size"] == 8
-    assert "95% interval over samples" in state["steps"][grid_step]["summary"]
+    grid_step = state.steps["grid20" if name == "resnet34" else "grid_full"].result
+    assert grid_step.choice["train.batch_size"] == 8 and "95% interval over samples" in grid_step.summary
     assert "| 95% interval |" in md
     # interrupted after four steps: drop the later ones, run again; finished fits are read back
-    saved = json.loads((out / "study.json").read_text())
-    for key in list(saved["steps"])[4:]:
-        del saved["steps"][key]
-    (out / "study.json").write_text(json.dumps(saved))
-    study_job(name, config, out)
-    again = json.loads((out / "study.json").read_text())
-    assert list(again["steps"]) == list(state["steps"])
-    assert again["steps"]["grid_full"]["seconds"] == state["steps"]["grid_full"]["seconds"]
-    assert again["steps"]["final"]["test"] == state["steps"]["final"]["test"]
+    saved = read_study(out / "study.json")
+    saved.steps = dict(list(saved.steps.items())[:4])
+    (out / "study.json").write_text(json.dumps(to_dict(saved)))
+    study_job(name, config, out, options)
+    again = read_study(out / "study.json")
+    assert list(again.steps) == list(state.steps)
+    assert again.steps["grid_full"].seconds == state.steps["grid_full"].seconds
+    assert again.steps["final"].result.test == state.steps["final"].result.test
 
 
-def test_per_study_sizes_apply_to_their_study_only(studies):
-    stored = {name: studies[name][0]["config"]["study"] for name in studies}
-    weights = {name: studies[name][0]["config"]["train"]["weights"] for name in studies}
+def test_each_study_carries_its_own_options_and_its_fits_none(studies):
+    stored = {name: studies[name][0].options for name in studies}
+    assert stored["convmixer"]["split_ratios"] == [0.75] and "split_ratios" not in stored["resnet34"]
+    assert "subset_fraction" not in stored["convmixer"] and stored["resnet34"]["subset_fraction"] == 0.5
+    weights = {name: config_from_dict(studies[name][0].config).train.weights for name in studies}
     assert weights["resnet34"].endswith("w.pt") and weights["convmixer"] == ""
-    assert stored["convmixer"]["split_ratios"] == [0.75] and stored["resnet34"]["split_ratios"] == [0.7, 0.8]
-    assert stored["convmixer"]["per_study"] == stored["resnet34"]["per_study"] == {}
-    assert len(studies["convmixer"][0]["steps"]["split_ratio"]["scores"]) == 1
+    assert len(studies["convmixer"][0].steps["split_ratio"].result.scores) == 1
+    fits = [json.loads(p.read_text()) for name in studies for p in studies[name][2].glob("0*/**/config.json")]
+    assert len(fits) > 20 and not any("study" in fit for fit in fits)
+
+
+def test_a_study_resumes_only_with_the_options_it_ran_with(studies):
+    _, (config, options), out = studies["convmixer"]
+    with pytest.raises(DefungiError, match=r"other options \(study.convmixer.depths\); use a new --out"):
+        study_job("convmixer", config, out, options | {"study.convmixer.depths": "[8]"})
 
 
 def test_final_fits_may_be_ensembles_while_explorations_fit_one_model(studies):
     state, _, out = studies["convmixer"]
-    final = state["steps"]["final"]
-    assert "an ensemble of 2 fits" in final["summary"]
+    final = state.steps["final"].result
+    assert "an ensemble of 2 fits" in final.summary
     for mode in ("grouped", "random"):
-        fold = json.loads((out / final["runs"][mode] / "fold-1" / "metrics.json").read_text())
-        assert fold["protocol"]["ensemble"] == 2 and fold["protocol"]["split"] == mode
-    explored = [json.loads(p.read_text())["train"]["ensemble"] for p in out.glob("0[2-6]-*/**/config.json")]
+        fold = read_run_metrics(out / final.runs[mode] / "fold-1" / "metrics.json")
+        assert fold.protocol.ensemble == 2 and fold.protocol.split == mode
+    explored = [config_from_dict(json.loads(p.read_text())).train.ensemble for p in out.glob("0[2-6]-*/**/config.json")]
     assert explored and set(explored) == {1}
 
 
 def test_depth_step_states_a_verdict_on_16_mixers(studies):
-    depth = studies["convmixer"][0]["steps"]["depth"]
-    assert {r["depth"] for r in depth["rows"]} == {8, 16}
-    assert "16 mixers" in depth["summary"] and "claim" in depth["summary"]
+    depth = studies["convmixer"][0].steps["depth"].result
+    assert {r.depth for r in depth.rows} == {8, 16}
+    assert "16 mixers" in depth.summary and "claim" in depth.summary
 
 
 def test_combined_report(studies, tmp_path: Path):
@@ -134,11 +134,13 @@ def test_combined_report(studies, tmp_path: Path):
 
 
 def test_main_job_resumes_both_studies_and_returns_the_report(studies, monkeypatch: pytest.MonkeyPatch):
-    _, config, out = studies["resnet34"]
+    _, (config, options), out = studies["resnet34"]
     real = jobs.transfer_overrides  # the transfer recipe, sized for tiny data
-    monkeypatch.setattr(jobs, "transfer_overrides", lambda c: real(c) | {"train.batch_size": 8, "data.image_size": 32})
+    monkeypatch.setattr(
+        jobs, "transfer_overrides", lambda c, k: real(c, k) | {"train.batch_size": 8, "data.image_size": 32}
+    )
     before = json.loads((out / "study.json").read_text())
-    page, table = main_job(config, out.parent)
+    page, table = main_job(config, out.parent, options)
     assert page == out.parent / "report" / "report.html" and page.exists()
     assert "Beside the studies" in page.read_text() and (out.parent / "transfer" / "oof.csv").exists()
     assert "| convmixer, published (random split) |  | 0.780 | 0.810 | 0.790 | 0.800 |" in table.markdown()
@@ -152,3 +154,4 @@ def test_study_page_is_rebuilt_from_its_files_without_a_model(studies, tmp_path:
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.pt", "*.png", "report.*"))
     (page,) = redraw_job(copy)
     assert page == copy / "report.html" and page.read_text().count("data:image/png;base64") >= 14
+    assert (copy / "report.md").read_text() == (out / "report.md").read_text()  # the same page, drawn again

@@ -6,15 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from defungi.errors import DefungiError
-from defungi.layout import RunLayout, StudyLayout, read_json
+from defungi.layout import RunLayout, StudyLayout
 from defungi.report.page import Page, Table, difference_table, interval_table
 from defungi.report.run import render_run
 from defungi.report.study import final_rows
 from defungi.results.run import PairedDifference, Scores, read_run_metrics
-from defungi.results.schema import from_dict
+from defungi.results.study import Final, StudyState, read_study
 
 
-def read_states(study_dirs: list[Path]) -> list[dict[str, Any]]:
+def read_states(study_dirs: list[Path]) -> list[StudyState]:
     """The study.json of each folder; a folder that is not a finished study is a clear error."""
     states = []
     for study_dir in study_dirs:
@@ -23,22 +23,30 @@ def read_states(study_dirs: list[Path]) -> list[dict[str, Any]]:
             raise DefungiError(
                 f"{study_dir}: not a study folder (no study.json); run 'defungi study NAME --out {study_dir}' first"
             )
-        state = read_json(path)
-        if "final" not in state.get("steps", {}):
+        state = read_study(path)
+        if state.result(Final) is None:
             raise DefungiError(
-                f"{study_dir}: the study has no final step yet; run 'defungi study {state['study']} --out "
+                f"{study_dir}: the study has no final step yet; run 'defungi study {state.study} --out "
                 f"{study_dir}' first"
             )
         states.append(state)
     return states
 
 
-def comparison_table(states: list[dict[str, Any]]) -> Table:
+def final_of(state: StudyState) -> Final:
+    """A finished study's final step (`read_states` admits no other)."""
+    final = state.result(Final)
+    if final is None:
+        raise DefungiError(f"the {state.study} study has no final step yet")
+    return final
+
+
+def comparison_table(states: list[StudyState]) -> Table:
     """Each study's final recipe by grouped and random cross-validation, per image and per sample,
     with 95% intervals, beside its published figures."""
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[str, Scores | dict[str, Any]] = {}
     for state in states:
-        rows |= final_rows(state["study"], state["steps"]["final"], state["published"])
+        rows |= final_rows(state.study, final_of(state), state.published)
     return interval_table(rows)
 
 
@@ -47,6 +55,7 @@ def build_combined_report(study_dirs: list[Path], out_dir: Path, runs: list[Path
     inference images/s of every study's final recipe on one page, and other finished runs (e.g. the
     transfer recipe) beside them; returns the HTML path."""
     states = read_states(study_dirs)
+    finals = [final_of(state) for state in states]
     page = Page("defungi: both final models beside the published study")
     page.text(
         "Out-of-fold test metrics of each study's final recipe under K-fold cross-validation over every sample, "
@@ -55,18 +64,15 @@ def build_combined_report(study_dirs: list[Path], out_dir: Path, runs: list[Path
         "a test image sit in training. Per sample: the mean probability of its images decides."
     )
     page.table(comparison_table(states))
-    details = []
-    for state in states:
-        final = state["steps"]["final"]
-        train_min = final["timing"]["grouped"]["train_seconds"] / 60
-        details.append(
-            [
-                state["study"],
-                f"{final['parameters'] / 1e6:.2f} M",
-                f"{train_min:.1f} min",
-                f"{final['inference_images_per_s']:.0f}",
-            ]
-        )
+    details = [
+        [
+            state.study,
+            f"{final.parameters / 1e6:.2f} M",
+            f"{final.timing['grouped'].train_seconds / 60:.1f} min",
+            f"{final.inference_images_per_s:.0f}",
+        ]
+        for state, final in zip(states, finals, strict=True)
+    ]
     header = ["model", "parameters", "training time (all folds of the grouped CV)", "inference images/s (one model)"]
     page.table(Table(header, details))
     if runs:
@@ -76,15 +82,14 @@ def build_combined_report(study_dirs: list[Path], out_dir: Path, runs: list[Path
             "and number of folds as the studies' final step)."
         )
         page.table(interval_table(run_rows(runs)))
-    for study_dir, state in zip(study_dirs, states, strict=True):
-        final = state["steps"]["final"]
-        page.heading(f"{state['study']}: random minus grouped (the leakage inflation)", level=3)
-        page.table(difference_table(from_dict(PairedDifference, final["gap"])))
-        for mode, run in final["runs"].items():
+    for study_dir, state, final in zip(study_dirs, states, finals, strict=True):
+        page.heading(f"{state.study}: random minus grouped (the leakage inflation)", level=3)
+        page.table(difference_table(final.gap))
+        for mode, run in final.runs.items():
             layout = RunLayout(Path(study_dir) / run)
             if not layout.figure("confusion_test").exists():
                 render_run(layout.root)
-            page.heading(f"{state['study']}, {mode} cross-validation", level=3)
+            page.heading(f"{state.study}, {mode} cross-validation", level=3)
             page.figure(layout.figure("confusion_test"))
             page.figure(layout.figure("confusion_test_samples"))
     return page.write(out_dir)

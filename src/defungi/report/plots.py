@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from defungi.results.run import FoldScores, Reliability  # noqa: E402
+from defungi.results.search import LearningCurve  # noqa: E402
 from defungi.results.trust import RiskCoverage  # noqa: E402
 
 
@@ -124,16 +125,19 @@ def plot_class_counts(counts: dict[str, dict[str, int]], path: Path, title: str 
     return _save(fig, path)
 
 
-def plot_learning_curve(curves: dict[str, dict[str, Any]], path: Path, title: str = "learning curve") -> Path:
+def plot_learning_curve(curves: dict[str, LearningCurve], path: Path, title: str = "learning curve") -> Path:
     """Macro-F1 and loss against training-set size, mean and spread over folds, per named curve."""
     fig, (ax_f1, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
     for label, curve in curves.items():
-        sizes = np.nanmean(np.asarray(curve["train_size"]), axis=0)
-        for key, style in (("val", "-o"), ("train", "--s")):
-            for ax, metric in ((ax_f1, "f1"), (ax_loss, "loss")):
-                values = np.asarray(curve[f"{key}_{metric}"])
+        sizes = np.nanmean(np.asarray(curve.train_size), axis=0)
+        for who, style, f1, loss in (
+            ("validation", "-o", curve.val_f1, curve.val_loss),
+            ("training", "--s", curve.train_f1, curve.train_loss),
+        ):
+            for ax, scores in ((ax_f1, f1), (ax_loss, loss)):
+                values = np.asarray(scores)
                 mean, spread = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
-                ax.plot(sizes, mean, style, label=f"{label}: {'validation' if key == 'val' else 'training'}", ms=4)
+                ax.plot(sizes, mean, style, label=f"{label}: {who}", ms=4)
                 if values.shape[0] > 1:
                     ax.fill_between(sizes, mean - spread, mean + spread, alpha=0.2)
     ax_f1.set(xlabel="training images", ylabel="macro-F1", ylim=(0, 1), title="macro-F1")

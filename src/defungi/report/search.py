@@ -7,7 +7,6 @@ from pathlib import Path
 
 from defungi.layout import SearchLayout
 from defungi.report.plots import plot_epoch_curves, plot_grid, plot_learning_curve
-from defungi.results.schema import to_dict
 from defungi.results.search import GridResult, LearningCurve, read_curve, read_grid
 
 CURVE_FIGURES = ("learning_curve", "epoch_curves")
@@ -22,7 +21,7 @@ def render_curve(out_dir: str | Path, title: str) -> list[Path]:
     labels = [f"fold {f + 1}, {s:.0%}" for f in range(curve.folds) for s in curve.train_fractions]
     learning, epochs = (layout.figure(name) for name in CURVE_FIGURES)
     return [
-        plot_learning_curve({curve.label: to_dict(curve)}, learning, f"{title} ({curve.label})"),
+        plot_learning_curve({curve.label: curve}, learning, f"{title} ({curve.label})"),
         plot_epoch_curves(histories, labels, epochs),
     ]
 

@@ -41,6 +41,9 @@ def _build(kind: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tagged = _tagged(args, value, where)
+        if tagged is not None:
+            return _record(tagged, value, where)
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
@@ -64,6 +67,21 @@ def _build(kind: Any, value: Any, where: str) -> Any:
         return float(value)
     _expect(isinstance(value, kind) and not (kind is int and isinstance(value, bool)), kind.__name__, value, where)
     return value
+
+
+def _tagged(options: tuple[Any, ...], value: Any, where: str) -> type | None:
+    """The member of a union of tagged records (each names itself in a Literal `kind` field) that value's
+    kind names; None for any other union, whose members are tried in turn."""
+    kinds: dict[Any, type] = {}
+    for option in (o for o in options if o is not type(None)):
+        tag = typing.get_type_hints(option).get("kind") if dataclasses.is_dataclass(option) else None
+        if typing.get_origin(tag) is not typing.Literal:
+            return None
+        kinds |= dict.fromkeys(typing.get_args(tag), option)
+    _expect(isinstance(value, dict), "an object", value, where)
+    if value.get("kind") not in kinds:
+        raise SchemaError(f"{where}.kind: expected one of {', '.join(kinds)}, found {value.get('kind')!r}")
+    return kinds[value["kind"]]
 
 
 def _record(cls: type, value: Any, where: str) -> Any:

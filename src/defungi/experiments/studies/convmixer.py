@@ -1,7 +1,8 @@
-"""The ConvMixer study, in the published order (seven steps)."""
+"""The ConvMixer study, in the published order (seven steps), and its options."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +12,38 @@ from defungi.data.splits import train_val_test_split
 from defungi.experiments.protocols import fit_run
 from defungi.experiments.rundir import model_args
 from defungi.experiments.studies import steps
-from defungi.experiments.studies.results import Curves, Depth, Final, FitSummary, Grid, SplitRatio
-from defungi.experiments.studies.runner import STUDIES, Step, StudyContext, StudyDef
+from defungi.experiments.studies.runner import Study, StudyContext, StudyOptions
+from defungi.results.study import Curves, Depth, DepthRow, Final, FitSummary, Grid, SplitRatio
 
-PUBLISHED = {"accuracy": 0.78, "precision": 0.81, "recall": 0.79, "f1": 0.80}  # 8 mixers
 DEPTH = "train.model_args"
 
 
-def _args(ctx: StudyContext, **change: Any) -> dict[str, Any]:
+@dataclass
+class ConvMixerOptions(StudyOptions):
+    """The ConvMixer study's own sizes: the train/test ratios it compares and the depths it tries."""
+
+    split_ratios: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9])  # train share
+    split_repeats: int = 2
+    depths: list[int] = field(default_factory=lambda: [8, 16, 4])
+    depth_lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+
+
+Context = StudyContext[ConvMixerOptions]
+CONVMIXER = Study(
+    "convmixer",
+    model="convmixer-8",
+    published={"accuracy": 0.78, "precision": 0.81, "recall": 0.79, "f1": 0.80},  # 8 mixers
+    options=ConvMixerOptions,
+)
+
+
+def _args(ctx: Context, **change: Any) -> dict[str, Any]:
     """The ConvMixer arguments so far (registry defaults, config, choices), with changes."""
     return {**model_args(steps.explore_config(ctx)), **change}
 
 
-def base_model(ctx: StudyContext, out: Path) -> FitSummary:
+@CONVMIXER.step("base", "1. Base model")
+def base_model(ctx: Context, out: Path) -> FitSummary:
     """The documented default ConvMixer trained and evaluated."""
     record = fit_run(steps.explore_config(ctx), out / "fit", ctx.data, ctx.split)
     args, test = _args(ctx), record.metrics.part("test")
@@ -35,22 +55,21 @@ def base_model(ctx: StudyContext, out: Path) -> FitSummary:
     return FitSummary(summary=summary, label="base model", test=test, history=record.history)
 
 
-def curve_90(ctx: StudyContext, out: Path) -> Curves:
+@CONVMIXER.step("curve90", "2. Learning curve on 90% of the data")
+def curve_90(ctx: Context, out: Path) -> Curves:
     """Learning curve on 90% of the data."""
-    return steps.curves(
-        {"90% of the data": steps.curve(ctx, out, 0.9, ctx.config.study.curve_fractions)},
-        "learning curve on 90% of the data",
-    )
+    return steps.curves({"90% of the data": steps.curve(ctx, out, 0.9, ctx.options.curve_fractions)})
 
 
-def split_ratio(ctx: StudyContext, out: Path) -> SplitRatio:
+@CONVMIXER.step("split_ratio", "3. Optimal train/test split")
+def split_ratio(ctx: Context, out: Path) -> SplitRatio:
     """The same model at several train/test ratios, each with repeated seeds; the best ratio is kept."""
-    sc, dc = ctx.config.study, ctx.config.data
+    opts, dc = ctx.options, ctx.config.data
     config = steps.explore_config(ctx)
-    shape = (len(sc.split_ratios), sc.split_repeats)
+    shape = (len(opts.split_ratios), opts.split_repeats)
     scores, sizes, intervals = np.full(shape, np.nan), np.zeros(shape, dtype=int), np.zeros((*shape, 2))
-    for i, ratio in enumerate(sc.split_ratios):
-        for r in range(sc.split_repeats):
+    for i, ratio in enumerate(opts.split_ratios):
+        for r in range(opts.split_repeats):
             split = train_val_test_split(
                 ctx.data.labels, ctx.data.groups, dc.val_fraction * ratio, 1 - ratio, dc.split, dc.seed + 1000 * r
             )
@@ -60,7 +79,7 @@ def split_ratio(ctx: StudyContext, out: Path) -> SplitRatio:
     mean, spread = scores.mean(axis=1), scores.std(axis=1)
     names = [  # the asked ratio and the test share the splits really had
         f"{100 * r:.0f}/{100 - 100 * r:.0f} (test {100 * t.mean() / len(ctx.data.labels):.1f}%)"
-        for r, t in zip(sc.split_ratios, sizes, strict=True)
+        for r, t in zip(opts.split_ratios, sizes, strict=True)
     ]
     best = int(np.argmax(mean))
     summary = (
@@ -75,8 +94,8 @@ def split_ratio(ctx: StudyContext, out: Path) -> SplitRatio:
     )
     return SplitRatio(
         summary=summary,
-        choice={"data.test_fraction": round(1 - sc.split_ratios[best], 4)},
-        ratios=list(sc.split_ratios),
+        choice={"data.test_fraction": round(1 - opts.split_ratios[best], 4)},
+        ratios=list(opts.split_ratios),
         scores=scores.tolist(),
         test_sizes=sizes.tolist(),
         labels=names,
@@ -85,15 +104,14 @@ def split_ratio(ctx: StudyContext, out: Path) -> SplitRatio:
     )
 
 
-def grid_full(ctx: StudyContext, out: Path) -> Grid:
+@CONVMIXER.step("grid_full", "4. Grid search of batch size x learning rate on the full training set")
+def grid_full(ctx: Context, out: Path) -> Grid:
     """Grid search of batch size x learning rate on the full training set."""
-    sc = ctx.config.study
-    return steps.grid(
-        ctx, out, {steps.BATCH: sc.grid_batch_sizes, steps.LR: sc.grid_lrs}, 1.0, "grid search on the full training set"
-    )
+    return steps.grid(ctx, out, {steps.BATCH: ctx.options.grid_batch_sizes, steps.LR: ctx.options.grid_lrs}, 1.0)
 
 
-def evaluate_tuned(ctx: StudyContext, out: Path) -> FitSummary:
+@CONVMIXER.step("evaluate", "5. Performance evaluation of the tuned model")
+def evaluate_tuned(ctx: Context, out: Path) -> FitSummary:
     """Performance of the tuned model on the test part: metrics, per-class table, confusion matrix."""
     record = fit_run(steps.explore_config(ctx), out / "fit", ctx.data, ctx.split)
     test = record.metrics.part("test")
@@ -104,56 +122,43 @@ def evaluate_tuned(ctx: StudyContext, out: Path) -> FitSummary:
     return FitSummary(summary=summary, label="tuned model", test=test, history=record.history)
 
 
-def depth(ctx: StudyContext, out: Path) -> Depth:
+@CONVMIXER.step("depth", "6. Adding mixers: 8, 16 and more, with and without re-tuning")
+def depth(ctx: Context, out: Path) -> Depth:
     """More mixers: each depth with the hyper-parameters tuned for 8, then with its learning rate re-tuned."""
-    sc = ctx.config.study
+    opts = ctx.options
     split = {"train": ctx.split["train"], "val": ctx.split["val"], "test": ctx.split["test"]}
     lr = ctx.choices[steps.LR]
     rows = []
-    for d in sc.depths:
+    for d in opts.depths:
         records = {}
-        for f in sorted(set(sc.depth_lr_factors) | {1.0}):
+        for f in sorted(set(opts.depth_lr_factors) | {1.0}):
             config = steps.explore_config(ctx, **{DEPTH: _args(ctx, depth=d), steps.LR: float(f"{lr * f:.3g}")})
             records[f] = fit_run(config, out / "fits" / f"depth{d}-lr{lr * f:.3g}", ctx.data, split)
         retuned = max(records, key=lambda f: records[f].score("val"))
         rows.append(
-            {
-                "depth": d,
-                "tuned_for_8": records[1.0].score("test"),
-                "tuned_for_8_interval": records[1.0].metrics.part("test").interval("f1"),
-                "retuned": records[retuned].score("test"),
-                "retuned_lr": float(f"{lr * retuned:.3g}"),
-                "val_retuned": records[retuned].score("val"),
-            }
+            DepthRow(
+                depth=d,
+                tuned_for_8=records[1.0].score("test"),
+                tuned_for_8_interval=records[1.0].metrics.part("test").interval("f1"),
+                retuned=records[retuned].score("test"),
+                retuned_lr=float(f"{lr * retuned:.3g}"),
+                val_retuned=records[retuned].score("val"),
+            )
         )
-    by = {r["depth"]: r for r in rows}
+    by = {r.depth: r for r in rows}
     verdict = ""
     if 8 in by and 16 in by:
-        holds = "holds" if by[16]["tuned_for_8"] < by[8]["tuned_for_8"] else "does not hold"
+        holds = "holds" if by[16].tuned_for_8 < by[8].tuned_for_8 else "does not hold"
         verdict = (
-            f" Without re-tuning, 16 mixers score {by[16]['tuned_for_8']:.3f} "
-            f"against {by[8]['tuned_for_8']:.3f} for 8: "
+            f" Without re-tuning, 16 mixers score {by[16].tuned_for_8:.3f} "
+            f"against {by[8].tuned_for_8:.3f} for 8: "
             f"the study's claim (more mixers without re-tuning do worse) {holds} here"
-            f"; with the learning rate re-tuned, 16 mixers score {by[16]['retuned']:.3f}."
-        ) + steps.within_noise({f"{d} mixers": (by[d]["tuned_for_8"], by[d]["tuned_for_8_interval"]) for d in (8, 16)})
-    return Depth(summary=f"Depths {[r['depth'] for r in rows]} compared with the same budget.{verdict}", rows=rows)
+            f"; with the learning rate re-tuned, 16 mixers score {by[16].retuned:.3f}."
+        ) + steps.within_noise({f"{d} mixers": (by[d].tuned_for_8, by[d].tuned_for_8_interval) for d in (8, 16)})
+    return Depth(summary=f"Depths {[r.depth for r in rows]} compared with the same budget.{verdict}", rows=rows)
 
 
-def final(ctx: StudyContext, out: Path) -> Final:
+@CONVMIXER.step("final", "7. Final fit and evaluation (8 mixers)")
+def final(ctx: Context, out: Path) -> Final:
     """Final fits with 8 mixers: grouped split and random split, beside the published figures."""
-    return steps.final_fits(ctx, out, PUBLISHED, {DEPTH: _args(ctx, depth=8)})
-
-
-STUDIES["convmixer"] = StudyDef(
-    "convmixer-8",
-    PUBLISHED,
-    [
-        Step("base", "1. Base model", base_model),
-        Step("curve90", "2. Learning curve on 90% of the data", curve_90),
-        Step("split_ratio", "3. Optimal train/test split", split_ratio),
-        Step("grid_full", "4. Grid search of batch size x learning rate on the full training set", grid_full),
-        Step("evaluate", "5. Performance evaluation of the tuned model", evaluate_tuned),
-        Step("depth", "6. Adding mixers: 8, 16 and more, with and without re-tuning", depth),
-        Step("final", "7. Final fit and evaluation (8 mixers)", final),
-    ],
-)
+    return steps.final_fits(ctx, out, CONVMIXER.published, {DEPTH: _args(ctx, depth=8)})

@@ -1,39 +1,66 @@
-"""Run a study's steps in order, each once: finished steps are read back, choices carried forward.
+"""A study and its steps, and running them: each step once, finished steps read back, choices carried forward.
 
-The study folder holds study.json (name, config, published figures, every finished step's
-result as data) and one folder per step with its fits; `defungi.report.study` draws the page.
+A study step is one registered entry, `@study.step(key, title)` on the function that runs it; the
+function's return annotation is its result type (`defungi.results.study.StepResult`), which
+`defungi.report.study` renders. A study's options (a dataclass next to its steps) live in a
+profile's [study] table, not in the run config: its fits' config.json carry none of them.
+
+The study folder holds study.json (`StudyState`: name, config, options, published figures, every
+finished step's result) and one folder per step with its fits; `defungi.report.study` draws the page.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from defungi.config import Config, load_config_from
+from defungi.config import Config, apply_values, load_config_from, nested, profile_table
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
 from defungi.experiments.protocols import dataset_for, split_for
 from defungi.experiments.rundir import claim_config, write_exclusions
-from defungi.experiments.studies.results import StepResult
-from defungi.layout import StudyLayout, read_json
+from defungi.layout import StudyLayout
+from defungi.results.schema import to_dict
+from defungi.results.study import STEP_RESULTS, StepRecord, StepResult, StudyState, read_study
 from defungi.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 3  # study.json layout; older ones (2: final fits on one split; 1: untyped steps) are not resumed
+RESTART = "use a new --out, or delete it to start again"
 
 
 @dataclass
-class StudyContext:
-    """What every step sees: the base config, the data, the main split, and earlier choices."""
+class StudyOptions:
+    """What every study sizes. A profile's [study] table sets these for every study and [study.NAME]
+    for one (with that study's own options); so do --set study.KEY=V and study.NAME.KEY=V."""
+
+    epochs: int = 6  # per exploratory fit (curves, grids, comparisons); final fits use train.epochs
+    curve_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    grid_batch_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
+    grid_lrs: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3, 4e-3])
+    final_folds: int = 3  # the final recipe is scored by this K-fold cross-validation, grouped and random
+    # dotted config keys of the study's fits, e.g. {'train.model_args': {'dim': 128}}
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+O = TypeVar("O", bound=StudyOptions)
+F = TypeVar("F", bound=Callable[..., StepResult])
+
+
+@dataclass
+class StudyContext(Generic[O]):
+    """What every step sees: the study's config and options, the data, the main split, earlier choices."""
 
     config: Config
+    options: O
     data: Dataset
     split: dict[str, np.ndarray]
     out_dir: Path
@@ -42,58 +69,109 @@ class StudyContext:
 
 @dataclass(frozen=True)
 class Step:
-    """One published step: a title, what it does, and the function that runs it."""
+    """One published step: its key (and folder name), its title, the function that runs it, its result type."""
 
-    name: str
+    key: str
     title: str
-    run: Callable[[StudyContext, Path], StepResult]
+    run: Callable[[StudyContext[Any], Path], StepResult]
+    result_type: type
 
 
 @dataclass(frozen=True)
-class StudyDef:
-    """A published study: the model it develops, its reported test figures, its steps in order."""
+class Study(Generic[O]):
+    """A published study: the model it develops, its reported test figures, its options, its steps in order."""
 
+    name: str
     model: str
     published: dict[str, float]
-    steps: list[Step]
+    options: type[O]
+    steps: list[Step] = field(default_factory=list)
+
+    def step(self, key: str, title: str) -> Callable[[F], F]:
+        """Register the decorated function as the study's next step; its return annotation is its result type."""
+
+        def register(run: F) -> F:
+            result_type = typing.get_type_hints(run).get("return")
+            if result_type not in STEP_RESULTS:
+                raise TypeError(f"step {key!r} returns {result_type}, not a StepResult of defungi.results.study")
+            if any(s.key == key for s in self.steps):
+                raise ValueError(f"the {self.name} study has a step {key!r} already")
+            self.steps.append(Step(key, title, run, result_type))
+            return run
+
+        return register
 
 
-STUDIES: dict[str, StudyDef] = {}
+def load_options(studies: Mapping[str, Study[Any]], name: str, profile: str, overrides: dict[str, Any]) -> StudyOptions:
+    """The named study's options: its defaults, then the profile's [study] table, then overrides
+    (dotted: study.KEY for every study, study.NAME.KEY for one). Every study's section is checked, so
+    that a misspelt key is refused whichever study runs."""
+    options = {n: s.options() for n, s in studies.items()}
+    for table in (profile_table(profile).get("study", {}), nested(overrides).get("study", {})):
+        every = {k: v for k, v in table.items() if k not in studies}
+        _check_shared(every, studies)
+        for n, o in options.items():
+            apply_values(o, every, "study.")
+            section = table.get(n, {})
+            if not isinstance(section, dict):
+                raise DefungiError(f"config key 'study.{n}' is a section; set its keys, e.g. study.{n}.epochs")
+            apply_values(o, section, f"study.{n}.")
+    return options[name]
 
 
-def study_config(name: str, config: Config) -> Config:
-    """The config a study runs with: its model and its own sizes from the profile (per_study)."""
-    study = STUDIES[name]
-    return load_config_from(
-        config, {"train.model": study.model, **config.study.per_study.get(name, {}), "study.per_study": {}}
-    )
+def _check_shared(keys: dict[str, Any], studies: Mapping[str, Study[Any]]) -> None:
+    """Refuse a key given for every study that is not an option of every study, naming its owner if it has one."""
+    shared = {f.name for f in dataclasses.fields(StudyOptions)}
+    for key in keys.keys() - shared:
+        owners = [n for n, s in studies.items() if key in {f.name for f in dataclasses.fields(s.options)}]
+        if owners:
+            raise DefungiError(f"config key 'study.{key}' is the {owners[0]} study's own; use study.{owners[0]}.{key}")
+        raise DefungiError(
+            f"unknown config key 'study.{key}'; known: {', '.join(sorted(shared))}, or a study's section: "
+            f"{', '.join(studies)}"
+        )
 
 
-def run_study(name: str, config: Config, out_dir: Path) -> dict[str, Any]:
+def run_study(study: Study[O], config: Config, out_dir: Path, options: O) -> StudyState:
     """Run (or resume) every step of a study into out_dir; returns the study state (study.json)."""
-    study = STUDIES[name]
-    config = study_config(name, config)
+    config = load_config_from(config, {"train.model": study.model, **options.config})
     layout = StudyLayout(Path(out_dir))
     layout.root.mkdir(parents=True, exist_ok=True)
-    claim_config(layout.config, config, layout.root, "use a new --out, or delete it to start again")
-    state = read_json(layout.state) if layout.state.exists() else {"format": STATE_FORMAT, "study": name, "steps": {}}
-    if state.get("format") != STATE_FORMAT:
-        raise DefungiError(f"{layout.root}: a study folder of an older defungi version; use a new --out")
-    state |= {"model": study.model, "published": study.published, "config": config.to_dict()}
+    stored = read_study(layout.state) if layout.state.exists() else None  # an older version's: refused here
+    claim_config(layout.config, config, layout.root, RESTART)
+    state = StudyState(study.name, study.model, study.published, config.to_dict(), to_dict(options))
+    if stored is not None:
+        _same_options(stored, state, layout.root)
+        state.steps = stored.steps
+    atomic_write_json(layout.state, to_dict(state))
     data = dataset_for(config)
     write_exclusions(layout.excluded, data)
-    ctx = StudyContext(config, data, split_for(config, data), layout.root)
-    for i, step in enumerate(study.steps, start=1):
-        done = state["steps"].get(step.name)
-        if done is None:
+    ctx = StudyContext(config, options, data, split_for(config, data), layout.root)
+    for number, step in enumerate(study.steps, start=1):
+        record = state.steps.get(step.key)
+        if record is None:
             ctx.split = split_for(load_config_from(config, ctx.choices), data)  # a step may choose the split ratio
-            log.info("study %s, step %d/%d: %s", name, i, len(study.steps), step.title)
-            t0 = time.perf_counter()
-            step_dir = layout.step_dir(i, step.name)
-            step_dir.mkdir(parents=True, exist_ok=True)
-            done = step.run(ctx, step_dir).to_dict() | {"title": step.title, "seconds": time.perf_counter() - t0}
-            state["steps"][step.name] = done
-            atomic_write_json(layout.state, state)
-        ctx.choices.update(done.get("choice", {}))
-    atomic_write_json(layout.state, state)
+            log.info("study %s, step %d/%d: %s", study.name, number, len(study.steps), step.title)
+            record = _run_step(step, ctx, layout.step_dir(number, step.key))
+            state.steps[step.key] = record
+            atomic_write_json(layout.state, to_dict(state))
+        ctx.choices.update(record.result.choice)
     return state
+
+
+def _run_step(step: Step, ctx: StudyContext[Any], out: Path) -> StepRecord:
+    """Run one step into its folder, timed."""
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    result = step.run(ctx, out)
+    return StepRecord(step.title, time.perf_counter() - t0, result)
+
+
+def _same_options(stored: StudyState, state: StudyState, folder: Path) -> None:
+    """Refuse to resume a study folder with other options than it ran with, naming them."""
+    changed = sorted(
+        k for k in stored.options.keys() | state.options.keys() if stored.options.get(k) != state.options.get(k)
+    )
+    if changed:
+        keys = ", ".join(f"study.{state.study}.{k}" for k in changed)
+        raise DefungiError(f"{folder} holds the study run with other options ({keys}); {RESTART}")

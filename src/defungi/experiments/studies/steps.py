@@ -1,4 +1,5 @@
-"""Study steps shared by both studies; each returns a typed result (see results.py)."""
+"""What the studies' steps share: the exploratory config, learning curves, grid searches, the final
+cross-validated fits, and the sentences their findings are told in."""
 
 from __future__ import annotations
 
@@ -8,17 +9,15 @@ from typing import Any
 import numpy as np
 
 from defungi.config import Config, load_config_from
-from defungi.data.augment import balanced_order
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.experiments.compare import paired_difference
 from defungi.experiments.curve import learning_curve
-from defungi.experiments.grid import grid_search
 from defungi.experiments.protocols import fit_run
 from defungi.experiments.speed import inference_images_per_s
-from defungi.experiments.studies.results import ClassCounts, Comparison, Curves, Final, Grid
 from defungi.experiments.studies.runner import StudyContext
 from defungi.results.run import PairedDifference, Scores
-from defungi.results.schema import to_dict
+from defungi.results.search import LearningCurve
+from defungi.results.study import Curves, Final, Grid, NamedCurve
 
 BATCH, LR = "train.batch_size", "train.lr"
 
@@ -28,51 +27,33 @@ BATCH, LR = "train.batch_size", "train.lr"
 EXPLORE = {"train.patience_epochs": 0, "train.tta": False, "train.ensemble": 1, "train.restore_best": False}
 
 
-def explore_config(ctx: StudyContext, **extra: Any) -> Config:
+def explore_config(ctx: StudyContext[Any], **extra: Any) -> Config:
     """The study's config so far, sized for an exploratory fit (see EXPLORE)."""
-    return load_config_from(ctx.config, {**ctx.choices, "train.epochs": ctx.config.study.epochs, **EXPLORE, **extra})
-
-
-def balance(ctx: StudyContext, out: Path) -> ClassCounts:
-    """Class counts of the training part before and after one balanced, augmented epoch."""
-    labels = ctx.data.labels[ctx.split["train"]]
-    picks = balanced_order(labels, len(labels), np.random.default_rng(ctx.config.train.seed))
-    drawn = labels[picks]
-    names = ctx.data.classes
-    before = {c: int(np.sum(labels == i)) for i, c in enumerate(names)}
-    after = {c: int(np.sum(drawn == i)) for i, c in enumerate(names)}
-    distinct = {c: len(np.unique(picks[drawn == i])) for i, c in enumerate(names)}
-    largest = max(before, key=before.get)
-    summary = (
-        f"The training part has {len(labels)} images, from {min(before.values())} ({min(before, key=before.get)}) to "
-        f"{before[largest]} ({largest}) per class. Each epoch draws {len(labels)} images, the same number from every "
-        "class: the rare classes' images recur (each time with another flip/rotation and colour "
-        "jitter), and the large "
-        f"classes are subsampled, each image at most once per epoch and another subset every epoch "
-        f"({largest}: {distinct[largest]} of its {before[largest]} images in this epoch)."
-    )
-    return ClassCounts(
-        summary=summary, counts={"before (training images)": before, "after (one balanced epoch)": after}
-    )
+    return load_config_from(ctx.config, {**ctx.choices, "train.epochs": ctx.options.epochs, **EXPLORE, **extra})
 
 
 def curve(
-    ctx: StudyContext, out: Path, pool_fraction: float, fractions: list[float], cv: int = 0, epochs: int | None = None
-) -> dict[str, Any]:
+    ctx: StudyContext[Any],
+    out: Path,
+    pool_fraction: float,
+    fractions: list[float],
+    cv: int = 0,
+    epochs: int | None = None,
+) -> NamedCurve:
     """A learning curve on pool_fraction of the training + validation data."""
     dc = ctx.config.data
     pool = tuning_pool(ctx.data.labels, ctx.data.groups, ctx.split, pool_fraction, dc.split, dc.seed)
     config = explore_config(ctx, **({"train.epochs": epochs} if epochs else {}))
     result = learning_curve(config, ctx.data, pool, fractions, out / "fits", cv=cv)
     label = f"{cv}-fold cross-validation" if cv else "validation set"
-    return to_dict(result) | {"pool_size": int(len(pool)), "label": label}
+    return NamedCurve(label=label, pool_size=int(len(pool)), curve=result)
 
 
-def curve_summary(result: dict[str, Any]) -> str:
+def curve_summary(result: LearningCurve) -> str:
     """One sentence on what a learning curve shows."""
-    val = np.nanmean(np.asarray(result["val_f1"]), axis=0)
-    train_f1 = np.nanmean(np.asarray(result["train_f1"]), axis=0)
-    sizes = np.nanmean(np.asarray(result["train_size"]), axis=0)
+    val = np.nanmean(np.asarray(result.val_f1), axis=0)
+    train_f1 = np.nanmean(np.asarray(result.train_f1), axis=0)
+    sizes = np.nanmean(np.asarray(result.train_size), axis=0)
     rising = len(val) > 1 and val[-1] > val[-2] + 0.01
     trend = "still rising at the largest size: more data would help" if rising else "flat at the largest size"
     return (
@@ -82,16 +63,19 @@ def curve_summary(result: dict[str, Any]) -> str:
     )
 
 
-def curves(results: dict[str, dict[str, Any]], title: str) -> Curves:
+def curves(results: dict[str, NamedCurve]) -> Curves:
     """Named learning curves as a step result."""
     summary = " ".join(
-        f"{name}: {curve_summary(r)}" if len(results) > 1 else curve_summary(r) for name, r in results.items()
+        f"{name}: {curve_summary(r.curve)}" if len(results) > 1 else curve_summary(r.curve)
+        for name, r in results.items()
     )
-    return Curves(summary=summary, title=title, curves=results)
+    return Curves(summary=summary, curves=results)
 
 
-def grid(ctx: StudyContext, out: Path, grid_values: dict[str, list[Any]], pool_fraction: float, title: str) -> Grid:
+def grid(ctx: StudyContext[Any], out: Path, grid_values: dict[str, list[Any]], pool_fraction: float) -> Grid:
     """Grid search on pool_fraction of the data (1.0: the main train/validation split)."""
+    from defungi.experiments.grid import grid_search  # Optuna, imported when a study searches
+
     dc = ctx.config.data
     split = tuning_split(ctx.data.labels, ctx.data.groups, ctx.split, pool_fraction, dc.val_fraction, dc.split, dc.seed)
     result = grid_search(explore_config(ctx), ctx.data, split, grid_values, out / "fits")
@@ -101,7 +85,7 @@ def grid(ctx: StudyContext, out: Path, grid_values: dict[str, list[Any]], pool_f
         f"{result.best_val_f1:.3f}, "
         f"{len(split['train'])} training images); carried forward."
     ) + within_noise({cell_label(r): (r["val_f1"], r["val_f1_interval"]) for r in result.rows})
-    return Grid(summary=summary, choice=best, title=title, x_key=LR, y_key=BATCH, result=to_dict(result))
+    return Grid(summary=summary, choice=best, x_key=LR, y_key=BATCH, result=result)
 
 
 def within_noise(scores: dict[str, tuple[float, list[float]]]) -> str:
@@ -132,46 +116,21 @@ def around(best: float, factors: list[float]) -> list[float]:
     return sorted({float(f"{best * f:.3g}") for f in factors})
 
 
-def compare_augmentation(ctx: StudyContext, out: Path) -> Comparison:
-    """The tuned model with the basic and the strong augmentation, same budget."""
-    split = {"train": ctx.split["train"], "val": ctx.split["val"]}
-    records = {
-        level: fit_run(explore_config(ctx, **{"train.augment": level}), out / "fits" / level, ctx.data, split)
-        for level in ("basic", "strong")
-    }
-    f1 = {k: r.score("val") for k, r in records.items()}
-    noise = within_noise(
-        {f"{k} augmentation": (r.score("val"), r.metrics.part("val").interval("f1")) for k, r in records.items()}
-    )
-    winner = max(f1, key=f1.get)
-    summary = (
-        f"Validation macro-F1 {f1['basic']:.3f} with the basic augmentation (flips, 90-degree rotations, "
-        "colour jitter) and "
-        f"{f1['strong']:.3f} with the strong one (+ random resized crops, stronger jitter); the {winner} "
-        "augmentation is carried forward."
-    ) + noise
-    return Comparison(
-        summary=summary,
-        choice={"train.augment": winner},
-        title="validation metrics, same budget",
-        val={f"{k} augmentation": r.metrics.part("val") for k, r in records.items()},
-        histories={f"{k} augmentation": r.history for k, r in records.items()},
-    )
-
-
-def final_fits(ctx: StudyContext, out: Path, published: dict[str, float], extra: dict[str, Any] | None = None) -> Final:
+def final_fits(
+    ctx: StudyContext[Any], out: Path, published: dict[str, float], extra: dict[str, Any] | None = None
+) -> Final:
     """The final recipe (early stopping) scored by K-fold cross-validation over every sample, grouped
     and random (the published protocol), beside the published figures; the leakage gap with its interval."""
     records = {}
     for mode in ("grouped", "random"):
-        changes = {**ctx.choices, **(extra or {}), "data.split": mode, "data.cv_folds": ctx.config.study.final_folds}
+        changes = {**ctx.choices, **(extra or {}), "data.split": mode, "data.cv_folds": ctx.options.final_folds}
         records[mode] = fit_run(load_config_from(ctx.config, changes), out / mode, ctx.data)
     gap = paired_difference(records["grouped"].path, records["random"].path, seed=ctx.config.train.seed)
     g, r = (records[m].metrics.part("test") for m in ("grouped", "random"))
     members = records["grouped"].metrics.protocol.ensemble
     summary = (
         (f"Each fold's model is an ensemble of {members} fits that differ only in their seed. " if members > 1 else "")
-        + f"The final recipe, scored by {ctx.config.study.final_folds}-fold cross-validation: every usable image once, "
+        + f"The final recipe, scored by {ctx.options.final_folds}-fold cross-validation: every usable image once, "
         "by a model that never saw it (95% intervals from a bootstrap over samples). "
         f"Grouped (no sample in two parts): macro-F1 {_f1(g)} per image, {_f1(g.samples)} per sample. "
         f"Random (the published protocol: published F1 {published['f1']:.2f}): {_f1(r)} per image, "
@@ -185,7 +144,7 @@ def final_fits(ctx: StudyContext, out: Path, published: dict[str, float], extra:
         gap=gap,
         timing={mode: rec.metrics.timing for mode, rec in records.items()},
         parameters=records["grouped"].metrics.parameters,
-        cv_folds=ctx.config.study.final_folds,
+        cv_folds=ctx.options.final_folds,
         inference_images_per_s=inference_images_per_s(records["grouped"].path / "fold-0"),
     )
 

@@ -111,7 +111,7 @@ def build_run_report(run_dir: str | Path) -> Path:
         trust_section(page, metrics.trust, run.figure("risk_coverage"))
     page.heading("Figures", level=2)
     for figure in figures:
-        if figure.parent == run.root and figure.name != "risk_coverage.png":
+        if figure.parent == run.root and figure != run.figure("risk_coverage"):
             page.figure(figure)
     return page.write(run.page)
 

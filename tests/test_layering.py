@@ -94,18 +94,9 @@ def test_no_module_imports_itself_back():
 # a file name or its suffix as a whole string ("grid.png"; ".md" after a formatted stem)
 FILE_NAME = re.compile(r"([\w-][\w.-]*)?\.(png|json|csv|html|md|pt|onnx)")
 REPORTS = sorted(f.name for f in (PACKAGE / "report").glob("*.py"))
-LANDING_SEPARATELY = {"study.py"}  # its renderers are being rewritten with the study steps (issue 24)
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        pytest.param(m, marks=pytest.mark.xfail(reason="other parts of the redesign land separately", strict=False))
-        if m in LANDING_SEPARATELY
-        else m
-        for m in REPORTS
-    ],
-)
+@pytest.mark.parametrize("module", REPORTS)
 def test_reports_spell_no_file_name_but_ask_the_layout(module: str):
     tree = ast.parse((PACKAGE / "report" / module).read_text())
     names = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]

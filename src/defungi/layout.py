@@ -167,6 +167,11 @@ class StudyLayout:
         """The folder of step `number` (1-based), e.g. 02-curve20."""
         return self.root / f"{number:02d}-{name}"
 
+    @staticmethod
+    def step_figure(step_dir: Path, name: str) -> Path:
+        """A figure of a step's page, in its folder (learning_curve, grid, confusion_test...)."""
+        return step_dir / f"{name}.png"
+
 
 @dataclass(frozen=True)
 class AuditLayout:

@@ -71,7 +71,7 @@ def renders(result_type: type[R]) -> Callable[[Callable[[R, StepPage], Drawn]], 
 @renders(ClassCounts)
 def _class_counts(result: ClassCounts, step: StepPage) -> Drawn:
     title = "training set: class counts before and after balancing"
-    return [], [plot_class_counts(result.counts, step.out / "class_counts.png", title)]
+    return [], [plot_class_counts(result.counts, StudyLayout.step_figure(step.out, "class_counts"), title)]
 
 
 @renders(Curves)
@@ -85,8 +85,8 @@ def _curves(result: Curves, step: StepPage) -> Drawn:
         rows += [[name, f"{s:.0f}", f"{t:.3f}", f"{v:.3f}"] for s, t, v in zip(sizes, train, val, strict=True)]
     table = Table(["curve", "training images", "training macro-F1", "validation macro-F1"], rows)
     figures = [
-        plot_learning_curve(curves, step.out / "learning_curve.png", step.title),
-        plot_epoch_curves(histories, labels, step.out / "epoch_curves.png"),
+        plot_learning_curve(curves, StudyLayout.step_figure(step.out, "learning_curve"), step.title),
+        plot_epoch_curves(histories, labels, StudyLayout.step_figure(step.out, "epoch_curves")),
     ]
     return [table], figures
 
@@ -108,7 +108,7 @@ def _grid(result: Grid, step: StepPage) -> Drawn:
         for k, r in enumerate(ranked, 1)
     ]
     header = ["rank", y.split(".")[-1], x.split(".")[-1], "val macro-F1", "95% interval", "val loss", "train s"]
-    return [Table(header, rows)], [plot_grid(cells, x, y, step.out / "grid.png", title=step.title)]
+    return [Table(header, rows)], [plot_grid(cells, x, y, StudyLayout.step_figure(step.out, "grid"), title=step.title)]
 
 
 def _interval(interval: list[float] | None) -> str:
@@ -126,8 +126,12 @@ def _per_class(test: Scores) -> Table:
 def _fit(result: FitSummary, step: StepPage) -> Drawn:
     label, test = result.label, result.test
     figures = [
-        plot_epoch_curves([result.history], [label], step.out / "epoch_curves.png", f"{label}: per-epoch curves"),
-        plot_confusion(test.confusion_matrix, test.classes, step.out / "confusion_test.png", f"{label}, test"),
+        plot_epoch_curves(
+            [result.history], [label], StudyLayout.step_figure(step.out, "epoch_curves"), f"{label}: per-epoch curves"
+        ),
+        plot_confusion(
+            test.confusion_matrix, test.classes, StudyLayout.step_figure(step.out, "confusion_test"), f"{label}, test"
+        ),
     ]
     return [_per_class(test)], figures
 
@@ -137,8 +141,10 @@ def _comparison(result: Comparison, step: StepPage) -> Drawn:
     val = {name: to_dict(scores) for name, scores in result.val.items()}  # the bars and table take metric dicts
     histories = result.histories
     figures = [
-        plot_bars(val, step.out / "comparison.png", step.title),
-        plot_epoch_curves(list(histories.values()), list(histories), step.out / "comparison_epochs.png"),
+        plot_bars(val, StudyLayout.step_figure(step.out, "comparison"), step.title),
+        plot_epoch_curves(
+            list(histories.values()), list(histories), StudyLayout.step_figure(step.out, "comparison_epochs")
+        ),
     ]
     return [metrics_table(val)], figures
 
@@ -149,7 +155,13 @@ def _split_ratio(result: SplitRatio, step: StepPage) -> Drawn:
     mean, spread = scores.mean(axis=1), scores.std(axis=1)
     title = f"test macro-F1 by split ratio ({scores.shape[1]} seeds each)"
     figure = plot_errorbars(
-        names, mean, spread, step.out / "split_ratio.png", "train/test split", "test macro-F1", title
+        names,
+        mean,
+        spread,
+        StudyLayout.step_figure(step.out, "split_ratio"),
+        "train/test split",
+        "test macro-F1",
+        title,
     )
     intervals = np.asarray(result.intervals).mean(axis=1)
     rows = [
@@ -171,7 +183,7 @@ def _depth(result: Depth, step: StepPage) -> Drawn:
         [r.depth for r in rows],
         [],
         [],
-        step.out / "depth.png",
+        StudyLayout.step_figure(step.out, "depth"),
         "mixers (depth)",
         "test macro-F1",
         "test macro-F1 by depth",
@@ -205,7 +217,11 @@ def _final(result: Final, step: StepPage) -> Drawn:
     bars = {f"{mode} {k}-fold CV, per image": to_dict(m) for mode, m in result.test.items()}
     title = "out-of-fold test metrics (macro over classes, 95% intervals over samples)"
     figures = [
-        plot_bars(bars | {"published (random split)": state.published}, step.out / "final_vs_published.png", title)
+        plot_bars(
+            bars | {"published (random split)": state.published},
+            StudyLayout.step_figure(step.out, "final_vs_published"),
+            title,
+        )
     ]
     for run in result.runs.values():
         render_run(step.study / run)

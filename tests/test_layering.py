@@ -20,6 +20,7 @@ FORBIDDEN = {  # unit -> what it must not import
     "experiments": {"report", "jobs", "serve", "cli"},
     "report": {"experiments", "train", "models", "jobs", "serve", "cli"},
     "layout": {"experiments", "train", "models", "report", "jobs", "serve", "cli"},
+    "results": {"config", "data", "models", "train", "experiments", "report", "jobs", "serve", "cli", "layout"},
 }
 
 
@@ -45,6 +46,9 @@ TORCH_FREE = {
     "for m in pkgutil.iter_modules(r.__path__): __import__(f'defungi.report.{m.name}')",
     "layout": "import defungi.layout",
     "train.metrics": "import defungi.train.metrics",  # the scores behind report/'s tables and the ONNX predict path
+    "results": "import pkgutil, defungi.results as r\n"
+    "for m in pkgutil.iter_modules(r.__path__): __import__(f'defungi.results.{m.name}')",
+    "answers": "import defungi.train.conformal, defungi.train.selective",  # sets and selective answers, ONNX path too
 }
 
 

@@ -83,3 +83,12 @@ def test_a_run_of_an_older_schema_is_refused_by_every_reader_in_one_line(tmp_pat
 def test_run_metrics_name_their_kind_and_version():
     fields = RunMetrics.__dataclass_fields__
     assert fields["schema_version"].default == SCHEMA_VERSION and "kind" in fields
+
+
+def test_a_run_config_of_another_version_is_refused_in_one_line(tmp_path: Path, capsys):
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"profile": "quick", "study": {"epochs": 6}}))
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"defungi: error: {run / 'config.json'}: unknown config key 'study'") and "\n" not in err

@@ -44,10 +44,21 @@ def model_args(config: Config) -> dict[str, Any]:
     return {**model_entry(config.train.model).defaults, **config.train.model_args}
 
 
+def read_config(path: Path) -> Config:
+    """A stored config.json, or one line naming the file (not JSON, or keys this version does not know:
+    a folder written by another version of defungi)."""
+    try:
+        return config_from_dict(read_json(path))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise DefungiError(f"{path}: not a readable config ({type(exc).__name__}); train into a new folder") from None
+    except DefungiError as exc:
+        raise DefungiError(f"{path}: {exc} (written by another defungi version?); train into a new folder") from None
+
+
 def claim_config(path: Path, config: Config, folder: Path, hint: str) -> None:
     """Write config to path, or check that the config stored there is the same one (else: error with hint)."""
     if path.exists():
-        stored = config_from_dict(read_json(path)).to_dict()
+        stored = read_config(path).to_dict()
         if not same_config(stored, config.to_dict()):
             changed = _changed_keys(stored, config.to_dict())
             raise DefungiError(
@@ -162,7 +173,7 @@ class RunDir:
                 f"{self.layout.config}: not a run folder (no config.json); "
                 f"start it with 'defungi train --out {self.root}'"
             )
-        return config_from_dict(read_json(self.layout.config))
+        return read_config(self.layout.config)
 
     def finished(self) -> FitRecord | None:
         """The record of a finished run, None if it has not finished."""

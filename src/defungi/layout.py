@@ -63,6 +63,11 @@ class RunLayout:
         """The last epoch's full training state (what a resume continues from)."""
         return self.root / "last.pt"
 
+    @property
+    def ood(self) -> Path:
+        """The fit's refusal of non-micrographs: its detector and threshold, next to best.pt (see train.ood)."""
+        return self.root / "ood.npz"
+
     def member(self, k: int) -> RunLayout:
         """The run folder of ensemble member k."""
         return RunLayout(self.root / f"member-{k}")
@@ -119,6 +124,11 @@ class EvaluationLayout:
     @property
     def confusion(self) -> Path:
         return self.root / "confusion.png"
+
+    @property
+    def predictions(self) -> Path:
+        """Per image: path, sample, class, out-of-distribution score, prediction, probability per class."""
+        return self.root / "predictions.csv"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from defungi.results.ood import OodCheck
 from defungi.results.schema import SCHEMA_VERSION, read_record
 from defungi.results.trust import Trust
 
@@ -157,6 +158,7 @@ class RunMetrics:
     stop_reason: str
     parts: dict[str, PartScores]
     trust: Trust | None = None  # calibration, prediction sets and selective answers, checked on held-out units
+    ood: OodCheck | None = None  # the refusal of non-micrographs, checked on held-out micrographs
     folds: list[FoldScores] = field(default_factory=list)
     fold_spread: dict[str, Spread] = field(default_factory=dict)
     members: list[MemberScores] = field(default_factory=list)
@@ -193,6 +195,7 @@ class Evaluation:
     tta: bool
     prior_weight: float
     excluded: list[dict[str, Any]]
+    ood: OodCheck | None = None  # how many of its images the run refuses as not fungus micrographs
     schema_version: int = SCHEMA_VERSION
 
 

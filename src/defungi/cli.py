@@ -134,6 +134,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("per class (images):")
         for c, row in scores.per_class.items():
             print(f"  {c:>6}  precision {row.precision:.3f}  recall {row.recall:.3f}  F1 {row.f1:.3f}  n={row.support}")
+        if evaluation.ood is not None:
+            print(f"refused as not a fungus micrograph: {evaluation.ood.refused:.1%} of {evaluation.ood.n} images")
         print(f"excluded {len(evaluation.excluded)} images; report: {folder}")
     return 0
 

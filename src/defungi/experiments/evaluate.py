@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -10,12 +11,14 @@ import numpy as np
 
 from defungi.data.dataset import load_dataset
 from defungi.experiments.protocols import load_trained
-from defungi.experiments.rundir import RunDir
+from defungi.experiments.rundir import RunDir, write_predictions
 from defungi.layout import EvaluationLayout, RunLayout
+from defungi.results.ood import OodCheck
 from defungi.results.run import Evaluation, PartScores, read_evaluation
 from defungi.results.schema import SchemaError, from_dict, to_dict
 from defungi.train.loop import evaluate, predict_proba
 from defungi.train.metrics import scored
+from defungi.train.ood import OodDetector, refused_share
 from defungi.utils import atomic_write_json
 
 
@@ -26,7 +29,9 @@ def evaluate_run(
     tta: bool | None = None,
     prior_weight: float | None = None,
 ) -> tuple[Evaluation, Path]:
-    """Score a trained run on any labelled folder; its metrics.json goes to out_dir (default:
+    """Score a trained run on any labelled folder; its metrics.json and predictions.csv (per image, with
+    its out-of-distribution score: over 1 is refused as not a fungus micrograph by predict and the
+    page, counted in the evaluation's `ood`; the scores cover every image) go to out_dir (default:
     RUN/evaluations/NAME, NAME-<hash> when another folder of that name was evaluated there before).
     Returns the evaluation and its folder."""
     out = EvaluationLayout(Path(out_dir)) if out_dir else _evaluation_layout(Path(run_dir), Path(data_root))
@@ -38,16 +43,19 @@ def evaluate_run(
     use_tta = trained.config.train.tta if tta is None else tta
     power = trained.config.train.prior_weight if prior_weight is None else prior_weight
     weights = trained.class_weights(power)
-    probs, loss = evaluate(
-        trained.model,
-        data.images,
-        data.labels,
-        trained.preprocess,
-        trained.device,
-        tta=use_tta,
-        amp=trained.config.train.amp,
-        class_weights=weights,
-    )
+    hooks = trained.ood_hooks()
+    with hooks if hooks is not None else contextlib.nullcontext():
+        probs, loss = evaluate(
+            trained.model,
+            data.images,
+            data.labels,
+            trained.preprocess,
+            trained.device,
+            tta=use_tta,
+            amp=trained.config.train.amp,
+            class_weights=weights,
+        )
+    ood = hooks.images(8 if use_tta else 1).cpu().numpy() if hooks is not None else None
     scores = scored(probs, data.labels, data.groups, trained.classes, seed=trained.config.train.seed)
     evaluation = Evaluation(
         scores=from_dict(PartScores, scores | {"loss": loss, "tta": use_tta}),
@@ -57,9 +65,22 @@ def evaluate_run(
         tta=use_tta,
         prior_weight=power if weights is not None else 0.0,
         excluded=data.excluded,
+        ood=_refusals(trained.detectors, ood, data.groups, trained.config.train.seed),
     )
+    extra = {"ood": [f"{x:.4f}" for x in ood]} if ood is not None else None
+    write_predictions(out.predictions, data, np.arange(len(probs)), probs, extra)
     atomic_write_json(out.metrics, to_dict(evaluation))
     return evaluation, out.root
+
+
+def _refusals(
+    detectors: list[OodDetector] | None, ood: np.ndarray | None, groups: np.ndarray, seed: int
+) -> OodCheck | None:
+    """The evaluated micrographs refused as not fungus micrographs (None without detectors)."""
+    if detectors is None or ood is None:
+        return None
+    share, interval = refused_share(ood > 1, groups, seed=seed)
+    return OodCheck("evaluation", detectors[0].quantile, [d.threshold for d in detectors], len(ood), share, interval)
 
 
 def _evaluation_layout(run_dir: Path, data_root: Path) -> EvaluationLayout:

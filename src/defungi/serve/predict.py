@@ -59,7 +59,8 @@ def predict(
     """One row per file. A row holds the path, the class the folder or the file name gives
     ('label', when it is a class of the model), and the predicted class with its probability per
     class; or 'no fungus visible' for an image under the run's variance threshold (blank or
-    blurred: training leaves such images out, so they are not classified), or the error.
+    blurred: training leaves such images out, so they are not classified), 'not a fungus micrograph'
+    for one whose out-of-distribution score ('ood', see train.ood) is over 1, or the error.
     The class probabilities are the model's, as the run scored them; 'confidence' is the most
     probable class's probability calibrated by the run's temperature, and below `abstain` a row's
     decision is 'uncertain' (its most probable class is kept beside it)."""
@@ -97,21 +98,27 @@ def classify(
     prior_weight: float | None = None,
     abstain: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """The rows of decode with the class, calibrated confidence, decision and probabilities of every
-    decoded image filled in."""
+    """The rows of decode with the out-of-distribution score ('ood', where the run has a detector) of
+    every decoded image, and the class, calibrated confidence, decision and probabilities of those
+    that are not refused as 'not a fungus micrograph'."""
     if not pixels:
         return rows
-    probs = model.probabilities(np.stack(list(pixels.values())), tta, prior_weight)
+    probs, ood = model.answer(np.stack(list(pixels.values())), tta, prior_weight)
     confidence = temper(probs, model.temperature).max(1)
     result = {}
-    for path, p, conf in zip(pixels, probs, confidence, strict=True):
+    for i, (path, p, conf) in enumerate(zip(pixels, probs, confidence, strict=True)):
+        if ood is not None and ood[i] > 1:
+            result[path] = {"status": NOT_MICROGRAPH, "ood": float(ood[i])}
+            continue
         best = model.classes[int(p.argmax())]
         result[path] = {"class": best, "confidence": float(conf), "decision": decide(best, conf, abstain)}
         result[path] |= {c: float(v) for c, v in zip(model.classes, p, strict=True)}
+        result[path] |= {"ood": float(ood[i])} if ood is not None else {}
     return [r | result.get(r["path"], {}) for r in rows]
 
 
 NO_FUNGUS = "no fungus visible"
+NOT_MICROGRAPH = "not a fungus micrograph"  # out of distribution: far from every training micrograph
 UNCERTAIN = "uncertain"
 
 
@@ -149,9 +156,10 @@ def by_specimen(
     temperature: float = 1.0,
 ) -> list[dict[str, Any]]:
     """One decision per specimen: the mean probability of its classified images, then the most
-    probable class (the rule the sample-level metrics use); 'no fungus visible' when none of its
-    images could be classified. Its confidence is the decision's mean probability at the run's
-    (image-level) temperature, and 'uncertain' below abstain. Each specimen keeps its image rows."""
+    probable class (the rule the sample-level metrics use); 'no fungus visible' (or 'not a fungus
+    micrograph') when none of its images could be classified. Its confidence is the decision's mean
+    probability at the run's (image-level) temperature, and 'uncertain' below abstain. Each specimen
+    keeps its image rows."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(specimen_of(Path(row["path"]), group_by), []).append(row)
@@ -168,7 +176,10 @@ def by_specimen(
             decision |= {"class": best, "confidence": conf, "decision": decide(best, conf, abstain)}
             decision |= {c: float(v) for c, v in zip(classes, mean, strict=True)}
         else:
-            decision["status"] = NO_FUNGUS if decision["no_fungus"] else "no readable image"
+            refused = any(r.get("status") == NOT_MICROGRAPH for r in members)
+            decision["status"] = (
+                NO_FUNGUS if decision["no_fungus"] else NOT_MICROGRAPH if refused else "no readable image"
+            )
         specimens.append(decision | {"rows": members})
     return specimens
 

@@ -54,7 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_onnx(args.run, Path(tmp) / "model.onnx", n_check=8)
         onnx = onnx_predictor(Path(exported["path"]), threads=threads)
-        diff = np.abs(onnx.scores(images, False) - pytorch.scores(images, False)).max()
+        diff = np.abs(onnx.scores(images, False).probabilities - pytorch.scores(images, False).probabilities).max()
         print(f"{args.run}: {len(images)} real images from {args.data}, opset {exported['opset']}")
         print(f"max abs difference of probabilities, onnxruntime vs PyTorch: {diff:.2e}")
         fast = images_per_s(onnx.scores, images, args.batch_size, args.repeats)

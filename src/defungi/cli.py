@@ -150,6 +150,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if evaluation.selective is not None:
         s = evaluation.selective
         print(f"answered {s.answered:.0%} of specimens at confidence >= {s.threshold:.3f}: accuracy {s.accuracy:.3f}")
+    if evaluation.ood is not None:
+        print(f"refused as not a fungus micrograph: {evaluation.ood.refused:.1%} of {evaluation.ood.n} images")
     print(f"excluded {len(evaluation.excluded)} images; report: {folder / 'report.html'}")
     return 0
 

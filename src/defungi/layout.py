@@ -63,6 +63,11 @@ class RunLayout:
         """The last epoch's full training state (what a resume continues from)."""
         return self.root / "last.pt"
 
+    @property
+    def ood(self) -> Path:
+        """The fit's refusal of non-micrographs: its detector and threshold, next to best.pt (see train.ood)."""
+        return self.root / "ood.npz"
+
     def member(self, k: int) -> RunLayout:
         """The run folder of ensemble member k."""
         return RunLayout(self.root / f"member-{k}")
@@ -123,7 +128,8 @@ class EvaluationLayout:
 
     @property
     def predictions(self) -> Path:
-        """Per image: path, specimen, true class, prediction, calibrated confidence, set, probabilities."""
+        """Per image: path, specimen, true class, prediction, calibrated confidence, set, out-of-distribution
+        score, probabilities."""
         return self.root / "predictions.csv"
 
     @property

@@ -41,7 +41,9 @@ from defungi.train.loop import (
     evaluate,
     feature_batches,
     feature_rows,
+    hooked_inputs,
     image_batches,
+    image_inputs,
     inference_precision,
     module_inputs,
     precision_name,
@@ -49,6 +51,7 @@ from defungi.train.loop import (
     train_one_epoch,
 )
 from defungi.train.metrics import classification_metrics, mean_nll, prior_weights, scored
+from defungi.train.ood import OodDetector, Reading, fit_detector, held_out_needed, model_readings
 from defungi.train.runtime import resolve_device, seed_everything
 from defungi.utils import atomic_save_npy, exclusive_lock
 
@@ -67,6 +70,8 @@ class FitResult:
     parameters: int
     precision: str  # what the forward passes computed in: 'float32', 'bfloat16' or 'float16'
     probabilities: dict[str, np.ndarray]  # per scored part, one row per image
+    ood: OodDetector | None = None  # what refuses non-micrographs (see train.ood), None without a validation part
+    ood_scores: dict[str, np.ndarray] = field(default_factory=dict)  # per scored part, per image (over 1: refused)
 
 
 def build_optimizer(
@@ -355,6 +360,13 @@ class _Images:
             class_weights=task.class_weights,
         )
 
+    def read(self, reading: Reading, idx: np.ndarray, batch_size: int = 128) -> np.ndarray:
+        """What the refusal detector reads (see train.ood) of the scored model on images idx, as they are."""
+        task, tc, scored = self.task, self.task.config.train, self.learner.scored
+        inputs = image_inputs(task.data.images, task.preprocess, task.device, batch_size, tc.channels_last, idx)
+        module, means = scored.get_submodule(reading.module), reading.kind == "channel means"
+        return hooked_inputs(scored, module, inputs, -(-len(idx) // batch_size), task.device, tc.amp, means)
+
 
 @dataclass
 class _Features:
@@ -378,23 +390,44 @@ class _Features:
             self.features, task.data.labels, order, views, tc.batch_size, task.device, tc.channels_last
         )
 
+    def inputs(self, idx: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+        """The cached inputs of train_from for images idx, as they are, batch by batch."""
+        tc = self.task.config.train
+        for start in range(0, len(idx), batch_size):
+            yield feature_rows(
+                self.features, idx[start : start + batch_size], self.task.device, channels_last=tc.channels_last
+            )
+
     def probabilities(self, idx: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, float]:
         """(probabilities, loss) of the scored model from train_from on, on the cached inputs of images
         idx: what the whole model computes on them without test-time augmentation."""
         task, tc = self.task, self.task.config.train
-        inputs = (
-            feature_rows(self.features, idx[start : start + batch_size], task.device, channels_last=tc.channels_last)
-            for start in range(0, len(idx), batch_size)
-        )
         n_batches = -(-len(idx) // batch_size)
         tail = self.learner.tails[-1]
+        inputs = self.inputs(idx, batch_size)
         probs = probabilities(
             tail, inputs, n_batches, task.device, tc.amp, desc="evaluate", class_weights=task.class_weights
         )
         return probs, mean_nll(probs, task.data.labels[idx])
 
+    def read(self, reading: Reading, idx: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """What the refusal detector reads (see train.ood) of the scored model on images idx, as they are:
+        from the cached inputs through the scored tail where the reading lies in it (the head's input:
+        the cached inputs themselves when the head is all that trains), else (a frozen module before
+        train_from) from the images, computed once for every image and cached."""
+        task, tc, tail = self.task, self.task.config.train, self.learner.tails[-1]
+        module, means = self.learner.scored.get_submodule(reading.module), reading.kind == "channel means"
+        if not any(m is module for m in tail.modules()):
+            frozen = _cached_inputs(
+                task.config, task.data, self.learner.model, reading.module, task.preprocess, task.device, means=means
+            )
+            return np.asarray(frozen[idx])
+        inputs = self.inputs(idx, batch_size)
+        return hooked_inputs(tail, module, inputs, -(-len(idx) // batch_size), task.device, tc.amp, means)
 
-_Source = _Images | _Features  # a fit's batch source: forward, batches(epoch), probabilities(idx)
+
+# a fit's batch source: forward, batches(epoch), probabilities(idx), read(reading, idx)
+_Source = _Images | _Features
 
 
 def _source(task: _Task, learner: _Learner) -> _Source:
@@ -525,6 +558,7 @@ def _result(
         task.class_weights,
         None if tc.tta else source.probabilities,
     )
+    detector, ood_scores = _ood(task, source, split)
     return FitResult(
         progress.history,
         metrics,
@@ -534,7 +568,35 @@ def _result(
         sum(p.numel() for p in learner.model.parameters()),
         precision_name(task.device, tc.amp),
         probabilities,
+        detector,
+        ood_scores,
     )
+
+
+def _ood(
+    task: _Task, source: _Source, split: dict[str, np.ndarray]
+) -> tuple[OodDetector | None, dict[str, np.ndarray]]:
+    """The scored model's refusal of non-micrographs (see train.ood): fitted on what it reads of the
+    training part, its thresholds set on the validation part; and the score of every image of the
+    other parts. None (nothing refused) when the validation part is too small to set them."""
+    if len(task.val_idx) < held_out_needed():
+        log.warning(
+            "no refusal of non-micrographs: %d validation images are too few to set its threshold (%d needed)",
+            len(task.val_idx),
+            held_out_needed(),
+        )
+        return None, {}
+    at = model_readings(model_entry(task.config.train.model).parts)
+    readings = {part: [source.read(r, idx) for r in at] for part, idx in split.items() if len(idx)}
+    detector = fit_detector(readings["train"], task.data.labels[task.train_idx], readings["val"], at)
+    assert detector is not None  # enough validation images for the quantile
+    log.info(
+        "refusal of non-micrographs: Mahalanobis distances of %s (%.0f%% of %d validation images under its threshold)",
+        " and ".join(f"the {r.kind} of {r.module}" for r in at),
+        100 * detector.quantile,
+        detector.held_out,
+    )
+    return detector, {part: detector.scores(r) for part, r in readings.items() if part != "train"}
 
 
 def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
@@ -553,10 +615,12 @@ def _cached_inputs(
     preprocess: Preprocess,
     device: torch.device,
     view: int = 0,
+    means: bool = False,
 ) -> np.ndarray:
-    """The input of the model's module (the head: its features) for every image's view-th flip/rotation,
-    computed once per (image files, model and its weights, module, preprocessing, precision, view) in
-    the user cache, so that CV folds and re-runs share them; read memory-mapped."""
+    """The input of the model's module (the head: its features), or with means the channel means of its
+    output, for every image's view-th flip/rotation, computed once per (image files, model and its
+    weights, module, preprocessing, precision, view) in the user cache, so that CV folds and re-runs
+    share them; read memory-mapped."""
     tc = config.train
     if tc.weights:
         stat = Path(tc.weights).expanduser().stat()
@@ -568,7 +632,8 @@ def _cached_inputs(
         prep = {k: v for k, v in prep.items() if k not in ("mean", "std")}
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data.paths]
     precision = precision_name(device, inference_precision(device, tc.amp))
-    what = [tc.model, tc.model_args, source, module, prep, precision, files] + ([view] if view else [])
+    reading = f"{module}:channel means" if means else module
+    what = [tc.model, tc.model_args, source, reading, prep, precision, files] + ([view] if view else [])
     key = hashlib.sha1(json.dumps(what).encode())
     path = default_cache_dir() / "features" / f"{key.hexdigest()[:16]}.npy"
     with exclusive_lock(path.with_suffix(".lock")):
@@ -583,6 +648,7 @@ def _cached_inputs(
                 amp=tc.amp,
                 channels_last=tc.channels_last,
                 view=view,
+                output_means=means,
             )
             atomic_save_npy(path, feats)
             log.info(

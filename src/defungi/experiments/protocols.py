@@ -24,7 +24,8 @@ from defungi.errors import DefungiError
 from defungi.experiments.fit import FitResult, fit, score_parts
 from defungi.experiments.rundir import FitRecord, RunDir, TrainedModel, load_checkpoints, model_args, write_predictions
 from defungi.experiments.trust import assess
-from defungi.layout import read_predictions
+from defungi.layout import read_predictions, read_table
+from defungi.results.ood import OodCheck
 from defungi.results.run import (
     METRIC_NAMES,
     FoldScores,
@@ -40,6 +41,7 @@ from defungi.results.schema import from_dict
 from defungi.results.trust import Trust
 from defungi.train import distributed
 from defungi.train.metrics import scored
+from defungi.train.ood import refused_share
 from defungi.train.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -213,11 +215,22 @@ def _split_trust(data: Dataset, split: Split, probs: dict[str, np.ndarray], seed
     return assess(both, data.labels[idx], data.groups[idx], fold, data.classes, "validation + test", seed=seed)
 
 
-def _write_predictions(run: RunDir, data: Dataset, split: Split, probs: dict[str, np.ndarray]) -> None:
-    """predictions_val.csv and predictions_test.csv (the parts a user looks into)."""
+def _write_predictions(
+    run: RunDir, data: Dataset, split: Split, probs: dict[str, np.ndarray], ood: dict[str, np.ndarray] | None = None
+) -> None:
+    """predictions_val.csv and predictions_test.csv (the parts a user looks into), with each image's
+    out-of-distribution score where the fit has one."""
     for part in ("val", "test"):
         if part in probs:
-            run.write_predictions(part, data, split[part], probs[part])
+            run.write_predictions(part, data, split[part], probs[part], (ood or {}).get(part))
+
+
+def _ood_check(
+    source: str, quantile: float, thresholds: list[float], ood: np.ndarray, groups: np.ndarray, seed: int
+) -> OodCheck:
+    """Held-out micrographs refused (score over 1), with an interval over specimens."""
+    share, interval = refused_share(ood > 1, groups, seed=seed)
+    return OodCheck(source, quantile, thresholds, len(ood), share, interval)
 
 
 class SingleFit(FitProtocol):
@@ -230,7 +243,8 @@ class SingleFit(FitProtocol):
         self.start(run, data, [split], split)
         log.info("split (%s): %s", self.config.data.split, {k: len(v) for k, v in split.items()})
         result = fit(self.config, data, split, run, sync)  # its start tells the other torchrun ranks to fit too
-        _write_predictions(run, data, split, result.probabilities)
+        _write_predictions(run, data, split, result.probabilities, result.ood_scores)
+        ood = _store_ood(run, result, data, split, self.config.train.seed)
         metrics = self.metrics(
             data,
             split,
@@ -241,8 +255,21 @@ class SingleFit(FitProtocol):
             stop_reason=result.stop_reason,
             parts=_parts(result.metrics),
             trust=_split_trust(data, split, result.probabilities, self.config.train.seed),
+            ood=ood,
         )
         return run.write_result(result.history, metrics)
+
+
+def _store_ood(run: RunDir, result: FitResult, data: Dataset, split: Split, seed: int) -> OodCheck | None:
+    """Store the fit's refusal of non-micrographs; how it did on the test part's micrographs (None
+    without a detector or a test part)."""
+    if result.ood is None:
+        return None
+    run.save_ood(result.ood)
+    if "test" not in result.ood_scores:
+        return None
+    detector, groups = result.ood, data.groups[split["test"]]
+    return _ood_check("test", detector.quantile, [detector.threshold], result.ood_scores["test"], groups, seed)
 
 
 def _timing(result: FitResult) -> Timing:
@@ -346,8 +373,9 @@ class CrossValidation(FitProtocol):
         for k, fold in enumerate(splits):
             log.info("cross-validation fold %d/%d: %s", k + 1, len(splits), {p: len(v) for p, v in fold.items()})
             records.append(fit_run(self.fold_config, run.fold(k).root, data, fold))
-        idx, fold_of, probs = _out_of_fold(run, data, splits)
-        write_predictions(run.layout.oof, data, idx, probs, extra={"fold": fold_of.tolist()})
+        idx, fold_of, probs, ood = _out_of_fold(run, data, splits)
+        extra = {"fold": fold_of.tolist()} | ({"ood": [f"{x:.4f}" for x in ood]} if ood is not None else {})
+        write_predictions(run.layout.oof, data, idx, probs, extra=extra)
         seed = self.config.train.seed
         oof = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed=seed)
         per_fold = [_fold_scores(k, r.metrics.part("test")) for k, r in enumerate(records)]
@@ -361,6 +389,7 @@ class CrossValidation(FitProtocol):
             stop_reason="; ".join(f"fold {k}: {r.metrics.stop_reason}" for k, r in enumerate(records)),
             parts={"test": from_dict(PartScores, oof, "out of fold")},
             trust=assess(probs, data.labels[idx], data.groups[idx], fold_of, data.classes, "out of fold", seed=seed),
+            ood=_cv_ood_check(records, ood, data.groups[idx], seed),
             folds=per_fold,
             fold_spread={
                 key: _spread([getattr(f, key) for f in per_fold])
@@ -370,13 +399,33 @@ class CrossValidation(FitProtocol):
         return run.write_result([], metrics)
 
 
-def _out_of_fold(run: RunDir, data: Dataset, splits: list[Split]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every fold's test images, their fold and the probabilities its model gave them, by image."""
+def _out_of_fold(
+    run: RunDir, data: Dataset, splits: list[Split]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Every fold's test images, their fold, the probabilities its model gave them and their
+    out-of-distribution scores (None unless every fold scored them), by image."""
     idx = np.concatenate([s["test"] for s in splits])
     fold_of = np.concatenate([[k] * len(s["test"]) for k, s in enumerate(splits)])
     probs = np.concatenate([_fold_probabilities(run, k, data, s["test"]) for k, s in enumerate(splits)])
+    scores = [_fold_ood(run, k) for k in range(len(splits))]
+    ood = np.concatenate(scores) if all(s is not None for s in scores) else None
     order = np.argsort(idx)
-    return idx[order], fold_of[order], probs[order]
+    return idx[order], fold_of[order], probs[order], ood[order] if ood is not None else None
+
+
+def _fold_ood(run: RunDir, k: int) -> np.ndarray | None:
+    """Fold k's out-of-distribution score of each test image (None where its predictions have none)."""
+    rows = read_table(run.fold(k).layout.predictions("test"))
+    return np.array([float(r["ood"]) for r in rows]) if rows and "ood" in rows[0] else None
+
+
+def _cv_ood_check(records: list[FitRecord], ood: np.ndarray | None, groups: np.ndarray, seed: int) -> OodCheck | None:
+    """The out-of-fold refusal of micrographs (None unless every fold has a detector)."""
+    checks = [r.metrics.ood for r in records]
+    if ood is None or any(c is None for c in checks):
+        return None
+    thresholds = [t for c in checks for t in c.thresholds]
+    return _ood_check("out of fold", checks[0].quantile, thresholds, ood, groups, seed)
 
 
 def _fold_probabilities(run: RunDir, k: int, data: Dataset, idx: np.ndarray) -> np.ndarray:

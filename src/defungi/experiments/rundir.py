@@ -14,6 +14,7 @@ import csv
 import io
 import logging
 import os
+import zipfile
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,9 @@ from defungi.results.run import RunMetrics, read_run_metrics
 from defungi.results.schema import SCHEMA_VERSION, check_version, to_dict
 from defungi.train.loop import Preprocess
 from defungi.train.metrics import prior_weights
+from defungi.train.ood import READING_KINDS, Distance, OodDetector, OodHooks, Reading
 from defungi.train.runtime import atomic_torch_save, resolve_device
-from defungi.utils import atomic_write_json, atomic_write_text, exclusive_lock
+from defungi.utils import atomic_write_binary, atomic_write_json, atomic_write_text, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +105,16 @@ class TrainedModel:
     device: torch.device
     info: dict[str, Any]
     class_prior: list[float] | None = None
+    detectors: list[OodDetector] | None = None  # one per member: what refuses non-micrographs (None: trained without)
 
     def class_weights(self, power: float | None = None) -> np.ndarray | None:
         """Probability weights for the decision (power: as trained when None; 0 switches them off)."""
         return prior_weights(self.class_prior, self.config.train.prior_weight if power is None else power)
+
+    def ood_hooks(self) -> OodHooks | None:
+        """What scores, inside the model's forward passes, each image's distance from the training
+        micrographs (None where the run has no detectors)."""
+        return OodHooks(self.model, self.detectors).to(self.device) if self.detectors is not None else None
 
 
 class RunDir:
@@ -222,9 +230,13 @@ class RunDir:
         """excluded.csv: the outliers and unreadable files left out of the run."""
         write_exclusions(self.layout.excluded, data)
 
-    def write_predictions(self, part: str, data: Dataset, idx: np.ndarray, probs: np.ndarray) -> None:
-        """predictions_PART.csv: per image its path, sample, class, prediction and class probabilities."""
-        write_predictions(self.layout.predictions(part), data, idx, probs)
+    def write_predictions(
+        self, part: str, data: Dataset, idx: np.ndarray, probs: np.ndarray, ood: np.ndarray | None = None
+    ) -> None:
+        """predictions_PART.csv: per image its path, sample, class, out-of-distribution score (when
+        given; over 1: refused), prediction and class probabilities."""
+        extra = {"ood": [f"{x:.4f}" for x in ood]} if ood is not None else None
+        write_predictions(self.layout.predictions(part), data, idx, probs, extra)
 
     def write_result(self, history: list[dict[str, float]], metrics: RunMetrics) -> FitRecord:
         """history.csv, then metrics.json (which marks the run finished)."""
@@ -273,6 +285,14 @@ class RunDir:
         schedule, callbacks, history, time)."""
         atomic_torch_save(checkpoint | training_state, self.layout.last)
 
+    def save_ood(self, detector: OodDetector) -> None:
+        """ood.npz: the fit's refusal of non-micrographs (see read_ood)."""
+        arrays = {"threshold": detector.threshold, "quantile": detector.quantile, "held_out": detector.held_out}
+        for i, d in enumerate(detector.distances):
+            arrays |= {f"{i}.module": d.reading.module, f"{i}.kind": d.reading.kind, f"{i}.scale": d.scale}
+            arrays |= {f"{i}.projection": d.projection, f"{i}.means": d.means}
+        atomic_write_binary(self.layout.ood, lambda fh: np.savez(fh, schema_version=SCHEMA_VERSION, **arrays))
+
     def scored_checkpoint(self) -> Path:
         """The checkpoint holding the weights the run was scored with."""
         restore_best = self.config().train.restore_best if self.layout.config.exists() else True
@@ -297,6 +317,34 @@ def _load(path: Path, device: torch.device) -> dict[str, Any]:
         raise DefungiError(f"{path}: not a defungi checkpoint; train again into a new folder")
     check_version(state.get("schema_version"), path)
     return state
+
+
+def read_ood(path: Path) -> OodDetector | None:
+    """The detector a fit stored (None where it has none: too small a validation part, or trained
+    before defungi refused non-micrographs)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = dict(stored)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DefungiError(
+            f"{path}: unreadable ({type(exc).__name__}); train the run again into a new folder"
+        ) from None
+    version = arrays.get("schema_version")
+    check_version(None if version is None else int(version), path)
+    try:
+        count = len({k.split(".")[0] for k in arrays if k.split(".")[0].isdigit()})
+        readings = [Reading(str(arrays[f"{i}.module"]), str(arrays[f"{i}.kind"])) for i in range(count)]
+        if not readings or any(r.kind not in READING_KINDS for r in readings):
+            raise ValueError("no or unknown readings")
+        distances = tuple(
+            Distance(r, arrays[f"{i}.projection"], arrays[f"{i}.means"], float(arrays[f"{i}.scale"]))
+            for i, r in enumerate(readings)
+        )
+        return OodDetector(distances, float(arrays["threshold"]), float(arrays["quantile"]), int(arrays["held_out"]))
+    except (KeyError, TypeError, ValueError):
+        raise DefungiError(f"{path}: not a defungi detector; train the run again into a new folder") from None
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -360,4 +408,22 @@ def load_checkpoints(paths: list[Path], device: str = "auto") -> TrainedModel:
     priors = [s.get("class_prior") for s in states]
     class_prior = None if priors[0] is None else np.mean(priors, axis=0).tolist()
     info = {k: state[k] for k in ("model_name", "model_args", "epoch", "best_metric")} | {"members": len(states)}
-    return TrainedModel(model, preprocess, state["classes"], config_from_dict(state["config"]), dev, info, class_prior)
+    detectors = [read_ood(RunLayout(p.parent).ood) for p in paths]
+    config = config_from_dict(state["config"])
+    return TrainedModel(
+        model, preprocess, state["classes"], config, dev, info, class_prior, _all_or_none(detectors, paths[0])
+    )
+
+
+def _all_or_none(detectors: list[OodDetector | None], where: Path) -> list[OodDetector] | None:
+    """Every member's detector, or None (with a warning) when some member has none: a model refuses
+    non-micrographs only when all its members can say how far an image is from their training images."""
+    present = [d for d in detectors if d is not None]
+    if len(present) == len(detectors):
+        return present
+    log.warning(
+        "%s: %s no refusal detector (trained before defungi refused non-micrographs); every image is answered",
+        where.parent,
+        "it has" if len(detectors) == 1 else f"{len(detectors) - len(present)} of its {len(detectors)} models have",
+    )
+    return None

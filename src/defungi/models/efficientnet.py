@@ -16,8 +16,13 @@ if TYPE_CHECKING:
 TIMM_NAME = "tf_efficientnet_lite0"
 
 # timm's EfficientNet runs conv_stem, bn1, blocks (an nn.Sequential of 7 stages, each one of blocks),
-# conv_head, bn2 (batch norm and activation: the map global_pool averages), global_pool, then classifier
-PARTS = ModelParts(classifier="classifier", features="bn2", split_points=("blocks", "conv_head", "classifier"))
+# conv_head, bn2 (batch norm and activation: the map global_pool averages), global_pool, then classifier.
+# The refusal of non-micrographs reads blocks.3 (80 channels at 1/16 of the input): with ImageNet weights
+# on DeFungi it refused all noise, flat, gradient, text and photographs there, the pooled head input few
+# noise images (benchmarks/ood_refusal.py)
+PARTS = ModelParts(
+    classifier="classifier", features="bn2", split_points=("blocks", "conv_head", "classifier"), middle="blocks.3"
+)
 
 
 def lite0_imagenet() -> dict[str, torch.Tensor]:

@@ -18,3 +18,8 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([m(x).float().softmax(dim=1) for m in self.members]).mean(dim=0)
         return probs.clamp_min(1e-12).log()
+
+
+def members(model: nn.Module) -> list[nn.Module]:
+    """The trained models inside model, in the order its forward runs them: an ensemble's members, or itself."""
+    return list(model.members) if isinstance(model, Ensemble) else [model]

@@ -43,6 +43,10 @@ class ModelParts:
     # the modules a frozen backbone's tail may train from, each running after the one before and the
     # head last; inside one that is an nn.Sequential, any of its modules (blocks.5) splits it further
     split_points: tuple[str, ...]
+    # a mid-level module whose output's channel means the refusal of non-micrographs reads beside the
+    # head's input (train.ood): noise, flat fields and drawings stand out there, not in the pooled
+    # features the head reads; None: the head's input alone (until measured for that model)
+    middle: str | None = None
 
 
 @dataclass(frozen=True)

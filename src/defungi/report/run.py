@@ -71,7 +71,7 @@ def render_confident_errors(predictions: Path, path: Path, limit: int = 20) -> P
     fold), each captioned true -> predicted and the predicted class's probability."""
     wrong = []
     for r in read_table(predictions):
-        if r["prediction"] != r["class"]:
+        if r["prediction"] and r["prediction"] != r["class"]:  # refused images have no prediction
             wrong.append((float(r[f"p_{r['prediction']}"]), r))
     wrong.sort(key=lambda pr: -pr[0])
     shown = wrong[:limit]
@@ -141,6 +141,12 @@ def build_evaluation_report(out_dir: str | Path) -> Path:
     if result.sets and result.level is not None:
         page.heading("Prediction sets", level=2)
         page.table(set_table(result.sets, result.level))
+    if result.ood is not None:
+        o = result.ood
+        page.text(
+            f"Refused as not a fungus micrograph: {o.refused:.1%} [{o.interval[0]:.1%}, {o.interval[1]:.1%}] of "
+            f"{o.n} images (each model's threshold: the {o.quantile:.0%} quantile of its held-out micrographs)."
+        )
     if result.selective is not None:
         s = result.selective
         interval = f" [{s.interval[0]:.3f}, {s.interval[1]:.3f}]" if s.interval else ""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from defungi.results.ood import OodCheck
 from defungi.results.schema import SCHEMA_VERSION, read_record
 from defungi.results.trust import SetCheck, Trust
 
@@ -157,6 +158,7 @@ class RunMetrics:
     stop_reason: str
     parts: dict[str, PartScores]
     trust: Trust | None = None  # calibration, prediction sets and selective answers, checked on held-out units
+    ood: OodCheck | None = None  # the refusal of non-micrographs, checked on held-out micrographs
     folds: list[FoldScores] = field(default_factory=list)
     fold_spread: dict[str, Spread] = field(default_factory=dict)
     members: list[MemberScores] = field(default_factory=list)
@@ -211,6 +213,7 @@ class Evaluation:
     level: float | None = None
     sets: dict[str, SetCheck] = field(default_factory=dict)  # by unit
     selective: SelectiveCheck | None = None
+    ood: OodCheck | None = None  # how many of its images the run refuses as not fungus micrographs
     schema_version: int = SCHEMA_VERSION
 
 

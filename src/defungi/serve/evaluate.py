@@ -1,6 +1,7 @@
 """A trained run answering a labelled folder as a lab would use it: every image and every specimen
 answered as `predict` answers them, then checked against the true classes: scores with intervals,
-the prediction sets' empirical coverage and size, the selective answers' accuracy; the per-image
+the prediction sets' empirical coverage and size, the selective answers' accuracy, the share refused
+as not fungus micrographs; the per-image
 and per-specimen tables, confusion matrices and confidently wrong images beside them."""
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from defungi.data.dataset import load_dataset
 from defungi.experiments.rundir import RunDir
 from defungi.experiments.trust import set_check
 from defungi.layout import EvaluationLayout, RunLayout
+from defungi.results.ood import OodCheck
 from defungi.results.run import Evaluation, PartScores, SelectiveCheck, read_evaluation
 from defungi.results.schema import SchemaError, from_dict, to_dict
 from defungi.serve.predict import NOT_SURE, Answers, by_specimen, check_group_by, classify
 from defungi.serve.predictor import Predictor, torch_predictor
 from defungi.train.metrics import scored
+from defungi.train.ood import refused_share
 from defungi.utils import atomic_write_json, atomic_write_text
 
 
@@ -59,6 +62,7 @@ def evaluate_folder(
         level=answers.coverage if answers.trust else None,
         sets=_set_checks(model.classes, rows, specimens) if answers.trust else {},
         selective=_selective(answers, specimens, settings or {}),
+        ood=_refusals(model, specimens),
     )
     _write_tables(out, model.classes, specimens)
     atomic_write_json(out.metrics, to_dict(evaluation))
@@ -133,14 +137,30 @@ def _selective(answers: Answers, specimens: list[dict[str, Any]], settings: dict
     )
 
 
+def _refusals(model: Predictor, specimens: list[dict[str, Any]]) -> OodCheck | None:
+    """The share of the folder's usable images refused as not fungus micrographs, with a 95% interval
+    over specimens (None where the run has no detector)."""
+    detectors = model.trained.detectors if model.trained is not None else None
+    pairs = [(s["specimen"], r["ood"]) for s in specimens for r in s["rows"] if "ood" in r]
+    if detectors is None or not pairs:
+        return None
+    groups, scores = np.array([g for g, _ in pairs]), np.array([x for _, x in pairs])
+    share, interval = refused_share(scores > 1, groups)
+    return OodCheck("evaluation", detectors[0].quantile, [d.threshold for d in detectors], len(pairs), share, interval)
+
+
 def _write_tables(out: EvaluationLayout, classes: list[str], specimens: list[dict[str, Any]]) -> None:
     """predictions.csv (a row per classified image) and specimens.csv (a row per specimen)."""
     images = [
-        [r["path"], s["specimen"], r["label"], r["class"], r["decision"], f"{r['confidence']:.6f}", r.get("set", "")]
-        + [f"{r[c]:.6f}" for c in classes]
-        for s, r in _specimen_rows(specimens)
-    ]
-    head = ["path", "sample", "class", "prediction", "decision", "confidence", "set", *(f"p_{c}" for c in classes)]
+        [r["path"], s["specimen"], r["label"], r.get("class", ""), r.get("decision", r.get("status", "")),
+         f"{r['confidence']:.6f}" if "class" in r else "", r.get("set", ""),
+         f"{r['ood']:.4f}" if "ood" in r else ""] + [f"{r[c]:.6f}" if "class" in r else "" for c in classes]
+        for s in specimens
+        for r in s["rows"]
+        if "class" in r or "ood" in r
+    ]  # fmt: skip
+    head = ["path", "sample", "class", "prediction", "decision", "confidence", "set", "ood"]
+    head += [f"p_{c}" for c in classes]
     atomic_write_text(out.predictions, _csv(head, images))
     rows = [
         [s["specimen"], s.get("label") or "", s.get("class", ""), s.get("answer", s.get("status", "")),

@@ -1,5 +1,6 @@
 """Export a run's model to ONNX, normalisation and softmax inside, with what predict needs in its
-metadata; checked against PyTorch on the run's own images before it is written."""
+metadata, and (where the run has them) its refusal of non-micrographs as a second output computed in
+the graph; checked against the PyTorch path of predict on the run's own images before it is written."""
 
 from __future__ import annotations
 
@@ -18,24 +19,42 @@ from defungi.data.cache import DECODE_ERRORS, decode_one
 from defungi.errors import DefungiError
 from defungi.layout import RunLayout, read_table
 from defungi.serve.lite import METADATA_KEY, onnx_predictor
-from defungi.serve.predictor import torch_predictor
-from defungi.train.loop import Preprocess, predict_proba
+from defungi.serve.predictor import Scores, torch_predictor
+from defungi.train.loop import Preprocess
+from defungi.train.ood import OodHooks
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-TOLERANCE = 1e-4  # max abs difference of probabilities allowed between onnxruntime and PyTorch
+TOLERANCE = 1e-4  # max difference allowed between onnxruntime and PyTorch (probabilities; ood scores relative)
 
 
 class Exported(nn.Module):
-    """uint8 NHWC images -> class probabilities (softmax of the model on normalised inputs)."""
+    """uint8 NHWC images -> class probabilities (softmax of the model on normalised inputs), and with
+    hooks, each image's out-of-distribution score (see train.ood)."""
 
-    def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
+    def __init__(self, model: nn.Module, preprocess: Preprocess, hooks: OodHooks | None = None) -> None:
         super().__init__()
-        self.model, self.preprocess = model, preprocess
+        self.model, self.preprocess, self.hooks = model, preprocess, hooks
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocess.normalized(images)).float().softmax(dim=1)
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.hooks is None:
+            return self.model(self.preprocess.normalized(images)).float().softmax(dim=1)
+        with self.hooks:
+            probs = self.model(self.preprocess.normalized(images)).float().softmax(dim=1)
+        return probs, self.hooks.images()
+
+
+def largest_difference(exported: Scores, reference: Scores) -> float:
+    """How far the exported model's answers are from PyTorch's: probabilities absolutely, out-of-distribution
+    scores relative to their size (distances over a threshold reach 10 and more on noise)."""
+    diff = float(np.abs(exported.probabilities - reference.probabilities).max(initial=0.0))
+    if (exported.ood is None) != (reference.ood is None):
+        return float("inf")
+    if reference.ood is not None:
+        relative = np.abs(exported.ood - reference.ood) / np.maximum(np.abs(reference.ood), 1.0)
+        diff = max(diff, float(relative.max(initial=0.0)))
+    return diff
 
 
 def check_images(run_dir: Path, size: int, n: int) -> tuple[np.ndarray, str]:
@@ -60,8 +79,9 @@ def check_images(run_dir: Path, size: int, n: int) -> tuple[np.ndarray, str]:
 def export_onnx(
     run_dir: str | Path, out: str | Path | None = None, opset: int | None = None, n_check: int = 100
 ) -> dict[str, Any]:
-    """Write the run's model as ONNX (default RUN/model.onnx); the probabilities of onnxruntime and
-    eager PyTorch on n_check real images must agree within TOLERANCE, else nothing is written."""
+    """Write the run's model as ONNX (default RUN/model.onnx); the answers of onnxruntime and of
+    predict's PyTorch path on n_check real images (probabilities, out-of-distribution scores) must agree
+    within TOLERANCE, else nothing is written."""
     import onnx
 
     run_dir, opset = Path(run_dir), opset or OPSET
@@ -72,7 +92,9 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        module = Exported(trained.model, trained.preprocess).eval()
+        hooks = trained.ood_hooks()
+        module = Exported(trained.model, trained.preprocess, hooks).eval()
+        outputs = ["probabilities", "ood"] if hooks is not None else ["probabilities"]
         example = (torch.zeros(2, size, size, 3, dtype=torch.uint8),)
         # The TorchScript exporter (dynamo=False): its graph (batch norm folded into the convolutions)
         # ran ConvMixer-8 at 217 images/s on onnxruntime here, the dynamo exporter's at 112.
@@ -84,9 +106,9 @@ def export_onnx(
                 example,
                 str(tmp),
                 input_names=["images"],
-                output_names=["probabilities"],
+                output_names=outputs,
                 opset_version=opset,
-                dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+                dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]},
                 dynamo=False,
             )
         graph = onnx.load(str(tmp))
@@ -94,8 +116,7 @@ def export_onnx(
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
         images, source = check_images(run_dir, size, n_check)
-        reference = predict_proba(trained.model, images, trained.preprocess, trained.device)  # fp32, no autocast
-        diff = float(np.abs(onnx_predictor(tmp).scores(images, False) - reference).max())
+        diff = largest_difference(onnx_predictor(tmp).scores(images, False), predictor.scores(images, False))
         if diff > TOLERANCE:
             raise DefungiError(f"{run_dir}: the exported model differs from PyTorch by {diff:.2g} (> {TOLERANCE})")
         os.replace(tmp, out)

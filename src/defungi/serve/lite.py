@@ -1,5 +1,6 @@
 """Inference with onnxruntime from an exported model: no torch import, the same decisions as the
-run (the 8 flips/rotations averaged here where the run used test-time augmentation)."""
+run (the 8 flips/rotations averaged here where the run used test-time augmentation), and the same
+refusals of non-micrographs (the graph's second output, on the image as it is)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from defungi.errors import DefungiError
 from defungi.layout import RunLayout
-from defungi.serve.predictor import Predictor
+from defungi.serve.predictor import Predictor, Scores
 
 METADATA_KEY = "defungi"  # the ONNX metadata entry holding Predictor.metadata() as JSON
 BATCH = 64
@@ -48,13 +49,17 @@ def onnx_predictor(path: Path, threads: int | None = None) -> Predictor:
     except (KeyError, ValueError, *_load_errors(ort)) as exc:
         raise DefungiError(f"{path}: not a model written by 'defungi export' ({type(exc).__name__})") from None
     name = session.get_inputs()[0].name
+    refuses = len(session.get_outputs()) > 1  # exported with a detector: its score is the second output
 
-    def scores(images: np.ndarray, tta: bool) -> np.ndarray:
-        views = range(8) if tta else range(1)
-        out = [
-            sum(session.run(None, {name: dihedral_nhwc(images[i : i + BATCH], k)})[0] for k in views) / len(views)
-            for i in range(0, len(images), BATCH)
-        ]
-        return np.concatenate(out) if out else np.zeros((0, len(meta["classes"])), dtype=np.float32)
+    def scores(images: np.ndarray, tta: bool) -> Scores:
+        probs, ood = [np.zeros((0, len(meta["classes"])), dtype=np.float32)], [np.zeros(0, dtype=np.float32)]
+        for i in range(0, len(images), BATCH):
+            outputs = [
+                session.run(None, {name: dihedral_nhwc(images[i : i + BATCH], k)}) for k in range(8 if tta else 1)
+            ]
+            probs.append(sum(out[0] for out in outputs) / len(outputs))
+            if refuses:
+                ood.append(outputs[0][1])
+        return Scores(np.concatenate(probs), np.concatenate(ood) if refuses else None)
 
     return Predictor.from_metadata(meta, scores, str(path))

@@ -63,7 +63,8 @@ def predict(
     """One row per file. A row holds the path, the class the folder or the file name gives
     ('label', when it is a class of the model), and the predicted class with its probability per
     class; or 'no fungus visible' for an image under the run's variance threshold (blank or
-    blurred: training leaves such images out, so they are not classified), or the error.
+    blurred: training leaves such images out, so they are not classified), 'not a fungus micrograph'
+    for one whose out-of-distribution score ('ood', see train.ood) is over 1, or the error.
     The class probabilities are the model's, as the run scored them; 'confidence' is the most
     probable class's probability calibrated as the run measured it helped, 'set' the classes the
     image's prediction set holds (see Answers), and 'decision' the class or 'uncertain'."""
@@ -101,24 +102,31 @@ def classify(
     prior_weight: float | None = None,
     answers: Answers | None = None,
 ) -> list[dict[str, Any]]:
-    """The rows of decode with the class, calibrated confidence, prediction set, decision and
-    probabilities of every decoded image filled in (answers: as the run measured, by default)."""
+    """The rows of decode with the out-of-distribution score ('ood', where the run has a detector) of
+    every decoded image, and the class, calibrated confidence, prediction set, decision and
+    probabilities of those that are not refused as 'not a fungus micrograph' (answers: as the run
+    measured, by default)."""
     if not pixels:
         return rows
     answers = answers or Answers.of(model)
-    probs = model.probabilities(np.stack(list(pixels.values())), tta, prior_weight)
+    probs, ood = model.answer(np.stack(list(pixels.values())), tta, prior_weight)
     calibrated = temper(probs, model.temperature("image"))
     sets = answers.sets("image", calibrated, model.classes)
     result = {}
     for k, (path, p) in enumerate(zip(pixels, probs, strict=True)):
+        if ood is not None and ood[k] > 1:
+            result[path] = {"status": NOT_MICROGRAPH, "ood": float(ood[k])}
+            continue
         best, conf = model.classes[int(p.argmax())], float(calibrated[k].max())
         result[path] = {"class": best, "confidence": conf, "decision": best if conf >= answers.abstain else UNCERTAIN}
         result[path] |= answers.set_fields(sets, k, model.classes)
         result[path] |= {c: float(v) for c, v in zip(model.classes, p, strict=True)}
+        result[path] |= {"ood": float(ood[k])} if ood is not None else {}
     return [r | result.get(r["path"], {}) for r in rows]
 
 
 NO_FUNGUS = "no fungus visible"
+NOT_MICROGRAPH = "not a fungus micrograph"  # out of distribution: far from every training micrograph
 UNCERTAIN = "uncertain"
 NOT_SURE = "not sure: look yourself"
 
@@ -234,7 +242,8 @@ def by_specimen(
     """One decision per specimen: the mean probability of its images that were classified and not
     'uncertain', then the most probable class (the rule the sample-level metrics use); its confidence
     calibrated at the specimen level, its prediction set, and 'uncertain' (answer: not sure) under the
-    selective threshold; 'no fungus visible' when none of its images could be classified. Each specimen
+    selective threshold; 'no fungus visible' (or 'not a fungus micrograph') when none of its images
+    could be classified. Each specimen
     keeps its image rows."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -263,7 +272,8 @@ def _specimen(name: str, members: list[dict[str, Any]], model: Predictor, answer
     elif classified:
         decision |= {"decision": UNCERTAIN, "answer": NOT_SURE, "status": "every image uncertain"}
     else:
-        decision["status"] = NO_FUNGUS if decision["no_fungus"] else "no readable image"
+        refused = any(r.get("status") == NOT_MICROGRAPH for r in members)
+        decision["status"] = NO_FUNGUS if decision["no_fungus"] else NOT_MICROGRAPH if refused else "no readable image"
     return decision | {"rows": members}
 
 

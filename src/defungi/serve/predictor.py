@@ -1,15 +1,16 @@
 """A trained model as `predict` and the web page use it: its classes, input size, variance
 threshold, what the run measured about its answers, and a function from uint8 images to class
-probabilities. It comes from a
-run folder (PyTorch, here) or from an exported ONNX file (`serve.lite`: onnxruntime; torch is then
-never imported); `serve.predict.open_predictor` picks one."""
+probabilities and out-of-distribution scores. It comes from a run folder (PyTorch, here) or from an
+exported ONNX file (`serve.lite`: onnxruntime; torch is then never imported);
+`serve.predict.open_predictor` picks one."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,6 +19,15 @@ from defungi.results.run import ModelCard, model_card, read_run_metrics
 from defungi.results.schema import SCHEMA_VERSION, check_version, from_dict, to_dict
 from defungi.results.trust import Trust, Unit
 from defungi.train.metrics import prior_weights, weighted
+
+
+class Scores(NamedTuple):
+    """What a model computes for a batch of images."""
+
+    probabilities: np.ndarray  # images x classes
+    # per image, its distance from the training micrographs over the refusal threshold (over 1: not a
+    # fungus micrograph, see train.ood), on the image as it is; None where the run has no detector
+    ood: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -32,18 +42,22 @@ class Predictor:
     tta: bool
     prior_weight: float
     class_prior: list[float] | None
-    scores: Callable[[np.ndarray, bool], np.ndarray]  # uint8 NHWC images, tta -> probabilities
+    scores: Callable[[np.ndarray, bool], Scores]  # uint8 NHWC images, tta -> scores
     trust: Trust | None = None
     card: ModelCard | None = None
     trained: Any = None  # the TrainedModel of the torch backend (Grad-CAM needs it)
+
+    def answer(self, images: np.ndarray, tta: bool | None = None, prior_weight: float | None = None) -> Scores:
+        """Class probabilities (tta and prior weight as trained unless given) and out-of-distribution scores."""
+        probs, ood = self.scores(images, self.tta if tta is None else tta)
+        power = self.prior_weight if prior_weight is None else prior_weight
+        return Scores(weighted(probs, prior_weights(self.class_prior, power)), ood)
 
     def probabilities(
         self, images: np.ndarray, tta: bool | None = None, prior_weight: float | None = None
     ) -> np.ndarray:
         """Class probabilities (tta and prior weight as trained unless given)."""
-        probs = self.scores(images, self.tta if tta is None else tta)
-        power = self.prior_weight if prior_weight is None else prior_weight
-        return weighted(probs, prior_weights(self.class_prior, power))
+        return self.answer(images, tta, prior_weight).probabilities
 
     def temperature(self, unit: Unit = "image") -> float:
         """The temperature that calibrates an image's (or a specimen's mean) probabilities: 1 where the
@@ -58,7 +72,7 @@ class Predictor:
 
     @classmethod
     def from_metadata(
-        cls, meta: dict[str, Any], scores: Callable[[np.ndarray, bool], np.ndarray], source: str
+        cls, meta: dict[str, Any], scores: Callable[[np.ndarray, bool], Scores], source: str
     ) -> Predictor:
         """The predictor that metadata() described, answering with scores (a SchemaError names source)."""
         check_version(meta.pop("schema_version", None), source)
@@ -79,11 +93,14 @@ def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:
     trained = load_trained(run_dir, device)
     path = RunLayout(Path(run_dir)).metrics
     metrics = read_run_metrics(path) if path.exists() else None
+    hooks = trained.ood_hooks()
 
-    def scores(images: np.ndarray, tta: bool) -> np.ndarray:
-        return predict_proba(
-            trained.model, images, trained.preprocess, trained.device, tta=tta, amp=trained.config.train.amp
-        )  # fp32 on CPUs, as the exported model (see train.loop.inference_precision)
+    def scores(images: np.ndarray, tta: bool) -> Scores:
+        with hooks if hooks is not None else contextlib.nullcontext():
+            probs = predict_proba(
+                trained.model, images, trained.preprocess, trained.device, tta=tta, amp=trained.config.train.amp
+            )  # fp32 on CPUs, as the exported model (see train.loop.inference_precision)
+        return Scores(probs, hooks.images(8 if tta else 1).cpu().numpy() if hooks is not None else None)
 
     return Predictor(
         classes=list(trained.classes),

@@ -212,12 +212,17 @@ def feature_batches(
 
 
 def image_inputs(
-    images: np.ndarray, preprocess: Preprocess, device: torch.device, batch_size: int, channels_last: bool = True
+    images: np.ndarray,
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int,
+    channels_last: bool = True,
+    idx: np.ndarray | None = None,
 ) -> Iterator[torch.Tensor]:
-    """images in order, normalised, batch by batch."""
-    order = np.arange(len(images))
-    for x_u8, _ in batches(images, order, order, batch_size):
-        yield preprocess.to_tensor(x_u8, device, channels_last)
+    """images (those at idx, default all) in order, normalised, batch by batch."""
+    order = np.arange(len(images)) if idx is None else idx
+    for start in range(0, len(order), batch_size):
+        yield preprocess.to_tensor(images[order[start : start + batch_size]], device, channels_last)
 
 
 @torch.no_grad()
@@ -269,7 +274,53 @@ def predict_proba(
     return probabilities(model, inputs, -(-len(images) // batch_size), device, amp, tta, desc, class_weights)
 
 
+class _Enough(Exception):
+    """Raised by a hook that has what it came for: the rest of the forward pass is not needed."""
+
+
+def module_rows(tensor: torch.Tensor, channel_means: bool = False) -> torch.Tensor:
+    """A module's input or output in float32, one entry per image: as it is, or with channel_means
+    averaged over its feature map."""
+    x = tensor.float()
+    return x.mean(tuple(range(2, x.dim()))) if channel_means and x.dim() > 2 else x
+
+
 @torch.no_grad()
+def hooked_inputs(
+    model: nn.Module,
+    module: nn.Module,
+    inputs: Iterable[torch.Tensor],
+    n_batches: int,
+    device: torch.device,
+    amp: bool = False,
+    output_means: bool = False,
+) -> np.ndarray:
+    """What one module of the model receives (e.g. the head: the pooled features), or with output_means
+    the channel means of what it returns, while the model runs on batches of inputs (images, or cached
+    module inputs): float32, one entry per input row; each forward pass stops there."""
+    model.eval()
+    out: list[np.ndarray] = []
+
+    def keep(tensor: torch.Tensor) -> None:
+        out.append(module_rows(tensor, output_means).cpu().numpy())
+        raise _Enough
+
+    if output_means:
+        hook = module.register_forward_hook(lambda _m, _args, output: keep(output))
+    else:
+        hook = module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
+    try:
+        bar = progress_bar(n_batches, "features")
+        for x in inputs:
+            with contextlib.suppress(_Enough), autocast(device, inference_precision(device, amp)):
+                model(x)
+            bar.update(1)
+        bar.close()
+    finally:
+        hook.remove()
+    return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)
+
+
 def module_inputs(
     model: nn.Module,
     module: nn.Module,
@@ -280,22 +331,12 @@ def module_inputs(
     amp: bool = False,
     channels_last: bool = True,
     view: int = 0,
+    output_means: bool = False,
 ) -> np.ndarray:
-    """What one module of the model receives for each image (e.g. the head: the pooled features),
-    float32, one row per image; of the view-th flip/rotation of each image (0: as is)."""
-    model.eval()
-    out: list[np.ndarray] = []
-    hook = module.register_forward_pre_hook(lambda _m, args: out.append(args[0].float().cpu().numpy()))
-    try:
-        bar = progress_bar(-(-len(images) // batch_size), "features")
-        for x in image_inputs(images, preprocess, device, batch_size, channels_last):
-            with autocast(device, inference_precision(device, amp)):
-                model(dihedral(x, view))
-            bar.update(1)
-        bar.close()
-    finally:
-        hook.remove()
-    return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)
+    """What one module of the model receives for each image, or the channel means of what it returns
+    (see hooked_inputs); of the view-th flip/rotation of each image (0: as is)."""
+    inputs = (dihedral(x, view) for x in image_inputs(images, preprocess, device, batch_size, channels_last))
+    return hooked_inputs(model, module, inputs, -(-len(images) // batch_size), device, amp, output_means)
 
 
 def evaluate(

@@ -17,7 +17,12 @@ TIMM_NAME = "tf_efficientnet_lite0"
 
 # timm's EfficientNet runs conv_stem, bn1, blocks (an nn.Sequential of 7 stages, each one of blocks),
 # conv_head, bn2 (batch norm and activation: the map global_pool averages), global_pool, then classifier
-PARTS = ModelParts(classifier="classifier", features="bn2", split_points=("blocks", "conv_head", "classifier"))
+PARTS = ModelParts(
+    classifier="classifier",
+    features="bn2",  # 7 x 7 at 224 px
+    split_points=("blocks", "conv_head", "classifier"),
+    fine_features="blocks.4",  # 14 x 14 at 224 px
+)
 
 
 def lite0_imagenet() -> dict[str, torch.Tensor]:

@@ -188,8 +188,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from defungi.serve.explain import explain
 
-    written = explain(args.run_dir, args.images, args.out, tta=args.tta, prior_weight=args.prior_weight)
-    print(f"{len(written)} Grad-CAM figures in {args.out}")
+    written = explain(args.run_dir, args.images, args.out, args.target, tta=args.tta, prior_weight=args.prior_weight)
+    print(f"{len(written)} explanation figures in {args.out}")
     return 0
 
 
@@ -433,11 +433,14 @@ def _export_parser(sub: Commands) -> None:
 
 
 def _explain_parser(sub: Commands) -> None:
-    """defungi explain: Grad-CAM figures."""
-    p = sub.add_parser("explain", help="Grad-CAM figures: where the evidence for the predicted class lies")
+    """defungi explain: class activation map figures."""
+    p = sub.add_parser("explain", help="figures of where the evidence for a class lies (HiResCAM)")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="folder for the figures")
+    p.add_argument(
+        "--class", dest="target", metavar="C", help="the class whose evidence to show (default: the predicted one)"
+    )
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
     p.set_defaults(func=cmd_explain)

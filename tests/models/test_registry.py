@@ -107,3 +107,25 @@ def test_registry_lists_and_rejects():
         create_model("no-such-net", num_classes=2)
     with pytest.raises(DefungiError, match="bad arguments"):
         create_model("convmixer", num_classes=2, widht=3)
+
+
+def test_lite0_with_a_pool_border_reads_only_the_inner_cells_of_its_feature_map():
+    model = create_model("efficientnet-lite0", num_classes=5, pool_border=0.15).eval()
+    parts = model_entry("efficientnet-lite0").parts
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 1280, 7, 7, generator=torch.Generator().manual_seed(1))
+
+    def logits(where: torch.Tensor | None) -> torch.Tensor:
+        """The logits with noise added to the feature map's cells where the mask is true."""
+        hook = model.get_submodule(parts.features).register_forward_hook(
+            lambda _m, _i, out: out if where is None else out + noise * where
+        )
+        with torch.no_grad():
+            out = model(x)
+        hook.remove()
+        return out
+
+    ring = torch.ones(7, 7, dtype=torch.bool)
+    ring[1:-1, 1:-1] = False
+    assert torch.allclose(logits(ring), logits(None))  # the outer ring of the 7 x 7 map is not read
+    assert not torch.allclose(logits(~ring), logits(None), atol=1e-3)  # the inner 5 x 5 is

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 # timm's ConvMixer runs stem, blocks (an nn.Sequential of the mixers), global_pool, head_drop, then head
-PARTS = ModelParts(classifier="head", features="blocks", split_points=("blocks", "head"))
+PARTS = ModelParts(classifier="head", features="blocks", split_points=("blocks", "head"), fine_features="blocks")
 
 
 @register_model("convmixer", PARTS, dim=256, depth=8, kernel_size=7, patch_size=4)

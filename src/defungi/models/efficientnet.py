@@ -21,7 +21,11 @@ TIMM_NAME = "tf_efficientnet_lite0"
 # on DeFungi it refused all noise, flat, gradient, text and photographs there, the pooled head input few
 # noise images (benchmarks/ood_refusal.py)
 PARTS = ModelParts(
-    classifier="classifier", features="bn2", split_points=("blocks", "conv_head", "classifier"), middle="blocks.3"
+    classifier="classifier",
+    features="bn2",  # 7 x 7 at 224 px
+    split_points=("blocks", "conv_head", "classifier"),
+    fine_features="blocks.4",  # 14 x 14 at 224 px
+    middle="blocks.3",
 )
 
 
@@ -44,8 +48,14 @@ def lite0_imagenet() -> dict[str, torch.Tensor]:
 
 # the TensorFlow-trained weights take 224 px inputs scaled to [-1, 1] (timm's pretrained_cfg for this model)
 @register_model("efficientnet-lite0", PARTS, Pretrained(lite0_imagenet, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224))
-def efficientnet_lite0(num_classes: int) -> nn.Module:
-    """EfficientNet-Lite0 (4.7 M parameters with a 5-class head)."""
+def efficientnet_lite0(num_classes: int, pool_border: float = 0.0) -> nn.Module:
+    """EfficientNet-Lite0 (4.7 M parameters with a 5-class head); pool_border > 0: its global average
+    leaves out the feature cells within that fraction of the side from an edge (see models.pooling)."""
     import timm
 
-    return timm.create_model(TIMM_NAME, pretrained=False, num_classes=num_classes)
+    from defungi.models.pooling import InnerAvgPool
+
+    model = timm.create_model(TIMM_NAME, pretrained=False, num_classes=num_classes)
+    if pool_border:
+        model.global_pool = InnerAvgPool(pool_border)
+    return model

@@ -43,6 +43,9 @@ class ModelParts:
     # the modules a frozen backbone's tail may train from, each running after the one before and the
     # head last; inside one that is an nn.Sequential, any of its modules (blocks.5) splits it further
     split_points: tuple[str, ...]
+    # an earlier 4-D feature map, of a finer grid than features', for the finer explanation (serve.explain);
+    # features itself where the model keeps one resolution throughout
+    fine_features: str
     # a mid-level module whose output's channel means the refusal of non-micrographs reads beside the
     # head's input (train.ood): noise, flat fields and drawings stand out there, not in the pooled
     # features the head reads; None: the head's input alone (until measured for that model)
@@ -106,11 +109,12 @@ def _timm_entry(name: str) -> ModelEntry:
     head = model.get_classifier()
     classifier = names[id(head[0] if isinstance(head, tuple) else head)]  # distilled models: the class head
     stages = [info["module"] for info in model.feature_info]
+    fine = stages[-2] if len(stages) > 1 else stages[-1]  # the stage before the last: a finer grid
     cfg = model.pretrained_cfg
     return ModelEntry(
         name,
         lambda num_classes, **kw: timm.create_model(name, pretrained=False, num_classes=num_classes, **kw),
-        ModelParts(classifier, stages[-1], tuple(dict.fromkeys([*stages, classifier]))),
+        ModelParts(classifier, stages[-1], tuple(dict.fromkeys([*stages, classifier])), fine),
         pretrained=Pretrained(
             lambda: timm.create_model(name, pretrained=True).state_dict(),
             tuple(cfg["mean"]),

@@ -13,7 +13,12 @@ if TYPE_CHECKING:
 
 # torchvision's ResNet runs conv1, bn1, relu, maxpool, layer1-4 (each an nn.Sequential of blocks),
 # avgpool, then fc on the flattened map
-PARTS = ModelParts(classifier="fc", features="layer4", split_points=("layer1", "layer2", "layer3", "layer4", "fc"))
+PARTS = ModelParts(
+    classifier="fc",
+    features="layer4",
+    split_points=("layer1", "layer2", "layer3", "layer4", "fc"),
+    fine_features="layer3",
+)
 
 
 def _resnet(arch: str, num_classes: int) -> nn.Module:

@@ -17,11 +17,11 @@ from defungi.results.search import LearningCurve  # noqa: E402
 from defungi.results.trust import RiskCoverage  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: plt.Figure, path: Path, dpi: int = 110) -> Path:
     """Save atomically (write then rename) and close."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
     return path
@@ -292,15 +292,34 @@ def plot_variance(variance: Sequence[float], threshold: float, path: Path) -> Pa
     return _save(fig, path)
 
 
-def plot_explanation(image: np.ndarray, overlay: np.ndarray, path: Path, title: str) -> Path:
-    """An image beside its Grad-CAM overlay (where the predicted class's evidence lies)."""
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3.4))
-    for ax, picture, caption in zip(axes, (image, overlay), ("image (as the model sees it)", "Grad-CAM"), strict=True):
-        ax.imshow(picture, interpolation="bilinear")
-        ax.set_title(caption, fontsize=8)
+def plot_explanation(
+    image: np.ndarray,
+    overlay: np.ndarray,
+    cam: np.ndarray,
+    path: Path,
+    title: str,
+    method: str,
+    ring: tuple[float, float, float],
+) -> Path:
+    """The image, its class activation map over it, and the map alone with its colour bar and the
+    border ring (ring: its width as a fraction of the side, the map's share in it, its share of the area)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1, 1.08]})
+    axes[0].imshow(image)
+    axes[0].set_title("the image, as the model sees it", fontsize=12)
+    axes[1].imshow(overlay, interpolation="bilinear")
+    axes[1].set_title(f"{method}, over the image", fontsize=12)
+    shown = axes[2].imshow(cam, cmap="jet", vmin=0, vmax=1, interpolation="bilinear")
+    fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.03).set_label("evidence (relative)", fontsize=11)
+    width, share, area = ring
+    side = cam.shape[-1]
+    inner = side * (1 - 2 * width)
+    axes[2].add_patch(plt.Rectangle((side * width - 0.5,) * 2, inner, inner, fill=False, ls="--", lw=1.5, ec="white"))
+    where = "no evidence anywhere" if np.isnan(share) else f"{share:.0%} of it in the border ring"
+    axes[2].set_title(f"the map: {where}\n(dashed; {area:.0%} if spread evenly)", fontsize=12)
+    for ax in axes:
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    fig.suptitle(title, fontsize=13)
+    return _save(fig, path, dpi=150)
 
 
 def plot_risk_coverage(curve: RiskCoverage, path: Path, title: str = "selective answers") -> Path:

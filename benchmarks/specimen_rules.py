@@ -17,7 +17,7 @@ The features are the run's own (`experiments.fit.frozen_features`: the cache its
 run, which changes the cache key). Either way the fold heads must reproduce the run's out-of-fold
 predictions from them, and the agreement is printed.
 
-    python benchmarks/specimen_rules.py runs/transfer-cv [--features FILE.npy] [--out rules.json]
+    python benchmarks/specimen_rules.py runs/transfer-cv [--features FILE.npy] [--seeds 0 1 2] [--out rules.json]
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished --cv run of a frozen-backbone (transfer) profile")
     parser.add_argument("--features", type=Path, help="a cached feature array (.npy) instead of the run's own")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one attention MIL per seed, each reported")
     parser.add_argument("--out", type=Path, help="write the table as JSON")
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -219,13 +219,14 @@ def main() -> None:
         f"features {features.shape} in {time.perf_counter() - t1:.0f} s; the fold heads give the run's "
         f"out-of-fold class from them for {check_features(args.run, features, paths, images):.2%} of images"
     )
-    t2 = time.perf_counter()
-    attention = attention_decisions(args.run, features, paths, images.classes, args.seed)
-    predictions[ATTENTION] = np.array([attention[s].argmax() for s in ids])
-    print(f"attention MIL, 3 folds: {time.perf_counter() - t2:.0f} s")
+    for seed in args.seeds:
+        t2 = time.perf_counter()
+        attention = attention_decisions(args.run, features, paths, images.classes, seed)
+        predictions[f"{ATTENTION} s{seed}"] = np.array([attention[s].argmax() for s in ids])
+        print(f"attention MIL (seed {seed}), all folds: {time.perf_counter() - t2:.0f} s")
     table = {rule: summary(labels, p, ids, predictions["mean"], n) for rule, p in predictions.items()}
     print(
-        f"\n{'rule':14s} {'specimen accuracy':>24s} {'specimen macro-F1':>24s} {'acc - mean':>24s} {'F1 - mean':>24s}"
+        f"\n{'rule':18s} {'specimen accuracy':>24s} {'specimen macro-F1':>24s} {'acc - mean':>24s} {'F1 - mean':>24s}"
     )
     for rule, row in table.items():
         cells = [
@@ -237,7 +238,7 @@ def main() -> None:
             f"{row[m]['vs_mean']['interval'][1]:+.3f}]"
             for m in ("accuracy", "f1")
         ]
-        print(f"{rule:14s} " + " ".join(f"{c:>24s}" for c in cells))
+        print(f"{rule:18s} " + " ".join(f"{c:>24s}" for c in cells))
     if args.out:
         args.out.write_text(json.dumps({"run": str(args.run), "specimens": len(ids), "rules": table}, indent=1))
 

@@ -32,7 +32,7 @@ LEVELS = (0.9, 0.95)
 
 @dataclass
 class Held:
-    """Held-out predictions at one unit (images, or specimens by the mean of their images)."""
+    """Held-out predictions at one unit (images, or specimens by their images pooled: see by_specimen)."""
 
     probs: np.ndarray
     labels: np.ndarray

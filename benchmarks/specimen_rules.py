@@ -8,9 +8,11 @@ backbone features: per fold, trained on the bags (specimens) of the fold's train
 those of its validation part (both from RUN/fold-K/split.csv), and scored on the fold's test
 specimens, so that every specimen is decided once, out of fold.
 
-Prints per rule the per-specimen accuracy and macro-F1 with 95% intervals from the bootstrap over
-specimens that metrics.json uses, and the paired difference to the mean rule with its interval (the
-paired bootstrap of `report --compare`), with timings and the CPU's AVX-512/AMX flags.
+With several --seeds, one attention pooling per seed is reported, and their mean probability (a
+seed ensemble) as one more row. Prints per rule the per-specimen accuracy and macro-F1 with 95%
+intervals from the bootstrap over specimens that metrics.json uses, and the paired difference to
+the mean rule with its interval (the paired bootstrap of `report --compare`), with timings and the
+CPU's AVX-512/AMX flags.
 
 The features are the run's own (`experiments.fit.frozen_features`: the cache its fits trained on);
 --features FILE.npy gives a cached array instead (e.g. when the image files' times changed since the
@@ -219,11 +221,15 @@ def main() -> None:
         f"features {features.shape} in {time.perf_counter() - t1:.0f} s; the fold heads give the run's "
         f"out-of-fold class from them for {check_features(args.run, features, paths, images):.2%} of images"
     )
+    averaged = np.zeros((len(ids), n))
     for seed in args.seeds:
         t2 = time.perf_counter()
-        attention = attention_decisions(args.run, features, paths, images.classes, seed)
-        predictions[f"{ATTENTION} s{seed}"] = np.array([attention[s].argmax() for s in ids])
+        attention = np.stack([attention_decisions(args.run, features, paths, images.classes, seed)[s] for s in ids])
+        predictions[f"{ATTENTION} s{seed}"] = attention.argmax(1)
+        averaged += attention / len(args.seeds)
         print(f"attention MIL (seed {seed}), all folds: {time.perf_counter() - t2:.0f} s")
+    if len(args.seeds) > 1:  # the seeds' mean probability: a seed ensemble, one more recipe
+        predictions[f"{ATTENTION} avg"] = averaged.argmax(1)
     table = {rule: summary(labels, p, ids, predictions["mean"], n) for rule, p in predictions.items()}
     print(
         f"\n{'rule':18s} {'specimen accuracy':>24s} {'specimen macro-F1':>24s} {'acc - mean':>24s} {'F1 - mean':>24s}"

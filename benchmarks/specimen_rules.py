@@ -224,7 +224,8 @@ def main() -> None:
     averaged = np.zeros((len(ids), n))
     for seed in args.seeds:
         t2 = time.perf_counter()
-        attention = np.stack([attention_decisions(args.run, features, paths, images.classes, seed)[s] for s in ids])
+        decided_by = attention_decisions(args.run, features, paths, images.classes, seed)
+        attention = np.stack([decided_by[s] for s in ids])
         predictions[f"{ATTENTION} s{seed}"] = attention.argmax(1)
         averaged += attention / len(args.seeds)
         print(f"attention MIL (seed {seed}), all folds: {time.perf_counter() - t2:.0f} s")

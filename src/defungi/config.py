@@ -72,6 +72,9 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     seed: int = 0
+    # a specimen's decision from its images' probabilities (train.metrics.SPECIMEN_RULES): mean | log_mean
+    # (geometric mean) | trimmed (per class, without each end's 20%); per-sample metrics, predict, evaluate
+    specimen_rule: str = "mean"
     ensemble: int = 1  # > 1: that many fits differing only in seed (train.seed + k), scored by their mean probability
     device: str = "auto"
 
@@ -97,6 +100,7 @@ CHOICES = {
     "train.schedule": ("onecycle", "cosine"),
     "train.augment": ("none", "basic", "strong"),
     "train.mix": ("none", "mixup", "cutmix", "both"),
+    "train.specimen_rule": ("mean", "log_mean", "trimmed"),  # the keys of train.metrics.SPECIMEN_RULES
 }
 
 

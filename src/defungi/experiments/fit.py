@@ -53,7 +53,7 @@ from defungi.train.loop import (
 )
 from defungi.train.metrics import classification_metrics, mean_nll, prior_weights, scored
 from defungi.train.ood import OodDetector, Reading, fit_detector, held_out_needed, model_readings
-from defungi.train.runtime import resolve_device, seed_everything
+from defungi.train.runtime import Threads, resolve_device, seed_everything
 from defungi.utils import atomic_save_npy, exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,7 @@ class _Task:
     device: torch.device
     preprocess: Preprocess
     class_prior: list[float] | None  # training class shares, when trained class-balanced
+    threads: Threads  # chosen again before each epoch, by how busy other processes keep the cores
 
     @property
     def class_weights(self) -> np.ndarray | None:
@@ -222,11 +223,12 @@ def _task(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> _Task:
     tc = config.train
     seed_everything(tc.seed)
     device = distributed.setup(resolve_device(tc.device))
+    threads = Threads(device)
     train_idx = split["train"]
     preprocess = _preprocess(config, data, train_idx)
     counts = np.bincount(data.labels[train_idx], minlength=len(data.classes))
     class_prior = (counts / counts.sum()).tolist() if tc.balance else None
-    return _Task(config, data, train_idx, split["val"], device, preprocess, class_prior)
+    return _Task(config, data, train_idx, split["val"], device, preprocess, class_prior, threads)
 
 
 def _preprocess(config: Config, data: Dataset, train_idx: np.ndarray) -> Preprocess:
@@ -519,6 +521,7 @@ def _train(
     for epoch in range(progress.start_epoch, tc.epochs):
         if stopped:
             break
+        task.threads.choose()
         stats = train_one_epoch(
             source.forward, source.batches(epoch), task.steps_per_epoch, learner.step, f"epoch {epoch + 1}/{tc.epochs}"
         )

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,8 @@ import torch
 
 from defungi.errors import DefungiError
 from defungi.utils import atomic_write_binary
+
+log = logging.getLogger(__name__)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -37,3 +42,60 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DefungiError(f"--device {name}: MPS is not available here; use cpu or auto")
     return device
+
+
+THREADS_ENV = "DEFUNGI_THREADS"  # a fixed number of threads (as does OMP_NUM_THREADS); unset: chosen
+
+
+def _busy_seconds(cpus: set[int]) -> float:
+    """CPU seconds the given cores have spent busy (every process), from /proc/stat; 0 where it is missing."""
+    path = Path("/proc/stat")
+    if not path.exists():
+        return 0.0
+    ticks = 0
+    for line in path.read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+            ticks += user + nice + system + irq + softirq + steal
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class Threads:
+    """How many threads torch computes with on a CPU, chosen again before each epoch: the cores this
+    process may use, less those that other processes kept busy since the last choice (rounded). With 2
+    threads, OpenMP training ran ~4x slower while another process held a core (benchmarks/
+    threads_under_load.py), so a core others use is left to them. DEFUNGI_THREADS=N or OMP_NUM_THREADS=N
+    fixes the number; on a GPU nothing is changed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpus = (
+            set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        )
+        fixed = os.environ.get(THREADS_ENV) or os.environ.get("OMP_NUM_THREADS")
+        self.fixed = int(fixed) if fixed and fixed.isdigit() and int(fixed) > 0 else None
+        self.active = device.type == "cpu"
+        self.since = self._sample()
+        if self.active and self.fixed:
+            torch.set_num_threads(self.fixed)
+
+    def _sample(self) -> tuple[float, float, float]:
+        return time.perf_counter(), _busy_seconds(self.cpus), time.process_time()
+
+    def others_busy(self) -> float:
+        """Cores that other processes kept busy since the last call (0 where unknown)."""
+        now = self._sample()
+        wall, busy, own = (a - b for a, b in zip(now, self.since, strict=True))
+        self.since = now
+        return max(0.0, (busy - own) / wall) if wall > 0.05 else 0.0
+
+    def choose(self) -> int:
+        """Set and return the number of threads for what comes next (the next epoch)."""
+        if not self.active:
+            return torch.get_num_threads()
+        others = self.others_busy()
+        threads = self.fixed or max(1, len(self.cpus) - round(others))
+        if threads != torch.get_num_threads():
+            log.info("%d threads (other processes kept %.1f of %d cores busy)", threads, others, len(self.cpus))
+            torch.set_num_threads(threads)
+        return threads

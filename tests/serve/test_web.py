@@ -130,7 +130,7 @@ def test_page_in_headless_chromium_classifies_two_uploaded_images(tiny_run: Tiny
             c in ("H1", "H2", "H3") or c.startswith("uncertain (most probable H") for c in shown
         )
         assert driver.find_element(By.ID, "decision").text.startswith("Specimen: ")
-        assert len(driver.find_elements(By.CSS_SELECTOR, ".image-row img")) == 4  # each image and its Grad-CAM
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".image-row img")) == 4  # each image and its map
         screenshot = Path(os.environ.get("DEFUNGI_SCREENSHOT", tmp_path / "page.png"))
         assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
     finally:

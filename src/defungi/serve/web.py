@@ -1,5 +1,5 @@
 """A local web page for one specimen at a time (FastAPI): drop its images, see each image's class,
-probabilities and Grad-CAM, and the specimen's decision with its calibrated confidence."""
+probabilities and class activation map (HiResCAM), and the specimen's decision with its calibrated confidence."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def png_data_url(pixels: np.ndarray) -> str:
 
 
 def answer(model: Predictor, uploads: list[tuple[str, bytes]], answers: Answers, limits: Limits) -> dict[str, Any]:
-    """The page's answer: a row per upload (class, probabilities, Grad-CAM; or why not) and the
+    """The page's answer: a row per upload (class, probabilities, its map; or why not) and the
     specimen's decision. Uploads are written to a temporary folder that is removed afterwards."""
     screened = [screen(data, limits) for _, data in uploads]
     refused = {i: why for i, (why, _) in enumerate(screened) if why}
@@ -106,7 +106,7 @@ def create_app(model: Predictor, limits: Limits = Limits()) -> FastAPI:
     """The FastAPI application: the page at /, the answer at POST /api/predict, /health."""
     app = FastAPI(title="defungi", docs_url=None, redoc_url=None)
     page = files("defungi.serve").joinpath("static/index.html").read_text()
-    lock = threading.Lock()  # one request at a time on the model (Grad-CAM hooks into it)
+    lock = threading.Lock()  # one request at a time on the model (the maps hook into it)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:

@@ -231,5 +231,8 @@ def resolve_data(path: str | None) -> Path:
     """--data, else $DEFUNGI_DATA, else the cached release, else fetch it."""
     chosen = path or os.environ.get("DEFUNGI_DATA")
     if chosen:
-        return Path(chosen).expanduser().absolute()
+        root = Path(chosen).expanduser().absolute()
+        if not root.exists():
+            raise DefungiError(f"--data {root}: no such file or folder; pass --data DIR or run 'defungi data fetch'")
+        return root
     return fetch()

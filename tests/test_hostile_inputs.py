@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from defungi.config import RULES
-from tests.test_bad_inputs import TINY, _cli, _train
+from tests.test_bad_inputs import _cli, _train
 
 Check = Callable[[str, list[Any], str], None]
 

@@ -8,10 +8,10 @@ import json
 import math
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from defungi.errors import DefungiError
@@ -137,7 +137,9 @@ STEPS = 100_000  # a bound on epochs, patience and ensembles far past any useful
 RULES: dict[str, Rule] = {
     "profile": Rule(lambda v: isinstance(v, str), "give a shipped profile or a .toml file", "nonesuch"),
     "data.root": Rule(lambda v: isinstance(v, str), "give a folder of class folders (checked on use)", "/nonesuch"),
-    "data.image_size": between(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, f"use {MIN_IMAGE_SIZE} px to {MAX_IMAGE_SIZE} px, e.g. 64"),
+    "data.image_size": between(
+        MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, f"use {MIN_IMAGE_SIZE} px to {MAX_IMAGE_SIZE} px, e.g. 64"
+    ),
     "data.variance_threshold": between(0, 1e9, "use 0 (keep every image) or more, e.g. 15", high_open=True),
     "data.normalize": one_of("image", "luma", "dataset", "pretrained"),
     "data.split": one_of("grouped", "random"),
@@ -295,7 +297,7 @@ def profile_table(profile: str) -> dict[str, Any]:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise DefungiError(f"{path}: not a valid TOML profile ({exc}); fix the file or give a shipped profile") from None
+        raise DefungiError(f"{path}: not a valid TOML profile ({exc}); fix it or give a shipped profile") from None
     except OSError as exc:
         raise DefungiError(f"{path}: cannot be read ({exc.strerror}); check the path and its permissions") from None
 

@@ -105,3 +105,102 @@ def test_calibration_of_nan_probabilities_does_not_crash():
 
     probs = np.full((4, 3), np.nan)
     assert calibration(probs, np.array([0, 1, 2, 0]))["count"][0] == 4
+
+
+# ---- 4. every file read from a run folder checked -----------------------------------------------
+
+BROKEN = {
+    "truncated": b'{"schema_version": 3, "kind": "fi',
+    "empty": b"",
+    "a list": b"[1, 2]",
+    "not UTF-8": b"\xff\xfe{}",
+}
+
+
+def _readers(run: Path, data: Path, out: Path) -> dict[str, list[Any]]:
+    """Commands that read a run folder: predict, evaluate, report, export, resume."""
+    return {
+        "predict": ["predict", run, data / "H1" / "H1_1a_1.jpg"],
+        "evaluate": ["evaluate", run, "--data", data, "--out", out / "eval"],
+        "report": ["report", run],
+        "export": ["export", run, "--out", out / "m.onnx"],
+        "resume": ["train", "--resume", run],
+    }
+
+
+@pytest.mark.parametrize("name", ["config.json", "metrics.json"])
+def test_a_broken_json_file_of_a_run_folder_is_one_line_naming_it(
+    name: str, tiny_run_copy: Path, tiny_run, tmp_path: Path, refused
+):
+    run, original = tiny_run_copy, (tiny_run_copy / name).read_bytes()
+    for what, content in BROKEN.items():
+        (run / name).write_bytes(content)
+        for command, argv in _readers(run, tiny_run.data, tmp_path / what).items():
+            if (command == "resume" and name == "metrics.json") or (command == "report" and name == "config.json"):
+                continue  # a finished run is not resumed; a page is drawn from metrics.json, not the config
+            refused(f"{name} {what} ({command})", argv, name)
+    (run / name).write_bytes(original)
+
+
+def test_an_empty_object_as_metrics_is_one_line(tiny_run_copy: Path, tiny_run, tmp_path: Path, refused):
+    (tiny_run_copy / "metrics.json").write_text("{}")
+    for command, argv in _readers(tiny_run_copy, tiny_run.data, tmp_path).items():
+        if command != "resume":
+            refused(f"metrics.json {{}} ({command})", argv, "metrics.json")
+
+
+CSV_READERS = {"history.csv": ("report",), "split.csv": ("resume", "export")}  # the commands that read each
+
+
+@pytest.mark.parametrize("name", list(CSV_READERS))
+def test_a_garbage_csv_of_a_run_folder_is_one_line_naming_it(
+    name: str, tiny_run_copy: Path, tiny_run, tmp_path: Path, refused
+):
+    run = tiny_run_copy
+    (run / "metrics.json").rename(run / "metrics.keep")  # an interrupted run: resume checks split.csv
+    argvs = _readers(run, tiny_run.data, tmp_path)
+    for what, content in {"garbage": b"epoch,lr\nnot,a number\n1\n", "not UTF-8": b"\xff\xfe\x00,\n"}.items():
+        (run / name).write_bytes(content)
+        for command in CSV_READERS[name]:
+            if command == "report":
+                (run / "metrics.keep").rename(run / "metrics.json")
+            refused(f"{name} {what} ({command})", argvs[command], name)
+            if command == "report":
+                (run / "metrics.json").rename(run / "metrics.keep")
+
+
+def test_a_checkpoint_from_another_program_or_shape_is_one_line(tiny_run_copy: Path, tiny_run, tmp_path: Path, refused):
+    import torch
+
+    run = tiny_run_copy
+    best = next(p for p in (run / "best.pt", run / "last.pt") if p.exists())
+    original = torch.load(best, weights_only=False)
+    image = tiny_run.data / "H1" / "H1_1a_1.jpg"
+    for what, write in {
+        "random bytes": lambda: best.write_bytes(b"PK\x03\x04 not a checkpoint"),
+        "a list": lambda: torch.save([1, 2, 3], best),
+        "a bare state dict": lambda: torch.save({"weight": torch.zeros(2)}, best),
+        "another shape": lambda: torch.save(_reshaped(original), best),
+    }.items():
+        write()
+        refused(f"checkpoint: {what} (predict)", ["predict", run, image], best.name)
+        refused(f"checkpoint: {what} (export)", ["export", run, "--out", tmp_path / "m.onnx"], best.name)
+
+
+def _reshaped(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint with every weight one row longer (another model's shape)."""
+    import torch
+
+    key = next(k for k, v in checkpoint.items() if isinstance(v, dict) and any(torch.is_tensor(t) for t in v.values()))
+    state = {k: torch.cat([v, v[:1]]) if torch.is_tensor(v) and v.ndim else v for k, v in checkpoint[key].items()}
+    return checkpoint | {key: state}
+
+
+def test_a_broken_earlier_evaluation_does_not_block_the_next(tiny_run_copy: Path, tiny_run, capsys):
+    folder = tiny_run_copy / "evaluations" / "data"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text('{"schema_ver')
+    code, line, _ = _cli(
+        "broken evaluations/NAME/metrics.json", ["evaluate", tiny_run_copy, "--data", tiny_run.data], capsys
+    )
+    assert code == 0 or (code == 2 and "metrics.json" in line), line

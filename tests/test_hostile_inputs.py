@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from defungi.config import RULES
-from tests.test_bad_inputs import _cli, _train
+from tests.test_bad_inputs import TINY, _cli, _train
 
 Check = Callable[[str, list[Any], str], None]
 
@@ -204,3 +204,84 @@ def test_a_broken_earlier_evaluation_does_not_block_the_next(tiny_run_copy: Path
         "broken evaluations/NAME/metrics.json", ["evaluate", tiny_run_copy, "--data", tiny_run.data], capsys
     )
     assert code == 0 or (code == 2 and "metrics.json" in line), line
+
+
+# ---- 5. every output path checked before the work ------------------------------------------------
+
+
+def _unwritable_places(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Output paths no command can write, with what the refusal says: under a file, under /proc, and
+    (not as root, whom permissions do not stop) in a read-only folder."""
+    (tmp_path / "afile").write_text("x")
+    places = {
+        "under a file": (tmp_path / "afile" / "out", "afile is a file"),
+        "under /proc": (Path("/proc/defungi-out"), "/proc is not writable"),
+    }
+    import os
+
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        places["read-only folder"] = (locked / "out", "locked is not writable")
+    return places
+
+
+def test_every_output_path_is_checked_before_the_work(tiny_run, tmp_path: Path, refused):
+    run, data = tiny_run.run, tiny_run.data
+    image = data / "H1" / "H1_1a_1.jpg"
+    commands = {
+        "export --out": lambda out: ["export", run, "--out", out / "m.onnx"],
+        "report --out": lambda out: ["report", "--compare", run, run, "--out", out],
+        "data audit --out": lambda out: ["data", "audit", data, "--out", out],
+        "explain --out": lambda out: ["explain", run, image, "--out", out],
+        "study --out": lambda out: ["study", "convmixer", "--data", data, "--out", out],
+        "data fetch --dest": lambda out: ["data", "fetch", "--dest", out, "--url", "http://127.0.0.1:9/none.zip"],
+        "curve --out": lambda out: ["curve", "--data", data, "--out", out],
+        "grid --out": lambda out: ["grid", "--data", data, "--out", out],
+    }
+    for where, (out, needle) in _unwritable_places(tmp_path).items():
+        for command, argv in commands.items():
+            refused(f"{command} {where}", argv(out), needle)
+    (tmp_path / "folder.onnx").mkdir()
+    refused("export --out a folder", ["export", run, "--out", tmp_path / "folder.onnx"], "is a folder; give a file")
+    assert not list(tmp_path.glob("**/*.onnx*")) or [p.name for p in tmp_path.glob("**/*.onnx*")] == ["folder.onnx"]
+
+
+def test_an_export_cleans_up_after_a_killed_one(tiny_run_copy: Path, capsys):
+    stale = tiny_run_copy / ".model.onnx.999999999.tmp"  # a pid no process has
+    stale.write_bytes(b"half an export")
+    code, _, _ = _cli("export after a killed export", ["export", tiny_run_copy, "--opset", "13"], capsys)
+    assert code == 0 and not stale.exists() and (tiny_run_copy / "model.onnx").exists()
+    assert not list(tiny_run_copy.glob(".*.tmp"))
+
+
+# ---- 6. the rest: every option of every command bounded -----------------------------------------
+
+
+def test_command_options_are_bounded(tiny_run, tmp_path: Path, refused):
+    run, data = tiny_run.run, tiny_run.data
+    grid = ["grid", "--data", data, "--out", tmp_path / "g", *TINY]
+    curve = ["curve", "--data", data, "--out", tmp_path / "c", *TINY]
+    cases = {
+        "export --opset 0": (["export", run, "--opset", "0", "--out", tmp_path / "m.onnx"], "--opset 0: use"),
+        "export --opset 99": (["export", run, "--opset", "99", "--out", tmp_path / "m.onnx"], "--opset 99: use"),
+        "serve --port 70000": (["serve", run, "--port", "70000"], "from 1 to 65535"),
+        "serve --port -1": (["serve", run, "--port", "-1"], "from 1 to 65535"),
+        "predict --group-by '(zzz)?'": (
+            ["predict", run, data / "H1", "--by-sample", "--group-by", "(zzz)?"],
+            "matches an empty name",
+        ),
+        "predict --group-by '(('": (["predict", run, data / "H1", "--group-by", "(("], "not a regular expression"),
+        "grid --lrs ''": ([*grid, "--lrs", ""], "give positive numbers"),
+        "grid --lrs -1": ([*grid, "--lrs", "-1"], "give positive numbers"),
+        "grid --fraction 1.5": ([*grid, "--fraction", "1.5"], "in (0, 1]"),
+        "curve --fraction 0": ([*curve, "--fraction", "0"], "in (0, 1]"),
+        "curve --cv 1": ([*curve, "--cv", "1"], "2 or more folds"),
+        "grid cell out of range": (
+            [*grid, "--lrs", "1e-3", "--batch-sizes", "8", "--param", "train.weight_decay=-1"],
+            "grid cell",
+        ),
+    }
+    for case, (argv, needle) in cases.items():
+        refused(case, argv, needle)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "c").exists() and not (tmp_path / "m.onnx").exists()

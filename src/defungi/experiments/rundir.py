@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import zipfile
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from defungi.train.loop import Preprocess
 from defungi.train.metrics import prior_weights
 from defungi.train.ood import READING_KINDS, Distance, OodDetector, OodHooks, Reading
 from defungi.train.runtime import atomic_torch_save, resolve_device
-from defungi.utils import atomic_write_binary, atomic_write_json, atomic_write_text, exclusive_lock
+from defungi.utils import atomic_write_binary, atomic_write_json, atomic_write_text, check_output, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +142,7 @@ class RunDir:
     def prepare(self) -> None:
         """Check, before any decoding, that the folder can hold a run: not a file, not under a file,
         writable."""
-        for folder in (self.root, *self.root.parents):
-            if not folder.exists():
-                continue
-            if not folder.is_dir():
-                raise DefungiError(f"--out {self.root}: {folder} is a file; give a folder path")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise DefungiError(f"--out {self.root}: {folder} is not writable; use another --out")
-            return
+        check_output(self.root, "--out")
 
     def lock(self) -> AbstractContextManager[None]:
         """The folder's exclusive lock, held while training into it."""

@@ -285,3 +285,134 @@ def test_command_options_are_bounded(tiny_run, tmp_path: Path, refused):
     for case, (argv, needle) in cases.items():
         refused(case, argv, needle)
     assert not (tmp_path / "g").exists() and not (tmp_path / "c").exists() and not (tmp_path / "m.onnx").exists()
+
+
+# ---- 1. images bounded by what they decode to ----------------------------------------------------
+
+
+def _strip(path: Path, width: int = 60000) -> Path:
+    """A width x 1 PNG: few pixels, past every pixel check, but no micrograph's shape."""
+    from PIL import Image
+
+    Image.new("L", (width, 1), 100).save(path)
+    return path
+
+
+def test_strips_and_images_over_the_pixel_limit_are_skipped_and_listed(
+    tiny_data: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+):
+    from PIL import Image
+
+    _strip(tiny_data / "H1" / "H1_901a_1.png", 15000)
+    # over PIL's limit, under twice it (decoded with a warning before): the limit lowered to 20,000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    Image.new("L", (150, 150), 128).save(tiny_data / "H2" / "H2_902a_1.png")
+    code, _, _ = _cli(
+        "15000 x 1 strip and 150 x 150 over a 20,000-pixel limit (train)", _train(tiny_data, tmp_path / "r"), capsys
+    )
+    excluded = (tmp_path / "r" / "excluded.csv").read_text()
+    assert code == 0 and "more than 20 times as long as wide" in excluded and "over the limit of 20000" in excluded
+    argv = ["predict", tmp_path / "r", tiny_data / "H1" / "H1_901a_1.png", tiny_data / "H2" / "H2_902a_1.png"]
+    code, _, out = _cli("strip and over-limit image (predict)", argv, capsys)
+    assert code == 0 and out.count("unreadable image (DecompressionBombError)") == 2
+
+
+def test_the_page_answers_an_upload_of_strips_with_a_4xx(tiny_run, tmp_path: Path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from defungi.serve.predictor import torch_predictor
+    from defungi.serve.web import create_app
+
+    client = TestClient(create_app(torch_predictor(tiny_run.run)))
+    strip = _strip(tmp_path / "strip.png", 20000).read_bytes()
+    reply = client.post("/api/predict", files=[("files", ("strip.png", strip))])
+    assert reply.status_code == 422 and "strip.png: not a micrograph's shape" in reply.json()["error"]
+    good = (tiny_run.data / "H1" / "H1_1a_1.jpg").read_bytes()
+    reply = client.post("/api/predict", files=[("files", ("strip.png", strip)), ("files", ("good.jpg", good))])
+    shown = {i["name"]: i for i in reply.json()["images"]}
+    assert reply.status_code == 200 and shown["strip.png"]["status"].startswith("not a micrograph's shape")
+
+
+def test_square_crops_before_it_resizes():
+    import numpy as np
+    from PIL import Image
+
+    from defungi.data.cache import square
+
+    image = Image.new("RGB", (3000, 100), (0, 0, 0))
+    image.paste((255, 255, 255), (1450, 0, 1550, 100))  # the central square is white, the sides black
+    assert np.asarray(square(image, 16)).mean() > 240
+
+
+# ---- 2. names and folders ------------------------------------------------------------------------
+
+
+def test_a_file_name_that_is_not_utf8_trains_and_prints(tiny_data: Path, tmp_path: Path, capsys):
+    import os
+    import shutil
+
+    odd = tiny_data / "H1" / os.fsdecode(b"H1_90a_1\xff\xfe.jpg")
+    shutil.copy(tiny_data / "H1" / "H1_1a_1.jpg", odd)
+    code, line, _ = _cli("non-UTF-8 file name (train)", _train(tiny_data, tmp_path / "r"), capsys)
+    assert code == 0, line
+    # capsys writes UTF-8 strictly, as a terminal with a strict UTF-8 locale does
+    code, line, out = _cli("non-UTF-8 file name (predict)", ["predict", tmp_path / "r", odd], capsys)
+    assert code == 0 and "H1_90a_1\\udcff\\udcfe.jpg" in out, line
+
+
+def test_an_unreadable_class_folder_is_one_line(tiny_data: Path, tmp_path: Path, refused, monkeypatch):
+    import os
+
+    locked = tiny_data / "H2"
+    if os.geteuid() == 0:  # permissions do not stop root: the listing fails as it would for anyone else
+        real = Path.iterdir
+
+        def iterdir(self: Path):
+            if self == locked:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "iterdir", iterdir)
+    else:
+        locked.chmod(0)
+    refused("unreadable class folder", _train(tiny_data, tmp_path / "r"), f"{locked}: cannot be read (Permission")
+    locked.chmod(0o755)
+
+
+def test_a_link_back_into_the_data_is_not_a_class(tiny_data: Path, tmp_path: Path):
+    from defungi.data.scan import scan
+
+    (tiny_data / "H7").symlink_to(".")
+    (tiny_data / "H1" / "loop").symlink_to("..")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "H4").mkdir(parents=True)
+    for f in sorted((tiny_data / "H3").glob("*.jpg"))[:4]:
+        (elsewhere / "H4" / f.name.replace("H3", "H4")).write_bytes(f.read_bytes())
+    (tiny_data / "H4").symlink_to(elsewhere / "H4")  # a class folder kept on another disk: followed
+    records = scan(tiny_data)
+    assert sorted({r.label for r in records}) == ["H1", "H2", "H3", "H4"]
+    assert len(records) == len({r.path for r in records}) == 3 * 24 + 1 + 4
+
+
+def _patched_zip(source: Path, path: Path, offset_local: int, offset_central: int, value: bytes) -> Path:
+    """A one-member zip of source with bytes changed in the member's local and central headers."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.write(source, f"data/H1/{source.name}")
+    raw = bytearray(path.read_bytes())
+    central = raw.rindex(b"PK\x01\x02")
+    raw[offset_local : offset_local + len(value)] = value
+    raw[central + offset_central : central + offset_central + len(value)] = value
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_encrypted_and_unsupported_zips_are_one_line(tiny_data: Path, tmp_path: Path, refused):
+    image = tiny_data / "H1" / "H1_1a_1.jpg"
+    encrypted = _patched_zip(image, tmp_path / "encrypted.zip", 6, 8, b"\x01\x00")  # flag bit 0: encrypted
+    unsupported = _patched_zip(image, tmp_path / "method97.zip", 8, 10, b"\x61\x00")  # method 97 (WavPack)
+    refused("encrypted zip", _train(encrypted, tmp_path / "r1"), "encrypted.zip: not a readable .zip")
+    refused("zip with compression method 97", _train(unsupported, tmp_path / "r2"), "method97.zip: not a readable")
+    assert not list((tmp_path / "cache" / "unpacked").iterdir())

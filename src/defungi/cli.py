@@ -615,6 +615,9 @@ def _distributed(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `defungi` console script."""
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     first = os.environ.get("RANK", "0") in ("", "0")  # torchrun's rank: the others log warnings only
     logging.basicConfig(

@@ -217,7 +217,7 @@ def read_table(path: Path, columns: tuple[str, ...] = ()) -> list[dict[str, str]
     """A CSV file with a header row, as a list of dicts of strings; one line naming the file when it
     cannot be read, lacks one of columns, or has a row of another length."""
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # as atomic_write_text wrote
             reader = csv.DictReader(fh)
             rows = list(reader)
             header = reader.fieldnames or []

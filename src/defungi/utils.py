@@ -81,7 +81,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file so that readers never see half of it."""
 
     def write(fh: BinaryIO) -> None:
-        fh.write(text.encode())
+        fh.write(text.encode("utf-8", "surrogateescape"))  # a file name that is not UTF-8 keeps its bytes
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fh.fileno(), 0o666 & ~umask)  # mkstemp makes it private; a report should read like any other file

@@ -240,6 +240,8 @@ def _number(text: str) -> int | float:
 
 def read_history(path: Path) -> list[dict[str, float]]:
     """history.csv as numbers (epoch as int)."""
+    if Path(path).stat().st_size <= 2:  # no header: a run of several fits keeps its histories in its parts
+        return []
     rows = read_table(path, ("epoch",))
     try:
         return [{k: _number(v) for k, v in row.items()} for row in rows]

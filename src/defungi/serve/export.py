@@ -63,7 +63,7 @@ def check_images(run_dir: Path, size: int, n: int) -> tuple[np.ndarray, str]:
     """Up to n of the run's own images (test part first, from split.csv), decoded at size; random
     pixels where none can be read."""
     split = RunLayout(run_dir).split
-    rows = sorted(read_table(split), key=lambda r: r.get("part") != "test") if split.exists() else []
+    rows = sorted(read_table(split, ("path", "part")), key=lambda r: r["part"] != "test") if split.exists() else []
     images = []
     for row in rows:
         if len(images) == n:

@@ -101,6 +101,19 @@ OPTION_CASES = {
     "frozen backbone from scratch": (["--set", "train.freeze_backbone=true"], "add --pretrained or --weights"),
     "cached_views 9": (["--set", "train.cached_views=9"], "'train.cached_views' is 9"),
     "train_from unfrozen": (["--set", "train.train_from=blocks.5"], "add --set train.freeze_backbone=true"),
+    # issue 26: every key bounded (the walk over all of them: test_hostile_inputs.py)
+    "--image-size 100000": (["--image-size", "100000"], "'data.image_size' is 100000"),
+    "--seed -1": (["--seed", "-1"], "'data.seed' is -1"),
+    "model_args dim -1": (["--set", 'train.model_args={"dim": -1}'], "'train.model_args' is"),
+    "model_args dim 0": (["--set", 'train.model_args={"dim": 0}'], "bad arguments for model 'convmixer'"),
+    "model_args unknown": (["--set", 'train.model_args={"wings": 2}'], "unexpected keyword argument 'wings'"),
+    "unknown model": (["--model", "nosuchnet"], "unknown model 'nosuchnet'"),
+    "warmup_fraction 2": (["--set", "train.warmup_fraction=2"], "'train.warmup_fraction' is 2"),
+    "label_smoothing 2": (["--set", "train.label_smoothing=2"], "'train.label_smoothing' is 2"),
+    "mix_alpha 0 with mixup": (["--set", "train.mix=mixup", "--set", "train.mix_alpha=0"], "'train.mix_alpha' is 0"),
+    "weight_decay -1": (["--set", "train.weight_decay=-1"], "'train.weight_decay' is -1"),
+    "ema_decay 2": (["--set", "train.ema_decay=2"], "'train.ema_decay' is 2"),
+    "lr inf": (["--lr", "inf"], "'train.lr' is inf"),
 }
 
 

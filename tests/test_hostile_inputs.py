@@ -56,29 +56,6 @@ def test_every_config_key_refuses_a_value_out_of_its_range(key: str, tiny_data: 
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
-OPTION_CASES = {
-    "--image-size 100000": (["--image-size", "100000"], "'data.image_size' is 100000"),
-    "--seed -1": (["--seed", "-1"], "'data.seed' is -1"),
-    "model_args dim -1": (["--set", 'train.model_args={"dim": -1}'], "'train.model_args' is"),
-    "model_args dim 0": (["--set", 'train.model_args={"dim": 0}'], "bad arguments for model 'convmixer'"),
-    "model_args unknown": (["--set", 'train.model_args={"wings": 2}'], "unexpected keyword argument 'wings'"),
-    "unknown model": (["--model", "nosuchnet"], "unknown model 'nosuchnet'"),
-    "warmup_fraction 2": (["--set", "train.warmup_fraction=2"], "'train.warmup_fraction' is 2"),
-    "label_smoothing 2": (["--set", "train.label_smoothing=2"], "'train.label_smoothing' is 2"),
-    "mix_alpha 0 with mixup": (["--set", "train.mix=mixup", "--set", "train.mix_alpha=0"], "'train.mix_alpha' is 0"),
-    "weight_decay -1": (["--set", "train.weight_decay=-1"], "'train.weight_decay' is -1"),
-    "ema_decay 2": (["--set", "train.ema_decay=2"], "'train.ema_decay' is 2"),
-    "lr inf": (["--lr", "inf"], "'train.lr' is inf"),
-}
-
-
-@pytest.mark.parametrize("case", list(OPTION_CASES))
-def test_the_issue_s_options_are_refused_before_any_work(case: str, tiny_data: Path, tmp_path: Path, refused):
-    extra, needle = OPTION_CASES[case]
-    refused(case, _train(tiny_data, tmp_path / "run", *extra), needle)
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
-
-
 def test_a_profile_that_is_not_toml_is_one_line(tiny_data: Path, tmp_path: Path, refused):
     (tmp_path / "bad.toml").write_text("[train\nlr = ")
     (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00")

@@ -10,6 +10,7 @@ import logging
 import re
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -160,19 +161,26 @@ def create_app(model: Predictor, limits: Limits = Limits()) -> FastAPI:
         except DefungiError as exc:
             return _refuse(str(exc).replace("--", ""), 400)
 
-        def locked() -> dict[str, Any]:
-            with lock:
-                return answer(model, uploads, answers, limits)
-
-        try:
-            return JSONResponse(await run_in_threadpool(locked))
-        except Unusable as exc:
-            return _refuse(str(exc), 422)
-        except Exception as exc:  # noqa: BLE001 - the page shows a line; the server keeps serving
-            log.exception("answering an upload failed")
-            return _refuse(f"internal error ({type(exc).__name__}); the server log has the details", 500)
+        return await _answered(lambda: answer(model, uploads, answers, limits), lock)
 
     return app
+
+
+async def _answered(work: Callable[[], dict[str, Any]], lock: threading.Lock) -> JSONResponse:
+    """work's answer, computed in a worker thread under lock: 422 when no upload can be classified,
+    500 (and the server keeps serving) when answering failed."""
+
+    def locked() -> dict[str, Any]:
+        with lock:
+            return work()
+
+    try:
+        return JSONResponse(await run_in_threadpool(locked))
+    except Unusable as exc:
+        return _refuse(str(exc), 422)
+    except Exception as exc:  # noqa: BLE001 - the page shows a line; the server keeps serving
+        log.exception("answering an upload failed")
+        return _refuse(f"internal error ({type(exc).__name__}); the server log has the details", 500)
 
 
 def _refuse(message: str, status: int) -> JSONResponse:

@@ -386,7 +386,8 @@ def _rebuild(state: dict[str, Any], path: Path) -> torch.nn.Module:
         model = create_model(state["model_name"], num_classes=len(state["classes"]), **state["model_args"])
         model.load_state_dict(state["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError, DefungiError) as exc:
-        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc).strip().splitlines()[0]
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        what = f"no {exc}" if isinstance(exc, KeyError) else lines[min(1, len(lines) - 1)][:200]  # torch: 2nd says why
         raise DefungiError(f"{path}: its weights do not fit the model it names ({what}); train again") from None
     return model
 

@@ -251,6 +251,7 @@ def test_command_options_are_bounded(tiny_run, tmp_path: Path, refused):
         "predict --group-by '(('": (["predict", run, data / "H1", "--group-by", "(("], "not a regular expression"),
         "grid --lrs ''": ([*grid, "--lrs", ""], "give positive numbers"),
         "grid --lrs -1": ([*grid, "--lrs", "-1"], "give positive numbers"),
+        "grid --param 1.2.3": ([*grid, "--param", "train.lr=1.2.3"], "give KEY=V1,V2 with numbers"),
         "grid --fraction 1.5": ([*grid, "--fraction", "1.5"], "in (0, 1]"),
         "curve --fraction 0": ([*curve, "--fraction", "0"], "in (0, 1]"),
         "curve --cv 1": ([*curve, "--cv", "1"], "2 or more folds"),
@@ -393,3 +394,13 @@ def test_encrypted_and_unsupported_zips_are_one_line(tiny_data: Path, tmp_path: 
     refused("encrypted zip", _train(encrypted, tmp_path / "r1"), "encrypted.zip: not a readable .zip")
     refused("zip with compression method 97", _train(unsupported, tmp_path / "r2"), "method97.zip: not a readable")
     assert not list((tmp_path / "cache" / "unpacked").iterdir())
+
+
+def test_a_grid_cell_that_fails_is_one_line_without_optuna_s_traceback(tiny_data: Path, tmp_path: Path, capsys):
+    from defungi.cli import main
+
+    grid = ["grid", "--data", tiny_data, "--out", tmp_path / "g", *TINY, "--batch-sizes", "8", "--lrs", "1e-3"]
+    code = main([str(a) for a in [*grid, "--param", "train.model=nosuchnet"]])  # fails in every fit
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown model 'nosuchnet'" in err.splitlines()[-1]
+    assert "Traceback" not in err

@@ -317,14 +317,27 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from defungi.jobs import grid_job
     from defungi.report.search import grid_summary
 
-    grid = {"train.batch_size": args.batch_sizes, "train.lr": args.lrs}
-    for item in args.param or []:
-        key, _, values = item.partition("=")
-        grid[key] = [json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" else v for v in values.split(",")]
+    grid = {"train.batch_size": args.batch_sizes, "train.lr": args.lrs} | _grid_axes(args.param or [])
     check_output(Path(args.out), "--out")
     result = grid_job(_config(args), Path(args.out), args.fraction, grid, args.storage, args.heartbeat)
     print(grid_summary(result, Path(args.out)))
     return 0
+
+
+def _grid_axes(items: list[str]) -> dict[str, list[Any]]:
+    """--param KEY=V1,V2 as grid axes: numbers or words (what Optuna can queue; no lists or tables)."""
+    axes = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        try:
+            axes[key] = [json.loads(v) if v[:1].isdigit() or v[:1] == "-" else v for v in values.split(",")]
+        except json.JSONDecodeError:
+            axes[key] = None
+        if not key or not values or axes[key] is None:
+            raise DefungiError(
+                f"--param {item}: give KEY=V1,V2 with numbers or words, e.g. train.weight_decay=0.01,0.05"
+            )
+    return axes
 
 
 def cmd_study(args: argparse.Namespace) -> int:

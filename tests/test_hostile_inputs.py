@@ -50,9 +50,9 @@ def _bad_value(key: str) -> list[str]:
 
 
 @pytest.mark.parametrize("key", list(RULES))
-def test_every_config_key_refuses_a_value_out_of_its_range(key: str, tiny_data: Path, tmp_path: Path, refused):
-    needle = WHERE_CHECKED.get(key, f"config key '{key}'")
-    refused(f"config {key}={RULES[key].refused}", _train(tiny_data, tmp_path / "run", *_bad_value(key)), needle)
+def test_every_config_key_refuses_a_value_out_of_its_range(key: str, tiny_run, tmp_path: Path, refused):
+    needle = WHERE_CHECKED.get(key, f"config key '{key}'")  # the session's folder: nothing is read from it
+    refused(f"config {key}={RULES[key].refused}", _train(tiny_run.data, tmp_path / "run", *_bad_value(key)), needle)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 

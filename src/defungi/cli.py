@@ -419,7 +419,9 @@ def _predict_parser(sub: Commands) -> None:
     p.add_argument("paths", nargs="+")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument(
-        "--by-sample", action="store_true", help="one decision per specimen (the mean probability of its images)"
+        "--by-sample",
+        action="store_true",
+        help="one decision per specimen (its images pooled by the run's train.specimen_rule; default: the mean)",
     )
     _add_group_by(p)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)

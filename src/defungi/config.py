@@ -73,6 +73,9 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     seed: int = 0
+    # a specimen's decision from its images' probabilities (train.metrics.SPECIMEN_RULES): mean | log_mean
+    # (geometric mean) | trimmed (per class, without each end's 20%); per-sample metrics, predict, evaluate
+    specimen_rule: str = "mean"
     ensemble: int = 1  # > 1: that many fits differing only in seed (train.seed + k), scored by their mean probability
     device: str = "auto"
 
@@ -99,6 +102,7 @@ class Rule:
     ok: Callable[[Any], bool]
     fix: str
     refused: Any
+    choices: tuple[str, ...] = ()  # a key with a fixed set of values: those
 
 
 def between(low: float, high: float, fix: str, low_open: bool = False, high_open: bool = False) -> Rule:
@@ -113,7 +117,7 @@ def between(low: float, high: float, fix: str, low_open: bool = False, high_open
 
 
 def one_of(*options: str) -> Rule:
-    return Rule(lambda v: v in options, f"use one of {', '.join(options)}", "nonesuch")
+    return Rule(lambda v: v in options, f"use one of {', '.join(options)}", "nonesuch", options)
 
 
 def matches(pattern: str, fix: str, refused: str) -> Rule:
@@ -176,6 +180,7 @@ RULES: dict[str, Rule] = {
     "train.amp": FLAG,
     "train.channels_last": FLAG,
     "train.seed": SEED,
+    "train.specimen_rule": one_of("mean", "log_mean", "trimmed"),  # the keys of train.metrics.SPECIMEN_RULES
     "train.ensemble": between(1, 1000, "use 1 (one model) to 1000 (an ensemble of seeds)"),
     "train.device": matches(r"auto|cpu|mps|cuda(:\d+)?", "use auto, cpu, cuda, cuda:N or mps", "tpu"),
 }

@@ -1,6 +1,7 @@
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ from defungi.cli import main
 from defungi.data.dataset import load_dataset
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
-from defungi.experiments.compare import paired_difference
+from defungi.experiments.compare import paired_difference, scored_images
 from defungi.experiments.protocols import cv_splits, fit_run, load_trained
+from defungi.train.metrics import sample_decisions
 from tests.conftest import tiny_args, tiny_config, write_folder
 
 
@@ -118,3 +120,35 @@ def test_runs_on_different_images_are_not_compared(tiny_data: Path, tmp_path: Pa
         fit_run(_config(tiny_data, **{"data.cv_folds": 0, "data.seed": seed}), tmp_path / name)
     with pytest.raises(DefungiError, match="scored different images"):
         paired_difference(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_cv_run_decides_its_specimens_by_its_rule_and_compare_reads_each_runs(tiny_data: Path, tmp_path: Path):
+    """train.specimen_rule = log_mean: the out-of-fold sample scores and metrics.json's sample_rule are
+    the geometric mean's; report --compare pools each run by its own rule (two copies of the run, one
+    read as a mean-rule run, on the same spread-out probabilities, where the rules disagree)."""
+    out = tmp_path / "log-mean"
+    record = fit_run(_config(tiny_data, **{"train.specimen_rule": "log_mean"}), out)
+    scored = scored_images(out)
+    ids, labels, pooled = sample_decisions(scored.probs, scored.labels, scored.samples, "log_mean")
+    assert record.metrics.part("test").samples.accuracy == pytest.approx(np.mean(pooled.argmax(1) == labels))
+    assert "geometric mean" in record.metrics.sample_rule
+    rows = list(csv.DictReader(open(out / "oof.csv", newline="")))
+    probs = np.random.default_rng(0).dirichlet(np.full(len(scored.classes), 0.3), size=len(rows))
+    for row, p in zip(rows, probs, strict=True):
+        row |= {f"p_{c}": f"{v:.6f}" for c, v in zip(scored.classes, p, strict=True)}
+    with open(out / "oof.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    as_mean = Path(shutil.copytree(out, tmp_path / "mean"))
+    config = json.loads((as_mean / "config.json").read_text())
+    config["train"]["specimen_rule"] = "mean"
+    (as_mean / "config.json").write_text(json.dumps(config))
+    spread = scored_images(out)
+    right = {
+        rule: np.mean(sample_decisions(spread.probs, spread.labels, spread.samples, rule)[2].argmax(1) == labels)
+        for rule in ("mean", "log_mean")
+    }
+    assert right["log_mean"] != right["mean"]
+    difference = paired_difference(as_mean, out).samples["accuracy"].difference
+    assert difference == pytest.approx(right["log_mean"] - right["mean"])

@@ -11,12 +11,14 @@ import torch
 
 from defungi.config import Config, load_config
 from defungi.data.dataset import Dataset, load_dataset
+from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
-from defungi.experiments.fit import FitResult, fit
-from defungi.experiments.protocols import split_for
+from defungi.experiments.fit import FitResult, fit, frozen_features
+from defungi.experiments.protocols import load_trained, split_for
 from defungi.experiments.rundir import RunDir
-from defungi.models import create_model
+from defungi.models import create_model, model_entry
 from defungi.train import distributed
+from defungi.train.metrics import weighted
 from tests.conftest import fails_on_call
 
 MIXER = {"dim": 8, "depth": 2, "kernel_size": 3, "patch_size": 4}
@@ -106,6 +108,27 @@ def test_the_cached_path_scales_its_loss_where_autocast_computes_in_fp16(
     steps = len(split_for(config, data)["train"]) // config.train.batch_size
     assert len(scaled) == 3 * steps and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler"]["scale"] > 0  # resumes scaled
+
+
+def test_frozen_features_are_the_cache_a_frozen_fit_trained_on(
+    tiny_data: Path, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """frozen_features reads the fit's cached head inputs (computing nothing) in the data's order: the
+    head the fit trained gives its test probabilities from them."""
+    config = _config(tiny_data, weights, **FROZEN)
+    data = load_dataset(tiny_data, 16, config.data.variance_threshold, progress=False)
+    result = _fit(config, data, tmp_path / "run")
+    monkeypatch.setattr(fit_module, "module_inputs", fails_on_call(fit_module.module_inputs, 1, AssertionError))
+    features = frozen_features(config, data)
+    assert features.shape[0] == len(data.labels)
+    trained = load_trained(tmp_path / "run", "cpu")
+    head = trained.model.get_submodule(model_entry("convmixer").parts.classifier)
+    test = split_for(config, data)["test"]
+    with torch.no_grad():
+        probs = torch.softmax(head(torch.from_numpy(np.asarray(features[test]))), 1).numpy()
+    assert np.allclose(weighted(probs, trained.class_weights()), result.probabilities["test"], atol=1e-5)
+    with pytest.raises(DefungiError, match="freeze_backbone"):
+        frozen_features(_config(tiny_data, weights), data)
 
 
 class RecordingSync(distributed.Sync):

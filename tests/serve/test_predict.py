@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -5,7 +6,9 @@ import numpy as np
 
 from defungi.cli import main
 from defungi.results.run import read_run_metrics
-from defungi.train.metrics import temper
+from defungi.serve.predict import Answers, by_specimen, open_predictor, predict
+from defungi.serve.predictor import Predictor
+from defungi.train.metrics import specimen_probabilities, temper
 from tests.conftest import TinyRun, write_folder
 
 
@@ -89,3 +92,19 @@ def test_a_target_accuracy_answers_only_the_specimens_confident_enough(tiny_run:
     assert f"confidence >= {threshold:.2f}" in answer["note"]
     for s in (s for s in answer["specimens"] if "class" in s):
         assert (s["answer"] == "not sure: look yourself") == (s["confidence"] < threshold - 1e-12)
+
+
+def test_specimens_are_decided_by_the_runs_specimen_rule(tiny_run: TinyRun, tmp_path: Path):
+    """A run whose train.specimen_rule is log_mean pools a specimen's counted images by their geometric
+    mean; the rule travels in the predictor's metadata (so in an exported model), 'mean' when absent."""
+    held = write_folder(tmp_path / "held", samples_per_class=2, patches=4, seed=5)
+    trained = open_predictor(tiny_run.run)
+    assert trained.specimen_rule == "mean" and trained.metadata()["specimen_rule"] == "mean"
+    model = dataclasses.replace(trained, specimen_rule="log_mean")
+    decided = [s for s in by_specimen(predict(model, [held]), model, Answers.of(model)) if "class" in s]
+    assert len(decided) == 6
+    for s in decided:
+        counted = np.array([[r[c] for c in model.classes] for r in s["rows"] if r.get("decision") in model.classes])
+        assert np.allclose([s[c] for c in model.classes], specimen_probabilities(counted, "log_mean"))
+    older = {k: v for k, v in trained.metadata().items() if k != "specimen_rule"}
+    assert Predictor.from_metadata(older, trained.scores, "old.onnx").specimen_rule == "mean"

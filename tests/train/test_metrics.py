@@ -1,13 +1,19 @@
 import numpy as np
 import pytest
+from scipy.stats import gmean
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
+from defungi.config import RULES, load_config
+from defungi.errors import DefungiError
 from defungi.train.metrics import (
+    SPECIMEN_RULES,
     bootstrap_difference,
     bootstrap_intervals,
     calibration,
     classification_metrics,
     sample_decisions,
+    scored,
+    specimen_probabilities,
 )
 
 
@@ -26,6 +32,56 @@ def test_sample_decision_is_the_mean_probability_of_its_images():
     ids, labels, mean = sample_decisions(probs, np.array([0, 0, 1, 1]), np.array(["a", "a", "b", "b"]))
     assert list(ids) == ["a", "b"] and list(labels) == [0, 1]
     assert np.allclose(mean, [[0.55, 0.45], [0.45, 0.55]])
+
+
+def test_the_geometric_mean_lets_one_sure_image_veto_a_class():
+    """Two images lean to class 0, one is sure it is not 0: the mean keeps 0, the mean log-probability
+    (a geometric mean, as scipy computes it, renormalised) gives 1."""
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.001, 0.999]])
+    assert specimen_probabilities(probs, "mean").argmax() == 0
+    geometric = specimen_probabilities(probs, "log_mean")
+    assert geometric.argmax() == 1 and np.allclose(geometric, gmean(probs, axis=0) / gmean(probs, axis=0).sum())
+
+
+def test_the_trimmed_mean_ignores_a_few_outlying_images():
+    """Eight images at 0.6 / 0.4 and two sure of class 1: the mean follows the two, the trimmed mean
+    (20% cut at each end of every class's column) does not."""
+    probs = np.array([[0.6, 0.4]] * 8 + [[0.0, 1.0]] * 2)
+    assert specimen_probabilities(probs, "mean").argmax() == 1
+    assert np.allclose(specimen_probabilities(probs, "trimmed"), [0.6, 0.4])
+
+
+@pytest.mark.parametrize("rule", SPECIMEN_RULES)
+def test_every_rule_gives_probabilities_and_agrees_on_unanimous_images(rule: str):
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(5), size=7)
+    pooled = specimen_probabilities(probs, rule)
+    assert pooled.shape == (5,) and np.isclose(pooled.sum(), 1) and (pooled >= 0).all()
+    same = np.tile(probs[:1], (6, 1))  # identical images: every rule returns them
+    assert np.allclose(specimen_probabilities(same, rule), probs[0])
+
+
+@pytest.mark.parametrize("rule", SPECIMEN_RULES)
+def test_sample_decisions_pool_each_sample_by_the_rule_whatever_the_row_order(rule: str):
+    rng = np.random.default_rng(4)
+    groups = rng.permutation(np.repeat(["b", "a", "c"], [5, 3, 6]))
+    probs = rng.dirichlet(np.ones(3), size=len(groups))
+    labels = np.array([{"a": 0, "b": 1, "c": 2}[g] for g in groups])
+    ids, sample_labels, pooled = sample_decisions(probs, labels, groups, rule)
+    assert list(ids) == ["a", "b", "c"] and list(sample_labels) == [0, 1, 2]
+    for k, g in enumerate(ids):
+        assert np.allclose(pooled[k], specimen_probabilities(probs[groups == g], rule))
+    samples = scored(probs, labels, groups, ["x", "y", "z"], rule=rule)["samples"]
+    assert samples["accuracy"] == np.mean(pooled.argmax(1) == sample_labels)
+
+
+def test_the_config_offers_the_rules_there_are_and_refuses_others():
+    assert RULES["train.specimen_rule"].choices == tuple(SPECIMEN_RULES)
+    assert load_config("quick", {"train.specimen_rule": "trimmed"}).train.specimen_rule == "trimmed"
+    with pytest.raises(DefungiError, match="specimen_rule.*log_mean"):
+        load_config("quick", {"train.specimen_rule": "median"})
+    with pytest.raises(DefungiError, match="unknown specimen rule 'median'"):
+        specimen_probabilities(np.full((2, 2), 0.5), "median")
 
 
 def test_bootstrap_resamples_samples_not_images():

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from defungi.errors import DefungiError
+from defungi.experiments.rundir import read_config
 from defungi.layout import RunLayout, read_table
 from defungi.results.run import PairedDifference, read_run_metrics
 from defungi.results.schema import from_dict
@@ -24,6 +25,7 @@ class Scored:
     samples: np.ndarray
     probs: np.ndarray
     classes: list[str]
+    rule: str = "mean"  # how the run pools a specimen's images (train.specimen_rule)
 
 
 def scored_images(run_dir: Path) -> Scored:
@@ -42,12 +44,14 @@ def scored_images(run_dir: Path) -> Scored:
         samples=np.array([r["sample"] for r in rows]),
         probs=np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows]),
         classes=classes,
+        rule=read_config(layout.config).train.specimen_rule,
     )
 
 
 def paired_difference(first: Path, second: Path, seed: int = 0) -> PairedDifference:
     """Second run minus first, on the same images: per metric the difference and its 95% interval,
-    image-level and sample-level (a sample's decision: the mean of its images' probabilities)."""
+    image-level and sample-level (a sample's decision: its images' probabilities pooled by each run's
+    specimen rule)."""
     a, b = scored_images(first), scored_images(second)
     if a.paths != b.paths or a.classes != b.classes:
         raise DefungiError(
@@ -56,8 +60,8 @@ def paired_difference(first: Path, second: Path, seed: int = 0) -> PairedDiffere
         )
     n_classes = len(a.classes)
     images = bootstrap_difference(a.labels, a.probs.argmax(1), b.probs.argmax(1), a.samples, n_classes, seed=seed)
-    ids, labels, first_probs = sample_decisions(a.probs, a.labels, a.samples)
-    second_probs = sample_decisions(b.probs, b.labels, b.samples)[2]
+    ids, labels, first_probs = sample_decisions(a.probs, a.labels, a.samples, a.rule)
+    second_probs = sample_decisions(b.probs, b.labels, b.samples, b.rule)[2]
     samples = bootstrap_difference(labels, first_probs.argmax(1), second_probs.argmax(1), ids, n_classes, seed=seed)
     return from_dict(
         PairedDifference, {"images": images, "samples": samples, "n_images": len(a.paths), "n_samples": len(ids)}

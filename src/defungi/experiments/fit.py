@@ -162,7 +162,7 @@ def score_parts(
         probs, loss = (
             probabilities_of or (lambda i: _evaluate(model, data, i, preprocess, device, tc, class_weights))
         )(idx)
-        scores = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed=tc.seed)
+        scores = scored(probs, data.labels[idx], data.groups[idx], data.classes, tc.seed, tc.specimen_rule)
         metrics[part] = scores | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
         probabilities[part] = probs
     return metrics, probabilities
@@ -224,14 +224,19 @@ def _task(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> _Task:
     seed_everything(tc.seed)
     device = distributed.setup(resolve_device(tc.device))
     train_idx = split["train"]
-    if config.data.normalize == "pretrained":
-        mean, std = model_entry(tc.model).normalization
-    else:
-        mean, std = channel_stats(data.images, train_idx)
-    preprocess = Preprocess(data.images.shape[1], mean, std, config.data.normalize)
+    preprocess = _preprocess(config, data, train_idx)
     counts = np.bincount(data.labels[train_idx], minlength=len(data.classes))
     class_prior = (counts / counts.sum()).tolist() if tc.balance else None
     return _Task(config, data, train_idx, split["val"], device, preprocess, class_prior)
+
+
+def _preprocess(config: Config, data: Dataset, train_idx: np.ndarray) -> Preprocess:
+    """A fit's input scaling: the pretrained weights' mean/std, or the training part's channel statistics."""
+    if config.data.normalize == "pretrained":
+        mean, std = model_entry(config.train.model).normalization
+    else:
+        mean, std = channel_stats(data.images, train_idx)
+    return Preprocess(data.images.shape[1], mean, std, config.data.normalize)
 
 
 @dataclass
@@ -672,6 +677,23 @@ def _cached_inputs(
                 path,
             )
     return np.load(path, mmap_mode="r")
+
+
+def frozen_features(config: Config, data: Dataset, view: int = 0) -> np.ndarray:
+    """The cached input of the first module that trains (the head's features) of a frozen-backbone
+    config, for every image of data (as load_dataset ordered them): what its fits train on, read from
+    the user cache (computed there once when missing). The frozen part's preprocessing and weights
+    do not depend on the split, so every fold of a cross-validation shares them."""
+    tc = config.train
+    if not tc.freeze_backbone:
+        raise DefungiError("frozen_features needs a config with train.freeze_backbone (a transfer profile)")
+    device = resolve_device(tc.device)
+    model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
+    _initial_weights(model, tc)
+    model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
+    module = tc.train_from or model_entry(tc.model).parts.classifier
+    preprocess = _preprocess(config, data, np.arange(len(data.labels)))
+    return _cached_inputs(config, data, model.eval(), module, preprocess, device, view)
 
 
 def fit(

@@ -41,7 +41,7 @@ from defungi.results.run import (
 from defungi.results.schema import from_dict
 from defungi.results.trust import Trust
 from defungi.train import distributed
-from defungi.train.metrics import scored
+from defungi.train.metrics import sample_rule_text, scored
 from defungi.train.ood import refused_share
 from defungi.train.runtime import resolve_device
 
@@ -118,6 +118,7 @@ class FitProtocol(ABC):
             model_args=model_args(config),
             classes=list(data.classes),
             protocol=protocol,
+            sample_rule=sample_rule_text(config.train.specimen_rule),
             **record,
         )
 
@@ -206,7 +207,9 @@ def _parts(scores: dict[str, dict[str, Any]]) -> dict[str, PartScores]:
     return {part: from_dict(PartScores, s, part) for part, s in scores.items()}
 
 
-def _split_trust(data: Dataset, split: Split, probs: dict[str, np.ndarray], seed: int) -> Trust | None:
+def _split_trust(
+    data: Dataset, split: Split, probs: dict[str, np.ndarray], seed: int, rule: str = "mean"
+) -> Trust | None:
     """What answers of a one-split run can be trusted to: fitted on its validation part, checked on its
     test part (None without both)."""
     if "val" not in probs or "test" not in probs or not len(split["val"]) or not len(split["test"]):
@@ -214,7 +217,9 @@ def _split_trust(data: Dataset, split: Split, probs: dict[str, np.ndarray], seed
     idx = np.concatenate([split["val"], split["test"]])
     fold = np.r_[np.full(len(split["val"]), -1), np.zeros(len(split["test"]), dtype=int)]
     both = np.concatenate([probs["val"], probs["test"]])
-    return assess(both, data.labels[idx], data.groups[idx], fold, data.classes, "validation + test", seed=seed)
+    return assess(
+        both, data.labels[idx], data.groups[idx], fold, data.classes, "validation + test", seed=seed, rule=rule
+    )
 
 
 def _write_predictions(
@@ -256,7 +261,9 @@ class SingleFit(FitProtocol):
             best_epochs=[result.best_epoch],
             stop_reason=result.stop_reason,
             parts=_parts(result.metrics),
-            trust=_split_trust(data, split, result.probabilities, self.config.train.seed),
+            trust=_split_trust(
+                data, split, result.probabilities, self.config.train.seed, self.config.train.specimen_rule
+            ),
             ood=ood,
         )
         return run.write_result(result.history, metrics)
@@ -337,7 +344,7 @@ class SeedEnsemble(FitProtocol):
                 for c, m in zip(self.member_configs(), members, strict=True)
             ),
             parts=_parts(scores),
-            trust=_split_trust(data, split, probs, tc.seed),
+            trust=_split_trust(data, split, probs, tc.seed, tc.specimen_rule),
             members=[
                 MemberScores(
                     seed=c.train.seed,
@@ -378,8 +385,8 @@ class CrossValidation(FitProtocol):
         idx, fold_of, probs, ood = _out_of_fold(run, data, splits)
         extra = {"fold": fold_of.tolist()} | ({"ood": [f"{x:.4f}" for x in ood]} if ood is not None else {})
         write_predictions(run.layout.oof, data, idx, probs, extra=extra)
-        seed = self.config.train.seed
-        oof = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed=seed)
+        seed, rule = self.config.train.seed, self.config.train.specimen_rule
+        oof = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed, rule)
         per_fold = [_fold_scores(k, r.metrics.part("test")) for k, r in enumerate(records)]
         metrics = self.metrics(
             data,
@@ -390,7 +397,9 @@ class CrossValidation(FitProtocol):
             best_epochs=[e for r in records for e in r.metrics.best_epochs],
             stop_reason="; ".join(f"fold {k}: {r.metrics.stop_reason}" for k, r in enumerate(records)),
             parts={"test": from_dict(PartScores, oof, "out of fold")},
-            trust=assess(probs, data.labels[idx], data.groups[idx], fold_of, data.classes, "out of fold", seed=seed),
+            trust=assess(
+                probs, data.labels[idx], data.groups[idx], fold_of, data.classes, "out of fold", seed=seed, rule=rule
+            ),
             ood=_cv_ood_check(records, ood, data.groups[idx], seed),
             folds=per_fold,
             fold_spread={

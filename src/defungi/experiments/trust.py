@@ -32,7 +32,7 @@ LEVELS = (0.9, 0.95)
 
 @dataclass
 class Held:
-    """Held-out predictions at one unit (images, or specimens by the mean of their images)."""
+    """Held-out predictions at one unit (images, or specimens by their images pooled: see by_specimen)."""
 
     probs: np.ndarray
     labels: np.ndarray
@@ -56,9 +56,10 @@ class Held:
         return np.flatnonzero(self.fold < 0) if (self.fold < 0).any() else np.arange(len(self.labels))
 
 
-def by_specimen(images: Held) -> Held:
-    """One row per specimen: the mean of its images' probabilities, its images' class and fold."""
-    ids, labels, means = sample_decisions(images.probs, images.labels, images.groups)
+def by_specimen(images: Held, rule: str = "mean") -> Held:
+    """One row per specimen: its images' probabilities pooled by rule (see train.metrics.SPECIMEN_RULES),
+    its images' class and fold."""
+    ids, labels, means = sample_decisions(images.probs, images.labels, images.groups, rule)
     _, first = np.unique(images.groups, return_index=True)
     return Held(means, labels, ids, images.fold[first])
 
@@ -188,16 +189,18 @@ def assess(
     source: str,
     levels: Sequence[float] = LEVELS,
     seed: int = 0,
+    rule: str = "mean",
 ) -> Trust:
     """Temperatures, conformal sets (per level, per image and per specimen) and selective answers of
-    held-out predictions; fold: the check each row belongs to (-1: only fits, see `Held.pairs`)."""
+    held-out predictions; fold: the check each row belongs to (-1: only fits, see `Held.pairs`); rule:
+    how a specimen's images' probabilities are pooled."""
     images = Held(probs, labels, groups, fold)
     fitted_on, checked_on = (
         ("the validation part", "the test part") if (fold < 0).any() else ("the other folds", "each fold")
     )
     image_t = check_temperature(images, "image", fitted_on, checked_on)
     images = Held(temper(probs, image_t.applied), labels, groups, fold)
-    specimens = by_specimen(Held(probs, labels, groups, fold))
+    specimens = by_specimen(Held(probs, labels, groups, fold), rule)
     specimen_t = check_temperature(specimens, "specimen", fitted_on, checked_on)
     specimens = Held(temper(specimens.probs, specimen_t.applied), specimens.labels, specimens.groups, specimens.fold)
     sets = [

@@ -122,7 +122,8 @@ def build_comparison(run_dirs: list[Path], out_dir: Path, difference: PairedDiff
     page = Page("defungi: runs side by side")
     page.text(
         "Out-of-fold scores for cross-validation runs, test-part scores otherwise; macro-averaged over the classes, "
-        "95% intervals from a bootstrap over physical samples. Per sample: the mean probability of its images."
+        "95% intervals from a bootstrap over physical samples. Per sample: its images pooled by the run's "
+        "train.specimen_rule (the mean probability unless the run says otherwise)."
     )
     page.table(interval_table(rows))
     if difference is not None:

@@ -93,12 +93,13 @@ def _specimen_rows(specimens: list[dict[str, Any]]) -> list[tuple[dict[str, Any]
 def _scores(
     model: Predictor, rows: list[dict[str, Any]], specimens: list[dict[str, Any]], tta: bool | None
 ) -> PartScores:
-    """Per image and per specimen (the mean of its images' probabilities), with intervals over specimens."""
+    """Per image and per specimen (its images' probabilities pooled by the run's rule), with intervals
+    over specimens."""
     pairs = _specimen_rows(specimens)
     probs = np.array([[r[c] for c in model.classes] for _, r in pairs])
     labels = np.array([model.classes.index(r["label"]) for _, r in pairs])
     groups = np.array([s["specimen"] for s, _ in pairs])
-    result = scored(probs, labels, groups, model.classes)
+    result = scored(probs, labels, groups, model.classes, rule=model.specimen_rule)
     return from_dict(PartScores, result | {"tta": model.tta if tta is None else tta}, "evaluation")
 
 

@@ -20,7 +20,7 @@ from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE, Trust, Unit
 from defungi.serve.lite import onnx_predictor
 from defungi.serve.predictor import Predictor, torch_predictor
 from defungi.train.conformal import prediction_sets, set_label
-from defungi.train.metrics import classification_metrics, temper
+from defungi.train.metrics import classification_metrics, specimen_probabilities, temper
 from defungi.train.selective import threshold_for_accuracy
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,9 @@ def by_specimen(
     answers: Answers,
     group_by: str = "name",
 ) -> list[dict[str, Any]]:
-    """One decision per specimen: the mean probability of its images that were classified and not
-    'uncertain', then the most probable class (the rule the sample-level metrics use); its confidence
+    """One decision per specimen: the probabilities of its images that were classified and not
+    'uncertain' pooled by the run's specimen rule (the mean, unless train.specimen_rule says otherwise:
+    the rule the sample-level metrics use), then the most probable class; its confidence
     calibrated at the specimen level, its prediction set, and 'uncertain' (answer: not sure) under the
     selective threshold; 'no fungus visible' (or 'not a fungus micrograph') when none of its images
     could be classified. Each specimen
@@ -262,7 +263,8 @@ def _specimen(name: str, members: list[dict[str, Any]], model: Predictor, answer
     decision |= {"images": len(members), "classified": len(classified), "counted": len(counted)}
     decision["no_fungus"] = sum(r.get("status") == NO_FUNGUS for r in members)
     if counted:
-        mean = np.mean([[r[c] for c in classes] for r in counted], axis=0)[None]
+        images = np.array([[r[c] for c in classes] for r in counted])
+        mean = specimen_probabilities(images, model.specimen_rule)[None]
         calibrated = temper(mean, model.temperature("specimen"))
         best, conf = classes[int(mean.argmax())], float(calibrated.max())
         sure = answers.selective is None or conf >= answers.selective[0]

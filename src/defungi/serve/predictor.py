@@ -46,6 +46,7 @@ class Predictor:
     trust: Trust | None = None
     card: ModelCard | None = None
     trained: Any = None  # the TrainedModel of the torch backend (Grad-CAM needs it)
+    specimen_rule: str = "mean"  # how a specimen's images' probabilities are pooled (train.metrics.SPECIMEN_RULES)
 
     def answer(self, images: np.ndarray, tta: bool | None = None, prior_weight: float | None = None) -> Scores:
         """Class probabilities (tta and prior weight as trained unless given) and out-of-distribution scores."""
@@ -66,7 +67,7 @@ class Predictor:
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the model, as JSON (stored inside an exported ONNX file)."""
-        names = ("classes", "image_size", "variance_threshold", "tta", "prior_weight", "class_prior")
+        names = ("classes", "image_size", "variance_threshold", "tta", "prior_weight", "class_prior", "specimen_rule")
         records = {k: None if getattr(self, k) is None else to_dict(getattr(self, k)) for k in ("trust", "card")}
         return {"schema_version": SCHEMA_VERSION, **{k: getattr(self, k) for k in names}, **records}
 
@@ -113,4 +114,5 @@ def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:
         class_prior=trained.class_prior,
         scores=scores,
         trained=trained,
+        specimen_rule=trained.config.train.specimen_rule,
     )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import trim_mean
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from defungi.errors import DefungiError
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -50,21 +53,61 @@ def most_confused(confusion: np.ndarray, classes: list[str], top: int = 3) -> li
     ]
 
 
-def sample_decisions(
-    probs: np.ndarray, labels: np.ndarray, groups: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One decision per physical sample: the mean of its images' probabilities.
+def _mean(probs: np.ndarray) -> np.ndarray:
+    return probs.mean(0)
 
-    Returns (sample ids, their labels: the most common label of their images, their mean probabilities).
+
+def _log_mean(probs: np.ndarray) -> np.ndarray:
+    return np.exp(np.log(np.clip(probs, 1e-12, 1)).mean(0))
+
+
+def _trimmed(probs: np.ndarray) -> np.ndarray:
+    return trim_mean(probs, TRIM_SHARE, axis=0)
+
+
+TRIM_SHARE = 0.2  # the trimmed rule: the share of a specimen's images cut at each end, per class
+# a specimen's class probabilities from its images' (images x classes), before renormalising
+SPECIMEN_RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mean": _mean,  # the mean probability
+    "log_mean": _log_mean,  # the geometric mean: one image sure that a class is wrong vetoes it
+    "trimmed": _trimmed,  # per class, the mean without the lowest and highest TRIM_SHARE of the images
+}
+SPECIMEN_RULE_TEXT = {
+    "mean": "the mean of its images' class probabilities",
+    "log_mean": "the geometric mean of its images' class probabilities (the mean log-probability)",
+    "trimmed": f"per class, the mean of its images' probabilities without the lowest and highest {TRIM_SHARE:.0%}",
+}
+
+
+def specimen_probabilities(probs: np.ndarray, rule: str = "mean") -> np.ndarray:
+    """One specimen's class probabilities from its images' (images x classes) by a rule of
+    SPECIMEN_RULES, renormalised to sum to 1; its decision is the most probable class."""
+    if rule not in SPECIMEN_RULES:
+        raise DefungiError(f"unknown specimen rule '{rule}'; use one of {', '.join(SPECIMEN_RULES)}")
+    pooled = SPECIMEN_RULES[rule](np.asarray(probs, dtype=np.float64))
+    return pooled / pooled.sum()
+
+
+def sample_rule_text(rule: str) -> str:
+    """How a sample's decision is made under rule, in words (metrics.json's sample_rule)."""
+    return f"a sample's decision: {SPECIMEN_RULE_TEXT[rule]}, then the most probable class"
+
+
+def sample_decisions(
+    probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, rule: str = "mean"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One decision per physical sample: its images' probabilities pooled by rule (see
+    specimen_probabilities).
+
+    Returns (sample ids, their labels: the most common label of their images, their probabilities).
     """
     ids, inverse = np.unique(groups, return_inverse=True)
-    n_classes = probs.shape[1]
-    sums = np.zeros((len(ids), n_classes))
-    np.add.at(sums, inverse, probs)
-    counts = np.bincount(inverse, minlength=len(ids))
-    votes = np.zeros((len(ids), n_classes), dtype=int)
+    order = np.argsort(inverse, kind="stable")
+    ends = np.cumsum(np.bincount(inverse, minlength=len(ids)))[:-1]
+    pooled = np.stack([specimen_probabilities(p, rule) for p in np.split(probs[order], ends)])
+    votes = np.zeros((len(ids), probs.shape[1]), dtype=int)
     np.add.at(votes, (inverse, labels), 1)
-    return ids, votes.argmax(1), sums / counts[:, None]
+    return ids, votes.argmax(1), pooled
 
 
 def _scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
@@ -186,13 +229,19 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def scored(
-    probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, classes: list[str], seed: int = 0
+    probs: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    classes: list[str],
+    seed: int = 0,
+    rule: str = "mean",
 ) -> dict[str, Any]:
-    """Image-level metrics with intervals over samples, and the same for one decision per sample."""
+    """Image-level metrics with intervals over samples, and the same for one decision per sample
+    (its images' probabilities pooled by rule, see specimen_probabilities)."""
     predictions = probs.argmax(1)
     images = classification_metrics(labels, predictions, classes)
     images["intervals"] = bootstrap_intervals(labels, predictions, groups, len(classes), seed=seed)
-    ids, sample_labels, sample_probs = sample_decisions(probs, labels, groups)
+    ids, sample_labels, sample_probs = sample_decisions(probs, labels, groups, rule)
     samples = classification_metrics(sample_labels, sample_probs.argmax(1), classes)
     samples["intervals"] = bootstrap_intervals(sample_labels, sample_probs.argmax(1), ids, len(classes), seed=seed)
     return images | {"samples": samples, "calibration": calibration(probs, labels)}

@@ -483,7 +483,7 @@ def _export_parser(sub: Commands) -> None:
     p = sub.add_parser("export", help="the run's model as ONNX, checked against PyTorch on the run's images")
     p.add_argument("run_dir")
     p.add_argument("--out", help="ONNX file to write (default: RUN_DIR/model.onnx)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset, 13 to 20 (default: 17)")
     p.set_defaults(func=cmd_export)
 
 

@@ -15,6 +15,7 @@ from defungi.config import PRIOR_WEIGHT_RANGE
 from defungi.errors import DefungiError
 from defungi.results.schema import to_dict
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE
+from defungi.utils import check_output
 
 log = logging.getLogger("defungi")
 
@@ -188,6 +189,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from defungi.serve.explain import explain
 
+    check_output(Path(args.out), "--out")
     written = explain(args.run_dir, args.images, args.out, args.target, tta=args.tta, prior_weight=args.prior_weight)
     print(f"{len(written)} explanation figures in {args.out}")
     return 0
@@ -203,6 +205,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     from defungi.data.scan import fetch
 
+    if args.dest:
+        check_output(Path(args.dest), "--dest")
     root = fetch(args.dest, args.url)
     print(f"DeFungi release ready: {root}")
     return 0
@@ -212,6 +216,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from defungi.data.scan import resolve_data
     from defungi.jobs import audit_job
 
+    check_output(Path(args.out), "--out")
     print(f"audit: {audit_job(resolve_data(args.dir), Path(args.out), args.variance_threshold)}")
     return 0
 
@@ -245,6 +250,34 @@ def _share(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text}: give a share of the data in (0, 1], e.g. 0.2")
+    return value
+
+
+def _positive_floats(text: str) -> list[float]:
+    values = _floats(text)
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}': give positive numbers, e.g. 1e-3,2e-3")
+    return values
+
+
+def _folds(text: str) -> int:
+    value = int(text)
+    if value == 1 or value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: use 0 (one split) or 2 or more folds")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text}: give a TCP port from 1 to 65535, e.g. 8000")
+    return value
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -274,6 +307,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
     from defungi.jobs import curve_job
     from defungi.report.search import curve_summary
 
+    check_output(Path(args.out), "--out")
     result = curve_job(_config(args), Path(args.out), args.fraction, args.sizes, args.cv)
     print(curve_summary(result, Path(args.out)))
     return 0
@@ -283,13 +317,27 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from defungi.jobs import grid_job
     from defungi.report.search import grid_summary
 
-    grid = {"train.batch_size": args.batch_sizes, "train.lr": args.lrs}
-    for item in args.param or []:
-        key, _, values = item.partition("=")
-        grid[key] = [json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" else v for v in values.split(",")]
+    grid = {"train.batch_size": args.batch_sizes, "train.lr": args.lrs} | _grid_axes(args.param or [])
+    check_output(Path(args.out), "--out")
     result = grid_job(_config(args), Path(args.out), args.fraction, grid, args.storage, args.heartbeat)
     print(grid_summary(result, Path(args.out)))
     return 0
+
+
+def _grid_axes(items: list[str]) -> dict[str, list[Any]]:
+    """--param KEY=V1,V2 as grid axes: numbers or words (what Optuna can queue; no lists or tables)."""
+    axes = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        try:
+            axes[key] = [json.loads(v) if v[:1].isdigit() or v[:1] == "-" else v for v in values.split(",")]
+        except json.JSONDecodeError:
+            axes[key] = None
+        if not key or not values or axes[key] is None:
+            raise DefungiError(
+                f"--param {item}: give KEY=V1,V2 with numbers or words, e.g. train.weight_decay=0.01,0.05"
+            )
+    return axes
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -297,6 +345,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in _overrides(args).items() if k.split(".")[0] == "study"}  # the study's, not the run's
     out = Path(args.out or f"runs/study-{args.name}")
+    check_output(out, "--out")
     print(f"report: {study_job(args.name, _config(args, leave_out=list(options)), out, options)}")
     return 0
 
@@ -304,6 +353,10 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from defungi.jobs import compare_job, redraw_job, report_job, study_dirs
 
+    for folder in args.folders:
+        check_output(Path(folder), "report")
+    if args.compare or not args.folders:
+        check_output(Path(args.out), "--out")
     if args.compare:
         print(f"report: {compare_job([Path(d) for d in args.compare], Path(args.out))}")
         return 0
@@ -430,7 +483,7 @@ def _export_parser(sub: Commands) -> None:
     p = sub.add_parser("export", help="the run's model as ONNX, checked against PyTorch on the run's images")
     p.add_argument("run_dir")
     p.add_argument("--out", help="ONNX file to write (default: RUN_DIR/model.onnx)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset, 13 to 20 (default: 17)")
     p.set_defaults(func=cmd_export)
 
 
@@ -453,7 +506,7 @@ def _serve_parser(sub: Commands) -> None:
     p = sub.add_parser("serve", help="a local web page: drop a specimen's images, see classes, Grad-CAM, decision")
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.set_defaults(func=cmd_serve)
 
 
@@ -477,11 +530,11 @@ def _curve_parser(sub: Commands) -> None:
     p = sub.add_parser("curve", help="learning curve: validation macro-F1 and loss against training-set size")
     _add_config_flags(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--fraction", type=float, default=1.0, help="share of the data the curve uses (e.g. 0.2)")
+    p.add_argument("--fraction", type=_fraction, default=1.0, help="share of the data the curve uses (e.g. 0.2)")
     p.add_argument(
         "--sizes", type=_floats, default=[0.25, 0.5, 0.75, 1.0], help="training-set fractions, comma-separated"
     )
-    p.add_argument("--cv", type=int, default=0, help="K-fold cross-validation (0: one validation set)")
+    p.add_argument("--cv", type=_folds, default=0, help="K-fold cross-validation (0: one validation set)")
     p.set_defaults(func=cmd_curve)
 
 
@@ -490,9 +543,9 @@ def _grid_parser(sub: Commands) -> None:
     p = sub.add_parser("grid", help="grid search over batch size x learning rate (Optuna, resumable)")
     _add_config_flags(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--fraction", type=float, default=1.0, help="share of the data (1.0: the full training set)")
+    p.add_argument("--fraction", type=_fraction, default=1.0, help="share of the data (1.0: the full training set)")
     p.add_argument("--batch-sizes", type=_positive_ints, default=[32, 64, 128])
-    p.add_argument("--lrs", type=_floats, default=[5e-4, 1e-3, 2e-3, 4e-3])
+    p.add_argument("--lrs", type=_positive_floats, default=[5e-4, 1e-3, 2e-3, 4e-3])
     p.add_argument(
         "--param", action="append", metavar="KEY=V1,V2", help="another grid axis, e.g. train.weight_decay=0.01,0.05"
     )
@@ -577,6 +630,9 @@ def _distributed(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `defungi` console script."""
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     first = os.environ.get("RANK", "0") in ("", "0")  # torchrun's rank: the others log warnings only
     logging.basicConfig(

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -93,72 +94,138 @@ class Config:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "data.split": ("grouped", "random"),
-    "data.normalize": ("image", "luma", "dataset", "pretrained"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.schedule": ("onecycle", "cosine"),
-    "train.augment": ("none", "basic", "strong"),
-    "train.mix": ("none", "mixup", "cutmix", "both"),
-    "train.specimen_rule": ("mean", "log_mean", "trimmed"),  # the keys of train.metrics.SPECIMEN_RULES
+@dataclass(frozen=True)
+class Rule:
+    """What one config key accepts: ok(value), the fix a refusal names, and a value it refuses (the
+    tests feed it to every key)."""
+
+    ok: Callable[[Any], bool]
+    fix: str
+    refused: Any
+    choices: tuple[str, ...] = ()  # a key with a fixed set of values: those
+
+
+def between(low: float, high: float, fix: str, low_open: bool = False, high_open: bool = False) -> Rule:
+    """A number in [low, high] (an open end excludes it); NaN and infinities are refused."""
+
+    def ok(v: Any) -> bool:
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return isinstance(v, (int, float)) and math.isfinite(v) and above and below
+
+    return Rule(ok, fix, high * 2 + 1 if high < 1e6 else low - 1)
+
+
+def one_of(*options: str) -> Rule:
+    return Rule(lambda v: v in options, f"use one of {', '.join(options)}", "nonesuch", options)
+
+
+def matches(pattern: str, fix: str, refused: str) -> Rule:
+    return Rule(lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None, fix, refused)
+
+
+def _model_args_ok(args: Any) -> bool:
+    numbers = [v for v in args.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return all(math.isfinite(v) and v >= 0 for v in numbers)
+
+
+FLAG = Rule(lambda v: isinstance(v, bool), "use true or false", "maybe")
+SEED = between(0, 2**32 - 1, "use a seed from 0 to 4294967295")
+MIN_IMAGE_SIZE = 16  # px: the smallest input the models (patch 4 ConvMixer, ResNet stride 32) take usefully
+MAX_IMAGE_SIZE = 1024  # px: the decoded cache holds 3 x size^2 bytes per image (9,114 images at 1024: 29 GB)
+PRIOR_WEIGHT_RANGE = "use 0 (balanced decision) to 1 (training class frequencies)"
+STEPS = 100_000  # a bound on epochs, patience and ensembles far past any useful value
+
+# THE rule of every config key, in one place; validate checks them together, then the keys that
+# depend on each other. Keys checked where they are used (a path, a model name) say so.
+RULES: dict[str, Rule] = {
+    "profile": Rule(lambda v: isinstance(v, str), "give a shipped profile or a .toml file", "nonesuch"),
+    "data.root": Rule(lambda v: isinstance(v, str), "give a folder of class folders (checked on use)", "/nonesuch"),
+    "data.image_size": between(
+        MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, f"use {MIN_IMAGE_SIZE} px to {MAX_IMAGE_SIZE} px, e.g. 64"
+    ),
+    "data.variance_threshold": between(0, 1e9, "use 0 (keep every image) or more, e.g. 15", high_open=True),
+    "data.normalize": one_of("image", "luma", "dataset", "pretrained"),
+    "data.split": one_of("grouped", "random"),
+    "data.val_fraction": between(0, 1, "use a share in (0, 1), e.g. 0.15", low_open=True, high_open=True),
+    "data.test_fraction": between(0, 1, "use a share in [0, 1), e.g. 0.15", high_open=True),
+    "data.seed": SEED,
+    "data.cv_folds": Rule(lambda v: v == 0 or 2 <= v <= 1000, "use 0 (one split) or 2 to 1000 folds", 1),
+    "train.model": matches(r"[\w.\-/]+", "give a registered model or a timm model name", "no such model"),
+    "train.model_args": Rule(_model_args_ok, "give sizes and rates as finite numbers of 0 or more", {"dim": -1}),
+    "train.epochs": between(1, STEPS, "train 1 to 100000 epochs"),
+    "train.batch_size": between(1, 2**20, "use a batch size from 1 to 1048576, e.g. 32"),
+    "train.lr": between(0, 10, "use a learning rate in (0, 10], e.g. 1e-3", low_open=True),
+    "train.weight_decay": between(0, 1, "use 0 (none) to 1, e.g. 0.05"),
+    "train.optimizer": one_of("adamw", "sgd"),
+    "train.schedule": one_of("onecycle", "cosine"),
+    "train.warmup_fraction": between(0, 1, "use a share of the steps in [0, 1), e.g. 0.25", high_open=True),
+    "train.label_smoothing": between(0, 1, "use 0 (none) to under 1, e.g. 0.1", high_open=True),
+    "train.ema_decay": between(0, 1, "use 0 (no average) or a decay under 1, e.g. 0.995", high_open=True),
+    "train.balance": FLAG,
+    "train.augment": one_of("none", "basic", "strong"),
+    "train.mix": one_of("none", "mixup", "cutmix", "both"),
+    "train.mix_alpha": between(0, 100, "use a Beta parameter in (0, 100], e.g. 0.4", low_open=True),
+    "train.tta": FLAG,
+    "train.prior_weight": between(0, 1, PRIOR_WEIGHT_RANGE),
+    "train.patience_epochs": between(0, STEPS, "use 0 to 100000 epochs, e.g. 5"),
+    "train.restore_best": FLAG,
+    "train.pretrained": FLAG,
+    "train.weights": Rule(lambda v: isinstance(v, str), "give a weights file (checked on use)", "nowhere.pt"),
+    "train.freeze_backbone": FLAG,
+    "train.train_from": matches(r"[\w.]*", "give a module name such as blocks.5, or nothing", "blocks 5!"),
+    "train.cached_views": between(1, 8, "use 1 (as is) to 8 (every flip/rotation)"),
+    "train.backbone_lr_scale": between(0, 100, "use 0 to 100 (e.g. 0.1)"),
+    "train.min_epochs": between(0, STEPS, "use 0 to 100000 epochs"),
+    "train.amp": FLAG,
+    "train.channels_last": FLAG,
+    "train.seed": SEED,
+    "train.specimen_rule": one_of("mean", "log_mean", "trimmed"),  # the keys of train.metrics.SPECIMEN_RULES
+    "train.ensemble": between(1, 1000, "use 1 (one model) to 1000 (an ensemble of seeds)"),
+    "train.device": matches(r"auto|cpu|mps|cuda(:\d+)?", "use auto, cpu, cuda, cuda:N or mps", "tpu"),
 }
 
 
-PRIOR_WEIGHT_RANGE = "use 0 (balanced decision) to 1 (training class frequencies)"
-MIN_IMAGE_SIZE = 16  # px: the smallest input the models (patch 4 ConvMixer, ResNet stride 32) take usefully
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return f"'{value}'" if isinstance(value, str) else json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def config_keys(config: Config) -> dict[str, Any]:
+    """Every key of config, dotted, with its value."""
+    keys = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            keys |= {f"{f.name}.{g.name}": getattr(value, g.name) for g in dataclasses.fields(value)}
+        else:
+            keys[f.name] = value
+    return keys
 
 
 def validate(config: Config) -> Config:
-    """Reject values outside the known choices, naming the key and the options."""
-    for key, options in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in options:
-            raise DefungiError(f"config key '{key}' is '{value}'; use one of {', '.join(options)}")
-    if config.data.cv_folds == 1 or config.data.cv_folds < 0:
-        raise DefungiError(
-            f"config key 'data.cv_folds' is {config.data.cv_folds}; use 0 (one split) or 2 or more folds"
-        )
-    if config.train.ensemble < 1:
-        raise DefungiError(
-            f"config key 'train.ensemble' is {config.train.ensemble}; use 1 (one model) or more (an ensemble of seeds)"
-        )
-    if not 0 <= config.train.prior_weight <= 1:  # also NaN
-        raise DefungiError(f"config key 'train.prior_weight' is {config.train.prior_weight:g}; {PRIOR_WEIGHT_RANGE}")
-    for key, value, low, fix in (
-        ("train.epochs", config.train.epochs, 1, "train at least one epoch"),
-        ("train.batch_size", config.train.batch_size, 1, "use a positive batch size, e.g. 32"),
-        ("data.image_size", config.data.image_size, MIN_IMAGE_SIZE, f"use {MIN_IMAGE_SIZE} px or more, e.g. 64"),
-    ):
-        if value < low:
-            raise DefungiError(f"config key '{key}' is {value}; {fix}")
-    if not (math.isfinite(config.train.lr) and config.train.lr > 0):
-        raise DefungiError(f"config key 'train.lr' is {config.train.lr:g}; use a positive learning rate, e.g. 1e-3")
-    dc = config.data
-    if not (0 < dc.val_fraction < 1 and 0 <= dc.test_fraction < 1 and dc.val_fraction + dc.test_fraction < 1):
+    """Check every key against its rule (RULES), then the keys that depend on each other; the first
+    refusal names the key, its value and what to use."""
+    for key, value in config_keys(config).items():
+        rule = RULES[key]
+        if not rule.ok(value):
+            raise DefungiError(f"config key '{key}' is {_shown(value)}; {rule.fix}")
+    dc, tc = config.data, config.train
+    if dc.val_fraction + dc.test_fraction >= 1:
         raise DefungiError(
             f"config keys 'data.val_fraction' ({dc.val_fraction:g}) and 'data.test_fraction' ({dc.test_fraction:g}): "
             "the validation part needs a share in (0, 1), the test part [0, 1), and both together under 1"
         )
-    if not config.train.backbone_lr_scale >= 0:
-        raise DefungiError(
-            f"config key 'train.backbone_lr_scale' is {config.train.backbone_lr_scale:g}; use 0 or more (e.g. 0.1)"
-        )
-    if config.train.freeze_backbone and not (config.train.pretrained or config.train.weights):
+    if tc.freeze_backbone and not (tc.pretrained or tc.weights):
         raise DefungiError(
             "train.freeze_backbone trains a head on a pretrained backbone; add --pretrained or --weights FILE"
         )
-    if config.train.train_from and not config.train.freeze_backbone:
+    if tc.train_from and not tc.freeze_backbone:
         raise DefungiError(
             "train.train_from trains the modules from there on the frozen ones' cached output; "
             "add --set train.freeze_backbone=true"
         )
-    if not 1 <= config.train.cached_views <= 8:
-        raise DefungiError(
-            f"config key 'train.cached_views' is {config.train.cached_views}; use 1 (as is) to 8 (every flip/rotation)"
-        )
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.train.device):
-        raise DefungiError(f"config key 'train.device' is '{config.train.device}'; use auto, cpu, cuda, cuda:N or mps")
     return config
 
 
@@ -230,8 +297,14 @@ def profile_path(name: str) -> Path:
 
 def profile_table(profile: str) -> dict[str, Any]:
     """A profile's TOML as nested tables."""
-    with open(profile_path(profile), "rb") as fh:
-        return tomllib.load(fh)
+    path = profile_path(profile)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DefungiError(f"{path}: not a valid TOML profile ({exc}); fix it or give a shipped profile") from None
+    except OSError as exc:
+        raise DefungiError(f"{path}: cannot be read ({exc.strerror}); check the path and its permissions") from None
 
 
 def load_config(profile: str = "quick", overrides: dict[str, Any] | None = None) -> Config:

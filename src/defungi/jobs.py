@@ -87,8 +87,9 @@ def grid_job(
     heartbeat: int | None = None,
 ) -> GridResult:
     """A grid search on `fraction` of the data (1.0: the main split's parts): grid.json and grid.png."""
-    from defungi.experiments.grid import grid_search
+    from defungi.experiments.grid import check_cells, grid_search
 
+    check_cells(config, grid)
     data = dataset_for(config)
     dc, layout = config.data, SearchLayout(out)
     split = tuning_split(

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from defungi.errors import DefungiError
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -197,15 +199,38 @@ class AuditLayout:
         return self.root / f"{name}.png"
 
 
+def _unreadable(path: Path, what: str, exc: Exception) -> DefungiError:
+    return DefungiError(f"{path}: not a readable {what} ({type(exc).__name__}); delete it and run again")
+
+
 def read_json(path: Path) -> Any:
-    """A JSON file written by this package."""
-    return json.loads(Path(path).read_text())
+    """A JSON file written by this package; one line naming the file when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DefungiError(
+            f"{path}: not a readable JSON file ({type(exc).__name__}); delete it and run again"
+        ) from None
 
 
-def read_table(path: Path) -> list[dict[str, str]]:
-    """A CSV file with a header row, as a list of dicts of strings."""
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+def read_table(path: Path, columns: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """A CSV file with a header row, as a list of dicts of strings; one line naming the file when it
+    cannot be read, lacks one of columns, or has a row of another length."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # as atomic_write_text wrote
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DefungiError(
+            f"{path}: not a readable CSV table ({type(exc).__name__}); delete it and run again"
+        ) from None
+    missing = [c for c in columns if c not in header]
+    ragged = next((n for n, row in enumerate(rows, 2) if None in row or None in row.values()), None)
+    if missing or ragged:
+        what = f"no column '{missing[0]}'" if missing else f"line {ragged} has {len(header)} fields"
+        raise DefungiError(f"{path}: not the table defungi wrote ({what}); delete it and run again")
+    return rows
 
 
 def _number(text: str) -> int | float:
@@ -215,7 +240,13 @@ def _number(text: str) -> int | float:
 
 def read_history(path: Path) -> list[dict[str, float]]:
     """history.csv as numbers (epoch as int)."""
-    return [{k: _number(v) for k, v in row.items()} for row in read_table(path)]
+    if Path(path).stat().st_size <= 2:  # no header: a run of several fits keeps its histories in its parts
+        return []
+    rows = read_table(path, ("epoch",))
+    try:
+        return [{k: _number(v) for k, v in row.items()} for row in rows]
+    except ValueError as exc:
+        raise DefungiError(f"{path}: not the table defungi wrote ({exc}); delete it and run again") from None
 
 
 @dataclass(frozen=True)

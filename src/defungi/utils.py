@@ -56,16 +56,37 @@ def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool =
     return _LineProgress(total, desc)
 
 
+def check_output(path: Path, option: str, want: str = "folder") -> None:
+    """Refuse, in one line and before any work, an output path (want: 'folder' or 'file') that cannot
+    be written: a file where a folder is wanted or the reverse, a path under a file, a folder that
+    cannot take a new file (read-only, /proc; tried, as permissions do not stop root)."""
+    for folder in (path, *path.parents):
+        if not folder.exists():
+            continue
+        if folder == path and want == "file":
+            if folder.is_dir():
+                raise DefungiError(f"{option} {path} is a folder; give a file path")
+            continue  # an existing file is replaced: its folder must take a new one
+        if not folder.is_dir():
+            raise DefungiError(f"{option} {path}: {folder} is a file; give a folder path")
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError:
+            raise DefungiError(f"{option} {path}: {folder} is not writable; use another {option}") from None
+        return
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file so that readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report should read like any other file
-    os.replace(tmp, path)
+
+    def write(fh: BinaryIO) -> None:
+        fh.write(text.encode("utf-8", "surrogateescape"))  # a file name that is not UTF-8 keeps its bytes
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fh.fileno(), 0o666 & ~umask)  # mkstemp makes it private; a report should read like any other file
+
+    atomic_write_binary(path, write)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -87,9 +108,13 @@ def atomic_write_binary(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """write(file) into a uniquely named temporary file, then rename it to path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        write(fh)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted write leaves no temporary file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:

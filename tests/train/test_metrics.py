@@ -3,7 +3,7 @@ import pytest
 from scipy.stats import gmean
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from defungi.config import CHOICES, load_config
+from defungi.config import RULES, load_config
 from defungi.errors import DefungiError
 from defungi.train.metrics import (
     SPECIMEN_RULES,
@@ -76,7 +76,7 @@ def test_sample_decisions_pool_each_sample_by_the_rule_whatever_the_row_order(ru
 
 
 def test_the_config_offers_the_rules_there_are_and_refuses_others():
-    assert CHOICES["train.specimen_rule"] == tuple(SPECIMEN_RULES)
+    assert RULES["train.specimen_rule"].choices == tuple(SPECIMEN_RULES)
     assert load_config("quick", {"train.specimen_rule": "trimmed"}).train.specimen_rule == "trimmed"
     with pytest.raises(DefungiError, match="specimen_rule.*log_mean"):
         load_config("quick", {"train.specimen_rule": "median"})

@@ -54,19 +54,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+MAX_ASPECT = 20  # longer side / shorter side: past it a file is a strip, not a micrograph
+
+
 def square(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to size and centre-crop to size x size."""
+    """The central square of the image, resized to size x size (cropped before it is resized, so
+    that the work is bounded by the square, whatever the image's shape)."""
     w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=3.0)
+
+
+def check_shape(width: int, height: int) -> str | None:
+    """Why an image of this size is not decoded (None: it is): more pixels than PIL's limit (the
+    size of its decompression-bomb warning) or a strip far longer than wide."""
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        return f"{width}x{height} px: over the limit of {Image.MAX_IMAGE_PIXELS} pixels"
+    if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
+        return f"{width}x{height} px: more than {MAX_ASPECT} times as long as wide"
+    return None
 
 
 def open_image(path: Path, size: int) -> Image.Image:
-    """Open, decode (JPEG at reduced scale when it is much larger) and convert to RGB."""
+    """Open, check its size from the header (check_shape), decode (JPEG at reduced scale when it is
+    much larger) and convert to RGB."""
     with Image.open(path) as image:
+        why = check_shape(*image.size)
+        if why is not None:
+            raise Image.DecompressionBombError(why)
         image.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4, 1/8 scale when large enough
         image.load()
         return to_rgb(image)
@@ -99,7 +115,7 @@ def cache_key(records: list[ImageRecord], size: int) -> str:
     h = hashlib.sha1(str(size).encode())
     for r in records:
         st = r.path.stat()
-        h.update(f"{r.path.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(r.path.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())  # any file name
     return h.hexdigest()[:16]
 
 

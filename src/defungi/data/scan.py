@@ -57,7 +57,18 @@ def default_cache_dir() -> Path:
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
+    """The sub-folders that can hold images: not hidden, and not a link back into the tree (ln -s .
+    DATA/H7 would be a class holding every image again; a link to a folder elsewhere is followed)."""
+    found = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
+    looped = [p for p in found if p.is_symlink() and _inside(p.resolve(), folder.resolve())]
+    for link in looped:
+        log.warning("%s: a link to %s, inside the data; left out", link, link.resolve())
+    return [p for p in found if p not in looped]
+
+
+def _inside(target: Path, tree: Path) -> bool:
+    """Whether target is the tree, inside it, or holds it."""
+    return target == tree or target in tree.parents or tree in target.parents
 
 
 def _has_images(folder: Path) -> bool:
@@ -102,7 +113,8 @@ def _unpack(archive: Path) -> Path:
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(tmp)
             _unpack_nested(tmp)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: a compression method Python lacks
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DefungiError(
                 f"{archive}: not a readable .zip archive ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
@@ -134,6 +146,17 @@ def scan(root: str | Path, min_classes: int = 2) -> list[ImageRecord]:
         if root.suffix.lower() != ".zip":
             raise DefungiError(f"{root}: expected a folder of class folders or a .zip of one")
         root = _unpack(root)
+    try:
+        return _scan_tree(root, min_classes)
+    except OSError as exc:  # a folder or file that cannot be listed (permissions, a vanished disk)
+        raise DefungiError(
+            f"{exc.filename or root}: cannot be read ({exc.strerror or type(exc).__name__}); "
+            f"fix its permissions or move it out of {root}"
+        ) from None
+
+
+def _scan_tree(root: Path, min_classes: int) -> list[ImageRecord]:
+    """scan's walk of an existing folder."""
     base = _class_root(root)
     class_dirs = sorted(_subdirs(base))
     nested = _trees(class_dirs)
@@ -231,5 +254,8 @@ def resolve_data(path: str | None) -> Path:
     """--data, else $DEFUNGI_DATA, else the cached release, else fetch it."""
     chosen = path or os.environ.get("DEFUNGI_DATA")
     if chosen:
-        return Path(chosen).expanduser().absolute()
+        root = Path(chosen).expanduser().absolute()
+        if not root.exists():
+            raise DefungiError(f"--data {root}: no such file or folder; pass --data DIR or run 'defungi data fetch'")
+        return root
     return fetch()

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -506,6 +507,15 @@ def _save(run: RunDir, task: _Task, learner: _Learner, progress: _Progress, epoc
     run.save_last(checkpoint, learner.training_state() | progress_state)
 
 
+def _check_finite(loss: float, epoch: int, tc: TrainConfig) -> None:
+    """Stop a fit whose training loss is no longer a number: nothing after it would mean anything."""
+    if not math.isfinite(loss):
+        raise DefungiError(
+            f"the training loss became {loss} in epoch {epoch + 1} of {tc.model} (lr {tc.lr:g}); "
+            "lower --lr, or use --set train.amp=false, and train into a new --out"
+        )
+
+
 def _train(
     task: _Task,
     learner: _Learner,
@@ -525,6 +535,7 @@ def _train(
         stats = train_one_epoch(
             source.forward, source.batches(epoch), task.steps_per_epoch, learner.step, f"epoch {epoch + 1}/{tc.epochs}"
         )
+        _check_finite(stats["loss"], epoch, tc)
         row = sync.epoch(stats, functools.partial(_history_row, task, learner, source, epoch))
         progress.history.append(row)
         progress.train_seconds += row["seconds"]

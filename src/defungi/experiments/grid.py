@@ -150,7 +150,7 @@ def grid_search(
 ) -> GridResult:
     """Fit every cell (train on split['train'], score macro-F1 on split['val']); results in grid order."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys, cells = list(grid), parameter_grid(grid)
+    keys, cells = list(grid), check_cells(config, grid)
     name = study_name(config, split, grid)
     study = _open_study(name, storage or f"sqlite:///{(out_dir / 'grid.sqlite3').resolve()}", heartbeat)
     before = _completed(study, keys)
@@ -191,9 +191,22 @@ def grid_search(
     )
 
 
+def check_cells(config: Config, grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The grid's cells; one whose config is refused is refused before any decoding, naming it."""
+    cells = parameter_grid(grid)
+    for cell in cells:
+        try:
+            load_config_from(config, cell)
+        except DefungiError as exc:
+            raise DefungiError(f"grid cell {cell_name(cell)}: {exc}") from None
+    return cells
+
+
 def _open_study(name: str, storage: str, heartbeat: int | None) -> optuna.Study:
     """The grid's Optuna study in storage, created by the first worker to ask."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial's traceback is not printed; its first line is kept (user attribute 'error')
+    # and said once the cell has failed MAX_ATTEMPTS times
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna.create_study(
         study_name=name,
         storage=open_storage(storage, heartbeat),
@@ -227,13 +240,14 @@ def _work(
         trials = study.get_trials(deepcopy=False)
         done = {_cell(t, keys) for t in trials if t.state == TrialState.COMPLETE}
         active = {_cell(t, keys) for t in trials if t.state in ACTIVE}
-        errors = [_cell(t, keys) for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
+        failed = [t for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs]
+        errors = [_cell(t, keys) for t in failed]
         open_cells = [c for c in cells if _key(c, keys) not in done | active]
         given_up = [cell_name(c) for c in open_cells if errors.count(_key(c, keys)) >= MAX_ATTEMPTS]
         if given_up:
             raise DefungiError(
-                f"grid {study.study_name}: cells {', '.join(given_up)} raised an error {MAX_ATTEMPTS} times (their "
-                f"trials' user attribute 'error'); see their folders in {out_dir}"
+                f"grid {study.study_name}: cells {', '.join(given_up)} raised an error {MAX_ATTEMPTS} times (the "
+                f"last: {failed[-1].user_attrs['error']}); see their folders in {out_dir}"
             )
         if all(_key(c, keys) in done for c in cells):
             return

@@ -25,6 +25,7 @@ from defungi.experiments.fit import FitResult, fit, score_parts
 from defungi.experiments.rundir import FitRecord, RunDir, TrainedModel, load_checkpoints, model_args, write_predictions
 from defungi.experiments.trust import assess
 from defungi.layout import read_predictions, read_table
+from defungi.models.registry import check_model
 from defungi.results.ood import OodCheck
 from defungi.results.run import (
     METRIC_NAMES,
@@ -163,6 +164,7 @@ def fit_run(
             return _follow(config, run, data, split, sync)
     run.prepare()
     resolve_device(config.train.device)  # an unusable --device is refused before any decoding
+    check_model(config.train.model, config.train.model_args)  # so are a model and arguments that cannot build
     weights = Path(config.train.weights).expanduser() if config.train.weights else None
     if weights is not None and not weights.is_file() and not run.started():
         raise DefungiError(f"--weights {weights}: no such file")

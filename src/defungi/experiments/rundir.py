@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import zipfile
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from defungi.train.loop import Preprocess
 from defungi.train.metrics import prior_weights
 from defungi.train.ood import READING_KINDS, Distance, OodDetector, OodHooks, Reading
 from defungi.train.runtime import atomic_torch_save, resolve_device
-from defungi.utils import atomic_write_binary, atomic_write_json, atomic_write_text, exclusive_lock
+from defungi.utils import atomic_write_binary, atomic_write_json, atomic_write_text, check_output, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +116,9 @@ class TrainedModel:
         return OodHooks(self.model, self.detectors).to(self.device) if self.detectors is not None else None
 
 
+SPLIT_COLUMNS = ("path", "label", "group", "part", "bytes")  # split.csv
+
+
 class RunDir:
     """One run folder; every read and write of its files goes through here."""
 
@@ -140,14 +142,7 @@ class RunDir:
     def prepare(self) -> None:
         """Check, before any decoding, that the folder can hold a run: not a file, not under a file,
         writable."""
-        for folder in (self.root, *self.root.parents):
-            if not folder.exists():
-                continue
-            if not folder.is_dir():
-                raise DefungiError(f"--out {self.root}: {folder} is a file; give a folder path")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise DefungiError(f"--out {self.root}: {folder} is not writable; use another --out")
-            return
+        check_output(self.root, "--out")
 
     def lock(self) -> AbstractContextManager[None]:
         """The folder's exclusive lock, held while training into it."""
@@ -201,14 +196,14 @@ class RunDir:
             [str(p), data.classes[data.labels[i]], data.groups[i], part_of.get(i, "unused"), _size(p)]
             for i, p in enumerate(data.paths)
         ]
-        _write_csv(self.layout.split, ["path", "label", "group", "part", "bytes"], rows)
+        _write_csv(self.layout.split, list(SPLIT_COLUMNS), rows)
 
     def check_split(self, data: Dataset, split: dict[str, np.ndarray]) -> None:
         """Refuse to resume or read back a started run whose images were added, removed, changed
         (another size) or put in another part since, naming the difference."""
         if not (self.layout.split.exists() and self.started()):
             return
-        stored = {r["path"]: r for r in read_table(self.layout.split)}
+        stored = {r["path"]: r for r in read_table(self.layout.split, SPLIT_COLUMNS)}
         part_of = {str(data.paths[i]): part for part, idx in split.items() for i in idx}
         now = {str(p): part_of.get(str(p), "unused") for p in data.paths}
         added, removed = sorted(now.keys() - stored.keys()), sorted(stored.keys() - now.keys())
@@ -384,17 +379,26 @@ def write_exclusions(path: Path, data: Dataset) -> None:
     _write_csv(path, ["path", "label", "grey_variance", "reason"], rows)
 
 
+def _rebuild(state: dict[str, Any], path: Path) -> torch.nn.Module:
+    """The model a checkpoint describes, with its weights; one line naming the file when the
+    checkpoint does not describe the weights it holds (another program's, another shape)."""
+    try:
+        model = create_model(state["model_name"], num_classes=len(state["classes"]), **state["model_args"])
+        model.load_state_dict(state["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError, DefungiError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        what = f"no {exc}" if isinstance(exc, KeyError) else lines[min(1, len(lines) - 1)][:200]  # torch: 2nd says why
+        raise DefungiError(f"{path}: its weights do not fit the model it names ({what}); train again") from None
+    return model
+
+
 def load_checkpoints(paths: list[Path], device: str = "auto") -> TrainedModel:
     """Rebuild a model from its self-describing checkpoints (weights_only, all present); several (the folds of a
     cross-validation, the members of an ensemble) are one model that averages their probabilities,
     with the mean of their class shares."""
     dev = resolve_device(device)
     states = [_load(p, dev) for p in paths]
-    models = []
-    for state in states:
-        model = create_model(state["model_name"], num_classes=len(state["classes"]), **state["model_args"])
-        model.load_state_dict(state["state_dict"])
-        models.append(model)
+    models = [_rebuild(state, path) for state, path in zip(states, paths, strict=True)]
     model = models[0] if len(models) == 1 else Ensemble(models)
     model.to(dev, memory_format=torch.channels_last).eval()
     state = states[0]  # the parts share classes and the normalisation rule
@@ -409,7 +413,10 @@ def load_checkpoints(paths: list[Path], device: str = "auto") -> TrainedModel:
     class_prior = None if priors[0] is None else np.mean(priors, axis=0).tolist()
     info = {k: state[k] for k in ("model_name", "model_args", "epoch", "best_metric")} | {"members": len(states)}
     detectors = [read_ood(RunLayout(p.parent).ood) for p in paths]
-    config = config_from_dict(state["config"])
+    try:
+        config = config_from_dict(state["config"])
+    except DefungiError as exc:
+        raise DefungiError(f"{paths[0]}: its config: {exc}; train again into a new folder") from None
     return TrainedModel(
         model, preprocess, state["classes"], config, dev, info, class_prior, _all_or_none(detectors, paths[0])
     )

@@ -9,6 +9,7 @@ without torch.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -140,5 +141,16 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     entry = model_entry(name)
     try:
         return entry.builder(num_classes=num_classes, **{**entry.defaults, **kwargs})
-    except TypeError as exc:
-        raise DefungiError(f"bad arguments for model '{name}': {exc}") from None
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DefungiError(f"bad arguments for model '{name}' (train.model_args {kwargs}): {first}") from None
+
+
+def check_model(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse a model name or arguments that cannot build, in one line, before any work: the model is
+    built on the meta device (no memory, no weights)."""
+    import torch
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        create_model(name, 2, **kwargs)

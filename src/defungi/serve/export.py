@@ -22,10 +22,13 @@ from defungi.serve.lite import METADATA_KEY, onnx_predictor
 from defungi.serve.predictor import Scores, torch_predictor
 from defungi.train.loop import Preprocess
 from defungi.train.ood import OodHooks
+from defungi.utils import check_output
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
+# 13: the oldest checked here (ConvMixer, 6e-8 from PyTorch); 20: the TorchScript exporter's newest
+OPSETS = range(13, 21)
 TOLERANCE = 1e-4  # max difference allowed between onnxruntime and PyTorch (probabilities; ood scores relative)
 
 
@@ -61,7 +64,7 @@ def check_images(run_dir: Path, size: int, n: int) -> tuple[np.ndarray, str]:
     """Up to n of the run's own images (test part first, from split.csv), decoded at size; random
     pixels where none can be read."""
     split = RunLayout(run_dir).split
-    rows = sorted(read_table(split), key=lambda r: r.get("part") != "test") if split.exists() else []
+    rows = sorted(read_table(split, ("path", "part")), key=lambda r: r["part"] != "test") if split.exists() else []
     images = []
     for row in rows:
         if len(images) == n:
@@ -76,6 +79,24 @@ def check_images(run_dir: Path, size: int, n: int) -> tuple[np.ndarray, str]:
     return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8), f"{n} random images"
 
 
+def _remove_stale(out: Path) -> None:
+    """Temporary files of earlier exports to out whose process is gone (killed before its cleanup)."""
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        pid = stale.name[len(out.name) + 2 : -4]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def export_onnx(
     run_dir: str | Path, out: str | Path | None = None, opset: int | None = None, n_check: int = 100
 ) -> dict[str, Any]:
@@ -84,12 +105,16 @@ def export_onnx(
     within TOLERANCE, else nothing is written."""
     import onnx
 
-    run_dir, opset = Path(run_dir), opset or OPSET
+    run_dir, opset = Path(run_dir), OPSET if opset is None else opset
+    if opset not in OPSETS:
+        raise DefungiError(f"--opset {opset}: use an ONNX opset from {OPSETS[0]} to {OPSETS[-1]} (default {OPSET})")
+    out = Path(out) if out else RunLayout(run_dir).onnx
+    check_output(out, "--out", "file")
     predictor = torch_predictor(run_dir, "cpu")
     trained = predictor.trained
     size = trained.preprocess.image_size
-    out = Path(out) if out else RunLayout(run_dir).onnx
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         hooks = trained.ood_hooks()

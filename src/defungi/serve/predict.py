@@ -230,7 +230,8 @@ def specimen_of(path: Path, group_by: str) -> str:
     if group_by == "folder":
         return str(path.parent)
     match = re.search(group_by, path.name)
-    return (match.group(1) if match.groups() else match.group(0)) if match else path.name
+    found = (match.group(1) if match.groups() else match.group(0)) if match else None
+    return found or path.name  # an optional group that did not take part: the file alone
 
 
 def by_specimen(
@@ -310,6 +311,11 @@ def check_group_by(group_by: str) -> None:
             re.compile(group_by)
         except re.error as exc:
             raise DefungiError(f"--group-by {group_by}: not a regular expression ({exc})") from None
+        if re.fullmatch(group_by, ""):
+            raise DefungiError(
+                f"--group-by {group_by}: matches an empty name, so it tells no specimens apart; "
+                "give a pattern whose first group is the specimen, e.g. '^(.+)_[0-9]+'"
+            )
 
 
 def predict_files(

@@ -10,6 +10,7 @@ import logging
 import re
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from defungi.data.cache import check_shape
 from defungi.errors import DefungiError
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE
 from defungi.serve.explain import explained
@@ -45,6 +47,10 @@ OPENED = ["JPEG", "PNG", "TIFF", "BMP"]  # the Pillow decoders an upload may rea
 FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp"}  # MPO: a camera's JPEG
 
 
+class Unusable(ValueError):
+    """No upload of a request can be classified: the request is answered 422."""
+
+
 def screen(data: bytes, limits: Limits) -> tuple[str | None, str]:
     """(why an upload cannot be classified, or None; the file suffix of its format), from its
     header alone: nothing is decoded here, and only JPEG, PNG, TIFF and BMP are opened at all."""
@@ -61,6 +67,8 @@ def screen(data: bytes, limits: Limits) -> tuple[str | None, str]:
         return "not an image (JPEG, PNG, TIFF or BMP expected)", ""
     if width * height > limits.pixels:
         return f"too many pixels ({width}×{height}; the limit is {limits.pixels / 1e6:.0f} megapixels)", ""
+    if (why := check_shape(width, height)) is not None:
+        return f"not a micrograph's shape ({why})", ""
     return None, suffix
 
 
@@ -76,6 +84,9 @@ def answer(model: Predictor, uploads: list[tuple[str, bytes]], answers: Answers,
     specimen's decision. Uploads are written to a temporary folder that is removed afterwards."""
     screened = [screen(data, limits) for _, data in uploads]
     refused = {i: why for i, (why, _) in enumerate(screened) if why}
+    if len(refused) == len(uploads):
+        reasons = "; ".join(f"{name}: {refused[i]}" for i, (name, _) in enumerate(uploads))
+        raise Unusable(f"no image can be classified ({reasons})")
     with tempfile.TemporaryDirectory(prefix="defungi-upload-") as tmp:
         paths = {}
         for i, (_, data) in enumerate(uploads):
@@ -150,17 +161,26 @@ def create_app(model: Predictor, limits: Limits = Limits()) -> FastAPI:
         except DefungiError as exc:
             return _refuse(str(exc).replace("--", ""), 400)
 
-        def locked() -> dict[str, Any]:
-            with lock:
-                return answer(model, uploads, answers, limits)
-
-        try:
-            return JSONResponse(await run_in_threadpool(locked))
-        except Exception as exc:  # noqa: BLE001 - the page shows a line; the server keeps serving
-            log.exception("answering an upload failed")
-            return _refuse(f"internal error ({type(exc).__name__}); the server log has the details", 500)
+        return await _answered(lambda: answer(model, uploads, answers, limits), lock)
 
     return app
+
+
+async def _answered(work: Callable[[], dict[str, Any]], lock: threading.Lock) -> JSONResponse:
+    """work's answer, computed in a worker thread under lock: 422 when no upload can be classified,
+    500 (and the server keeps serving) when answering failed."""
+
+    def locked() -> dict[str, Any]:
+        with lock:
+            return work()
+
+    try:
+        return JSONResponse(await run_in_threadpool(locked))
+    except Unusable as exc:
+        return _refuse(str(exc), 422)
+    except Exception as exc:  # noqa: BLE001 - the page shows a line; the server keeps serving
+        log.exception("answering an upload failed")
+        return _refuse(f"internal error ({type(exc).__name__}); the server log has the details", 500)
 
 
 def _refuse(message: str, status: int) -> JSONResponse:

@@ -187,6 +187,7 @@ def bootstrap_difference(
 def calibration(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
     """Expected calibration error of the top-class confidence, and the reliability table behind it."""
     confidence, correct = probs.max(1), probs.argmax(1) == labels
+    confidence = np.nan_to_num(confidence, nan=0.0, posinf=1.0, neginf=0.0)  # a diverged model: no crash here
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
     count = np.bincount(bins, minlength=n_bins)
     mean_conf = np.bincount(bins, weights=confidence, minlength=n_bins) / np.maximum(count, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import socket
 from collections.abc import Callable
@@ -39,6 +40,10 @@ FLAGS = {  # config keys that a training command takes as options of their own (
     "train.device": "--device",
 }
 SRC = Path(__file__).resolve().parents[1] / "src"  # for subprocesses: PYTHONPATH
+
+# fits compute with a fixed number of threads in the tests: the count chosen by load
+# (defungi.train.runtime.Threads) changes float rounding, and the tests compare runs bit for bit
+os.environ.setdefault("DEFUNGI_THREADS", "2")
 
 
 def free_port() -> int:

@@ -225,9 +225,21 @@ def profile_path(name: str) -> Path:
 
 
 def profile_table(profile: str) -> dict[str, Any]:
-    """A profile's TOML as nested tables."""
+    """A profile's TOML as nested tables; one with `base = "NAME"` is that profile's tables with its own
+    values over them (a variant says only what differs)."""
     with open(profile_path(profile), "rb") as fh:
-        return tomllib.load(fh)
+        table = tomllib.load(fh)
+    base = table.pop("base", None)
+    return _over(profile_table(base), table) if base is not None else table
+
+
+def _over(tables: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """tables with values over them, table by table (a table's other keys are kept)."""
+    merged = dict(tables)
+    for key, value in values.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _over(merged[key], value) if both else value
+    return merged
 
 
 def load_config(profile: str = "quick", overrides: dict[str, Any] | None = None) -> Config:

@@ -64,7 +64,8 @@ class TrainConfig:
     freeze_backbone: bool = False  # train the head alone, on backbone features computed once per image (cached)
     train_from: str = ""  # with freeze_backbone: the first module that trains (e.g. blocks.5); "" = the head
     # with freeze_backbone: the frozen part's output is cached for this many of the 8 flips/rotations of each
-    # image (1: the image as is); every epoch trains on one of them per image, at random
+    # image (1: the image as is); every epoch trains on one of them per image, at random; all 8 with tta: the
+    # scores average the 8 cached views' probabilities (no image passes through the backbone again)
     cached_views: int = 1
     backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to the head's (fine-tuning: e.g. 0.1)
     min_epochs: int = 0

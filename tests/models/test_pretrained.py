@@ -119,9 +119,10 @@ def test_a_tail_from_a_module_that_is_not_there_or_not_in_order_is_refused(at: s
         tail_from(net, "efficientnet-lite0", at, torch.zeros(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize(("train_from", "views"), [("", 1), ("blocks.1", 2)])
+# tta with all 8 views cached: scored from the cache, averaged as predict averages the flips of the images
+@pytest.mark.parametrize(("train_from", "views", "tta"), [("", 1, False), ("blocks.1", 2, False), ("", 8, True)])
 def test_a_frozen_backbone_run_predicts_what_it_scored(
-    train_from: str, views: int, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    train_from: str, views: int, tta: bool, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
     mixer = {**TINY_MIXER, "depth": 2}
     start = create_model("convmixer", num_classes=1000, **mixer).state_dict()
@@ -129,6 +130,7 @@ def test_a_frozen_backbone_run_predicts_what_it_scored(
     computed = []
     real = fit_module.module_inputs
     monkeypatch.setattr(fit_module, "module_inputs", lambda *a, **k: computed.append(1) or real(*a, **k))
+    monkeypatch.setattr(fit_module, "_evaluate", lambda *a, **k: pytest.fail("scored on the images, not the cache"))
     argv = ["train", "--data", str(tiny_data), "--model", "convmixer", "--weights", str(tmp_path / "w.pt")]
     argv += ["--set", f"train.model_args={json.dumps(mixer)}", "--set", "train.freeze_backbone=true"]
     argv += [
@@ -137,7 +139,7 @@ def test_a_frozen_backbone_run_predicts_what_it_scored(
         "--set",
         "data.normalize=pretrained",
         "--set",
-        "train.tta=false",
+        f"train.tta={str(tta).lower()}",
     ]
     argv += ["--image-size", "16", "--epochs", "3", "--batch-size", "8", "--set", f"train.cached_views={views}"]
     assert main([*argv, "--out", str(tmp_path / "run"), "--cv", "2"]) == 0

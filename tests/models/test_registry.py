@@ -79,7 +79,9 @@ def test_every_split_point_reproduces_the_whole_models_logits(name: str):
 def test_the_entry_says_the_native_input_size_and_normalisation():
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert (model_entry("resnet34").input_size, model_entry("resnet34").normalization) == (224, imagenet)
-    assert model_entry("efficientnet-lite0").normalization == ((0.5,) * 3, (0.5,) * 3)
+    for variant, side in ((0, 224), (1, 240), (2, 260)):  # timm's pretrained_cfg of tf_efficientnet_lite0/1/2
+        entry = model_entry(f"efficientnet-lite{variant}")
+        assert (entry.input_size, entry.normalization) == (side, ((0.5,) * 3, (0.5,) * 3))
     assert (model_entry("convmixer").input_size, model_entry("convmixer").normalization) == (None, imagenet)
     assert model_entry("resnet10t").input_size == 176  # timm's pretrained_cfg
 
@@ -102,22 +104,26 @@ def test_convmixer_depth_and_head_follow_arguments():
 
 
 def test_registry_lists_and_rejects():
-    assert {"resnet34", "convmixer-8", "convmixer-16", "efficientnet-lite0"} <= set(list_models())
+    lite = {"efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"}
+    assert {"resnet34", "convmixer-8", "convmixer-16", *lite} <= set(list_models())
     with pytest.raises(DefungiError, match="unknown model"):
         create_model("no-such-net", num_classes=2)
     with pytest.raises(DefungiError, match="bad arguments"):
         create_model("convmixer", num_classes=2, widht=3)
 
 
-def test_lite0_with_a_pool_border_reads_only_the_inner_cells_of_its_feature_map():
-    model = create_model("efficientnet-lite0", num_classes=5, pool_border=0.15).eval()
-    parts = model_entry("efficientnet-lite0").parts
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    noise = torch.randn(2, 1280, 7, 7, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize(
+    ("name", "side"), [("efficientnet-lite0", 7), ("efficientnet-lite1", 8), ("efficientnet-lite2", 9)]
+)
+def test_lite_with_a_pool_border_reads_only_the_inner_cells_of_its_feature_map(name: str, side: int):
+    model = create_model(name, num_classes=5, pool_border=0.15).eval()
+    entry = model_entry(name)
+    x = torch.randn(1, 3, entry.input_size, entry.input_size, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 1280, side, side, generator=torch.Generator().manual_seed(1))  # side: 1/32 of the input
 
     def logits(where: torch.Tensor | None) -> torch.Tensor:
         """The logits with noise added to the feature map's cells where the mask is true."""
-        hook = model.get_submodule(parts.features).register_forward_hook(
+        hook = model.get_submodule(entry.parts.features).register_forward_hook(
             lambda _m, _i, out: out if where is None else out + noise * where
         )
         with torch.no_grad():
@@ -125,7 +131,7 @@ def test_lite0_with_a_pool_border_reads_only_the_inner_cells_of_its_feature_map(
         hook.remove()
         return out
 
-    ring = torch.ones(7, 7, dtype=torch.bool)
+    ring = torch.ones(side, side, dtype=torch.bool)
     ring[1:-1, 1:-1] = False
-    assert torch.allclose(logits(ring), logits(None))  # the outer ring of the 7 x 7 map is not read
-    assert not torch.allclose(logits(~ring), logits(None), atol=1e-3)  # the inner 5 x 5 is
+    assert torch.allclose(logits(ring), logits(None))  # the outer ring of the map is not read
+    assert not torch.allclose(logits(~ring), logits(None), atol=1e-3)  # the inner cells are

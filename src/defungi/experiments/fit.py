@@ -52,7 +52,7 @@ from defungi.train.loop import (
     probabilities,
     train_one_epoch,
 )
-from defungi.train.metrics import classification_metrics, mean_nll, prior_weights, scored
+from defungi.train.metrics import classification_metrics, mean_nll, prior_weights, scored, weighted
 from defungi.train.ood import OodDetector, Reading, fit_detector, held_out_needed, model_readings
 from defungi.train.runtime import Threads, resolve_device, seed_everything
 from defungi.utils import atomic_save_npy, exclusive_lock
@@ -399,24 +399,27 @@ class _Features:
             self.features, task.data.labels, order, views, tc.batch_size, task.device, tc.channels_last
         )
 
-    def inputs(self, idx: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
-        """The cached inputs of train_from for images idx, as they are, batch by batch."""
+    def inputs(self, idx: np.ndarray, batch_size: int, view: int = 0) -> Iterator[torch.Tensor]:
+        """The cached inputs of train_from for images idx, of their view-th flip/rotation (0: as they
+        are), batch by batch."""
         tc = self.task.config.train
         for start in range(0, len(idx), batch_size):
-            yield feature_rows(
-                self.features, idx[start : start + batch_size], self.task.device, channels_last=tc.channels_last
-            )
+            rows = idx[start : start + batch_size]
+            views = np.full(len(rows), view)
+            yield feature_rows(self.features, rows, self.task.device, views, channels_last=tc.channels_last)
 
-    def probabilities(self, idx: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, float]:
+    def probabilities(self, idx: np.ndarray, batch_size: int = 256, views: int = 1) -> tuple[np.ndarray, float]:
         """(probabilities, loss) of the scored model from train_from on, on the cached inputs of images
-        idx: what the whole model computes on them without test-time augmentation."""
+        idx: what the whole model computes on them, without test-time augmentation, or (views=8, all
+        eight cached) averaged over the 8 flips/rotations as test-time augmentation on the images does."""
         task, tc = self.task, self.task.config.train
         n_batches = -(-len(idx) // batch_size)
         tail = self.learner.tails[-1]
-        inputs = self.inputs(idx, batch_size)
-        probs = probabilities(
-            tail, inputs, n_batches, task.device, tc.amp, desc="evaluate", class_weights=task.class_weights
-        )
+        per_view = [
+            probabilities(tail, self.inputs(idx, batch_size, view), n_batches, task.device, tc.amp, desc="evaluate")
+            for view in range(views)
+        ]
+        probs = weighted(sum(per_view) / views, task.class_weights)  # the prior's weights after the average
         return probs, mean_nll(probs, task.data.labels[idx])
 
     def read(self, reading: Reading, idx: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -560,23 +563,27 @@ def _train(
         log.info("early stop: %s", stopper.reason)
 
 
+def _scoring(source: _Source) -> Callable[[np.ndarray], tuple[np.ndarray, float]] | None:
+    """How the parts are scored: through the batch source without test-time augmentation; with it, from
+    the cached inputs of all 8 flips/rotations where the source holds them (no image passes through the
+    frozen backbone again), else on the images (score_parts' own way)."""
+    if not source.task.config.train.tta:
+        return source.probabilities
+    if isinstance(source, _Features) and len(source.features) == 8:
+        return functools.partial(source.probabilities, views=8)
+    return None
+
+
 def _result(
     task: _Task, learner: _Learner, source: _Source, progress: _Progress, split: dict[str, np.ndarray]
 ) -> FitResult:
     """Score every part but 'train' with the best epoch's weights (train.restore_best) or the last's:
-    through the batch source without test-time augmentation, on the images with it."""
+    as _scoring says (test-time augmentation from the cache where it holds all 8 views)."""
     tc = task.config.train
     if tc.restore_best and progress.best_state is not None:
         learner.scored.load_state_dict(progress.best_state)
     metrics, probabilities = score_parts(
-        learner.scored,
-        task.data,
-        split,
-        task.preprocess,
-        task.device,
-        tc,
-        task.class_weights,
-        None if tc.tta else source.probabilities,
+        learner.scored, task.data, split, task.preprocess, task.device, tc, task.class_weights, _scoring(source)
     )
     detector, ood_scores = _ood(task, source, split)
     return FitResult(

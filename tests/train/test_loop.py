@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from defungi.train import loop
 from defungi.train.loop import (
+    PACE,
     Batch,
     Preprocess,
     TrainStep,
@@ -193,3 +194,14 @@ def test_probabilities_of_a_head_on_its_cached_inputs_are_those_of_the_whole_mod
         torch.device("cpu"),
     )
     assert np.allclose(whole, cached, atol=1e-6)
+
+
+def test_a_long_pass_is_paced_every_few_batches_and_computes_the_same():
+    images, _ = _toy()
+    model = _model("images").eval()
+    calls: list[int] = []
+    paced = module_inputs(
+        model, model[3], images, _PRE, torch.device("cpu"), batch_size=4, pace=lambda: calls.append(1)
+    )
+    assert len(calls) == -(-len(images) // (4 * PACE))  # before the first batch, then every PACE-th
+    assert np.array_equal(paced, module_inputs(model, model[3], images, _PRE, torch.device("cpu"), batch_size=4))

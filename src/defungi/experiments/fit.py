@@ -676,6 +676,7 @@ def _cached_inputs(
                 channels_last=tc.channels_last,
                 view=view,
                 output_means=means,
+                pace=Threads(device).choose,
             )
             atomic_save_npy(path, feats)
             log.info(

@@ -321,6 +321,17 @@ def hooked_inputs(
     return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)
 
 
+PACE = 8  # batches between two choices of a long pass's threads (about half a minute on 2 cores)
+
+
+def _paced(batches: Iterable[torch.Tensor], pace: Callable[[], object] | None) -> Iterator[torch.Tensor]:
+    """The batches, with pace called before every PACE-th one."""
+    for i, x in enumerate(batches):
+        if pace is not None and i % PACE == 0:
+            pace()
+        yield x
+
+
 def module_inputs(
     model: nn.Module,
     module: nn.Module,
@@ -332,10 +343,13 @@ def module_inputs(
     channels_last: bool = True,
     view: int = 0,
     output_means: bool = False,
+    pace: Callable[[], object] | None = None,
 ) -> np.ndarray:
     """What one module of the model receives for each image, or the channel means of what it returns
-    (see hooked_inputs); of the view-th flip/rotation of each image (0: as is)."""
-    inputs = (dihedral(x, view) for x in image_inputs(images, preprocess, device, batch_size, channels_last))
+    (see hooked_inputs); of the view-th flip/rotation of each image (0: as is). pace is called before
+    every PACE-th batch (a long pass chooses its threads again: train.runtime.Threads.choose)."""
+    batches = _paced(image_inputs(images, preprocess, device, batch_size, channels_last), pace)
+    inputs = (dihedral(x, view) for x in batches)
     return hooked_inputs(model, module, inputs, -(-len(images) // batch_size), device, amp, output_means)
 
 

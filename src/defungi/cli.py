@@ -330,13 +330,13 @@ def _grid_axes(items: list[str]) -> dict[str, list[Any]]:
     for item in items:
         key, _, values = item.partition("=")
         try:
+            if not key or not values:
+                raise ValueError(item)
             axes[key] = [json.loads(v) if v[:1].isdigit() or v[:1] == "-" else v for v in values.split(",")]
-        except json.JSONDecodeError:
-            axes[key] = None
-        if not key or not values or axes[key] is None:
+        except ValueError:  # json.JSONDecodeError is one
             raise DefungiError(
                 f"--param {item}: give KEY=V1,V2 with numbers or words, e.g. train.weight_decay=0.01,0.05"
-            )
+            ) from None
     return axes
 
 

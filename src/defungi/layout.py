@@ -208,9 +208,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DefungiError(
-            f"{path}: not a readable JSON file ({type(exc).__name__}); delete it and run again"
-        ) from None
+        raise _unreadable(path, "JSON file", exc) from None
 
 
 def read_table(path: Path, columns: tuple[str, ...] = ()) -> list[dict[str, str]]:
@@ -222,9 +220,7 @@ def read_table(path: Path, columns: tuple[str, ...] = ()) -> list[dict[str, str]
             rows = list(reader)
             header = reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DefungiError(
-            f"{path}: not a readable CSV table ({type(exc).__name__}); delete it and run again"
-        ) from None
+        raise _unreadable(path, "CSV table", exc) from None
     missing = [c for c in columns if c not in header]
     ragged = next((n for n, row in enumerate(rows, 2) if None in row or None in row.values()), None)
     if missing or ragged:

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from defungi.errors import DefungiError
 from defungi.models import model_entry
-from defungi.models.ensemble import Ensemble
+from defungi.models.ensemble import members
 from defungi.report.plots import plot_explanation
 from defungi.serve.predict import classify, decode, expand_paths
 from defungi.serve.predictor import Predictor, torch_predictor
@@ -40,8 +40,7 @@ SHOWN = "fine"  # the map figures and the page show
 def cam_layers(model: nn.Module, module: str) -> list[nn.Module]:
     """The layers whose activations and gradients a map weighs: the named module, of each member of
     an ensemble."""
-    members = model.members if isinstance(model, Ensemble) else [model]
-    return [member.get_submodule(module) for member in members]
+    return [member.get_submodule(module) for member in members(model)]
 
 
 def map_source(model_name: str, kind: str) -> tuple[str, str]:
@@ -130,6 +129,8 @@ def explain(
     model = torch_predictor(run_dir)
     written: list[Path] = []
     seen: dict[str, int] = {}  # stems already written: files of one name in two folders get -2, -3
+    area = float(border_ring(model.image_size).mean())  # the ring's share of the image
+    method = "{} on {}".format(*map_source(model.trained.info["model_name"], SHOWN))
     for row in explained(model, expand_paths(paths), target, **decision):
         if "overlay" not in row:
             log.warning("%s: %s, not explained", row["path"], row.get("error") or row.get("status"))
@@ -137,8 +138,7 @@ def explain(
         stem = Path(row["path"]).stem
         seen[stem] = seen.get(stem, 0) + 1
         name = f"{stem}-{seen[stem]}.gradcam.png" if seen[stem] > 1 else f"{stem}.gradcam.png"
-        ring = (BORDER, float(border_share(row["map"][None])[0]), float(border_ring(model.image_size).mean()))
-        method = "{} on {}".format(*map_source(model.trained.info["model_name"], SHOWN))
+        ring = (BORDER, float(border_share(row["map"][None])[0]), area)
         figure = plot_explanation(
             row["image"], row["overlay"], row["map"], Path(out) / name, figure_title(row), method, ring
         )

@@ -88,12 +88,14 @@ def _remove_stale(out: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process of that id exists (signal 0 checks without sending; another user's raises
+    PermissionError, and is alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 

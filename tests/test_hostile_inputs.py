@@ -64,6 +64,15 @@ def test_a_profile_that_is_not_toml_is_one_line(tiny_data: Path, tmp_path: Path,
         refused(f"profile {name}", argv, f"{name}: not a valid TOML profile")
 
 
+def test_a_profile_whose_base_leads_back_to_it_is_one_line(tiny_data: Path, tmp_path: Path, refused):
+    (tmp_path / "a.toml").write_text(f'base = "{tmp_path / "b.toml"}"\n')
+    (tmp_path / "b.toml").write_text(f'base = "{tmp_path / "a.toml"}"\n')
+    (tmp_path / "c.toml").write_text("base = 3\n")
+    argv = _train(tiny_data, tmp_path / "run", "--profile", tmp_path / "a.toml")
+    refused("profile a -> b -> a", argv, "b.toml: its base leads back to")
+    refused("base = 3", _train(tiny_data, tmp_path / "run", "--profile", tmp_path / "c.toml"), "c.toml: base is 3")
+
+
 def test_a_fit_whose_loss_is_not_finite_stops_naming_the_epoch(
     tiny_data: Path, tmp_path: Path, refused, monkeypatch: pytest.MonkeyPatch
 ):

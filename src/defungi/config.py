@@ -296,10 +296,12 @@ def profile_path(name: str) -> Path:
     return Path(str(shipped))
 
 
-def profile_table(profile: str) -> dict[str, Any]:
+def profile_table(profile: str, _below: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A profile's TOML as nested tables; one with `base = "NAME"` is that profile's tables with its own
-    values over them (a variant says only what differs)."""
+    values over them (a variant says only what differs; _below: the variants already on the way here)."""
     path = profile_path(profile)
+    if path.resolve() in _below:
+        raise DefungiError(f"{_below[-1]}: its base leads back to {path}; give a base that does not build on it")
     try:
         with open(path, "rb") as fh:
             table = tomllib.load(fh)
@@ -308,7 +310,9 @@ def profile_table(profile: str) -> dict[str, Any]:
     except OSError as exc:
         raise DefungiError(f"{path}: cannot be read ({exc.strerror}); check the path and its permissions") from None
     base = table.pop("base", None)
-    return _over(profile_table(base), table) if base is not None else table
+    if base is not None and not isinstance(base, str):
+        raise DefungiError(f'{path}: base is {base!r}; give a profile\'s name or .toml path, e.g. base = "transfer"')
+    return _over(profile_table(base, (*_below, path.resolve())), table) if base is not None else table
 
 
 def _over(tables: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

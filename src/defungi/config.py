@@ -34,6 +34,9 @@ class DataConfig:
     # >= 2: K-fold cross-validation: every fold a run folder (fold-k) whose test part is one fold's
     # samples and whose validation part is carved from the rest; scored out of fold
     cv_folds: int = 0
+    # with cv_folds: fit only the first N of the K folds (0: all of them); the out-of-fold scores cover
+    # those folds' test images (a cheaper estimate: the studies' random-split figure uses one fold)
+    cv_fit_folds: int = 0
 
 
 @dataclass
@@ -73,6 +76,7 @@ class TrainConfig:
     # mixed precision: bf16 on CUDA where supported (else fp16) and on CPUs with native bf16 (AVX512-BF16, AMX)
     amp: bool = True
     channels_last: bool = True
+    ood: bool = True  # fit the refusal of non-micrographs (exploratory fits of a study skip it)
     seed: int = 0
     # a specimen's decision from its images' probabilities (train.metrics.SPECIMEN_RULES): mean | log_mean
     # (geometric mean) | trimmed (per class, without each end's 20%); per-sample metrics, predict, evaluate
@@ -152,6 +156,7 @@ RULES: dict[str, Rule] = {
     "data.test_fraction": between(0, 1, "use a share in [0, 1), e.g. 0.15", high_open=True),
     "data.seed": SEED,
     "data.cv_folds": Rule(lambda v: v == 0 or 2 <= v <= 1000, "use 0 (one split) or 2 to 1000 folds", 1),
+    "data.cv_fit_folds": Rule(lambda v: 0 <= v <= 1000, "use 0 (every fold) or 1 to the number of folds", -1),
     "train.model": matches(r"[\w.\-/]+", "give a registered model or a timm model name", "no such model"),
     "train.model_args": Rule(_model_args_ok, "give sizes and rates as finite numbers of 0 or more", {"dim": -1}),
     "train.epochs": between(1, STEPS, "train 1 to 100000 epochs"),
@@ -180,6 +185,7 @@ RULES: dict[str, Rule] = {
     "train.min_epochs": between(0, STEPS, "use 0 to 100000 epochs"),
     "train.amp": FLAG,
     "train.channels_last": FLAG,
+    "train.ood": FLAG,
     "train.seed": SEED,
     "train.specimen_rule": one_of("mean", "log_mean", "trimmed"),  # the keys of train.metrics.SPECIMEN_RULES
     "train.ensemble": between(1, 1000, "use 1 (one model) to 1000 (an ensemble of seeds)"),

@@ -7,28 +7,34 @@ predicting work where it is not installed (the GPU check's machine).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from defungi.config import Config, load_config
 from defungi.data.audit import audit
+from defungi.data.dataset import Dataset
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.errors import DefungiError
 from defungi.experiments.compare import paired_difference
-from defungi.experiments.curve import learning_curve
-from defungi.experiments.protocols import dataset_for, fit_run, split_for
+from defungi.experiments.curve import learning_curve, plan_curve
+from defungi.experiments.plan import FitPlan, Probe, current_step, planned_job, step_plan
+from defungi.experiments.protocols import dataset_for, fit_run, plan_fits, split_for
 from defungi.experiments.rundir import FitRecord, RunDir
 from defungi.layout import AuditLayout, RunLayout, SearchLayout, StudyLayout
 from defungi.report.audit import build_audit_report
-from defungi.report.combined import build_combined_report, build_comparison, comparison_table, final_of, read_states
+from defungi.report.combined import build_combined_report, build_comparison, comparison_table, read_states
 from defungi.report.page import Table
 from defungi.report.run import build_evaluation_report, build_run_report
 from defungi.report.search import render_curve, render_grid
 from defungi.report.study import build_study_report
+from defungi.results.plan import StepPlan
 from defungi.results.run import Evaluation
 from defungi.results.schema import to_dict
 from defungi.results.search import GridResult, LearningCurve
+from defungi.train import distributed
 from defungi.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -37,12 +43,27 @@ TRANSFER_PROFILE = "transfer"
 
 
 def train_job(config: Config, out: Path) -> FitRecord | None:
-    """Train (or resume, or read back) a run folder, then draw its figures (None: a torchrun rank
-    other than 0, which only trained)."""
-    record = fit_run(config, out)
+    """Train (or resume, or read back) a run folder, planned (its fits and their estimated time,
+    then one progress bar), then draw its figures (None: a torchrun rank other than 0, which only
+    trained)."""
+    data = dataset_for(config) if not RunLayout(out).metrics.exists() else None
+    with _one_step("train", f"train {out}", lambda: plan_fits(config, data) if data is not None else [], data):
+        record = fit_run(config, out, data)
     if record is not None:
         build_run_report(out)
     return record
+
+
+@contextlib.contextmanager
+def _one_step(name: str, title: str, fits: Callable[[], list[FitPlan]], data: Dataset | None) -> Iterator[None]:
+    """A job of one step, planned (nothing to plan without data: a finished run read back, or a
+    torchrun rank other than 0) and timed."""
+    if data is None or distributed.world().launched:
+        yield
+        return
+    with planned_job(lambda probe: [step_plan(name, title, fits(), probe)], len(data.classes)) as meter:
+        with current_step(name) if meter is not None else contextlib.nullcontext():  # None: a larger job's step
+            yield
 
 
 def resume_job(run_dir: Path) -> FitRecord | None:
@@ -72,7 +93,8 @@ def curve_job(config: Config, out: Path, fraction: float, sizes: list[float], cv
     data = dataset_for(config)
     dc, layout = config.data, SearchLayout(out)
     pool = tuning_pool(data.labels, data.groups, split_for(config, data), fraction, dc.split, dc.seed)
-    result = learning_curve(config, data, pool, sizes, layout.fits, cv=cv)
+    with _one_step("curve", f"learning curve {out}", lambda: plan_curve(config, data, pool, sizes, cv), data):
+        result = learning_curve(config, data, pool, sizes, layout.fits, cv=cv)
     atomic_write_json(layout.curve, to_dict(result))
     render_curve(out, f"learning curve, {fraction:.0%} of the data")
     return result
@@ -87,7 +109,7 @@ def grid_job(
     heartbeat: int | None = None,
 ) -> GridResult:
     """A grid search on `fraction` of the data (1.0: the main split's parts): grid.json and grid.png."""
-    from defungi.experiments.grid import check_cells, grid_search
+    from defungi.experiments.grid import check_cells, grid_search, plan_grid
 
     check_cells(config, grid)
     data = dataset_for(config)
@@ -95,7 +117,8 @@ def grid_job(
     split = tuning_split(
         data.labels, data.groups, split_for(config, data), fraction, dc.val_fraction, dc.split, dc.seed
     )
-    result = grid_search(config, data, split, grid, layout.fits, storage, heartbeat)
+    with _one_step("grid", f"grid search {out}", lambda: plan_grid(config, data, split, grid), data):
+        result = grid_search(config, data, split, grid, layout.fits, storage, heartbeat)
     atomic_write_json(layout.grid, to_dict(result))
     render_grid(out, f"grid search, {fraction:.0%} of the data")
     return result
@@ -113,12 +136,18 @@ def study_dirs(root: Path) -> list[Path]:
     return [root / f"study-{name}" for name in study_names()]
 
 
-def study_job(name: str, config: Config, out: Path, overrides: dict[str, Any] | None = None) -> Path:
-    """Run (or resume) a published study, sized by config's profile and dotted overrides (study.KEY,
-    study.NAME.KEY), then build its page; returns report.html."""
-    from defungi.experiments.studies import run_study
+def study_job(
+    name: str, config: Config, out: Path, overrides: dict[str, Any] | None = None, data: Dataset | None = None
+) -> Path:
+    """Run (or resume) a published study, planned (its steps' fits and estimated times, then one
+    progress bar; plan.json in its folder), sized by config's profile and dotted overrides
+    (study.KEY, study.NAME.KEY), then build its page; returns report.html."""
+    from defungi.experiments.studies import plan_study, run_study
 
-    run_study(name, config, out, overrides)
+    data = data if data is not None else dataset_for(config)
+    plan = StudyLayout(out).plan
+    with planned_job(lambda probe: plan_study(name, config, out, probe, overrides, data), len(data.classes), plan):
+        run_study(name, config, out, overrides, data)
     return build_study_report(out)
 
 
@@ -143,22 +172,44 @@ def compare_job(run_dirs: list[Path], out: Path) -> Path:
     return build_comparison(run_dirs, out, difference)
 
 
-def report_job(study_dirs: list[Path], out: Path, runs: list[Path] | None = None) -> Path:
-    """The combined page of finished study folders (and other finished runs beside them)."""
-    return build_combined_report(study_dirs, out, runs or [])
+def report_job(study_dirs: list[Path], out: Path, runs: list[Path] | None = None, plan: Path | None = None) -> Path:
+    """The combined page of finished study folders (and other finished runs beside them; plan: the
+    job's plan.json, its estimated and measured times)."""
+    return build_combined_report(study_dirs, out, runs or [], plan)
 
 
 def main_job(config: Config, out: Path, study_overrides: dict[str, Any] | None = None) -> tuple[Path, Table]:
     """The main job: every published study (resumable) with its page; the transfer recipe (the transfer
-    profile) by grouped cross-validation on the same folds as the first study's final recipe; then the
-    combined page. Returns the page and the comparison table."""
-    dirs = study_dirs(out)
-    for name, study_dir in zip(study_names(), dirs, strict=True):
-        log.info("study %s: report %s", name, study_job(name, config, study_dir, study_overrides))
+    profile) by grouped cross-validation on the same folds as the studies' final recipes; then the
+    combined page. It is planned first (every step's fits and estimated time, then one progress bar
+    over the whole job; out/plan.json holds the estimates and the measured times). Returns the page
+    and the comparison table."""
+    from defungi.experiments.studies import final_folds, plan_study
+
+    dirs, names = study_dirs(out), study_names()
+    data = dataset_for(config)
+    transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config, final_folds(names[0], config, study_overrides)))
+    transfer_data = dataset_for(transfer)
+    transfer_out = out / "transfer"
+
+    def steps(probe: Probe) -> list[StepPlan]:
+        plans = [
+            p for n, d in zip(names, dirs, strict=True) for p in plan_study(n, config, d, probe, study_overrides, data)
+        ]
+        done = RunLayout(transfer_out).metrics.exists()
+        fits = [] if done else plan_fits(transfer, transfer_data)
+        plans.append(step_plan(TRANSFER_PROFILE, "transfer recipe: grouped cross-validation", fits, probe))
+        plans[-1].done = done
+        return plans
+
+    plan_path = out / "plan.json"
+    with planned_job(steps, len(data.classes), plan_path):
+        for name, study_dir in zip(names, dirs, strict=True):
+            log.info("study %s: report %s", name, study_job(name, config, study_dir, study_overrides, data))
+        with current_step(TRANSFER_PROFILE):
+            log.info("transfer recipe: %s", train_job(transfer, transfer_out).path)
     states = read_states(dirs)
-    transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config, final_of(states[0]).cv_folds))
-    log.info("transfer recipe: %s", train_job(transfer, out / "transfer").path)
-    return report_job(dirs, out / "report", [out / "transfer"]), comparison_table(states)
+    return report_job(dirs, out / "report", [transfer_out], plan_path), comparison_table(states)
 
 
 def transfer_overrides(config: Config, final_folds: int) -> dict[str, Any]:

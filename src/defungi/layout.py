@@ -171,6 +171,11 @@ class StudyLayout:
     def excluded(self) -> Path:
         return self.root / "excluded.csv"
 
+    @property
+    def plan(self) -> Path:
+        """plan.json: the steps' estimated and measured times (`defungi.results.plan`)."""
+        return self.root / "plan.json"
+
     def step_dir(self, number: int, name: str) -> Path:
         """The folder of step `number` (1-based), e.g. 02-curve20."""
         return self.root / f"{number:02d}-{name}"

@@ -145,6 +145,14 @@ def exclusive_lock(path: Path, busy: str | None = None) -> Iterator[None]:
 
 
 def cpu_flags() -> str:
-    """The CPU's AVX-512 flags (printed beside every timing: they change training speed 4-7x)."""
+    """The CPU's AVX-512 and AMX flags (printed beside every timing: they change training speed 4-7x)."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return " ".join(sorted(set(re.findall(r"avx512[a-z_0-9]*", text)))) or "no AVX-512 (AVX2 or less)"
+    return " ".join(sorted(set(re.findall(r"avx512[a-z_0-9]*|amx[a-z_0-9]*", text)))) or "no AVX-512 (AVX2 or less)"
+
+
+def clock(seconds: float | None) -> str:
+    """'1:02:03' (or '-')."""
+    if seconds is None:
+        return "-"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

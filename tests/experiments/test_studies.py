@@ -14,6 +14,7 @@ from defungi.experiments.studies import STUDIES
 from defungi.jobs import main_job, redraw_job, study_job
 from defungi.models import create_model
 from defungi.report.combined import build_combined_report
+from defungi.results.plan import read_plan
 from defungi.results.run import read_run_metrics
 from defungi.results.schema import to_dict
 from defungi.results.study import read_study
@@ -33,6 +34,7 @@ SMALL_STUDY = {
     "study.grid_batch_sizes": "[8]",
     "study.grid_lrs": "[0.001, 0.002]",
     "study.final_folds": 2,
+    "study.random_folds": 1,
     "study.resnet34.subset_fraction": 0.5,
     "study.resnet34.grid2_lr_factors": "[1.0, 2.0]",
     "study.resnet34.cv_folds": 2,
@@ -91,6 +93,28 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     assert again.steps["final"].result.test == state.steps["final"].result.test
 
 
+@pytest.mark.parametrize("name", ["resnet34", "convmixer"])
+def test_each_steps_plan_lists_the_fits_it_ran_beside_its_measured_time(name: str, studies):
+    _, _, out = studies[name]
+    state, plan = read_study(out / "study.json"), read_plan(out / "plan.json")  # as the last run left them
+    assert [s.name for s in plan.steps] == [f"{name}/{key}" for key in state.steps]
+    for number, step in enumerate(plan.steps, start=1):
+        ran = len(list((out / f"{number:02d}-{step.name.split('/')[1]}").rglob("last.pt")))  # one per fit
+        assert step.fits == ran, step.name
+        assert step.done and step.seconds is not None and step.seconds > 0
+        assert (step.estimate_seconds > 0) == (ran > 0)
+        assert state.steps[step.name.split("/")[1]].estimate_seconds == step.estimate_seconds
+    assert plan.rates and plan.seconds == sum(s.seconds for s in plan.steps)
+
+
+def test_the_random_final_cv_fits_the_folds_asked_and_pairs_on_their_images(studies):
+    state, _, out = studies["resnet34"]
+    final = state.steps["final"].result
+    assert len(final.folds["random"]) == 1 and len(final.folds["grouped"]) == 2
+    assert final.gap.n_images == final.test["random"].n < final.test["grouped"].n
+    assert "1 of its 2 folds fitted" in final.summary
+
+
 def test_each_study_carries_its_own_options_and_its_fits_none(studies):
     stored = {name: studies[name][0].options for name in studies}
     assert stored["convmixer"]["split_ratios"] == [0.75] and "split_ratios" not in stored["resnet34"]
@@ -113,7 +137,7 @@ def test_final_fits_may_be_ensembles_while_explorations_fit_one_model(studies):
     final = state.steps["final"].result
     assert "an ensemble of 2 fits" in final.summary
     for mode in ("grouped", "random"):
-        fold = read_run_metrics(out / final.runs[mode] / "fold-1" / "metrics.json")
+        fold = read_run_metrics(out / final.runs[mode] / "fold-0" / "metrics.json")
         assert fold.protocol.ensemble == 2 and fold.protocol.split == mode
     explored = [config_from_dict(json.loads(p.read_text())).train.ensemble for p in out.glob("0[2-6]-*/**/config.json")]
     assert explored and set(explored) == {1}
@@ -143,6 +167,10 @@ def test_main_job_resumes_both_studies_and_returns_the_report(studies, monkeypat
     page, table = main_job(config, out.parent, options)
     assert page == out.parent / "report" / "report.html" and page.exists()
     assert "Beside the studies" in page.read_text() and (out.parent / "transfer" / "oof.csv").exists()
+    plan = read_plan(out.parent / "plan.json")  # the whole job's steps: every study step, then the transfer recipe
+    assert [s.name for s in plan.steps][-1] == "transfer" and len(plan.steps) == 15
+    assert plan.steps[-1].fits == 2 and plan.steps[-1].seconds is not None and plan.seconds is not None
+    assert "Time: the plan&#x27;s estimate" in page.read_text() or "Time: the plan's estimate" in page.read_text()
     assert "| convmixer, published (random split) |  | 0.780 | 0.810 | 0.790 | 0.800 |" in table.markdown()
     again = json.loads((out / "study.json").read_text())
     assert again["steps"] == before["steps"]  # every step read back, nothing refitted

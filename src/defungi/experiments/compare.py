@@ -48,16 +48,31 @@ def scored_images(run_dir: Path) -> Scored:
     )
 
 
+def _only(scored: Scored, paths: list[str]) -> Scored:
+    """The scored images among paths (sorted), in their order."""
+    keep = np.isin(np.array(scored.paths), paths)
+    return Scored(
+        paths=[p for p, k in zip(scored.paths, keep, strict=True) if k],
+        labels=scored.labels[keep],
+        samples=scored.samples[keep],
+        probs=scored.probs[keep],
+        classes=scored.classes,
+        rule=scored.rule,
+    )
+
+
 def paired_difference(first: Path, second: Path, seed: int = 0) -> PairedDifference:
     """Second run minus first, on the same images: per metric the difference and its 95% interval,
     image-level and sample-level (a sample's decision: its images' probabilities pooled by each run's
     specimen rule)."""
     a, b = scored_images(first), scored_images(second)
-    if a.paths != b.paths or a.classes != b.classes:
+    common = sorted(set(a.paths) & set(b.paths))
+    if not common or a.classes != b.classes:
         raise DefungiError(
-            f"{first} and {second} scored different images or classes; compare runs on the same data "
+            f"{first} and {second} scored no image in common or other classes; compare runs on the same data "
             "(e.g. one recipe under grouped and random cross-validation)"
         )
+    a, b = _only(a, common), _only(b, common)
     n_classes = len(a.classes)
     images = bootstrap_difference(a.labels, a.probs.argmax(1), b.probs.argmax(1), a.samples, n_classes, seed=seed)
     ids, labels, first_probs = sample_decisions(a.probs, a.labels, a.samples, a.rule)

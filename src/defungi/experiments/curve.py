@@ -11,7 +11,8 @@ import numpy as np
 from defungi.config import Config
 from defungi.data.dataset import Dataset
 from defungi.data.splits import folds, subset
-from defungi.experiments.protocols import fit_run
+from defungi.experiments.plan import FitPlan
+from defungi.experiments.protocols import fit_run, plan_fits
 from defungi.results.search import LearningCurve
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,31 @@ def _point_name(fold: int, fraction: float) -> str:
     return f"fold{fold}-size{fraction:.2f}" if round(fraction, 2) == fraction else f"fold{fold}-size{fraction:g}"
 
 
+def curve_points(
+    config: Config, data: Dataset, pool: np.ndarray, train_fractions: Sequence[float], cv: int = 0
+) -> list[list[dict[str, np.ndarray]]]:
+    """Per fold (K folds of pool, or one holdout), per training fraction: the fit's split ('train':
+    that fraction of the fold's training part, 'val', 'train_eval': a sample of 'train' it is scored on)."""
+    dc = config.data
+    points = []
+    for f, (tr, va) in enumerate(folds(data.labels, data.groups, pool, cv, dc.val_fraction, dc.split, dc.seed)):
+        points.append([])
+        for j, fraction in enumerate(train_fractions):
+            sub = tr[subset(data.labels[tr], data.groups[tr], fraction, dc.split, seed=dc.seed + f)]
+            rng = np.random.default_rng([dc.seed, f, j])
+            train_eval = np.sort(rng.choice(sub, min(len(sub), TRAIN_EVAL_MAX), replace=False))
+            points[f].append({"train": sub, "val": va, "train_eval": train_eval})
+    return points
+
+
+def plan_curve(
+    config: Config, data: Dataset, pool: np.ndarray, train_fractions: Sequence[float], cv: int = 0
+) -> list[FitPlan]:
+    """The fits learning_curve would run."""
+    points = curve_points(config, data, pool, train_fractions, cv)
+    return [fit for fold in points for split in fold for fit in plan_fits(config, data, split)]
+
+
 def learning_curve(
     config: Config, data: Dataset, pool: np.ndarray, train_fractions: Sequence[float], out_dir: Path, cv: int = 0
 ) -> LearningCurve:
@@ -33,26 +59,18 @@ def learning_curve(
     pool: the images the curve may use (e.g. 20% of the training data). Every fit is a run folder
     in out_dir, so a re-run only does the fits that are missing.
     """
-    dc = config.data
-    parts = folds(data.labels, data.groups, pool, cv, dc.val_fraction, dc.split, dc.seed)
+    parts = curve_points(config, data, pool, train_fractions, cv)
     shape = (len(parts), len(train_fractions))
     scores = {
         k: np.full(shape, np.nan) for k in ("train_size", "train_f1", "train_loss", "val_f1", "val_loss", "seconds")
     }
     histories: list[list[list[dict[str, float]]]] = []
-    for f, (tr, va) in enumerate(parts):
+    for f, fold in enumerate(parts):
         histories.append([])
-        for j, fraction in enumerate(train_fractions):
-            sub = tr[subset(data.labels[tr], data.groups[tr], fraction, dc.split, seed=dc.seed + f)]
-            rng = np.random.default_rng([dc.seed, f, j])
-            train_eval = np.sort(rng.choice(sub, min(len(sub), TRAIN_EVAL_MAX), replace=False))
+        for j, (fraction, split) in enumerate(zip(train_fractions, fold, strict=True)):
+            sub = split["train"]
             log.info("curve fold %d/%d, %.0f%% of training (%d images)", f + 1, len(parts), 100 * fraction, len(sub))
-            record = fit_run(
-                config,
-                out_dir / _point_name(f, fraction),
-                data,
-                {"train": sub, "val": va, "train_eval": train_eval},
-            )
+            record = fit_run(config, out_dir / _point_name(f, fraction), data, split)
             scores["train_size"][f, j] = len(sub)
             scores["train_f1"][f, j], scores["train_loss"][f, j] = (
                 record.score("train_eval"),

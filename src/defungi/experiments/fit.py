@@ -24,6 +24,7 @@ from defungi.data.augment import augment_batch, balanced_order, mix_batch
 from defungi.data.dataset import Dataset
 from defungi.data.scan import default_cache_dir
 from defungi.errors import DefungiError
+from defungi.experiments import plan
 from defungi.experiments.rundir import RunDir
 from defungi.models import create_model, model_entry
 from defungi.models.pretrained import (
@@ -526,9 +527,11 @@ def _train(
     progress: _Progress,
     run: RunDir | None,
     sync: distributed.Sync,
+    on_epoch: Callable[[], None],
 ) -> None:
     """The epochs from progress.start_epoch until the budget is used or early stopping ends them:
-    every rank trains and takes rank 0's history row; rank 0 keeps the best weights and checkpoints."""
+    every rank trains and takes rank 0's history row; rank 0 keeps the best weights and checkpoints;
+    on_epoch is told of each epoch (the job's progress)."""
     tc, stopper = task.config.train, learner.stopper
     stopped = bool(stopper.reason)
     for epoch in range(progress.start_epoch, tc.epochs):
@@ -559,6 +562,7 @@ def _train(
             progress.best_state = {k: v.detach().clone() for k, v in learner.scored.state_dict().items()}
         if run is not None and sync.main:
             _save(run, task, learner, progress, epoch, improved)
+        on_epoch()
     if stopper.reason:
         log.info("early stop: %s", stopper.reason)
 
@@ -605,7 +609,10 @@ def _ood(
 ) -> tuple[OodDetector | None, dict[str, np.ndarray]]:
     """The scored model's refusal of non-micrographs (see train.ood): fitted on what it reads of the
     training part, its thresholds set on the validation part; and the score of every image of the
-    other parts. None (nothing refused) when the validation part is too small to set them."""
+    other parts. None (nothing refused) without train.ood, or when the validation part is too small
+    to set them."""
+    if not task.config.train.ood:
+        return None, {}
     if len(task.val_idx) < held_out_needed():
         log.warning(
             "no refusal of non-micrographs: %d validation images are too few to set its threshold (%d needed)",
@@ -649,20 +656,7 @@ def _cached_inputs(
     weights, module, preprocessing, precision, view) in the user cache, so that CV folds and re-runs
     share them; read memory-mapped."""
     tc = config.train
-    if tc.weights:
-        stat = Path(tc.weights).expanduser().stat()
-        source = f"{Path(tc.weights).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    else:
-        source = "imagenet"  # freeze_backbone needs pretrained weights (config.validate)
-    prep = dataclasses.asdict(preprocess)
-    if preprocess.normalize in ("image", "luma"):  # per-image normalisation: mean/std unused
-        prep = {k: v for k, v in prep.items() if k not in ("mean", "std")}
-    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data.paths]
-    precision = precision_name(device, inference_precision(device, tc.amp))
-    reading = f"{module}:channel means" if means else module
-    what = [tc.model, tc.model_args, source, reading, prep, precision, files] + ([view] if view else [])
-    key = hashlib.sha1(json.dumps(what).encode())
-    path = default_cache_dir() / "features" / f"{key.hexdigest()[:16]}.npy"
+    path = _feature_cache(config, data, module, preprocess, device, view, means)
     with exclusive_lock(path.with_suffix(".lock")):
         if not path.exists():
             t0 = time.perf_counter()
@@ -688,6 +682,44 @@ def _cached_inputs(
                 path,
             )
     return np.load(path, mmap_mode="r")
+
+
+def _feature_cache(
+    config: Config, data: Dataset, module: str, preprocess: Preprocess, device: torch.device, view: int, means: bool
+) -> Path:
+    """Where _cached_inputs keeps a module's input (or output's channel means) for every image."""
+    tc = config.train
+    if tc.weights:
+        stat = Path(tc.weights).expanduser().stat()
+        source = f"{Path(tc.weights).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    else:
+        source = "imagenet"  # freeze_backbone needs pretrained weights (config.validate)
+    prep = dataclasses.asdict(preprocess)
+    if preprocess.normalize in ("image", "luma"):  # per-image normalisation: mean/std unused
+        prep = {k: v for k, v in prep.items() if k not in ("mean", "std")}
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data.paths]
+    precision = precision_name(device, inference_precision(device, tc.amp))
+    reading = f"{module}:channel means" if means else module
+    what = [tc.model, tc.model_args, source, reading, prep, precision, files] + ([view] if view else [])
+    key = hashlib.sha1(json.dumps(what).encode())
+    return default_cache_dir() / "features" / f"{key.hexdigest()[:16]}.npy"
+
+
+def cold_features(config: Config, data: Dataset) -> int:
+    """Image readings a frozen-backbone config still has to compute before its first fit: every image
+    for each of its cached views, and for the refusal detector's reading before the head, that are not
+    in the user cache (0 for other configs)."""
+    tc = config.train
+    if not tc.freeze_backbone:
+        return 0
+    device = resolve_device(tc.device)
+    preprocess = _preprocess(config, data, np.arange(len(data.labels)))
+    module = tc.train_from or model_entry(tc.model).parts.classifier
+    wanted = [(module, view, False) for view in range(tc.cached_views)]
+    if tc.ood:
+        wanted += [(r.module, 0, True) for r in model_readings(model_entry(tc.model).parts) if r.module != module]
+    missing = [w for w in wanted if not _feature_cache(config, data, w[0], preprocess, device, w[1], w[2]).exists()]
+    return len(missing) * len(data.labels)
 
 
 def frozen_features(config: Config, data: Dataset, view: int = 0) -> np.ndarray:
@@ -730,6 +762,9 @@ def fit(
     progress = _resume(learner, saved)
     if saved is not None:
         log.info("resuming %s at epoch %d/%d", run.root, progress.start_epoch + 1, config.train.epochs)
+    ticket = plan.on_fit(config, split)
     source = _source(task, learner)  # after a resume: the cached inputs are those of the loaded backbone
-    _train(task, learner, source, progress, run, sync)
-    return sync.end(lambda: _result(task, learner, source, progress, split))
+    _train(task, learner, source, progress, run, sync, ticket.epoch)
+    result = sync.end(lambda: _result(task, learner, source, progress, split))
+    ticket.done()
+    return result

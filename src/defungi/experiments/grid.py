@@ -32,7 +32,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, S
 from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
-from defungi.experiments.protocols import fit_run
+from defungi.experiments.plan import FitPlan
+from defungi.experiments.protocols import fit_run, plan_fits
 from defungi.results.search import GridResult
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,11 @@ def _retry() -> RetryHeartbeatStaleTrialCallback:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RetryHeartbeatStaleTrialCallback(max_retry=MAX_ATTEMPTS)
+
+
+def plan_grid(config: Config, data: Dataset, split: dict[str, np.ndarray], grid: dict[str, list[Any]]) -> list[FitPlan]:
+    """The fits grid_search would run: those of every cell."""
+    return [fit for cell in parameter_grid(grid) for fit in plan_fits(load_config_from(config, cell), data, split)]
 
 
 def grid_search(

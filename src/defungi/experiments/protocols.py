@@ -21,7 +21,8 @@ from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import cv_folds, train_val_test_split
 from defungi.errors import DefungiError
-from defungi.experiments.fit import FitResult, fit, score_parts
+from defungi.experiments.fit import FitResult, cold_features, fit, score_parts
+from defungi.experiments.plan import FitPlan
 from defungi.experiments.rundir import FitRecord, RunDir, TrainedModel, load_checkpoints, model_args, write_predictions
 from defungi.experiments.trust import assess
 from defungi.layout import read_predictions, read_table
@@ -73,9 +74,11 @@ def split_for(config: Config, data: Dataset) -> Split:
 
 
 def cv_splits(config: Config, data: Dataset) -> list[Split]:
-    """The config's K-fold cross-validation of data (see `defungi.data.splits.cv_folds`)."""
+    """The config's K-fold cross-validation of data (see `defungi.data.splits.cv_folds`): its first
+    data.cv_fit_folds folds (0: all)."""
     dc = config.data
-    return cv_folds(data.labels, data.groups, data.classes, dc.cv_folds, dc.val_fraction, dc.split, dc.seed)
+    splits = cv_folds(data.labels, data.groups, data.classes, dc.cv_folds, dc.val_fraction, dc.split, dc.seed)
+    return splits[: dc.cv_fit_folds or None]
 
 
 @dataclass
@@ -88,6 +91,10 @@ class FitProtocol(ABC):
     def parts(self, run: RunDir) -> list[RunDir]:
         """The run folders whose models together are this run's model (none: the run's own)."""
         return []
+
+    def plan(self, data: Dataset, split: Split | None) -> list[FitPlan]:
+        """The fits execute would run (its leaves: folds, members), each with its parts' sizes."""
+        return [FitPlan.of(self.config, split if split is not None else split_for(self.config, data))]
 
     @abstractmethod
     def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
@@ -111,6 +118,7 @@ class FitProtocol(ABC):
             ensemble=config.train.ensemble,
             processes=distributed.world().size,
             cv_folds=config.data.cv_folds,
+            cv_fit_folds=min(config.data.cv_fit_folds, config.data.cv_folds),
         )
         return RunMetrics(
             kind=self.kind,
@@ -142,6 +150,15 @@ def protocol_for(config: Config) -> FitProtocol:
     if config.data.cv_folds >= 2:
         return CrossValidation(config)
     return SeedEnsemble(config) if config.train.ensemble > 1 else SingleFit(config)
+
+
+def plan_fits(config: Config, data: Dataset, split: Split | None = None) -> list[FitPlan]:
+    """The fits fit_run(config, ..., data, split) would run, each with its parts' sizes; the first
+    carries the frozen backbone's readings that are not cached yet."""
+    fits = protocol_for(config).plan(data, split)
+    if fits:
+        fits[0].cold_features = cold_features(config, data)
+    return fits
 
 
 def fit_run(
@@ -319,6 +336,10 @@ class SeedEnsemble(FitProtocol):
     def parts(self, run: RunDir) -> list[RunDir]:
         return [run.member(k) for k in range(self.config.train.ensemble)]
 
+    def plan(self, data: Dataset, split: Split | None) -> list[FitPlan]:
+        split = split if split is not None else split_for(self.config, data)
+        return [FitPlan.of(member, split) for member in self.member_configs()]
+
     def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
         split = split if split is not None else split_for(self.config, data)
         self.start(run, data, [split], split)
@@ -368,11 +389,17 @@ class CrossValidation(FitProtocol):
 
     @property
     def fold_config(self) -> Config:
-        return load_config_from(self.config, {"data.cv_folds": 0})
+        return load_config_from(self.config, {"data.cv_folds": 0, "data.cv_fit_folds": 0})
 
     def parts(self, run: RunDir) -> list[RunDir]:
         inner = protocol_for(self.fold_config)
-        return [leaf for k in range(self.config.data.cv_folds) for leaf in inner.parts(run.fold(k)) or [run.fold(k)]]
+        dc = self.config.data
+        fitted = min(dc.cv_fit_folds or dc.cv_folds, dc.cv_folds)
+        return [leaf for k in range(fitted) for leaf in inner.parts(run.fold(k)) or [run.fold(k)]]
+
+    def plan(self, data: Dataset, split: Split | None) -> list[FitPlan]:
+        inner = protocol_for(self.fold_config)
+        return [fit for fold in cv_splits(self.config, data) for fit in inner.plan(data, fold)]
 
     def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
         splits = cv_splits(self.config, data)

@@ -10,8 +10,10 @@ from defungi.layout import RunLayout, StudyLayout
 from defungi.report.page import Page, Table, difference_table, interval_table
 from defungi.report.run import render_run
 from defungi.report.study import final_rows
+from defungi.results.plan import JobPlan, read_plan
 from defungi.results.run import PairedDifference, Scores, read_run_metrics
 from defungi.results.study import Final, StudyState, read_study
+from defungi.utils import clock
 
 
 def read_states(study_dirs: list[Path]) -> list[StudyState]:
@@ -50,10 +52,13 @@ def comparison_table(states: list[StudyState]) -> Table:
     return interval_table(rows)
 
 
-def build_combined_report(study_dirs: list[Path], out_dir: Path, runs: list[Path] | None = None) -> Path:
+def build_combined_report(
+    study_dirs: list[Path], out_dir: Path, runs: list[Path] | None = None, plan: Path | None = None
+) -> Path:
     """Metrics with intervals, the leakage gap, confusion matrices, parameters, training time and
     inference images/s of every study's final recipe on one page, and other finished runs (e.g. the
-    transfer recipe) beside them; returns the HTML path."""
+    transfer recipe) beside them; with plan (the job's plan.json), every step's estimated and
+    measured time; returns the HTML path."""
     states = read_states(study_dirs)
     finals = [final_of(state) for state in states]
     page = Page("defungi: both final models beside the published study")
@@ -92,7 +97,41 @@ def build_combined_report(study_dirs: list[Path], out_dir: Path, runs: list[Path
             page.heading(f"{state.study}, {mode} cross-validation", level=3)
             page.figure(layout.figure("confusion_test"))
             page.figure(layout.figure("confusion_test_samples"))
+    if plan is not None and plan.exists():
+        page.heading("Time: the plan's estimate and the measured time of each step", level=2)
+        job = read_plan(plan)
+        speeds = "; ".join(
+            f"{r.model} ({r.precision}) trains at {r.train_images_per_s:.0f} images/s, answers at "
+            f"{r.eval_images_per_s:.0f}"
+            for r in job.rates
+        )
+        page.text(
+            f"Estimated before the work from a short probe of each model's speed on this machine (CPU flags: "
+            f"{job.cpu}; {job.threads} threads): {speeds}. Fits and epochs are at most: early stopping ends fits "
+            "sooner. A step resumed across runs sums their times."
+        )
+        page.table(plan_table(job))
     return page.write(out_dir)
+
+
+def plan_table(plan: JobPlan) -> Table:
+    """Each step's fits, epochs and images (at most), its estimate and its measured time."""
+    rows = [
+        [s.title, str(s.fits), str(s.epochs), f"{s.images:,}", clock(s.estimate_seconds), clock(s.seconds)]
+        for s in plan.steps
+    ]
+    rows.append(
+        [
+            "whole job",
+            str(sum(s.fits for s in plan.steps)),
+            str(sum(s.epochs for s in plan.steps)),
+            f"{sum(s.images for s in plan.steps):,}",
+            clock(plan.estimate_seconds),
+            clock(plan.seconds),
+        ]
+    )
+    header = ["step", "fits", "epochs", "training images", "estimate", "measured"]
+    return Table(header, rows)
 
 
 def run_rows(run_dirs: list[Path]) -> dict[str, Scores]:

@@ -280,5 +280,6 @@ def build_study_report(study_dir: str | Path) -> Path:
             page.table(table)
         for figure in figures:
             page.figure(figure)
-        page.note(f"Step time: {step.seconds / 60:.1f} min.")
+        planned = f" (estimated before it ran: {step.estimate_seconds / 60:.1f} min)" if step.estimate_seconds else ""
+        page.note(f"Step time: {step.seconds / 60:.1f} min{planned}.")
     return page.write(layout.root)

@@ -99,6 +99,7 @@ class Protocol:
     processes: int  # torchrun ranks that trained it (one global batch between them)
     cv_folds: int
     metric_average: str = "macro over classes"
+    cv_fit_folds: int = 0  # of the cv_folds, those fitted and scored (0: all)
 
 
 @dataclass
@@ -286,6 +287,7 @@ def model_card(metrics: RunMetrics) -> ModelCard | None:
         return None
     how = (
         f"{metrics.protocol.cv_folds}-fold {metrics.protocol.split} cross-validation, out of fold"
+        + (f" ({metrics.protocol.cv_fit_folds} of its folds)" if metrics.protocol.cv_fit_folds else "")
         if metrics.kind == "cv"
         else f"the test part of a {metrics.protocol.split} split"
     )

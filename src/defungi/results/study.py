@@ -139,11 +139,13 @@ STEP_RESULTS: tuple[type, ...] = typing.get_args(StepResult)
 
 @dataclass
 class StepRecord:
-    """A finished step: its title, how long it ran, and its result."""
+    """A finished step: its title, how long it ran, its result, and its estimated time (where the job
+    that ran it planned it)."""
 
     title: str
     seconds: float
     result: StepResult
+    estimate_seconds: float | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from defungi.data.splits import train_val_test_split
+from defungi.experiments.plan import FitPlan
 from defungi.experiments.protocols import fit_run
 from defungi.experiments.rundir import model_args
 from defungi.experiments.studies import steps
@@ -42,7 +43,7 @@ def _args(ctx: Context, **change: Any) -> dict[str, Any]:
     return {**model_args(steps.explore_config(ctx)), **change}
 
 
-@CONVMIXER.step("base", "1. Base model")
+@CONVMIXER.step("base", "1. Base model", plan=lambda ctx: steps.plan_explore(ctx, ctx.split))
 def base_model(ctx: Context, out: Path) -> FitSummary:
     """The documented default ConvMixer trained and evaluated."""
     record = fit_run(steps.explore_config(ctx), out / "fit", ctx.data, ctx.split)
@@ -55,24 +56,44 @@ def base_model(ctx: Context, out: Path) -> FitSummary:
     return FitSummary(summary=summary, label="base model", test=test, history=record.history)
 
 
-@CONVMIXER.step("curve90", "2. Learning curve on 90% of the data")
+@CONVMIXER.step(
+    "curve90",
+    "2. Learning curve on 90% of the data",
+    plan=lambda ctx: steps.plan_study_curve(ctx, 0.9, ctx.options.curve_fractions),
+)
 def curve_90(ctx: Context, out: Path) -> Curves:
     """Learning curve on 90% of the data."""
     return steps.curves({"90% of the data": steps.curve(ctx, out, 0.9, ctx.options.curve_fractions)})
 
 
-@CONVMIXER.step("split_ratio", "3. Optimal train/test split")
+def _ratio_split(ctx: Context, ratio: float, repeat: int) -> dict[str, np.ndarray]:
+    """The repeat-th split with a train share of ratio (its validation part scaled alike)."""
+    dc = ctx.config.data
+    return train_val_test_split(
+        ctx.data.labels, ctx.data.groups, dc.val_fraction * ratio, 1 - ratio, dc.split, dc.seed + 1000 * repeat
+    )
+
+
+def _plan_split_ratio(ctx: Context) -> list[FitPlan]:
+    opts = ctx.options
+    return [
+        fit
+        for ratio in opts.split_ratios
+        for r in range(opts.split_repeats)
+        for fit in steps.plan_explore(ctx, _ratio_split(ctx, ratio, r))
+    ]
+
+
+@CONVMIXER.step("split_ratio", "3. Optimal train/test split", plan=_plan_split_ratio)
 def split_ratio(ctx: Context, out: Path) -> SplitRatio:
     """The same model at several train/test ratios, each with repeated seeds; the best ratio is kept."""
-    opts, dc = ctx.options, ctx.config.data
+    opts = ctx.options
     config = steps.explore_config(ctx)
     shape = (len(opts.split_ratios), opts.split_repeats)
     scores, sizes, intervals = np.full(shape, np.nan), np.zeros(shape, dtype=int), np.zeros((*shape, 2))
     for i, ratio in enumerate(opts.split_ratios):
         for r in range(opts.split_repeats):
-            split = train_val_test_split(
-                ctx.data.labels, ctx.data.groups, dc.val_fraction * ratio, 1 - ratio, dc.split, dc.seed + 1000 * r
-            )
+            split = _ratio_split(ctx, ratio, r)
             record = fit_run(config, out / "fits" / f"train{ratio:.2f}-seed{r}", ctx.data, split)
             scores[i, r], sizes[i, r] = record.score("test"), len(split["test"])
             intervals[i, r] = record.metrics.part("test").interval("f1")
@@ -104,13 +125,23 @@ def split_ratio(ctx: Context, out: Path) -> SplitRatio:
     )
 
 
-@CONVMIXER.step("grid_full", "4. Grid search of batch size x learning rate on the full training set")
+def _grid(ctx: Context) -> dict[str, list]:
+    return {steps.BATCH: ctx.options.grid_batch_sizes, steps.LR: ctx.options.grid_lrs}
+
+
+@CONVMIXER.step(
+    "grid_full",
+    "4. Grid search of batch size x learning rate on the full training set",
+    plan=lambda ctx: steps.plan_study_grid(ctx, _grid(ctx), 1.0),
+)
 def grid_full(ctx: Context, out: Path) -> Grid:
     """Grid search of batch size x learning rate on the full training set."""
-    return steps.grid(ctx, out, {steps.BATCH: ctx.options.grid_batch_sizes, steps.LR: ctx.options.grid_lrs}, 1.0)
+    return steps.grid(ctx, out, _grid(ctx), 1.0)
 
 
-@CONVMIXER.step("evaluate", "5. Performance evaluation of the tuned model")
+@CONVMIXER.step(
+    "evaluate", "5. Performance evaluation of the tuned model", plan=lambda ctx: steps.plan_explore(ctx, ctx.split)
+)
 def evaluate_tuned(ctx: Context, out: Path) -> FitSummary:
     """Performance of the tuned model on the test part: metrics, per-class table, confusion matrix."""
     record = fit_run(steps.explore_config(ctx), out / "fit", ctx.data, ctx.split)
@@ -122,18 +153,30 @@ def evaluate_tuned(ctx: Context, out: Path) -> FitSummary:
     return FitSummary(summary=summary, label="tuned model", test=test, history=record.history)
 
 
-@CONVMIXER.step("depth", "6. Adding mixers: 8, 16 and more, with and without re-tuning")
+def _depth_changes(ctx: Context, d: int) -> dict[float, dict[str, Any]]:
+    """Per learning-rate factor, the changes of the fit with d mixers (at plan time, the config's rate)."""
+    lr = ctx.choices.get(steps.LR, ctx.config.train.lr)
+    factors = sorted(set(ctx.options.depth_lr_factors) | {1.0})
+    return {f: {DEPTH: _args(ctx, depth=d), steps.LR: float(f"{lr * f:.3g}")} for f in factors}
+
+
+@CONVMIXER.step(
+    "depth",
+    "6. Adding mixers: 8, 16 and more, with and without re-tuning",
+    plan=lambda ctx: [
+        fit for d in ctx.options.depths for fit in steps.plan_explore(ctx, ctx.split, *_depth_changes(ctx, d).values())
+    ],
+)
 def depth(ctx: Context, out: Path) -> Depth:
     """More mixers: each depth with the hyper-parameters tuned for 8, then with its learning rate re-tuned."""
     opts = ctx.options
-    split = {"train": ctx.split["train"], "val": ctx.split["val"], "test": ctx.split["test"]}
     lr = ctx.choices[steps.LR]
     rows = []
     for d in opts.depths:
         records = {}
-        for f in sorted(set(opts.depth_lr_factors) | {1.0}):
-            config = steps.explore_config(ctx, **{DEPTH: _args(ctx, depth=d), steps.LR: float(f"{lr * f:.3g}")})
-            records[f] = fit_run(config, out / "fits" / f"depth{d}-lr{lr * f:.3g}", ctx.data, split)
+        for f, changes in _depth_changes(ctx, d).items():
+            config = steps.explore_config(ctx, **changes)
+            records[f] = fit_run(config, out / "fits" / f"depth{d}-lr{lr * f:.3g}", ctx.data, ctx.split)
         retuned = max(records, key=lambda f: records[f].score("val"))
         rows.append(
             DepthRow(
@@ -158,7 +201,11 @@ def depth(ctx: Context, out: Path) -> Depth:
     return Depth(summary=f"Depths {[r.depth for r in rows]} compared with the same budget.{verdict}", rows=rows)
 
 
-@CONVMIXER.step("final", "7. Final fit and evaluation (8 mixers)")
+@CONVMIXER.step(
+    "final",
+    "7. Final fit and evaluation (8 mixers)",
+    plan=lambda ctx: steps.plan_final(ctx, {DEPTH: _args(ctx, depth=8)}),
+)
 def final(ctx: Context, out: Path) -> Final:
     """Final fits with 8 mixers: grouped split and random split, beside the published figures."""
     return steps.final_fits(ctx, out, CONVMIXER.published, {DEPTH: _args(ctx, depth=8)})

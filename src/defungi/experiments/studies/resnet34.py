@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from defungi.data.augment import balanced_order
+from defungi.experiments.plan import FitPlan
 from defungi.experiments.protocols import fit_run
 from defungi.experiments.studies import steps
 from defungi.experiments.studies.runner import Study, StudyContext, StudyOptions
@@ -60,7 +61,11 @@ def balance(ctx: Context, out: Path) -> ClassCounts:
     )
 
 
-@RESNET34.step("curve20", "2. Learning curve on 20% of the data")
+@RESNET34.step(
+    "curve20",
+    "2. Learning curve on 20% of the data",
+    plan=lambda ctx: steps.plan_study_curve(ctx, ctx.options.subset_fraction, ctx.options.curve_fractions),
+)
 def curve_20(ctx: Context, out: Path) -> Curves:
     """Learning curve on 20% of the data."""
     opts = ctx.options
@@ -68,24 +73,51 @@ def curve_20(ctx: Context, out: Path) -> Curves:
     return steps.curves({label: steps.curve(ctx, out, opts.subset_fraction, opts.curve_fractions)})
 
 
-@RESNET34.step("grid20", "3. First grid search (batch size x learning rate) on 20% of the data")
+def _grid20(ctx: Context) -> dict[str, list]:
+    return {steps.BATCH: ctx.options.grid_batch_sizes, steps.LR: ctx.options.grid_lrs}
+
+
+def _grid2(ctx: Context) -> dict[str, list]:
+    """The second grid, around the first one's best cell (at plan time, the config's values)."""
+    opts, tc = ctx.options, ctx.config.train
+    batches = opts.grid2_batch_sizes or [ctx.choices.get(steps.BATCH, tc.batch_size)]
+    return {steps.BATCH: batches, steps.LR: steps.around(ctx.choices.get(steps.LR, tc.lr), opts.grid2_lr_factors)}
+
+
+@RESNET34.step(
+    "grid20",
+    "3. First grid search (batch size x learning rate) on 20% of the data",
+    plan=lambda ctx: steps.plan_study_grid(ctx, _grid20(ctx), ctx.options.subset_fraction),
+)
 def grid_20(ctx: Context, out: Path) -> Grid:
     """First grid search (batch size x learning rate) on 20% of the data."""
-    opts = ctx.options
-    grid = {steps.BATCH: opts.grid_batch_sizes, steps.LR: opts.grid_lrs}
-    return steps.grid(ctx, out, grid, opts.subset_fraction)
+    return steps.grid(ctx, out, _grid20(ctx), ctx.options.subset_fraction)
 
 
-@RESNET34.step("grid_full", "4. Second grid search on the full training set")
+@RESNET34.step(
+    "grid_full",
+    "4. Second grid search on the full training set",
+    plan=lambda ctx: steps.plan_study_grid(ctx, _grid2(ctx), 1.0),
+)
 def grid_full(ctx: Context, out: Path) -> Grid:
     """Second grid search on the full training set, around the first one's best cell."""
+    return steps.grid(ctx, out, _grid2(ctx), 1.0)
+
+
+def _plan_curves_full(ctx: Context) -> list[FitPlan]:
     opts = ctx.options
-    batches = opts.grid2_batch_sizes or [ctx.choices[steps.BATCH]]
-    grid = {steps.BATCH: batches, steps.LR: steps.around(ctx.choices[steps.LR], opts.grid2_lr_factors)}
-    return steps.grid(ctx, out, grid, 1.0)
+    return [
+        fit
+        for cv in (opts.cv_folds, 0)
+        for fit in steps.plan_study_curve(ctx, 1.0, opts.full_curve_fractions, cv, opts.full_curve_epochs)
+    ]
 
 
-@RESNET34.step("curves_full", "5. Learning curves on the full data: cross-validation and validation set")
+@RESNET34.step(
+    "curves_full",
+    "5. Learning curves on the full data: cross-validation and validation set",
+    plan=_plan_curves_full,
+)
 def curves_full(ctx: Context, out: Path) -> Curves:
     """Learning curves on the full data: K-fold cross-validation beside the validation-set approach."""
     opts = ctx.options
@@ -100,13 +132,21 @@ def curves_full(ctx: Context, out: Path) -> Curves:
     return steps.curves(results)
 
 
-@RESNET34.step("augmentation", "6. Improvement through data augmentation")
+AUGMENT = "train.augment"
+LEVELS = ("basic", "strong")
+
+
+@RESNET34.step(
+    "augmentation",
+    "6. Improvement through data augmentation",
+    plan=lambda ctx: steps.plan_explore(ctx, steps.train_val(ctx), *({AUGMENT: level} for level in LEVELS)),
+)
 def compare_augmentation(ctx: Context, out: Path) -> Comparison:
     """The tuned model with the basic and the strong augmentation, same budget."""
-    split = {"train": ctx.split["train"], "val": ctx.split["val"]}
+    split = steps.train_val(ctx)
     records = {
-        level: fit_run(steps.explore_config(ctx, **{"train.augment": level}), out / "fits" / level, ctx.data, split)
-        for level in ("basic", "strong")
+        level: fit_run(steps.explore_config(ctx, **{AUGMENT: level}), out / "fits" / level, ctx.data, split)
+        for level in LEVELS
     }
     f1 = {k: r.score("val") for k, r in records.items()}
     noise = steps.within_noise(
@@ -127,7 +167,7 @@ def compare_augmentation(ctx: Context, out: Path) -> Comparison:
     )
 
 
-@RESNET34.step("final", "7. Final fit with early stopping and test metrics")
+@RESNET34.step("final", "7. Final fit with early stopping and test metrics", plan=steps.plan_final)
 def final(ctx: Context, out: Path) -> Final:
     """Final fits with early stopping, grouped and random split."""
     return steps.final_fits(ctx, out, RESNET34.published)

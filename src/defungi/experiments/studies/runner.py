@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -25,9 +25,11 @@ import numpy as np
 from defungi.config import Config, apply_values, load_config_from, nested, profile_table
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
+from defungi.experiments.plan import FitPlan, Probe, current_step, step_plan
 from defungi.experiments.protocols import dataset_for, split_for
 from defungi.experiments.rundir import claim_config, write_exclusions
 from defungi.layout import StudyLayout
+from defungi.results.plan import StepPlan
 from defungi.results.schema import to_dict
 from defungi.results.study import STEP_RESULTS, StepRecord, StepResult, StudyState, read_study
 from defungi.utils import atomic_write_json
@@ -47,6 +49,7 @@ class StudyOptions:
     grid_batch_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
     grid_lrs: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3, 4e-3])
     final_folds: int = 3  # the final recipe is scored by this K-fold cross-validation, grouped and random
+    random_folds: int = 0  # of the random cross-validation's folds, those fitted (0: all; a cheaper estimate)
     # dotted config keys of the study's fits, e.g. {'train.model_args': {'dim': 128}}
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -69,12 +72,14 @@ class StudyContext(Generic[O]):
 
 @dataclass(frozen=True)
 class Step:
-    """One published step: its key (and folder name), its title, the function that runs it, its result type."""
+    """One published step: its key (and folder name), its title, the function that runs it, its result
+    type, and the function that lists the fits it will run (its plan; none: it fits nothing)."""
 
     key: str
     title: str
     run: Callable[[StudyContext[Any], Path], StepResult]
     result_type: type
+    plan: Callable[[StudyContext[Any]], list[FitPlan]] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,11 @@ class Study(Generic[O]):
     options: type[O]
     steps: list[Step] = field(default_factory=list)
 
-    def step(self, key: str, title: str) -> Callable[[F], F]:
-        """Register the decorated function as the study's next step; its return annotation is its result type."""
+    def step(
+        self, key: str, title: str, plan: Callable[[StudyContext[Any]], list[FitPlan]] | None = None
+    ) -> Callable[[F], F]:
+        """Register the decorated function as the study's next step; its return annotation is its result
+        type; plan(ctx) lists the fits it will run."""
 
         def register(run: F) -> F:
             result_type = typing.get_type_hints(run).get("return")
@@ -96,7 +104,7 @@ class Study(Generic[O]):
                 raise TypeError(f"step {key!r} returns {result_type}, not a StepResult of defungi.results.study")
             if any(s.key == key for s in self.steps):
                 raise ValueError(f"the {self.name} study has a step {key!r} already")
-            self.steps.append(Step(key, title, run, result_type))
+            self.steps.append(Step(key, title, run, result_type, plan))
             return run
 
         return register
@@ -132,8 +140,11 @@ def _check_shared(keys: dict[str, Any], studies: Mapping[str, Study[Any]]) -> No
         )
 
 
-def run_study(study: Study[O], config: Config, out_dir: Path, options: O) -> StudyState:
-    """Run (or resume) every step of a study into out_dir; returns the study state (study.json)."""
+def _open(
+    study: Study[O], config: Config, out_dir: Path, options: O, data: Dataset | None
+) -> tuple[StudyLayout, StudyState, StudyContext[O]]:
+    """The study folder claimed for this config and options, its state (finished steps read back) and
+    the context of its first step."""
     config = load_config_from(config, {"train.model": study.model, **options.config})
     layout = StudyLayout(Path(out_dir))
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -143,28 +154,60 @@ def run_study(study: Study[O], config: Config, out_dir: Path, options: O) -> Stu
     if stored is not None:
         _same_options(stored, state, layout.root)
         state.steps = stored.steps
-    atomic_write_json(layout.state, to_dict(state))
-    data = dataset_for(config)
-    write_exclusions(layout.excluded, data)
-    ctx = StudyContext(config, options, data, split_for(config, data), layout.root)
+    data = data if data is not None else dataset_for(config)
+    return layout, state, StudyContext(config, options, data, split_for(config, data), layout.root)
+
+
+def _steps(study: Study[O], state: StudyState, ctx: StudyContext[O]) -> Iterator[tuple[int, Step]]:
+    """The steps in order, each with the context it runs in: the earlier steps' choices carried forward
+    and the split they chose (a step may choose the split ratio); a finished step's result is read back."""
     for number, step in enumerate(study.steps, start=1):
+        ctx.split = split_for(load_config_from(ctx.config, ctx.choices), ctx.data)
+        yield number, step
         record = state.steps.get(step.key)
-        if record is None:
-            ctx.split = split_for(load_config_from(config, ctx.choices), data)  # a step may choose the split ratio
+        if record is not None:
+            ctx.choices.update(record.result.choice)
+
+
+def plan_study(
+    study: Study[O], config: Config, out_dir: Path, options: O, probe: Probe, data: Dataset | None = None
+) -> list[StepPlan]:
+    """Each step's plan: the fits it will run and their estimated time (finished steps: done, with
+    their measured time). A step's fits that depend on an earlier step's choice are planned with the choice as it
+    stands (their number and sizes do not depend on it)."""
+    _layout, state, ctx = _open(study, config, out_dir, options, data)
+    plans = []
+    for _number, step in _steps(study, state, ctx):
+        record = state.steps.get(step.key)
+        fits = step.plan(ctx) if step.plan is not None and record is None else []
+        plan = step_plan(f"{study.name}/{step.key}", f"{study.name}: {step.title}", fits, probe)
+        if record is not None:  # its time as measured, and estimated where a plan was made
+            plan.done, plan.seconds, plan.estimate_seconds = True, record.seconds, record.estimate_seconds or 0.0
+        plans.append(plan)
+    return plans
+
+
+def run_study(study: Study[O], config: Config, out_dir: Path, options: O, data: Dataset | None = None) -> StudyState:
+    """Run (or resume) every step of a study into out_dir; returns the study state (study.json)."""
+    layout, state, ctx = _open(study, config, out_dir, options, data)
+    atomic_write_json(layout.state, to_dict(state))
+    write_exclusions(layout.excluded, ctx.data)
+    for number, step in _steps(study, state, ctx):
+        if step.key not in state.steps:
             log.info("study %s, step %d/%d: %s", study.name, number, len(study.steps), step.title)
-            record = _run_step(step, ctx, layout.step_dir(number, step.key))
-            state.steps[step.key] = record
+            with current_step(f"{study.name}/{step.key}") as planned:
+                state.steps[step.key] = _run_step(step, ctx, layout.step_dir(number, step.key), planned)
             atomic_write_json(layout.state, to_dict(state))
-        ctx.choices.update(record.result.choice)
     return state
 
 
-def _run_step(step: Step, ctx: StudyContext[Any], out: Path) -> StepRecord:
-    """Run one step into its folder, timed."""
+def _run_step(step: Step, ctx: StudyContext[Any], out: Path, planned: StepPlan | None) -> StepRecord:
+    """Run one step into its folder, timed (beside its estimate, where the job planned it)."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     result = step.run(ctx, out)
-    return StepRecord(step.title, time.perf_counter() - t0, result)
+    estimate = planned.estimate_seconds if planned is not None else None
+    return StepRecord(step.title, time.perf_counter() - t0, result, estimate)
 
 
 def _same_options(stored: StudyState, state: StudyState, folder: Path) -> None:

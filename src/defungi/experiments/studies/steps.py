@@ -11,8 +11,9 @@ import numpy as np
 from defungi.config import Config, load_config_from
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.experiments.compare import paired_difference
-from defungi.experiments.curve import learning_curve
-from defungi.experiments.protocols import fit_run
+from defungi.experiments.curve import learning_curve, plan_curve
+from defungi.experiments.plan import FitPlan
+from defungi.experiments.protocols import fit_run, plan_fits
 from defungi.experiments.speed import inference_images_per_s
 from defungi.experiments.studies.runner import StudyContext
 from defungi.results.run import PairedDifference, Scores
@@ -24,12 +25,44 @@ BATCH, LR = "train.batch_size", "train.lr"
 # An exploratory fit (curves, grids, comparisons): one model, a fixed number of epochs, no
 # test-time augmentation, scored at its last epoch, so that a score is not a maximum over epochs
 # on the very validation part it is compared on.
-EXPLORE = {"train.patience_epochs": 0, "train.tta": False, "train.ensemble": 1, "train.restore_best": False}
+# Nor does it fit the refusal of non-micrographs, which reads every image of the split once more.
+EXPLORE = {
+    "train.patience_epochs": 0,
+    "train.tta": False,
+    "train.ensemble": 1,
+    "train.restore_best": False,
+    "train.ood": False,
+}
 
 
 def explore_config(ctx: StudyContext[Any], **extra: Any) -> Config:
     """The study's config so far, sized for an exploratory fit (see EXPLORE)."""
     return load_config_from(ctx.config, {**ctx.choices, "train.epochs": ctx.options.epochs, **EXPLORE, **extra})
+
+
+def train_val(ctx: StudyContext[Any]) -> dict[str, np.ndarray]:
+    """The main split without its test part: what a comparison of recipes fits and validates on."""
+    return {"train": ctx.split["train"], "val": ctx.split["val"]}
+
+
+def plan_explore(ctx: StudyContext[Any], split: dict[str, np.ndarray], *changes: dict[str, Any]) -> list[FitPlan]:
+    """The exploratory fits of each set of changes on split (one fit without changes)."""
+    return [fit for c in changes or ({},) for fit in plan_fits(explore_config(ctx, **c), ctx.data, split)]
+
+
+def _curve_inputs(ctx: StudyContext[Any], pool_fraction: float, epochs: int | None) -> tuple[Config, np.ndarray]:
+    """A study curve's config and pool (pool_fraction of the training + validation data)."""
+    dc = ctx.config.data
+    pool = tuning_pool(ctx.data.labels, ctx.data.groups, ctx.split, pool_fraction, dc.split, dc.seed)
+    return explore_config(ctx, **({"train.epochs": epochs} if epochs else {})), pool
+
+
+def plan_study_curve(
+    ctx: StudyContext[Any], pool_fraction: float, fractions: list[float], cv: int = 0, epochs: int | None = None
+) -> list[FitPlan]:
+    """The fits of curve(ctx, ..., pool_fraction, fractions, cv, epochs)."""
+    config, pool = _curve_inputs(ctx, pool_fraction, epochs)
+    return plan_curve(config, ctx.data, pool, fractions, cv)
 
 
 def curve(
@@ -41,9 +74,7 @@ def curve(
     epochs: int | None = None,
 ) -> NamedCurve:
     """A learning curve on pool_fraction of the training + validation data."""
-    dc = ctx.config.data
-    pool = tuning_pool(ctx.data.labels, ctx.data.groups, ctx.split, pool_fraction, dc.split, dc.seed)
-    config = explore_config(ctx, **({"train.epochs": epochs} if epochs else {}))
+    config, pool = _curve_inputs(ctx, pool_fraction, epochs)
     result = learning_curve(config, ctx.data, pool, fractions, out / "fits", cv=cv)
     label = f"{cv}-fold cross-validation" if cv else "validation set"
     return NamedCurve(label=label, pool_size=int(len(pool)), curve=result)
@@ -72,12 +103,24 @@ def curves(results: dict[str, NamedCurve]) -> Curves:
     return Curves(summary=summary, curves=results)
 
 
+def _grid_split(ctx: StudyContext[Any], pool_fraction: float) -> dict[str, np.ndarray]:
+    """A study grid's train and validation parts (pool_fraction of the data; 1.0: the main split's)."""
+    dc = ctx.config.data
+    return tuning_split(ctx.data.labels, ctx.data.groups, ctx.split, pool_fraction, dc.val_fraction, dc.split, dc.seed)
+
+
+def plan_study_grid(ctx: StudyContext[Any], grid_values: dict[str, list[Any]], pool_fraction: float) -> list[FitPlan]:
+    """The fits of grid(ctx, ..., grid_values, pool_fraction)."""
+    from defungi.experiments.grid import plan_grid
+
+    return plan_grid(explore_config(ctx), ctx.data, _grid_split(ctx, pool_fraction), grid_values)
+
+
 def grid(ctx: StudyContext[Any], out: Path, grid_values: dict[str, list[Any]], pool_fraction: float) -> Grid:
     """Grid search on pool_fraction of the data (1.0: the main train/validation split)."""
     from defungi.experiments.grid import grid_search  # Optuna, imported when a study searches
 
-    dc = ctx.config.data
-    split = tuning_split(ctx.data.labels, ctx.data.groups, ctx.split, pool_fraction, dc.val_fraction, dc.split, dc.seed)
+    split = _grid_split(ctx, pool_fraction)
     result = grid_search(explore_config(ctx), ctx.data, split, grid_values, out / "fits")
     best = result.best
     summary = (
@@ -121,10 +164,7 @@ def final_fits(
 ) -> Final:
     """The final recipe (early stopping) scored by K-fold cross-validation over every sample, grouped
     and random (the published protocol), beside the published figures; the leakage gap with its interval."""
-    records = {}
-    for mode in ("grouped", "random"):
-        changes = {**ctx.choices, **(extra or {}), "data.split": mode, "data.cv_folds": ctx.options.final_folds}
-        records[mode] = fit_run(load_config_from(ctx.config, changes), out / mode, ctx.data)
+    records = {mode: fit_run(config, out / mode, ctx.data) for mode, config in _final_configs(ctx, extra).items()}
     gap = paired_difference(records["grouped"].path, records["random"].path, seed=ctx.config.train.seed)
     g, r = (records[m].metrics.part("test") for m in ("grouped", "random"))
     members = records["grouped"].metrics.protocol.ensemble
@@ -133,8 +173,14 @@ def final_fits(
         + f"The final recipe, scored by {ctx.options.final_folds}-fold cross-validation: every usable image once, "
         "by a model that never saw it (95% intervals from a bootstrap over samples). "
         f"Grouped (no sample in two parts): macro-F1 {_f1(g)} per image, {_f1(g.samples)} per sample. "
-        f"Random (the published protocol: published F1 {published['f1']:.2f}): {_f1(r)} per image, "
-        f"{_f1(r.samples)} per sample. " + _gap_sentence(gap)
+        f"Random (the published protocol: published F1 {published['f1']:.2f}"
+        + (
+            f"; {opts.random_folds} of its {opts.final_folds} folds fitted, so {r.n} images scored"
+            if 0 < (opts := ctx.options).random_folds < opts.final_folds
+            else ""
+        )
+        + f"): {_f1(r)} per image, {_f1(r.samples)} per sample. "
+        + _gap_sentence(gap)
     )
     return Final(
         summary=summary,
@@ -147,6 +193,23 @@ def final_fits(
         cv_folds=ctx.options.final_folds,
         inference_images_per_s=inference_images_per_s(records["grouped"].path / "fold-0"),
     )
+
+
+def _final_configs(ctx: StudyContext[Any], extra: dict[str, Any] | None) -> dict[str, Config]:
+    """The final recipe's K-fold cross-validations, grouped and random."""
+    folds = {"data.cv_folds": ctx.options.final_folds}
+    fitted = {"grouped": 0, "random": ctx.options.random_folds}
+    return {
+        mode: load_config_from(
+            ctx.config, {**ctx.choices, **(extra or {}), **folds, "data.split": mode, "data.cv_fit_folds": fitted[mode]}
+        )
+        for mode in ("grouped", "random")
+    }
+
+
+def plan_final(ctx: StudyContext[Any], extra: dict[str, Any] | None = None) -> list[FitPlan]:
+    """The fits of final_fits(ctx, ..., extra)."""
+    return [fit for config in _final_configs(ctx, extra).values() for fit in plan_fits(config, ctx.data)]
 
 
 def _f1(scores: Scores | None) -> str:

@@ -198,11 +198,10 @@ def final_fits(
 def _final_configs(ctx: StudyContext[Any], extra: dict[str, Any] | None) -> dict[str, Config]:
     """The final recipe's K-fold cross-validations, grouped and random."""
     folds = {"data.cv_folds": ctx.options.final_folds}
-    fitted = {"grouped": 0, "random": ctx.options.random_folds}
+    # the random CV only compares with the published protocol: its own folds, no refusal detector
+    own = {"grouped": {}, "random": {"data.cv_fit_folds": ctx.options.random_folds, "train.ood": False}}
     return {
-        mode: load_config_from(
-            ctx.config, {**ctx.choices, **(extra or {}), **folds, "data.split": mode, "data.cv_fit_folds": fitted[mode]}
-        )
+        mode: load_config_from(ctx.config, {**ctx.choices, **(extra or {}), **folds, "data.split": mode, **own[mode]})
         for mode in ("grouped", "random")
     }
 

@@ -3,12 +3,16 @@
 (a) defungi's pipeline: decoded-image cache (uint8, memory-mapped) -> batched tensor augmentation
     -> forward/backward/step;
 (b) a plain torchvision pipeline: ImageFolder + DataLoader decoding JPEGs every epoch;
-(c) the limit: forward/backward/step on one batch already in memory.
+(c) the limit: forward/backward/step on one batch already in memory;
+(e) with --fit-images N, a whole fit as `defungi train` runs it (the quick profile: weight average,
+    validation every epoch, then 8-view scoring of the validation and test parts and the refusal
+    detector's readings) on N training images of the data: images trained per second of its wall time,
+    and per second of its epochs alone. e/c is what a real fit keeps of the model's speed.
 All three compute in the precision defungi trains in here (`train.amp`: bf16 autocast on CPUs
 with native bf16, see `defungi.train.loop.autocast_dtype`); (d) is (c) in plain fp32, so c/d is
 what mixed precision gains on this machine (`--no-amp`: everything in fp32).
 
-Prints a/b, a/c and c/d. `--file-size 500` first writes 500 px JPEG copies of the images (as in the
+Prints a/b, a/c and c/d (and e/c). `--file-size 500` first writes 500 px JPEG copies of the images (as in the
 public release), to show that (a) does not depend on the files' size.
 
     python benchmarks/train_throughput.py --data ../shared/defungi [--model resnet34 --image-size 96]
@@ -30,10 +34,13 @@ import torchvision
 from PIL import Image
 from torchvision import transforms
 
+from defungi.config import load_config
 from defungi.data.augment import augment_batch, balanced_order
 from defungi.data.cache import decode_images
+from defungi.data.dataset import load_dataset
 from defungi.data.scan import scan
-from defungi.experiments.fit import build_optimizer
+from defungi.data.splits import train_val_test_split
+from defungi.experiments.fit import build_optimizer, fit
 from defungi.models import create_model
 from defungi.train.loop import Preprocess, autocast, precision_name
 
@@ -86,6 +93,8 @@ def main() -> None:
     parser.add_argument("--file-size", type=int, default=0, help="re-save the images at this size first (e.g. 500)")
     parser.add_argument("--per-class", type=int, default=400, help="images per class used when re-saving")
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="(a), (b), (c) in fp32 too")
+    parser.add_argument("--fit-images", type=int, default=0, help="(e): a whole fit on this many training images")
+    parser.add_argument("--fit-epochs", type=int, default=2, help="(e): its epochs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -183,6 +192,35 @@ def main() -> None:
     print(f"(c) model alone, batch in memory  {c:8.1f} img/s")
     print(f"(d) (c) in float32                {d:8.1f} img/s")
     print(f"a/b = {a / b:.2f}   a/c = {a / c:.3f}   c/d = {c / d:.2f}")
+    if args.fit_images:
+        e, e_epochs = whole_fit(root, args)
+        print(f"(e) whole fit, wall time          {e:8.1f} img/s   (its epochs alone: {e_epochs:.1f} img/s)")
+        print(f"e/c = {e / c:.3f}   (e's epochs)/c = {e_epochs / c:.3f}")
+
+
+def whole_fit(root: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """(e): images trained per second of a whole quick-profile fit's wall time, and of its epochs alone."""
+    config = load_config(
+        "quick",
+        {
+            "data.root": str(root),
+            "data.image_size": args.image_size,
+            "train.model": args.model,
+            "train.batch_size": args.batch_size,
+            "train.epochs": args.fit_epochs,
+            "train.amp": args.amp,
+        },
+    )
+    data = load_dataset(root, args.image_size, config.data.variance_threshold, progress=False)
+    split = train_val_test_split(data.labels, data.groups, 0.15, 0.15, "grouped", 0)
+    rng = np.random.default_rng(0)
+    keep = {"train": args.fit_images, "val": args.fit_images * 15 // 70, "test": args.fit_images * 15 // 70}
+    split = {p: np.sort(rng.permutation(idx)[: keep[p]]) for p, idx in split.items()}
+    start = time.perf_counter()
+    result = fit(config, data, split)
+    wall = time.perf_counter() - start
+    trained = sum(h["images_per_s"] * h["seconds"] for h in result.history)
+    return trained / wall, trained / sum(h["seconds"] for h in result.history)
 
 
 if __name__ == "__main__":

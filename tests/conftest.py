@@ -31,6 +31,7 @@ TINY = {
     "train.model_args": {"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4},
     "train.epochs": 2,
     "train.batch_size": 8,
+    "train.patience_epochs": 6,  # no early stop in a test's few epochs unless it asks (the quick profile's is 2)
 }
 FLAGS = {  # config keys that a training command takes as options of their own (a later one wins)
     "data.image_size": "--image-size",

@@ -49,7 +49,12 @@ def _add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
         "--data",
         help="folder of class folders, or a .zip of one (default: $DEFUNGI_DATA, the cached release, or fetch it)",
     )
-    p.add_argument("--profile", default="quick", help="quick (2-core CPU) or paper (GPU, 224 px), or a .toml file")
+    p.add_argument(
+        "--profile",
+        default="quick",
+        help="quick (2-core CPU: the main job in 3 hours), full (quick before that budget), paper (GPU, 224 px), "
+        "transfer, or a .toml file",
+    )
     split_help = "grouped: no physical sample in two parts (default); random: as the published study"
     p.add_argument("--split", choices=["grouped", "random"], help=split_help)
     if model:
@@ -107,11 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     metrics = record.metrics
     scores = metrics.reported
-    what = (
-        f"{metrics.protocol.cv_folds}-fold cross-validation, out of fold"
-        if metrics.kind == "cv"
-        else metrics.reported_name
-    )
+    what = f"{metrics.protocol.cv('cross-validation')}, out of fold" if metrics.kind == "cv" else metrics.reported_name
     print(metrics_line(f"{metrics.model} {what}, per image", scores))
     if scores.samples is not None:
         print(metrics_line(f"{metrics.model} {what}, per sample", scores.samples))
@@ -364,7 +365,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"{folder}: {', '.join(str(p) for p in redraw_job(Path(folder)))}")
     if not args.folders:
         studies = [Path(d) for d in args.studies] if args.studies else study_dirs(Path("runs"))
-        print(f"report: {report_job(studies, Path(args.out), [Path(r) for r in args.runs])}")
+        plan = studies[0].parent / "plan.json"  # the main job's, beside its study folders
+        print(f"report: {report_job(studies, Path(args.out), [Path(r) for r in args.runs], plan)}")
     return 0
 
 

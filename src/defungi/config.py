@@ -228,6 +228,11 @@ def validate(config: Config) -> Config:
         raise DefungiError(
             "train.freeze_backbone trains a head on a pretrained backbone; add --pretrained or --weights FILE"
         )
+    if dc.cv_fit_folds > dc.cv_folds:
+        raise DefungiError(
+            f"config key 'data.cv_fit_folds' is {dc.cv_fit_folds}; fit at most the {dc.cv_folds} folds of "
+            "data.cv_folds (0: all of them)"
+        )
     if tc.train_from and not tc.freeze_backbone:
         raise DefungiError(
             "train.train_from trains the modules from there on the frozen ones' cached output; "

@@ -21,7 +21,7 @@ from defungi.errors import DefungiError
 from defungi.experiments.compare import paired_difference
 from defungi.experiments.curve import learning_curve, plan_curve
 from defungi.experiments.plan import FitPlan, Probe, current_step, planned_job, step_plan
-from defungi.experiments.protocols import dataset_for, fit_run, plan_fits, split_for
+from defungi.experiments.protocols import dataset_for, fit_run, plan_fits, preflight, split_for
 from defungi.experiments.rundir import FitRecord, RunDir
 from defungi.layout import AuditLayout, RunLayout, SearchLayout, StudyLayout
 from defungi.report.audit import build_audit_report
@@ -42,12 +42,18 @@ log = logging.getLogger(__name__)
 TRANSFER_PROFILE = "transfer"
 
 
-def train_job(config: Config, out: Path) -> FitRecord | None:
+def train_job(config: Config, out: Path, data: Dataset | None = None) -> FitRecord | None:
     """Train (or resume, or read back) a run folder, planned (its fits and their estimated time,
-    then one progress bar), then draw its figures (None: a torchrun rank other than 0, which only
-    trained)."""
-    data = dataset_for(config) if not RunLayout(out).metrics.exists() else None
-    with _one_step("train", f"train {out}", lambda: plan_fits(config, data) if data is not None else [], data):
+    then one progress bar; not a finished run, nor under torchrun), then draw its figures (None: a
+    torchrun rank other than 0, which only trained). data: config's images, if loaded already."""
+    plan = not RunLayout(out).metrics.exists() and not distributed.world().launched
+    if plan:
+        run = RunDir(out)
+        preflight(config, run)  # refused before any decoding
+        if run.layout.config.exists():
+            run.claim(config)
+        data = data if data is not None else dataset_for(config)
+    with _one_step("train", f"train {out}", lambda: plan_fits(config, data), data if plan else None):
         record = fit_run(config, out, data)
     if record is not None:
         build_run_report(out)
@@ -56,8 +62,8 @@ def train_job(config: Config, out: Path) -> FitRecord | None:
 
 @contextlib.contextmanager
 def _one_step(name: str, title: str, fits: Callable[[], list[FitPlan]], data: Dataset | None) -> Iterator[None]:
-    """A job of one step, planned (nothing to plan without data: a finished run read back, or a
-    torchrun rank other than 0) and timed."""
+    """A job of one step, planned and timed (nothing to plan without data: a finished run read back,
+    or torchrun)."""
     if data is None or distributed.world().launched:
         yield
         return
@@ -189,17 +195,16 @@ def main_job(config: Config, out: Path, study_overrides: dict[str, Any] | None =
     dirs, names = study_dirs(out), study_names()
     data = dataset_for(config)
     transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config, final_folds(names[0], config, study_overrides)))
-    transfer_data = dataset_for(transfer)
     transfer_out = out / "transfer"
+    transfer_data = None if RunLayout(transfer_out).metrics.exists() else dataset_for(transfer)
 
     def steps(probe: Probe) -> list[StepPlan]:
         plans = [
             p for n, d in zip(names, dirs, strict=True) for p in plan_study(n, config, d, probe, study_overrides, data)
         ]
-        done = RunLayout(transfer_out).metrics.exists()
-        fits = [] if done else plan_fits(transfer, transfer_data)
+        fits = plan_fits(transfer, transfer_data) if transfer_data is not None else []
         plans.append(step_plan(TRANSFER_PROFILE, "transfer recipe: grouped cross-validation", fits, probe))
-        plans[-1].done = done
+        plans[-1].done = transfer_data is None
         return plans
 
     plan_path = out / "plan.json"
@@ -207,7 +212,7 @@ def main_job(config: Config, out: Path, study_overrides: dict[str, Any] | None =
         for name, study_dir in zip(names, dirs, strict=True):
             log.info("study %s: report %s", name, study_job(name, config, study_dir, study_overrides, data))
         with current_step(TRANSFER_PROFILE):
-            log.info("transfer recipe: %s", train_job(transfer, transfer_out).path)
+            log.info("transfer recipe: %s", train_job(transfer, transfer_out, transfer_data).path)
     states = read_states(dirs)
     return report_job(dirs, out / "report", [transfer_out], plan_path), comparison_table(states)
 

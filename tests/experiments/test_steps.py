@@ -24,14 +24,18 @@ def _options(name: str, profile: str = "quick", **overrides: Any) -> StudyOption
     return load_options(STUDIES, name, profile, overrides)
 
 
-@pytest.mark.parametrize("profile", ["quick", "paper", "transfer"])
+@pytest.mark.parametrize("profile", ["quick", "full", "paper", "transfer"])
 def test_every_profile_sizes_every_study_with_its_own_options(profile: str):
     resnet, convmixer = _options("resnet34", profile), _options("convmixer", profile)
     assert isinstance(resnet, ResNet34Options) and isinstance(convmixer, ConvMixerOptions)
     assert not hasattr(resnet, "split_ratios") and not hasattr(convmixer, "subset_fraction")
-    if profile == "quick":  # [study.convmixer]: its own sizes and its fits' width
+    if profile == "full":  # [study.convmixer]: its own sizes and its fits' width
         assert convmixer.epochs == 5 and convmixer.split_ratios == [0.6, 0.75, 0.9]
         assert convmixer.config == {"train.model_args": {"dim": 128}} and resnet.epochs == 6 and resnet.config == {}
+    if profile == "quick":  # [study] for every study, [study.NAME] for one: the 3-hour budget
+        assert convmixer.epochs == resnet.epochs == 2 and resnet.random_folds == convmixer.random_folds == 1
+        assert convmixer.split_ratios == [0.75, 0.9] and resnet.grid2_lr_factors == [1.0, 2.0]
+        assert convmixer.config == {"train.model_args": {"dim": 128}} and resnet.config == {}
     if profile == "paper":  # [study]: every study
         assert resnet.final_folds == convmixer.final_folds == 5
 

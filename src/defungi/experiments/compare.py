@@ -3,6 +3,7 @@ image and per sample, with a 95% interval from a paired bootstrap over physical 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from defungi.layout import RunLayout, read_table
 from defungi.results.run import PairedDifference, read_run_metrics
 from defungi.results.schema import from_dict
 from defungi.train.metrics import bootstrap_difference, sample_decisions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,16 +65,19 @@ def _only(scored: Scored, paths: list[str]) -> Scored:
 
 
 def paired_difference(first: Path, second: Path, seed: int = 0) -> PairedDifference:
-    """Second run minus first, on the same images: per metric the difference and its 95% interval,
+    """Second run minus first, on the images both scored (all of one run's: e.g. a cross-validation that
+    fitted some of its folds against one that fitted all): per metric the difference and its 95% interval,
     image-level and sample-level (a sample's decision: its images' probabilities pooled by each run's
     specimen rule)."""
     a, b = scored_images(first), scored_images(second)
     common = sorted(set(a.paths) & set(b.paths))
-    if not common or a.classes != b.classes:
+    if len(common) < min(len(a.paths), len(b.paths)) or not common or a.classes != b.classes:
         raise DefungiError(
-            f"{first} and {second} scored no image in common or other classes; compare runs on the same data "
-            "(e.g. one recipe under grouped and random cross-validation)"
+            f"{first} and {second} scored different images or classes; compare runs on the same data "
+            "(e.g. one recipe under grouped and random cross-validation; one run may score a part of the other's)"
         )
+    if len(common) < max(len(a.paths), len(b.paths)):
+        log.info("%s and %s compared on the %d images both scored", first, second, len(common))
     a, b = _only(a, common), _only(b, common)
     n_classes = len(a.classes)
     images = bootstrap_difference(a.labels, a.probs.argmax(1), b.probs.argmax(1), a.samples, n_classes, seed=seed)

@@ -26,10 +26,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from defungi.config import Config
+from defungi.errors import DefungiError
+from defungi.models.pretrained import tail_from
 from defungi.models.registry import create_model, model_entry
 from defungi.results.plan import JobPlan, Rate, StepPlan, read_plan
 from defungi.results.schema import to_dict
-from defungi.train.loop import autocast, precision_name
+from defungi.train.loop import autocast, inference_precision, precision_name
 from defungi.train.ood import held_out_needed, model_readings
 from defungi.train.runtime import Threads, resolve_device
 from defungi.utils import atomic_write_json, clock, cpu_flags
@@ -68,18 +70,26 @@ def rate_key(config: Config) -> str:
     return f"{tc.model}{f' ({args})' if args else ''} {config.data.image_size} px{frozen}"
 
 
-def _timed(fn, images: int, repeats: int) -> float:
-    """Images/s of fn (called once to warm up, then timed repeats times)."""
-    fn()
+def _timed(fn: Callable[[], object], images: int, repeats: int, device: torch.device) -> float:
+    """Images/s of fn (called once to warm up, then timed repeats times; on a GPU, to the end of its work)."""
+
+    def call() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    call()
     start = time.perf_counter()
     for _ in range(repeats):
-        fn()
+        call()
     return repeats * images / (time.perf_counter() - start)
 
 
 class Probe:
-    """Each model's training and answering speed on this machine, measured once on random inputs at
-    its batch size (at most 64) with the threads training would use; a few seconds per model."""
+    """Each model's training and answering speed on this machine, measured once per `rate_key` (at the
+    batch size of the first config that asks, at most 64) on random inputs, with the threads training
+    would use, training in the precision it trains in and answering in the one answers use; a few
+    seconds per model."""
 
     def __init__(self, classes: int = 5, repeats: int = 3) -> None:
         self.classes, self.repeats = classes, repeats
@@ -101,12 +111,13 @@ class Probe:
         batch = min(tc.batch_size, 64)
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, self.classes, (batch,), device=device)
-        head = model.get_submodule(tc.train_from or model_entry(tc.model).parts.classifier)
+        start = tc.train_from or model_entry(tc.model).parts.classifier
         seen: list[torch.Tensor] = []
-        hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-        with torch.no_grad():
-            answer = _timed(lambda: model.eval()(x), batch, self.repeats)
+        hook = model.get_submodule(start).register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+        with torch.no_grad(), autocast(device, inference_precision(device, tc.amp)):
+            answer = _timed(lambda: model.eval()(x), batch, self.repeats, device)
         hook.remove()
+        head = tail_from(model, tc.model, start, x[:2]) if tc.freeze_backbone else model
         trained, inputs = (head, seen[-1]) if tc.freeze_backbone else (model, x)
         trained.train()
         optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-4)
@@ -118,10 +129,10 @@ class Probe:
             loss.backward()
             optimizer.step()
 
-        train = _timed(step, batch, self.repeats)
+        train = _timed(step, batch, self.repeats, device)
         if tc.freeze_backbone:
             with torch.no_grad():
-                head_answer = _timed(lambda: head.eval()(inputs), batch, self.repeats)
+                head_answer = _timed(lambda: head.eval()(inputs), batch, self.repeats, device)
             return Rate(key, precision_name(device, tc.amp), train, head_answer, answer)
         return Rate(key, precision_name(device, tc.amp), train, answer)
 
@@ -169,7 +180,11 @@ def job_plan(steps: list[StepPlan], probe: Probe, previous: Path | None = None) 
     measured time (previous: its plan.json), and so does the time already spent on an unfinished one."""
     plan = JobPlan(cpu=cpu_flags(), threads=torch.get_num_threads(), rates=list(probe.rates.values()), steps=steps)
     if previous is not None and previous.exists():
-        before = {s.name: s for s in read_plan(previous).steps}
+        try:
+            before = {s.name: s for s in read_plan(previous).steps}
+        except DefungiError as exc:
+            log.warning("%s; its measured times are not carried over", exc)
+            before = {}
         for step in steps:
             old = before.get(step.name)
             if old is not None and (step.done or old.seconds):
@@ -203,9 +218,8 @@ def plan_lines(plan: JobPlan) -> list[str]:
             f"{state:>8}{'  (done)' if s.done else ''}"
         )
     lines.append(
-        f"  {'whole job (at most: early stopping ends fits sooner)':<{width}}  {sum(s.fits for s in plan.steps):>4}  "
-        f"{sum(s.epochs for s in plan.steps):>6}  {sum(s.images for s in plan.steps):>9,}  "
-        f"{clock(plan.estimate_seconds):>8}  {clock(plan.seconds):>8}"
+        f"  {'whole job (at most: early stopping ends fits sooner)':<{width}}  {plan.fits:>4}  {plan.epochs:>6}  "
+        f"{plan.images:>9,}  {clock(plan.estimate_seconds):>8}  {clock(plan.seconds):>8}"
     )
     return lines
 
@@ -239,7 +253,7 @@ class JobMeter:
         self.done_s, self.step_done_s = 0.0, 0.0
         self.current: StepPlan | None = None
         self.started = self.step_started = self.saved = self.logged = time.monotonic()
-        self.spent_before = 0.0
+        self.spent_before, self.fits_run = 0.0, 0
         self.bar = (
             tqdm(
                 total=max(self.total, 1e-9),
@@ -255,18 +269,25 @@ class JobMeter:
     def step(self, name: str) -> Iterator[StepPlan | None]:
         """Time the named step (its plan, None where the plan has no such step); when it ends, its
         planned share of the bar is complete."""
-        self.current = next((s for s in self.plan.steps if s.name == name), None)
-        self.step_started, self.step_done_s = time.monotonic(), 0.0
-        self.spent_before = (self.current.seconds or 0.0) if self.current is not None else 0.0
+        step = next((s for s in self.plan.steps if s.name == name), None)
+        if step is None or step.done:  # not planned, or finished before this run: read back, not timed
+            yield step
+            return
+        self.current, self.step_started, self.step_done_s = step, time.monotonic(), 0.0
+        self.spent_before, self.fits_run = step.seconds or 0.0, 0
         try:
-            yield self.current
+            yield step
+        except BaseException:
+            step.seconds = self.spent_before + time.monotonic() - self.step_started
+            raise
+        else:
+            step.seconds = self.spent_before + time.monotonic() - self.step_started
+            step.done = True
+            self.advance(step.estimate_seconds - self.step_done_s)
+            if self.fits_run > step.fits:
+                log.warning("%s fitted %d models, its plan listed %d", step.title, self.fits_run, step.fits)
         finally:
-            step, self.current = self.current, None
-            if step is not None:
-                step.seconds = self.spent_before + time.monotonic() - self.step_started
-                if sys.exc_info()[0] is None:
-                    step.done = True
-                    self.advance(step.estimate_seconds - self.step_done_s)
+            self.current = None
             self.save()
 
     def advance(self, seconds: float) -> None:
@@ -288,7 +309,7 @@ class JobMeter:
     def status(self) -> str:
         """'41% of the planned work, 1:02:03 elapsed, about 1:30:00 left'."""
         elapsed = time.monotonic() - self.started
-        share = self.done_s / self.total if self.total else 1.0
+        share = min(1.0, self.done_s / self.total) if self.total else 1.0
         left = elapsed * (1 - share) / share if share > 0 else self.total
         return f"{100 * share:.0f}% of the planned work, {clock(elapsed)} elapsed, about {clock(left)} left"
 
@@ -298,6 +319,7 @@ class JobMeter:
             atomic_write_json(self.path, to_dict(self.plan))
 
     def ticket(self, fit: FitPlan) -> _Ticket:
+        self.fits_run += 1
         epoch, rest = fit_seconds(fit, self.probe.rate(fit.config))
         return _Ticket(self, epoch, fit.config.train.epochs * epoch + rest)
 

@@ -58,6 +58,11 @@ def dataset_for(config: Config, progress: bool = True) -> Dataset:
     return load_dataset(config.data.root, config.data.image_size, config.data.variance_threshold, progress=progress)
 
 
+def same_images(a: Config, b: Config) -> bool:
+    """Whether dataset_for loads the same images for both configs: folder, image size, outlier threshold."""
+    return all(getattr(a.data, k) == getattr(b.data, k) for k in ("root", "image_size", "variance_threshold"))
+
+
 def split_for(config: Config, data: Dataset) -> Split:
     """The seeded train/val/test split a config asks for; a class too small for it is named."""
     dc = config.data
@@ -118,7 +123,7 @@ class FitProtocol(ABC):
             ensemble=config.train.ensemble,
             processes=distributed.world().size,
             cv_folds=config.data.cv_folds,
-            cv_fit_folds=min(config.data.cv_fit_folds, config.data.cv_folds),
+            cv_fit_folds=config.data.cv_fit_folds if config.data.cv_fit_folds < config.data.cv_folds else 0,
         )
         return RunMetrics(
             kind=self.kind,
@@ -179,12 +184,7 @@ def fit_run(
         distributed.setup(resolve_device(config.train.device))
         if not rank.main:
             return _follow(config, run, data, split, sync)
-    run.prepare()
-    resolve_device(config.train.device)  # an unusable --device is refused before any decoding
-    check_model(config.train.model, config.train.model_args)  # so are a model and arguments that cannot build
-    weights = Path(config.train.weights).expanduser() if config.train.weights else None
-    if weights is not None and not weights.is_file() and not run.started():
-        raise DefungiError(f"--weights {weights}: no such file")
+    preflight(config, run)
     with run.lock():
         if run.layout.config.exists():
             run.claim(config)  # refuses another config before any decoding
@@ -197,6 +197,17 @@ def fit_run(
                 return done
         data = data if data is not None else dataset_for(config)
         return protocol_for(config).execute(run, data, split, sync)
+
+
+def preflight(config: Config, run: RunDir) -> None:
+    """Refuse, before any decoding, what cannot train: an unusable --device, a model and arguments that
+    cannot build, a missing --weights file (for a run not started), and the run folder prepared."""
+    run.prepare()
+    resolve_device(config.train.device)
+    check_model(config.train.model, config.train.model_args)
+    weights = Path(config.train.weights).expanduser() if config.train.weights else None
+    if weights is not None and not weights.is_file() and not run.started():
+        raise DefungiError(f"--weights {weights}: no such file")
 
 
 def _check_distributed(config: Config, ranks: int) -> None:
@@ -424,15 +435,20 @@ class CrossValidation(FitProtocol):
             best_epochs=[e for r in records for e in r.metrics.best_epochs],
             stop_reason="; ".join(f"fold {k}: {r.metrics.stop_reason}" for k, r in enumerate(records)),
             parts={"test": from_dict(PartScores, oof, "out of fold")},
+            # what answers can be trusted to is fitted on some folds and checked on another: 2 folds at least
             trust=assess(
                 probs, data.labels[idx], data.groups[idx], fold_of, data.classes, "out of fold", seed=seed, rule=rule
-            ),
+            )
+            if len(splits) >= 2
+            else None,
             ood=_cv_ood_check(records, ood, data.groups[idx], seed),
             folds=per_fold,
             fold_spread={
                 key: _spread([getattr(f, key) for f in per_fold])
                 for key in ("accuracy", "f1", "sample_accuracy", "sample_f1")
-            },
+            }
+            if len(splits) >= 2
+            else {},
         )
         return run.write_result([], metrics)
 

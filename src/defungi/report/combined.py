@@ -123,9 +123,9 @@ def plan_table(plan: JobPlan) -> Table:
     rows.append(
         [
             "whole job",
-            str(sum(s.fits for s in plan.steps)),
-            str(sum(s.epochs for s in plan.steps)),
-            f"{sum(s.images for s in plan.steps):,}",
+            str(plan.fits),
+            str(plan.epochs),
+            f"{plan.images:,}",
             clock(plan.estimate_seconds),
             clock(plan.seconds),
         ]
@@ -145,7 +145,7 @@ def run_rows(run_dirs: list[Path]) -> dict[str, Scores]:
         if "test" not in m.parts:
             raise DefungiError(f"{run_dir}: the run scored no test part; train it with a test part or --cv K")
         test, protocol = m.parts["test"], m.protocol
-        how = f"{protocol.cv_folds}-fold CV" if m.kind == "cv" else "one split"
+        how = protocol.cv() if m.kind == "cv" else "one split"
         name = f"{run_dir} ({m.model}, {protocol.split} {how})"
         rows[f"{name}, per image"] = test
         if test.samples is not None:

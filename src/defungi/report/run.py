@@ -53,7 +53,7 @@ def render_run(run_dir: str | Path) -> list[Path]:
     if metrics.kind == "cv":
         for k in range(len(metrics.folds)):
             figures += render_run(run.fold(k).root)
-        title = f"{label}: {len(metrics.folds)}-fold cross-validation ({split})"
+        title = f"{label}: {metrics.protocol.cv('cross-validation')} ({split})"
         figures.append(plot_folds(metrics.folds, run.figure("folds"), title))
     if metrics.trust is not None:
         title = f"{label}: accuracy of the specimens answered ({metrics.trust.source})"

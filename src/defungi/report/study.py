@@ -23,7 +23,7 @@ from defungi.report.plots import (
     plot_learning_curve,
 )
 from defungi.report.run import render_run
-from defungi.results.run import Scores
+from defungi.results.run import Scores, cv_label
 from defungi.results.schema import to_dict
 from defungi.results.study import (
     ClassCounts,
@@ -199,12 +199,12 @@ def _depth(result: Depth, step: StepPage) -> Drawn:
 def final_rows(study: str, final: Final, published: dict[str, float]) -> dict[str, Scores | dict[str, Any]]:
     """The final recipe's out-of-fold metrics per split mode, per image and per sample, beside the
     published figures, as named rows."""
-    k = final.cv_folds
     rows: dict[str, Scores | dict[str, Any]] = {}
     for mode, m in final.test.items():
-        rows[f"{study}, {mode} {k}-fold CV, per image"] = m
+        cv = cv_label(final.cv_folds, len(final.folds[mode]))
+        rows[f"{study}, {mode} {cv}, per image"] = m
         if m.samples is not None:
-            rows[f"{study}, {mode} {k}-fold CV, per sample"] = m.samples
+            rows[f"{study}, {mode} {cv}, per sample"] = m.samples
     return rows | {f"{study}, published (random split)": published}
 
 
@@ -213,8 +213,11 @@ FINAL_RUN_FIGURES = ("folds", "confusion_test", "confusion_test_samples", "relia
 
 @renders(Final)
 def _final(result: Final, step: StepPage) -> Drawn:
-    state, k = step.state, result.cv_folds
-    bars = {f"{mode} {k}-fold CV, per image": to_dict(m) for mode, m in result.test.items()}
+    state = step.state
+    bars = {
+        f"{mode} {cv_label(result.cv_folds, len(result.folds[mode]))}, per image": to_dict(m)
+        for mode, m in result.test.items()
+    }
     title = "out-of-fold test metrics (macro over classes, 95% intervals over samples)"
     figures = [
         plot_bars(

@@ -51,6 +51,18 @@ class JobPlan:
     schema_version: int = SCHEMA_VERSION
 
     @property
+    def fits(self) -> int:
+        return sum(s.fits for s in self.steps)
+
+    @property
+    def epochs(self) -> int:
+        return sum(s.epochs for s in self.steps)
+
+    @property
+    def images(self) -> int:
+        return sum(s.images for s in self.steps)
+
+    @property
     def estimate_seconds(self) -> float:
         return sum(s.estimate_seconds for s in self.steps)
 

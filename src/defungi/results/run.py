@@ -101,6 +101,15 @@ class Protocol:
     metric_average: str = "macro over classes"
     cv_fit_folds: int = 0  # of the cv_folds, those fitted and scored (0: all)
 
+    def cv(self, name: str = "CV") -> str:
+        """'3-fold CV', or '3-fold CV (1 fitted)' where only some folds were."""
+        return cv_label(self.cv_folds, self.cv_fit_folds, name)
+
+
+def cv_label(folds: int, fitted: int = 0, name: str = "CV") -> str:
+    """'K-fold CV', or with fewer folds fitted than K, 'K-fold CV (N fitted)'."""
+    return f"{folds}-fold {name}" + (f" ({fitted} fitted)" if 0 < fitted < folds else "")
+
 
 @dataclass
 class Timing:
@@ -286,8 +295,7 @@ def model_card(metrics: RunMetrics) -> ModelCard | None:
     if test is None or test.samples is None:
         return None
     how = (
-        f"{metrics.protocol.cv_folds}-fold {metrics.protocol.split} cross-validation, out of fold"
-        + (f" ({metrics.protocol.cv_fit_folds} of its folds)" if metrics.protocol.cv_fit_folds else "")
+        f"{metrics.protocol.cv(f'{metrics.protocol.split} cross-validation')}, out of fold"
         if metrics.kind == "cv"
         else f"the test part of a {metrics.protocol.split} split"
     )

@@ -30,12 +30,15 @@ def run_study(
 ) -> StudyState:
     """Run (or resume) a study into out_dir, with its options from config's profile and dotted
     overrides (study.KEY, study.NAME.KEY); returns its state (study.json)."""
-    options = runner.load_options(STUDIES, name, config.profile, overrides or {})
-    return runner.run_study(_study(name), config, out_dir, options, data)
+    study = _study(name)
+    return runner.run_study(
+        study, config, out_dir, runner.load_options(STUDIES, name, config.profile, overrides or {}), data
+    )
 
 
 def final_folds(name: str, config: Config, overrides: dict[str, Any] | None = None) -> int:
     """The number of folds the study's final recipe is cross-validated on."""
+    _study(name)
     return runner.load_options(STUDIES, name, config.profile, overrides or {}).final_folds
 
 
@@ -48,8 +51,10 @@ def plan_study(
     data: Dataset | None = None,
 ) -> list[StepPlan]:
     """What run_study would fit, step by step, with each step's estimated time."""
-    options = runner.load_options(STUDIES, name, config.profile, overrides or {})
-    return runner.plan_study(_study(name), config, out_dir, options, probe, data)
+    study = _study(name)
+    return runner.plan_study(
+        study, config, out_dir, runner.load_options(STUDIES, name, config.profile, overrides or {}), probe, data
+    )
 
 
 __all__ = ["STUDIES", "Study", "final_folds", "plan_study", "run_study"]

@@ -26,7 +26,7 @@ from defungi.config import Config, apply_values, load_config_from, nested, profi
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
 from defungi.experiments.plan import FitPlan, Probe, current_step, step_plan
-from defungi.experiments.protocols import dataset_for, split_for
+from defungi.experiments.protocols import dataset_for, same_images, split_for
 from defungi.experiments.rundir import claim_config, write_exclusions
 from defungi.layout import StudyLayout
 from defungi.results.plan import StepPlan
@@ -144,8 +144,8 @@ def _open(
     study: Study[O], config: Config, out_dir: Path, options: O, data: Dataset | None
 ) -> tuple[StudyLayout, StudyState, StudyContext[O]]:
     """The study folder claimed for this config and options, its state (finished steps read back) and
-    the context of its first step."""
-    config = load_config_from(config, {"train.model": study.model, **options.config})
+    the context of its first step; data: the images of config, if loaded already."""
+    base, config = config, load_config_from(config, {"train.model": study.model, **options.config})
     layout = StudyLayout(Path(out_dir))
     layout.root.mkdir(parents=True, exist_ok=True)
     stored = read_study(layout.state) if layout.state.exists() else None  # an older version's: refused here
@@ -154,7 +154,8 @@ def _open(
     if stored is not None:
         _same_options(stored, state, layout.root)
         state.steps = stored.steps
-    data = data if data is not None else dataset_for(config)
+    if data is None or not same_images(base, config):  # the study's own config may load other images
+        data = dataset_for(config)
     return layout, state, StudyContext(config, options, data, split_for(config, data), layout.root)
 
 
@@ -173,8 +174,8 @@ def plan_study(
     study: Study[O], config: Config, out_dir: Path, options: O, probe: Probe, data: Dataset | None = None
 ) -> list[StepPlan]:
     """Each step's plan: the fits it will run and their estimated time (finished steps: done, with
-    their measured time). A step's fits that depend on an earlier step's choice are planned with the choice as it
-    stands (their number and sizes do not depend on it)."""
+    their measured time). A step's fits that depend on an earlier step's choice are planned with the
+    choice as it stands: their number does not depend on it, their sizes may (ConvMixer's split ratio)."""
     _layout, state, ctx = _open(study, config, out_dir, options, data)
     plans = []
     for _number, step in _steps(study, state, ctx):
@@ -202,12 +203,13 @@ def run_study(study: Study[O], config: Config, out_dir: Path, options: O, data: 
 
 
 def _run_step(step: Step, ctx: StudyContext[Any], out: Path, planned: StepPlan | None) -> StepRecord:
-    """Run one step into its folder, timed (beside its estimate, where the job planned it)."""
-    t0 = time.perf_counter()
+    """Run one step into its folder, timed (with the time earlier runs spent on it, and beside its
+    estimate, where the job planned it)."""
+    t0, before = time.perf_counter(), (planned.seconds or 0.0) if planned is not None else 0.0
     out.mkdir(parents=True, exist_ok=True)
     result = step.run(ctx, out)
     estimate = planned.estimate_seconds if planned is not None else None
-    return StepRecord(step.title, time.perf_counter() - t0, result, estimate)
+    return StepRecord(step.title, before + time.perf_counter() - t0, result, estimate)
 
 
 def _same_options(stored: StudyState, state: StudyState, folder: Path) -> None:

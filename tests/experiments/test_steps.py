@@ -34,6 +34,7 @@ def test_every_profile_sizes_every_study_with_its_own_options(profile: str):
         assert convmixer.config == {"train.model_args": {"dim": 128}} and resnet.epochs == 6 and resnet.config == {}
     if profile == "quick":  # [study] for every study, [study.NAME] for one: the 3-hour budget
         assert convmixer.epochs == resnet.epochs == 2 and resnet.random_folds == convmixer.random_folds == 1
+        assert resnet.random_config == convmixer.random_config == {"train.epochs": 20, "train.patience_epochs": 6}
         assert convmixer.split_ratios == [0.75, 0.9] and resnet.grid2_lr_factors == [1.0, 2.0]
         assert convmixer.config == {"train.model_args": {"dim": 128}} and resnet.config == {}
     if profile == "paper":  # [study]: every study

@@ -35,6 +35,7 @@ SMALL_STUDY = {
     "study.grid_lrs": "[0.001, 0.002]",
     "study.final_folds": 2,
     "study.random_folds": 1,
+    "study.random_config": '{"train.epochs": 3}',  # the random CV's own schedule
     "study.resnet34.subset_fraction": 0.5,
     "study.resnet34.grid2_lr_factors": "[1.0, 2.0]",
     "study.resnet34.cv_folds": 2,
@@ -112,7 +113,8 @@ def test_the_random_final_cv_fits_the_folds_asked_and_pairs_on_their_images(stud
     final = state.steps["final"].result
     assert len(final.folds["random"]) == 1 and len(final.folds["grouped"]) == 2
     assert final.gap.n_images == final.test["random"].n < final.test["grouped"].n
-    assert "1 of its 2 folds fitted" in final.summary
+    assert "1 of its 2 folds fitted, so" in final.summary and "train.epochs 3)" in final.summary
+    assert final.timing["random"].epochs_run == 3 and final.timing["grouped"].epochs_run == 2 * 2  # over its folds
 
 
 def test_each_study_carries_its_own_options_and_its_fits_none(studies):

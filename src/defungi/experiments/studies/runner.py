@@ -50,6 +50,9 @@ class StudyOptions:
     grid_lrs: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3, 4e-3])
     final_folds: int = 3  # the final recipe is scored by this K-fold cross-validation, grouped and random
     random_folds: int = 0  # of the random cross-validation's folds, those fitted (0: all; a cheaper estimate)
+    # dotted config keys of the random cross-validation's fits alone, e.g. {'train.epochs': 20}: near-copies
+    # across a random split are learnt over a longer schedule than the grouped folds need
+    random_config: dict[str, Any] = field(default_factory=dict)
     # dotted config keys of the study's fits, e.g. {'train.model_args': {'dim': 128}}
     config: dict[str, Any] = field(default_factory=dict)
 

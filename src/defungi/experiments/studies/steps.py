@@ -179,6 +179,7 @@ def final_fits(
             if 0 < (opts := ctx.options).random_folds < opts.final_folds
             else ""
         )
+        + "".join(f", {key} {value}" for key, value in ctx.options.random_config.items())
         + f"): {_f1(r)} per image, {_f1(r.samples)} per sample. "
         + _gap_sentence(gap)
     )
@@ -199,7 +200,8 @@ def _final_configs(ctx: StudyContext[Any], extra: dict[str, Any] | None) -> dict
     """The final recipe's K-fold cross-validations, grouped and random."""
     folds = {"data.cv_folds": ctx.options.final_folds}
     # the random CV only compares with the published protocol: its own folds, no refusal detector
-    own = {"grouped": {}, "random": {"data.cv_fit_folds": ctx.options.random_folds, "train.ood": False}}
+    random = {"data.cv_fit_folds": ctx.options.random_folds, "train.ood": False, **ctx.options.random_config}
+    own = {"grouped": {}, "random": random}
     return {
         mode: load_config_from(ctx.config, {**ctx.choices, **(extra or {}), **folds, "data.split": mode, **own[mode]})
         for mode in ("grouped", "random")

@@ -4,10 +4,11 @@
     -> forward/backward/step;
 (b) a plain torchvision pipeline: ImageFolder + DataLoader decoding JPEGs every epoch;
 (c) the limit: forward/backward/step on one batch already in memory;
-(e) with --fit-images N, a whole fit as `defungi train` runs it (the quick profile: weight average,
-    validation every epoch, then 8-view scoring of the validation and test parts and the refusal
-    detector's readings) on N training images of the data: images trained per second of its wall time,
-    and per second of its epochs alone. e/c is what a real fit keeps of the model's speed.
+(e) with --fit-images N, a whole fit as `defungi train` runs it (the quick profile: its epochs, weight
+    average, validation every epoch, then 8-view scoring of the validation and test parts and the
+    refusal detector's readings, in one pass) on N training images of the data, with validation and
+    test parts of a real split's proportions: images trained per second of its wall time, and per
+    second of its epochs alone. e/c is what a real fit keeps of the model's speed.
 All three compute in the precision defungi trains in here (`train.amp`: bf16 autocast on CPUs
 with native bf16, see `defungi.train.loop.autocast_dtype`); (d) is (c) in plain fp32, so c/d is
 what mixed precision gains on this machine (`--no-amp`: everything in fp32).
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=400, help="images per class used when re-saving")
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="(a), (b), (c) in fp32 too")
     parser.add_argument("--fit-images", type=int, default=0, help="(e): a whole fit on this many training images")
-    parser.add_argument("--fit-epochs", type=int, default=2, help="(e): its epochs")
+    parser.add_argument("--fit-epochs", type=int, default=0, help="(e): its epochs (0: quick's final fits')")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -193,13 +194,14 @@ def main() -> None:
     print(f"(d) (c) in float32                {d:8.1f} img/s")
     print(f"a/b = {a / b:.2f}   a/c = {a / c:.3f}   c/d = {c / d:.2f}")
     if args.fit_images:
-        e, e_epochs = whole_fit(root, args)
-        print(f"(e) whole fit, wall time          {e:8.1f} img/s   (its epochs alone: {e_epochs:.1f} img/s)")
+        e, e_epochs, epochs = whole_fit(root, args)
+        print(f"(e) whole fit, wall time          {e:8.1f} img/s   ({epochs} epochs; alone: {e_epochs:.1f} img/s)")
         print(f"e/c = {e / c:.3f}   (e's epochs)/c = {e_epochs / c:.3f}")
 
 
-def whole_fit(root: Path, args: argparse.Namespace) -> tuple[float, float]:
-    """(e): images trained per second of a whole quick-profile fit's wall time, and of its epochs alone."""
+def whole_fit(root: Path, args: argparse.Namespace) -> tuple[float, float, int]:
+    """(e): images trained per second of a whole quick-profile fit's wall time, and of its epochs alone;
+    its epochs."""
     config = load_config(
         "quick",
         {
@@ -207,7 +209,7 @@ def whole_fit(root: Path, args: argparse.Namespace) -> tuple[float, float]:
             "data.image_size": args.image_size,
             "train.model": args.model,
             "train.batch_size": args.batch_size,
-            "train.epochs": args.fit_epochs,
+            **({"train.epochs": args.fit_epochs} if args.fit_epochs else {}),
             "train.amp": args.amp,
         },
     )
@@ -220,7 +222,7 @@ def whole_fit(root: Path, args: argparse.Namespace) -> tuple[float, float]:
     result = fit(config, data, split)
     wall = time.perf_counter() - start
     trained = sum(h["images_per_s"] * h["seconds"] for h in result.history)
-    return trained / wall, trained / sum(h["seconds"] for h in result.history)
+    return trained / wall, trained / sum(h["seconds"] for h in result.history), len(result.history)
 
 
 if __name__ == "__main__":

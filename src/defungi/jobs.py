@@ -63,7 +63,7 @@ def train_job(config: Config, out: Path, data: Dataset | None = None) -> FitReco
 @contextlib.contextmanager
 def _one_step(name: str, title: str, fits: Callable[[], list[FitPlan]], data: Dataset | None) -> Iterator[None]:
     """A job of one step, planned and timed (nothing to plan without data: a finished run read back,
-    or torchrun)."""
+    a worker of a shared grid, or torchrun)."""
     if data is None or distributed.world().launched:
         yield
         return
@@ -123,7 +123,9 @@ def grid_job(
     split = tuning_split(
         data.labels, data.groups, split_for(config, data), fraction, dc.val_fraction, dc.split, dc.seed
     )
-    with _one_step("grid", f"grid search {out}", lambda: plan_grid(config, data, split, grid), data):
+    # a worker of a grid shared through storage fits the cells no other worker took: no plan of its own
+    planned = data if storage is None else None
+    with _one_step("grid", f"grid search {out}", lambda: plan_grid(config, data, split, grid), planned):
         result = grid_search(config, data, split, grid, layout.fits, storage, heartbeat)
     atomic_write_json(layout.grid, to_dict(result))
     render_grid(out, f"grid search, {fraction:.0%} of the data")

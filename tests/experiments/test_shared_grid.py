@@ -21,7 +21,7 @@ TINY = tiny_args({"train.tta": False})  # --epochs after it wins
 
 def _worker(data: Path, out: Path, url: str, epochs: int = 2) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "defungi", "grid", "--data", str(data), "--out", str(out), "--storage", url]
-    cmd += [*CELLS, *TINY, "--epochs", str(epochs), "--heartbeat", "1"]
+    cmd += [*CELLS, *TINY, "--epochs", str(epochs), "--heartbeat", "2"]  # stale after 8 s silent, on a loaded CI
     env = os.environ | {"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -13,7 +13,9 @@ from defungi.train.loop import (
     batches,
     feature_batches,
     feature_rows,
+    hooked_inputs,
     image_batches,
+    image_inputs,
     module_inputs,
     predict_proba,
     probabilities,
@@ -205,3 +207,21 @@ def test_a_long_pass_is_paced_every_few_batches_and_computes_the_same():
     )
     assert len(calls) == -(-len(images) // (4 * PACE))  # before the first batch, then every PACE-th
     assert np.array_equal(paced, module_inputs(model, model[3], images, _PRE, torch.device("cpu"), batch_size=4))
+
+
+def test_one_pass_reads_several_modules_as_passes_of_their_own_and_stops_at_the_last():
+    images, _ = _toy()
+    model = _model("images").eval()
+    cpu = torch.device("cpu")
+    alone = [
+        module_inputs(model, model[0], images, _PRE, cpu, output_means=True),
+        module_inputs(model, model[3], images, _PRE, cpu),
+    ]
+    head_calls: list[int] = []
+    model[3].register_forward_hook(lambda *_: head_calls.append(1))
+    together = hooked_inputs(
+        model, [(model[0], True), (model[3], False)], image_inputs(images, _PRE, cpu, 16, True), 4, cpu
+    )
+    assert [r.shape for r in together] == [(64, 4), (64, 4)]
+    assert all(np.allclose(a, t, atol=1e-6) for a, t in zip(alone, together, strict=True))
+    assert not head_calls  # the pass stopped where the last reading lies, before the head ran

@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,12 +370,13 @@ class _Images:
             class_weights=task.class_weights,
         )
 
-    def read(self, reading: Reading, idx: np.ndarray, batch_size: int = 128) -> np.ndarray:
-        """What the refusal detector reads (see train.ood) of the scored model on images idx, as they are."""
+    def read(self, readings: Sequence[Reading], idx: np.ndarray, batch_size: int = 128) -> list[np.ndarray]:
+        """What the refusal detector reads (see train.ood) of the scored model on images idx, as they
+        are: each of readings, in one pass."""
         task, tc, scored = self.task, self.task.config.train, self.learner.scored
         inputs = image_inputs(task.data.images, task.preprocess, task.device, batch_size, tc.channels_last, idx)
-        module, means = scored.get_submodule(reading.module), reading.kind == "channel means"
-        return hooked_inputs(scored, module, inputs, -(-len(idx) // batch_size), task.device, tc.amp, means)
+        modules = [(scored.get_submodule(r.module), r.kind == "channel means") for r in readings]
+        return hooked_inputs(scored, modules, inputs, -(-len(idx) // batch_size), task.device, tc.amp)
 
 
 @dataclass
@@ -423,23 +424,32 @@ class _Features:
         probs = weighted(sum(per_view) / views, task.class_weights)  # the prior's weights after the average
         return probs, mean_nll(probs, task.data.labels[idx])
 
-    def read(self, reading: Reading, idx: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def read(self, readings: Sequence[Reading], idx: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
         """What the refusal detector reads (see train.ood) of the scored model on images idx, as they are:
-        from the cached inputs through the scored tail where the reading lies in it (the head's input:
-        the cached inputs themselves when the head is all that trains), else (a frozen module before
-        train_from) from the images, computed once for every image and cached."""
+        from the cached inputs through the scored tail (in one pass) where a reading lies in it (the
+        head's input: the cached inputs themselves when the head is all that trains), else (a frozen
+        module before train_from) from the images, computed once for every image and cached."""
         task, tc, tail = self.task, self.task.config.train, self.learner.tails[-1]
-        module, means = self.learner.scored.get_submodule(reading.module), reading.kind == "channel means"
-        if not any(m is module for m in tail.modules()):
-            frozen = _cached_inputs(
-                task.config, task.data, self.learner.model, reading.module, task.preprocess, task.device, means=means
-            )
-            return np.asarray(frozen[idx])
+        in_tail = {id(m) for m in tail.modules()}
+        wanted = [(self.learner.scored.get_submodule(r.module), r.kind == "channel means") for r in readings]
+        through = [w for w in wanted if id(w[0]) in in_tail]
+        n_batches = -(-len(idx) // batch_size)
         inputs = self.inputs(idx, batch_size)
-        return hooked_inputs(tail, module, inputs, -(-len(idx) // batch_size), task.device, tc.amp, means)
+        passed = iter(hooked_inputs(tail, through, inputs, n_batches, task.device, tc.amp) if through else [])
+        out = []
+        for reading, (module, means) in zip(readings, wanted, strict=True):
+            if id(module) in in_tail:
+                out.append(next(passed))
+            else:
+                model = self.learner.model
+                frozen = _cached_inputs(
+                    task.config, task.data, model, reading.module, task.preprocess, task.device, means=means
+                )
+                out.append(np.asarray(frozen[idx]))
+        return out
 
 
-# a fit's batch source: forward, batches(epoch), probabilities(idx), read(reading, idx)
+# a fit's batch source: forward, batches(epoch), probabilities(idx), read(readings, idx)
 _Source = _Images | _Features
 
 
@@ -621,7 +631,7 @@ def _ood(
         )
         return None, {}
     at = model_readings(model_entry(task.config.train.model).parts)
-    readings = {part: [source.read(r, idx) for r in at] for part, idx in split.items() if len(idx)}
+    readings = {part: source.read(at, idx) for part, idx in split.items() if len(idx)}
     detector = fit_detector(readings["train"], task.data.labels[task.train_idx], readings["val"], at)
     assert detector is not None  # enough validation images for the quantile
     log.info(

@@ -32,7 +32,7 @@ from defungi.models.registry import create_model, model_entry
 from defungi.results.plan import JobPlan, Rate, StepPlan, read_plan
 from defungi.results.schema import to_dict
 from defungi.train.loop import autocast, inference_precision, precision_name
-from defungi.train.ood import held_out_needed, model_readings
+from defungi.train.ood import held_out_needed
 from defungi.train.runtime import Threads, resolve_device
 from defungi.utils import atomic_write_json, clock, cpu_flags
 
@@ -147,8 +147,7 @@ def fit_seconds(fit: FitPlan, rate: Rate) -> tuple[float, float]:
     views = TTA_VIEWS if tc.tta else 1
     rest = scored * views / rate.eval_images_per_s
     if tc.ood and val >= held_out_needed():
-        readings = len(model_readings(model_entry(tc.model).parts))
-        rest += readings * sum(sizes.values()) / rate.eval_images_per_s
+        rest += sum(sizes.values()) / rate.eval_images_per_s  # one pass reads them all
     if fit.cold_features and rate.backbone_images_per_s:
         rest += fit.cold_features / rate.backbone_images_per_s
     return epoch, rest

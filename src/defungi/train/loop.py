@@ -288,27 +288,30 @@ def module_rows(tensor: torch.Tensor, channel_means: bool = False) -> torch.Tens
 @torch.no_grad()
 def hooked_inputs(
     model: nn.Module,
-    module: nn.Module,
+    modules: Sequence[tuple[nn.Module, bool]],
     inputs: Iterable[torch.Tensor],
     n_batches: int,
     device: torch.device,
     amp: bool = False,
-    output_means: bool = False,
-) -> np.ndarray:
-    """What one module of the model receives (e.g. the head: the pooled features), or with output_means
-    the channel means of what it returns, while the model runs on batches of inputs (images, or cached
-    module inputs): float32, one entry per input row; each forward pass stops there."""
+) -> list[np.ndarray]:
+    """What each of modules receives (e.g. the head: the pooled features), or where its flag is set the
+    channel means of what it returns, while the model runs on batches of inputs (images, or cached
+    module inputs): per module, float32, one entry per input row. One forward pass reads them all and
+    stops at the last, which it must reach last."""
     model.eval()
-    out: list[np.ndarray] = []
+    out: list[list[np.ndarray]] = [[] for _ in modules]
 
-    def keep(tensor: torch.Tensor) -> None:
-        out.append(module_rows(tensor, output_means).cpu().numpy())
-        raise _Enough
+    def keep(i: int, tensor: torch.Tensor) -> None:
+        out[i].append(module_rows(tensor, modules[i][1]).cpu().numpy())
+        if i == len(modules) - 1:
+            raise _Enough
 
-    if output_means:
-        hook = module.register_forward_hook(lambda _m, _args, output: keep(output))
-    else:
-        hook = module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
+    hooks = [
+        module.register_forward_hook(lambda _m, _args, output, i=i: keep(i, output))
+        if output_means
+        else module.register_forward_pre_hook(lambda _m, args, i=i: keep(i, args[0]))
+        for i, (module, output_means) in enumerate(modules)
+    ]
     try:
         bar = progress_bar(n_batches, "features")
         for x in inputs:
@@ -317,8 +320,9 @@ def hooked_inputs(
             bar.update(1)
         bar.close()
     finally:
-        hook.remove()
-    return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)
+        for hook in hooks:
+            hook.remove()
+    return [np.concatenate(rows) if rows else np.zeros((0,), dtype=np.float32) for rows in out]
 
 
 PACE = 8  # batches between two choices of a long pass's threads (about half a minute on 2 cores)
@@ -350,7 +354,7 @@ def module_inputs(
     every PACE-th batch (a long pass chooses its threads again: train.runtime.Threads.choose)."""
     batches = _paced(image_inputs(images, preprocess, device, batch_size, channels_last), pace)
     inputs = (dihedral(x, view) for x in batches)
-    return hooked_inputs(model, module, inputs, -(-len(images) // batch_size), device, amp, output_means)
+    return hooked_inputs(model, [(module, output_means)], inputs, -(-len(images) // batch_size), device, amp)[0]
 
 
 def evaluate(

@@ -27,7 +27,10 @@ from defungi.utils import clock, cpu_flags
 # each cut of quick against full: (config keys, study options)
 CUTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "random final CV on 1 of 3 folds": ({}, {"study.random_folds": 1}),
-    "final fits 5 epochs, patience 2": ({"train.epochs": 5, "train.patience_epochs": 2}, {}),
+    "grouped final fits 5 epochs, patience 2": (
+        {"train.epochs": 5, "train.patience_epochs": 2},
+        {"study.random_config": {"train.epochs": 20, "train.patience_epochs": 6}},  # the random CV keeps full's
+    ),
     "explorations of 2 epochs": ({}, {"study.epochs": 2, "study.convmixer.epochs": 2}),
     "smaller grids": (
         {},

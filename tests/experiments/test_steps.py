@@ -7,9 +7,9 @@ from defungi.errors import DefungiError
 from defungi.experiments.studies import STUDIES
 from defungi.experiments.studies.convmixer import ConvMixerOptions
 from defungi.experiments.studies.resnet34 import ResNet34Options
-from defungi.experiments.studies.runner import Study, StudyContext, StudyOptions, load_options
+from defungi.experiments.studies.runner import Study, StudyContext, StudyOptions, _same_options, load_options
 from defungi.experiments.studies.steps import within_noise
-from defungi.results.study import Curves, Depth, Final, FitSummary, Grid, SplitRatio
+from defungi.results.study import Curves, Depth, Final, FitSummary, Grid, SplitRatio, StudyState
 
 
 def test_a_choice_whose_interval_overlaps_the_runner_up_is_within_noise():
@@ -74,3 +74,13 @@ def test_a_step_is_registered_with_its_result_type_and_refused_without_one():
 
     with pytest.raises(TypeError, match="not a StepResult"):
         study.step("untyped", "1. Untyped")(untyped)
+
+
+def test_a_folder_of_an_earlier_version_resumes_where_an_option_it_lacks_is_at_its_default():
+    def state(**options: Any) -> StudyState:
+        return StudyState("convmixer", "convmixer", {}, {}, options)
+
+    earlier, defaults = state(epochs=2), {"epochs": 6, "random_config": {}}
+    _same_options(earlier, state(epochs=2, random_config={}), defaults, Path("out"))  # ran at the default
+    with pytest.raises(DefungiError, match=r"other options \(study.convmixer.random_config\)"):
+        _same_options(earlier, state(epochs=2, random_config={"train.epochs": 20}), defaults, Path("out"))

@@ -225,3 +225,6 @@ def test_one_pass_reads_several_modules_as_passes_of_their_own_and_stops_at_the_
     assert [r.shape for r in together] == [(64, 4), (64, 4)]
     assert all(np.allclose(a, t, atol=1e-6) for a, t in zip(alone, together, strict=True))
     assert not head_calls  # the pass stopped where the last reading lies, before the head ran
+    with pytest.raises(ValueError, match="not each reached once before the last"):  # the last reached first
+        hooked_inputs(model, [(model[3], False), (model[0], True)], image_inputs(images, _PRE, cpu, 16, True), 4, cpu)
+    assert hooked_inputs(model, [], image_inputs(images, _PRE, cpu, 16, True), 4, cpu) == []

@@ -375,7 +375,7 @@ class _Images:
         are: each of readings, in one pass."""
         task, tc, scored = self.task, self.task.config.train, self.learner.scored
         inputs = image_inputs(task.data.images, task.preprocess, task.device, batch_size, tc.channels_last, idx)
-        modules = [(scored.get_submodule(r.module), r.kind == "channel means") for r in readings]
+        modules = [r.hook(scored) for r in readings]
         return hooked_inputs(scored, modules, inputs, -(-len(idx) // batch_size), task.device, tc.amp)
 
 
@@ -431,17 +431,16 @@ class _Features:
         module before train_from) from the images, computed once for every image and cached."""
         task, tc, tail = self.task, self.task.config.train, self.learner.tails[-1]
         in_tail = {id(m) for m in tail.modules()}
-        wanted = [(self.learner.scored.get_submodule(r.module), r.kind == "channel means") for r in readings]
-        through = [w for w in wanted if id(w[0]) in in_tail]
-        n_batches = -(-len(idx) // batch_size)
-        inputs = self.inputs(idx, batch_size)
-        passed = iter(hooked_inputs(tail, through, inputs, n_batches, task.device, tc.amp) if through else [])
-        out = []
-        for reading, (module, means) in zip(readings, wanted, strict=True):
-            if id(module) in in_tail:
+        wanted = [r.hook(self.learner.scored) for r in readings]
+        passes = [id(module) in in_tail for module, _ in wanted]
+        through = [w for w, passing in zip(wanted, passes, strict=True) if passing]
+        inputs, n_batches = self.inputs(idx, batch_size), -(-len(idx) // batch_size)
+        passed = iter(hooked_inputs(tail, through, inputs, n_batches, task.device, tc.amp))
+        model, out = self.learner.model, []
+        for reading, (_, means), passing in zip(readings, wanted, passes, strict=True):
+            if passing:
                 out.append(next(passed))
             else:
-                model = self.learner.model
                 frozen = _cached_inputs(
                     task.config, task.data, model, reading.module, task.preprocess, task.device, means=means
                 )

@@ -298,6 +298,8 @@ def hooked_inputs(
     channel means of what it returns, while the model runs on batches of inputs (images, or cached
     module inputs): per module, float32, one entry per input row. One forward pass reads them all and
     stops at the last, which it must reach last."""
+    if not modules:
+        return []
     model.eval()
     out: list[list[np.ndarray]] = [[] for _ in modules]
 
@@ -322,7 +324,10 @@ def hooked_inputs(
     finally:
         for hook in hooks:
             hook.remove()
-    return [np.concatenate(rows) if rows else np.zeros((0,), dtype=np.float32) for rows in out]
+    read = [np.concatenate(rows) if rows else np.zeros((0,), dtype=np.float32) for rows in out]
+    if len({len(r) for r in read}) > 1:
+        raise ValueError(f"modules not each reached once before the last: {[len(r) for r in read]} rows")
+    return read
 
 
 PACE = 8  # batches between two choices of a long pass's threads (about half a minute on 2 cores)

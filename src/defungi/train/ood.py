@@ -47,6 +47,10 @@ class Reading(NamedTuple):
     module: str
     kind: ReadingKind
 
+    def hook(self, model: nn.Module) -> tuple[nn.Module, bool]:
+        """The module of model it reads, and whether its output's channel means (see hooked_inputs)."""
+        return model.get_submodule(self.module), self.kind == "channel means"
+
 
 def model_readings(parts: ModelParts) -> list[Reading]:
     """What a model's detector reads, in the order its forward pass reaches them."""

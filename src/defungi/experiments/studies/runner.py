@@ -44,14 +44,14 @@ class StudyOptions:
     """What every study sizes. A profile's [study] table sets these for every study and [study.NAME]
     for one (with that study's own options); so do --set study.KEY=V and study.NAME.KEY=V."""
 
-    epochs: int = 6  # per exploratory fit (curves, grids, comparisons); final fits use train.epochs
+    epochs: int = 6  # per exploratory fit (curves, grids, comparisons); final fits use train.epochs (see random_config)
     curve_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     grid_batch_sizes: list[int] = field(default_factory=lambda: [32, 64, 128])
     grid_lrs: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3, 4e-3])
     final_folds: int = 3  # the final recipe is scored by this K-fold cross-validation, grouped and random
     random_folds: int = 0  # of the random cross-validation's folds, those fitted (0: all; a cheaper estimate)
-    # dotted config keys of the random cross-validation's fits alone, e.g. {'train.epochs': 20}: near-copies
-    # across a random split are learnt over a longer schedule than the grouped folds need
+    # dotted config keys of the random cross-validation's fits alone, over the study's (--epochs too), e.g.
+    # {'train.epochs': 20}: near-copies across a random split are learnt over a longer schedule
     random_config: dict[str, Any] = field(default_factory=dict)
     # dotted config keys of the study's fits, e.g. {'train.model_args': {'dim': 128}}
     config: dict[str, Any] = field(default_factory=dict)
@@ -155,7 +155,7 @@ def _open(
     claim_config(layout.config, config, layout.root, RESTART)
     state = StudyState(study.name, study.model, study.published, config.to_dict(), to_dict(options))
     if stored is not None:
-        _same_options(stored, state, layout.root)
+        _same_options(stored, state, to_dict(study.options()), layout.root)
         state.steps = stored.steps
     if data is None or not same_images(base, config):  # the study's own config may load other images
         data = dataset_for(config)
@@ -215,10 +215,13 @@ def _run_step(step: Step, ctx: StudyContext[Any], out: Path, planned: StepPlan |
     return StepRecord(step.title, before + time.perf_counter() - t0, result, estimate)
 
 
-def _same_options(stored: StudyState, state: StudyState, folder: Path) -> None:
-    """Refuse to resume a study folder with other options than it ran with, naming them."""
+def _same_options(stored: StudyState, state: StudyState, defaults: dict[str, Any], folder: Path) -> None:
+    """Refuse to resume a study folder with other options than it ran with, naming them; an option
+    that a folder of an earlier version lacks ran at its default."""
     changed = sorted(
-        k for k in stored.options.keys() | state.options.keys() if stored.options.get(k) != state.options.get(k)
+        k
+        for k in stored.options.keys() | state.options.keys()
+        if stored.options.get(k, defaults.get(k)) != state.options.get(k)
     )
     if changed:
         keys = ", ".join(f"study.{state.study}.{k}" for k in changed)

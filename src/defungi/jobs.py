@@ -25,7 +25,13 @@ from defungi.experiments.protocols import dataset_for, fit_run, plan_fits, prefl
 from defungi.experiments.rundir import FitRecord, RunDir
 from defungi.layout import AuditLayout, RunLayout, SearchLayout, StudyLayout
 from defungi.report.audit import build_audit_report
-from defungi.report.combined import build_combined_report, build_comparison, comparison_table, read_states
+from defungi.report.combined import (
+    build_combined_report,
+    build_comparison,
+    comparison_table,
+    final_of,
+    read_states,
+)
 from defungi.report.page import Table
 from defungi.report.run import build_evaluation_report, build_run_report
 from defungi.report.search import render_curve, render_grid
@@ -181,9 +187,23 @@ def compare_job(run_dirs: list[Path], out: Path) -> Path:
 
 
 def report_job(study_dirs: list[Path], out: Path, runs: list[Path] | None = None, plan: Path | None = None) -> Path:
-    """The combined page of finished study folders (and other finished runs beside them; plan: the
-    job's plan.json, its estimated and measured times)."""
-    return build_combined_report(study_dirs, out, runs or [], plan)
+    """The combined page of finished study folders, and other finished runs beside them, each paired
+    with every study's grouped final recipe where they scored the same images (plan: the job's
+    plan.json, its estimated and measured times)."""
+    from defungi.experiments.compare import paired_difference
+
+    runs = runs or []
+    differences = {}
+    for run in runs:
+        for study_dir, state in zip(study_dirs, read_states(study_dirs), strict=True):
+            grouped = Path(study_dir) / final_of(state).runs["grouped"]
+            try:
+                difference = paired_difference(grouped, run, seed=RunDir(run).config().train.seed)
+            except DefungiError as error:  # other images: the table beside the studies still shows it
+                log.warning("%s", error)
+                continue
+            differences[f"{run} minus the grouped final recipe of {state.study} (paired)"] = difference
+    return build_combined_report(study_dirs, out, runs, plan, differences)
 
 
 def main_job(config: Config, out: Path, study_overrides: dict[str, Any] | None = None) -> tuple[Path, Table]:
@@ -216,7 +236,7 @@ def main_job(config: Config, out: Path, study_overrides: dict[str, Any] | None =
         with current_step(TRANSFER_PROFILE):
             log.info("transfer recipe: %s", train_job(transfer, transfer_out, transfer_data).path)
     states = read_states(dirs)
-    return report_job(dirs, out / "report", [transfer_out], plan_path), comparison_table(states)
+    return report_job(dirs, out / "report", [transfer_out], plan_path), comparison_table(states, [transfer_out])
 
 
 def transfer_overrides(config: Config, final_folds: int) -> dict[str, Any]:

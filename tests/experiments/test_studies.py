@@ -174,6 +174,9 @@ def test_main_job_resumes_both_studies_and_returns_the_report(studies, monkeypat
     assert plan.steps[-1].fits == 2 and plan.steps[-1].seconds is not None and plan.seconds is not None
     assert "Time: the plan&#x27;s estimate" in page.read_text() or "Time: the plan's estimate" in page.read_text()
     assert "| convmixer, published (random split) |  | 0.780 | 0.810 | 0.790 | 0.800 |" in table.markdown()
+    assert "transfer (efficientnet-lite0, grouped 2-fold CV), per sample" in table.markdown()  # beside the studies
+    for name in ("resnet34", "convmixer"):  # paired with each study's grouped recipe on the same images
+        assert f"transfer minus the grouped final recipe of {name} (paired)" in page.read_text()
     again = json.loads((out / "study.json").read_text())
     assert again["steps"] == before["steps"]  # every step read back, nothing refitted
 

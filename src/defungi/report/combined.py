@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +44,27 @@ def final_of(state: StudyState) -> Final:
     return final
 
 
-def comparison_table(states: list[StudyState]) -> Table:
+def comparison_table(states: list[StudyState], runs: Sequence[Path] = ()) -> Table:
     """Each study's final recipe by grouped and random cross-validation, per image and per sample,
-    with 95% intervals, beside its published figures."""
+    with 95% intervals, beside its published figures; then other finished runs scored the same way."""
     rows: dict[str, Scores | dict[str, Any]] = {}
     for state in states:
         rows |= final_rows(state.study, final_of(state), state.published)
-    return interval_table(rows)
+    return interval_table(rows | run_rows(list(runs)))
 
 
 def build_combined_report(
-    study_dirs: list[Path], out_dir: Path, runs: list[Path] | None = None, plan: Path | None = None
+    study_dirs: list[Path],
+    out_dir: Path,
+    runs: list[Path] | None = None,
+    plan: Path | None = None,
+    differences: dict[str, PairedDifference] | None = None,
 ) -> Path:
     """Metrics with intervals, the leakage gap, confusion matrices, parameters, training time and
     inference images/s of every study's final recipe on one page, and other finished runs (e.g. the
-    transfer recipe) beside them; with plan (the job's plan.json), every step's estimated and
-    measured time; returns the HTML path."""
+    transfer recipe) beside them, with differences (paired, by title: e.g. a run minus a study's
+    grouped recipe); with plan (the job's plan.json), every step's estimated and measured time;
+    returns the HTML path."""
     states = read_states(study_dirs)
     finals = [final_of(state) for state in states]
     page = Page("defungi: both final models beside the published study")
@@ -87,6 +93,9 @@ def build_combined_report(
             "and number of folds as the studies' final step)."
         )
         page.table(interval_table(run_rows(runs)))
+        for title, difference in (differences or {}).items():
+            page.heading(title, level=3)
+            page.table(difference_table(difference))
     for study_dir, state, final in zip(study_dirs, states, finals, strict=True):
         page.heading(f"{state.study}: random minus grouped (the leakage inflation)", level=3)
         page.table(difference_table(final.gap))

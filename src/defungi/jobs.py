@@ -192,10 +192,10 @@ def report_job(study_dirs: list[Path], out: Path, runs: list[Path] | None = None
     plan.json, its estimated and measured times)."""
     from defungi.experiments.compare import paired_difference
 
-    runs = runs or []
+    runs, states = runs or [], read_states(study_dirs)
     differences = {}
     for run in runs:
-        for study_dir, state in zip(study_dirs, read_states(study_dirs), strict=True):
+        for study_dir, state in zip(study_dirs, states, strict=True):
             grouped = Path(study_dir) / final_of(state).runs["grouped"]
             try:
                 difference = paired_difference(grouped, run, seed=RunDir(run).config().train.seed)

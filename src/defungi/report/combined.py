@@ -107,20 +107,23 @@ def build_combined_report(
             page.figure(layout.figure("confusion_test"))
             page.figure(layout.figure("confusion_test_samples"))
     if plan is not None and plan.exists():
-        page.heading("Time: the plan's estimate and the measured time of each step", level=2)
-        job = read_plan(plan)
-        speeds = "; ".join(
-            f"{r.model} ({r.precision}) trains at {r.train_images_per_s:.0f} images/s, answers at "
-            f"{r.eval_images_per_s:.0f}"
-            for r in job.rates
-        )
-        page.text(
-            f"Estimated before the work from a short probe of each model's speed on this machine (CPU flags: "
-            f"{job.cpu}; {job.threads} threads): {speeds}. Fits and epochs are at most: early stopping ends fits "
-            "sooner. A step resumed across runs sums their times."
-        )
-        page.table(plan_table(job))
+        _time_section(page, read_plan(plan))
     return page.write(out_dir)
+
+
+def _time_section(page: Page, job: JobPlan) -> None:
+    """The job's plan on the page: the probed speeds, then each step's estimate and measured time."""
+    page.heading("Time: the plan's estimate and the measured time of each step", level=2)
+    speeds = "; ".join(
+        f"{r.model} ({r.precision}) trains at {r.train_images_per_s:.0f} images/s, answers at {r.eval_images_per_s:.0f}"
+        for r in job.rates
+    )
+    page.text(
+        f"Estimated before the work from a short probe of each model's speed on this machine (CPU flags: "
+        f"{job.cpu}; {job.threads} threads): {speeds}. Fits and epochs are at most: early stopping ends fits "
+        "sooner. A step resumed across runs sums their times."
+    )
+    page.table(plan_table(job))
 
 
 def plan_table(plan: JobPlan) -> Table:

@@ -431,21 +431,22 @@ class _Features:
         module before train_from) from the images, computed once for every image and cached."""
         task, tc, tail = self.task, self.task.config.train, self.learner.tails[-1]
         in_tail = {id(m) for m in tail.modules()}
-        wanted = [r.hook(self.learner.scored) for r in readings]
-        passes = [id(module) in in_tail for module, _ in wanted]
-        through = [w for w, passing in zip(wanted, passes, strict=True) if passing]
+        hooks = [r.hook(self.learner.scored) for r in readings]
+        through = [i for i, (module, _) in enumerate(hooks) if id(module) in in_tail]
         inputs, n_batches = self.inputs(idx, batch_size), -(-len(idx) // batch_size)
-        passed = iter(hooked_inputs(tail, through, inputs, n_batches, task.device, tc.amp))
-        model, out = self.learner.model, []
-        for reading, (_, means), passing in zip(readings, wanted, passes, strict=True):
-            if passing:
-                out.append(next(passed))
-            else:
-                frozen = _cached_inputs(
-                    task.config, task.data, model, reading.module, task.preprocess, task.device, means=means
-                )
-                out.append(np.asarray(frozen[idx]))
-        return out
+        passed = hooked_inputs(tail, [hooks[i] for i in through], inputs, n_batches, task.device, tc.amp)
+        read = dict(zip(through, passed, strict=True))
+        return [
+            read[i] if i in read else np.asarray(self._frozen(reading, means)[idx])
+            for i, (reading, (_, means)) in enumerate(zip(readings, hooks, strict=True))
+        ]
+
+    def _frozen(self, reading: Reading, means: bool) -> np.ndarray:
+        """A reading of a frozen module before train_from, for every image, cached (see _cached_inputs)."""
+        task = self.task
+        return _cached_inputs(
+            task.config, task.data, self.learner.model, reading.module, task.preprocess, task.device, means=means
+        )
 
 
 # a fit's batch source: forward, batches(epoch), probabilities(idx), read(readings, idx)

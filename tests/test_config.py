@@ -76,7 +76,7 @@ def test_a_profile_variant_is_its_base_with_its_own_values_over_it(tmp_path: Pat
     )
 
 
-@pytest.mark.parametrize("profile", ["transfer", "transfer-lite2"])
+@pytest.mark.parametrize("profile", ["transfer", "transfer-lite2", "transfer-pair"])
 def test_a_pretrained_profile_runs_its_model_at_the_side_its_weights_were_trained_at(profile: str):
     from defungi.models import model_entry
 

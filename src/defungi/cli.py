@@ -60,7 +60,11 @@ def _add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         from defungi.models import list_models  # the registry's names load without torch
 
-        p.add_argument("--model", help=f"{', '.join(list_models())}, or any timm model name")
+        p.add_argument(
+            "--model",
+            help=f"{', '.join(list_models())}, any timm model name, or pretrained ones joined by + "
+            "(efficientnet-lite0+efficientnet-lite2: their features side by side under one head)",
+        )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

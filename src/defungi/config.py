@@ -157,7 +157,9 @@ RULES: dict[str, Rule] = {
     "data.seed": SEED,
     "data.cv_folds": Rule(lambda v: v == 0 or 2 <= v <= 1000, "use 0 (one split) or 2 to 1000 folds", 1),
     "data.cv_fit_folds": Rule(lambda v: 0 <= v <= 1000, "use 0 (every fold) or 1 to the number of folds", -1),
-    "train.model": matches(r"[\w.\-/]+", "give a registered model or a timm model name", "no such model"),
+    "train.model": matches(
+        r"[\w.\-/+]+", "give a registered model, a timm model name, or pretrained ones joined by +", "no such model"
+    ),
     "train.model_args": Rule(_model_args_ok, "give sizes and rates as finite numbers of 0 or more", {"dim": -1}),
     "train.epochs": between(1, STEPS, "train 1 to 100000 epochs"),
     "train.batch_size": between(1, 2**20, "use a batch size from 1 to 1048576, e.g. 32"),

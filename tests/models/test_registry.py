@@ -94,7 +94,7 @@ def test_the_names_load_without_torch_and_the_cli_offers_them():
     wide = {**os.environ, "COLUMNS": "1000"}  # argparse wraps help at the terminal's width, also inside names
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=wide)
     assert done.returncode == 0, done.stderr
-    assert ", ".join(list_models()) + ", or any timm model name" in done.stdout
+    assert ", ".join(list_models()) + ", any timm model name, or pretrained ones joined by +" in done.stdout
 
 
 def test_convmixer_depth_and_head_follow_arguments():

@@ -1,4 +1,5 @@
-"""Several trained models scored as one: the mean of their class probabilities."""
+"""Several models as one: trained models scored by their mean probability (Ensemble), or backbones
+side by side under one head (Concat)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class Ensemble(nn.Module):
@@ -23,3 +25,28 @@ class Ensemble(nn.Module):
 def members(model: nn.Module) -> list[nn.Module]:
     """The trained models inside model, in the order its forward runs them: an ensemble's members, or itself."""
     return list(model.members) if isinstance(model, Ensemble) else [model]
+
+
+class Concat(nn.Module):
+    """Backbones (heads removed) side by side: members[i] reads the input resized to sides[i] over the
+        largest side of its own side (bilinear: the antialiased resize does not export to ONNX; from Lite2's
+    260 px to Lite0's 224 the step is small); one linear
+        classifier reads their pooled features, concatenated in member order (models.concat)."""
+
+    def __init__(self, members: Sequence[nn.Module], sides: Sequence[int], features: int, num_classes: int) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.sides = list(sides)
+        self.classifier = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = int(x.shape[-1])  # a constant in a traced (exported) graph
+        pooled = []
+        for member, native in zip(self.members, self.sides, strict=True):
+            own = round(side * native / max(self.sides))
+            scaled = x if own == side else F.interpolate(x, size=(own, own), mode="bilinear")
+            pooled.append(member(scaled))
+        return self.classifier(torch.cat(pooled, dim=1))
+
+    def extra_repr(self) -> str:
+        return f"sides={self.sides}"

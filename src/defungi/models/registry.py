@@ -93,7 +93,7 @@ def register_model(
 
 
 def list_models() -> list[str]:
-    """Registered names (any timm model name works too)."""
+    """Registered names (any timm model name works too, and pretrained ones joined by '+')."""
     return sorted(_REGISTRY)
 
 
@@ -125,15 +125,25 @@ def _timm_entry(name: str) -> ModelEntry:
     )
 
 
+SEPARATOR = "+"  # 'a+b': the models a and b side by side under one head (models.concat)
+
+
 def model_entry(name: str) -> ModelEntry:
-    """The registry entry for name; timm names get a pass-through entry."""
+    """The registry entry for name; 'a+b' joins pretrained models; timm names get a pass-through entry."""
     if name in _REGISTRY:
         return _REGISTRY[name]
+    if SEPARATOR in name:
+        from defungi.models.concat import concat_entry
+
+        return concat_entry(name)
     import timm
 
     if name in timm.list_models():
         return _timm_entry(name)
-    raise DefungiError(f"unknown model '{name}'; use one of {', '.join(list_models())} or a timm model name")
+    raise DefungiError(
+        f"unknown model '{name}'; use one of {', '.join(list_models())}, a timm model name, "
+        "or pretrained ones joined by '+'"
+    )
 
 
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:

@@ -1,0 +1,91 @@
+"""Several pretrained backbones as one model: `efficientnet-lite0+efficientnet-lite2` runs each on the
+image at its own native side and one linear head reads their pooled features side by side (issue #23:
+frozen features of backbones whose errors differ, concatenated under one head).
+
+The input comes at the largest member's native side (the entry's input_size); each member sees it
+resized in the graph to its own side (models.ensemble.Concat), so that one preprocessing serves all.
+A frozen concatenation trains its head on cached features like any frozen backbone. Its explanation
+and refusal read the first member's maps. This file imports no torch (see registry).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+from defungi.errors import DefungiError
+from defungi.models.registry import SEPARATOR, ModelEntry, ModelParts, Pretrained
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+
+def member_names(name: str) -> list[str]:
+    """The member models of a concatenation's name ('a+b' -> ['a', 'b'])."""
+    return name.split(SEPARATOR)
+
+
+def _members(name: str) -> list[ModelEntry]:
+    """The members' entries, refused in one line unless each has ImageNet weights of one normalisation."""
+    from defungi.models.registry import model_entry
+
+    entries = [model_entry(m) for m in member_names(name)]
+    if len(entries) < 2 or any(e.pretrained is None or e.input_size is None for e in entries):
+        raise DefungiError(
+            f"model '{name}': join two or more models that have ImageNet weights with '+', "
+            "e.g. efficientnet-lite0+efficientnet-lite2"
+        )
+    if len({e.normalization for e in entries}) > 1:
+        raise DefungiError(f"model '{name}': its members expect different input normalisations; join models of one")
+    return entries
+
+
+def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """The concatenation of name's members (each built with kwargs, e.g. pool_border), freshly initialised."""
+    import torch.nn as nn
+
+    from defungi.models.ensemble import Concat
+    from defungi.models.registry import create_model
+
+    entries, members, features = _members(name), [], 0
+    for entry in entries:
+        member = create_model(entry.name, num_classes=1, **kwargs)
+        head = member.get_submodule(entry.parts.classifier)
+        features += head.in_features
+        member.set_submodule(entry.parts.classifier, nn.Identity())
+        members.append(member)
+    return Concat(members, [e.input_size for e in entries], features, num_classes)
+
+
+def imagenet(name: str) -> dict[str, torch.Tensor]:
+    """Each member's ImageNet weights (heads left out) under members.K."""
+    state: dict[str, torch.Tensor] = {}
+    for k, entry in enumerate(_members(name)):
+        head = f"{entry.parts.classifier}."
+        state |= {f"members.{k}.{key}": v for key, v in entry.pretrained.loader().items() if not key.startswith(head)}
+    return state
+
+
+def concat_entry(name: str) -> ModelEntry:
+    """The registry entry of a concatenation: the head alone splits it; Grad-CAM and the refusal read
+    the first member's maps; ImageNet weights, normalisation and the largest side from the members."""
+    entries = _members(name)
+    first = entries[0].parts
+
+    def inner(module: str | None) -> str | None:
+        return f"members.0.{module}" if module else None
+
+    mean, std = entries[0].normalization
+    return ModelEntry(
+        name,
+        functools.partial(build, name),
+        ModelParts(
+            classifier="classifier",
+            features=inner(first.features),
+            split_points=("classifier",),
+            fine_features=inner(first.fine_features),
+            middle=inner(first.middle),
+        ),
+        pretrained=Pretrained(functools.partial(imagenet, name), mean, std, max(e.input_size for e in entries)),
+    )

@@ -14,23 +14,18 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from defungi.errors import DefungiError
-from defungi.models.registry import SEPARATOR, ModelEntry, ModelParts, Pretrained
+from defungi.models.registry import ModelEntry, ModelParts, Pretrained, create_model, model_entry, register_resolver
 
 if TYPE_CHECKING:
     import torch
     import torch.nn as nn
 
-
-def member_names(name: str) -> list[str]:
-    """The member models of a concatenation's name ('a+b' -> ['a', 'b'])."""
-    return name.split(SEPARATOR)
+SEPARATOR = "+"  # between the members' names
 
 
 def _members(name: str) -> list[ModelEntry]:
     """The members' entries, refused in one line unless each has ImageNet weights of one normalisation."""
-    from defungi.models.registry import model_entry
-
-    entries = [model_entry(m) for m in member_names(name)]
+    entries = [model_entry(m) for m in name.split(SEPARATOR)]
     if len(entries) < 2 or any(e.pretrained is None or e.input_size is None for e in entries):
         raise DefungiError(
             f"model '{name}': join two or more models that have ImageNet weights with '+', "
@@ -46,7 +41,6 @@ def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     import torch.nn as nn
 
     from defungi.models.ensemble import Concat
-    from defungi.models.registry import create_model
 
     entries, members, features = _members(name), [], 0
     for entry in entries:
@@ -67,9 +61,13 @@ def imagenet(name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def concat_entry(name: str) -> ModelEntry:
-    """The registry entry of a concatenation: the head alone splits it; Grad-CAM and the refusal read
-    the first member's maps; ImageNet weights, normalisation and the largest side from the members."""
+@register_resolver
+def concat_entry(name: str) -> ModelEntry | None:
+    """The registry entry of a concatenation (None for other names): the head alone splits it; Grad-CAM
+    and the refusal read the first member's maps; ImageNet weights, normalisation and the largest side
+    from the members."""
+    if SEPARATOR not in name:
+        return None
     entries = _members(name)
     first = entries[0].parts
 

@@ -77,6 +77,7 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_RESOLVERS: list[Callable[[str], ModelEntry | None]] = []
 
 
 def register_model(
@@ -125,17 +126,21 @@ def _timm_entry(name: str) -> ModelEntry:
     )
 
 
-SEPARATOR = "+"  # 'a+b': the models a and b side by side under one head (models.concat)
+def register_resolver(resolve: Callable[[str], ModelEntry | None]) -> Callable[[str], ModelEntry | None]:
+    """Decorator: a function from a model name to its entry (None: not a name it knows), asked for
+    names not registered (models.concat: 'a+b')."""
+    _RESOLVERS.append(resolve)
+    return resolve
 
 
 def model_entry(name: str) -> ModelEntry:
-    """The registry entry for name; 'a+b' joins pretrained models; timm names get a pass-through entry."""
+    """The registry entry for name, or a resolver's ('a+b' joins pretrained models); timm names get a
+    pass-through entry."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if SEPARATOR in name:
-        from defungi.models.concat import concat_entry
-
-        return concat_entry(name)
+    for resolve in _RESOLVERS:
+        if (entry := resolve(name)) is not None:
+            return entry
     import timm
 
     if name in timm.list_models():

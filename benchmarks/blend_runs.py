@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from defungi.experiments.compare import Scored, scored_images
-from defungi.layout import read_table
+from defungi.layout import RunLayout, read_table
 from defungi.train.metrics import bootstrap_difference, bootstrap_intervals, classification_metrics, sample_decisions
 from defungi.utils import cpu_flags
 
 
 def folds_of(run: Path) -> list[str]:
     """The fold of each out-of-fold image of a cross-validated run, by path."""
-    rows = sorted(read_table(run / "oof.csv"), key=lambda r: r["path"])
+    rows = sorted(read_table(RunLayout(run).oof, ("path", "fold")), key=lambda r: r["path"])
     return [r["fold"] for r in rows]
 
 

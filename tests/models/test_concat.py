@@ -1,4 +1,3 @@
-import csv
 import json
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import torch
 
 from defungi.cli import main
 from defungi.errors import DefungiError
+from defungi.layout import read_table
 from defungi.models import create_model, model_entry
 from defungi.models.pretrained import imagenet_state_dict, load_backbone
 
@@ -80,7 +80,7 @@ def test_a_frozen_concatenation_trains_predicts_explains_and_exports_with_the_sa
     run = tmp_path / "run"
     argv = ["train", "--data", str(tiny_data), "--profile", "transfer", "--model", PAIR, "--image-size", "32"]
     assert main([*argv, "--epochs", "2", "--batch-size", "8", "--out", str(run)]) == 0
-    rows = list(csv.DictReader(open(run / "predictions_test.csv")))
+    rows = read_table(run / "predictions_test.csv")
     classes = ("H1", "H2", "H3")
     capsys.readouterr()
     assert main(["export", str(run)]) == 0

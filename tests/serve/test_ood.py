@@ -166,15 +166,21 @@ def test_a_cross_validation_refuses_by_the_mean_of_its_folds_scores(tmp_path: Pa
     assert len(model.trained.detectors) == 3
 
 
-def test_a_frozen_lite0_reads_a_middle_map_beside_its_head_and_both_backends_agree(tmp_path: Path):
+# a pair of backbones side by side reads its first member's middle map (models.concat)
+@pytest.mark.parametrize(
+    ("model", "middle"),
+    [("efficientnet-lite0", "blocks.3"), ("efficientnet-lite0+efficientnet-lite1", "members.0.blocks.3")],
+)
+def test_a_frozen_lite_reads_a_middle_map_beside_its_head_and_both_backends_agree(
+    model: str, middle: str, tmp_path: Path
+):
     data = write_folder(tmp_path / "data", samples_per_class=SAMPLES_PER_CLASS, patches=PATCHES)
     over = {"data.image_size": 32, "data.val_fraction": 0.25, "train.amp": False, "train.epochs": 2}
-    over |= {"train.model": "efficientnet-lite0", "train.pretrained": True, "train.freeze_backbone": True}
+    over |= {"train.model": model, "train.pretrained": True, "train.freeze_backbone": True}
     run = tmp_path / "lite0"
     fit_run(tiny_config(data, over | {"train.model_args": {}, "data.normalize": "pretrained"}), run)
-    model = open_predictor(run)
-    detector = model.trained.detectors[0]
-    assert [(r.module, r.kind) for r in detector.readings] == [("blocks.3", "channel means"), ("classifier", "input")]
+    detector = open_predictor(run).trained.detectors[0]
+    assert [(r.module, r.kind) for r in detector.readings] == [(middle, "channel means"), ("classifier", "input")]
     assert any(p.name.endswith(".npy") for p in (tmp_path / "cache" / "features").iterdir())
     assert main(["export", str(run)]) == 0
     folders = [_held_out_micrographs(tmp_path / "new", 30), _non_micrographs(tmp_path / "noise", "noise", 5)]

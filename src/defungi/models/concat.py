@@ -42,10 +42,16 @@ def build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
     from defungi.models.ensemble import Concat
 
-    entries, members, features = _members(name), [], 0
+    entries = _members(name)
+    members: list[nn.Module] = []
+    features = 0
     for entry in entries:
         member = create_model(entry.name, num_classes=1, **kwargs)
         head = member.get_submodule(entry.parts.classifier)
+        if not isinstance(head, nn.Linear):
+            raise DefungiError(
+                f"model '{name}': the head of {entry.name} is not one linear layer; join models whose is"
+            )
         features += head.in_features
         member.set_submodule(entry.parts.classifier, nn.Identity())
         members.append(member)
@@ -56,6 +62,7 @@ def imagenet(name: str) -> dict[str, torch.Tensor]:
     """Each member's ImageNet weights (heads left out) under members.K."""
     state: dict[str, torch.Tensor] = {}
     for k, entry in enumerate(_members(name)):
+        assert entry.pretrained is not None  # _members refuses members without weights
         head = f"{entry.parts.classifier}."
         state |= {f"members.{k}.{key}": v for key, v in entry.pretrained.loader().items() if not key.startswith(head)}
     return state
@@ -70,20 +77,17 @@ def concat_entry(name: str) -> ModelEntry | None:
         return None
     entries = _members(name)
     first = entries[0].parts
-
-    def inner(module: str | None) -> str | None:
-        return f"members.0.{module}" if module else None
-
     mean, std = entries[0].normalization
+    # the members' own defaults are not stored in a run's model_args: none of the pretrained ones has any
     return ModelEntry(
         name,
         functools.partial(build, name),
         ModelParts(
             classifier="classifier",
-            features=inner(first.features),
+            features=f"members.0.{first.features}",
             split_points=("classifier",),
-            fine_features=inner(first.fine_features),
-            middle=inner(first.middle),
+            fine_features=f"members.0.{first.fine_features}",
+            middle=f"members.0.{first.middle}" if first.middle else None,
         ),
         pretrained=Pretrained(functools.partial(imagenet, name), mean, std, max(e.input_size for e in entries)),
     )

@@ -28,10 +28,10 @@ def members(model: nn.Module) -> list[nn.Module]:
 
 
 class Concat(nn.Module):
-    """Backbones (heads removed) side by side: members[i] reads the input resized to sides[i] over the
-        largest side of its own side (bilinear: the antialiased resize does not export to ONNX; from Lite2's
-    260 px to Lite0's 224 the step is small); one linear
-        classifier reads their pooled features, concatenated in member order (models.concat)."""
+    """Backbones (heads removed) side by side: members[i] reads the input resized to
+    side * sides[i] / max(sides) (bilinear: the antialiased resize does not export to ONNX, and 260 to
+    224 px is a small step); one linear classifier reads their pooled features, concatenated in member
+    order (models.concat)."""
 
     def __init__(self, members: Sequence[nn.Module], sides: Sequence[int], features: int, num_classes: int) -> None:
         super().__init__()

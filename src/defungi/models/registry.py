@@ -1,5 +1,5 @@
-"""Name -> model builder and what the model is made of. Registered families first, any timm model
-name after.
+"""Name -> model builder and what the model is made of. Registered families first, then the
+resolvers' names (models.concat: 'a+b'), any timm model name after.
 
 Importing the registry and the model files does not import torch (each builder imports its library
 when it runs), so that the command line lists the model names where `predict --backend onnx` runs

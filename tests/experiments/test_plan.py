@@ -97,3 +97,20 @@ def test_a_job_inside_a_planned_job_is_not_planned_again(tiny_data: Path):
     with planned_job(lambda probe: [step_plan("x", "x", [], probe)], 3) as outer:
         with planned_job(lambda probe: probe_steps.append(1) or [], 3) as inner:
             assert outer is not None and inner is None and not probe_steps
+
+
+def test_a_frozen_backbones_feature_pass_is_credited_when_it_ends_not_at_the_fits_end(tiny_data: Path):
+    probe = Probe()
+    probe._measure = lambda config, key: Rate(key, "float32", 10.0, 100.0, backbone_images_per_s=5.0)
+    config = tiny_config(tiny_data, {"train.tta": False, "train.ood": False})
+    split = {"train": np.arange(100), "val": np.arange(20)}
+    step = step_plan("s", "a step", [FitPlan(config, {"train": 100, "val": 20}, cold_features=120)], probe)
+    meter = JobMeter(job_plan([step], probe), None, probe)
+    with plan_module.metering(meter), plan_module.current_step("s"):
+        ticket = plan_module.on_fit(config, split)
+        ticket.features(120)  # 120 images at 5/s, before the first epoch
+        assert meter.done_s == pytest.approx(24.0)
+        assert "about" in meter.status() and meter.status().startswith(f"{100 * 24 / step.estimate_seconds:.0f}%")
+        ticket.epoch(), ticket.epoch()
+        ticket.done()
+        assert meter.done_s == pytest.approx(step.estimate_seconds)  # the step's whole estimate, no more

@@ -387,6 +387,7 @@ class _Features:
     task: _Task
     learner: _Learner
     features: list[np.ndarray]  # the input of train_from for every image, per cached view
+    computed: Callable[[int], None]  # told how many images a reading missing from the cache was computed for
 
     @property
     def forward(self) -> nn.Module:
@@ -445,7 +446,14 @@ class _Features:
         """A reading of a frozen module before train_from, for every image, cached (see _cached_inputs)."""
         task = self.task
         return _cached_inputs(
-            task.config, task.data, self.learner.model, reading.module, task.preprocess, task.device, means=means
+            task.config,
+            task.data,
+            self.learner.model,
+            reading.module,
+            task.preprocess,
+            task.device,
+            means=means,
+            computed=self.computed,
         )
 
 
@@ -453,16 +461,18 @@ class _Features:
 _Source = _Images | _Features
 
 
-def _source(task: _Task, learner: _Learner) -> _Source:
+def _source(task: _Task, learner: _Learner, computed: Callable[[int], None]) -> _Source:
     """What the fit trains on: the images, or with a frozen backbone the input of train_from for every
-    image, computed (or read from the cache) per view, from the backbone's weights as they are now."""
+    image, computed (or read from the cache) per view, from the backbone's weights as they are now;
+    computed(n) after each pass of the backbone over n images."""
     if learner.train_from is None:
         return _Images(task, learner)
+    model, module = learner.model, learner.train_from
     features = [
-        _cached_inputs(task.config, task.data, learner.model, learner.train_from, task.preprocess, task.device, view)
+        _cached_inputs(task.config, task.data, model, module, task.preprocess, task.device, view, computed=computed)
         for view in range(task.config.train.cached_views)
     ]
-    return _Features(task, learner, features)
+    return _Features(task, learner, features, computed)
 
 
 @dataclass
@@ -660,11 +670,12 @@ def _cached_inputs(
     device: torch.device,
     view: int = 0,
     means: bool = False,
+    computed: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """The input of the model's module (the head: its features), or with means the channel means of its
     output, for every image's view-th flip/rotation, computed once per (image files, model and its
     weights, module, preprocessing, precision, view) in the user cache, so that CV folds and re-runs
-    share them; read memory-mapped."""
+    share them; read memory-mapped. computed(n) when it had to compute them for n images."""
     tc = config.train
     path = _feature_cache(config, data, module, preprocess, device, view, means)
     with exclusive_lock(path.with_suffix(".lock")):
@@ -691,6 +702,8 @@ def _cached_inputs(
                 time.perf_counter() - t0,
                 path,
             )
+            if computed is not None:
+                computed(len(feats))
     return np.load(path, mmap_mode="r")
 
 
@@ -773,7 +786,8 @@ def fit(
     if saved is not None:
         log.info("resuming %s at epoch %d/%d", run.root, progress.start_epoch + 1, config.train.epochs)
     ticket = plan.on_fit(config, split)
-    source = _source(task, learner)  # after a resume: the cached inputs are those of the loaded backbone
+    # after a resume: the cached inputs are those of the loaded backbone
+    source = _source(task, learner, ticket.features)
     _train(task, learner, source, progress, run, sync, ticket.epoch)
     result = sync.end(lambda: _result(task, learner, source, progress, split))
     ticket.done()

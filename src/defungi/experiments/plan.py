@@ -224,13 +224,20 @@ def plan_lines(plan: JobPlan) -> list[str]:
 
 
 class _Ticket:
-    """One fit's reports to the meter: each epoch, and its end."""
+    """One fit's reports to the meter: each epoch, each frozen backbone's pass over the images (the
+    features it computes before its first epoch), and its end."""
 
-    def __init__(self, meter: JobMeter | None, epoch_s: float, total_s: float) -> None:
-        self.meter, self.epoch_s, self.total_s, self.credited = meter, epoch_s, total_s, 0.0
+    def __init__(self, meter: JobMeter | None, epoch_s: float, total_s: float, image_s: float = 0.0) -> None:
+        self.meter, self.epoch_s, self.total_s, self.image_s, self.credited = meter, epoch_s, total_s, image_s, 0.0
 
     def epoch(self) -> None:
         self._credit(self.epoch_s)
+
+    def features(self, images: int) -> None:
+        """A pass of the frozen backbone over images: planned with the step (FitPlan.cold_features), not
+        in the fit's own estimate."""
+        if self.meter is not None:
+            self.meter.advance(images * self.image_s)
 
     def done(self) -> None:
         self._credit(self.total_s - self.credited)
@@ -319,8 +326,10 @@ class JobMeter:
 
     def ticket(self, fit: FitPlan) -> _Ticket:
         self.fits_run += 1
-        epoch, rest = fit_seconds(fit, self.probe.rate(fit.config))
-        return _Ticket(self, epoch, fit.config.train.epochs * epoch + rest)
+        rate = self.probe.rate(fit.config)
+        epoch, rest = fit_seconds(fit, rate)
+        image_s = 1 / rate.backbone_images_per_s if rate.backbone_images_per_s else 0.0
+        return _Ticket(self, epoch, fit.config.train.epochs * epoch + rest, image_s)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -40,7 +40,6 @@ from defungi.experiments.fit import frozen_features
 from defungi.experiments.protocols import dataset_for, load_trained
 from defungi.experiments.rundir import read_config
 from defungi.layout import RunLayout
-from defungi.models import model_entry
 from defungi.train.metrics import (
     SPECIMEN_RULES,
     bootstrap_difference,
@@ -169,7 +168,7 @@ def check_features(run: Path, features: np.ndarray, paths: list[str], images: Sc
     agree = []
     for fold in sorted(run.glob("fold-*")):
         trained = load_trained(fold, "cpu")
-        head = trained.model.get_submodule(model_entry(trained.config.train.model).parts.classifier)
+        head = trained.model.combine  # the fold's head on the shared frozen trunk (models.ensemble.SharedTrunk)
         test = [r["path"] for r in csv.DictReader(open(RunLayout(fold).split)) if r["part"] == "test"]
         with torch.no_grad():
             probs = torch.softmax(head(torch.from_numpy(np.asarray(features[[index[p] for p in test]], np.float32))), 1)

@@ -235,8 +235,8 @@ def test_two_decodes_of_one_cache_entry_wait_for_each_other(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     records = scan(tiny_data)
-    calls, real = [], cache_module._decode_into
-    monkeypatch.setattr(cache_module, "_decode_into", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], cache_module._decode_rows
+    monkeypatch.setattr(cache_module, "_decode_rows", lambda *a: calls.append(1) or real(*a))
     results: list[np.ndarray] = []
     threads = [
         threading.Thread(target=lambda: results.append(np.asarray(decode_images(records, 16, progress=False).images)))
@@ -248,7 +248,8 @@ def test_two_decodes_of_one_cache_entry_wait_for_each_other(
         t.join()
     assert len(results) == 2 and np.array_equal(results[0], results[1]) and calls == [1]  # one decoded, one waited
     (entry,) = (tmp_path / "cache" / "decoded").iterdir()
-    assert sorted(p.name for p in entry.iterdir()) == [".lock", "images.npy", "meta.json", "stats.npz"]
+    fields = sorted(p.name.split(".", 1)[1] for p in entry.iterdir() if not p.name.startswith("."))
+    assert fields == ["ahash.npy", "error.npy", "keys.npy", "pixels.npy", "variance.npy"]  # one shard, whole
 
 
 # ---- files and folders ----------------------------------------------------------------------------

@@ -217,6 +217,22 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from defungi.data.scan import default_cache_dir
+    from defungi.data.store import COMPUTED, cache_parts, clear
+
+    root = default_cache_dir()
+    parts = cache_parts(root)
+    for name, size, files in parts:
+        print(f"{name:<9} {size / 2**20:9.1f} MB  {files:6d} files  {root / name}")
+    print(f"{'total':<9} {sum(p[1] for p in parts) / 2**20:9.1f} MB  (set DEFUNGI_CACHE to move it)")
+    if args.clear:
+        for name in COMPUTED:
+            clear(root / name)
+        print(f"cleared: {', '.join(COMPUTED)} (the next run decodes and computes features again)")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from defungi.data.scan import resolve_data
     from defungi.jobs import audit_job
@@ -531,6 +547,13 @@ def _data_parser(sub: Commands) -> None:
     a.set_defaults(func=cmd_audit)
 
 
+def _cache_parser(sub: Commands) -> None:
+    """defungi cache: what the user cache holds; --clear empties it."""
+    p = sub.add_parser("cache", help="the user cache's size (decoded images, features, engines); --clear empties it")
+    p.add_argument("--clear", action="store_true", help="remove what it computed (not a downloaded data set)")
+    p.set_defaults(func=cmd_cache)
+
+
 def _curve_parser(sub: Commands) -> None:
     """defungi curve: a learning curve."""
     p = sub.add_parser("curve", help="learning curve: validation macro-F1 and loss against training-set size")
@@ -612,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
         _explain_parser,
         _serve_parser,
         _data_parser,
+        _cache_parser,
         _curve_parser,
         _grid_parser,
         _study_parser,

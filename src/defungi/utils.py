@@ -7,19 +7,23 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import re
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
 from defungi.errors import DefungiError
+
+T = TypeVar("T")
 
 log = logging.getLogger("defungi")
 
@@ -156,3 +160,43 @@ def clock(seconds: float | None) -> str:
         return "-"
     s = round(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class _Raised:
+    """What the producer of prefetched raised."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """items, produced up to depth ahead by a background thread (the next batch is decoded or
+    gathered while this one computes: numpy, PIL and the engines release the GIL)."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(end)
+        except BaseException as exc:  # raised again in the consumer
+            ready.put(_Raised(exc))
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()

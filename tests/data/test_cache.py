@@ -60,3 +60,24 @@ def test_duplicate_images_join_groups(tiny_data: Path):
     data = load_dataset(tiny_data, 24, variance_threshold=10, progress=False)
     group = dict(zip(map(str, data.paths), data.groups, strict=True))
     assert group[str(tiny_data / "H2" / "H2_77a_1.jpg")] == group[str(tiny_data / "H2" / "H2_3a_1.jpg")]
+
+
+def test_adding_or_renaming_files_decodes_only_what_is_new(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import defungi.data.cache as cache_module
+
+    decoded: list[int] = []
+    real = cache_module._decode_rows
+    monkeypatch.setattr(
+        cache_module, "_decode_rows", lambda records, *a: decoded.append(len(records)) or real(records, *a)
+    )
+    first = decode_images(scan(tiny_data), 24, cache_dir=tmp_path / "c", progress=False)
+    some = sorted((tiny_data / "H1").iterdir())[0]
+    some.rename(some.with_name("H1_999z_1.jpg"))  # renamed: the same content
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tiny_data / "H2" / "H2_998a_1.png")  # a new image
+    records = scan(tiny_data)
+    again = decode_images(records, 24, cache_dir=tmp_path / "c", progress=False)
+    assert decoded == [len(first.images), 1]
+    renamed = [r.path.name for r in records].index("H1_999z_1.jpg")
+    assert np.array_equal(again.images[renamed], decode_one(tiny_data / "H1" / "H1_999z_1.jpg", 24)[0])

@@ -17,6 +17,7 @@ from defungi.models import create_model, registry
 from defungi.models.efficientnet import INPUT_SIZES, lite_imagenet, timm_name, weights_file
 from defungi.models.pretrained import imagenet_state_dict, load_backbone, read_weights, tail_from
 from defungi.models.registry import Pretrained, model_entry
+from defungi.train.frozen import FrozenPass
 
 TINY_MIXER = {"dim": 8, "depth": 1, "kernel_size": 3, "patch_size": 4}
 
@@ -128,8 +129,8 @@ def test_a_frozen_backbone_run_predicts_what_it_scored(
     start = create_model("convmixer", num_classes=1000, **mixer).state_dict()
     torch.save(start, tmp_path / "w.pt")
     computed = []
-    real = fit_module.module_inputs
-    monkeypatch.setattr(fit_module, "module_inputs", lambda *a, **k: computed.append(1) or real(*a, **k))
+    real = FrozenPass.run
+    monkeypatch.setattr(FrozenPass, "run", lambda *a, **k: computed.append(1) or real(*a, **k))
     monkeypatch.setattr(fit_module, "_evaluate", lambda *a, **k: pytest.fail("scored on the images, not the cache"))
     argv = ["train", "--data", str(tiny_data), "--model", "convmixer", "--weights", str(tmp_path / "w.pt")]
     argv += ["--set", f"train.model_args={json.dumps(mixer)}", "--set", "train.freeze_backbone=true"]

@@ -81,3 +81,54 @@ def test_both_backends_decide_alike_for_a_run_trained_in_bf16(tmp_path: Path, mo
     torch_rows, onnx_rows = answers
     assert len(torch_rows) == 3 * 3 * 4 and [r["class"] for r in torch_rows] == [r["class"] for r in onnx_rows]
     assert max(abs(a[c] - b[c]) for a, b in zip(*answers, strict=True) for c in ("H1", "H2", "H3")) < 1e-4
+
+
+def test_a_frozen_backbone_cv_answers_from_one_trunk_pass_on_either_engine_and_exports_one_backbone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The folds' heads share the frozen backbone: the run's default answers (one pass of the trunk, the
+    engine measured faster) are those of the folds' whole models averaged, refusals included, on
+    torch and onnxruntime alike; the exported graph holds the backbone once."""
+    import onnx
+    import torch
+
+    import defungi.experiments.rundir as rundir_module
+    from defungi.models import create_model
+    from defungi.models.ensemble import SharedTrunk
+    from defungi.serve.predictor import torch_predictor
+    from defungi.train.frozen import ENGINE_ENV
+
+    mixer = {"dim": 16, "depth": 2, "kernel_size": 3, "patch_size": 4}
+    torch.save(create_model("convmixer", num_classes=1000, **mixer).state_dict(), tmp_path / "w.pt")
+    data = write_folder(tmp_path / "data", samples_per_class=80, patches=4)  # >= 99 validation images per fold
+    over = {
+        "train.model_args": mixer,
+        "train.freeze_backbone": True,
+        "data.normalize": "pretrained",
+        "data.val_fraction": 0.25,
+        "train.amp": False,
+    }
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--cv", "2", "--weights", str(tmp_path / "w.pt"),
+                 *tiny_args(over)]) == 0  # fmt: skip
+    held = write_folder(tmp_path / "held", samples_per_class=2, patches=4, seed=7)
+    shared = torch_predictor(run, "cpu")
+    assert isinstance(shared.trained.model, SharedTrunk) and len(shared.trained.detectors) == 2
+    from defungi.data.cache import decode_one
+    from defungi.serve.predict import expand_paths
+
+    pixels = np.stack([decode_one(f, shared.image_size)[0] for f in expand_paths([held])])
+    monkeypatch.setattr(rundir_module, "shared_trunk", lambda models, head: None)  # each fold's whole model
+    whole = torch_predictor(run, "cpu").scores(pixels, False)
+    monkeypatch.undo()
+    for engine in ("torch", "onnxruntime"):
+        monkeypatch.setenv(ENGINE_ENV, engine)
+        ours = torch_predictor(run, "cpu").scores(pixels, False)
+        assert np.abs(ours.probabilities - whole.probabilities).max() < 1e-5, engine
+        assert np.abs(ours.ood - whole.ood).max() < 1e-4 * max(1.0, np.abs(whole.ood).max()), engine
+    assert main(["export", str(run)]) == 0
+    convs = sum(node.op_type == "Conv" for node in onnx.load(str(run / "model.onnx")).graph.node)
+    assert convs == sum(isinstance(m, torch.nn.Conv2d) for m in shared.trained.model.trunk.modules())
+    on_onnx = open_predictor(run, "onnx").scores(pixels, False)
+    assert np.abs(on_onnx.probabilities - whole.probabilities).max() < 1e-4
+    assert np.array_equal(on_onnx.ood > 1, whole.ood > 1)

@@ -5,7 +5,6 @@ import torch.nn as nn
 
 from defungi.train import loop
 from defungi.train.loop import (
-    PACE,
     Batch,
     Preprocess,
     TrainStep,
@@ -16,7 +15,6 @@ from defungi.train.loop import (
     hooked_inputs,
     image_batches,
     image_inputs,
-    module_inputs,
     predict_proba,
     probabilities,
     train_one_epoch,
@@ -183,10 +181,15 @@ def test_feature_rows_take_each_image_from_its_own_view():
     assert rows[:, 0].tolist() == [2, 0, 1]
 
 
+def _read(model: nn.Module, module: nn.Module, images: np.ndarray, means: bool = False) -> np.ndarray:
+    cpu = torch.device("cpu")
+    return hooked_inputs(model, [(module, means)], image_inputs(images, _PRE, cpu, 16, True), 4, cpu)[0]
+
+
 def test_probabilities_of_a_head_on_its_cached_inputs_are_those_of_the_whole_model():
     images, _ = _toy()
     model = _model("images").eval()
-    features = module_inputs(model, model[3], images, _PRE, torch.device("cpu"))
+    features = _read(model, model[3], images)
     whole = predict_proba(model, images, _PRE, torch.device("cpu"), batch_size=16)
     idx = np.arange(64)
     cached = probabilities(
@@ -198,25 +201,11 @@ def test_probabilities_of_a_head_on_its_cached_inputs_are_those_of_the_whole_mod
     assert np.allclose(whole, cached, atol=1e-6)
 
 
-def test_a_long_pass_is_paced_every_few_batches_and_computes_the_same():
-    images, _ = _toy()
-    model = _model("images").eval()
-    calls: list[int] = []
-    paced = module_inputs(
-        model, model[3], images, _PRE, torch.device("cpu"), batch_size=4, pace=lambda: calls.append(1)
-    )
-    assert len(calls) == -(-len(images) // (4 * PACE))  # before the first batch, then every PACE-th
-    assert np.array_equal(paced, module_inputs(model, model[3], images, _PRE, torch.device("cpu"), batch_size=4))
-
-
 def test_one_pass_reads_several_modules_as_passes_of_their_own_and_stops_at_the_last():
     images, _ = _toy()
     model = _model("images").eval()
     cpu = torch.device("cpu")
-    alone = [
-        module_inputs(model, model[0], images, _PRE, cpu, output_means=True),
-        module_inputs(model, model[3], images, _PRE, cpu),
-    ]
+    alone = [_read(model, model[0], images, means=True), _read(model, model[3], images)]
     head_calls: list[int] = []
     model[3].register_forward_hook(lambda *_: head_calls.append(1))
     together = hooked_inputs(

@@ -1,12 +1,9 @@
-"""Decode every image once per (file list, size) into a memory-mapped uint8 array on disk."""
+"""Decode every image once per (file content, size), kept per image in the user cache (data.store)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +12,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from defungi.data.scan import ImageRecord, default_cache_dir
-from defungi.utils import atomic_write_text, exclusive_lock, progress_bar
+from defungi.data.store import RowStore, file_keys
+from defungi.utils import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +25,11 @@ HASH_SIDE = 16  # average-hash side: 256 bits, strict enough to flag only near-c
 class DecodedImages:
     """Decoded pixels and per-image statistics, aligned with the record list."""
 
-    images: np.ndarray  # (N, size, size, 3) uint8, memory-mapped
+    images: np.ndarray  # (N, size, size, 3) uint8
     variance: np.ndarray  # (N,) grey-level variance at 224 px; NaN where the file could not be read
     ahash: np.ndarray  # (N, HASH_SIDE**2 // 8) uint8 average hash
     errors: dict[int, str]  # index -> why the file could not be decoded
+    keys: np.ndarray  # each file's content key (data.store.file_keys)
 
 
 # what a file that cannot be decoded raises (PIL's pixel limit included); it is skipped and listed
@@ -64,6 +63,13 @@ def square(image: Image.Image, size: int) -> Image.Image:
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     return image.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=3.0)
+
+
+def dihedral_nhwc(images: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of the 8 flips/rotations of an NHWC batch (as data.augment.dihedral does on NCHW)."""
+    if k >= 4:
+        images = images[:, :, ::-1]
+    return np.ascontiguousarray(np.rot90(images, k % 4, axes=(1, 2)))
 
 
 def check_shape(width: int, height: int) -> str | None:
@@ -110,13 +116,8 @@ def _decode_chunk(args: tuple[list[str], int]) -> list[tuple[np.ndarray | None, 
     return out
 
 
-def cache_key(records: list[ImageRecord], size: int) -> str:
-    """Hash of the file list (path, size, mtime) and the image size."""
-    h = hashlib.sha1(str(size).encode())
-    for r in records:
-        st = r.path.stat()
-        h.update(os.fsencode(r.path.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())  # any file name
-    return h.hexdigest()[:16]
+DECODE_VERSION = 1  # bumped when decode_one computes other pixels: the cache's folder changes with it
+ERROR_BYTES = 200  # a decoding error's message, as the cache keeps it
 
 
 def decode_images(
@@ -126,32 +127,24 @@ def decode_images(
     workers: int | None = None,
     progress: bool = True,
 ) -> DecodedImages:
-    """Decoded images at size x size, from the cache when the same files were decoded before."""
-    folder = (cache_dir or default_cache_dir()) / "decoded" / f"{cache_key(records, size)}-{size}px"
-    meta_path = folder / "meta.json"
-    if not meta_path.exists():
-        with exclusive_lock(folder / ".lock"):  # another process decoding the same entry: wait for it
-            if not meta_path.exists():
-                _decode_into(folder, records, size, workers, progress)
-    meta = json.loads(meta_path.read_text())
-    stats = np.load(folder / "stats.npz")
-    return DecodedImages(
-        images=np.load(folder / "images.npy", mmap_mode="r"),
-        variance=stats["variance"],
-        ahash=stats["ahash"],
-        errors={int(k): v for k, v in meta["errors"].items()},
-    )
+    """Decoded images at size x size, each from the cache when a file of the same content was decoded
+    before at that size (data.store: adding, removing or renaming files decodes only what is new)."""
+    keys = file_keys([r.path for r in records])
+    store = RowStore((cache_dir or default_cache_dir()) / "decoded" / f"{size}px-v{DECODE_VERSION}")
+    store.fill(keys, lambda at: _decode_rows([records[i] for i in at], size, workers, progress))
+    rows = store.get(keys, ["pixels", "variance", "ahash", "error"])
+    errors = {i: e.decode(errors="replace") for i, e in enumerate(rows["error"]) if e}
+    return DecodedImages(rows["pixels"], rows["variance"], rows["ahash"], errors, keys)
 
 
-def _decode_into(folder: Path, records: list[ImageRecord], size: int, workers: int | None, progress: bool) -> None:
-    """Decode every record into folder: images.npy, stats.npz, then meta.json (written last)."""
+def _decode_rows(records: list[ImageRecord], size: int, workers: int | None, progress: bool) -> dict[str, np.ndarray]:
+    """Every record decoded (in worker processes when there are many): pixels, grey variance, average
+    hash and the error of a file that could not be decoded (empty: none), one row each."""
     n = len(records)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".images.", suffix=".npy")
-    os.close(fd)
-    images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     variance = np.full(n, np.nan, dtype=np.float64)
     ahash = np.zeros((n, HASH_SIDE * HASH_SIDE // 8), dtype=np.uint8)
-    errors: dict[int, str] = {}
+    errors = np.zeros(n, dtype=f"S{ERROR_BYTES}")
     chunk = 64
     jobs = [([str(r.path) for r in records[i : i + chunk]], size) for i in range(0, n, chunk)]
     workers = workers or min(os.cpu_count() or 1, 8)
@@ -159,21 +152,15 @@ def _decode_into(folder: Path, records: list[ImageRecord], size: int, workers: i
         results = pool.map(_decode_chunk, jobs)
         bar = progress_bar(total=n, desc=f"decode {size}px", unit="img", enabled=progress)
         for start, chunk_out in zip(range(0, n, chunk), results, strict=True):
-            for j, (pixels, var, bits, err) in enumerate(chunk_out):
+            for j, (image, var, bits, err) in enumerate(chunk_out):
                 if err:
-                    errors[start + j] = err
+                    errors[start + j] = err.encode()[:ERROR_BYTES]
                 else:
-                    images[start + j], variance[start + j], ahash[start + j] = pixels, var, bits
+                    pixels[start + j], variance[start + j], ahash[start + j] = image, var, bits
             bar.update(len(chunk_out))
         bar.close()
-    images.flush()
-    del images
-    os.replace(tmp, folder / "images.npy")
-    np.savez(folder / "stats.npz", variance=variance, ahash=ahash)
-    atomic_write_text(
-        folder / "meta.json", json.dumps({"n": n, "size": size, "errors": {str(k): v for k, v in errors.items()}})
-    )
-    log.info("decoded %d images at %d px into %s", n, size, folder)
+    log.info("decoded %d images at %d px", n, size)
+    return {"pixels": pixels, "variance": variance, "ahash": ahash, "error": errors}
 
 
 class _Serial:

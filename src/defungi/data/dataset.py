@@ -26,6 +26,7 @@ class Dataset:
     paths: list[Path]
     classes: list[str]
     excluded: list[dict[str, str]]  # path, label, grey_variance, reason
+    keys: np.ndarray  # (N,) each file's content key (data.store.file_keys): what per-image caches look up
 
 
 def load_dataset(
@@ -73,6 +74,7 @@ def load_dataset(
         paths=[records[i].path for i in idx],
         classes=list(classes),
         excluded=_excluded(records, decoded, keep, variance_threshold),
+        keys=decoded.keys[idx],
     )
 
 

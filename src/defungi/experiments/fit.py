@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,10 +19,9 @@ from timm.utils import ModelEmaV3
 from defungi.config import Config, TrainConfig
 from defungi.data.augment import augment_batch, balanced_order, mix_batch
 from defungi.data.dataset import Dataset
-from defungi.data.scan import default_cache_dir
 from defungi.errors import DefungiError
 from defungi.experiments import plan
-from defungi.experiments.rundir import RunDir
+from defungi.experiments.rundir import RunDir, model_args
 from defungi.models import create_model, model_entry
 from defungi.models.pretrained import (
     imagenet_state_dict,
@@ -35,6 +31,7 @@ from defungi.models.pretrained import (
 )
 from defungi.train import distributed
 from defungi.train.callbacks import EarlyStopping
+from defungi.train.frozen import FrozenPass
 from defungi.train.loop import (
     Batch,
     Preprocess,
@@ -47,8 +44,6 @@ from defungi.train.loop import (
     hooked_inputs,
     image_batches,
     image_inputs,
-    inference_precision,
-    module_inputs,
     precision_name,
     probabilities,
     train_one_epoch,
@@ -56,7 +51,6 @@ from defungi.train.loop import (
 from defungi.train.metrics import classification_metrics, mean_nll, prior_weights, scored, weighted
 from defungi.train.ood import OodDetector, Reading, fit_detector, held_out_needed, model_readings
 from defungi.train.runtime import Threads, resolve_device, seed_everything
-from defungi.utils import atomic_save_npy, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +381,7 @@ class _Features:
     task: _Task
     learner: _Learner
     features: list[np.ndarray]  # the input of train_from for every image, per cached view
-    computed: Callable[[int], None]  # told how many images a reading missing from the cache was computed for
+    frozen: dict[Reading, np.ndarray]  # the refusal detector's readings before train_from, every image as is
 
     @property
     def forward(self) -> nn.Module:
@@ -429,7 +423,7 @@ class _Features:
         """What the refusal detector reads (see train.ood) of the scored model on images idx, as they are:
         from the cached inputs through the scored tail (in one pass) where a reading lies in it (the
         head's input: the cached inputs themselves when the head is all that trains), else (a frozen
-        module before train_from) from the images, computed once for every image and cached."""
+        module before train_from) from the readings that the backbone's one pass cached with the features."""
         task, tc, tail = self.task, self.task.config.train, self.learner.tails[-1]
         in_tail = {id(m) for m in tail.modules()}
         hooks = [r.hook(self.learner.scored) for r in readings]
@@ -437,24 +431,7 @@ class _Features:
         inputs, n_batches = self.inputs(idx, batch_size), -(-len(idx) // batch_size)
         passed = hooked_inputs(tail, [hooks[i] for i in through], inputs, n_batches, task.device, tc.amp)
         read = dict(zip(through, passed, strict=True))
-        return [
-            read[i] if i in read else np.asarray(self._frozen(reading, means)[idx])
-            for i, (reading, (_, means)) in enumerate(zip(readings, hooks, strict=True))
-        ]
-
-    def _frozen(self, reading: Reading, means: bool) -> np.ndarray:
-        """A reading of a frozen module before train_from, for every image, cached (see _cached_inputs)."""
-        task = self.task
-        return _cached_inputs(
-            task.config,
-            task.data,
-            self.learner.model,
-            reading.module,
-            task.preprocess,
-            task.device,
-            means=means,
-            computed=self.computed,
-        )
+        return [read[i] if i in read else self.frozen[reading][idx] for i, reading in enumerate(readings)]
 
 
 # a fit's batch source: forward, batches(epoch), probabilities(idx), read(readings, idx)
@@ -463,16 +440,47 @@ _Source = _Images | _Features
 
 def _source(task: _Task, learner: _Learner, computed: Callable[[int], None]) -> _Source:
     """What the fit trains on: the images, or with a frozen backbone the input of train_from for every
-    image, computed (or read from the cache) per view, from the backbone's weights as they are now;
-    computed(n) after each pass of the backbone over n images."""
+    image, per view, with the refusal detector's readings before train_from (view 0), all from one
+    pass of the backbone's weights as they are now over the images the cache lacks; computed(n)
+    after each pass over n images."""
     if learner.train_from is None:
         return _Images(task, learner)
-    model, module = learner.model, learner.train_from
-    features = [
-        _cached_inputs(task.config, task.data, model, module, task.preprocess, task.device, view, computed=computed)
-        for view in range(task.config.train.cached_views)
-    ]
-    return _Features(task, learner, features, computed)
+    tc, start = task.config.train, Reading(learner.train_from, "input")
+    before = [r for r in _detector_readings(tc) if not _inside(learner, r)]
+    features, frozen = [], {}
+    for view in range(tc.cached_views):
+        wanted = [start, *before] if view == 0 else [start]
+        backbone = _frozen_pass(task.config, learner.model, wanted, task.preprocess, task.device, learner.tails[0])
+        cached = backbone.cached(task.data.images, task.data.keys, view, computed)
+        read = dict(zip(backbone.readings, cached, strict=True))
+        features.append(read.pop(start))
+        frozen |= read
+    return _Features(task, learner, features, frozen)
+
+
+def _detector_readings(tc: TrainConfig) -> list[Reading]:
+    """What the refusal detector of a fit reads (none without train.ood)."""
+    return model_readings(model_entry(tc.model).parts) if tc.ood else []
+
+
+def _inside(learner: _Learner, reading: Reading) -> bool:
+    """Whether a reading lies in the part that trains (read through the tail, not cached)."""
+    module = learner.model.get_submodule(reading.module)
+    return any(m is module for m in learner.tails[0].modules())
+
+
+def _frozen_pass(
+    config: Config,
+    model: nn.Module,
+    readings: list[Reading],
+    preprocess: Preprocess,
+    device: torch.device,
+    trained: nn.Module | None,
+) -> FrozenPass:
+    """The frozen part of a config's model (all of it but trained) reading images, cached (train.frozen)."""
+    tc = config.train
+    name = json.dumps([tc.model, model_args(config)], sort_keys=True)  # as checkpoints record them
+    return FrozenPass(model.eval(), name, readings, preprocess, device, tc.amp, tc.channels_last, trained)
 
 
 @dataclass
@@ -661,88 +669,41 @@ def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
         load_backbone(model, tc.model, imagenet_state_dict(tc.model), f"the ImageNet weights of {tc.model}")
 
 
-def _cached_inputs(
-    config: Config,
-    data: Dataset,
-    model: nn.Module,
-    module: str,
-    preprocess: Preprocess,
-    device: torch.device,
-    view: int = 0,
-    means: bool = False,
-    computed: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """The input of the model's module (the head: its features), or with means the channel means of its
-    output, for every image's view-th flip/rotation, computed once per (image files, model and its
-    weights, module, preprocessing, precision, view) in the user cache, so that CV folds and re-runs
-    share them; read memory-mapped. computed(n) when it had to compute them for n images."""
+def _frozen_backbone(config: Config, data: Dataset) -> tuple[nn.Module, str, Preprocess, torch.device]:
+    """A frozen-backbone config's model with its pretrained weights, the module that trains first, the
+    preprocessing and the device: what its fits read the images with."""
     tc = config.train
-    path = _feature_cache(config, data, module, preprocess, device, view, means)
-    with exclusive_lock(path.with_suffix(".lock")):
-        if not path.exists():
-            t0 = time.perf_counter()
-            feats = module_inputs(
-                model,
-                model.get_submodule(module),
-                data.images,
-                preprocess,
-                device,
-                amp=tc.amp,
-                channels_last=tc.channels_last,
-                view=view,
-                output_means=means,
-                pace=Threads(device).choose,
-            )
-            atomic_save_npy(path, feats)
-            log.info(
-                "inputs of %s for %d images (view %d) in %.0f s, cached in %s",
-                module,
-                len(feats),
-                view,
-                time.perf_counter() - t0,
-                path,
-            )
-            if computed is not None:
-                computed(len(feats))
-    return np.load(path, mmap_mode="r")
+    if not tc.freeze_backbone:
+        raise DefungiError("a frozen backbone's features need a config with train.freeze_backbone (a transfer profile)")
+    device = resolve_device(tc.device)
+    model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
+    _initial_weights(model, tc)
+    model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
+    start = tc.train_from or model_entry(tc.model).parts.classifier
+    return model, start, _preprocess(config, data, np.arange(len(data.labels))), device
 
 
-def _feature_cache(
-    config: Config, data: Dataset, module: str, preprocess: Preprocess, device: torch.device, view: int, means: bool
-) -> Path:
-    """Where _cached_inputs keeps a module's input (or output's channel means) for every image."""
-    tc = config.train
-    if tc.weights:
-        stat = Path(tc.weights).expanduser().stat()
-        source = f"{Path(tc.weights).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    else:
-        source = "imagenet"  # freeze_backbone needs pretrained weights (config.validate)
-    prep = dataclasses.asdict(preprocess)
-    if preprocess.normalize in ("image", "luma"):  # per-image normalisation: mean/std unused
-        prep = {k: v for k, v in prep.items() if k not in ("mean", "std")}
-    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data.paths]
-    precision = precision_name(device, inference_precision(device, tc.amp))
-    reading = f"{module}:channel means" if means else module
-    what = [tc.model, tc.model_args, source, reading, prep, precision, files] + ([view] if view else [])
-    key = hashlib.sha1(json.dumps(what).encode())
-    return default_cache_dir() / "features" / f"{key.hexdigest()[:16]}.npy"
+def _trained_part(config: Config, model: nn.Module, start: str, preprocess: Preprocess) -> nn.Module:
+    """The part of model that trains from its module start on (see pretrained.tail_from)."""
+    size = preprocess.image_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return tail_from(model, config.train.model, start, example.to(next(model.parameters()).device))
 
 
 def cold_features(config: Config, data: Dataset) -> int:
-    """Image readings a frozen-backbone config still has to compute before its first fit: every image
-    for each of its cached views, and for the refusal detector's reading before the head, that are not
-    in the user cache (0 for other configs)."""
-    tc = config.train
-    if not tc.freeze_backbone:
+    """Images a frozen-backbone config still has to pass through its backbone before its first fit:
+    per cached view, those the user cache lacks a reading of (0 for other configs)."""
+    if not config.train.freeze_backbone:
         return 0
-    device = resolve_device(tc.device)
-    preprocess = _preprocess(config, data, np.arange(len(data.labels)))
-    module = tc.train_from or model_entry(tc.model).parts.classifier
-    wanted = [(module, view, False) for view in range(tc.cached_views)]
-    if tc.ood:
-        wanted += [(r.module, 0, True) for r in model_readings(model_entry(tc.model).parts) if r.module != module]
-    missing = [w for w in wanted if not _feature_cache(config, data, w[0], preprocess, device, w[1], w[2]).exists()]
-    return len(missing) * len(data.labels)
+    model, start, preprocess, device = _frozen_backbone(config, data)
+    tail = _trained_part(config, model, start, preprocess)
+    inside = {id(m) for m in tail.modules()}
+    before = [r for r in _detector_readings(config.train) if id(model.get_submodule(r.module)) not in inside]
+    missing = 0
+    for view in range(config.train.cached_views):
+        wanted = [Reading(start, "input"), *(before if view == 0 else [])]
+        missing += _frozen_pass(config, model, wanted, preprocess, device, tail).missing(data.keys, view)
+    return missing
 
 
 def frozen_features(config: Config, data: Dataset, view: int = 0) -> np.ndarray:
@@ -750,16 +711,10 @@ def frozen_features(config: Config, data: Dataset, view: int = 0) -> np.ndarray:
     config, for every image of data (as load_dataset ordered them): what its fits train on, read from
     the user cache (computed there once when missing). The frozen part's preprocessing and weights
     do not depend on the split, so every fold of a cross-validation shares them."""
-    tc = config.train
-    if not tc.freeze_backbone:
-        raise DefungiError("frozen_features needs a config with train.freeze_backbone (a transfer profile)")
-    device = resolve_device(tc.device)
-    model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
-    _initial_weights(model, tc)
-    model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
-    module = tc.train_from or model_entry(tc.model).parts.classifier
-    preprocess = _preprocess(config, data, np.arange(len(data.labels)))
-    return _cached_inputs(config, data, model.eval(), module, preprocess, device, view)
+    model, start, preprocess, device = _frozen_backbone(config, data)
+    tail = _trained_part(config, model, start, preprocess)
+    backbone = _frozen_pass(config, model, [Reading(start, "input")], preprocess, device, tail)
+    return backbone.cached(data.images, data.keys, view)[0]
 
 
 def fit(

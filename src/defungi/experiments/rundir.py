@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import zipfile
 from contextlib import AbstractContextManager
@@ -28,9 +29,10 @@ from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
 from defungi.layout import RunLayout, read_history, read_json, read_table
 from defungi.models import create_model, model_entry
-from defungi.models.ensemble import Ensemble
+from defungi.models.ensemble import Ensemble, SharedTrunk, shared_trunk
 from defungi.results.run import RunMetrics, read_run_metrics
 from defungi.results.schema import SCHEMA_VERSION, check_version, to_dict
+from defungi.train.frozen import FrozenPass
 from defungi.train.loop import Preprocess
 from defungi.train.metrics import prior_weights
 from defungi.train.ood import READING_KINDS, Distance, OodDetector, OodHooks, Reading
@@ -109,6 +111,17 @@ class TrainedModel:
     def class_weights(self, power: float | None = None) -> np.ndarray | None:
         """Probability weights for the decision (power: as trained when None; 0 switches them off)."""
         return prior_weights(self.class_prior, self.config.train.prior_weight if power is None else power)
+
+    def frozen_pass(self) -> FrozenPass | None:
+        """Where the model is heads on a shared frozen trunk: the trunk's one pass over images, reading
+        the heads' input and the refusal detectors' readings (train.frozen); None for other models."""
+        if not isinstance(self.model, SharedTrunk):
+            return None
+        name, head = self.info["model_name"], model_entry(self.info["model_name"]).parts.classifier
+        readings = [Reading(head, "input"), *(r for d in self.detectors or [] for r in d.readings)]
+        tc = self.config.train
+        key = json.dumps([name, self.info["model_args"]], sort_keys=True)
+        return FrozenPass(self.model.trunk, key, readings, self.preprocess, self.device, tc.amp, tc.channels_last)
 
     def ood_hooks(self) -> OodHooks | None:
         """What scores, inside the model's forward passes, each image's distance from the training
@@ -399,7 +412,7 @@ def load_checkpoints(paths: list[Path], device: str = "auto") -> TrainedModel:
     dev = resolve_device(device)
     states = [_load(p, dev) for p in paths]
     models = [_rebuild(state, path) for state, path in zip(states, paths, strict=True)]
-    model = models[0] if len(models) == 1 else Ensemble(models)
+    model = _combined(models, states)
     model.to(dev, memory_format=torch.channels_last).eval()
     state = states[0]  # the parts share classes and the normalisation rule
     pre = state["preprocess"]
@@ -420,6 +433,20 @@ def load_checkpoints(paths: list[Path], device: str = "auto") -> TrainedModel:
     return TrainedModel(
         model, preprocess, state["classes"], config, dev, info, class_prior, _all_or_none(detectors, paths[0])
     )
+
+
+def _combined(models: list[torch.nn.Module], states: list[dict[str, Any]]) -> torch.nn.Module:
+    """The parts as one model: heads trained on one frozen backbone share it (models.ensemble.SharedTrunk:
+    the backbone runs once per image, in training's frozen pass too), other parts are an Ensemble."""
+    name, args = states[0]["model_name"], states[0]["model_args"]
+    head = model_entry(name).parts.classifier
+    trains = [s["config"].get("train", {}) for s in states]
+    frozen = all(t.get("freeze_backbone") and t.get("train_from", "") in ("", head) for t in trains)
+    if frozen and all(s["model_name"] == name and s["model_args"] == args for s in states):
+        shared = shared_trunk(models, head)
+        if shared is not None:
+            return shared
+    return models[0] if len(models) == 1 else Ensemble(models)
 
 
 def _all_or_none(detectors: list[OodDetector | None], where: Path) -> list[OodDetector] | None:

@@ -1,5 +1,6 @@
-"""Several models as one: trained models scored by their mean probability (Ensemble), or backbones
-side by side under one head (Concat)."""
+"""Several models as one: trained models scored by their mean probability (Ensemble), heads that share
+one frozen trunk (SharedTrunk: the trunk runs once per image), or backbones side by side under one
+head (Concat)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,55 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([m(x).float().softmax(dim=1) for m in self.members]).mean(dim=0)
-        return probs.clamp_min(1e-12).log()
+        return mean_probability([m(x) for m in self.members])
+
+
+def mean_probability(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The log of the members' mean softmax, so that a softmax of it is their mean probability."""
+    probs = torch.stack([out.float().softmax(dim=1) for out in logits]).mean(dim=0)
+    return probs.clamp_min(1e-12).log()
+
+
+class SharedTrunk(nn.Module):
+    """Heads trained on one frozen trunk (the folds or seeds of a frozen backbone): the trunk (the model
+    with its head replaced by nn.Identity, so that its modules keep their names) runs once per image,
+    each head reads its output; the heads' log mean softmax as Ensemble returns it (one head: its logits)."""
+
+    def __init__(self, trunk: nn.Module, heads: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.trunk(x))
+
+    def combine(self, features: torch.Tensor) -> torch.Tensor:
+        """The heads on the trunk's output."""
+        if len(self.heads) == 1:
+            return self.heads[0](features)
+        return mean_probability([head(features) for head in self.heads])
 
 
 def members(model: nn.Module) -> list[nn.Module]:
-    """The trained models inside model, in the order its forward runs them: an ensemble's members, or itself."""
+    """The models inside model whose modules a reading names, in the order its forward runs them: an
+    ensemble's members, the shared trunk, or the model itself."""
+    if isinstance(model, SharedTrunk):
+        return [model.trunk]
     return list(model.members) if isinstance(model, Ensemble) else [model]
+
+
+def shared_trunk(models: Sequence[nn.Module], head: str) -> SharedTrunk | None:
+    """The models as one SharedTrunk when every weight but their head's (the module named head) is the
+    same; None otherwise."""
+    states = [{k: v for k, v in m.state_dict().items() if not k.startswith(f"{head}.")} for m in models]
+    first = states[0]
+    if any(s.keys() != first.keys() or not all(torch.equal(s[k], first[k]) for k in first) for s in states[1:]):
+        return None
+    heads = [m.get_submodule(head) for m in models]
+    trunk = models[0]
+    parent, _, name = head.rpartition(".")
+    setattr(trunk.get_submodule(parent) if parent else trunk, name, nn.Identity())
+    return SharedTrunk(trunk, heads)
 
 
 class Concat(nn.Module):

@@ -4,8 +4,9 @@ a map lies in the image's border ring (where a microscope's vignetted corners ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +17,9 @@ from defungi.errors import DefungiError
 from defungi.models import model_entry
 from defungi.models.ensemble import members
 from defungi.report.plots import plot_explanation
-from defungi.serve.predict import classify, decode, expand_paths
-from defungi.serve.predictor import Predictor, torch_predictor
-from defungi.train.metrics import temper
+from defungi.serve.predict import Answers, classify, decode, expand_paths
+from defungi.serve.predictor import Predictor, Scores, torch_predictor
+from defungi.train.metrics import prior_weights, temper, weighted
 
 if TYPE_CHECKING:
     from defungi.experiments.rundir import TrainedModel
@@ -95,21 +96,67 @@ def class_index(model: Predictor, name: str) -> int:
     return model.classes.index(name)
 
 
-def explained(model: Predictor, files: list[Path], target: str | None = None, **decision: Any) -> list[dict[str, Any]]:
+def one_pass(
+    trained: TrainedModel, images: np.ndarray, choose: Callable[[np.ndarray], list[int]], kind: str = SHOWN
+) -> tuple[Scores, np.ndarray, list[int]]:
+    """One forward pass of the model on uint8 NHWC images, gradients kept: the probabilities and
+    refusal scores that answers read, the classes choose(probabilities) picks, and each image's map
+    of its class's evidence (a pytorch-grad-cam method, as class_maps)."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    method, module = map_source(trained.info["model_name"], kind)
+    x = trained.preprocess.to_tensor(images, trained.device, channels_last=False)
+    hooks = trained.ood_hooks()
+    with getattr(pytorch_grad_cam, method)(model=trained.model, target_layers=cam_layers(trained.model, module)) as cam:
+        with hooks if hooks is not None else contextlib.nullcontext():
+            outputs = cam.activations_and_grads(x)
+        probs = outputs.detach().float().softmax(dim=1).cpu().numpy()
+        chosen = choose(probs)
+        targets = [ClassifierOutputTarget(t) for t in chosen]
+        trained.model.zero_grad()
+        sum(t(o) for t, o in zip(targets, outputs, strict=True)).backward(retain_graph=True)
+        maps = cam.aggregate_multi_layers(cam.compute_cam_per_layer(x, targets, False))
+    ood = hooks.images().detach().cpu().numpy() if hooks is not None else None
+    return Scores(probs, ood), maps, chosen
+
+
+def explained(
+    model: Predictor,
+    files: list[Path],
+    target: str | None = None,
+    tta: bool | None = None,
+    prior_weight: float | None = None,
+    answers: Answers | None = None,
+) -> list[dict[str, Any]]:
     """predict's rows, each classified one with its image, the class explained (target, else the
-    predicted one) with its calibrated probability, its map and the map's overlay."""
+    predicted one) with its calibrated probability, its map and the map's overlay: the answers and
+    the maps from one forward pass per image (test-time augmentation's other views aside)."""
     fixed = None if target is None else class_index(model, target)
     rows, pixels = decode(model, files)
-    rows = classify(model, rows, pixels, **decision)
-    done = [r for r in rows if "class" in r]
-    if done:
-        images = np.stack([pixels[r["path"]] for r in done])
-        targets = [model.classes.index(r["class"]) if fixed is None else fixed for r in done]
-        probs = temper(np.array([[r[c] for c in model.classes] for r in done]), model.temperature())
-        maps = class_maps(model.trained, images, targets)
-        for row, image, cam, t, p in zip(done, images, maps, targets, probs, strict=True):
-            row |= {"image": image, "map": cam, "overlay": overlay(image, cam)}
-            row |= {"explained": model.classes[t], "explained_probability": float(p[t])}
+    if not pixels:
+        return rows
+    images = np.stack(list(pixels.values()))
+    power = model.prior_weight if prior_weight is None else prior_weight
+
+    def choose(probs: np.ndarray) -> list[int]:
+        decided = weighted(probs, prior_weights(model.class_prior, power)).argmax(1)
+        return [int(c) if fixed is None else fixed for c in decided]
+
+    computed, maps, targets = one_pass(model.trained, images, choose)
+    views = model.tta if tta is None else tta
+    rows = classify(model, rows, pixels, tta, prior_weight, answers, None if views else computed)
+    at = {path: k for k, path in enumerate(pixels)}
+    for row in rows:
+        if "class" not in row:
+            continue
+        k = at[row["path"]]
+        t = targets[k] if fixed is not None or not views else model.classes.index(row["class"])
+        if t != targets[k]:  # test-time augmentation decided another class than the first view
+            maps[k] = class_maps(model.trained, images[k : k + 1], [t])[0]
+        p = temper(np.array([[row[c] for c in model.classes]]), model.temperature())[0]
+        row |= {"image": images[k], "map": maps[k], "overlay": overlay(images[k], maps[k])}
+        row |= {"explained": model.classes[t], "explained_probability": float(p[t])}
     return rows
 
 

@@ -11,19 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from defungi.data.cache import dihedral_nhwc
 from defungi.errors import DefungiError
 from defungi.layout import RunLayout
 from defungi.serve.predictor import Predictor, Scores
 
 METADATA_KEY = "defungi"  # the ONNX metadata entry holding Predictor.metadata() as JSON
 BATCH = 64
-
-
-def dihedral_nhwc(images: np.ndarray, k: int) -> np.ndarray:
-    """The k-th of the 8 flips/rotations of an NHWC batch (as data.augment.dihedral does on NCHW)."""
-    if k >= 4:
-        images = images[:, :, ::-1]
-    return np.ascontiguousarray(np.rot90(images, k % 4, axes=(1, 2)))
 
 
 def _load_errors(ort: Any) -> tuple[type[Exception], ...]:

@@ -18,14 +18,16 @@ from defungi.layout import RunLayout
 from defungi.results.run import ModelCard
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE, Trust, Unit
 from defungi.serve.lite import onnx_predictor
-from defungi.serve.predictor import Predictor, torch_predictor
+from defungi.serve.predictor import Predictor, Scores, torch_predictor
 from defungi.train.conformal import prediction_sets, set_label
 from defungi.train.metrics import classification_metrics, specimen_probabilities, temper
 from defungi.train.selective import threshold_for_accuracy
+from defungi.utils import prefetched
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
+CHUNK = 256  # images decoded, then answered, at a time
 
 
 def open_predictor(source: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
@@ -69,8 +71,14 @@ def predict(
     probable class's probability calibrated as the run measured it helped, 'set' the classes the
     image's prediction set holds (see Answers), and 'decision' the class or 'uncertain'."""
     files = expand_paths(paths)
-    rows, pixels = decode(model, files)
-    return classify(model, rows, pixels, tta, prior_weight, answers)
+    chunks = (decode(model, files[i : i + CHUNK]) for i in range(0, len(files), CHUNK))
+    answers = answers or Answers.of(model)
+    # the next chunk is decoded while this one computes
+    return [
+        row
+        for rows, pixels in prefetched(chunks, 1)
+        for row in classify(model, rows, pixels, tta, prior_weight, answers)
+    ]
 
 
 def decode(model: Predictor, files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
@@ -101,15 +109,16 @@ def classify(
     tta: bool | None = None,
     prior_weight: float | None = None,
     answers: Answers | None = None,
+    computed: Scores | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of decode with the out-of-distribution score ('ood', where the run has a detector) of
     every decoded image, and the class, calibrated confidence, prediction set, decision and
     probabilities of those that are not refused as 'not a fungus micrograph' (answers: as the run
-    measured, by default)."""
+    measured, by default; computed: the model's scores of the pixels when a pass already made them)."""
     if not pixels:
         return rows
     answers = answers or Answers.of(model)
-    probs, ood = model.answer(np.stack(list(pixels.values())), tta, prior_weight)
+    probs, ood = model.answer(np.stack(list(pixels.values())), tta, prior_weight, computed)
     calibrated = temper(probs, model.temperature("image"))
     sets = answers.sets("image", calibrated, model.classes)
     result = {}

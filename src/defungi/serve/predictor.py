@@ -48,9 +48,16 @@ class Predictor:
     trained: Any = None  # the TrainedModel of the torch backend (Grad-CAM needs it)
     specimen_rule: str = "mean"  # how a specimen's images' probabilities are pooled (train.metrics.SPECIMEN_RULES)
 
-    def answer(self, images: np.ndarray, tta: bool | None = None, prior_weight: float | None = None) -> Scores:
-        """Class probabilities (tta and prior weight as trained unless given) and out-of-distribution scores."""
-        probs, ood = self.scores(images, self.tta if tta is None else tta)
+    def answer(
+        self,
+        images: np.ndarray,
+        tta: bool | None = None,
+        prior_weight: float | None = None,
+        computed: Scores | None = None,
+    ) -> Scores:
+        """Class probabilities (tta and prior weight as trained unless given) and out-of-distribution
+        scores (computed: the model's scores of these images, when a pass already made them)."""
+        probs, ood = computed if computed is not None else self.scores(images, self.tta if tta is None else tta)
         power = self.prior_weight if prior_weight is None else prior_weight
         return Scores(weighted(probs, prior_weights(self.class_prior, power)), ood)
 
@@ -87,22 +94,14 @@ class Predictor:
 
 
 def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:
-    """The run folder's model (its checkpoints, one per fold or member, averaged) with PyTorch."""
+    """The run folder's model (its checkpoints, one per fold or member, averaged) with PyTorch; heads
+    on a shared frozen backbone answer from its one pass per image, on the faster engine (train.frozen)."""
     from defungi.experiments.protocols import load_trained
-    from defungi.train.loop import predict_proba
 
     trained = load_trained(run_dir, device)
     path = RunLayout(Path(run_dir)).metrics
     metrics = read_run_metrics(path) if path.exists() else None
-    hooks = trained.ood_hooks()
-
-    def scores(images: np.ndarray, tta: bool) -> Scores:
-        with hooks if hooks is not None else contextlib.nullcontext():
-            probs = predict_proba(
-                trained.model, images, trained.preprocess, trained.device, tta=tta, amp=trained.config.train.amp
-            )  # fp32 on CPUs, as the exported model (see train.loop.inference_precision)
-        return Scores(probs, hooks.images(8 if tta else 1).cpu().numpy() if hooks is not None else None)
-
+    frozen = trained.frozen_pass()
     return Predictor(
         classes=list(trained.classes),
         image_size=trained.preprocess.image_size,
@@ -112,7 +111,50 @@ def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:
         tta=trained.config.train.tta,
         prior_weight=trained.config.train.prior_weight,
         class_prior=trained.class_prior,
-        scores=scores,
+        scores=_frozen_scores(trained, frozen) if frozen is not None else _model_scores(trained),
         trained=trained,
         specimen_rule=trained.config.train.specimen_rule,
     )
+
+
+def _model_scores(trained: Any) -> Callable[[np.ndarray, bool], Scores]:
+    """Scores from the whole model on the images, the refusal read by hooks inside its forward passes."""
+    from defungi.train.loop import predict_proba
+
+    hooks = trained.ood_hooks()
+
+    def scores(images: np.ndarray, tta: bool) -> Scores:
+        with hooks if hooks is not None else contextlib.nullcontext():
+            probs = predict_proba(
+                trained.model, images, trained.preprocess, trained.device, tta=tta, amp=trained.config.train.amp
+            )  # fp32 on CPUs, as the exported model (see train.loop.inference_precision)
+        return Scores(probs, hooks.images(8 if tta else 1).cpu().numpy() if hooks is not None else None)
+
+    return scores
+
+
+def _frozen_scores(trained: Any, frozen: Any) -> Callable[[np.ndarray, bool], Scores]:
+    """Scores of heads on a shared frozen trunk: one pass of the trunk per image and view reads the
+    heads' input and the refusal detectors' readings (view 0); the heads and detectors run on them."""
+    import torch
+
+    from defungi.models import model_entry
+    from defungi.train.ood import Reading
+
+    model, detectors = trained.model, trained.detectors or []
+    features = frozen.readings.index(Reading(model_entry(trained.info["model_name"]).parts.classifier, "input"))
+
+    def scores(images: np.ndarray, tta: bool) -> Scores:
+        views, ood = range(8 if tta else 1), None
+        probs = np.zeros((len(images), len(trained.classes)), dtype=np.float32)
+        for k in views:
+            read = frozen.of(images, view=k, desc="predict")
+            with torch.no_grad():
+                logits = model.combine(torch.from_numpy(read[features]).to(trained.device))
+            probs += logits.float().softmax(dim=1).cpu().numpy() / len(views)
+            if k == 0 and detectors:
+                at = [[read[frozen.readings.index(r)] for r in d.readings] for d in detectors]
+                ood = np.mean([d.scores(r) for d, r in zip(detectors, at, strict=True)], axis=0)
+        return Scores(probs, ood)
+
+    return scores

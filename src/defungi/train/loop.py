@@ -285,26 +285,15 @@ def module_rows(tensor: torch.Tensor, channel_means: bool = False) -> torch.Tens
     return x.mean(tuple(range(2, x.dim()))) if channel_means and x.dim() > 2 else x
 
 
-@torch.no_grad()
-def hooked_inputs(
-    model: nn.Module,
-    modules: Sequence[tuple[nn.Module, bool]],
-    inputs: Iterable[torch.Tensor],
-    n_batches: int,
-    device: torch.device,
-    amp: bool = False,
-) -> list[np.ndarray]:
+def module_readings(model: nn.Module, modules: Sequence[tuple[nn.Module, bool]], x: torch.Tensor) -> list[torch.Tensor]:
     """What each of modules receives (e.g. the head: the pooled features), or where its flag is set the
-    channel means of what it returns, while the model runs on batches of inputs (images, or cached
-    module inputs): per module, float32, one entry per input row. One forward pass reads them all and
-    stops at the last, which it must reach last."""
-    if not modules:
-        return []
-    model.eval()
-    out: list[list[np.ndarray]] = [[] for _ in modules]
+    channel means of what it returns, when model runs on x: float32, one row per input. The forward
+    pass stops at the last of them, which it must reach last (also when traced for ONNX: the graph
+    ends there)."""
+    out: dict[int, torch.Tensor] = {}
 
     def keep(i: int, tensor: torch.Tensor) -> None:
-        out[i].append(module_rows(tensor, modules[i][1]).cpu().numpy())
+        out[i] = module_rows(tensor, modules[i][1])
         if i == len(modules) - 1:
             raise _Enough
 
@@ -315,51 +304,38 @@ def hooked_inputs(
         for i, (module, output_means) in enumerate(modules)
     ]
     try:
-        bar = progress_bar(n_batches, "features")
-        for x in inputs:
-            with contextlib.suppress(_Enough), autocast(device, inference_precision(device, amp)):
-                model(x)
-            bar.update(1)
-        bar.close()
+        with contextlib.suppress(_Enough):
+            model(x)
     finally:
         for hook in hooks:
             hook.remove()
-    read = [np.concatenate(rows) if rows else np.zeros((0,), dtype=np.float32) for rows in out]
-    if len({len(r) for r in read}) > 1:
-        raise ValueError(f"modules not each reached once before the last: {[len(r) for r in read]} rows")
-    return read
+    if len(out) != len(modules):
+        raise ValueError(f"modules not each reached once before the last: {sorted(out)} of {len(modules)}")
+    return [out[i] for i in range(len(modules))]
 
 
-PACE = 8  # batches between two choices of a long pass's threads (about half a minute on 2 cores)
-
-
-def _paced(batches: Iterable[torch.Tensor], pace: Callable[[], object] | None) -> Iterator[torch.Tensor]:
-    """The batches, with pace called before every PACE-th one."""
-    for i, x in enumerate(batches):
-        if pace is not None and i % PACE == 0:
-            pace()
-        yield x
-
-
-def module_inputs(
+@torch.no_grad()
+def hooked_inputs(
     model: nn.Module,
-    module: nn.Module,
-    images: np.ndarray,
-    preprocess: Preprocess,
+    modules: Sequence[tuple[nn.Module, bool]],
+    inputs: Iterable[torch.Tensor],
+    n_batches: int,
     device: torch.device,
-    batch_size: int = 128,
     amp: bool = False,
-    channels_last: bool = True,
-    view: int = 0,
-    output_means: bool = False,
-    pace: Callable[[], object] | None = None,
-) -> np.ndarray:
-    """What one module of the model receives for each image, or the channel means of what it returns
-    (see hooked_inputs); of the view-th flip/rotation of each image (0: as is). pace is called before
-    every PACE-th batch (a long pass chooses its threads again: train.runtime.Threads.choose)."""
-    batches = _paced(image_inputs(images, preprocess, device, batch_size, channels_last), pace)
-    inputs = (dihedral(x, view) for x in batches)
-    return hooked_inputs(model, [(module, output_means)], inputs, -(-len(images) // batch_size), device, amp)[0]
+) -> list[np.ndarray]:
+    """module_readings of model for batches of inputs (images, or cached module inputs), as arrays."""
+    if not modules:
+        return []
+    model.eval()
+    out: list[list[np.ndarray]] = [[] for _ in modules]
+    bar = progress_bar(n_batches, "features")
+    for x in inputs:
+        with autocast(device, inference_precision(device, amp)):
+            for rows, read in zip(out, module_readings(model, modules, x), strict=True):
+                rows.append(read.cpu().numpy())
+        bar.update(1)
+    bar.close()
+    return [np.concatenate(rows) if rows else np.zeros((0,), dtype=np.float32) for rows in out]
 
 
 def evaluate(

@@ -162,14 +162,20 @@ class OodScore(nn.Module):
 
 class OodHooks(nn.Module):
     """While entered (`with hooks:`), every forward pass of each member reads the image where that
-    member's detector reads it and scores it; `images()` turns the calls into one score per image."""
+    member's detector reads it and scores it; `images()` turns the calls into one score per image.
+    Heads on a shared trunk (models.ensemble.SharedTrunk) read the trunk once: its readings are
+    scored by every head's detector, and the call holds their mean."""
 
     def __init__(self, model: nn.Module, detectors: Sequence[OodDetector]) -> None:
         super().__init__()
         self.members = members(model)
-        if len(self.members) != len(detectors):
+        shared = len(self.members) == 1 and len(detectors) > 1
+        if not shared and len(self.members) != len(detectors):
             raise ValueError(f"{len(self.members)} members but {len(detectors)} detectors")
-        self.readings = [d.readings for d in detectors]
+        if shared and any(d.readings != detectors[0].readings for d in detectors):
+            raise ValueError("detectors of heads on one trunk read different places")
+        self.groups = [list(range(len(detectors)))] if shared else [[j] for j in range(len(detectors))]
+        self.readings = [detectors[group[0]].readings for group in self.groups]
         self.scorers = nn.ModuleList(OodScore(d) for d in detectors)
         self.calls: list[torch.Tensor] = []
         self._seen: list[dict[int, torch.Tensor]] = []
@@ -197,8 +203,10 @@ class OodHooks(nn.Module):
         seen, readings = self._seen[member], self.readings[member]
         seen[i] = module_rows(tensor, readings[i].kind == "channel means").flatten(1)
         if len(seen) == len(readings):
+            read = [seen[k] for k in range(len(readings))]
             with torch.autocast(tensor.device.type, enabled=False):  # distances in fp32 under mixed precision
-                self.calls.append(self.scorers[member]([seen[k] for k in range(len(readings))]))
+                scores = [self.scorers[d](read) for d in self.groups[member]]
+                self.calls.append(torch.stack(scores).mean(0))
             seen.clear()
 
     def images(self, views: int = 1) -> torch.Tensor:

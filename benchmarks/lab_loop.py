@@ -1,0 +1,268 @@
+"""A lab's loop against the model alone, side by side in one run: train the transfer recipe by grouped
+3-fold CV from an empty cache, add one specimen and train again, answer 1,000 images on both
+backends, answer a specimen of 20 images as the page does, with and without maps. Each figure is
+printed beside the model alone (EfficientNet-Lite0 at 224 px, batch 32: the faster of torch,
+channels-last, and onnxruntime, on the same images in the same run), with the CPU's flags.
+
+    python benchmarks/lab_loop.py --data DIR [--out runs/bench-lab] [--reference RUN]
+
+--reference: a finished `train --profile transfer --cv 3` run on the same folder (e.g. from an
+earlier commit); its out-of-fold probabilities, refusals and sets are compared with this run's.
+Run it on an otherwise idle machine: with 2 cores, a second busy process slows torch about 4x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from defungi.data.cache import decode_one
+from defungi.data.scan import parse_name
+from defungi.models import create_model
+from defungi.models.pretrained import imagenet_state_dict
+from defungi.serve.explain import explained
+from defungi.serve.predict import expand_paths, predict, predict_files
+from defungi.serve.predictor import torch_predictor
+from defungi.train.frozen import BATCH, OnnxEngine, images_per_s
+from defungi.utils import cpu_flags
+
+MODEL, SIZE = "efficientnet-lite0", 224
+
+
+def model_alone(images: np.ndarray, folder: Path) -> dict[str, float]:
+    """Images per second of EfficientNet-Lite0 alone on normalised float batches: torch (channels-last,
+    fp32) and onnxruntime (the same model exported), batch BATCH."""
+    model = create_model(MODEL, num_classes=5)
+    model.load_state_dict(imagenet_state_dict(MODEL), strict=False)
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.from_numpy(images[:BATCH]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model(x)
+        start = time.perf_counter()
+        for _ in range(4):
+            model(x)
+        on_torch = 4 * BATCH / (time.perf_counter() - start)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), str(folder / "alone.onnx"), input_names=["images"], dynamo=False)
+    engine = OnnxEngine(folder / "alone.onnx", torch.get_num_threads())
+    return {
+        "torch": on_torch,
+        "onnxruntime": images_per_s(lambda b: engine.session.run(None, {"images": b}), x.numpy(), 4),
+    }
+
+
+def cli(args: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """Seconds of a `defungi` command in its own process, and what it logged."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "defungi", *args], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"defungi {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return seconds, done.stderr
+
+
+def computed_images(log: str) -> int:
+    """Images that a command passed through the frozen backbone (its 'of N images' log lines)."""
+    return sum(int(n) for n in re.findall(r" of (\d+) images \(view", log))
+
+
+def heads_seconds(run: Path) -> float:
+    """Seconds the folds spent training their heads (their history)."""
+    total = 0.0
+    for history in run.glob("fold-*/history.csv"):
+        with open(history) as fh:
+            total += sum(float(row["seconds"]) for row in csv.DictReader(fh))
+    return total
+
+
+def linked(data: Path, to: Path, leave_out: str | None) -> int:
+    """A folder of links to data's images (class folders kept), without the specimen leave_out; how many."""
+    n = 0
+    for path in expand_paths([data]):
+        parsed = parse_name(path.stem)
+        if leave_out and parsed and f"{parsed['cls'].upper()}_{parsed['sample']}" == leave_out:
+            continue
+        (to / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (to / path.parent.name / path.name).symlink_to(path.resolve())
+        n += 1
+    return n
+
+
+def specimen_of_about(files: list[Path], n: int) -> tuple[str, list[Path]]:
+    """A specimen (DeFungi class and sample) with about n images, and its files."""
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        parsed = parse_name(f.stem)
+        if parsed:
+            groups.setdefault(f"{parsed['cls'].upper()}_{parsed['sample']}", []).append(f)
+    name = min(groups, key=lambda g: (abs(len(groups[g]) - n), g))
+    return name, groups[name]
+
+
+def oof(run: Path) -> dict[str, tuple[np.ndarray, float]]:
+    """Out-of-fold probabilities and refusal score of each image, by class folder and file name."""
+    with open(run / "oof.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
+    return {
+        f"{Path(r['path']).parent.name}/{Path(r['path']).name}": (
+            np.array([float(r[f"p_{c}"]) for c in classes]),
+            float(r.get("ood") or 0),
+        )
+        for r in rows
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", default="runs/bench-lab")
+    parser.add_argument("--reference", help="a transfer CV run of the same folder to compare answers with")
+    args = parser.parse_args()
+    out, data = Path(args.out), Path(args.data)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = os.environ | {"DEFUNGI_CACHE": str(out / "cache")}
+    os.environ["DEFUNGI_CACHE"] = env["DEFUNGI_CACHE"]
+    files = expand_paths([data])
+    name, specimen = specimen_of_about(files, 20)
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    sample = [files[i] for i in np.linspace(0, len(files) - 1, 1000).astype(int)]
+    images = np.stack([decode_one(f, SIZE)[0] for f in sample[:BATCH]])
+    alone = model_alone(images, out)
+    best = max(alone.values())
+    print(f"CPU flags: {cpu_flags()}; {torch.get_num_threads()} threads")
+    print(
+        f"model alone ({MODEL}, {SIZE} px, batch {BATCH}): torch {alone['torch']:.1f} img/s, "
+        f"onnxruntime {alone['onnxruntime']:.1f} img/s -> {best:.1f} img/s"
+    )
+
+    # cold training without one specimen, then with it
+    less, full = out / "data-less", out / "data-full"
+    n_less = linked(data, less, name)
+    linked(data, full, None)
+    train = ["train", "--profile", "transfer", "--cv", "3"]
+    cold_s, cold_log = cli([*train, "--data", str(less), "--out", str(out / "cold")], env)
+    heads = heads_seconds(out / "cold")
+    expected = n_less / best + heads
+    rows.append(
+        (
+            "cold training (empty cache)",
+            f"{cold_s:.0f} s",
+            f"{n_less / best:.0f} s pass + {heads:.0f} s heads",
+            f"{cold_s / expected:.2f}",
+            "<= 1.5",
+        )
+    )
+    again_s, again_log = cli([*train, "--data", str(full), "--out", str(out / "again")], env)
+    rows.append(
+        (
+            f"after a new specimen ({len(specimen)} images)",
+            f"{again_s:.0f} s",
+            f"{computed_images(again_log)} images computed",
+            "",
+            "<= 30 s, new images only",
+        )
+    )
+
+    # answers on 1,000 images, both backends, as predict runs them (model loaded in the call)
+    run = out / "again"
+    start = time.perf_counter()
+    on_torch = predict_files(run, sample, "torch", by_sample=True)
+    torch_s = time.perf_counter() - start
+    rows.append(
+        (
+            "predict 1,000 images, default backend",
+            f"{len(sample) / torch_s:.1f} img/s",
+            f"{best:.1f} img/s",
+            f"{len(sample) / torch_s / best:.2f}",
+            ">= 0.8",
+        )
+    )
+    export_s, _ = cli(["export", str(run)], env)
+    start = time.perf_counter()
+    on_onnx = predict_files(run, sample, "onnx", by_sample=True)
+    onnx_s = time.perf_counter() - start
+    rows.append(
+        (
+            "predict 1,000 images, --backend onnx",
+            f"{len(sample) / onnx_s:.1f} img/s",
+            f"{best:.1f} img/s",
+            f"{len(sample) / onnx_s / best:.2f}",
+            ">= 0.8",
+        )
+    )
+    same = sum(
+        a.get("decision") == b.get("decision") and a.get("set") == b.get("set")
+        for a, b in zip(on_torch.rows, on_onnx.rows, strict=True)
+    )
+    diff = max(
+        abs(a[c] - b[c])
+        for a, b in zip(on_torch.rows, on_onnx.rows, strict=True)
+        if "class" in a
+        for c in on_torch.classes
+    )
+
+    # the page: the model loaded, one specimen's images answered, without and with maps
+    model = torch_predictor(run)
+    predict(model, specimen[:2])  # the first request warms the engine, as the page's first upload would
+    start = time.perf_counter()
+    predict(model, specimen)
+    page_s = time.perf_counter() - start
+    start = time.perf_counter()
+    explained(model, specimen)
+    maps_s = time.perf_counter() - start
+    alone_20 = len(specimen) / best
+    rows.append(
+        (
+            f"page: specimen of {len(specimen)} images",
+            f"{page_s:.2f} s",
+            f"{alone_20:.2f} s",
+            f"{page_s / alone_20:.2f}",
+            "<= 1 s",
+        )
+    )
+    rows.append(
+        ("page: the same with maps", f"{maps_s:.2f} s", f"{alone_20:.2f} s", f"{maps_s / alone_20:.2f}", "<= 3 s")
+    )
+
+    print(f"{'figure':<44} {'measured':>12} {'model alone':>30} {'ratio':>6}  target")
+    for figure, measured, ref, ratio, target in rows:
+        print(f"{figure:<44} {measured:>12} {ref:>30} {ratio:>6}  {target}")
+    print(
+        f"cold training: {n_less} images, {computed_images(cold_log)} passed through the backbone; "
+        f"export {export_s:.0f} s (a process of its own)"
+    )
+    print(f"backends: same decision and set on {same}/{len(sample)} images; largest probability difference {diff:.1e}")
+    if args.reference:  # the same folder and folds: this run with every image, against the reference
+        ours, theirs = oof(out / "again"), oof(Path(args.reference))
+        common = sorted(set(ours) & set(theirs))
+        gap = max(float(np.abs(ours[p][0] - theirs[p][0]).max()) for p in common)
+        ood_gap = max(abs(ours[p][1] - theirs[p][1]) for p in common)
+        agree = sum(int(ours[p][0].argmax() == theirs[p][0].argmax()) for p in common)
+        refused = sum(int((ours[p][1] > 1) == (theirs[p][1] > 1)) for p in common)
+        print(
+            f"against {args.reference}: {len(common)} out-of-fold images in both ({len(ours)} here); same class "
+            f"on {agree}, same refusal on {refused}; largest difference of a probability {gap:.1e} (written to "
+            f"6 decimals), of a refusal score {ood_gap:.1e} (4 decimals)"
+        )
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory():
+        main()

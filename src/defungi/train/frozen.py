@@ -1,0 +1,294 @@
+"""A frozen backbone's pass (train.freeze_backbone): what fits and answers read of each image, in one
+forward pass, on the faster of torch and onnxruntime, cached per image.
+
+- One pass: `Readings` returns every reading asked for (the head's input, the refusal detector's
+  channel means, ...) from one forward pass that stops at the last of them.
+- The faster engine: `FrozenPass.engine` times torch (channels-last, the threads train.runtime
+  chooses) against onnxruntime (the same module exported) on a few batches, once per machine, model
+  and set of readings, remembers the faster in the user cache and runs there. Both compute in fp32
+  (train.loop.inference_precision) and agree to about 1e-6.
+- One cache: `FrozenPass.cached` keeps each reading of each image in a `data.store.RowStore` keyed by
+  the image's content, in a folder named for the model, its frozen weights, the reading, the
+  preprocessing, the view and the precision: adding, removing or renaming images computes only what
+  is new, and folds, re-runs and answers share the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from defungi.data.cache import dihedral_nhwc
+from defungi.data.scan import default_cache_dir
+from defungi.data.store import RowStore
+from defungi.train.loop import Preprocess, autocast, inference_precision, module_readings, precision_name
+from defungi.train.ood import Reading
+from defungi.train.runtime import Threads
+from defungi.utils import atomic_write_json, cpu_flags, exclusive_lock, prefetched, progress_bar
+
+log = logging.getLogger(__name__)
+
+BATCH = 32  # images per batch of a pass (benchmarks/lab_loop.py times the model alone at the same)
+ENGINE_ENV = "DEFUNGI_ENGINE"  # 'torch' or 'onnxruntime' fixes the engine; unset: the faster measured here
+ENGINES = ("torch", "onnxruntime")
+PACE = 8  # batches between two choices of a torch pass's threads (about half a minute on 2 cores)
+
+
+def weights_digest(model: nn.Module, trained: nn.Module | None = None) -> str:
+    """A digest of every weight and buffer of model but those of trained (the part that trains): what
+    the frozen part computes with."""
+    skip = {id(t) for t in trained.state_dict(keep_vars=True).values()} if trained is not None else set()
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        if id(tensor) in skip or name.endswith("num_batches_tracked"):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def in_forward_order(model: nn.Module, readings: Iterable[Reading]) -> list[Reading]:
+    """The distinct readings in the order a forward pass reaches them (a module's input before its output)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(set(readings), key=lambda r: (order[r.module], r.kind != "input"))
+
+
+class Readings(nn.Module):
+    """uint8 NHWC images -> each reading of model (float32, one row per image), normalised as
+    preprocess says, in one forward pass that stops at the last reading."""
+
+    def __init__(self, model: nn.Module, readings: Sequence[Reading], preprocess: Preprocess, channels_last: bool):
+        super().__init__()
+        self.model, self.readings = model, list(readings)
+        self.preprocess, self.channels_last = preprocess, channels_last
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.preprocess.normalized(images)
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return tuple(module_readings(self.model, [r.hook(self.model) for r in self.readings], x))
+
+
+class Engine(Protocol):
+    name: str
+
+    def __call__(self, images: np.ndarray) -> list[np.ndarray]: ...
+
+
+class TorchEngine:
+    """Readings on torch."""
+
+    name = "torch"
+
+    def __init__(self, module: Readings, device: torch.device, amp: bool) -> None:
+        self.module, self.device, self.amp = module.eval(), device, amp
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> list[np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        with autocast(self.device, inference_precision(self.device, self.amp)):
+            return [r.float().cpu().numpy() for r in self.module(x)]
+
+
+class OnnxEngine:
+    """Readings on onnxruntime's CPU provider, from the exported module."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {"images": np.ascontiguousarray(images)})
+
+
+def export_readings(module: Readings, path: Path, size: int) -> None:
+    """The module as ONNX at path (uint8 NHWC images in, one output per reading), written atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    names = [f"reading{i}" for i in range(len(module.readings))]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings on the normalisation constants and the early stop
+            torch.onnx.export(
+                module.eval(),
+                (torch.zeros(2, size, size, 3, dtype=torch.uint8),),
+                str(tmp),
+                input_names=["images"],
+                output_names=names,
+                opset_version=17,
+                dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
+                dynamo=False,
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def images_per_s(engine: Engine, images: np.ndarray, repeats: int = 3) -> float:
+    """Throughput of an engine on a batch of images, after one warm-up call."""
+    engine(images)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        engine(images)
+    return repeats * len(images) / (time.perf_counter() - start)
+
+
+class FrozenPass:
+    """A frozen model's readings of uint8 images (its input size), batch by batch on the faster engine,
+    and cached per image (see the module's docstring). name: the architecture and its arguments;
+    trained: the part of model that trains (its weights are not the frozen model's)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        readings: Iterable[Reading],
+        preprocess: Preprocess,
+        device: torch.device,
+        amp: bool = False,
+        channels_last: bool = True,
+        trained: nn.Module | None = None,
+    ) -> None:
+        self.readings = in_forward_order(model, readings)
+        self.module = Readings(model, self.readings, preprocess, channels_last).eval()
+        self.device, self.amp, self.preprocess = device, amp, preprocess
+        prep = dataclasses.asdict(preprocess)
+        if preprocess.normalize in ("image", "luma"):  # per-image normalisation: mean/std unused
+            prep = {k: v for k, v in prep.items() if k not in ("mean", "std")}
+        precision = precision_name(device, inference_precision(device, amp))
+        self.identity = [name, weights_digest(model, trained), prep, precision]
+        self._engine: Engine | None = None
+
+    def _key(self, *what: object) -> str:
+        return hashlib.sha1(json.dumps([*self.identity, *what], default=str).encode()).hexdigest()[:16]
+
+    def reading_key(self, reading: Reading, view: int = 0) -> str:
+        """The cache folder's name of one reading of one view (0: the image as is)."""
+        return self._key(reading.module, reading.kind, view)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine this pass runs on (chosen once per process; see the module's docstring)."""
+        if self._engine is None:
+            self._engine = self._choose()
+        return self._engine
+
+    def _choose(self) -> Engine:
+        fixed = os.environ.get(ENGINE_ENV, "")
+        if fixed and fixed not in ENGINES:
+            raise ValueError(f"{ENGINE_ENV}={fixed}: use one of {', '.join(ENGINES)}")
+        on_torch = TorchEngine(self.module, self.device, self.amp)
+        if self.device.type != "cpu" or fixed == "torch":
+            return on_torch
+        threads = Threads(self.device).choose()
+        folder = default_cache_dir() / "engines"
+        key = self._key([tuple(r) for r in self.readings])
+        path = folder / f"{key}.onnx"
+        with exclusive_lock(folder / f"{key}.lock"):
+            if not path.exists():
+                start = time.perf_counter()
+                export_readings(self.module, path, self.preprocess.image_size)
+                log.info("frozen pass exported for onnxruntime in %.1f s (%s)", time.perf_counter() - start, path)
+            on_ort = OnnxEngine(path, threads)
+            if fixed:
+                return on_ort
+            choices_path = folder / "choices.json"
+            choices = json.loads(choices_path.read_text()) if choices_path.exists() else {}
+            machine = f"{key} {cpu_flags()} {threads} threads"
+            if machine not in choices:
+                size = self.preprocess.image_size
+                images = np.random.default_rng(0).integers(0, 256, (BATCH, size, size, 3), dtype=np.uint8)
+                choices[machine] = {engine.name: images_per_s(engine, images) for engine in (on_torch, on_ort)}
+                atomic_write_json(choices_path, choices)
+            rates = choices[machine]
+        chosen = on_ort if rates["onnxruntime"] >= rates["torch"] else on_torch
+        log.info(
+            "frozen pass on %s (images/s measured here: torch %.0f, onnxruntime %.0f)",
+            chosen.name,
+            rates["torch"],
+            rates["onnxruntime"],
+        )
+        return chosen
+
+    def run(self, batches: Iterable[np.ndarray], n_batches: int, desc: str = "features") -> list[np.ndarray]:
+        """Each reading of the uint8 batches, in order (the next batch is prepared while one computes)."""
+        engine, threads = self.engine, Threads(self.device)
+        out: list[list[np.ndarray]] = [[] for _ in self.readings]
+        bar = progress_bar(n_batches, desc)
+        for i, batch in enumerate(prefetched(batches)):
+            if engine.name == "torch" and i % PACE == 0:
+                threads.choose()  # a long pass: leave a core that another process took
+            for rows, read in zip(out, engine(batch), strict=True):
+                rows.append(read)
+            bar.update(1)
+        bar.close()
+        empty = np.zeros((0,), dtype=np.float32)
+        return [np.concatenate(rows) if rows else empty for rows in out]
+
+    def of(
+        self, images: np.ndarray, view: int = 0, idx: np.ndarray | None = None, desc: str = "features"
+    ) -> list[np.ndarray]:
+        """Each reading of the images at idx (default all; N x S x S x 3 uint8, e.g. memory-mapped) as
+        their view-th flip/rotation (0: as is)."""
+        idx = np.arange(len(images)) if idx is None else idx
+        starts = range(0, len(idx), BATCH)
+        batches = (dihedral_nhwc(images[idx[i : i + BATCH]], view) for i in starts)
+        return self.run(batches, len(starts), desc)
+
+    def missing(self, keys: np.ndarray, view: int = 0) -> int:
+        """How many of the images (by content key) lack some reading in the cache."""
+        todo = [RowStore(self._folder(r, view)).missing(keys) for r in self.readings]
+        return len(np.unique(np.concatenate(todo))) if todo else 0
+
+    def _folder(self, reading: Reading, view: int) -> Path:
+        return default_cache_dir() / "features" / self.reading_key(reading, view)
+
+    def cached(
+        self,
+        images: np.ndarray,
+        keys: np.ndarray,
+        view: int = 0,
+        computed: Callable[[int], None] | None = None,
+    ) -> list[np.ndarray]:
+        """Each reading of every image (keys: their content, data.store.file_keys), from the cache;
+        the images that lack one are passed through the model once for all readings and added.
+        computed(n) after a pass over n images."""
+        stores = [RowStore(self._folder(r, view)) for r in self.readings]
+        with exclusive_lock(default_cache_dir() / "features" / f"{self._key(view)}.lock"):
+            todo = np.unique(np.concatenate([s.missing(keys) for s in stores]))
+            if len(todo):
+                start = time.perf_counter()
+                rows = self.of(images, view, todo)
+                for store, reading, read in zip(stores, self.readings, rows, strict=True):
+                    store.fill(keys[todo], lambda at, read=read: {"rows": read[at]})
+                    about = store.folder / "about.json"
+                    if not about.exists():
+                        atomic_write_json(about, {"reading": list(reading), "view": view, "model": self.identity})
+                log.info(
+                    "%s of %d images (view %d) in %.0f s on %s, cached in %s",
+                    " and ".join(f"the {r.kind} of {r.module}" for r in self.readings),
+                    len(todo),
+                    view,
+                    time.perf_counter() - start,
+                    self.engine.name,
+                    stores[0].folder.parent,
+                )
+                if computed is not None:
+                    computed(len(todo))
+        return [store.get(keys, ["rows"])["rows"] for store in stores]

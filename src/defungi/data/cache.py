@@ -23,13 +23,23 @@ HASH_SIDE = 16  # average-hash side: 256 bits, strict enough to flag only near-c
 
 @dataclass
 class DecodedImages:
-    """Decoded pixels and per-image statistics, aligned with the record list."""
+    """Per-image statistics, aligned with the record list, and the decoded pixels in the cache."""
 
-    images: np.ndarray  # (N, size, size, 3) uint8
     variance: np.ndarray  # (N,) grey-level variance at 224 px; NaN where the file could not be read
     ahash: np.ndarray  # (N, HASH_SIDE**2 // 8) uint8 average hash
     errors: dict[int, str]  # index -> why the file could not be decoded
     keys: np.ndarray  # each file's content key (data.store.file_keys)
+    store: RowStore  # where the pixels are
+
+    def pixels(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """(n, size, size, 3) uint8 of the records at idx (default all), read from the cache in one
+        gather (its memory map where that is the whole of it)."""
+        return self.store.get(self.keys if idx is None else self.keys[idx], ["pixels"])["pixels"]
+
+    @property
+    def images(self) -> np.ndarray:
+        """Every record's pixels."""
+        return self.pixels()
 
 
 # what a file that cannot be decoded raises (PIL's pixel limit included); it is skipped and listed
@@ -132,9 +142,9 @@ def decode_images(
     keys = file_keys([r.path for r in records])
     store = RowStore((cache_dir or default_cache_dir()) / "decoded" / f"{size}px-v{DECODE_VERSION}")
     store.fill(keys, lambda at: _decode_rows([records[i] for i in at], size, workers, progress))
-    rows = store.get(keys, ["pixels", "variance", "ahash", "error"])
+    rows = store.get(keys, ["variance", "ahash", "error"])
     errors = {i: e.decode(errors="replace") for i, e in enumerate(rows["error"]) if e}
-    return DecodedImages(rows["pixels"], rows["variance"], rows["ahash"], errors, keys)
+    return DecodedImages(rows["variance"], rows["ahash"], errors, keys, store)
 
 
 def _decode_rows(records: list[ImageRecord], size: int, workers: int | None, progress: bool) -> dict[str, np.ndarray]:

@@ -68,7 +68,7 @@ def load_dataset(
         int(unreadable.sum()),
     )
     return Dataset(
-        images=decoded.images[idx] if len(idx) < len(records) else decoded.images,
+        images=decoded.pixels(idx),
         labels=np.array([classes.index(records[i].label) for i in idx]),
         groups=np.array([groups[i] for i in idx]),
         paths=[records[i].path for i in idx],

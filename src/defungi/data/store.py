@@ -90,23 +90,20 @@ class RowStore:
             except KeyError:
                 raise KeyError(f"{self.folder}: rows missing; fill them first (RowStore.fill)") from None
             out: dict[str, np.ndarray] = {}
-            whole = len(keys) and (at[:, 0] == at[0, 0]).all() and np.array_equal(at[:, 1], np.arange(len(keys)))
+            shard_ids = np.unique(at[:, 0])
             for field in fields:
-                if whole and len(shards[at[0, 0]].keys) == len(keys):  # one shard, as stored: its memory map
-                    out[field] = np.load(self.folder / f"{shards[at[0, 0]].name}.{field}.npy", mmap_mode="r")
+                if not len(keys):
+                    out[field] = np.zeros((0,), dtype=np.float32)
                     continue
-                columns = {
-                    s: np.load(self.folder / f"{shards[s].name}.{field}.npy", mmap_mode="r") for s in set(at[:, 0])
-                }
-                first = next(iter(columns.values())) if columns else None
-                shape = () if first is None else first.shape[1:]
-                dtype = np.float32 if first is None else first.dtype
-                rows = np.empty((len(keys), *shape), dtype=dtype)
-                for s, column in columns.items():
-                    hit = at[:, 0] == s
-                    order = np.argsort(at[hit, 1])  # ascending reads stay local in the memory map
-                    picked = np.flatnonzero(hit)[order]
-                    rows[picked] = column[at[hit, 1][order]]
+                columns = [np.load(self.folder / f"{shards[s].name}.{field}.npy", mmap_mode="r") for s in shard_ids]
+                if len(columns) == 1:  # one shard: its memory map as stored, or one gather from it
+                    as_stored = len(columns[0]) == len(keys) and np.array_equal(at[:, 1], np.arange(len(keys)))
+                    out[field] = columns[0] if as_stored else columns[0][at[:, 1]]
+                    continue
+                rows = np.empty((len(keys), *columns[0].shape[1:]), dtype=columns[0].dtype)
+                for s, column in zip(shard_ids, columns, strict=True):
+                    hit = np.flatnonzero(at[:, 0] == s)
+                    rows[hit] = column[at[hit, 1]]
                 out[field] = rows
         return out
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import time
@@ -21,17 +20,12 @@ from defungi.data.augment import augment_batch, balanced_order, mix_batch
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
 from defungi.experiments import plan
-from defungi.experiments.rundir import RunDir, model_args
+from defungi.experiments.rundir import RunDir
 from defungi.models import create_model, model_entry
-from defungi.models.pretrained import (
-    imagenet_state_dict,
-    load_backbone,
-    read_weights,
-    tail_from,
-)
+from defungi.models.pretrained import initial_weights, tail_from
 from defungi.train import distributed
 from defungi.train.callbacks import EarlyStopping
-from defungi.train.frozen import FrozenPass
+from defungi.train.frozen import FrozenPass, frozen_pass
 from defungi.train.loop import (
     Batch,
     Preprocess,
@@ -280,7 +274,7 @@ def _model(task: _Task, fresh: bool) -> nn.Module:
     tc = task.config.train
     model = create_model(tc.model, num_classes=len(task.data.classes), **tc.model_args)
     if fresh:
-        _initial_weights(model, tc)
+        initial_weights(model, tc.model, tc.weights, tc.pretrained)
     return model.to(task.device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
 
 
@@ -445,42 +439,16 @@ def _source(task: _Task, learner: _Learner, computed: Callable[[int], None]) -> 
     after each pass over n images."""
     if learner.train_from is None:
         return _Images(task, learner)
-    tc, start = task.config.train, Reading(learner.train_from, "input")
-    before = [r for r in _detector_readings(tc) if not _inside(learner, r)]
-    features, frozen = [], {}
-    for view in range(tc.cached_views):
-        wanted = [start, *before] if view == 0 else [start]
-        backbone = _frozen_pass(task.config, learner.model, wanted, task.preprocess, task.device, learner.tails[0])
+    start, features, frozen = Reading(learner.train_from, "input"), [], {}
+    for view in range(task.config.train.cached_views):
+        backbone = frozen_pass(
+            task.config, len(task.data.classes), task.preprocess, task.device, view, learner.model, learner.tails[0]
+        )
         cached = backbone.cached(task.data.images, task.data.keys, view, computed)
         read = dict(zip(backbone.readings, cached, strict=True))
         features.append(read.pop(start))
         frozen |= read
     return _Features(task, learner, features, frozen)
-
-
-def _detector_readings(tc: TrainConfig) -> list[Reading]:
-    """What the refusal detector of a fit reads (none without train.ood)."""
-    return model_readings(model_entry(tc.model).parts) if tc.ood else []
-
-
-def _inside(learner: _Learner, reading: Reading) -> bool:
-    """Whether a reading lies in the part that trains (read through the tail, not cached)."""
-    module = learner.model.get_submodule(reading.module)
-    return any(m is module for m in learner.tails[0].modules())
-
-
-def _frozen_pass(
-    config: Config,
-    model: nn.Module,
-    readings: list[Reading],
-    preprocess: Preprocess,
-    device: torch.device,
-    trained: nn.Module | None,
-) -> FrozenPass:
-    """The frozen part of a config's model (all of it but trained) reading images, cached (train.frozen)."""
-    tc = config.train
-    name = json.dumps([tc.model, model_args(config)], sort_keys=True)  # as checkpoints record them
-    return FrozenPass(model.eval(), name, readings, preprocess, device, tc.amp, tc.channels_last, trained)
 
 
 @dataclass
@@ -661,33 +629,12 @@ def _ood(
     return detector, {part: detector.scores(r) for part, r in readings.items() if part != "train"}
 
 
-def _initial_weights(model: nn.Module, tc: TrainConfig) -> None:
-    """Pretrained weights into everything but the head: from a file, or the model's ImageNet ones."""
-    if tc.weights:
-        load_backbone(model, tc.model, read_weights(tc.weights), f"--weights {tc.weights}")
-    elif tc.pretrained:
-        load_backbone(model, tc.model, imagenet_state_dict(tc.model), f"the ImageNet weights of {tc.model}")
-
-
-def _frozen_backbone(config: Config, data: Dataset) -> tuple[nn.Module, str, Preprocess, torch.device]:
-    """A frozen-backbone config's model with its pretrained weights, the module that trains first, the
-    preprocessing and the device: what its fits read the images with."""
-    tc = config.train
-    if not tc.freeze_backbone:
+def _pretrained_pass(config: Config, data: Dataset, view: int = 0) -> FrozenPass:
+    """The pass that a frozen-backbone config's fits read data's images with (see frozen_pass)."""
+    if not config.train.freeze_backbone:
         raise DefungiError("a frozen backbone's features need a config with train.freeze_backbone (a transfer profile)")
-    device = resolve_device(tc.device)
-    model = create_model(tc.model, num_classes=len(data.classes), **tc.model_args)
-    _initial_weights(model, tc)
-    model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
-    start = tc.train_from or model_entry(tc.model).parts.classifier
-    return model, start, _preprocess(config, data, np.arange(len(data.labels))), device
-
-
-def _trained_part(config: Config, model: nn.Module, start: str, preprocess: Preprocess) -> nn.Module:
-    """The part of model that trains from its module start on (see pretrained.tail_from)."""
-    size = preprocess.image_size
-    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    return tail_from(model, config.train.model, start, example.to(next(model.parameters()).device))
+    preprocess = _preprocess(config, data, np.arange(len(data.labels)))
+    return frozen_pass(config, len(data.classes), preprocess, resolve_device(config.train.device), view)
 
 
 def cold_features(config: Config, data: Dataset) -> int:
@@ -695,15 +642,8 @@ def cold_features(config: Config, data: Dataset) -> int:
     per cached view, those the user cache lacks a reading of (0 for other configs)."""
     if not config.train.freeze_backbone:
         return 0
-    model, start, preprocess, device = _frozen_backbone(config, data)
-    tail = _trained_part(config, model, start, preprocess)
-    inside = {id(m) for m in tail.modules()}
-    before = [r for r in _detector_readings(config.train) if id(model.get_submodule(r.module)) not in inside]
-    missing = 0
-    for view in range(config.train.cached_views):
-        wanted = [Reading(start, "input"), *(before if view == 0 else [])]
-        missing += _frozen_pass(config, model, wanted, preprocess, device, tail).missing(data.keys, view)
-    return missing
+    views = range(config.train.cached_views)
+    return sum(_pretrained_pass(config, data, view).missing(data.keys, view) for view in views)
 
 
 def frozen_features(config: Config, data: Dataset, view: int = 0) -> np.ndarray:
@@ -711,10 +651,9 @@ def frozen_features(config: Config, data: Dataset, view: int = 0) -> np.ndarray:
     config, for every image of data (as load_dataset ordered them): what its fits train on, read from
     the user cache (computed there once when missing). The frozen part's preprocessing and weights
     do not depend on the split, so every fold of a cross-validation shares them."""
-    model, start, preprocess, device = _frozen_backbone(config, data)
-    tail = _trained_part(config, model, start, preprocess)
-    backbone = _frozen_pass(config, model, [Reading(start, "input")], preprocess, device, tail)
-    return backbone.cached(data.images, data.keys, view)[0]
+    backbone = _pretrained_pass(config, data, view)
+    start = Reading(config.train.train_from or model_entry(config.train.model).parts.classifier, "input")
+    return backbone.cached(data.images, data.keys, view)[backbone.readings.index(start)]
 
 
 def fit(

@@ -27,12 +27,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from defungi.config import Config
 from defungi.errors import DefungiError
-from defungi.models.pretrained import tail_from
 from defungi.models.registry import create_model, model_entry
 from defungi.results.plan import JobPlan, Rate, StepPlan, read_plan
 from defungi.results.schema import to_dict
-from defungi.train.loop import autocast, inference_precision, precision_name
-from defungi.train.ood import held_out_needed
+from defungi.train.frozen import frozen_pass
+from defungi.train.loop import Preprocess, autocast, inference_precision, precision_name
+from defungi.train.ood import Reading, held_out_needed
 from defungi.train.runtime import Threads, resolve_device
 from defungi.utils import atomic_write_json, clock, cpu_flags
 
@@ -106,35 +106,49 @@ class Probe:
         tc, size = config.train, config.data.image_size
         device = resolve_device(tc.device)
         Threads(device).choose()
+        if tc.freeze_backbone:
+            return self._frozen(config, key, device)
         fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
         model = create_model(tc.model, self.classes, **tc.model_args).to(device, memory_format=fmt)
         batch = min(tc.batch_size, 64)
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
-        y = torch.randint(0, self.classes, (batch,), device=device)
-        start = tc.train_from or model_entry(tc.model).parts.classifier
-        seen: list[torch.Tensor] = []
-        hook = model.get_submodule(start).register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
         with torch.no_grad(), autocast(device, inference_precision(device, tc.amp)):
             answer = _timed(lambda: model.eval()(x), batch, self.repeats, device)
-        hook.remove()
-        head = tail_from(model, tc.model, start, x[:2]) if tc.freeze_backbone else model
-        trained, inputs = (head, seen[-1]) if tc.freeze_backbone else (model, x)
-        trained.train()
+        train = self._train_rate(config, model.train(), x, device)
+        return Rate(key, precision_name(device, tc.amp), train, answer)
+
+    def _frozen(self, config: Config, key: str, device: torch.device) -> Rate:
+        """A frozen backbone's rates: its pass (train.frozen: the engine the fits will use, measured once
+        per machine) and the part that trains, on the pass's own readings."""
+        tc, size = config.train, config.data.image_size
+        mean, std = model_entry(tc.model).normalization
+        backbone = frozen_pass(config, self.classes, Preprocess(size, mean, std, config.data.normalize), device)
+        start = backbone.readings.index(Reading(tc.train_from or model_entry(tc.model).parts.classifier, "input"))
+        batch = min(tc.batch_size, 64)
+        images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+        read = torch.from_numpy(backbone.engine(images)[start]).to(device)
+        inputs = read.repeat(-(-batch // 2), *[1] * (read.dim() - 1))[:batch]
+        head = backbone.trained
+        with torch.no_grad():
+            head_answer = _timed(lambda: head.eval()(inputs), batch, self.repeats, device)
+        train = self._train_rate(config, head.train(), inputs, device)
+        return Rate(key, precision_name(device, tc.amp), train, head_answer, backbone.speed)
+
+    def _train_rate(
+        self, config: Config, trained: torch.nn.Module, inputs: torch.Tensor, device: torch.device
+    ) -> float:
+        """Images/s of training steps of trained on inputs (forward, backward and step), in the fit's precision."""
+        y = torch.randint(0, self.classes, (len(inputs),), device=device)
         optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-4)
 
         def step() -> None:
-            with autocast(device, tc.amp):
+            with autocast(device, config.train.amp):
                 loss = torch.nn.functional.cross_entropy(trained(inputs).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-        train = _timed(step, batch, self.repeats, device)
-        if tc.freeze_backbone:
-            with torch.no_grad():
-                head_answer = _timed(lambda: head.eval()(inputs), batch, self.repeats, device)
-            return Rate(key, precision_name(device, tc.amp), train, head_answer, answer)
-        return Rate(key, precision_name(device, tc.amp), train, answer)
+        return _timed(step, len(inputs), self.repeats, device)
 
 
 def fit_seconds(fit: FitPlan, rate: Rate) -> tuple[float, float]:

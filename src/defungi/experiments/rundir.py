@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import zipfile
 from contextlib import AbstractContextManager
@@ -30,9 +29,10 @@ from defungi.errors import DefungiError
 from defungi.layout import RunLayout, read_history, read_json, read_table
 from defungi.models import create_model, model_entry
 from defungi.models.ensemble import Ensemble, SharedTrunk, shared_trunk
+from defungi.models.registry import model_args as registry_model_args
 from defungi.results.run import RunMetrics, read_run_metrics
 from defungi.results.schema import SCHEMA_VERSION, check_version, to_dict
-from defungi.train.frozen import FrozenPass
+from defungi.train.frozen import FrozenPass, frozen_name
 from defungi.train.loop import Preprocess
 from defungi.train.metrics import prior_weights
 from defungi.train.ood import READING_KINDS, Distance, OodDetector, OodHooks, Reading
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 def model_args(config: Config) -> dict[str, Any]:
     """Registry defaults merged with the config's model_args (recorded in checkpoints)."""
-    return {**model_entry(config.train.model).defaults, **config.train.model_args}
+    return registry_model_args(config.train.model, config.train.model_args)
 
 
 def read_config(path: Path) -> Config:
@@ -120,8 +120,10 @@ class TrainedModel:
         name, head = self.info["model_name"], model_entry(self.info["model_name"]).parts.classifier
         readings = [Reading(head, "input"), *(r for d in self.detectors or [] for r in d.readings)]
         tc = self.config.train
-        key = json.dumps([name, self.info["model_args"]], sort_keys=True)
-        return FrozenPass(self.model.trunk, key, readings, self.preprocess, self.device, tc.amp, tc.channels_last)
+        return FrozenPass(
+            self.model.trunk, frozen_name(name, self.info["model_args"]), readings, self.preprocess, self.device,
+            tc.amp, tc.channels_last,
+        )  # fmt: skip
 
     def ood_hooks(self) -> OodHooks | None:
         """What scores, inside the model's forward passes, each image's distance from the training

@@ -70,6 +70,15 @@ def load_backbone(model: nn.Module, model_name: str, state: dict[str, torch.Tens
     nn.init.zeros_(new_head.bias)
 
 
+def initial_weights(model: nn.Module, model_name: str, weights: str = "", pretrained: bool = False) -> None:
+    """Pretrained weights into everything but the head: from a file (weights), or the model's ImageNet
+    ones (pretrained); nothing otherwise."""
+    if weights:
+        load_backbone(model, model_name, read_weights(weights), f"--weights {weights}")
+    elif pretrained:
+        load_backbone(model, model_name, imagenet_state_dict(model_name), f"the ImageNet weights of {model_name}")
+
+
 def tail_from(model: nn.Module, model_name: str, name: str, example: torch.Tensor) -> nn.Module:
     """The part of the model that runs from its module `name` (included) to the output, over the same
     weights: the head itself, or the modules from one of the split points of model_name's entry (or

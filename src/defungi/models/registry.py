@@ -151,6 +151,11 @@ def model_entry(name: str) -> ModelEntry:
     )
 
 
+def model_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The registry's defaults of a model merged with kwargs: the arguments it is built with."""
+    return {**model_entry(name).defaults, **kwargs}
+
+
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build a freshly initialised model whose head has num_classes outputs."""
     entry = model_entry(name)

@@ -24,17 +24,20 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from defungi.config import Config
 from defungi.data.cache import dihedral_nhwc
 from defungi.data.scan import default_cache_dir
 from defungi.data.store import RowStore
+from defungi.models.pretrained import initial_weights, tail_from
+from defungi.models.registry import create_model, model_args, model_entry
 from defungi.train.loop import Preprocess, autocast, inference_precision, module_readings, precision_name
-from defungi.train.ood import Reading
+from defungi.train.ood import Reading, model_readings
 from defungi.train.runtime import Threads
 from defungi.utils import atomic_write_json, cpu_flags, exclusive_lock, prefetched, progress_bar
 
@@ -173,7 +176,9 @@ class FrozenPass:
             prep = {k: v for k, v in prep.items() if k not in ("mean", "std")}
         precision = precision_name(device, inference_precision(device, amp))
         self.identity = [name, weights_digest(model, trained), prep, precision]
+        self.trained = trained
         self._engine: Engine | None = None
+        self._speed: float | None = None
 
     def _key(self, *what: object) -> str:
         return hashlib.sha1(json.dumps([*self.identity, *what], default=str).encode()).hexdigest()[:16]
@@ -181,6 +186,18 @@ class FrozenPass:
     def reading_key(self, reading: Reading, view: int = 0) -> str:
         """The cache folder's name of one reading of one view (0: the image as is)."""
         return self._key(reading.module, reading.kind, view)
+
+    @property
+    def speed(self) -> float:
+        """Images/s of this pass on its engine: as measured when the engine was chosen (now, where it was fixed)."""
+        engine = self.engine
+        if self._speed is None:
+            self._speed = images_per_s(engine, self._random_batch())
+        return self._speed
+
+    def _random_batch(self) -> np.ndarray:
+        size = self.preprocess.image_size
+        return np.random.default_rng(0).integers(0, 256, (BATCH, size, size, 3), dtype=np.uint8)
 
     @property
     def engine(self) -> Engine:
@@ -212,12 +229,12 @@ class FrozenPass:
             choices = json.loads(choices_path.read_text()) if choices_path.exists() else {}
             machine = f"{key} {cpu_flags()} {threads} threads"
             if machine not in choices:
-                size = self.preprocess.image_size
-                images = np.random.default_rng(0).integers(0, 256, (BATCH, size, size, 3), dtype=np.uint8)
+                images = self._random_batch()
                 choices[machine] = {engine.name: images_per_s(engine, images) for engine in (on_torch, on_ort)}
                 atomic_write_json(choices_path, choices)
             rates = choices[machine]
         chosen = on_ort if rates["onnxruntime"] >= rates["torch"] else on_torch
+        self._speed = rates[chosen.name]
         log.info(
             "frozen pass on %s (images/s measured here: torch %.0f, onnxruntime %.0f)",
             chosen.name,
@@ -292,3 +309,39 @@ class FrozenPass:
                 if computed is not None:
                     computed(len(todo))
         return [store.get(keys, ["rows"])["rows"] for store in stores]
+
+
+def frozen_name(model: str, args: dict[str, Any]) -> str:
+    """What names a frozen model in the cache's keys: its registry name and all its arguments."""
+    return json.dumps([model, model_args(model, args)], sort_keys=True)
+
+
+def frozen_pass(
+    config: Config,
+    classes: int,
+    preprocess: Preprocess,
+    device: torch.device,
+    view: int = 0,
+    model: nn.Module | None = None,
+    trained: nn.Module | None = None,
+) -> FrozenPass:
+    """The pass of a frozen-backbone config's model (model, default: built with its pretrained weights)
+    whose part trained (from train.train_from, default the head) its fits train: for view 0, the input
+    of that part and the refusal detector's readings before it (train.ood); for another view, the
+    input alone. Fits, the plan's probe and cold-cache counts ask here, so that they share engine and cache."""
+    tc = config.train
+    start = tc.train_from or model_entry(tc.model).parts.classifier
+    if model is None:
+        model = create_model(tc.model, num_classes=classes, **tc.model_args)
+        initial_weights(model, tc.model, tc.weights, tc.pretrained)
+        model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
+    if trained is None:
+        size = preprocess.image_size
+        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        trained = tail_from(model, tc.model, start, example)
+    inside = {id(m) for m in trained.modules()}
+    detector = model_readings(model_entry(tc.model).parts) if tc.ood and view == 0 else []
+    before = [r for r in detector if id(model.get_submodule(r.module)) not in inside]
+    name = frozen_name(tc.model, tc.model_args)
+    readings = [Reading(start, "input"), *before]
+    return FrozenPass(model.eval(), name, readings, preprocess, device, tc.amp, tc.channels_last, trained)

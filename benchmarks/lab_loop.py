@@ -31,7 +31,7 @@ import torch
 from defungi.data.cache import decode_one
 from defungi.data.scan import parse_name
 from defungi.models import create_model
-from defungi.models.pretrained import imagenet_state_dict
+from defungi.models.pretrained import initial_weights
 from defungi.serve.explain import explained
 from defungi.serve.predict import expand_paths, predict, predict_files
 from defungi.serve.predictor import torch_predictor
@@ -45,7 +45,7 @@ def model_alone(images: np.ndarray, folder: Path) -> dict[str, float]:
     """Images per second of EfficientNet-Lite0 alone on normalised float batches: torch (channels-last,
     fp32) and onnxruntime (the same model exported), batch BATCH."""
     model = create_model(MODEL, num_classes=5)
-    model.load_state_dict(imagenet_state_dict(MODEL), strict=False)
+    initial_weights(model, MODEL, pretrained=True)
     model = model.eval().to(memory_format=torch.channels_last)
     x = torch.from_numpy(images[:BATCH]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     x = x.contiguous(memory_format=torch.channels_last)

@@ -200,3 +200,28 @@ def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+
+
+def ort_session(path: Path, threads: int, batch: int) -> Any:
+    """An onnxruntime CPU session of an exported model whose first axis is named 'batch', fixed there at
+    batch (onnxruntime plans a graph of known shapes about twice as fast: Lite0 at 224 px, 2 cores,
+    217 against 125 images/s); feed it with run_fixed."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.add_free_dimension_override_by_name("batch", batch)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_fixed(session: Any, images: np.ndarray, batch: int) -> list[np.ndarray]:
+    """The session's outputs for images, fed batch at a time (the last one padded, its padding dropped)."""
+    name, out = session.get_inputs()[0].name, []
+    for start in range(0, len(images), batch):
+        part = np.ascontiguousarray(images[start : start + batch])
+        n = len(part)
+        if n < batch:
+            part = np.concatenate([part, np.zeros((batch - n, *part.shape[1:]), dtype=part.dtype)])
+        out.append([o[:n] for o in session.run(None, {name: part})])
+    return [np.concatenate(rows) for rows in zip(*out, strict=True)] if out else []

@@ -15,9 +15,10 @@ from defungi.data.cache import dihedral_nhwc
 from defungi.errors import DefungiError
 from defungi.layout import RunLayout
 from defungi.serve.predictor import Predictor, Scores
+from defungi.utils import ort_session, run_fixed
 
 METADATA_KEY = "defungi"  # the ONNX metadata entry holding Predictor.metadata() as JSON
-BATCH = 64
+BATCH = 32  # images per call of the session (its batch axis fixed there: utils.ort_session)
 
 
 def _load_errors(ort: Any) -> tuple[type[Exception], ...]:
@@ -33,27 +34,19 @@ def onnx_predictor(path: Path, threads: int | None = None) -> Predictor:
     if not path.is_file():
         run = path.parent if path == RunLayout(path.parent).onnx else path
         raise DefungiError(f"{path}: no exported model; write it with 'defungi export {run}'")
-    options = ort.SessionOptions()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    options.intra_op_num_threads = threads or cores
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(path, threads or cores, BATCH)
         meta = json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
     except (KeyError, ValueError, *_load_errors(ort)) as exc:
         raise DefungiError(f"{path}: not a model written by 'defungi export' ({type(exc).__name__})") from None
-    name = session.get_inputs()[0].name
     refuses = len(session.get_outputs()) > 1  # exported with a detector: its score is the second output
 
     def scores(images: np.ndarray, tta: bool) -> Scores:
-        probs, ood = [np.zeros((0, len(meta["classes"])), dtype=np.float32)], [np.zeros(0, dtype=np.float32)]
-        for i in range(0, len(images), BATCH):
-            outputs = [
-                session.run(None, {name: dihedral_nhwc(images[i : i + BATCH], k)}) for k in range(8 if tta else 1)
-            ]
-            probs.append(sum(out[0] for out in outputs) / len(outputs))
-            if refuses:
-                ood.append(outputs[0][1])
-        return Scores(np.concatenate(probs), np.concatenate(ood) if refuses else None)
+        if not len(images):
+            return Scores(np.zeros((0, len(meta["classes"])), dtype=np.float32), np.zeros(0) if refuses else None)
+        views = [run_fixed(session, dihedral_nhwc(images, k), BATCH) for k in range(8 if tta else 1)]
+        probs = sum(out[0] for out in views) / len(views)
+        return Scores(probs, views[0][1] if refuses else None)
 
     return Predictor.from_metadata(meta, scores, str(path))

@@ -39,7 +39,7 @@ from defungi.models.registry import create_model, model_args, model_entry
 from defungi.train.loop import Preprocess, autocast, inference_precision, module_readings, precision_name
 from defungi.train.ood import Reading, model_readings
 from defungi.train.runtime import Threads
-from defungi.utils import atomic_write_json, cpu_flags, exclusive_lock, prefetched, progress_bar
+from defungi.utils import atomic_write_json, cpu_flags, exclusive_lock, ort_session, prefetched, progress_bar, run_fixed
 
 log = logging.getLogger(__name__)
 
@@ -105,20 +105,15 @@ class TorchEngine:
 
 
 class OnnxEngine:
-    """Readings on onnxruntime's CPU provider, from the exported module."""
+    """Readings on onnxruntime's CPU provider, from the exported module, BATCH images at a time."""
 
     name = "onnxruntime"
 
     def __init__(self, path: Path, threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads, BATCH)
 
     def __call__(self, images: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {"images": np.ascontiguousarray(images)})
+        return run_fixed(self.session, images, BATCH)
 
 
 def export_readings(module: Readings, path: Path, size: int) -> None:

@@ -127,3 +127,17 @@ def test_report_redraws_a_run_folder_from_its_files(tiny_run_copy: Path, tmp_pat
     assert all((run / f).exists() for f in ("training_curves.png", "confusion_test.png", "excluded.png"))
     capsys.readouterr()
     _one_line_error(capsys, main(["report", str(tmp_path)]), "neither a study folder")
+
+
+def test_the_cache_command_shows_what_training_cached_and_clears_it(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), *TRAIN]) == 0
+    capsys.readouterr()
+    assert main(["cache"]) == 0
+    files = {line.split()[0]: int(line.split()[3]) for line in capsys.readouterr().out.splitlines()[:-1]}
+    assert files["decoded"] > 0  # the tiny images, decoded once per content
+    assert main(["cache", "--clear"]) == 0
+    assert "cleared" in capsys.readouterr().out
+    assert main(["cache"]) == 0
+    assert all(int(line.split()[3]) == 0 for line in capsys.readouterr().out.splitlines()[:-1])

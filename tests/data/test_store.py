@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import defungi.data.store as store_module
-from defungi.data.store import KEY_DTYPE, RowStore, cache_parts, clear, content_key, file_keys
+from defungi.data.store import KEY_DTYPE, RowStore, StoredRows, cache_parts, clear, content_key, file_keys
 
 
 def _keys(*names: str) -> np.ndarray:
@@ -35,12 +35,19 @@ def test_rows_come_back_in_the_order_asked_and_only_what_is_missing_is_computed(
     assert _filler(store, both, asked) == 0
 
 
-def test_one_shard_read_whole_is_its_memory_map(tmp_path: Path):
+def test_rows_are_read_when_indexed_and_a_shard_read_whole_is_its_memory_map(tmp_path: Path):
     store = RowStore(tmp_path / "s")
     keys = _keys("a", "b")
     store.fill(keys, lambda at: _rows(keys[at]))
-    assert isinstance(store.get(keys, ["x"])["x"], np.memmap)
-    assert not isinstance(store.get(keys[::-1], ["x"])["x"], np.memmap)
+    assert isinstance(store.rows(keys, ["x"])["x"], np.memmap)
+    more = _keys("c")
+    store.fill(more, lambda at: _rows(more))
+    both = np.concatenate([more, keys[::-1], more])
+    lazy = store.rows(both, ["x"])["x"]  # over two shards
+    assert isinstance(lazy, StoredRows) and lazy.shape == (4, 4) and len(lazy) == 4
+    expected = _rows(both)["x"]
+    assert np.array_equal(lazy[1], expected[1]) and np.array_equal(lazy[1:3], expected[1:3])
+    assert np.array_equal(lazy[np.array([3, 0])], expected[[3, 0]]) and np.array_equal(np.asarray(lazy), expected)
 
 
 def test_a_key_the_store_lacks_is_an_error_that_says_so(tmp_path: Path):

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from defungi.data.scan import ImageRecord, default_cache_dir
-from defungi.data.store import RowStore, file_keys
+from defungi.data.store import RowStore, StoredRows, file_keys
 from defungi.utils import progress_bar
 
 log = logging.getLogger(__name__)
@@ -31,14 +31,14 @@ class DecodedImages:
     keys: np.ndarray  # each file's content key (data.store.file_keys)
     store: RowStore  # where the pixels are
 
-    def pixels(self, idx: np.ndarray | None = None) -> np.ndarray:
-        """(n, size, size, 3) uint8 of the records at idx (default all), read from the cache in one
-        gather (its memory map where that is the whole of it)."""
-        return self.store.get(self.keys if idx is None else self.keys[idx], ["pixels"])["pixels"]
+    def pixels(self, idx: np.ndarray | None = None) -> np.ndarray | StoredRows:
+        """(n, size, size, 3) uint8 of the records at idx (default all), read from the cache when
+        indexed (a fit on cached features reads none of them)."""
+        return self.store.rows(self.keys if idx is None else self.keys[idx], ["pixels"])["pixels"]
 
     @property
-    def images(self) -> np.ndarray:
-        """Every record's pixels."""
+    def images(self) -> np.ndarray | StoredRows:
+        """Every record's pixels (see pixels)."""
         return self.pixels()
 
 

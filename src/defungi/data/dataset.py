@@ -11,6 +11,7 @@ import numpy as np
 from defungi.data.cache import DecodedImages, decode_images
 from defungi.data.quality import low_variance, merge_duplicate_groups
 from defungi.data.scan import ImageRecord, class_names, scan
+from defungi.data.store import StoredRows
 from defungi.errors import DefungiError
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 class Dataset:
     """Usable images (outliers and unreadable files removed) with labels and sample groups."""
 
-    images: np.ndarray  # (N, S, S, 3) uint8: the memory-mapped cache, or an in-memory copy of its usable rows
+    images: np.ndarray | StoredRows  # (N, S, S, 3) uint8, read from the cache when indexed (data.store)
     labels: np.ndarray  # (N,) int
     groups: np.ndarray  # (N,) str: physical sample, near-duplicates merged
     paths: list[Path]

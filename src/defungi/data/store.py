@@ -81,30 +81,27 @@ class RowStore:
         return np.array([i for i, k in enumerate(keys) if bytes(k) not in where], dtype=int)
 
     def get(self, keys: np.ndarray, fields: list[str]) -> dict[str, np.ndarray]:
-        """Each field's rows for keys, in their order (every key must be held)."""
-        with _locked(self.folder / ".lock", fcntl.LOCK_SH):
+        """Each field's rows for keys, in their order (every key must be held), read now."""
+        return {field: np.asarray(rows) for field, rows in self.rows(keys, fields).items()}
+
+    def rows(self, keys: np.ndarray, fields: list[str]) -> dict[str, np.ndarray | StoredRows]:
+        """Each field's rows for keys, in their order (every key must be held), read when indexed: the
+        memory map of a shard where it holds exactly these rows, else a StoredRows over the shards."""
+        with _locked(self.folder / ".lock", fcntl.LOCK_SH):  # memory maps stay readable after a merge
             shards = self._shards()
             where = self._where(shards)
             try:
                 at = np.array([where[bytes(k)] for k in keys], dtype=int).reshape(len(keys), 2)
             except KeyError:
                 raise KeyError(f"{self.folder}: rows missing; fill them first (RowStore.fill)") from None
-            out: dict[str, np.ndarray] = {}
-            shard_ids = np.unique(at[:, 0])
+            out: dict[str, np.ndarray | StoredRows] = {}
             for field in fields:
-                if not len(keys):
-                    out[field] = np.zeros((0,), dtype=np.float32)
-                    continue
-                columns = [np.load(self.folder / f"{shards[s].name}.{field}.npy", mmap_mode="r") for s in shard_ids]
-                if len(columns) == 1:  # one shard: its memory map as stored, or one gather from it
-                    as_stored = len(columns[0]) == len(keys) and np.array_equal(at[:, 1], np.arange(len(keys)))
-                    out[field] = columns[0] if as_stored else columns[0][at[:, 1]]
-                    continue
-                rows = np.empty((len(keys), *columns[0].shape[1:]), dtype=columns[0].dtype)
-                for s, column in zip(shard_ids, columns, strict=True):
-                    hit = np.flatnonzero(at[:, 0] == s)
-                    rows[hit] = column[at[hit, 1]]
-                out[field] = rows
+                columns = [np.load(self.folder / f"{shard.name}.{field}.npy", mmap_mode="r") for shard in shards]
+                whole = [s for s, c in enumerate(columns) if len(c) == len(keys)]
+                if whole and np.all(at[:, 0] == whole[0]) and np.array_equal(at[:, 1], np.arange(len(keys))):
+                    out[field] = columns[whole[0]]
+                else:
+                    out[field] = StoredRows(columns, at)
         return out
 
     def fill(self, keys: np.ndarray, compute: Callable[[np.ndarray], dict[str, np.ndarray]]) -> int:
@@ -144,6 +141,35 @@ class RowStore:
             (self.folder / f"{shard.name}.keys.npy").unlink()
             for f in fields:
                 (self.folder / f"{shard.name}.{f}.npy").unlink(missing_ok=True)
+
+
+class StoredRows:
+    """Rows of one field spread over a store's shards (memory-mapped), read when indexed: an array-like
+    that numpy indexing (an int, a slice, an index array) gathers from the shards."""
+
+    def __init__(self, columns: list[np.ndarray], at: np.ndarray) -> None:
+        self.columns, self.at = columns, at  # at: per row, its shard and its row there
+        like = columns[0] if columns else np.zeros((0,), dtype=np.float32)
+        self.shape, self.dtype = (len(at), *like.shape[1:]), like.dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: object) -> np.ndarray:
+        rows = np.arange(len(self))[idx]
+        one = np.ndim(rows) == 0
+        rows = np.atleast_1d(rows)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for s, column in enumerate(self.columns):
+            hit = np.flatnonzero(self.at[rows, 0] == s)
+            if len(hit):
+                out[hit] = column[self.at[rows[hit], 1]]
+        return out[0] if one else out
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype)
 
 
 def folder_size(folder: Path) -> tuple[int, int]:

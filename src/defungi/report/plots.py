@@ -84,24 +84,33 @@ def contact_sheet(
     limit: int = 100,
     what: str = "excluded",
 ) -> Path:
-    """A grid of thumbnails (e.g. the excluded outliers) with a caption under each; the title counts them."""
+    """A grid of thumbnails (e.g. the excluded outliers) with a caption over each; the title counts them.
+    The thumbnails are laid out in one picture (one axes: a sheet of 100 draws in a fraction of a second)."""
     from defungi.data.cache import DECODE_ERRORS, open_image, square
 
     shown = list(zip(paths, captions, strict=True))[:limit]
-    rows = max(1, -(-len(shown) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.45), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (p, caption) in zip(axes.ravel(), shown, strict=False):
+    rows, gap = max(1, -(-len(shown) // columns)), thumb // 5  # the gap above each thumbnail holds its caption
+    sheet = np.full((rows * (thumb + gap), columns * (thumb + gap // 2), 3), 255, dtype=np.uint8)
+    width = columns * 1.3  # inches; the figure has the sheet's shape and a line for the title, no more
+    height = width * sheet.shape[0] / sheet.shape[1]
+    fig = plt.figure(figsize=(width, height + 0.35))
+    ax = fig.add_axes((0, 0, 1, height / (height + 0.35)))
+    ax.axis("off")
+    cells = []
+    for k, (p, caption) in enumerate(shown):
+        top, left = (k // columns) * (thumb + gap) + gap, (k % columns) * (thumb + gap // 2)
         try:
-            ax.imshow(np.asarray(square(open_image(Path(p), thumb), thumb)))
+            sheet[top : top + thumb, left : left + thumb] = np.asarray(square(open_image(Path(p), thumb), thumb))
         except DECODE_ERRORS:
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
-        ax.set_title(caption, fontsize=6)
+            caption = f"{caption}\n(unreadable)"
+        cells.append((left + thumb / 2, top - 2, caption))
+    ax.imshow(sheet, interpolation="nearest")
+    for x, y, caption in cells:
+        ax.text(x, y, caption, ha="center", va="bottom", fontsize=6)
     if not shown:
-        axes[0, 0].text(0, 0.5, f"nothing {what}", fontsize=10)
+        ax.text(0, sheet.shape[0] / 2, f"nothing {what}", fontsize=10)
     title = f"{len(paths)} {what}" + (f" (first {limit} shown)" if len(paths) > limit else "")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, y=1 - 0.1 / (height + 0.35))
     return _save(fig, path)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +96,25 @@ def class_index(model: Predictor, name: str) -> int:
     return model.classes.index(name)
 
 
+@contextlib.contextmanager
+def _gradients_from(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
+    """While entered, the model's forward passes record gradients from the layers' outputs on only: no
+    weight needs one (maps differentiate the class score by the activations), so the backward pass
+    stops at the map's layer instead of running back to the image. Registered before the CAM's own
+    hooks, so that they see the output that records."""
+    wanted = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = [layer.register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_()) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, want in zip(model.parameters(), wanted, strict=True):
+            p.requires_grad_(want)
+
+
 def one_pass(
     trained: TrainedModel, images: np.ndarray, choose: Callable[[np.ndarray], list[int]], kind: str = SHOWN
 ) -> tuple[Scores, np.ndarray, list[int]]:
@@ -106,15 +125,14 @@ def one_pass(
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     method, module = map_source(trained.info["model_name"], kind)
-    x = trained.preprocess.to_tensor(images, trained.device, channels_last=False)
-    hooks = trained.ood_hooks()
-    with getattr(pytorch_grad_cam, method)(model=trained.model, target_layers=cam_layers(trained.model, module)) as cam:
+    x = trained.preprocess.to_tensor(images, trained.device, channels_last=True)
+    hooks, layers = trained.ood_hooks(), cam_layers(trained.model, module)
+    with _gradients_from(trained.model, layers), getattr(pytorch_grad_cam, method)(trained.model, layers) as cam:
         with hooks if hooks is not None else contextlib.nullcontext():
             outputs = cam.activations_and_grads(x)
         probs = outputs.detach().float().softmax(dim=1).cpu().numpy()
         chosen = choose(probs)
         targets = [ClassifierOutputTarget(t) for t in chosen]
-        trained.model.zero_grad()
         sum(t(o) for t, o in zip(targets, outputs, strict=True)).backward(retain_graph=True)
         maps = cam.aggregate_multi_layers(cam.compute_cam_per_layer(x, targets, False))
     ood = hooks.images().detach().cpu().numpy() if hooks is not None else None

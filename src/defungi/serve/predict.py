@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from defungi.utils import prefetched
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
-CHUNK = 256  # images decoded, then answered, at a time
+CHUNK = 256  # images to classify decoded, then answered, at a time (whole batches of the engines)
 
 
 def open_predictor(source: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
@@ -70,15 +71,24 @@ def predict(
     The class probabilities are the model's, as the run scored them; 'confidence' is the most
     probable class's probability calibrated as the run measured it helped, 'set' the classes the
     image's prediction set holds (see Answers), and 'decision' the class or 'uncertain'."""
-    files = expand_paths(paths)
-    chunks = (decode(model, files[i : i + CHUNK]) for i in range(0, len(files), CHUNK))
     answers = answers or Answers.of(model)
-    # the next chunk is decoded while this one computes
-    return [
-        row
-        for rows, pixels in prefetched(chunks, 1)
-        for row in classify(model, rows, pixels, tta, prior_weight, answers)
-    ]
+    chunks = prefetched(decoded_chunks(model, expand_paths(paths)), 1)  # the next chunk decodes while one computes
+    return [row for rows, pixels in chunks for row in classify(model, rows, pixels, tta, prior_weight, answers)]
+
+
+def decoded_chunks(model: Predictor, files: list[Path]) -> Iterator[tuple[list[dict[str, Any]], dict[str, np.ndarray]]]:
+    """decode's rows and pixels, CHUNK images to classify at a time (whole batches of the engines)."""
+    rows: list[dict[str, Any]] = []
+    pixels: dict[str, np.ndarray] = {}
+    for f in files:
+        more, image = decode(model, [f])
+        rows += more
+        pixels |= image
+        if len(pixels) == CHUNK:
+            yield rows, pixels
+            rows, pixels = [], {}
+    if rows:
+        yield rows, pixels
 
 
 def decode(model: Predictor, files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:

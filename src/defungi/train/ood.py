@@ -120,7 +120,7 @@ def _distance(reading: Reading, x: np.ndarray, labels: np.ndarray) -> Distance:
     """The unscaled distance of one reading, fitted on its training rows x."""
     classes, index = np.unique(labels, return_inverse=True)
     means = np.stack([x[index == c].mean(0) for c in range(len(classes))])
-    covariance = LedoitWolf(assume_centered=True).fit(x - means[index]).covariance_
+    covariance = LedoitWolf(store_precision=False, assume_centered=True).fit(x - means[index]).covariance_
     values, vectors = np.linalg.eigh(covariance)
     values = np.maximum(values, values.max() * 1e-9)  # features that never vary (dead units) stay finite
     projection = vectors / np.sqrt(values)

@@ -108,7 +108,7 @@ def test_the_key_changes_with_the_frozen_weights_the_view_and_the_preprocessing(
 def test_the_faster_engine_is_measured_once_per_machine_and_remembered(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv(ENGINE_ENV, raising=False)
     rates = iter([10.0, 20.0])
-    monkeypatch.setattr(frozen_module, "images_per_s", lambda engine, images: next(rates))
+    monkeypatch.setattr(frozen_module, "images_per_s", lambda engine, images, repeats=3: next(rates))
     assert _pass(_model()).engine.name == "onnxruntime"  # torch 10, onnxruntime 20 images/s
     (choice,) = json.loads((default_cache_dir() / "engines" / "choices.json").read_text()).values()
     assert choice == {"torch": 10.0, "onnxruntime": 20.0}

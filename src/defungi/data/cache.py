@@ -114,16 +114,20 @@ def decode_one(path: Path, size: int) -> tuple[np.ndarray, float, np.ndarray]:
     return np.asarray(square(rgb, size)), float(grey.var()), bits
 
 
-def _decode_chunk(args: tuple[list[str], int]) -> list[tuple[np.ndarray | None, float, np.ndarray | None, str]]:
-    paths, size = args
-    out = []
-    for p in paths:
+def _decode_chunk(args: tuple[list[str], int, str, int]) -> list[tuple[float, np.ndarray | None, str]]:
+    """Decode files into rows start, start + 1, ... of the memory-mapped .npy file at out; each one's
+    grey variance, average hash and error (empty: none)."""
+    paths, size, out, start = args
+    pixels = np.load(out, mmap_mode="r+")
+    stats = []
+    for j, p in enumerate(paths):
         try:
-            pixels, var, bits = decode_one(Path(p), size)
-            out.append((pixels, var, bits, ""))
+            pixels[start + j], var, bits = decode_one(Path(p), size)
+            stats.append((var, bits, ""))
         except DECODE_ERRORS as exc:
-            out.append((None, float("nan"), None, f"{type(exc).__name__}: {exc}".splitlines()[0]))
-    return out
+            stats.append((float("nan"), None, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+    pixels.flush()
+    return stats
 
 
 DECODE_VERSION = 1  # bumped when decode_one computes other pixels: the cache's folder changes with it
@@ -141,32 +145,35 @@ def decode_images(
     before at that size (data.store: adding, removing or renaming files decodes only what is new)."""
     keys = file_keys([r.path for r in records])
     store = RowStore((cache_dir or default_cache_dir()) / "decoded" / f"{size}px-v{DECODE_VERSION}")
-    store.fill(keys, lambda at: _decode_rows([records[i] for i in at], size, workers, progress))
+    store.fill(keys, lambda at: _decode_rows([records[i] for i in at], size, store, workers, progress))
     rows = store.get(keys, ["variance", "ahash", "error"])
     errors = {i: e.decode(errors="replace") for i, e in enumerate(rows["error"]) if e}
     return DecodedImages(rows["variance"], rows["ahash"], errors, keys, store)
 
 
-def _decode_rows(records: list[ImageRecord], size: int, workers: int | None, progress: bool) -> dict[str, np.ndarray]:
-    """Every record decoded (in worker processes when there are many): pixels, grey variance, average
-    hash and the error of a file that could not be decoded (empty: none), one row each."""
+def _decode_rows(
+    records: list[ImageRecord], size: int, store: RowStore, workers: int | None, progress: bool
+) -> dict[str, np.ndarray]:
+    """Every record decoded (in worker processes when there are many, each writing its pixels straight
+    into the store's scratch file): pixels, grey variance, average hash and the error of a file that
+    could not be decoded (empty: none), one row each."""
     n = len(records)
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    pixels = store.scratch((n, size, size, 3), np.uint8)
     variance = np.full(n, np.nan, dtype=np.float64)
     ahash = np.zeros((n, HASH_SIDE * HASH_SIDE // 8), dtype=np.uint8)
     errors = np.zeros(n, dtype=f"S{ERROR_BYTES}")
     chunk = 64
-    jobs = [([str(r.path) for r in records[i : i + chunk]], size) for i in range(0, n, chunk)]
+    jobs = [([str(r.path) for r in records[i : i + chunk]], size, pixels.filename, i) for i in range(0, n, chunk)]
     workers = workers or min(os.cpu_count() or 1, 8)
     with ProcessPoolExecutor(workers) if workers > 1 and n > 4 * chunk else _Serial() as pool:
         results = pool.map(_decode_chunk, jobs)
         bar = progress_bar(total=n, desc=f"decode {size}px", unit="img", enabled=progress)
         for start, chunk_out in zip(range(0, n, chunk), results, strict=True):
-            for j, (image, var, bits, err) in enumerate(chunk_out):
+            for j, (var, bits, err) in enumerate(chunk_out):
                 if err:
                     errors[start + j] = err.encode()[:ERROR_BYTES]
                 else:
-                    pixels[start + j], variance[start + j], ahash[start + j] = image, var, bits
+                    variance[start + j], ahash[start + j] = var, bits
             bar.update(len(chunk_out))
         bar.close()
     log.info("decoded %d images at %d px", n, size)

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -122,12 +123,24 @@ class RowStore:
                     self._merge()
         return len(todo)
 
+    def scratch(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.memmap:
+        """A memory-mapped .npy file in the store's folder under a temporary name, for compute to fill
+        (other processes may open it by its filename): a put renames it into place, uncopied."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".scratch-", suffix=".npy")
+        os.close(fd)
+        return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+
     def _write(self, keys: np.ndarray, fields: dict[str, np.ndarray]) -> None:
         name = f"{time.time_ns():x}-{os.getpid()}"
         for field, rows in fields.items():
             if len(rows) != len(keys):
                 raise ValueError(f"{field}: {len(rows)} rows for {len(keys)} keys")
-            atomic_save_npy(self.folder / f"{name}.{field}.npy", np.ascontiguousarray(rows))
+            if isinstance(rows, np.memmap) and Path(rows.filename).parent == self.folder:  # a scratch file
+                rows.flush()
+                os.replace(rows.filename, self.folder / f"{name}.{field}.npy")
+            else:
+                atomic_save_npy(self.folder / f"{name}.{field}.npy", np.ascontiguousarray(rows))
         atomic_save_npy(self.folder / f"{name}.keys.npy", np.asarray(keys, dtype=KEY_DTYPE))
 
     def _merge(self) -> None:

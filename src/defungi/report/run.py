@@ -20,10 +20,11 @@ from defungi.report.trust import set_table, trust_section
 from defungi.results.run import model_card, read_evaluation, read_run_metrics
 
 
-def render_run(run_dir: str | Path, excluded: bool = True) -> list[Path]:
+def render_run(run_dir: str | Path) -> list[Path]:
     """training_curves.png (the members' curves for an ensemble), confusion_PART.png per scored
-    part and (with excluded) excluded.png, from metrics.json, history.csv and excluded.csv; returns
-    the figures. A cross-validation's folds are drawn without excluded.png: it is the CV's own."""
+    part and excluded.png, from metrics.json, history.csv and excluded.csv; returns the figures. A
+    cross-validation's page shows its own (folds.png compares the folds); a fold's are drawn by
+    `defungi report RUN/fold-K`."""
     run = RunLayout(Path(run_dir))
     metrics = read_run_metrics(run.metrics)
     split, model, members = metrics.protocol.split, metrics.model, metrics.members
@@ -52,8 +53,6 @@ def render_run(run_dir: str | Path, excluded: bool = True) -> list[Path]:
         title = f"{label}, {metrics.reported_name}"
         figures.append(plot_reliability(test.calibration, run.figure("reliability_test"), title))
     if metrics.kind == "cv":
-        for k in range(len(metrics.folds)):
-            figures += render_run(run.fold(k).root, excluded=False)
         title = f"{label}: {metrics.protocol.cv('cross-validation')} ({split})"
         figures.append(plot_folds(metrics.folds, run.figure("folds"), title))
     if metrics.trust is not None:
@@ -62,7 +61,7 @@ def render_run(run_dir: str | Path, excluded: bool = True) -> list[Path]:
     scored_images = run.oof if run.oof.exists() else run.predictions("test")
     if scored_images.exists():
         figures.append(render_confident_errors(scored_images, run.figure("confident_errors")))
-    if excluded and run.excluded.exists():
+    if run.excluded.exists():
         figures.append(render_exclusions(run.excluded, run.figure("excluded")))
     return figures
 

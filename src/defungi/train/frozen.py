@@ -225,7 +225,7 @@ class FrozenPass:
             machine = f"{key} {cpu_flags()} {threads} threads"
             if machine not in choices:
                 images = self._random_batch()
-                choices[machine] = {engine.name: images_per_s(engine, images) for engine in (on_torch, on_ort)}
+                choices[machine] = {engine.name: images_per_s(engine, images, 2) for engine in (on_torch, on_ort)}
                 atomic_write_json(choices_path, choices)
             rates = choices[machine]
         chosen = on_ort if rates["onnxruntime"] >= rates["torch"] else on_torch

@@ -15,15 +15,16 @@ import numpy as np  # noqa: E402
 from defungi.results.run import FoldScores, Reliability  # noqa: E402
 from defungi.results.search import LearningCurve  # noqa: E402
 from defungi.results.trust import RiskCoverage  # noqa: E402
+from defungi.utils import atomic_write_binary  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path, dpi: int = 110) -> Path:
-    """Save atomically (write then rename) and close."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    """Save as PNG atomically (a uniquely named temporary file, then a rename: two commands drawing
+    the same figure at once each write a whole one) and close."""
+    try:
+        atomic_write_binary(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -39,7 +40,16 @@ from defungi.models.registry import create_model, model_args, model_entry
 from defungi.train.loop import Preprocess, autocast, inference_precision, module_readings, precision_name
 from defungi.train.ood import Reading, model_readings
 from defungi.train.runtime import Threads
-from defungi.utils import atomic_write_json, cpu_flags, exclusive_lock, ort_session, prefetched, progress_bar, run_fixed
+from defungi.utils import (
+    atomic_write_binary,
+    atomic_write_json,
+    cpu_flags,
+    exclusive_lock,
+    ort_session,
+    prefetched,
+    progress_bar,
+    run_fixed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,24 +128,21 @@ class OnnxEngine:
 
 def export_readings(module: Readings, path: Path, size: int) -> None:
     """The module as ONNX at path (uint8 NHWC images in, one output per reading), written atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     names = [f"reading{i}" for i in range(len(module.readings))]
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings on the normalisation constants and the early stop
-            torch.onnx.export(
-                module.eval(),
-                (torch.zeros(2, size, size, 3, dtype=torch.uint8),),
-                str(tmp),
-                input_names=["images"],
-                output_names=names,
-                opset_version=17,
-                dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
-                dynamo=False,
-            )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    graph = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings on the normalisation constants and the early stop
+        torch.onnx.export(
+            module.eval(),
+            (torch.zeros(2, size, size, 3, dtype=torch.uint8),),
+            graph,
+            input_names=["images"],
+            output_names=names,
+            opset_version=17,
+            dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
+            dynamo=False,
+        )
+    atomic_write_binary(path, lambda fh: fh.write(graph.getvalue()))
 
 
 def images_per_s(engine: Engine, images: np.ndarray, repeats: int = 3) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from defungi.errors import DefungiError
+from defungi.utils import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -216,16 +217,9 @@ def verify_release(root: Path) -> dict[str, int]:
     return counts
 
 
-def fetch(dest: str | Path | None = None, url: str | None = None) -> Path:
-    """Download and extract the public DeFungi release (UCI id 773); returns the class-folder root."""
-    dest = Path(dest) if dest else default_cache_dir() / "defungi"
-    url = url or os.environ.get("DEFUNGI_URL", DEFUNGI_URL)
-    tree = dest / "images"
-    if tree.is_dir():
-        verify_release(tree)
-        return _class_root(tree)
-    dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / "defungi.zip"
+def _download_and_extract(url: str, archive: Path, tree: Path) -> None:
+    """The release's archive (downloaded unless present) extracted to tree, through a unique
+    temporary folder renamed into place."""
     if not archive.exists():
         try:
             _download(url, archive)
@@ -235,16 +229,31 @@ def fetch(dest: str | Path | None = None, url: str | None = None) -> Path:
                 f"https://archive.ics.uci.edu/dataset/773/defungi, save it as {archive}, and run this again "
                 "(or pass --data DIR to a local copy)"
             ) from None
-    tmp = dest / "images.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=tree.parent, prefix=".images."))
     try:
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)
+        _unpack_nested(tmp)
+        tmp.rename(tree)
     except zipfile.BadZipFile:
         archive.unlink()
         raise DefungiError(f"{archive}: corrupt download, removed; run 'defungi data fetch' again") from None
-    _unpack_nested(tmp)
-    tmp.rename(tree)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch(dest: str | Path | None = None, url: str | None = None) -> Path:
+    """Download and extract the public DeFungi release (UCI id 773); returns the class-folder root."""
+    dest = Path(dest) if dest else default_cache_dir() / "defungi"
+    url = url or os.environ.get("DEFUNGI_URL", DEFUNGI_URL)
+    tree = dest / "images"
+    if tree.is_dir():
+        verify_release(tree)
+        return _class_root(tree)
+    dest.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(dest / ".lock"):  # a second fetch waits, then finds the tree
+        if not tree.is_dir():
+            _download_and_extract(url, dest / "defungi.zip", tree)
     counts = verify_release(tree)
     log.info("DeFungi release ready in %s: %s", tree, counts)
     return _class_root(tree)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def check_images(run_dir: Path, size: int, n: int) -> tuple[np.ndarray, str]:
 def _remove_stale(out: Path) -> None:
     """Temporary files of earlier exports to out whose process is gone (killed before its cleanup)."""
     for stale in out.parent.glob(f".{out.name}.*.tmp"):
-        pid = stale.name[len(out.name) + 2 : -4]
+        pid = stale.name[len(out.name) + 2 :].split(".")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             stale.unlink(missing_ok=True)
 
@@ -117,7 +118,9 @@ def export_onnx(
     size = trained.preprocess.image_size
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)  # unique, renamed into place once onnxruntime agrees with PyTorch
     try:
         hooks = trained.ood_hooks()
         module = Exported(trained.model, trained.preprocess, hooks).eval()

@@ -148,6 +148,18 @@ def exclusive_lock(path: Path, busy: str | None = None) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextmanager
+def shared_lock(path: Path) -> Iterator[None]:
+    """Hold a shared lock on path (fcntl.flock): many readers at once, none while exclusive_lock is held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def cpu_flags() -> str:
     """The CPU's AVX-512 and AMX flags (printed beside every timing: they change training speed 4-7x)."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""

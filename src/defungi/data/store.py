@@ -9,20 +9,18 @@ shards are merged into one when they pile up (a lab adds a specimen at a time).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from defungi.utils import atomic_save_npy
+from defungi.utils import atomic_save_npy, exclusive_lock, shared_lock
 
 KEY_BYTES = 16  # blake2b digest of an image file's bytes
 KEY_DTYPE = np.dtype(f"S{KEY_BYTES}")
@@ -37,17 +35,6 @@ def content_key(data: bytes) -> bytes:
 def file_keys(paths: list[Path]) -> np.ndarray:
     """content_key of each file."""
     return np.array([content_key(Path(p).read_bytes()) for p in paths], dtype=KEY_DTYPE)
-
-
-@contextmanager
-def _locked(path: Path, mode: int) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, mode)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -77,7 +64,7 @@ class RowStore:
 
     def missing(self, keys: np.ndarray) -> np.ndarray:
         """Positions of keys that the store does not hold."""
-        with _locked(self.folder / ".lock", fcntl.LOCK_SH):
+        with shared_lock(self.folder / ".lock"):
             where = self._where(self._shards())
         return np.array([i for i, k in enumerate(keys) if bytes(k) not in where], dtype=int)
 
@@ -88,7 +75,7 @@ class RowStore:
     def rows(self, keys: np.ndarray, fields: list[str]) -> dict[str, np.ndarray | StoredRows]:
         """Each field's rows for keys, in their order (every key must be held), read when indexed: the
         memory map of a shard where it holds exactly these rows, else a StoredRows over the shards."""
-        with _locked(self.folder / ".lock", fcntl.LOCK_SH):  # memory maps stay readable after a merge
+        with shared_lock(self.folder / ".lock"):  # memory maps stay readable after a merge
             shards = self._shards()
             where = self._where(shards)
             try:
@@ -108,7 +95,7 @@ class RowStore:
     def fill(self, keys: np.ndarray, compute: Callable[[np.ndarray], dict[str, np.ndarray]]) -> int:
         """Compute (compute(positions) -> field -> rows) and add the rows of the keys the store lacks,
         under the exclusive lock (a second process waits, then finds them); returns how many."""
-        with _locked(self.folder / ".lock", fcntl.LOCK_EX):
+        with exclusive_lock(self.folder / ".lock"):
             shards = self._shards()
             where = self._where(shards)
             todo, seen = [], set()
@@ -196,7 +183,7 @@ def clear(folder: Path) -> None:
     if not folder.is_dir():
         return
     for lock in sorted(folder.rglob(".lock")):
-        with _locked(lock, fcntl.LOCK_EX):
+        with exclusive_lock(lock):
             for p in lock.parent.iterdir():
                 if p != lock:
                     shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from defungi.serve.lite import METADATA_KEY, onnx_predictor
 from defungi.serve.predictor import Scores, torch_predictor
 from defungi.train.loop import Preprocess
 from defungi.train.ood import OodHooks
+from defungi.train.runtime import to_onnx
 from defungi.utils import check_output
 
 log = logging.getLogger(__name__)
@@ -125,23 +125,8 @@ def export_onnx(
         hooks = trained.ood_hooks()
         module = Exported(trained.model, trained.preprocess, hooks).eval()
         outputs = ["probabilities", "ood"] if hooks is not None else ["probabilities"]
-        example = (torch.zeros(2, size, size, 3, dtype=torch.uint8),)
-        # The TorchScript exporter (dynamo=False): its graph (batch norm folded into the convolutions)
-        # ran ConvMixer-8 at 217 images/s on onnxruntime here, the dynamo exporter's at 112.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the normalisation constants, traced as such
-            torch.onnx.export(
-                module,
-                example,
-                str(tmp),
-                input_names=["images"],
-                output_names=outputs,
-                opset_version=opset,
-                dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]},
-                dynamo=False,
-            )
-        graph = onnx.load(str(tmp))
+        example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+        graph = onnx.load_from_string(to_onnx(module, example, outputs, opset))
         graph.metadata_props.add(key=METADATA_KEY, value=json.dumps(predictor.metadata()))
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))

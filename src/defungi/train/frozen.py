@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,7 +37,7 @@ from defungi.models.pretrained import initial_weights, tail_from
 from defungi.models.registry import create_model, model_args, model_entry
 from defungi.train.loop import Preprocess, autocast, inference_precision, module_readings, precision_name
 from defungi.train.ood import Reading, model_readings
-from defungi.train.runtime import Threads
+from defungi.train.runtime import Threads, to_onnx
 from defungi.utils import (
     atomic_write_binary,
     atomic_write_json,
@@ -129,20 +127,8 @@ class OnnxEngine:
 def export_readings(module: Readings, path: Path, size: int) -> None:
     """The module as ONNX at path (uint8 NHWC images in, one output per reading), written atomically."""
     names = [f"reading{i}" for i in range(len(module.readings))]
-    graph = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings on the normalisation constants and the early stop
-        torch.onnx.export(
-            module.eval(),
-            (torch.zeros(2, size, size, 3, dtype=torch.uint8),),
-            graph,
-            input_names=["images"],
-            output_names=names,
-            opset_version=17,
-            dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
-            dynamo=False,
-        )
-    atomic_write_binary(path, lambda fh: fh.write(graph.getvalue()))
+    graph = to_onnx(module, torch.zeros(2, size, size, 3, dtype=torch.uint8), names)
+    atomic_write_binary(path, lambda fh: fh.write(graph))
 
 
 def images_per_s(engine: Engine, images: np.ndarray, repeats: int = 3) -> float:

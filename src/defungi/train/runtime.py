@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +101,24 @@ class Threads:
             log.info("%d threads (other processes kept %.1f of %d cores busy)", threads, others, len(self.cpus))
             torch.set_num_threads(threads)
         return threads
+
+
+def to_onnx(module: torch.nn.Module, example: torch.Tensor, outputs: list[str], opset: int = 17) -> bytes:
+    """module as an ONNX graph: uint8 NHWC 'images' in, the named outputs, a free 'batch' axis. The
+    TorchScript exporter (dynamo=False): its graph (batch norm folded into the convolutions) ran
+    ConvMixer-8 at 217 images/s on onnxruntime here, the dynamo exporter's at 112."""
+    graph = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the normalisation constants, an early stop
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            graph,
+            input_names=["images"],
+            output_names=outputs,
+            opset_version=opset,
+            dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]},
+            dynamo=False,
+        )
+    return graph.getvalue()

@@ -153,9 +153,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"sets at {evaluation.level:.0%}, per {unit}: coverage {check.coverage:.3f} [{low:.3f}, {high:.3f}], "
             f"mean size {check.mean_size:.2f}, one class {check.singleton_share:.0%} (n={check.n})"
         )
-    if evaluation.selective is not None:
-        s = evaluation.selective
-        print(f"answered {s.answered:.0%} of specimens at confidence >= {s.threshold:.3f}: accuracy {s.accuracy:.3f}")
+    for check in evaluation.promises:
+        print(f"selective answers at {check.target_accuracy:.0%}: {check.summary()}")
+    if evaluation.selective is not None and evaluation.selective not in evaluation.promises:
+        print(f"selective answers at {evaluation.selective.target_accuracy:.0%}: {evaluation.selective.summary()}")
     if evaluation.ood is not None:
         print(f"refused as not a fungus micrograph: {evaluation.ood.refused:.1%} of {evaluation.ood.n} images")
     print(f"excluded {len(evaluation.excluded)} images; report: {folder / 'report.html'}")
@@ -491,8 +492,9 @@ def _add_answer_options(p: argparse.ArgumentParser) -> None:
         type=_share,
         default=None,
         metavar="A",
-        help="answer 'not sure: look yourself' for specimens under the confidence whose answers reached "
-        "accuracy A on held-out specimens (says which share to expect answered)",
+        help="answer 'not sure: look yourself' for specimens under the confidence threshold that Learn-then-Test "
+        "shows, on the run's held-out specimens, to give at least accuracy A on the specimens answered (a promise "
+        "that holds with probability 90%%; says which share to expect answered)",
     )
 
 

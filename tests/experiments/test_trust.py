@@ -54,6 +54,19 @@ def test_selective_answers_are_more_accurate_on_the_most_confident_specimens():
     assert all(r.interval[0] <= r.accuracy <= r.interval[1] for r in table.values())
 
 
+def test_selective_promises_are_chosen_on_every_specimen_and_checked_on_each_fold():
+    trust = assess(*_held_out(5, specimens=600, sharpness=4.0), CLASSES, "out of fold")
+    promises = {p.target: p for p in trust.selective.promises}
+    assert {0.8, 0.85, 0.9} <= set(promises) and trust.selective.units == 600
+    for p in promises.values():
+        assert p.accuracy >= p.target and p.share_interval[0] < p.share < p.share_interval[1]
+        assert [c.fold for c in p.checked] == [1, 2, 3] and sum(c.units for c in p.checked) == 600
+        for c in p.checked:  # what a threshold fitted on two folds delivers on the third
+            assert c.threshold is None or (c.accuracy is not None and c.accuracy > p.target - 0.05)
+    assert all(c.threshold is not None for c in promises[0.8].checked)
+    assert from_dict(Trust, to_dict(trust)) == trust
+
+
 def test_one_split_fits_on_validation_and_checks_on_test():
     probs, labels, groups, fold = _held_out(4, power=2.0)
     fold = np.where(fold == 0, -1, 0)  # a third of the specimens validate, the rest test

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from defungi.cli import main
+from defungi.experiments.trust import selective_promise
 from defungi.results.run import read_run_metrics
 from defungi.serve.predict import Answers, by_specimen, open_predictor, predict
 from defungi.serve.predictor import Predictor
@@ -83,15 +84,24 @@ def test_a_specimen_is_answered_with_its_prediction_set_and_uncertain_images_are
 
 def test_a_target_accuracy_answers_only_the_specimens_confident_enough(tiny_run: TinyRun, tmp_path: Path, capsys):
     curve = read_run_metrics(tiny_run.run / "metrics.json").trust.selective
-    target = max(curve.accuracy)
-    threshold = min(t for t, a in zip(curve.thresholds, curve.accuracy, strict=True) if a >= target)
+    promised = [p for p in (selective_promise(curve, t / 20) for t in range(19, 0, -1)) if p is not None]
+    target, threshold = promised[0].target, promised[0].threshold  # the highest target the run can promise
     held = write_folder(tmp_path / "held", samples_per_class=3, patches=3, seed=4)
     args = ["predict", str(tiny_run.run), str(held), "--by-sample", "--format", "json"]
     assert main([*args, "--target-accuracy", str(target)]) == 0
     answer = json.loads(capsys.readouterr().out)
-    assert f"confidence >= {threshold:.2f}" in answer["note"]
-    for s in (s for s in answer["specimens"] if "class" in s):
+    assert f"confidence >= {threshold:.2f} are at least {target:.0%} right" in answer["note"]
+    assert "expect" in answer["note"] and "with probability 90%" in answer["note"]
+    for s in (s for s in answer["specimens"] if "class" in s):  # one-class sets too: the threshold decides
         assert (s["answer"] == "not sure: look yourself") == (s["confidence"] < threshold - 1e-12)
+    assert main([*args, "--format", "table", "--target-accuracy", str(target)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("selective answers: answered"))
+    known = [s for s in answer["specimens"] if "class" in s]
+    answered = [s for s in known if s["answer"] != "not sure: look yourself"]
+    assert f"answered {len(answered)} of {len(known)} specimens" in line  # accuracy over the answered ones
+    assert main([*args, "--target-accuracy", str(min(0.999, target + 0.05 * 3))]) in (0, 2)
+    assert main([*args, "--target-accuracy", "0.9999"]) == 2
+    assert "no confidence threshold is shown to reach it" in capsys.readouterr().err
 
 
 def test_specimens_are_decided_by_the_runs_specimen_rule(tiny_run: TinyRun, tmp_path: Path):

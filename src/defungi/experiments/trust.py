@@ -17,7 +17,9 @@ import numpy as np
 from defungi.results.trust import (
     ClassCoverage,
     ConformalSets,
+    PromiseCheck,
     RiskCoverage,
+    SelectivePromise,
     SelectiveRow,
     SetCheck,
     TemperatureCheck,
@@ -25,7 +27,17 @@ from defungi.results.trust import (
 )
 from defungi.train.conformal import prediction_sets, thresholds, unit_weights
 from defungi.train.metrics import calibration, fit_temperature, mean_nll, sample_decisions, temper
-from defungi.train.selective import COVERAGES, accuracy_at, accuracy_intervals, risk_coverage
+from defungi.train.selective import (
+    COVERAGES,
+    DELTA,
+    TARGETS,
+    accuracy_at,
+    accuracy_intervals,
+    guaranteed,
+    risk_coverage,
+    share_interval,
+    threshold_at,
+)
 
 LEVELS = (0.9, 0.95)
 
@@ -167,8 +179,9 @@ def _class_falls_short(sets: np.ndarray, held: Held, level: float, seed: int) ->
 
 
 def selective(held: Held, seed: int = 0) -> RiskCoverage:
-    """The risk-coverage curve of specimens ranked by their (calibrated) confidence, and the accuracy
-    at 100, 90, 80, 70 and 50% answered, with intervals over specimens."""
+    """The risk-coverage curve of specimens ranked by their (calibrated) confidence, the accuracy at 100,
+    90, 80, 70 and 50% answered with intervals over specimens, and the selective promise at each of
+    TARGETS, chosen on every specimen and checked by cross-fitting (see `promise_checks`)."""
     confidence, correct = held.probs.max(1), held.probs.argmax(1) == held.labels
     cut, coverage, accuracy = risk_coverage(confidence, correct)
     intervals = accuracy_intervals(confidence, correct, COVERAGES, seed=seed)
@@ -177,7 +190,51 @@ def selective(held: Held, seed: int = 0) -> RiskCoverage:
         SelectiveRow(c, accuracy_at(confidence, correct, c), iv, float(order[max(1, int(round(c * len(order)))) - 1]))
         for c, iv in zip(COVERAGES, intervals, strict=True)
     ]
-    return RiskCoverage("specimen", cut.tolist(), coverage.tolist(), accuracy.tolist(), table)
+    curve = RiskCoverage("specimen", cut.tolist(), coverage.tolist(), accuracy.tolist(), table, len(confidence))
+    for target in TARGETS:
+        promise = selective_promise(curve, target)
+        if promise is not None:
+            promise.checked = promise_checks(held, target)
+            curve.promises.append(promise)
+    return curve
+
+
+def selective_promise(curve: RiskCoverage, target: float, delta: float = DELTA) -> SelectivePromise | None:
+    """The promise Learn-then-Test makes at target on the curve's units (None: no threshold is shown to
+    reach it); a stored promise's cross-fitted checks are kept."""
+    for promise in curve.promises:
+        if abs(promise.target - target) < 1e-9 and abs(promise.delta - delta) < 1e-9:
+            return promise
+    units = curve.units
+    answered = np.rint(np.array(curve.coverage) * units).astype(int)
+    errors = np.rint(answered * (1 - np.array(curve.accuracy))).astype(int)
+    chosen = guaranteed(np.array(curve.thresholds), answered, errors, target, delta)
+    if chosen is None:
+        return None
+    threshold, i = chosen
+    return SelectivePromise(
+        target=target,
+        delta=delta,
+        threshold=threshold,
+        share=curve.coverage[i],
+        share_interval=share_interval(int(answered[i]), units),
+        accuracy=curve.accuracy[i],
+        units=units,
+    )
+
+
+def promise_checks(held: Held, target: float, delta: float = DELTA) -> list[PromiseCheck]:
+    """The promise at target cross-fitted: for each check, the threshold chosen on the fitting rows'
+    specimens and what it delivers on the checking rows' (the share answered and their accuracy)."""
+    confidence, correct = held.probs.max(1), held.probs.argmax(1) == held.labels
+    checks = []
+    for fit_rows, rows in held.pairs():
+        threshold = threshold_at(confidence[fit_rows], correct[fit_rows], target, delta)
+        answered = confidence[rows] >= threshold if threshold is not None else np.zeros(len(rows), bool)
+        fold = int(held.fold[rows[0]]) + 1 if held.fold[rows[0]] >= 0 and (held.fold >= 0).all() else 0
+        accuracy = float(correct[rows][answered].mean()) if answered.any() else None
+        checks.append(PromiseCheck(fold, threshold, len(rows), int(answered.sum()), accuracy))
+    return checks
 
 
 def assess(

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from defungi.layout import EvaluationLayout, RunLayout, read_history, read_table
-from defungi.report.page import Page, interval_table
+from defungi.report.page import Page, Table, interval_table
 from defungi.report.plots import (
     contact_sheet,
     plot_confusion,
@@ -147,12 +147,18 @@ def build_evaluation_report(out_dir: str | Path) -> Path:
             f"Refused as not a fungus micrograph: {o.refused:.1%} [{o.interval[0]:.1%}, {o.interval[1]:.1%}] of "
             f"{o.n} images (each model's threshold: the {o.quantile:.0%} quantile of its held-out micrographs)."
         )
-    if result.selective is not None:
-        s = result.selective
-        interval = f" [{s.interval[0]:.3f}, {s.interval[1]:.3f}]" if s.interval else ""
+    checks = result.promises + (
+        [result.selective] if result.selective and result.selective not in result.promises else []
+    )
+    if checks:
+        page.heading("Selective answers", level=2)
         page.text(
-            f"Asked for accuracy {s.target_accuracy:.0%}: specimens answered at confidence >= {s.threshold:.3f}: "
-            f"{s.answered:.0%} of them, {s.accuracy:.3f}{interval} right."
+            "Each target accuracy has a confidence threshold chosen on the run's held-out specimens by "
+            "Learn-then-Test: the specimens answered at or above it should be at least that accurate (with the "
+            "probability given)."
+        )
+        page.table(
+            Table(["target", "what this folder got"], [[f"{c.target_accuracy:.0%}", c.summary()] for c in checks])
         )
     for figure in figures:
         page.figure(figure)

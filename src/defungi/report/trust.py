@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from defungi.report.page import Page, Table
-from defungi.results.trust import SetCheck, TemperatureCheck, Trust
+from defungi.results.trust import SelectivePromise, SetCheck, TemperatureCheck, Trust
 
 
 def temperature_table(temperatures: dict[str, TemperatureCheck]) -> Table:
@@ -51,5 +51,32 @@ def trust_section(page: Page, trust: Trust, figure: Path | None = None) -> None:
             for r in trust.selective.table]  # fmt: skip
     page.heading("Selective answers", level=3)
     page.table(Table(["specimens answered", "accuracy [95%]", "confidence at least"], rows))
+    if trust.selective.promises:
+        page.text(
+            "Promises for `--target-accuracy`: the threshold Learn-then-Test chooses on every held-out specimen, "
+            "and what the threshold chosen on the other folds delivered on each fold (cross-fitted)."
+        )
+        page.table(promise_table(trust.selective.promises))
     if figure is not None:
         page.figure(figure)
+
+
+def promise_table(promises: list[SelectivePromise]) -> Table:
+    """Per target: the threshold, the share to expect answered, and each cross-fitted check's outcome."""
+    rows = []
+    for p in promises:
+        folds = "; ".join(
+            f"fold {c.fold}: {c.answered}/{c.units} answered, "
+            + (f"{c.accuracy:.2f} right" if c.accuracy is not None else "none answered")
+            for c in p.checked
+        )
+        low, high = p.share_interval
+        rows.append(
+            [
+                f"{p.target:.0%} (p {1 - p.delta:.0%})",
+                f"{p.threshold:.3f}",
+                f"{p.share:.0%} [{low:.0%}, {high:.0%}]",
+                folds,
+            ]
+        )
+    return Table(["at least right", "confidence at least", "share answered [95%]", "cross-fitted checks"], rows)

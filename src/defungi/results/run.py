@@ -196,14 +196,34 @@ class RunMetrics:
 
 @dataclass
 class SelectiveCheck:
-    """Specimens answered at a confidence threshold (from a target accuracy): the share answered and the
-    accuracy on them, with a 95% interval over specimens."""
+    """A selective promise (results.trust.SelectivePromise) checked on a folder: of its n labelled
+    specimens, the share answered at the promise's threshold and the accuracy on them, with a 95%
+    interval over specimens; beside what was promised (accuracy >= target_accuracy with probability
+    1 - delta, a share answered within share_promised)."""
 
     target_accuracy: float
     threshold: float
     answered: float
     accuracy: float
     interval: list[float]
+    delta: float = 0.0  # 0: recorded before promises
+    share_promised: list[float] = field(default_factory=list)
+    n: int = 0
+    n_answered: int = 0
+
+    def summary(self) -> str:
+        """What was promised and what the folder got, in one line."""
+        got = f"{self.accuracy:.2f}" + (f" [{self.interval[0]:.2f}, {self.interval[1]:.2f}]" if self.interval else "")
+        expected = (
+            f"; expected {self.share_promised[0]:.0%}-{self.share_promised[1]:.0%}" if self.share_promised else ""
+        )
+        promise = f" (promised at least {self.target_accuracy:.0%}" + (
+            f" with probability {1 - self.delta:.0%})" if self.delta else ")"
+        )
+        return (
+            f"answered {self.n_answered} of {self.n} specimens at confidence >= {self.threshold:.2f} "
+            f"({self.answered:.0%}{expected}): {got} of them right{promise}"
+        )
 
 
 @dataclass
@@ -222,7 +242,8 @@ class Evaluation:
     group_by: str = "name"
     level: float | None = None
     sets: dict[str, SetCheck] = field(default_factory=dict)  # by unit
-    selective: SelectiveCheck | None = None
+    selective: SelectiveCheck | None = None  # at the asked target accuracy
+    promises: list[SelectiveCheck] = field(default_factory=list)  # at every target the run promised
     ood: OodCheck | None = None  # how many of its images the run refuses as not fungus micrographs
     schema_version: int = SCHEMA_VERSION
 

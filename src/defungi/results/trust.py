@@ -81,14 +81,54 @@ class SelectiveRow:
 
 
 @dataclass
+class PromiseCheck:
+    """A selective promise cross-fitted: its threshold chosen on the other folds' specimens, then applied
+    to this fold's (fold 1..K; 0: the test part of one split, chosen on the validation part)."""
+
+    fold: int
+    threshold: float | None  # None: no threshold was shown to reach the target there
+    units: int
+    answered: int
+    accuracy: float | None  # on the answered ones (None: none answered)
+
+
+@dataclass
+class SelectivePromise:
+    """With probability at least 1 - delta, at least `target` of the specimens answered at calibrated
+    confidence >= threshold are right (Learn-then-Test on `units` held-out specimens, see
+    train.selective); `share` of specimens to expect answered, with its 95% interval."""
+
+    target: float
+    delta: float
+    threshold: float
+    share: float
+    share_interval: list[float]
+    accuracy: float  # on the held-out specimens it was chosen on
+    units: int
+    checked: list[PromiseCheck] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The promise in one line, as answers print it."""
+        low, high = self.share_interval
+        return (
+            f"specimens answered at confidence >= {self.threshold:.2f} are at least {self.target:.0%} right "
+            f"(a promise that holds with probability {1 - self.delta:.0%}, from {self.units} held-out specimens); "
+            f"expect {self.share:.0%} [{low:.0%}, {high:.0%}] of specimens answered, the others 'not sure'"
+        )
+
+
+@dataclass
 class RiskCoverage:
-    """Accuracy against the share of units answered, most confident first (confidence: calibrated)."""
+    """Accuracy against the share of units answered, most confident first (confidence: calibrated), over
+    `units` held-out units; the promises checked at train.selective.TARGETS."""
 
     unit: Unit
     thresholds: list[float]
     coverage: list[float]
     accuracy: list[float]
     table: list[SelectiveRow]
+    units: int = 0  # 0: a run from before promises (see experiments.trust.selective_promise)
+    promises: list[SelectivePromise] = field(default_factory=list)
 
 
 @dataclass

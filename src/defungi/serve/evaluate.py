@@ -19,9 +19,9 @@ from defungi.experiments.rundir import RunDir
 from defungi.experiments.trust import set_check
 from defungi.layout import EvaluationLayout, RunLayout
 from defungi.results.ood import OodCheck
-from defungi.results.run import Evaluation, PartScores, SelectiveCheck, read_evaluation
+from defungi.results.run import Evaluation, PartScores, read_evaluation
 from defungi.results.schema import SchemaError, from_dict, to_dict
-from defungi.serve.predict import NOT_SURE, Answers, by_specimen, check_group_by, classify
+from defungi.serve.predict import Answers, by_specimen, check_group_by, classify, selective_check
 from defungi.serve.predictor import Predictor, torch_predictor
 from defungi.train.metrics import scored
 from defungi.train.ood import refused_share
@@ -61,7 +61,8 @@ def evaluate_folder(
         group_by=group_by,
         level=answers.coverage if answers.trust else None,
         sets=_set_checks(model.classes, rows, specimens) if answers.trust else {},
-        selective=_selective(answers, specimens, settings or {}),
+        selective=selective_check(answers.selective, specimens) if answers.selective else None,
+        promises=[selective_check(p, specimens) for p in model.trust.selective.promises] if model.trust else [],
         ood=_refusals(model, specimens),
     )
     _write_tables(out, model.classes, specimens)
@@ -118,24 +119,6 @@ def _set_checks(classes: list[str], rows: list[dict[str, Any]], specimens: list[
         labels = np.array([classes.index(r["label"]) for r in items])
         checks[unit] = set_check(sets, labels, np.array(groups), classes)
     return checks
-
-
-def _selective(answers: Answers, specimens: list[dict[str, Any]], settings: dict[str, Any]) -> SelectiveCheck | None:
-    """How the specimens answered at the target accuracy's threshold fared (None without a target)."""
-    if answers.selective is None:
-        return None
-    known = [s for s in specimens if s.get("label") and "class" in s]
-    answered = np.array([s["answer"] != NOT_SURE for s in known])
-    right = np.array([s["class"] == s["label"] for s in known])
-    draws = np.random.default_rng(0).integers(0, len(known), (1000, len(known)))
-    accuracy = [right[d][answered[d]].mean() for d in draws if answered[d].any()]
-    return SelectiveCheck(
-        target_accuracy=settings["target_accuracy"],
-        threshold=answers.selective[0],
-        answered=float(answered.mean()),
-        accuracy=float(right[answered].mean()) if answered.any() else float("nan"),
-        interval=[float(np.percentile(accuracy, 2.5)), float(np.percentile(accuracy, 97.5))] if accuracy else [],
-    )
 
 
 def _refusals(model: Predictor, specimens: list[dict[str, Any]]) -> OodCheck | None:

@@ -61,6 +61,7 @@ def as_table(result: Predictions) -> str:
     lines += [f"answers: {result.note}"] if result.note else []
     if result.metrics is not None:
         lines.append(metrics_line(f"per specimen ({result.metrics['n']} with a known class)", result.metrics))
+    lines += [f"selective answers: {result.selective.summary()}"] if result.selective is not None else []
     lines += [f"model: {result.card.summary()}"] if result.card is not None else []
     return "\n".join(lines) + "\n"
 

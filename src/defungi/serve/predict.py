@@ -15,14 +15,15 @@ from defungi.data.cache import DECODE_ERRORS, decode_one
 from defungi.data.quality import low_variance
 from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
+from defungi.experiments.trust import selective_promise
 from defungi.layout import RunLayout
-from defungi.results.run import ModelCard
-from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE, Trust, Unit
+from defungi.results.run import ModelCard, SelectiveCheck
+from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE, SelectivePromise, Trust, Unit
 from defungi.serve.lite import onnx_predictor
 from defungi.serve.predictor import Predictor, Scores, torch_predictor
 from defungi.train.conformal import prediction_sets, set_label
 from defungi.train.metrics import classification_metrics, specimen_probabilities, temper
-from defungi.train.selective import threshold_for_accuracy
+from defungi.train.selective import DELTA
 from defungi.utils import prefetched
 
 log = logging.getLogger(__name__)
@@ -155,12 +156,13 @@ class Answers:
     """How answers are given, from what the run measured on held-out specimens (`Predictor.trust`):
     prediction sets that hold the true class with probability `coverage`; images under `abstain`
     calibrated confidence answered 'uncertain' and left out of their specimen's decision; specimens
-    under the confidence that reached `target_accuracy` answered 'not sure: look yourself'."""
+    under the threshold of the selective promise at `target_accuracy` (see SelectivePromise) answered
+    'not sure: look yourself', whatever their set."""
 
     coverage: float = DEFAULT_COVERAGE
     abstain: float = DEFAULT_ABSTAIN
     trust: Trust | None = None
-    selective: tuple[float, float, float] | None = None  # confidence threshold, expected coverage, accuracy
+    selective: SelectivePromise | None = None
 
     @classmethod
     def of(
@@ -183,15 +185,21 @@ class Answers:
                 raise DefungiError(
                     "--target-accuracy needs a run that scored held-out specimens (--cv K or a test part)"
                 )
+            if not 0 < target_accuracy < 1:
+                raise DefungiError(f"--target-accuracy {target_accuracy:g}: give a share between 0 and 1, e.g. 0.9")
             curve = trust.selective
-            selective = threshold_for_accuracy(
-                np.array(curve.thresholds), np.array(curve.coverage), np.array(curve.accuracy), target_accuracy
-            )
-            if selective is None:
-                best = max(curve.accuracy)
+            if not curve.units:
                 raise DefungiError(
-                    f"--target-accuracy {target_accuracy:g}: no share of held-out specimens reached it "
-                    f"(the most confident ones reached {best:.2f}); ask for less"
+                    "--target-accuracy: this run was trained before selective answers came with a promise; "
+                    "train it again to use it"
+                )
+            selective = selective_promise(curve, target_accuracy)
+            if selective is None:
+                reachable = [t / 100 for t in range(50, 100) if selective_promise(curve, t / 100) is not None]
+                highest = f" (the highest it can promise: {reachable[-1]:g})" if reachable else ""
+                raise DefungiError(
+                    f"--target-accuracy {target_accuracy:g}: no confidence threshold is shown to reach it on the "
+                    f"run's {curve.units} held-out specimens (with probability {1 - DELTA:.0%}); ask for less{highest}"
                 )
         return cls(coverage, abstain, trust, selective)
 
@@ -223,11 +231,7 @@ class Answers:
         source = self.trust.source
         text = f"sets hold the true class of {self.coverage:.0%} of specimens (calibrated on {source} specimens)"
         if self.selective is not None:
-            threshold, covered, accuracy = self.selective
-            text += (
-                f"; specimens answered at confidence >= {threshold:.2f}: {accuracy:.0%} right on the "
-                f"{covered:.0%} answered under cross-validation, the others 'not sure'"
-            )
+            text += f"; {self.selective.summary()}"
         return text
 
 
@@ -286,7 +290,7 @@ def _specimen(name: str, members: list[dict[str, Any]], model: Predictor, answer
         mean = specimen_probabilities(images, model.specimen_rule)[None]
         calibrated = temper(mean, model.temperature("specimen"))
         best, conf = classes[int(mean.argmax())], float(calibrated.max())
-        sure = answers.selective is None or conf >= answers.selective[0]
+        sure = answers.selective is None or conf >= answers.selective.threshold
         decision |= {"class": best, "confidence": conf, "decision": best if sure else UNCERTAIN}
         decision |= answers.set_fields(answers.sets("specimen", calibrated, classes), 0, classes)
         decision |= {c: float(v) for c, v in zip(classes, mean[0], strict=True)}
@@ -297,6 +301,27 @@ def _specimen(name: str, members: list[dict[str, Any]], model: Predictor, answer
         refused = any(r.get("status") == NOT_MICROGRAPH for r in members)
         decision["status"] = NO_FUNGUS if decision["no_fungus"] else NOT_MICROGRAPH if refused else "no readable image"
     return decision | {"rows": members}
+
+
+def selective_check(promise: SelectivePromise, specimens: list[dict[str, Any]]) -> SelectiveCheck:
+    """How the folder's labelled specimens fare under a selective promise: the share answered at its
+    threshold and their accuracy, with a 95% bootstrap interval over specimens."""
+    known = [s for s in specimens if s.get("label") and "class" in s]
+    answered = np.array([s["confidence"] >= promise.threshold for s in known], bool)
+    right = np.array([s["class"] == s["label"] for s in known], bool)
+    draws = np.random.default_rng(0).integers(0, len(known), (1000, len(known))) if known else np.zeros((0, 0), int)
+    accuracy = [right[d][answered[d]].mean() for d in draws if answered[d].any()]
+    return SelectiveCheck(
+        target_accuracy=promise.target,
+        threshold=promise.threshold,
+        answered=float(answered.mean()) if known else float("nan"),
+        accuracy=float(right[answered].mean()) if answered.any() else float("nan"),
+        interval=[float(np.percentile(accuracy, 2.5)), float(np.percentile(accuracy, 97.5))] if accuracy else [],
+        delta=promise.delta,
+        share_promised=promise.share_interval,
+        n=len(known),
+        n_answered=int(answered.sum()),
+    )
 
 
 def specimen_metrics(specimens: list[dict[str, Any]], classes: list[str]) -> dict[str, Any] | None:
@@ -321,6 +346,7 @@ class Predictions:
     metrics: dict[str, Any] | None = None
     note: str | None = None
     card: ModelCard | None = None
+    selective: SelectiveCheck | None = None  # the selective promise on the specimens with a known class
 
 
 def check_group_by(group_by: str) -> None:
@@ -358,4 +384,6 @@ def predict_files(
     if by_sample:
         result.specimens = by_specimen(rows, model, answers, group_by)
         result.metrics = specimen_metrics(result.specimens, result.classes)
+        if answers.selective is not None and result.metrics is not None:
+            result.selective = selective_check(answers.selective, result.specimens)
     return result

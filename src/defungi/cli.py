@@ -158,7 +158,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if evaluation.selective is not None and evaluation.selective not in evaluation.promises:
         print(f"selective answers at {evaluation.selective.target_accuracy:.0%}: {evaluation.selective.summary()}")
     if evaluation.ood is not None:
-        print(f"refused as not a fungus micrograph: {evaluation.ood.refused:.1%} of {evaluation.ood.n} images")
+        print(evaluation.ood.summary())
     print(f"excluded {len(evaluation.excluded)} images; report: {folder / 'report.html'}")
     return 0
 

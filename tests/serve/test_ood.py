@@ -17,8 +17,10 @@ from PIL import Image
 from defungi.cli import main
 from defungi.data.cache import decode_one
 from defungi.experiments.protocols import fit_run
+from defungi.results.ood import REFUSE
 from defungi.results.run import read_evaluation, read_run_metrics
 from defungi.serve.predict import NO_FUNGUS, NOT_MICROGRAPH, Answers, by_specimen, open_predictor, predict
+from defungi.serve.predictor import Predictor, Scores
 from tests.conftest import make_image, tiny_config, write_folder
 from tests.nonmicrographs import GENERATED, PHOTOGRAPHS, pictures, write_images
 
@@ -77,7 +79,9 @@ def test_every_fit_stores_its_detector_and_few_held_out_micrographs_are_refused(
     assert metrics.ood.source == "test" and metrics.ood.quantile == 0.99 and len(metrics.ood.thresholds) == 1
     with open(refusing.run / "predictions_test.csv") as fh:
         scores = [float(r["ood"]) for r in csv.DictReader(fh)]
-    assert metrics.ood.n == len(scores) and metrics.ood.refused == np.mean(np.array(scores) > 1)
+    scores = np.array(scores)
+    assert metrics.ood.n == len(scores) and metrics.ood.refused == np.mean(scores > REFUSE)
+    assert metrics.ood.flagged == np.mean((scores > 1) & (scores <= REFUSE)) and metrics.ood.refuse_over == REFUSE
     rows = predict(open_predictor(refusing.run), [_held_out_micrographs(tmp_path / "new", 300)])
     refused = [r for r in rows if r.get("status") == NOT_MICROGRAPH]
     assert len(refused) <= 0.02 * len(rows)  # the threshold promises about 1%
@@ -91,7 +95,7 @@ def test_what_is_not_a_micrograph_is_refused(refusing: Refusing, tmp_path: Path,
     assert all(r.get("status") in (NO_FUNGUS, NOT_MICROGRAPH) and "class" not in r for r in rows)
     # the detector alone refuses them too, flat fields included (which the variance filter catches first)
     pixels = np.stack([decode_one(Path(r["path"]), model.image_size)[0] for r in rows])
-    assert np.all(model.answer(pixels).ood > 1)
+    assert np.all(model.answer(pixels).ood > REFUSE)
 
 
 def test_both_backends_refuse_the_same_images(refusing: Refusing, tmp_path: Path):
@@ -133,7 +137,8 @@ def test_evaluate_flags_each_image_and_counts_the_refused(refusing: Refusing, tm
     with open(out / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == evaluation.scores.n == evaluation.ood.n == 36
-    assert evaluation.ood.refused == np.mean([float(r["ood"]) > 1 for r in rows]) <= 0.1
+    assert evaluation.ood.refused == np.mean([float(r["ood"]) > REFUSE for r in rows]) <= 0.1
+    assert evaluation.ood.flagged == np.mean([1 < float(r["ood"]) <= REFUSE for r in rows])
 
 
 def test_the_page_says_not_a_fungus_micrograph(refusing: Refusing, tmp_path: Path):
@@ -156,7 +161,7 @@ def test_a_cross_validation_refuses_by_the_mean_of_its_folds_scores(tmp_path: Pa
     assert metrics.ood.source == "out of fold" and len(metrics.ood.thresholds) == 3
     with open(run / "oof.csv") as fh:
         oof = list(csv.DictReader(fh))
-    assert metrics.ood.refused == np.mean([float(r["ood"]) > 1 for r in oof]) <= 0.03
+    assert metrics.ood.refused == np.mean([float(r["ood"]) > REFUSE for r in oof]) <= 0.03
     model = open_predictor(run)
     noise = _non_micrographs(tmp_path / "noise", "noise", 5)
     capsys.readouterr()
@@ -208,3 +213,32 @@ def test_a_broken_or_foreign_detector_file_is_one_clear_line(refusing: Refusing,
     with pytest.raises(DefungiError, match="schema_version 99"):
         read_ood(foreign)
     assert read_ood(tmp_path / "absent.npz") is None  # a run trained without one answers every image
+
+
+def test_a_micrograph_unlike_the_training_ones_is_answered_and_flagged_not_refused(
+    refusing: Refusing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Scores over 1 and up to REFUSE: answered, flagged on the image and on its specimen; over REFUSE:
+    refused. A specimen none of whose images was answered says every reason with its count."""
+    model = open_predictor(refusing.run)
+    folder = _held_out_micrographs(tmp_path / "new", 8)
+    answer = Predictor.answer
+
+    def scored(self: Predictor, images: np.ndarray, *args, **kwargs) -> Scores:  # the first three images' scores set
+        return Scores(
+            answer(self, images, *args, **kwargs).probabilities, np.r_[1.2, 0.5, 2.0, [0.3] * (len(images) - 3)]
+        )
+
+    monkeypatch.setattr(Predictor, "answer", scored)
+    rows = predict(model, [folder])
+    assert len(rows) == 8 and rows[0]["unlike_training"] and "class" in rows[0]
+    assert not rows[1]["unlike_training"] and "class" in rows[1]
+    assert rows[2]["status"] == NOT_MICROGRAPH and "class" not in rows[2]
+    (specimen,) = by_specimen(rows, model, Answers.of(model), group_by="folder")
+    assert specimen["unlike_training"] == 1 and specimen["refused"] == 1
+    assert specimen["flag"] == "1 of 7 images unlike the training specimens: check them"
+    mixed = [{"path": f"{k}.png", "status": NOT_MICROGRAPH} for k in range(2)] + [
+        {"path": "c.png", "status": NO_FUNGUS}
+    ]
+    (none,) = by_specimen(mixed, model, Answers.of(model), "folder")
+    assert none["status"] == "no image answered: 2 not a fungus micrograph, 1 no fungus visible"

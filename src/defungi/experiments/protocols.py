@@ -27,7 +27,7 @@ from defungi.experiments.rundir import FitRecord, RunDir, TrainedModel, load_che
 from defungi.experiments.trust import assess
 from defungi.layout import read_predictions, read_table
 from defungi.models.registry import check_model
-from defungi.results.ood import OodCheck
+from defungi.results.ood import REFUSE, OodCheck
 from defungi.results.run import (
     METRIC_NAMES,
     FoldScores,
@@ -260,12 +260,28 @@ def _write_predictions(
             run.write_predictions(part, data, split[part], probs[part], (ood or {}).get(part))
 
 
-def _ood_check(
-    source: str, quantile: float, thresholds: list[float], ood: np.ndarray, groups: np.ndarray, seed: int
+def ood_check(
+    source: str, quantile: float, thresholds: list[float], ood: np.ndarray, groups: np.ndarray, seed: int = 0
 ) -> OodCheck:
-    """Held-out micrographs refused (score over 1), with an interval over specimens."""
-    share, interval = refused_share(ood > 1, groups, seed=seed)
-    return OodCheck(source, quantile, thresholds, len(ood), share, interval)
+    """Held-out micrographs refused (score over REFUSE) and flagged (over 1, up to REFUSE), with intervals
+    over specimens, and the specimens with at least one of each."""
+    refused, flagged = ood > REFUSE, (ood > 1) & (ood <= REFUSE)
+    share, interval = refused_share(refused, groups, seed=seed)
+    flagged_share, flagged_interval = refused_share(flagged, groups, seed=seed)
+    return OodCheck(
+        source,
+        quantile,
+        thresholds,
+        len(ood),
+        share,
+        interval,
+        refuse_over=REFUSE,
+        flagged=flagged_share,
+        flagged_interval=flagged_interval,
+        specimens=len(np.unique(groups)),
+        specimens_refused=len(np.unique(groups[refused])),
+        specimens_flagged=len(np.unique(groups[flagged])),
+    )
 
 
 class SingleFit(FitProtocol):
@@ -306,7 +322,7 @@ def _store_ood(run: RunDir, result: FitResult, data: Dataset, split: Split, seed
     if "test" not in result.ood_scores:
         return None
     detector, groups = result.ood, data.groups[split["test"]]
-    return _ood_check("test", detector.quantile, [detector.threshold], result.ood_scores["test"], groups, seed)
+    return ood_check("test", detector.quantile, [detector.threshold], result.ood_scores["test"], groups, seed)
 
 
 def _timing(result: FitResult) -> Timing:
@@ -479,7 +495,7 @@ def _cv_ood_check(records: list[FitRecord], ood: np.ndarray | None, groups: np.n
     if ood is None or any(c is None for c in checks):
         return None
     thresholds = [t for c in checks for t in c.thresholds]
-    return _ood_check("out of fold", checks[0].quantile, thresholds, ood, groups, seed)
+    return ood_check("out of fold", checks[0].quantile, thresholds, ood, groups, seed)
 
 
 def _fold_probabilities(run: RunDir, k: int, data: Dataset, idx: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from defungi.report.plots import (
     plot_risk_coverage,
 )
 from defungi.report.trust import set_table, trust_section
+from defungi.results.ood import OodCheck
 from defungi.results.run import model_card, read_evaluation, read_run_metrics
 
 
@@ -109,11 +110,22 @@ def build_run_report(run_dir: str | Path) -> Path:
     page.table(interval_table(rows))
     if metrics.trust is not None:
         trust_section(page, metrics.trust, run.figure("risk_coverage"))
+    if metrics.ood is not None:
+        page.text(refusals_line(metrics.ood, f"Held-out micrographs ({metrics.ood.source})"))
     page.heading("Figures", level=2)
     for figure in figures:
         if figure.parent == run.root and figure != run.figure("risk_coverage"):
             page.figure(figure)
     return page.write(run.page)
+
+
+def refusals_line(check: OodCheck, whose: str) -> str:
+    """A sentence on what the refusal detector did to some micrographs."""
+    return (
+        f"{whose}: {check.summary()} (a score of 1 is each model's {check.quantile:.0%} quantile of its held-out "
+        f"micrographs; over {check.refuse_over:g} an image is refused, between 1 and {check.refuse_over:g} answered "
+        "and flagged)."
+    )
 
 
 def build_evaluation_report(out_dir: str | Path) -> Path:
@@ -142,11 +154,7 @@ def build_evaluation_report(out_dir: str | Path) -> Path:
         page.heading("Prediction sets", level=2)
         page.table(set_table(result.sets, result.level))
     if result.ood is not None:
-        o = result.ood
-        page.text(
-            f"Refused as not a fungus micrograph: {o.refused:.1%} [{o.interval[0]:.1%}, {o.interval[1]:.1%}] of "
-            f"{o.n} images (each model's threshold: the {o.quantile:.0%} quantile of its held-out micrographs)."
-        )
+        page.text(refusals_line(result.ood, "This folder's images"))
     checks = result.promises + (
         [result.selective] if result.selective and result.selective not in result.promises else []
     )

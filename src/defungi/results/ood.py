@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# Images whose refusal score (train.ood) is over REFUSE are refused. Measured out of fold on ../shared/defungi
+# (docs/measurements.md, "Refusals a lab can live with"): 3 of 7,897 micrographs score over 1.5 (93 over 1);
+# real micrographs made yellower, bluer, paler, darker or blurred score at most 1.39; noise, gradients and
+# text at least 3.8; 59 of 60 photographs over 1.5.
+REFUSE = 1.5
 
 
 @dataclass
 class OodCheck:
     """Held-out micrographs (a fit's test part, or out of fold: each by the fold that never saw it)
-    refused as 'not a fungus micrograph': their share, with a 95% interval from a bootstrap over
-    specimens. Each fit's threshold was set at `quantile` of its validation images' distances."""
+    refused as 'not a fungus micrograph' (score over refuse_over) and answered but flagged 'unlike the
+    training specimens' (score over 1, up to refuse_over): their shares, with 95% intervals from a
+    bootstrap over specimens, and the specimens with at least one such image. Each fit's threshold (a
+    score of 1) was set at `quantile` of its validation images' distances."""
 
     source: str
     quantile: float
@@ -17,3 +25,23 @@ class OodCheck:
     n: int
     refused: float
     interval: list[float]
+    refuse_over: float = 1.0  # 1.0: a check from before images between 1 and train.ood.REFUSE were answered
+    flagged: float = 0.0
+    flagged_interval: list[float] = field(default_factory=list)
+    specimens: int = 0
+    specimens_refused: int = 0
+    specimens_flagged: int = 0
+
+    def summary(self) -> str:
+        """The refusals and flags in one line."""
+        low, high = self.interval
+        text = f"refused as not a fungus micrograph: {self.refused:.1%} [{low:.1%}, {high:.1%}] of {self.n} images" + (
+            f" ({self.specimens_refused} of {self.specimens} specimens had one)" if self.specimens else ""
+        )
+        if self.flagged_interval:
+            low, high = self.flagged_interval
+            text += (
+                f"; answered but flagged unlike the training specimens: {self.flagged:.1%} [{low:.1%}, {high:.1%}] "
+                f"({self.specimens_flagged} specimens had one)"
+            )
+        return text

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from defungi.data.dataset import load_dataset
+from defungi.experiments.protocols import ood_check
 from defungi.experiments.rundir import RunDir
 from defungi.experiments.trust import set_check
 from defungi.layout import EvaluationLayout, RunLayout
@@ -24,7 +25,6 @@ from defungi.results.schema import SchemaError, from_dict, to_dict
 from defungi.serve.predict import Answers, by_specimen, check_group_by, classify, selective_check
 from defungi.serve.predictor import Predictor, torch_predictor
 from defungi.train.metrics import scored
-from defungi.train.ood import refused_share
 from defungi.utils import atomic_write_json, atomic_write_text
 
 
@@ -122,15 +122,14 @@ def _set_checks(classes: list[str], rows: list[dict[str, Any]], specimens: list[
 
 
 def _refusals(model: Predictor, specimens: list[dict[str, Any]]) -> OodCheck | None:
-    """The share of the folder's usable images refused as not fungus micrographs, with a 95% interval
-    over specimens (None where the run has no detector)."""
+    """The folder's usable images refused as not fungus micrographs and flagged unlike the training
+    specimens, with 95% intervals over specimens (None where the run has no detector)."""
     detectors = model.trained.detectors if model.trained is not None else None
     pairs = [(s["specimen"], r["ood"]) for s in specimens for r in s["rows"] if "ood" in r]
     if detectors is None or not pairs:
         return None
     groups, scores = np.array([g for g, _ in pairs]), np.array([x for _, x in pairs])
-    share, interval = refused_share(scores > 1, groups)
-    return OodCheck("evaluation", detectors[0].quantile, [d.threshold for d in detectors], len(pairs), share, interval)
+    return ood_check("evaluation", detectors[0].quantile, [d.threshold for d in detectors], scores, groups)
 
 
 def _write_tables(out: EvaluationLayout, classes: list[str], specimens: list[dict[str, Any]]) -> None:

@@ -17,6 +17,7 @@ from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
 from defungi.experiments.trust import selective_promise
 from defungi.layout import RunLayout
+from defungi.results.ood import REFUSE
 from defungi.results.run import ModelCard, SelectiveCheck
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE, SelectivePromise, Trust, Unit
 from defungi.serve.lite import onnx_predictor
@@ -124,8 +125,10 @@ def classify(
 ) -> list[dict[str, Any]]:
     """The rows of decode with the out-of-distribution score ('ood', where the run has a detector) of
     every decoded image, and the class, calibrated confidence, prediction set, decision and
-    probabilities of those that are not refused as 'not a fungus micrograph' (answers: as the run
-    measured, by default; computed: the model's scores of the pixels when a pass already made them)."""
+    probabilities of those that are not refused as 'not a fungus micrograph' (score over results.ood.REFUSE;
+    'unlike_training' marks those answered with a score over 1: unlike the training micrographs; answers:
+    as the run measured, by default; computed: the model's scores of the pixels when a pass already made
+    them)."""
     if not pixels:
         return rows
     answers = answers or Answers.of(model)
@@ -134,19 +137,20 @@ def classify(
     sets = answers.sets("image", calibrated, model.classes)
     result = {}
     for k, (path, p) in enumerate(zip(pixels, probs, strict=True)):
-        if ood is not None and ood[k] > 1:
+        if ood is not None and ood[k] > REFUSE:
             result[path] = {"status": NOT_MICROGRAPH, "ood": float(ood[k])}
             continue
         best, conf = model.classes[int(p.argmax())], float(calibrated[k].max())
         result[path] = {"class": best, "confidence": conf, "decision": best if conf >= answers.abstain else UNCERTAIN}
         result[path] |= answers.set_fields(sets, k, model.classes)
         result[path] |= {c: float(v) for c, v in zip(model.classes, p, strict=True)}
-        result[path] |= {"ood": float(ood[k])} if ood is not None else {}
+        result[path] |= {"ood": float(ood[k]), "unlike_training": bool(ood[k] > 1)} if ood is not None else {}
     return [r | result.get(r["path"], {}) for r in rows]
 
 
 NO_FUNGUS = "no fungus visible"
 NOT_MICROGRAPH = "not a fungus micrograph"  # out of distribution: far from every training micrograph
+UNLIKE = "unlike the training specimens"  # answered, but nearer than a non-micrograph: a flag, not a refusal
 UNCERTAIN = "uncertain"
 NOT_SURE = "not sure: look yourself"
 
@@ -285,6 +289,10 @@ def _specimen(name: str, members: list[dict[str, Any]], model: Predictor, answer
     decision: dict[str, Any] = {"specimen": name, "label": labels.pop() if len(labels) == 1 else None}
     decision |= {"images": len(members), "classified": len(classified), "counted": len(counted)}
     decision["no_fungus"] = sum(r.get("status") == NO_FUNGUS for r in members)
+    decision["refused"] = sum(r.get("status") == NOT_MICROGRAPH for r in members)
+    decision["unlike_training"] = sum(bool(r.get("unlike_training")) for r in counted)
+    if decision["unlike_training"]:
+        decision["flag"] = f"{decision['unlike_training']} of {len(counted)} images {UNLIKE}: check them"
     if counted:
         images = np.array([[r[c] for c in classes] for r in counted])
         mean = specimen_probabilities(images, model.specimen_rule)[None]
@@ -298,9 +306,19 @@ def _specimen(name: str, members: list[dict[str, Any]], model: Predictor, answer
     elif classified:
         decision |= {"decision": UNCERTAIN, "answer": NOT_SURE, "status": "every image uncertain"}
     else:
-        refused = any(r.get("status") == NOT_MICROGRAPH for r in members)
-        decision["status"] = NO_FUNGUS if decision["no_fungus"] else NOT_MICROGRAPH if refused else "no readable image"
+        decision["status"] = _why_none(members)
     return decision | {"rows": members}
+
+
+def _why_none(members: list[dict[str, Any]]) -> str:
+    """Why none of a specimen's images was classified: one reason, or each reason with its count."""
+    reasons: dict[str, int] = {}
+    for r in members:
+        reason = r.get("status") or ("unreadable" if "error" in r else "not classified")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if len(reasons) == 1:
+        return "no readable image" if "unreadable" in reasons else next(iter(reasons))
+    return "no image answered: " + ", ".join(f"{n} {reason}" for reason, n in reasons.items())
 
 
 def selective_check(promise: SelectivePromise, specimens: list[dict[str, Any]]) -> SelectiveCheck:

@@ -25,8 +25,9 @@ class Scores(NamedTuple):
     """What a model computes for a batch of images."""
 
     probabilities: np.ndarray  # images x classes
-    # per image, its distance from the training micrographs over the refusal threshold (over 1: not a
-    # fungus micrograph, see train.ood), on the image as it is; None where the run has no detector
+    # per image, its distance from the training micrographs over the refusal threshold (over 1: unlike
+    # them; over results.ood.REFUSE: not a fungus micrograph, see train.ood), on the image as it is; None
+    # where the run has no detector
     ood: np.ndarray | None
 
 

@@ -6,10 +6,13 @@ channel means of that module's output, where noise, flat fields and drawings sta
 than in the pooled features. For each reading it takes the Mahalanobis distance to the nearest class
 mean of the training micrographs, under one covariance shared by the classes and shrunk by
 Ledoit-Wolf (Lee et al. 2018), scaled by its own held-out quantile; the image's score is the largest
-scaled distance over a threshold set on held-out micrographs: over 1 is refused. The thresholds are
+scaled distance over a threshold set on held-out micrographs. Over results.ood.REFUSE, the image is
+refused as not a fungus micrograph; over 1 and up to REFUSE, it is answered and flagged 'unlike the training
+specimens' (a micrograph of another stain, microscope or focus lands there). The thresholds are
 the ceil((n + 1) q)-th smallest of n held-out values, so that a new micrograph exchangeable with them
-is refused with probability at most 1 - q; with fewer than q / (1 - q) of them (99 at q = 0.99) no
-threshold keeps that promise, and the fit refuses nothing (as split-conformal sets hold every class then).
+is flagged with probability at most 1 - q; with fewer than q / (1 - q) of them (99 at q = 0.99) no
+threshold keeps that promise, and the fit flags and refuses nothing (as split-conformal sets hold every
+class then).
 
 Every fit fits its own detector (`experiments.fit`); predict, evaluate, the page and the exported
 ONNX graph score the image inside the same forward pass that classifies it (`OodHooks`), on the
@@ -33,7 +36,7 @@ from defungi.models.ensemble import members
 from defungi.models.registry import ModelParts
 from defungi.train.loop import module_rows
 
-QUANTILE = 0.99  # held-out micrographs under their threshold: about 1% of micrographs refused
+QUANTILE = 0.99  # held-out micrographs under their threshold (a score of 1): about 1% of micrographs flagged
 
 
 ReadingKind = Literal["input", "channel means"]

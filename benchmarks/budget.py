@@ -63,8 +63,9 @@ def job(profile: str, data_root: str, probe: Probe, changes: dict[str, Any], stu
     config = load_config(profile, {"data.root": data_root, **changes})
     data = dataset_for(config, progress=False)
     out = Path(tempfile.mkdtemp(prefix="defungi-budget-"))
-    steps = [p for n in study_names() for p in plan_study(n, config, out / n, probe, study, data)]
-    transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config, final_folds(study_names()[0], config, study)))
+    steps = [p for n in study_names() for p in plan_study(n, config, out / n, probe, study, data, profile)]
+    folds = final_folds(study_names()[0], config, study, profile)
+    transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config, folds))
     steps.append(step_plan("transfer", "transfer", plan_fits(transfer, dataset_for(transfer, progress=False)), probe))
     return steps
 

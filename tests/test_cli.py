@@ -1,10 +1,15 @@
 import json
+import logging
+import shutil
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from defungi import jobs
 from defungi.cli import main
+from defungi.experiments.studies import STUDIES, runner
 from defungi.results.run import read_run_metrics
 from tests.conftest import tiny_args, write_folder
 
@@ -49,6 +54,26 @@ def test_resume_of_a_finished_run_reads_it_back(tiny_data: Path, tmp_path: Path,
     assert {name: (run / name).stat().st_mtime_ns for name in stamps} == stamps  # nothing trained or rewritten
 
 
+def test_resume_of_a_finished_run_says_that_its_data_changed(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *TRAIN]) == 0
+    first = capsys.readouterr().out
+    for name in ("H2_50a_1.jpg", "H2_50a_2.jpg"):  # 2 added
+        shutil.copy(tiny_data / "H2" / "H2_1a_1.jpg", tiny_data / "H2" / name)
+    (tiny_data / "H3" / "H3_1a_1.jpg").unlink()  # 1 removed
+    with open(tiny_data / "H1" / "H1_1a_1.jpg", "ab") as fh:  # 1 changed
+        fh.write(b"\0")
+    with caplog.at_level(logging.WARNING, logger="defungi"):
+        assert main(["train", "--resume", str(run)]) == 0
+    assert capsys.readouterr().out == first  # its results, read back
+    (warning,) = [r.getMessage() for r in caplog.records if "changed since it trained" in r.getMessage()]
+    assert "\n" not in warning and f"the images in {tiny_data} changed since it trained: 2 added (e.g." in warning
+    assert "1 removed (e.g." in warning and "1 changed (e.g." in warning and "H3_1a_1.jpg" in warning
+    assert "these results are from the old data; train into a new --out" in warning
+
+
 def test_resume_continues_an_interrupted_run(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny_data), "--out", str(run), *TRAIN]) == 0
@@ -64,6 +89,60 @@ def test_study_takes_no_model_option(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exc:
         main(["study", "resnet34", "--model", "convmixer", "--out", str(tmp_path / "s")])
     assert exc.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_study_help_names_the_registered_studies(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(STUDIES, "mylab-study", STUDIES["convmixer"])  # a study registered, named in the help
+    with pytest.raises(SystemExit) as exc:
+        main(["study", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "a published study: resnet34, convmixer, mylab-study" in " ".join(out.split())
+
+
+def _lab_profile(folder: Path, key: str) -> Path:
+    """A lab's own profile: the shipped quick.toml copied to mylab.toml, its profile key line made key
+    ("" removes it), its learning rate and its studies' epochs changed."""
+    text = (resources.files("defungi") / "configs" / "quick.toml").read_text()
+    for shipped, own in (
+        ('profile = "quick"', key),
+        ("lr = 1e-3", "lr = 5e-3"),
+        ("[study]\nepochs = 2", "[study]\nepochs = 7"),
+    ):
+        assert shipped in text
+        text = text.replace(shipped, own)
+    (folder / "mylab.toml").write_text(text)
+    return folder / "mylab.toml"
+
+
+class _Planned(Exception):
+    """Raised where a study's steps would be planned: the command got there with its config and options."""
+
+
+@pytest.mark.parametrize("key", ['profile = "mylab"', ""])
+@pytest.mark.parametrize("command", ["train", "study", "run"])
+def test_train_study_and_run_take_a_labs_own_profile_file(
+    command: str, key: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    profile, seen = _lab_profile(tmp_path, key), []
+
+    def plan_study(study, config, out_dir, options, probe, data):
+        seen.append((study.name, config.profile, config.train.lr, options.epochs))
+        raise _Planned
+
+    def train_job(config, out):
+        seen.append(("train", config.profile, config.train.lr, None))
+
+    monkeypatch.setattr(runner, "plan_study", plan_study)
+    monkeypatch.setattr(jobs, "train_job", train_job)
+    args = {"train": ["train"], "study": ["study", "convmixer"], "run": ["run"]}[command]
+    argv = [*args, "--data", str(tiny_data), "--profile", str(profile), "--out", str(tmp_path / "out")]
+    if command == "train":
+        assert main(argv) == 0
+    else:
+        with pytest.raises(_Planned):
+            main(argv)
+    name = {"train": "train", "study": "convmixer", "run": "resnet34"}[command]  # the main job plans resnet34 first
+    assert seen == [(name, "mylab", 5e-3, None if command == "train" else 7)]
 
 
 def test_one_cell_grid(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

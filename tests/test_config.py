@@ -82,3 +82,11 @@ def test_a_pretrained_profile_runs_its_model_at_the_side_its_weights_were_traine
 
     config = load_config(profile)
     assert config.train.pretrained and config.data.image_size == model_entry(config.train.model).input_size
+
+
+def test_a_profile_is_named_by_its_own_profile_key_else_by_its_file(tmp_path: Path):
+    (tmp_path / "mine.toml").write_text('base = "transfer-lite2"\n[train]\nlr = 0.5\n')
+    (tmp_path / "ours.toml").write_text('base = "quick"\nprofile = "our-lab"\n')
+    assert load_config(str(tmp_path / "mine.toml")).profile == "mine"  # not its base's name
+    assert load_config(str(tmp_path / "ours.toml")).profile == "our-lab"
+    assert load_config("transfer-lite2").profile == "transfer-lite2" and load_config("quick").profile == "quick"

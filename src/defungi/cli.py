@@ -49,12 +49,7 @@ def _add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
         "--data",
         help="folder of class folders, or a .zip of one (default: $DEFUNGI_DATA, the cached release, or fetch it)",
     )
-    p.add_argument(
-        "--profile",
-        default="quick",
-        help="quick (2-core CPU: the main job in 3 hours), full (quick before that budget), paper (GPU, 224 px), "
-        "transfer, or a .toml file",
-    )
+    _add_profile(p)
     split_help = "grouped: no physical sample in two parts (default); random: as the published study"
     p.add_argument("--split", choices=["grouped", "random"], help=split_help)
     if model:
@@ -78,6 +73,15 @@ def _add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="any config key, e.g. --set train.optimizer=sgd (repeatable)",
+    )
+
+
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile",
+        default="quick",
+        help="quick (2-core CPU: the main job in 3 hours), full (quick before that budget), paper (GPU, 224 px), "
+        "transfer, or a lab's own .toml file (its name: its profile key, else its file's)",
     )
 
 
@@ -248,7 +252,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from defungi.data.scan import resolve_data
     from defungi.jobs import main_job
 
-    page, table = main_job(load_config(args.profile, {"data.root": str(resolve_data(args.data))}), Path(args.out))
+    config = load_config(args.profile, {"data.root": str(resolve_data(args.data))})
+    page, table = main_job(config, Path(args.out), profile=args.profile)
     print(table.markdown())
     print(f"report: {page}")
     return 0
@@ -368,7 +373,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     options = {k: v for k, v in _overrides(args).items() if k.split(".")[0] == "study"}  # the study's, not the run's
     out = Path(args.out or f"runs/study-{args.name}")
     check_output(out, "--out")
-    print(f"report: {study_job(args.name, _config(args, leave_out=list(options)), out, options)}")
+    config = _config(args, leave_out=list(options))
+    print(f"report: {study_job(args.name, config, out, options, profile=args.profile)}")
     return 0
 
 
@@ -593,10 +599,27 @@ def _grid_parser(sub: Commands) -> None:
     p.set_defaults(func=cmd_grid)
 
 
+class _StudyHelp(argparse.Action):
+    """-h/--help of `defungi study`: its NAME's help lists the published studies, read from their registry
+    only when the help is shown (importing it takes seconds, too long for every command's parser)."""
+
+    def __init__(self, option_strings: list[str], dest: str, name: argparse.Action, help: str) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.name = name
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from defungi.jobs import study_names
+
+        self.name.help = f"a published study: {', '.join(study_names())}"
+        parser.print_help()
+        parser.exit()
+
+
 def _study_parser(sub: Commands) -> None:
     """defungi study NAME: a published study."""
-    p = sub.add_parser("study", help="a published study, every step, resumable, ending in a report")
-    p.add_argument("name", type=_study, help="a published study (defungi.experiments.studies), e.g. resnet34")
+    p = sub.add_parser("study", help="a published study, every step, resumable, ending in a report", add_help=False)
+    name = p.add_argument("name", type=_study, help="a published study")
+    p.add_argument("-h", "--help", action=_StudyHelp, name=name, help="show this help message and exit")
     _add_config_flags(p, model=False)
     p.add_argument("--out", help="study folder (default: runs/study-NAME)")
     p.set_defaults(func=cmd_study)
@@ -620,7 +643,7 @@ def _run_parser(sub: Commands) -> None:
     p = sub.add_parser("run", help="the main job: both studies (resumable), then the combined report")
     p.add_argument("--data")
     p.add_argument("--out", default="runs/main")
-    p.add_argument("--profile", default="quick")
+    _add_profile(p)
     p.set_defaults(func=cmd_run)
 
 

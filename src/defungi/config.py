@@ -311,7 +311,8 @@ def profile_path(name: str) -> Path:
 
 def profile_table(profile: str, _below: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A profile's TOML as nested tables; one with `base = "NAME"` is that profile's tables with its own
-    values over them (a variant says only what differs; _below: the variants already on the way here)."""
+    values over them (a variant says only what differs; _below: the variants already on the way here).
+    Its `profile` key, its name, is its own or else its file's name (a lab's mylab.toml: 'mylab')."""
     path = profile_path(profile)
     if path.resolve() in _below:
         raise DefungiError(f"{_below[-1]}: its base leads back to {path}; give a base that does not build on it")
@@ -325,6 +326,7 @@ def profile_table(profile: str, _below: tuple[Path, ...] = ()) -> dict[str, Any]
     base = table.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise DefungiError(f'{path}: base is {base!r}; give a profile\'s name or .toml path, e.g. base = "transfer"')
+    table.setdefault("profile", path.stem)  # its name: its own profile key, else its file's (never its base's)
     return _over(profile_table(base, (*_below, path.resolve())), table) if base is not None else table
 
 
@@ -338,11 +340,12 @@ def _over(tables: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(profile: str = "quick", overrides: dict[str, Any] | None = None) -> Config:
-    """Profile file first, then dotted overrides such as {'train.lr': 1e-3}. The profile's [study] table
-    is the published studies' (`defungi.experiments.studies` reads it); a run has no study options.
+    """Profile (a shipped name or a .toml file) first, then dotted overrides such as {'train.lr': 1e-3};
+    config.profile is the profile's name (see profile_table). The profile's [study] table is the published
+    studies' (`defungi.experiments.studies` reads it from the same profile); a run has no study options.
     Pretrained weights bring the normalisation they were trained with, unless the overrides set
     data.normalize."""
-    config = Config(profile=profile)
+    config = Config()
     table = profile_table(profile)
     table.pop("study", None)
     apply_values(config, table, "")

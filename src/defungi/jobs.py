@@ -151,17 +151,25 @@ def study_dirs(root: Path) -> list[Path]:
 
 
 def study_job(
-    name: str, config: Config, out: Path, overrides: dict[str, Any] | None = None, data: Dataset | None = None
+    name: str,
+    config: Config,
+    out: Path,
+    overrides: dict[str, Any] | None = None,
+    data: Dataset | None = None,
+    profile: str | None = None,
 ) -> Path:
     """Run (or resume) a published study, planned (its steps' fits and estimated times, then one
-    progress bar; plan.json in its folder), sized by config's profile and dotted overrides
-    (study.KEY, study.NAME.KEY), then build its page; returns report.html."""
+    progress bar; plan.json in its folder), sized by the profile's [study] table (profile: a shipped
+    name or a lab's .toml file; None: config's, a shipped one) and dotted overrides (study.KEY,
+    study.NAME.KEY), then build its page; returns report.html."""
     from defungi.experiments.studies import plan_study, run_study
 
     data = data if data is not None else dataset_for(config)
     plan = StudyLayout(out).plan
-    with planned_job(lambda probe: plan_study(name, config, out, probe, overrides, data), len(data.classes), plan):
-        run_study(name, config, out, overrides, data)
+    with planned_job(
+        lambda probe: plan_study(name, config, out, probe, overrides, data, profile), len(data.classes), plan
+    ):
+        run_study(name, config, out, overrides, data, profile)
     return build_study_report(out)
 
 
@@ -206,23 +214,28 @@ def report_job(study_dirs: list[Path], out: Path, runs: list[Path] | None = None
     return build_combined_report(study_dirs, out, runs, plan, differences)
 
 
-def main_job(config: Config, out: Path, study_overrides: dict[str, Any] | None = None) -> tuple[Path, Table]:
-    """The main job: every published study (resumable) with its page; the transfer recipe (the transfer
-    profile) by grouped cross-validation on the same folds as the studies' final recipes; then the
-    combined page. It is planned first (every step's fits and estimated time, then one progress bar
-    over the whole job; out/plan.json holds the estimates and the measured times). Returns the page
-    and the comparison table."""
+def main_job(
+    config: Config, out: Path, study_overrides: dict[str, Any] | None = None, profile: str | None = None
+) -> tuple[Path, Table]:
+    """The main job: every published study (resumable) with its page, sized as study_job's are (profile:
+    the one config was loaded from); the transfer recipe (the transfer profile) by grouped
+    cross-validation on the same folds as the studies' final recipes; then the combined page. It is
+    planned first (every step's fits and estimated time, then one progress bar over the whole job;
+    out/plan.json holds the estimates and the measured times). Returns the page and the comparison table."""
     from defungi.experiments.studies import final_folds, plan_study
 
     dirs, names = study_dirs(out), study_names()
     data = dataset_for(config)
-    transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config, final_folds(names[0], config, study_overrides)))
+    folds = final_folds(names[0], config, study_overrides, profile)
+    transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config, folds))
     transfer_out = out / "transfer"
     transfer_data = None if RunLayout(transfer_out).metrics.exists() else dataset_for(transfer)
 
     def steps(probe: Probe) -> list[StepPlan]:
         plans = [
-            p for n, d in zip(names, dirs, strict=True) for p in plan_study(n, config, d, probe, study_overrides, data)
+            p
+            for n, d in zip(names, dirs, strict=True)
+            for p in plan_study(n, config, d, probe, study_overrides, data, profile)
         ]
         fits = plan_fits(transfer, transfer_data) if transfer_data is not None else []
         plans.append(step_plan(TRANSFER_PROFILE, "transfer recipe: grouped cross-validation", fits, probe))
@@ -232,7 +245,8 @@ def main_job(config: Config, out: Path, study_overrides: dict[str, Any] | None =
     plan_path = out / "plan.json"
     with planned_job(steps, len(data.classes), plan_path):
         for name, study_dir in zip(names, dirs, strict=True):
-            log.info("study %s: report %s", name, study_job(name, config, study_dir, study_overrides, data))
+            page = study_job(name, config, study_dir, study_overrides, data, profile)
+            log.info("study %s: report %s", name, page)
         with current_step(TRANSFER_PROFILE):
             log.info("transfer recipe: %s", train_job(transfer, transfer_out, transfer_data).path)
     states = read_states(dirs)

@@ -171,8 +171,9 @@ def fit_run(
 ) -> FitRecord | None:
     """Fit per config into the run folder out; returns its record.
 
-    A finished run of the same config is read back, an interrupted one resumes from its last
-    epoch, another config in the folder is refused. data and split default to the config's.
+    A finished run of the same config is read back (with a warning where its data folder changed
+    since), an interrupted one resumes from its last epoch, another config in the folder is refused.
+    data and split default to the config's.
     Under torchrun, rank 0 does all of this and the other ranks only train with it (None).
     """
     run = RunDir(out)
@@ -193,6 +194,15 @@ def fit_run(
             done = run.finished()
             if done is not None:
                 log.info("%s is finished; delete it to train again", run.root)
+                changed = run.data_changes(config.data.root) if data is None or split is None else ""
+                if changed:  # read back, not refused: its results stand for the images it was trained on
+                    log.warning(
+                        "%s: the images in %s changed since it trained: %s; these results are from the old "
+                        "data; train into a new --out to use the data as it is now",
+                        run.root,
+                        config.data.root,
+                        changed,
+                    )
                 sync.start()  # no fit: the other torchrun ranks stop too
                 return done
         data = data if data is not None else dataset_for(config)

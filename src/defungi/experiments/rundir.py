@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from defungi.config import Config, config_from_dict, same_config
 from defungi.data.dataset import Dataset
+from defungi.data.scan import scan
 from defungi.errors import DefungiError
 from defungi.layout import RunLayout, read_history, read_json, read_table
 from defungi.models import create_model, model_entry
@@ -35,7 +36,7 @@ from defungi.results.schema import SCHEMA_VERSION, check_version, to_dict
 from defungi.train.frozen import FrozenPass, frozen_name
 from defungi.train.loop import Preprocess
 from defungi.train.metrics import prior_weights
-from defungi.train.ood import READING_KINDS, Distance, OodDetector, OodHooks, Reading
+from defungi.train.ood import READING_KINDS, Distance, OodDetector, OodHooks, Reading, held_out_needed
 from defungi.train.runtime import atomic_torch_save, resolve_device
 from defungi.utils import atomic_write_binary, atomic_write_json, atomic_write_text, check_output, exclusive_lock
 
@@ -132,6 +133,7 @@ class TrainedModel:
 
 
 SPLIT_COLUMNS = ("path", "label", "group", "part", "bytes")  # split.csv
+EXCLUDED_COLUMNS = ("path", "label", "grey_variance", "reason")  # excluded.csv
 
 
 class RunDir:
@@ -221,20 +223,28 @@ class RunDir:
         stored = {r["path"]: r for r in read_table(self.layout.split, SPLIT_COLUMNS)}
         part_of = {str(data.paths[i]): part for part, idx in split.items() for i in idx}
         now = {str(p): part_of.get(str(p), "unused") for p in data.paths}
-        added, removed = sorted(now.keys() - stored.keys()), sorted(stored.keys() - now.keys())
-        common = stored.keys() & now.keys()
-        resized = sorted(p for p in common if stored[p].get("bytes", "") not in ("", str(_size(Path(p)))))
-        moved = sorted(p for p in common if stored[p]["part"] != now[p])
-        problems = [
-            f"{len(paths)} {what} (e.g. {paths[0]})"
-            for what, paths in (("added", added), ("removed", removed), ("changed", resized), ("moved", moved))
-            if paths
-        ]
+        moved = sorted(p for p in stored.keys() & now.keys() if stored[p]["part"] != now[p])
+        problems = _changes(_file_changes(stored, set(now)) | {"moved": moved})
         if problems:
             raise DefungiError(
-                f"{self.root} was trained on other images or another split: {', '.join(problems)}; "
+                f"{self.root} was trained on other images or another split: {problems}; "
                 "train into a new --out (a curve, grid or study with other settings needs its own)"
             )
+
+    def data_changes(self, root: str) -> str:
+        """What changed in the data folder root since the run recorded its images (split.csv and
+        excluded.csv), found by listing it, without decoding: images added, removed and changed (another
+        size), with an example of each; "" when nothing did or the run recorded none."""
+        if not self.layout.split.exists():
+            return ""
+        stored = {r["path"]: r for r in read_table(self.layout.split, SPLIT_COLUMNS)}
+        if self.layout.excluded.exists():  # left out when it trained, but there: neither added nor removed
+            stored |= {r["path"]: r for r in read_table(self.layout.excluded, EXCLUDED_COLUMNS)}
+        try:
+            now = {str(r.path) for r in scan(root, min_classes=1)}
+        except DefungiError:  # the folder gone, or no class folder left: none of its images is there
+            now = set()
+        return _changes(_file_changes(stored, now))
 
     def write_exclusions(self, data: Dataset) -> None:
         """excluded.csv: the outliers and unreadable files left out of the run."""
@@ -330,8 +340,7 @@ def _load(path: Path, device: torch.device) -> dict[str, Any]:
 
 
 def read_ood(path: Path) -> OodDetector | None:
-    """The detector a fit stored (None where it has none: too small a validation part, or trained
-    before defungi refused non-micrographs)."""
+    """The detector a fit stored (None where it has none: see _no_detector)."""
     if not path.exists():
         return None
     try:
@@ -366,6 +375,22 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def _file_changes(stored: dict[str, dict[str, str]], now: set[str]) -> dict[str, list[str]]:
+    """The image paths added, removed and changed (another size than its recorded bytes) between stored
+    (the recorded rows by path) and now (the paths there now)."""
+    common = stored.keys() & now
+    return {
+        "added": sorted(now - stored.keys()),
+        "removed": sorted(stored.keys() - now),
+        "changed": sorted(p for p in common if stored[p].get("bytes", "") not in ("", str(_size(Path(p))))),
+    }
+
+
+def _changes(paths: dict[str, list[str]]) -> str:
+    """'2 added (e.g. PATH), 1 removed (e.g. PATH)': how many of each change, with an example ("" for none)."""
+    return ", ".join(f"{len(found)} {what} (e.g. {found[0]})" for what, found in paths.items() if found)
+
+
 def _size(path: Path) -> int:
     """A file's size in bytes (-1 when it is gone)."""
     try:
@@ -390,8 +415,7 @@ def write_predictions(
 
 def write_exclusions(path: Path, data: Dataset) -> None:
     """The outliers and unreadable files left out, one row each (for a run or a study folder)."""
-    rows = [[e["path"], e["label"], e["grey_variance"], e["reason"]] for e in data.excluded]
-    _write_csv(path, ["path", "label", "grey_variance", "reason"], rows)
+    _write_csv(path, list(EXCLUDED_COLUMNS), [[e[c] for c in EXCLUDED_COLUMNS] for e in data.excluded])
 
 
 def _rebuild(state: dict[str, Any], path: Path) -> torch.nn.Module:
@@ -433,7 +457,7 @@ def load_checkpoints(paths: list[Path], device: str = "auto") -> TrainedModel:
     except DefungiError as exc:
         raise DefungiError(f"{paths[0]}: its config: {exc}; train again into a new folder") from None
     return TrainedModel(
-        model, preprocess, state["classes"], config, dev, info, class_prior, _all_or_none(detectors, paths[0])
+        model, preprocess, state["classes"], config, dev, info, class_prior, _all_or_none(detectors, paths, states)
     )
 
 
@@ -451,15 +475,31 @@ def _combined(models: list[torch.nn.Module], states: list[dict[str, Any]]) -> to
     return models[0] if len(models) == 1 else Ensemble(models)
 
 
-def _all_or_none(detectors: list[OodDetector | None], where: Path) -> list[OodDetector] | None:
-    """Every member's detector, or None (with a warning) when some member has none: a model refuses
+def _all_or_none(
+    detectors: list[OodDetector | None], paths: list[Path], states: list[dict[str, Any]]
+) -> list[OodDetector] | None:
+    """Every member's detector, or None (with a warning saying why) when some member has none: a model refuses
     non-micrographs only when all its members can say how far an image is from their training images."""
     present = [d for d in detectors if d is not None]
     if len(present) == len(detectors):
         return present
+    why = dict.fromkeys(_no_detector(s, p) for d, s, p in zip(detectors, states, paths, strict=True) if d is None)
     log.warning(
-        "%s: %s no refusal detector (trained before defungi refused non-micrographs); every image is answered",
-        where.parent,
+        "%s: %s no refusal detector (%s); every image is answered",
+        paths[0].parent,
         "it has" if len(detectors) == 1 else f"{len(detectors) - len(present)} of its {len(detectors)} models have",
+        "; ".join(why),
     )
     return None
+
+
+def _no_detector(state: dict[str, Any], checkpoint: Path) -> str:
+    """Why the fit of a checkpoint has no refusal detector: trained without one, with too few validation
+    images to fit one (its metrics.json says how many), or before defungi refused non-micrographs."""
+    if not state["config"].get("train", {}).get("ood", True):
+        return "trained without one: train.ood = false"
+    metrics = RunLayout(checkpoint.parent).metrics
+    val = read_run_metrics(metrics).protocol.sizes.get("val") if metrics.exists() else None
+    if val is not None and val < held_out_needed():
+        return f"{val} validation images are too few to fit one ({held_out_needed()} needed)"
+    return "trained before defungi refused non-micrographs"

@@ -12,7 +12,7 @@ from defungi.experiments.plan import Probe
 from defungi.experiments.studies import runner
 from defungi.experiments.studies.convmixer import CONVMIXER
 from defungi.experiments.studies.resnet34 import RESNET34
-from defungi.experiments.studies.runner import Study
+from defungi.experiments.studies.runner import Study, StudyOptions
 from defungi.results.plan import StepPlan
 from defungi.results.study import StudyState
 
@@ -25,21 +25,29 @@ def _study(name: str) -> Study[Any]:
     return STUDIES[name]
 
 
-def run_study(
-    name: str, config: Config, out_dir: Path, overrides: dict[str, Any] | None = None, data: Dataset | None = None
-) -> StudyState:
-    """Run (or resume) a study into out_dir, with its options from config's profile and dotted
-    overrides (study.KEY, study.NAME.KEY); returns its state (study.json)."""
-    study = _study(name)
-    return runner.run_study(
-        study, config, out_dir, runner.load_options(STUDIES, name, config.profile, overrides or {}), data
-    )
-
-
-def final_folds(name: str, config: Config, overrides: dict[str, Any] | None = None) -> int:
-    """The number of folds the study's final recipe is cross-validated on."""
+def _options(name: str, config: Config, overrides: dict[str, Any] | None, profile: str | None) -> StudyOptions:
+    """The named study's options: the [study] table of profile (a shipped name or a .toml file; None:
+    config's profile, by its name: a shipped one), then dotted overrides (study.KEY, study.NAME.KEY)."""
     _study(name)
-    return runner.load_options(STUDIES, name, config.profile, overrides or {}).final_folds
+    return runner.load_options(STUDIES, name, profile or config.profile, overrides or {})
+
+
+def run_study(
+    name: str,
+    config: Config,
+    out_dir: Path,
+    overrides: dict[str, Any] | None = None,
+    data: Dataset | None = None,
+    profile: str | None = None,
+) -> StudyState:
+    """Run (or resume) a study into out_dir, with its options from the profile (see _options) and dotted
+    overrides; returns its state (study.json)."""
+    return runner.run_study(_study(name), config, out_dir, _options(name, config, overrides, profile), data)
+
+
+def final_folds(name: str, config: Config, overrides: dict[str, Any] | None = None, profile: str | None = None) -> int:
+    """The number of folds the study's final recipe is cross-validated on."""
+    return _options(name, config, overrides, profile).final_folds
 
 
 def plan_study(
@@ -49,12 +57,11 @@ def plan_study(
     probe: Probe,
     overrides: dict[str, Any] | None = None,
     data: Dataset | None = None,
+    profile: str | None = None,
 ) -> list[StepPlan]:
     """What run_study would fit, step by step, with each step's estimated time."""
-    study = _study(name)
-    return runner.plan_study(
-        study, config, out_dir, runner.load_options(STUDIES, name, config.profile, overrides or {}), probe, data
-    )
+    options = _options(name, config, overrides, profile)
+    return runner.plan_study(_study(name), config, out_dir, options, probe, data)
 
 
 __all__ = ["STUDIES", "Study", "final_folds", "plan_study", "run_study"]

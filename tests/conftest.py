@@ -33,6 +33,15 @@ TINY = {
     "train.batch_size": 8,
     "train.patience_epochs": 6,  # no early stop in a test's few epochs unless it asks (the quick profile's is 2)
 }
+# the tiny recipe with features rich enough to tell micrographs from other pictures, and a validation
+# part large enough (>= 99 images) to set the refusal threshold (on 40 samples per class of 4 images)
+RICHER = {
+    "data.image_size": 32,
+    "data.val_fraction": 0.25,
+    "train.model_args": {"dim": 32, "depth": 2, "kernel_size": 3, "patch_size": 4},
+    "train.epochs": 5,
+    "train.amp": False,
+}
 FLAGS = {  # config keys that a training command takes as options of their own (a later one wins)
     "data.image_size": "--image-size",
     "train.model": "--model",

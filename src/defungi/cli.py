@@ -131,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from defungi.jobs import evaluate_job
     from defungi.report.page import metrics_line
+    from defungi.report.trust import card_table
 
     evaluation, folder = evaluate_job(
         Path(args.run_dir),
@@ -163,6 +164,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"selective answers at {evaluation.selective.target_accuracy:.0%}: {evaluation.selective.summary()}")
     if evaluation.ood is not None:
         print(evaluation.ood.summary())
+    for unit, c in evaluation.calibration.items():
+        print(
+            f"calibration per {unit} (T={c.temperature:.2f}): ECE {c.raw.ece:.3f} raw, {c.calibrated.ece:.3f} "
+            f"calibrated; NLL {c.nll_raw:.3f} raw, {c.nll_calibrated:.3f} calibrated (n={c.n})"
+        )
+    if evaluation.card:
+        print("model card check:")
+        print(card_table(evaluation.card).text())
     print(f"excluded {len(evaluation.excluded)} images; report: {folder / 'report.html'}")
     return 0
 

@@ -140,7 +140,7 @@ class EvaluationLayout:
         return self.root / "specimens.csv"
 
     def figure(self, name: str) -> Path:
-        """confusion (images), confusion_specimens, confident_errors."""
+        """confusion (images), confusion_specimens, confident_errors, reliability_image, reliability_specimen."""
         return self.root / f"{name}.png"
 
     @property

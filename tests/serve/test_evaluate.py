@@ -1,9 +1,18 @@
 import csv
+import json
+import logging
 from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
+
 from defungi.cli import main
-from defungi.results.run import read_evaluation
-from tests.conftest import TinyRun, write_folder
+from defungi.experiments.protocols import fit_run
+from defungi.report.run import build_evaluation_report
+from defungi.results.run import Evaluation, card_row, read_evaluation, read_run_metrics
+from defungi.train.metrics import calibration, mean_nll, temper
+from tests.conftest import RICHER, TinyRun, tiny_config, write_folder
 
 
 def _table(path: Path) -> list[dict[str, str]]:
@@ -48,3 +57,126 @@ def test_report_writes_a_single_runs_page(tiny_run_copy: Path, capsys):
     assert str(tiny_run_copy / "report.html") in capsys.readouterr().out
     page = (tiny_run_copy / "report.md").read_text()
     assert "How far its answers can be trusted" in page and "Selective answers" in page and "per specimen" in page
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of the richer tiny recipe: a model card with narrow intervals, sets at every level and a
+    refusal detector."""
+    root = tmp_path_factory.mktemp("learned")
+    data = write_folder(root / "data", samples_per_class=40, patches=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEFUNGI_CACHE", str(root / "cache"))
+        fit_run(tiny_config(data, RICHER), root / "run")
+    return root / "run"
+
+
+def _evaluate(run: Path, data: Path, out: Path, *options: str) -> Evaluation:
+    assert main(["evaluate", str(run), "--data", str(data), "--out", str(out), *options]) == 0
+    return read_evaluation(out / "metrics.json")
+
+
+def _outside_folder(root: Path) -> Path:
+    """New micrographs filed under the wrong classes (H1's pattern in H2's folder...), and in each specimen
+    a noise field besides its 3 micrographs (refused as not a micrograph)."""
+    folder = write_folder(root, samples_per_class=3, patches=3, seed=23, classes=("H2", "H3", "H1"))
+    rng = np.random.default_rng(3)
+    for c in ("H1", "H2", "H3"):
+        for s in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / c / f"{c}_{s + 1}a_9.png")
+    return folder
+
+
+def test_card_row_judges_each_side_by_the_intervals_combined():
+    card = ("image accuracy", "two-sided", 0.655, [0.611, 0.692])
+    lower = card_row(*card, 0.56, [0.50, 0.62])  # gap 0.095 > sqrt(0.0405^2 + 0.06^2) = 0.072
+    assert lower.verdict == "outside"
+    assert lower.line() == "image accuracy 0.560 [0.500, 0.620] against 0.655 [0.611, 0.692]"
+    assert card_row(*card, 0.60, [0.54, 0.66]).verdict == "within"  # gap 0.055 < 0.072
+    assert card_row(*card, 0.75, [0.70, 0.80]).verdict == "outside"  # higher counts too, for a score
+    refused = ("refused", "at most", 0.012, [0.007, 0.017])
+    assert card_row(*refused, 0.002, [0.0, 0.006]).verdict == "within"  # fewer refused is no breach
+    assert card_row(*refused, 0.05, [0.03, 0.07]).verdict == "outside"
+    coverage = ("sets at 90%, per specimen: coverage", "at least", 0.93, [0.90, 0.95])
+    assert card_row(*coverage, 0.85, [0.80, 0.91], bound=0.9).verdict == "within"  # its interval reaches 0.9
+    below = card_row(*coverage, 0.82, [0.76, 0.88], bound=0.9)
+    assert below.verdict == "outside" and below.promise() == "at least 0.90 (held out: 0.930 [0.900, 0.950])"
+
+
+def test_a_folder_like_the_training_one_is_within_the_card_at_every_level(
+    learned: Path, tmp_path: Path, caplog, capsys
+):
+    new = write_folder(tmp_path / "new", samples_per_class=3, patches=3, seed=21)
+    with caplog.at_level(logging.WARNING):
+        evaluation = _evaluate(learned, new, tmp_path / "eval")
+    trust = read_run_metrics(learned / "metrics.json").trust
+    levels = [
+        f"sets at {s.level:.0%}, per {s.unit}: coverage" for s in sorted(trust.sets, key=lambda s: (s.level, s.unit))
+    ]
+    scores = ["image accuracy", "image macro-F1", "specimen accuracy", "specimen macro-F1"]
+    assert len(levels) == 4 and [r.figure for r in evaluation.card] == [
+        *scores,
+        *levels,
+        "refused as not a fungus micrograph",
+    ]
+    assert {r.verdict for r in evaluation.card} == {"within"}
+    assert "outside the model card" not in caplog.text
+    printed = capsys.readouterr().out
+    assert "model card check:" in printed and "sets at 95%, per specimen: coverage" in printed
+    page = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Model card check" in page and "within the model card on all 9 figures" in page
+
+
+def test_a_folder_outside_the_card_says_which_figures_in_a_warning(learned: Path, tmp_path: Path, caplog):
+    with caplog.at_level(logging.WARNING):
+        evaluation = _evaluate(learned, _outside_folder(tmp_path / "new"), tmp_path / "eval", "--coverage", "0.95")
+    verdicts = {r.figure: r.verdict for r in evaluation.card}
+    assert {f for f, v in verdicts.items() if v == "outside"} == set(verdicts)  # wrong classes, noise refused
+    # every calibrated level is checked from the one pass, not only the level answers use (--coverage)
+    assert evaluation.level == 0.95 and "sets at 90%, per image: coverage" in verdicts
+    at_95 = {r.figure: r for r in evaluation.card}["sets at 95%, per specimen: coverage"]
+    assert at_95.measured == evaluation.sets["specimen"].coverage and at_95.bound == 0.95
+    refused = {r.figure: r for r in evaluation.card}["refused as not a fungus micrograph"]
+    assert refused.measured == evaluation.ood.refused == 9 / (27 + 9)
+    warnings = [r.getMessage() for r in caplog.records if "outside the model card" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "this folder falls outside the model card: image accuracy 0.000"
+    )
+    assert "; refused as not a fungus micrograph" in warnings[0]
+    assert "falls outside the model card on 9 of 9 figures" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_calibration_is_checked_per_unit_raw_and_calibrated(learned: Path, tmp_path: Path):
+    new = write_folder(tmp_path / "new", samples_per_class=3, patches=3, seed=21)
+    evaluation = _evaluate(learned, new, tmp_path / "eval")
+    temperatures = read_run_metrics(learned / "metrics.json").trust.temperatures
+    images = _table(tmp_path / "eval" / "predictions.csv")
+    classes = evaluation.scores.classes
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in images])
+    labels = np.array([classes.index(r["class"]) for r in images])
+    check = evaluation.calibration["image"]
+    assert check.n == len(images) == 27 and check.temperature == temperatures["image"].applied
+    assert check.nll_raw == pytest.approx(mean_nll(probs, labels), abs=1e-6)
+    calibrated = calibration(temper(probs, check.temperature), labels)
+    assert check.calibrated.ece == pytest.approx(calibrated["ece"], abs=1e-6)
+    # the temperature fitted on held-out specimens helps on new specimens like them
+    assert check.calibrated.ece < check.raw.ece and check.nll_calibrated < check.nll_raw
+    assert evaluation.calibration["specimen"].n == 9
+    page = (tmp_path / "eval" / "report.md").read_text()
+    for unit in ("image", "specimen"):
+        assert (tmp_path / "eval" / f"reliability_{unit}.png").stat().st_size > 0
+        assert f"(reliability_{unit}.png)" in page.split("## Calibration")[1]
+
+
+def test_an_evaluation_written_before_the_card_check_still_reads_and_renders(tiny_run_copy: Path, tmp_path: Path):
+    out = tmp_path / "eval"
+    evaluation = _evaluate(tiny_run_copy, write_folder(tmp_path / "new", samples_per_class=2, patches=2), out)
+    assert evaluation.card and set(evaluation.calibration) == {"image", "specimen"}
+    older = json.loads((out / "metrics.json").read_text())
+    del older["card"], older["calibration"]
+    (out / "metrics.json").write_text(json.dumps(older))
+    (out / "reliability_image.png").unlink()
+    assert read_evaluation(out / "metrics.json").card == []
+    build_evaluation_report(out)
+    page = (out / "report.md").read_text()
+    assert "## Scores" in page and "Model card check" not in page and "## Calibration" not in page

@@ -21,18 +21,9 @@ from defungi.results.ood import REFUSE
 from defungi.results.run import read_evaluation, read_run_metrics
 from defungi.serve.predict import NO_FUNGUS, NOT_MICROGRAPH, Answers, by_specimen, open_predictor, predict
 from defungi.serve.predictor import Predictor, Scores
-from tests.conftest import make_image, tiny_config, write_folder
+from tests.conftest import RICHER, make_image, tiny_config, write_folder
 from tests.nonmicrographs import GENERATED, PHOTOGRAPHS, pictures, write_images
 
-# the tiny recipe with features rich enough to tell micrographs from other pictures, and a validation
-# part large enough (>= 99 images) to set the refusal threshold
-RICHER = {
-    "data.image_size": 32,
-    "data.val_fraction": 0.25,
-    "train.model_args": {"dim": 32, "depth": 2, "kernel_size": 3, "patch_size": 4},
-    "train.epochs": 5,
-    "train.amp": False,
-}
 SAMPLES_PER_CLASS, PATCHES = 40, 4
 
 

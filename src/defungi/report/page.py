@@ -35,6 +35,12 @@ class Table:
         lines = [self.header, ["---"] * len(self.header), *self.rows]
         return "".join("| " + " | ".join(cells) + " |\n" for cells in lines)
 
+    def text(self) -> str:
+        """Columns aligned with spaces, for a terminal."""
+        lines = [self.header, *self.rows]
+        widths = [max(len(cells[i]) for cells in lines) for i in range(len(self.header))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() for cells in lines)
+
     def html(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)

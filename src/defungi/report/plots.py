@@ -261,18 +261,29 @@ def plot_errorbars(
     return _save(fig, path)
 
 
-def plot_reliability(calibration: Reliability, path: Path, title: str = "reliability") -> Path:
-    """Accuracy against confidence per bin (the diagonal is perfect calibration), with the bins' image counts."""
+def plot_reliability(
+    calibration: Reliability | dict[str, Reliability], path: Path, title: str = "reliability", counted: str = "images"
+) -> Path:
+    """Accuracy against confidence per bin (the diagonal is perfect calibration), with the bins' counts
+    of what was counted; several named reliabilities (e.g. raw and calibrated) side by side."""
+    curves = calibration if isinstance(calibration, dict) else {"": calibration}
     fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(4.8, 5.2), height_ratios=(3, 1), sharex=True)
-    count = np.asarray(calibration.count)
-    centres = (np.arange(calibration.bins) + 0.5) / calibration.bins
-    filled = count > 0
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-    ax.plot(np.asarray(calibration.confidence)[filled], np.asarray(calibration.accuracy)[filled], "-o", ms=4)
-    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title} (ECE {calibration.ece:.3f})")
+    for k, (name, curve) in enumerate(curves.items()):
+        count = np.asarray(curve.count)
+        filled, width = count > 0, 0.9 / curve.bins / len(curves)
+        label = f"{name} (ECE {curve.ece:.3f})" if name else None
+        x, y = np.asarray(curve.confidence)[filled], np.asarray(curve.accuracy)[filled]
+        ax.plot(x, y, "-o", ms=4, label=label, clip_on=False)  # bins at 1.0 on the frame
+        centres = (np.arange(curve.bins) + 0.5) / curve.bins + (k - (len(curves) - 1) / 2) * width
+        ax_count.bar(centres, count, width=width)
+    if isinstance(calibration, dict):
+        ax.legend(fontsize=8, loc="best")
+    else:
+        title = f"{title} (ECE {calibration.ece:.3f})"
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
     ax.grid(alpha=0.3)
-    ax_count.bar(centres, count, width=0.9 / calibration.bins)
-    ax_count.set(xlabel="confidence of the predicted class", ylabel="images")
+    ax_count.set(xlabel="confidence of the predicted class", ylabel=counted)
     return _save(fig, path)
 
 

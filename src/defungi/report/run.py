@@ -16,7 +16,7 @@ from defungi.report.plots import (
     plot_reliability,
     plot_risk_coverage,
 )
-from defungi.report.trust import set_table, trust_section
+from defungi.report.trust import calibration_section, card_section, set_table, trust_section
 from defungi.results.ood import OodCheck
 from defungi.results.run import model_card, read_evaluation, read_run_metrics
 
@@ -129,11 +129,23 @@ def refusals_line(check: OodCheck, whose: str) -> str:
 
 
 def build_evaluation_report(out_dir: str | Path) -> Path:
-    """The figures (confusion per image and per specimen, most confidently wrong images) and report.html
-    of an evaluation folder, from its metrics.json and predictions.csv."""
+    """The figures (confusion per image and per specimen, reliability per unit, most confidently wrong
+    images) and report.html of an evaluation folder, from its metrics.json and predictions.csv: the card
+    check first, then the scores, sets, refusals, selective answers and calibration."""
     layout = EvaluationLayout(Path(out_dir))
     result = read_evaluation(layout.metrics)
     scores, title = result.scores, f"{result.model} on {Path(result.data).name}"
+    reliability = [
+        plot_reliability(
+            {"raw": c.raw, f"calibrated, T={c.temperature:.2f}": c.calibrated}
+            if c.temperature != 1
+            else {"raw = calibrated (T=1)": c.raw},
+            layout.figure(f"reliability_{unit}"),
+            f"{title}, per {unit}",
+            counted=f"{unit}s",
+        )
+        for unit, c in result.calibration.items()
+    ]
     figures = [plot_confusion(scores.confusion_matrix, scores.classes, layout.confusion, f"{title}, images")]
     if scores.samples is not None:
         path = layout.figure("confusion_specimens")
@@ -146,6 +158,9 @@ def build_evaluation_report(out_dir: str | Path) -> Path:
         f"{len(result.excluded)} images left out (unreadable, or no fungus visible). Tables: "
         f"{layout.predictions.name} (per image), {layout.specimens.name} (per specimen)."
     )
+    if result.card:
+        card_section(page, result.card)
+    page.heading("Scores", level=2)
     rows: dict[str, Any] = {"per image": scores}
     if scores.samples is not None:
         rows["per specimen"] = scores.samples
@@ -168,6 +183,9 @@ def build_evaluation_report(out_dir: str | Path) -> Path:
         page.table(
             Table(["target", "what this folder got"], [[f"{c.target_accuracy:.0%}", c.summary()] for c in checks])
         )
+    if result.calibration:
+        calibration_section(page, result.calibration, reliability)
+    page.heading("Figures", level=2)
     for figure in figures:
         page.figure(figure)
     return page.write(layout.page)

@@ -1,12 +1,22 @@
 """Tables of what a run measured about its answers (calibration, prediction sets, selective answers)
-and of how an evaluation's answers fared: built from typed records, no model needed."""
+and of how an evaluation's answers fared (its card check, its calibration): from typed records, no model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from defungi.report.page import Page, Table
+from defungi.results.run import CalibrationCheck, CardRow
 from defungi.results.trust import SelectivePromise, SetCheck, TemperatureCheck, Trust
+
+CARD_SIDES = {"two-sided": "it differs", "at most": "it is higher", "at least": "it is lower"}  # than promised
+CARD_RULE = (
+    "Promised: the model card's scores (on specimens the run never saw), and what the run measured on held-out "
+    "specimens for its sets and refusals. Outside: the gap between the folder's figure and the promise exceeds "
+    "their 95% half-widths combined (sqrt(h1^2 + h2^2)), either way for scores and only upwards for refusals; a "
+    "set's coverage is outside when the folder's whole 95% interval lies below its level. Intervals are over "
+    "specimens."
+)
 
 
 def temperature_table(temperatures: dict[str, TemperatureCheck]) -> Table:
@@ -80,3 +90,51 @@ def promise_table(promises: list[SelectivePromise]) -> Table:
             ]
         )
     return Table(["at least right", "confidence at least", "share answered [95%]", "cross-fitted checks"], rows)
+
+
+def card_table(rows: list[CardRow]) -> Table:
+    """The card check: per figure, the promise and the folder's figure with their 95% intervals, when it
+    would be outside, and the verdict."""
+    cells = [
+        [
+            r.figure,
+            r.promise(),
+            r.value(),
+            "all below the level" if r.bound is not None else CARD_SIDES[r.side],
+            r.verdict,
+        ]
+        for r in rows
+    ]
+    return Table(["figure", "promised [95%]", "this folder [95%]", "outside when", "verdict"], cells)
+
+
+def card_section(page: Page, rows: list[CardRow]) -> None:
+    """An evaluation's card check on its page: which figures fall outside, the table, the rule."""
+    outside = [r.figure for r in rows if r.verdict == "outside"]
+    page.heading("Model card check", level=2)
+    page.text(
+        f"This folder falls outside the model card on {len(outside)} of {len(rows)} figures: {'; '.join(outside)}."
+        if outside
+        else f"This folder is within the model card on all {len(rows)} figures."
+    )
+    page.table(card_table(rows))
+    page.note(CARD_RULE)
+
+
+def calibration_section(page: Page, checks: dict[str, CalibrationCheck], figures: list[Path]) -> None:
+    """An evaluation's calibration per unit on its page: temperature, NLL and ECE raw and calibrated, and
+    the reliability diagrams."""
+    page.heading("Calibration", level=2)
+    page.text(
+        "How often the most probable class was right against its confidence: the model's raw probability, "
+        "and the confidence answers show (calibrated by the run's temperature per unit; 1 where the run "
+        "kept none)."
+    )
+    rows = [
+        [unit, str(c.n), f"{c.temperature:.3f}", f"{c.nll_raw:.3f} -> {c.nll_calibrated:.3f}",
+         f"{c.raw.ece:.3f} -> {c.calibrated.ece:.3f}"]
+        for unit, c in checks.items()
+    ]  # fmt: skip
+    page.table(Table(["unit", "n", "temperature", "NLL raw -> calibrated", "ECE raw -> calibrated"], rows))
+    for figure in figures:
+        page.figure(figure)

@@ -6,6 +6,7 @@ through `read_run_metrics` / `read_evaluation`: attributes, not string keys.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,8 @@ from defungi.results.schema import SCHEMA_VERSION, read_record
 from defungi.results.trust import SetCheck, Trust
 
 RunKind = Literal["fit", "ensemble", "cv"]
+CardSide = Literal["two-sided", "at least", "at most"]  # which way a figure may leave its promise
+Verdict = Literal["within", "outside"]
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1")  # macro over the classes with images
 
 
@@ -210,6 +213,8 @@ class SelectiveCheck:
     share_promised: list[float] = field(default_factory=list)
     n: int = 0
     n_answered: int = 0
+    share_expected: float = 0.0  # the share of the run's held-out specimens answered at the threshold
+    share_interval: list[float] = field(default_factory=list)  # of `answered`, over this folder's specimens
 
     def summary(self) -> str:
         """What was promised and what the folder got, in one line."""
@@ -227,10 +232,94 @@ class SelectiveCheck:
 
 
 @dataclass
+class CardRow:
+    """One figure of an evaluated folder beside what the run promised for it, judged by `card_row`:
+    the promise (the model card's figure, or what the run measured on held-out units) and the folder's
+    figure, each with its 95% interval over specimens ([] where there is none); bound: the level that a
+    one-sided guarantee promises (a prediction set's coverage), where the promise is such a bound."""
+
+    figure: str
+    side: CardSide
+    promised: float
+    promised_interval: list[float]
+    measured: float
+    measured_interval: list[float]
+    verdict: Verdict
+    bound: float | None = None
+
+    def promise(self) -> str:
+        """'0.655 [0.611, 0.692]', or for a bound 'at least 0.90 (held out: 0.913 [0.889, 0.933])'."""
+        held_out = _with_interval(self.promised, self.promised_interval)
+        return held_out if self.bound is None else f"{self.side} {self.bound:.2f} (held out: {held_out})"
+
+    def value(self) -> str:
+        """The folder's figure with its interval, e.g. '0.561 [0.502, 0.618]'."""
+        return _with_interval(self.measured, self.measured_interval)
+
+    def line(self) -> str:
+        """e.g. 'image accuracy 0.561 [0.502, 0.618] against 0.655 [0.611, 0.692]'."""
+        return f"{self.figure} {self.value()} against {self.promise()}"
+
+
+def _with_interval(value: float, interval: list[float]) -> str:
+    return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def card_row(
+    figure: str,
+    side: CardSide,
+    promised: float,
+    promised_interval: list[float],
+    measured: float,
+    measured_interval: list[float],
+    bound: float | None = None,
+) -> CardRow:
+    """A figure beside its promise, 'outside' where the folder's figure is further from the promise
+    than the draw of specimens behind the two explains. With h the half-width of a 95% interval (0 where
+    there is none) and spread = sqrt(h_promised^2 + h_measured^2):
+    two-sided (accuracy, macro-F1): outside when |measured - promised| > spread;
+    at most (the share refused): outside when measured - promised > spread;
+    at least: outside when promised - measured > spread, or, with a bound (a set's coverage >= its
+    level: a guarantee, not an estimate), when the measured interval's upper end is below the bound."""
+    spread = math.hypot(_half_width(promised_interval), _half_width(measured_interval))
+    if bound is not None:
+        outside = (measured_interval or [measured, measured])[1] < bound
+    else:
+        excess = {
+            "two-sided": abs(measured - promised),
+            "at most": measured - promised,
+            "at least": promised - measured,
+        }
+        outside = excess[side] > spread
+    verdict: Verdict = "outside" if outside else "within"
+    return CardRow(figure, side, promised, promised_interval, measured, measured_interval, verdict, bound)
+
+
+def _half_width(interval: list[float]) -> float:
+    return (interval[1] - interval[0]) / 2 if interval else 0.0
+
+
+@dataclass
+class CalibrationCheck:
+    """How well one unit's confidence (of the most probable class) matched how often it was right on an
+    evaluated folder: the raw probabilities and those calibrated by the run's temperature (1 where the
+    run kept none), their mean NLL and reliability table (with its ECE)."""
+
+    temperature: float
+    n: int
+    nll_raw: float
+    nll_calibrated: float
+    raw: Reliability
+    calibrated: Reliability
+
+
+@dataclass
 class Evaluation:
     """metrics.json of `defungi evaluate`: a trained run answering another labelled folder as a lab
     would use it; its scores per image and per specimen (grouped by group_by), its prediction sets'
-    empirical coverage at level per unit, and its selective answers when a target accuracy was asked."""
+    empirical coverage at level per unit, and its selective answers when a target accuracy was asked;
+    every figure beside the model card's promise (card: scores, every calibrated level's coverage,
+    refusals), and its calibration per unit. Files written before card and calibration read as empty."""
 
     scores: PartScores
     data: str
@@ -245,6 +334,8 @@ class Evaluation:
     selective: SelectiveCheck | None = None  # at the asked target accuracy
     promises: list[SelectiveCheck] = field(default_factory=list)  # at every target the run promised
     ood: OodCheck | None = None  # how many of its images the run refuses as not fungus micrographs
+    card: list[CardRow] = field(default_factory=list)  # the card check, a row per figure
+    calibration: dict[str, CalibrationCheck] = field(default_factory=dict)  # by unit
     schema_version: int = SCHEMA_VERSION
 
 

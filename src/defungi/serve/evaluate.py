@@ -1,16 +1,19 @@
 """A trained run answering a labelled folder as a lab would use it: every image and every specimen
 answered as `predict` answers them, then checked against the true classes: scores with intervals,
 the prediction sets' empirical coverage and size, the selective answers' accuracy, the share refused
-as not fungus micrographs; the per-image
-and per-specimen tables, confusion matrices and confidently wrong images beside them."""
+as not fungus micrographs, the calibration of the confidence; every figure beside what the model card
+and the run's held-out checks promised (the card check, a warning where the folder falls outside);
+the per-image and per-specimen tables, confusion matrices and confidently wrong images beside them."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import io
+import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -20,12 +23,26 @@ from defungi.experiments.rundir import RunDir
 from defungi.experiments.trust import set_check
 from defungi.layout import EvaluationLayout, RunLayout
 from defungi.results.ood import OodCheck
-from defungi.results.run import Evaluation, PartScores, read_evaluation
+from defungi.results.run import (
+    CalibrationCheck,
+    CardRow,
+    Evaluation,
+    ModelCard,
+    PartScores,
+    Reliability,
+    SelectiveCheck,
+    card_row,
+    read_evaluation,
+    read_run_metrics,
+)
 from defungi.results.schema import SchemaError, from_dict, to_dict
+from defungi.results.trust import ConformalSets, SetCheck, Unit
 from defungi.serve.predict import Answers, by_specimen, check_group_by, classify, selective_check
 from defungi.serve.predictor import Predictor, torch_predictor
-from defungi.train.metrics import scored
+from defungi.train.metrics import calibration, mean_nll, scored, temper
 from defungi.utils import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_folder(
@@ -50,8 +67,13 @@ def evaluate_folder(
     rows = [{"path": str(p), "label": model.classes[y]} for p, y in zip(data.paths, data.labels, strict=True)]
     rows = classify(model, rows, {r["path"]: data.images[i] for i, r in enumerate(rows)}, tta, prior_weight, answers)
     specimens = by_specimen(rows, model, answers, group_by)
+    units = _labelled(model.classes, specimens)
+    scores = _scores(model, units["image"], tta)
+    levels, refusals = _set_checks(model, answers, units), _refusals(model, specimens)
+    selective = selective_check(answers.selective, specimens) if answers.selective else None
+    promises = [selective_check(p, specimens) for p in model.trust.selective.promises] if model.trust else []
     evaluation = Evaluation(
-        scores=_scores(model, rows, specimens, tta),
+        scores=scores,
         data=str(Path(data_root).resolve()),
         run=str(run_dir),
         model=model.card.model if model.card else str(run_dir),
@@ -60,11 +82,21 @@ def evaluate_folder(
         excluded=data.excluded,
         group_by=group_by,
         level=answers.coverage if answers.trust else None,
-        sets=_set_checks(model.classes, rows, specimens) if answers.trust else {},
-        selective=selective_check(answers.selective, specimens) if answers.selective else None,
-        promises=[selective_check(p, specimens) for p in model.trust.selective.promises] if model.trust else [],
-        ood=_refusals(model, specimens),
+        sets={s.unit: c for s, c in levels if abs(s.level - answers.coverage) < 1e-9},
+        selective=selective,
+        promises=promises,
+        ood=refusals,
+        card=[
+            *_score_rows(model.card, scores),
+            *_coverage_rows(levels),
+            *_selective_rows([*promises, *([selective] if selective and selective not in promises else [])]),
+            *_refusal_rows(run_dir, refusals),
+        ],
+        calibration={unit: _calibration(model, unit, labelled) for unit, labelled in units.items()},
     )
+    outside = [row.line() for row in evaluation.card if row.verdict == "outside"]
+    if outside:
+        log.warning("this folder falls outside the model card: %s", "; ".join(outside))
     _write_tables(out, model.classes, specimens)
     atomic_write_json(out.metrics, to_dict(evaluation))
     return evaluation, out.root
@@ -86,39 +118,129 @@ def evaluation_layout(run_dir: Path, data_root: Path) -> EvaluationLayout:
     return out
 
 
-def _specimen_rows(specimens: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(specimen, image row) for every classified image, specimen by specimen."""
-    return [(s, r) for s in specimens for r in s["rows"] if "class" in r]
+class Labelled(NamedTuple):
+    """One unit's answers whose true class is known: the model's probabilities (a specimen's: its images'
+    pooled), the true classes and the specimens they belong to."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
 
 
-def _scores(
-    model: Predictor, rows: list[dict[str, Any]], specimens: list[dict[str, Any]], tta: bool | None
-) -> PartScores:
+def _labelled(classes: list[str], specimens: list[dict[str, Any]]) -> dict[Unit, Labelled]:
+    """Per image: every classified image; per specimen: every decided specimen whose class is known."""
+    images = [(s["specimen"], r) for s in specimens for r in s["rows"] if "class" in r]
+    decided = [(s["specimen"], s) for s in specimens if "class" in s and s.get("label")]
+    return {
+        unit: Labelled(
+            np.array([[r[c] for c in classes] for _, r in items]),
+            np.array([classes.index(r["label"]) for _, r in items]),
+            np.array([g for g, _ in items]),
+        )
+        for unit, items in (("image", images), ("specimen", decided))
+        if items
+    }
+
+
+def _scores(model: Predictor, images: Labelled, tta: bool | None) -> PartScores:
     """Per image and per specimen (its images' probabilities pooled by the run's rule), with intervals
     over specimens."""
-    pairs = _specimen_rows(specimens)
-    probs = np.array([[r[c] for c in model.classes] for _, r in pairs])
-    labels = np.array([model.classes.index(r["label"]) for _, r in pairs])
-    groups = np.array([s["specimen"] for s, _ in pairs])
-    result = scored(probs, labels, groups, model.classes, rule=model.specimen_rule)
+    result = scored(images.probs, images.labels, images.groups, model.classes, rule=model.specimen_rule)
     return from_dict(PartScores, result | {"tta": model.tta if tta is None else tta}, "evaluation")
 
 
-def _set_checks(classes: list[str], rows: list[dict[str, Any]], specimens: list[dict[str, Any]]) -> dict[str, Any]:
-    """The sets' empirical coverage and size per image and per specimen, intervals over specimens."""
-    pairs = _specimen_rows(specimens)
-    decided = [s for s in specimens if "set_classes" in s and s.get("label")]
-    checks = {}
-    for unit, items, groups in (
-        ("image", [r for _, r in pairs], [s["specimen"] for s, _ in pairs]),
-        ("specimen", decided, [s["specimen"] for s in decided]),
-    ):
-        if not items:
-            continue
-        sets = np.array([[c in r["set_classes"] for c in classes] for r in items])
-        labels = np.array([classes.index(r["label"]) for r in items])
-        checks[unit] = set_check(sets, labels, np.array(groups), classes)
+def _set_checks(
+    model: Predictor, answers: Answers, units: dict[Unit, Labelled]
+) -> list[tuple[ConformalSets, SetCheck]]:
+    """At every level and unit the run calibrated sets for: the sets' empirical coverage and size, with
+    intervals over specimens (the sets made as answers make them, from the one pass's probabilities)."""
+    if answers.trust is None:
+        return []
+    checks = []
+    for s in sorted(answers.trust.sets, key=lambda s: (s.level, s.unit)):
+        if s.unit in units:
+            probs, labels, groups = units[s.unit]
+            calibrated = temper(probs, model.temperature(s.unit))
+            sets = replace(answers, coverage=s.level).sets(s.unit, calibrated, model.classes)
+            checks.append((s, set_check(sets, labels, groups, model.classes)))
     return checks
+
+
+def _calibration(model: Predictor, unit: Unit, labelled: Labelled) -> CalibrationCheck:
+    """The unit's raw and calibrated (the run's temperature) confidence against how often it was right."""
+    probs, labels, _ = labelled
+    temperature = model.temperature(unit)
+    calibrated = temper(probs, temperature)
+    return CalibrationCheck(
+        temperature=temperature,
+        n=len(labels),
+        nll_raw=mean_nll(probs, labels),
+        nll_calibrated=mean_nll(calibrated, labels),
+        raw=from_dict(Reliability, calibration(probs, labels)),
+        calibrated=from_dict(Reliability, calibration(calibrated, labels)),
+    )
+
+
+def _score_rows(card: ModelCard | None, scores: PartScores) -> list[CardRow]:
+    """Accuracy and macro-F1 per image and per specimen beside the model card's (either way)."""
+    if card is None:
+        return []
+    rows = []
+    for unit, measured in (("image", scores), ("specimen", scores.samples)):
+        for metric, name in (("accuracy", "accuracy"), ("f1", "macro-F1")):
+            if measured is not None:
+                key, value, interval = f"{unit}_{metric}", getattr(measured, metric), measured.interval(metric)
+                promise = getattr(card, key), card.intervals.get(key, [])
+                rows.append(card_row(f"{unit} {name}", "two-sided", *promise, value, interval or []))
+    return rows
+
+
+def _coverage_rows(levels: list[tuple[ConformalSets, SetCheck]]) -> list[CardRow]:
+    """Every calibrated level's sets per unit: coverage at least the level (the run's held-out check of the
+    mode that answers beside it)."""
+    rows = []
+    for s, check in levels:
+        held = s.checked.get(s.mode)
+        promised, interval = (held.coverage, held.coverage_interval) if held else (s.level, [])
+        figure = f"sets at {s.level:.0%}, per {s.unit}: coverage"
+        rows.append(card_row(figure, "at least", promised, interval, check.coverage, check.coverage_interval, s.level))
+    return rows
+
+
+def _selective_rows(checks: list[SelectiveCheck]) -> list[CardRow]:
+    """Per selective promise: the accuracy on the specimens answered (at least the target: a guarantee,
+    so outside only when the folder's interval lies below it) and the share answered (either way)."""
+    rows = []
+    for c in checks:
+        if c.n_answered:
+            figure = f"specimens answered at {c.target_accuracy:.0%} target: accuracy"
+            rows.append(card_row(figure, "at least", c.target_accuracy, [], c.accuracy, c.interval, c.target_accuracy))
+        if c.n and c.share_promised:
+            figure = f"specimens answered at {c.target_accuracy:.0%} target: share"
+            rows.append(card_row(figure, "two-sided", c.share_expected, c.share_promised, c.answered, c.share_interval))
+    return rows
+
+
+def _refusal_rows(run_dir: str | Path, refusals: OodCheck | None) -> list[CardRow]:
+    """The shares refused as not fungus micrographs and flagged unlike the training specimens, beside
+    those of the run's held-out micrographs (more is worse), where both were measured at one threshold."""
+    path = RunLayout(Path(run_dir)).metrics
+    held_out = read_run_metrics(path).ood if path.exists() else None
+    if held_out is None or refusals is None or held_out.refuse_over != refusals.refuse_over:
+        return []
+    rows = [
+        card_row(
+            "refused as not a fungus micrograph", "at most", held_out.refused, held_out.interval,
+            refusals.refused, refusals.interval,
+        )
+    ]  # fmt: skip
+    if held_out.flagged_interval and refusals.flagged_interval:
+        figure = "flagged unlike the training specimens"
+        rows.append(
+            card_row(figure, "at most", held_out.flagged, held_out.flagged_interval, refusals.flagged,
+                     refusals.flagged_interval)
+        )  # fmt: skip
+    return rows
 
 
 def _refusals(model: Predictor, specimens: list[dict[str, Any]]) -> OodCheck | None:

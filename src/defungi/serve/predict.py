@@ -323,23 +323,31 @@ def _why_none(members: list[dict[str, Any]]) -> str:
 
 def selective_check(promise: SelectivePromise, specimens: list[dict[str, Any]]) -> SelectiveCheck:
     """How the folder's labelled specimens fare under a selective promise: the share answered at its
-    threshold and their accuracy, with a 95% bootstrap interval over specimens."""
+    threshold and their accuracy, each with a 95% bootstrap interval over specimens."""
     known = [s for s in specimens if s.get("label") and "class" in s]
     answered = np.array([s["confidence"] >= promise.threshold for s in known], bool)
     right = np.array([s["class"] == s["label"] for s in known], bool)
     draws = np.random.default_rng(0).integers(0, len(known), (1000, len(known))) if known else np.zeros((0, 0), int)
     accuracy = [right[d][answered[d]].mean() for d in draws if answered[d].any()]
+    shares = answered[draws].mean(1) if known else np.zeros(0)
     return SelectiveCheck(
         target_accuracy=promise.target,
         threshold=promise.threshold,
         answered=float(answered.mean()) if known else float("nan"),
         accuracy=float(right[answered].mean()) if answered.any() else float("nan"),
-        interval=[float(np.percentile(accuracy, 2.5)), float(np.percentile(accuracy, 97.5))] if accuracy else [],
+        interval=_percentiles(accuracy),
         delta=promise.delta,
         share_promised=promise.share_interval,
         n=len(known),
         n_answered=int(answered.sum()),
+        share_expected=promise.share,
+        share_interval=_percentiles(shares),
     )
+
+
+def _percentiles(draws: Any) -> list[float]:
+    """The 2.5 and 97.5 percentiles of bootstrap draws (empty without any)."""
+    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))] if len(draws) else []
 
 
 def specimen_metrics(specimens: list[dict[str, Any]], classes: list[str]) -> dict[str, Any] | None:

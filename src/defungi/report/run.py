@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from defungi.layout import EvaluationLayout, RunLayout, read_history, read_table
-from defungi.report.page import Page, Table, interval_table
+from defungi.report.page import Page, interval_table
 from defungi.report.plots import (
     contact_sheet,
     plot_confusion,
@@ -16,9 +16,9 @@ from defungi.report.plots import (
     plot_reliability,
     plot_risk_coverage,
 )
-from defungi.report.trust import calibration_section, card_section, set_table, trust_section
+from defungi.report.trust import calibration_section, card_section, selective_section, set_table, trust_section
 from defungi.results.ood import OodCheck
-from defungi.results.run import model_card, read_evaluation, read_run_metrics
+from defungi.results.run import Evaluation, model_card, read_evaluation, read_run_metrics
 
 
 def render_run(run_dir: str | Path) -> list[Path]:
@@ -128,14 +128,9 @@ def refusals_line(check: OodCheck, whose: str) -> str:
     )
 
 
-def build_evaluation_report(out_dir: str | Path) -> Path:
-    """The figures (confusion per image and per specimen, reliability per unit, most confidently wrong
-    images) and report.html of an evaluation folder, from its metrics.json and predictions.csv: the card
-    check first, then the scores, sets, refusals, selective answers and calibration."""
-    layout = EvaluationLayout(Path(out_dir))
-    result = read_evaluation(layout.metrics)
-    scores, title = result.scores, f"{result.model} on {Path(result.data).name}"
-    reliability = [
+def _reliability_figures(result: Evaluation, layout: EvaluationLayout, title: str) -> list[Path]:
+    """An evaluation's reliability diagram per unit: raw and calibrated confidence (one curve at T=1)."""
+    return [
         plot_reliability(
             {"raw": c.raw, f"calibrated, T={c.temperature:.2f}": c.calibrated}
             if c.temperature != 1
@@ -146,6 +141,16 @@ def build_evaluation_report(out_dir: str | Path) -> Path:
         )
         for unit, c in result.calibration.items()
     ]
+
+
+def build_evaluation_report(out_dir: str | Path) -> Path:
+    """The figures (confusion per image and per specimen, reliability per unit, most confidently wrong
+    images) and report.html of an evaluation folder, from its metrics.json and predictions.csv: the card
+    check first, then the scores, sets, refusals, selective answers and calibration."""
+    layout = EvaluationLayout(Path(out_dir))
+    result = read_evaluation(layout.metrics)
+    scores, title = result.scores, f"{result.model} on {Path(result.data).name}"
+    reliability = _reliability_figures(result, layout, title)
     figures = [plot_confusion(scores.confusion_matrix, scores.classes, layout.confusion, f"{title}, images")]
     if scores.samples is not None:
         path = layout.figure("confusion_specimens")
@@ -170,19 +175,9 @@ def build_evaluation_report(out_dir: str | Path) -> Path:
         page.table(set_table(result.sets, result.level))
     if result.ood is not None:
         page.text(refusals_line(result.ood, "This folder's images"))
-    checks = result.promises + (
-        [result.selective] if result.selective and result.selective not in result.promises else []
-    )
-    if checks:
-        page.heading("Selective answers", level=2)
-        page.text(
-            "Each target accuracy has a confidence threshold chosen on the run's held-out specimens by "
-            "Learn-then-Test: the specimens answered at or above it should be at least that accurate (with the "
-            "probability given)."
-        )
-        page.table(
-            Table(["target", "what this folder got"], [[f"{c.target_accuracy:.0%}", c.summary()] for c in checks])
-        )
+    asked = [result.selective] if result.selective and result.selective not in result.promises else []
+    if result.promises or asked:
+        selective_section(page, [*result.promises, *asked])
     if result.calibration:
         calibration_section(page, result.calibration, reliability)
     page.heading("Figures", level=2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from defungi.report.page import Page, Table
-from defungi.results.run import CalibrationCheck, CardRow
+from defungi.results.run import CalibrationCheck, CardRow, SelectiveCheck
 from defungi.results.trust import SelectivePromise, SetCheck, TemperatureCheck, Trust
 
 CARD_SIDES = {"two-sided": "it differs", "at most": "it is higher", "at least": "it is lower"}  # than promised
@@ -138,3 +138,14 @@ def calibration_section(page: Page, checks: dict[str, CalibrationCheck], figures
     page.table(Table(["unit", "n", "temperature", "NLL raw -> calibrated", "ECE raw -> calibrated"], rows))
     for figure in figures:
         page.figure(figure)
+
+
+def selective_section(page: Page, checks: list[SelectiveCheck]) -> None:
+    """An evaluation's selective answers: per target, what was promised and what the folder got."""
+    page.heading("Selective answers", level=2)
+    page.text(
+        "Each target accuracy has a confidence threshold chosen on the run's held-out specimens by "
+        "Learn-then-Test: the specimens answered at or above it should be at least that accurate (with the "
+        "probability given)."
+    )
+    page.table(Table(["target", "what this folder got"], [[f"{c.target_accuracy:.0%}", c.summary()] for c in checks]))

@@ -151,11 +151,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         low, high = check.coverage_interval
         print(
             f"sets at {evaluation.level:.0%}, per {unit}: coverage {check.coverage:.3f} [{low:.3f}, {high:.3f}], "
-            f"mean size {check.mean_size:.2f}, one class {check.singleton_share:.0%} (n={check.n})"
+            f"mean size {check.mean_size:.2f}, sets of one class {check.singleton_share:.0%} (n={check.n})"
         )
     if evaluation.selective is not None:
         s = evaluation.selective
-        print(f"answered {s.answered:.0%} of specimens at confidence >= {s.threshold:.3f}: accuracy {s.accuracy:.3f}")
+        print(
+            f"answered {s.answered:.0%} of specimens at calibrated confidence >= {s.threshold:.3f}: "
+            f"accuracy {s.accuracy:.3f}"
+        )
     if evaluation.ood is not None:
         print(f"refused as not a fungus micrograph: {evaluation.ood.refused:.1%} of {evaluation.ood.n} images")
     print(f"excluded {len(evaluation.excluded)} images; report: {folder / 'report.html'}")

@@ -39,7 +39,8 @@ def test_evaluate_and_predict_a_trained_run(tiny_run_copy: Path, tmp_path: Path,
     assert [Path(r["path"]).name for r in rows if r.get("status") == "no fungus visible"] == ["H1_99a_1.jpg"]
     assert all(abs(sum(r[c] for c in ("H1", "H2", "H3")) - 1) < 1e-4 for r in rows if "class" in r)
     assert main(["predict", str(run), str(unseen / "H2"), "--format", "csv"]) == 0
-    header = "level,specimen,path,label,class,decision,confidence,set,answer,H1,H2,H3,status"
+    header = "level,specimen,path,label,class,decision,confidence,probability,set,set_size,answer,H1,H2,H3,"
+    header += "refusal_score,status"
     assert capsys.readouterr().out.splitlines()[0] == header
 
 

@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         low, high = check.coverage_interval
         print(
             f"sets at {evaluation.level:.0%}, per {unit}: coverage {check.coverage:.3f} [{low:.3f}, {high:.3f}], "
-            f"mean size {check.mean_size:.2f}, one class {check.singleton_share:.0%} (n={check.n})"
+            f"mean size {check.mean_size:.2f}, sets of one class {check.singleton_share:.0%} (n={check.n})"
         )
     for check in evaluation.promises:
         print(f"selective answers at {check.target_accuracy:.0%}: {check.summary()}")

@@ -104,6 +104,8 @@ def test_grouped_and_random_cv_side_by_side(tiny_data: Path, tmp_path: Path, cap
     names = ("folds.png", "reliability_test.png", "confusion_test.png", "confusion_test_samples.png")
     for name in (*names, "confident_errors.png"):
         assert (tmp_path / "grouped" / name).exists(), name
+    page = (tmp_path / "grouped" / "report.md").read_text()  # folds counted 1..3 on the page, as in folds.png
+    assert all(f"fold {k}: " in page for k in (1, 2, 3)) and "fold 0" not in page
     assert (
         main(
             ["report", "--compare", str(tmp_path / "grouped"), str(tmp_path / "random"), "--out", str(tmp_path / "cmp")]

@@ -78,6 +78,7 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     md = (out / "report.md").read_text()
     assert f"{name}, published (random split)" in md and f"{name}, random 2-fold CV (1 fitted), per sample |" in md
     assert "| split | fold | test images / samples |" in md and "| larger than noise |" in md
+    assert "| grouped | 1 | " in md and "| grouped | 0 | " not in md  # folds counted 1..K, as in folds.png
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (out / link).exists(), link
     grid_step = state.steps["grid20" if name == "resnet34" else "grid_full"].result

@@ -38,7 +38,13 @@ def test_evaluate_answers_a_new_folder_as_a_lab_needs_it(tiny_run_copy: Path, tm
     assert evaluation.scores.samples.accuracy == sum(s["right"] == "right" for s in decided) / 9
     assert evaluation.sets["specimen"].coverage == sum(s["in_set"] == "yes" for s in decided) / 9
     assert {r["set"] for r in images} and all(r["class"] in r["path"] for r in images)
-    assert "Prediction sets" in (out / "report.md").read_text()
+    for r in images:  # the calibrated confidence beside the model's probability of the predicted class
+        assert float(r["probability"]) == max(float(r[f"p_{c}"]) for c in ("H1", "H2", "H3"))
+        assert 0 < float(r["confidence"]) <= 1
+    assert all(0 < float(s["probability"]) <= 1 for s in decided)
+    page = (out / "report.md").read_text()
+    assert "Prediction sets" in page and "'one class': the share of sets that hold exactly one class" in page
+    assert page.count("| level | unit | mode |") == 1 and "| 90% | specimen | as answered |" in page
 
 
 def test_evaluate_groups_specimens_as_asked(tiny_run: TinyRun, tmp_path: Path, capsys):
@@ -57,6 +63,13 @@ def test_report_writes_a_single_runs_page(tiny_run_copy: Path, capsys):
     assert str(tiny_run_copy / "report.html") in capsys.readouterr().out
     page = (tiny_run_copy / "report.md").read_text()
     assert "How far its answers can be trusted" in page and "Selective answers" in page and "per specimen" in page
+    # the sets of every level, unit and mode in one table, after the line that says what a set and 'one class' are
+    assert page.count("| level | unit | mode |") == 1 and "'one class': the share of sets" in page
+    table = page[page.index("| level | unit | mode |") :].split("\n\n")[0].splitlines()[2:]
+    cells = [row.split(" | ")[:3] for row in table]
+    assert [c[0].strip("| ") for c in cells[:4]] == ["90%"] * 4 and [c[0].strip("| ") for c in cells[4:]] == ["95%"] * 4
+    assert sum(c[2].endswith("(answers)") for c in cells) == 4  # one mode answers per level and unit
+    assert "| calibrated confidence at least |" in page
 
 
 @pytest.fixture(scope="module")

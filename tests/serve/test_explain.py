@@ -74,6 +74,13 @@ def test_border_share_is_the_ring_area_for_an_even_map_and_tells_the_centre_from
     assert np.isnan(border_share(np.zeros((1, size, size)))[0])  # no evidence anywhere: no share
 
 
+def test_a_figures_title_labels_the_calibrated_confidence_and_the_probability():
+    row = {"path": "/lab/H1_1a_1.jpg", "decision": "H1", "confidence": 0.93, "probability": 0.82, "label": "H1",
+           "explained": "H1", "explained_probability": 0.93}  # fmt: skip
+    title = explain_module.figure_title(row)
+    assert "predicted H1 (calibrated confidence 0.93, probability 0.82)" in title and title.startswith("H1_1a_1.jpg")
+
+
 def test_explain_writes_a_figure_per_classified_image(tiny_run: TinyRun, tmp_path: Path, capsys):
     held = write_folder(tmp_path / "held", samples_per_class=1, patches=2, seed=3)
     assert main(["explain", str(tiny_run.run), str(held), "--out", str(tmp_path / "why")]) == 0

@@ -1,4 +1,6 @@
+import csv
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -118,3 +120,28 @@ def test_specimens_are_decided_by_the_runs_specimen_rule(tiny_run: TinyRun, tmp_
         assert np.allclose([s[c] for c in model.classes], specimen_probabilities(counted, "log_mean"))
     older = {k: v for k, v in trained.metadata().items() if k != "specimen_rule"}
     assert Predictor.from_metadata(older, trained.scores, "old.onnx").specimen_rule == "mean"
+
+
+def test_answers_carry_their_probability_beside_the_calibrated_confidence_and_specimens_their_folder(
+    tiny_run: TinyRun, tmp_path: Path, capsys
+):
+    """An image's 'probability' is the model's for its class, a specimen's the pooled (mean) one of its
+    counted images; 'confidence' is that probability calibrated; a specimen's path is its images' folder."""
+    held = write_folder(tmp_path / "held", samples_per_class=2, patches=3, seed=9)
+    capsys.readouterr()
+    assert main(["predict", str(tiny_run.run), str(held), "--by-sample", "--format", "json"]) == 0
+    specimens = json.loads(capsys.readouterr().out)["specimens"]
+    trust = read_run_metrics(tiny_run.run / "metrics.json").trust
+    for s in (s for s in specimens if "class" in s):
+        assert s["path"] == str(held / s["label"])
+        assert s["probability"] == max(s[c] for c in ("H1", "H2", "H3")) == s[s["class"]]
+        calibrated = temper(np.array([[s[c] for c in ("H1", "H2", "H3")]]), trust.temperatures["specimen"].applied)
+        assert abs(s["confidence"] - calibrated.max()) < 1e-9
+        for r in s["rows"]:
+            assert r["probability"] == r[r["class"]] == max(r[c] for c in ("H1", "H2", "H3"))
+    assert main(["predict", str(tiny_run.run), str(held), "--by-sample", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["path"] for r in rows if r["level"] == "specimen"} == {str(held / c) for c in ("H1", "H2", "H3")}
+    decided = [r for r in rows if r["class"]]
+    assert decided and all(int(r["set_size"]) == len(r["set"].replace(" or ", ", ").split(", ")) for r in decided)
+    assert all(r["refusal_score"] == "" for r in rows)  # the tiny run has no refusal detector

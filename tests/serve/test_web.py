@@ -1,5 +1,6 @@
 import io
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -84,6 +85,17 @@ def test_bad_uploads_get_a_message_each_and_the_server_keeps_serving(
     assert huge.status_code == 413 and huge.json()["error"].startswith("upload too large")
 
 
+def test_answers_show_the_calibrated_confidence_beside_the_probability(client: TestClient):
+    reply = client.post("/api/predict", files=[("files", (f"{i}.jpg", _jpeg(i))) for i in range(3)]).json()
+    for image in reply["images"]:
+        assert image["probability"] == image["probabilities"][image["class"]] == max(image["probabilities"].values())
+    specimen = reply["specimen"]
+    assert specimen["probability"] == max(specimen[c] for c in reply["classes"]) and 0 < specimen["confidence"] <= 1
+    assert "path" not in specimen  # the uploads' temporary folder is nobody's
+    page = client.get("/").text
+    assert "<th>calibrated confidence</th><th>probability</th>" in page and "mean probability ${" in page
+
+
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver (make test installs them)")
 def test_page_in_headless_chromium_classifies_two_uploaded_images(tiny_run: TinyRun, tmp_path: Path):
     from selenium import webdriver
@@ -126,7 +138,16 @@ def test_page_in_headless_chromium_classifies_two_uploaded_images(tiny_run: Tiny
         assert len(shown) == 2 and all(
             c in ("H1", "H2", "H3") or c.startswith("uncertain (most probable H") for c in shown
         )
-        assert driver.find_element(By.ID, "decision").text.startswith("Specimen: ")
+        decision = driver.find_element(By.ID, "decision").text
+        assert decision.startswith("Specimen: ")
+        assert re.search(r"calibrated confidence \d\.\d\d, mean probability \d\.\d\d", decision), decision
+        for row in driver.find_elements(By.CSS_SELECTOR, ".image-row"):  # the class's probability, labelled
+            probabilities = row.find_element(By.CSS_SELECTOR, ".probabilities").text
+            highest = max(float(p) for p in re.findall(r"H\d (\d\.\d\d)", probabilities))
+            assert float(row.find_element(By.CSS_SELECTOR, ".probability").text) == highest
+            assert re.fullmatch(r"\d\.\d\d", row.find_element(By.CSS_SELECTOR, ".confidence").text)
+        headers = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "#results th")]
+        assert headers[3:5] == ["calibrated confidence", "probability"]
         assert len(driver.find_elements(By.CSS_SELECTOR, ".image-row img")) == 4  # each image and its map
         screenshot = Path(os.environ.get("DEFUNGI_SCREENSHOT", tmp_path / "page.png"))
         assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000

@@ -459,7 +459,7 @@ class CrossValidation(FitProtocol):
             parameters=records[0].metrics.parameters,
             timing=_summed_timing(records),
             best_epochs=[e for r in records for e in r.metrics.best_epochs],
-            stop_reason="; ".join(f"fold {k}: {r.metrics.stop_reason}" for k, r in enumerate(records)),
+            stop_reason="; ".join(f"fold {k}: {r.metrics.stop_reason}" for k, r in enumerate(records, 1)),
             parts={"test": from_dict(PartScores, oof, "out of fold")},
             # what answers can be trusted to is fitted on some folds and checked on another: 2 folds at least
             trust=assess(

@@ -85,33 +85,39 @@ def contact_sheet(
     limit: int = 100,
     what: str = "excluded",
 ) -> Path:
-    """A grid of thumbnails (e.g. the excluded outliers) with a caption over each; the title counts them.
-    The thumbnails are laid out in one picture (one axes: a sheet of 100 draws in a fraction of a second)."""
+    """A grid of thumbnails (e.g. the excluded outliers) with a caption of one or more lines over each
+    and, right above them, a title that counts them; no wider than the thumbnails shown (up to
+    `columns`). The thumbnails are laid out in one picture (one axes: a sheet of 100 draws in a
+    fraction of a second)."""
     from defungi.data.cache import DECODE_ERRORS, open_image, square
 
     shown = list(zip(paths, captions, strict=True))[:limit]
-    rows, gap = max(1, -(-len(shown) // columns)), thumb // 5  # the gap above each thumbnail holds its caption
-    sheet = np.full((rows * (thumb + gap), columns * (thumb + gap // 2), 3), 255, dtype=np.uint8)
-    width = columns * 1.3  # inches; the figure has the sheet's shape and a line for the title, no more
-    height = width * sheet.shape[0] / sheet.shape[1]
-    fig = plt.figure(figsize=(width, height + 0.35))
-    ax = fig.add_axes((0, 0, 1, height / (height + 0.35)))
+    columns = max(1, min(columns, len(shown)))
+    lines = max((caption.count("\n") + 1 for _, caption in shown), default=1)
+    margin = thumb // 10  # about one caption line: beside each thumbnail, and between a row and the captions under it
+    rows, band = max(1, -(-len(shown) // columns)), margin * lines  # the band above a thumbnail holds its caption
+    sheet = np.full((rows * (thumb + band + margin) - margin, columns * (thumb + margin), 3), 255, dtype=np.uint8)
+    width = columns * 1.3  # inches; the figure has the sheet's shape, the title sits on top of it
+    fig = plt.figure(figsize=(width, width * sheet.shape[0] / sheet.shape[1]))
+    ax = fig.add_axes((0, 0, 1, 1))
     ax.axis("off")
-    cells = []
+    cells, unreadable = [], []
     for k, (p, caption) in enumerate(shown):
-        top, left = (k // columns) * (thumb + gap) + gap, (k % columns) * (thumb + gap // 2)
+        top, left = (k // columns) * (thumb + band + margin) + band, (k % columns) * (thumb + margin)
         try:
             sheet[top : top + thumb, left : left + thumb] = np.asarray(square(open_image(Path(p), thumb), thumb))
         except DECODE_ERRORS:
-            caption = f"{caption}\n(unreadable)"
+            unreadable.append((left + thumb / 2, top + thumb / 2))
         cells.append((left + thumb / 2, top - 2, caption))
     ax.imshow(sheet, interpolation="nearest")
     for x, y, caption in cells:
         ax.text(x, y, caption, ha="center", va="bottom", fontsize=6)
+    for x, y in unreadable:
+        ax.text(x, y, "(unreadable)", ha="center", va="center", fontsize=6)
     if not shown:
         ax.text(0, sheet.shape[0] / 2, f"nothing {what}", fontsize=10)
     title = f"{len(paths)} {what}" + (f" (first {limit} shown)" if len(paths) > limit else "")
-    fig.suptitle(title, fontsize=9, y=1 - 0.1 / (height + 0.35))
+    ax.set_title(title, fontsize=9, pad=5)
     return _save(fig, path)
 
 
@@ -295,7 +301,7 @@ def plot_folds(folds: Sequence[FoldScores], path: Path, title: str = "macro-F1 p
         values = [getattr(f, key) for f in folds]
         bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, label=f"{label} (mean {np.mean(values):.3f})")
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set(xticks=x, xticklabels=[f"fold {f.fold + 1}\n{f.test_samples} samples" for f in folds], ylim=(0, 1))
+    ax.set(xticks=x, xticklabels=[f"fold {f.number}\n{f.test_samples} samples" for f in folds], ylim=(0, 1))
     ax.set(ylabel="test macro-F1", title=title)
     ax.legend(fontsize=7)
     return _save(fig, path)

@@ -16,7 +16,13 @@ from defungi.report.plots import (
     plot_reliability,
     plot_risk_coverage,
 )
-from defungi.report.trust import calibration_section, card_section, selective_section, set_table, trust_section
+from defungi.report.trust import (
+    calibration_section,
+    card_section,
+    selective_section,
+    set_section,
+    trust_section,
+)
 from defungi.results.ood import OodCheck
 from defungi.results.run import Evaluation, model_card, read_evaluation, read_run_metrics
 
@@ -69,16 +75,23 @@ def render_run(run_dir: str | Path) -> list[Path]:
 
 def render_confident_errors(predictions: Path, path: Path, limit: int = 20) -> Path:
     """A contact sheet of the most confidently wrong images of a predictions CSV (test or out of
-    fold), each captioned true -> predicted and the predicted class's probability."""
-    wrong = []
-    for r in read_table(predictions):
-        if r["prediction"] and r["prediction"] != r["class"]:  # refused images have no prediction
-            wrong.append((float(r[f"p_{r['prediction']}"]), r))
-    wrong.sort(key=lambda pr: -pr[0])
-    shown = wrong[:limit]
-    captions = [f"{r['class']}->{r['prediction']} {p:.2f}" for p, r in shown]
-    paths = [Path(r["path"]) for _, r in shown]
-    return contact_sheet(paths, captions, path, limit=limit, what=f"most confidently wrong (of {len(wrong)} wrong)")
+    fold), each captioned with its file name, true -> predicted and the model's probability of that."""
+    shown = confident_errors(read_table(predictions))
+    captions = [f"{short_name(r['path'])}\n{r['class']}->{r['prediction']} {p:.2f}" for p, r in shown[:limit]]
+    what = f"most confidently wrong (of {len(shown)} wrong; true->predicted, the model's probability)"
+    return contact_sheet([Path(r["path"]) for _, r in shown[:limit]], captions, path, limit=limit, what=what)
+
+
+def confident_errors(rows: list[dict[str, str]]) -> list[tuple[float, dict[str, str]]]:
+    """The wrong rows of a predictions table with their predicted class's probability, most probable first."""
+    wrong = [(float(r[f"p_{r['prediction']}"]), r) for r in rows if r["prediction"] and r["prediction"] != r["class"]]
+    return sorted(wrong, key=lambda pr: -pr[0])  # refused images have no prediction
+
+
+def short_name(path: str, width: int = 24) -> str:
+    """A file's name as a thumbnail's caption holds it: whole, or its start and end around an ellipsis."""
+    name = Path(path).name
+    return name if len(name) <= width else f"{name[: width // 2 - 1]}…{name[-(width // 2) :]}"
 
 
 def render_exclusions(table: Path, path: Path) -> Path:
@@ -172,7 +185,7 @@ def build_evaluation_report(out_dir: str | Path) -> Path:
     page.table(interval_table(rows))
     if result.sets and result.level is not None:
         page.heading("Prediction sets", level=2)
-        page.table(set_table(result.sets, result.level))
+        set_section(page, [(result.level, unit, "as answered", check) for unit, check in result.sets.items()])
     if result.ood is not None:
         page.text(refusals_line(result.ood, "This folder's images"))
     asked = [result.selective] if result.selective and result.selective not in result.promises else []

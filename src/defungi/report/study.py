@@ -232,7 +232,7 @@ def _final(result: Final, step: StepPage) -> Drawn:
     folds = Table(
         ["split", "fold", "test images / samples", "F1 per image", "F1 per sample"],
         [
-            [mode, str(f.fold), f"{f.test_images} / {f.test_samples}", f"{f.f1:.3f}", f"{f.sample_f1:.3f}"]
+            [mode, str(f.number), f"{f.test_images} / {f.test_samples}", f"{f.f1:.3f}", f"{f.sample_f1:.3f}"]
             for mode, rows in result.folds.items()
             for f in rows
         ],

@@ -136,6 +136,11 @@ class FoldScores:
     sample_accuracy: float
     sample_f1: float
 
+    @property
+    def number(self) -> int:
+        """The fold as pages, figures and logs count it, 1..K (`fold` indexes its folder, fold-0...)."""
+        return self.fold + 1
+
 
 @dataclass
 class Spread:

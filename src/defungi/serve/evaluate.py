@@ -255,21 +255,24 @@ def _refusals(model: Predictor, specimens: list[dict[str, Any]]) -> OodCheck | N
 
 
 def _write_tables(out: EvaluationLayout, classes: list[str], specimens: list[dict[str, Any]]) -> None:
-    """predictions.csv (a row per classified image) and specimens.csv (a row per specimen)."""
+    """predictions.csv (a row per classified image) and specimens.csv (a row per specimen): 'confidence'
+    calibrated, 'probability' the model's (a specimen's: pooled) of the predicted class."""
     images = [
         [r["path"], s["specimen"], r["label"], r.get("class", ""), r.get("decision", r.get("status", "")),
-         f"{r['confidence']:.6f}" if "class" in r else "", r.get("set", ""),
+         f"{r['confidence']:.6f}" if "class" in r else "", f"{r['probability']:.6f}" if "class" in r else "",
+         r.get("set", ""),
          f"{r['ood']:.4f}" if "ood" in r else ""] + [f"{r[c]:.6f}" if "class" in r else "" for c in classes]
         for s in specimens
         for r in s["rows"]
         if "class" in r or "ood" in r
     ]  # fmt: skip
-    head = ["path", "sample", "class", "prediction", "decision", "confidence", "set", "ood"]
+    head = ["path", "sample", "class", "prediction", "decision", "confidence", "probability", "set", "ood"]
     head += [f"p_{c}" for c in classes]
     atomic_write_text(out.predictions, _csv(head, images))
     rows = [
         [s["specimen"], s.get("label") or "", s.get("class", ""), s.get("answer", s.get("status", "")),
-         f"{s['confidence']:.6f}" if "confidence" in s else "", s.get("set", ""), s["counted"], s["images"],
+         f"{s['confidence']:.6f}" if "confidence" in s else "", f"{s['probability']:.6f}" if "confidence" in s else "",
+         s.get("set", ""), s["counted"], s["images"],
          "" if not s.get("label") or "class" not in s else ("right" if s["class"] == s["label"] else "wrong"),
          "" if not s.get("label") or "set_classes" not in s else ("yes" if s["label"] in s["set_classes"] else "no")]
         for s in specimens
@@ -280,6 +283,7 @@ def _write_tables(out: EvaluationLayout, classes: list[str], specimens: list[dic
         "prediction",
         "answer",
         "confidence",
+        "probability",
         "set",
         "images_decided",
         "images",

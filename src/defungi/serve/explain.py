@@ -179,8 +179,10 @@ def explained(
 
 
 def figure_title(row: dict[str, Any]) -> str:
-    """What a figure explains: the file, the class and its calibrated probability, the decision, the truth."""
-    said = f"predicted {row['decision']} ({row['confidence']:.2f})  ·  true {row['label'] or 'unknown'}"
+    """What a figure explains: the file, the class and its calibrated probability, the decision (its
+    calibrated confidence beside the model's probability), the truth."""
+    shown = f"calibrated confidence {row['confidence']:.2f}, probability {row['probability']:.2f}"
+    said = f"predicted {row['decision']} ({shown})  ·  true {row['label'] or 'unknown'}"
     why = f"evidence for {row['explained']} (calibrated probability {row['explained_probability']:.2f})"
     return f"{Path(row['path']).name}: {why}\n{said}"
 

@@ -19,8 +19,9 @@ def format_predictions(result: Predictions, fmt: str) -> str:
 
 
 def as_json(result: Predictions) -> str:
-    """The image rows; with specimens, the specimens (each holding its image rows), their metrics, how
-    to read the answers and the model card."""
+    """The image rows; with specimens, the specimens (each holding its image rows and its folder,
+    'path'), their metrics, how to read the answers and the model card. A row's refusal score is its
+    'ood' (see serve.predict.classify)."""
     if result.specimens is None:
         return json.dumps(result.rows, indent=2) + "\n"
     card = None if result.card is None else to_dict(result.card)
@@ -29,35 +30,50 @@ def as_json(result: Predictions) -> str:
 
 
 def as_csv(result: Predictions) -> str:
-    """One line per specimen and per image, a column per class; blank cells where a row has no value."""
+    """One line per specimen (its path: the folder of its images) and per image, a column per class,
+    the refusal score (an image's 'ood': over 1 is refused as not a micrograph); blank cells where a
+    row has no value."""
     out = io.StringIO()
     writer = csv.writer(out)
-    keys = ("path", "label", "class", "decision", "confidence", "set", "answer", *result.classes)
-    writer.writerow(["level", "specimen", *keys, "status"])
+    keys = ("path", "label", "class", "decision", "confidence", "probability", "set", "set_size", "answer")
+    keys += tuple(result.classes)
+    writer.writerow(["level", "specimen", *keys, "refusal_score", "status"])
     for level, specimen, r in _levels(result):
-        cells = (r.get(k) for k in keys)
+        cells = [*(r.get(k) for k in keys), r.get("ood")]
         writer.writerow([level, specimen, *("" if c is None else c for c in cells), _status(r)])
     return out.getvalue()
 
 
+CONFIDENCE, PROBABILITY = "calibrated confidence", "probability"
+LEGEND = (
+    f"{PROBABILITY}: the model's probability of the class (a specimen's: its counted images' pooled by the "
+    "run's specimen rule, their mean by default); "
+    f"{CONFIDENCE}: that probability calibrated by the temperature the run checked (what thresholds use)"
+)
+
+
 def as_table(result: Predictions) -> str:
-    """Aligned columns (a specimen's images indented under it, its answer beside it), then how to read
-    the answers, the specimens' metrics and the model card."""
+    """Aligned columns (a specimen's images indented under it, its answer beside it), what the
+    calibrated confidence and the probability are, then how to read the answers, the specimens'
+    metrics and the model card."""
     classes, nested = result.classes, result.specimens is not None
     width = max(len(r["path"]) for r in result.rows) + 2
     sets = max((len(r.get("set", "")) for _, _, r in _levels(result)), default=0)
-    head = f"{'path':<{width}}  {'decision':>9}  {'conf':>5}  {'set':<{sets}}  " + "  ".join(f"{c:>6}" for c in classes)
-    lines = [head]
+    conf, prob = len(CONFIDENCE), len(PROBABILITY)
+    head = f"{'path':<{width}}  {'decision':>9}  {CONFIDENCE}  {PROBABILITY}  {'set':<{sets}}  "
+    lines = [head + "  ".join(f"{c:>6}" for c in classes)]
     for level, _, r in _levels(result):
         name = r["path"] if level != "specimen" else r["specimen"]
         name = f"  {name}" if level == "image" and nested else name
         if "class" in r:
             probs = "  ".join(f"{r[c]:6.3f}" for c in classes)
-            cells = f"{r['decision']:>9}  {r['confidence']:5.2f}  {r.get('set', ''):<{sets}}  {probs}"
+            cells = f"{r['decision']:>9}  {r['confidence']:>{conf}.2f}  {r['probability']:>{prob}.2f}"
+            cells += f"  {r.get('set', ''):<{sets}}  {probs}"
             answer = f"  -> {r['answer']}" if level == "specimen" else ""
             lines.append(f"{name:<{width}}  {cells}{_count(r)}{answer}")
         else:
             lines.append(f"{name:<{width}}  {_status(r)}{_count(r)}")
+    lines.append(LEGEND)
     lines += [f"answers: {result.note}"] if result.note else []
     if result.metrics is not None:
         lines.append(metrics_line(f"per specimen ({result.metrics['n']} with a known class)", result.metrics))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,9 +71,9 @@ def predict(
     class; or 'no fungus visible' for an image under the run's variance threshold (blank or
     blurred: training leaves such images out, so they are not classified), 'not a fungus micrograph'
     for one whose out-of-distribution score ('ood', see train.ood) is over 1, or the error.
-    The class probabilities are the model's, as the run scored them; 'confidence' is the most
-    probable class's probability calibrated as the run measured it helped, 'set' the classes the
-    image's prediction set holds (see Answers), and 'decision' the class or 'uncertain'."""
+    The class probabilities are the model's, as the run scored them, and 'probability' the most
+    probable class's; 'confidence' is that probability calibrated as the run measured it helped, 'set'
+    the classes the image's prediction set holds (see Answers), and 'decision' the class or 'uncertain'."""
     answers = answers or Answers.of(model)
     chunks = prefetched(decoded_chunks(model, expand_paths(paths)), 1)  # the next chunk decodes while one computes
     return [row for rows, pixels in chunks for row in classify(model, rows, pixels, tta, prior_weight, answers)]
@@ -124,11 +125,11 @@ def classify(
     computed: Scores | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of decode with the out-of-distribution score ('ood', where the run has a detector) of
-    every decoded image, and the class, calibrated confidence, prediction set, decision and
-    probabilities of those that are not refused as 'not a fungus micrograph' (score over results.ood.REFUSE;
-    'unlike_training' marks those answered with a score over 1: unlike the training micrographs; answers:
-    as the run measured, by default; computed: the model's scores of the pixels when a pass already made
-    them)."""
+    every decoded image, and the class, calibrated confidence, the class's probability, prediction
+    set, decision and probabilities of those that are not refused as 'not a fungus micrograph' (score
+    over results.ood.REFUSE; 'unlike_training' marks those answered with a score over 1: unlike the
+    training micrographs; answers: as the run measured, by default; computed: the model's scores of the
+    pixels when a pass already made them)."""
     if not pixels:
         return rows
     answers = answers or Answers.of(model)
@@ -141,7 +142,8 @@ def classify(
             result[path] = {"status": NOT_MICROGRAPH, "ood": float(ood[k])}
             continue
         best, conf = model.classes[int(p.argmax())], float(calibrated[k].max())
-        result[path] = {"class": best, "confidence": conf, "decision": best if conf >= answers.abstain else UNCERTAIN}
+        result[path] = {"class": best, "confidence": conf, "probability": float(p.max())}
+        result[path]["decision"] = best if conf >= answers.abstain else UNCERTAIN
         result[path] |= answers.set_fields(sets, k, model.classes)
         result[path] |= {c: float(v) for c, v in zip(model.classes, p, strict=True)}
         result[path] |= {"ood": float(ood[k]), "unlike_training": bool(ood[k] > 1)} if ood is not None else {}
@@ -269,11 +271,11 @@ def by_specimen(
 ) -> list[dict[str, Any]]:
     """One decision per specimen: the probabilities of its images that were classified and not
     'uncertain' pooled by the run's specimen rule (the mean, unless train.specimen_rule says otherwise:
-    the rule the sample-level metrics use), then the most probable class; its confidence
-    calibrated at the specimen level, its prediction set, and 'uncertain' (answer: not sure) under the
-    selective threshold; 'no fungus visible' (or 'not a fungus micrograph') when none of its images
-    could be classified. Each specimen
-    keeps its image rows."""
+    the rule the sample-level metrics use), then the most probable class and its pooled probability
+    ('probability'); its confidence calibrated at the specimen level, its prediction set, and
+    'uncertain' (answer: not sure) under the selective threshold; 'no fungus visible' (or 'not a fungus
+    micrograph') when none of its images could be classified. Each specimen keeps its image rows, and
+    its 'path' is the folder that holds them all."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(specimen_of(Path(row["path"]), group_by), []).append(row)
@@ -286,7 +288,8 @@ def _specimen(name: str, members: list[dict[str, Any]], model: Predictor, answer
     classified = [r for r in members if "class" in r]
     counted = [r for r in classified if r["decision"] != UNCERTAIN]
     labels = {r["label"] for r in members if r.get("label")}
-    decision: dict[str, Any] = {"specimen": name, "label": labels.pop() if len(labels) == 1 else None}
+    folder = os.path.commonpath([str(Path(r["path"]).parent) for r in members])
+    decision: dict[str, Any] = {"specimen": name, "path": folder, "label": labels.pop() if len(labels) == 1 else None}
     decision |= {"images": len(members), "classified": len(classified), "counted": len(counted)}
     decision["no_fungus"] = sum(r.get("status") == NO_FUNGUS for r in members)
     decision["refused"] = sum(r.get("status") == NOT_MICROGRAPH for r in members)
@@ -299,7 +302,8 @@ def _specimen(name: str, members: list[dict[str, Any]], model: Predictor, answer
         calibrated = temper(mean, model.temperature("specimen"))
         best, conf = classes[int(mean.argmax())], float(calibrated.max())
         sure = answers.selective is None or conf >= answers.selective.threshold
-        decision |= {"class": best, "confidence": conf, "decision": best if sure else UNCERTAIN}
+        decision |= {"class": best, "confidence": conf, "probability": float(mean.max())}
+        decision["decision"] = best if sure else UNCERTAIN
         decision |= answers.set_fields(answers.sets("specimen", calibrated, classes), 0, classes)
         decision |= {c: float(v) for c, v in zip(classes, mean[0], strict=True)}
         decision["answer"] = answers.specimen_answer(decision)

@@ -1,5 +1,6 @@
 """A local web page for one specimen at a time (FastAPI): drop its images, see each image's class,
-probabilities and class activation map (HiResCAM), and the specimen's decision with its calibrated confidence."""
+probabilities and class activation map (HiResCAM), and the specimen's decision with its calibrated confidence
+beside its mean probability."""
 
 from __future__ import annotations
 
@@ -80,8 +81,9 @@ def png_data_url(pixels: np.ndarray) -> str:
 
 
 def answer(model: Predictor, uploads: list[tuple[str, bytes]], answers: Answers, limits: Limits) -> dict[str, Any]:
-    """The page's answer: a row per upload (class, probabilities, its map; or why not) and the
-    specimen's decision. Uploads are written to a temporary folder that is removed afterwards."""
+    """The page's answer: a row per upload (class, calibrated confidence and the class's probability,
+    probabilities, its map; or why not) and the specimen's decision. Uploads are written to a temporary
+    folder that is removed afterwards."""
     screened = [screen(data, limits) for _, data in uploads]
     refused = {i: why for i, (why, _) in enumerate(screened) if why}
     if len(refused) == len(uploads):
@@ -101,14 +103,15 @@ def answer(model: Predictor, uploads: list[tuple[str, bytes]], answers: Answers,
             row["error"] = "unreadable or truncated image"
         shown = {"name": name, "status": row.get("error") or row.get("status") or ""}
         if "class" in row:
-            shown |= {k: row.get(k) for k in ("class", "decision", "confidence", "set")}
+            shown |= {k: row.get(k) for k in ("class", "decision", "confidence", "probability", "set")}
             shown |= {"probabilities": {c: row[c] for c in model.classes}, "image": png_data_url(row["image"])}
             shown["gradcam"] = png_data_url(row["overlay"])
         images.append(shown | {"row": {k: v for k, v in row.items() if k not in ("image", "overlay", "path")}})
     specimen = by_specimen(
         [img["row"] | {"path": f"specimen/{i}"} for i, img in enumerate(images)], model, answers, group_by="folder"
     )
-    decision = {k: v for k, v in specimen[0].items() if k not in ("rows", "specimen", "label")} if images else {}
+    hidden = ("rows", "specimen", "path", "label")  # path: the made-up folder of the uploads
+    decision = {k: v for k, v in specimen[0].items() if k not in hidden} if images else {}
     shown_images = [{k: v for k, v in i.items() if k != "row"} for i in images]
     return {"classes": model.classes, "images": shown_images, "specimen": decision, "note": answers.note()}
 

@@ -219,6 +219,7 @@ class SelectiveCheck:
     n: int = 0
     n_answered: int = 0
     share_expected: float = 0.0  # the share of the run's held-out specimens answered at the threshold
+    accuracy_held_out: float = 0.0  # of those held-out specimens answered (0: recorded before promises)
     share_interval: list[float] = field(default_factory=list)  # of `answered`, over this folder's specimens
 
     def summary(self) -> str:

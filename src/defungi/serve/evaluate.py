@@ -214,7 +214,8 @@ def _selective_rows(checks: list[SelectiveCheck]) -> list[CardRow]:
     for c in checks:
         if c.n_answered:
             figure = f"specimens answered at {c.target_accuracy:.0%} target: accuracy"
-            rows.append(card_row(figure, "at least", c.target_accuracy, [], c.accuracy, c.interval, c.target_accuracy))
+            held_out = c.accuracy_held_out
+            rows.append(card_row(figure, "at least", held_out, [], c.accuracy, c.interval, c.target_accuracy))
         if c.n and c.share_promised:
             figure = f"specimens answered at {c.target_accuracy:.0%} target: share"
             rows.append(card_row(figure, "two-sided", c.share_expected, c.share_promised, c.answered, c.share_interval))

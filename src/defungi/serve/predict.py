@@ -345,6 +345,7 @@ def selective_check(promise: SelectivePromise, specimens: list[dict[str, Any]]) 
         n=len(known),
         n_answered=int(answered.sum()),
         share_expected=promise.share,
+        accuracy_held_out=promise.accuracy,
         share_interval=_percentiles(shares),
     )
 

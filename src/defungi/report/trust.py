@@ -7,7 +7,7 @@ from pathlib import Path
 
 from defungi.report.page import Page, Table
 from defungi.results.run import CalibrationCheck, CardRow, SelectiveCheck
-from defungi.results.trust import SelectivePromise, SetCheck, TemperatureCheck, Trust
+from defungi.results.trust import PromiseCheck, SelectivePromise, SetCheck, TemperatureCheck, Trust
 
 CARD_SIDES = {"two-sided": "it differs", "at most": "it is higher", "at least": "it is lower"}  # than promised
 CARD_RULE = (
@@ -88,15 +88,19 @@ def trust_section(page: Page, trust: Trust, figure: Path | None = None) -> None:
         page.figure(figure)
 
 
+def _promise_check(c: PromiseCheck) -> str:
+    """One cross-fitted check, e.g. 'fold 1: 39/89 answered, 0.85 right'."""
+    if c.threshold is None:
+        return f"fold {c.fold}: the other folds promised nothing"
+    right = f"{c.accuracy:.2f} right" if c.accuracy is not None else "none answered"
+    return f"fold {c.fold}: {c.answered}/{c.units} answered at {c.threshold:.2f}, {right}"
+
+
 def promise_table(promises: list[SelectivePromise]) -> Table:
     """Per target: the threshold, the share to expect answered, and each cross-fitted check's outcome."""
     rows = []
     for p in promises:
-        folds = "; ".join(
-            f"fold {c.fold}: {c.answered}/{c.units} answered, "
-            + (f"{c.accuracy:.2f} right" if c.accuracy is not None else "none answered")
-            for c in p.checked
-        )
+        folds = "; ".join(_promise_check(c) for c in p.checked)
         low, high = p.share_interval
         rows.append(
             [

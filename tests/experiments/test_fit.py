@@ -78,7 +78,10 @@ def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(
     monkeypatch.setattr(fit_module, "train_one_epoch", fails_on_call(real, 2))  # dies in the second epoch
     with pytest.raises(KeyboardInterrupt):
         _fit(config, data, tmp_path / "run")
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
+    if kind == "images":  # checkpointed every epoch; a head on cached features only at its end (seconds)
+        assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
+    else:
+        assert not (tmp_path / "run" / "last.pt").exists()
     monkeypatch.setattr(fit_module, "train_one_epoch", real)
     resumed = _fit(config, data, tmp_path / "run")
     assert len(resumed.history) == 3 and _history(resumed) == _history(whole)

@@ -490,8 +490,9 @@ def _history_row(
     }
 
 
-def _save(run: RunDir, task: _Task, learner: _Learner, progress: _Progress, epoch: int, improved: bool) -> None:
-    """best.pt when the epoch improved on the best, last.pt (with what a resume needs) every epoch."""
+def _save(run: RunDir, task: _Task, learner: _Learner, progress: _Progress, epoch: int, best: bool) -> None:
+    """best.pt with the best epoch's weights (when best: the epoch improved on it, or the fit ends),
+    last.pt with this epoch's and what a resume needs."""
     checkpoint = RunDir.checkpoint(
         learner.scored,
         task.config,
@@ -501,8 +502,8 @@ def _save(run: RunDir, task: _Task, learner: _Learner, progress: _Progress, epoc
         epoch,
         learner.stopper.best,
     )
-    if improved:
-        run.save_best(checkpoint)
+    if best and progress.best_state is not None:
+        run.save_best(checkpoint | {"state_dict": progress.best_state, "epoch": learner.stopper.best_epoch})
     progress_state = {"history": progress.history, "train_seconds": progress.train_seconds}
     run.save_last(checkpoint, learner.training_state() | progress_state)
 
@@ -526,10 +527,12 @@ def _train(
     on_epoch: Callable[[], None],
 ) -> None:
     """The epochs from progress.start_epoch until the budget is used or early stopping ends them:
-    every rank trains and takes rank 0's history row; rank 0 keeps the best weights and checkpoints;
-    on_epoch is told of each epoch (the job's progress)."""
+    every rank trains and takes rank 0's history row; rank 0 keeps the best weights and checkpoints
+    them every epoch (a head on cached features, whose epochs take a fraction of a second, at its end
+    only: its checkpoints took longer than its training); on_epoch is told of each epoch (the job's progress)."""
     tc, stopper = task.config.train, learner.stopper
     stopped = bool(stopper.reason)
+    each_epoch = not isinstance(source, _Features)  # a head on cached features: its fit takes seconds; saved at its end
     for epoch in range(progress.start_epoch, tc.epochs):
         if stopped:
             break
@@ -556,9 +559,11 @@ def _train(
         )
         if improved and sync.main:
             progress.best_state = {k: v.detach().clone() for k, v in learner.scored.state_dict().items()}
-        if run is not None and sync.main:
+        if run is not None and sync.main and each_epoch:
             _save(run, task, learner, progress, epoch, improved)
         on_epoch()
+    if run is not None and sync.main and not each_epoch and progress.history:
+        _save(run, task, learner, progress, len(progress.history) - 1, True)
     if stopper.reason:
         log.info("early stop: %s", stopper.reason)
 

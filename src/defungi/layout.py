@@ -88,7 +88,7 @@ class RunLayout:
         return self.root / "oof.csv"
 
     def figure(self, name: str) -> Path:
-        """A figure drawn from the run's files (training_curves, confusion_test, excluded...)."""
+        """A figure drawn from the run's files (training_curves, confusion_test, refused, excluded...)."""
         return self.root / f"{name}.png"
 
     def evaluation(self, name: str) -> EvaluationLayout:
@@ -140,7 +140,8 @@ class EvaluationLayout:
         return self.root / "specimens.csv"
 
     def figure(self, name: str) -> Path:
-        """confusion (images), confusion_specimens, confident_errors, reliability_image, reliability_specimen."""
+        """confusion (images), confusion_specimens, confident_errors, reliability_image, reliability_specimen,
+        refused, excluded."""
         return self.root / f"{name}.png"
 
     @property

@@ -4,7 +4,7 @@ import csv
 import io
 
 from defungi.serve.format import as_csv, as_table
-from defungi.serve.predict import Predictions
+from defungi.serve.predict import Predictions, reason
 
 CLASSES = ["H1", "H2"]
 
@@ -43,3 +43,21 @@ def test_table_labels_the_calibrated_confidence_and_the_probability():
     assert image[head.index("calibrated confidence") :].split()[:2] == ["0.93", "0.82"]
     legend = next(line for line in lines if line.startswith("probability: "))
     assert "a specimen's: its counted images'" in legend and "calibrated confidence: " in legend
+
+
+def test_an_image_not_answered_reads_with_its_reason_and_its_figure():
+    result = _predictions()
+    faint = {"path": "/lab/s1/c.jpg", "label": "H1", "status": "no fungus visible", "grey_variance": 14.23,
+             "variance_threshold": 20.0}  # fmt: skip
+    result.rows.append(faint)
+    result.specimens[0]["rows"].append(faint)
+    lines = as_table(result).splitlines()
+    said = {name: line.split(name, 1)[1].strip() for line in lines for name in ("b.jpg", "c.jpg") if name in line}
+    assert said == {
+        "b.jpg": "not a fungus micrograph (refusal score 3.50, refused over 1.5)",
+        "c.jpg": "no fungus visible (grey variance 14.2, under the threshold 20)",
+    }
+    rows = {r["path"]: r for r in csv.DictReader(io.StringIO(as_csv(result)))}
+    assert rows["/lab/s1/c.jpg"]["grey_variance"] == "14.23" and rows["/lab/s1/c.jpg"]["status"] == "no fungus visible"
+    assert rows["/lab/s1/b.jpg"]["grey_variance"] == "" and rows["/lab/s1/b.jpg"]["refusal_score"] == "3.5"
+    assert reason({"specimen": "s2", "status": "not a fungus micrograph"}) == "not a fungus micrograph"  # no figure

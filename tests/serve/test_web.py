@@ -1,3 +1,4 @@
+import base64
 import io
 import os
 import re
@@ -16,7 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from defungi.serve.predictor import torch_predictor
+from defungi.data.cache import decode_one
+from defungi.serve.predict import NO_FUNGUS, NOT_MICROGRAPH
+from defungi.serve.predictor import Predictor, Scores, torch_predictor
 from defungi.serve.web import create_app
 from tests.conftest import REAL_DATA, TinyRun, free_port, make_image
 
@@ -96,6 +99,50 @@ def test_answers_show_the_calibrated_confidence_beside_the_probability(client: T
     assert "<th>calibrated confidence</th><th>probability</th>" in page and "mean probability ${" in page
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _pixels(data_url: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_images_not_answered_show_their_thumbnail_and_why_with_their_figures(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A refused upload and a near-blank one: each its thumbnail (the pixels the model would see) and
+    its reason with its score or variance; an answered one flagged unlike the training specimens says
+    so; an unreadable one its reason alone; the message line counts each kind."""
+    answer = Predictor.answer
+
+    def scored(self: Predictor, images: np.ndarray, *args, **kwargs) -> Scores:  # the first refused, the second flagged
+        return Scores(answer(self, images, *args, **kwargs).probabilities, np.r_[2.31, 1.21][: len(images)])
+
+    monkeypatch.setattr(Predictor, "answer", scored)
+    faint = np.clip(128 + np.random.default_rng(0).normal(0, 2, (40, 40, 3)), 0, 255).astype(np.uint8)
+    uploads = {"photo.jpg": _jpeg(1), "odd.jpg": _jpeg(2), "faint.png": _png(faint), "notes.txt": b"text\n"}
+    body = client.post("/api/predict", files=[("files", (n, d)) for n, d in uploads.items()]).json()
+    refused, odd, blank, notes = body["images"]
+    assert refused["status"] == NOT_MICROGRAPH and "class" not in refused
+    assert refused["reason"] == "not a fungus micrograph (refusal score 2.31, refused over 1.5)"
+    (tmp_path / "faint.png").write_bytes(uploads["faint.png"])
+    size = _pixels(blank["image"]).shape[0]
+    pixels, variance, _ = decode_one(tmp_path / "faint.png", size)
+    assert 0 < variance < 15 and blank["status"] == NO_FUNGUS
+    assert blank["reason"] == f"no fungus visible (grey variance {variance:.1f}, under the threshold 15)"
+    assert np.array_equal(_pixels(blank["image"]), pixels)  # the upload as the model would see it
+    (tmp_path / "photo.jpg").write_bytes(uploads["photo.jpg"])
+    assert np.array_equal(_pixels(refused["image"]), decode_one(tmp_path / "photo.jpg", size)[0])
+    assert odd["class"] and odd["flag"] == "unlike the training specimens (score 1.21): check it"
+    assert "image" not in notes and notes["reason"].startswith("not an image")
+    assert body["not_answered"] == {"refused as not a fungus micrograph": 1, "no fungus visible": 1,
+                                    "could not be read": 1}  # fmt: skip
+    assert body["specimen"]["refused"] == 1 and body["specimen"]["no_fungus"] == 1
+
+
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium/chromedriver (make test installs them)")
 def test_page_in_headless_chromium_classifies_two_uploaded_images(tiny_run: TinyRun, tmp_path: Path):
     from selenium import webdriver
@@ -109,6 +156,8 @@ def test_page_in_headless_chromium_classifies_two_uploaded_images(tiny_run: Tiny
         images = [tmp_path / f"H{i}_1a_1.jpg" for i in (1, 2)]
         for i, path in enumerate(images):
             path.write_bytes(_jpeg(i))
+    images.append(tmp_path / "blank.png")  # not classified: its thumbnail and why, with its variance
+    Image.new("RGB", (40, 40), (128, 128, 128)).save(images[-1])
     port = free_port()
     cmd = [sys.executable, "-m", "defungi.cli", "serve", str(tiny_run.run), "--port", str(port)]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -133,22 +182,25 @@ def test_page_in_headless_chromium_classifies_two_uploaded_images(tiny_run: Tiny
         driver.get(f"http://127.0.0.1:{port}/")
         driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in images))
         driver.find_element(By.ID, "submit").click()
-        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".image-row")) == 2)
-        shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".image-row .class")]
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".image-row")) == 3)
+        *shown, blank = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".image-row .class")]
         assert len(shown) == 2 and all(
             c in ("H1", "H2", "H3") or c.startswith("uncertain (most probable H") for c in shown
         )
+        assert blank == "no fungus visible (grey variance 0.0, under the threshold 15)"
+        message = driver.find_element(By.ID, "message").text
+        assert message == "3 image(s) received; not classified: 1 no fungus visible (see below).", message
         decision = driver.find_element(By.ID, "decision").text
         assert decision.startswith("Specimen: ")
         assert re.search(r"calibrated confidence \d\.\d\d, mean probability \d\.\d\d", decision), decision
-        for row in driver.find_elements(By.CSS_SELECTOR, ".image-row"):  # the class's probability, labelled
+        for row in driver.find_elements(By.CSS_SELECTOR, ".image-row")[:2]:  # the class's probability, labelled
             probabilities = row.find_element(By.CSS_SELECTOR, ".probabilities").text
             highest = max(float(p) for p in re.findall(r"H\d (\d\.\d\d)", probabilities))
             assert float(row.find_element(By.CSS_SELECTOR, ".probability").text) == highest
             assert re.fullmatch(r"\d\.\d\d", row.find_element(By.CSS_SELECTOR, ".confidence").text)
         headers = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "#results th")]
         assert headers[3:5] == ["calibrated confidence", "probability"]
-        assert len(driver.find_elements(By.CSS_SELECTOR, ".image-row img")) == 4  # each image and its map
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".image-row img")) == 5  # each image, its map; the blank
         screenshot = Path(os.environ.get("DEFUNGI_SCREENSHOT", tmp_path / "page.png"))
         assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
     finally:

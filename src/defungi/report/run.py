@@ -24,14 +24,15 @@ from defungi.report.trust import (
     trust_section,
 )
 from defungi.results.ood import OodCheck
-from defungi.results.run import Evaluation, model_card, read_evaluation, read_run_metrics
+from defungi.results.run import Evaluation, RunMetrics, model_card, read_evaluation, read_run_metrics
 
 
 def render_run(run_dir: str | Path) -> list[Path]:
     """training_curves.png (the members' curves for an ensemble), confusion_PART.png per scored
-    part and excluded.png, from metrics.json, history.csv and excluded.csv; returns the figures. A
-    cross-validation's page shows its own (folds.png compares the folds); a fold's are drawn by
-    `defungi report RUN/fold-K`."""
+    part, refused.png (the held-out images refused as not fungus micrographs, where any were) and
+    excluded.png (where any image was left out), from metrics.json, history.csv, the held-out
+    predictions and excluded.csv; returns the figures. A cross-validation's page shows its own
+    (folds.png compares the folds); a fold's are drawn by `defungi report RUN/fold-K`."""
     run = RunLayout(Path(run_dir))
     metrics = read_run_metrics(run.metrics)
     split, model, members = metrics.protocol.split, metrics.model, metrics.members
@@ -65,12 +66,19 @@ def render_run(run_dir: str | Path) -> list[Path]:
     if metrics.trust is not None:
         title = f"{label}: accuracy of the specimens answered ({metrics.trust.source})"
         figures.append(plot_risk_coverage(metrics.trust.selective, run.figure("risk_coverage"), title))
-    scored_images = run.oof if run.oof.exists() else run.predictions("test")
+    scored_images = held_out(run)
     if scored_images.exists():
         figures.append(render_confident_errors(scored_images, run.figure("confident_errors")))
-    if run.excluded.exists():
-        figures.append(render_exclusions(run.excluded, run.figure("excluded")))
+    if metrics.ood is not None and (refused := refused_images(scored_images, metrics.ood)):
+        figures.append(render_refused(refused, metrics.ood, run.figure("refused")))
+    if run.excluded.exists() and (excluded := read_table(run.excluded)):
+        figures.append(render_exclusions(excluded, metrics.protocol.variance_threshold, run.figure("excluded")))
     return figures
+
+
+def held_out(run: RunLayout) -> Path:
+    """The predictions of a run's held-out images: out of fold for a cross-validation, else its test part's."""
+    return run.oof if run.oof.exists() else run.predictions("test")
 
 
 def render_confident_errors(predictions: Path, path: Path, limit: int = 20) -> Path:
@@ -94,11 +102,50 @@ def short_name(path: str, width: int = 24) -> str:
     return name if len(name) <= width else f"{name[: width // 2 - 1]}…{name[-(width // 2) :]}"
 
 
-def render_exclusions(table: Path, path: Path) -> Path:
-    """A contact sheet of the images listed in an excluded.csv."""
-    rows = read_table(table)
-    captions = [f"{r['label']} v={r['grey_variance'] or '?'}" for r in rows]
-    return contact_sheet([Path(r["path"]) for r in rows], captions, path)
+def refused_images(predictions: Path, check: OodCheck) -> list[dict[str, str]]:
+    """The rows of a predictions table (test, out of fold or an evaluation's, with refusal scores) whose
+    refusal score is over check's: refused as not fungus micrographs, highest score first; none
+    without the table."""
+    if not predictions.exists():
+        return []
+    refused = [r for r in read_table(predictions, ("ood",)) if float(r["ood"]) > check.refuse_over]
+    return sorted(refused, key=lambda r: -float(r["ood"]))
+
+
+def refused_as(check: OodCheck) -> str:
+    """What the refused images are, with the score over which they were."""
+    return f"refused as not a fungus micrograph (refusal score over {check.refuse_over:g})"
+
+
+def render_refused(rows: list[dict[str, str]], check: OodCheck, path: Path) -> Path:
+    """A contact sheet of refused_images' rows, each captioned with its file name and refusal score."""
+    captions = [f"{short_name(r['path'])}\nrefusal score {float(r['ood']):.2f}" for r in rows]
+    return contact_sheet([Path(r["path"]) for r in rows], captions, path, what=refused_as(check))
+
+
+def render_exclusions(rows: list[dict[str, str]], variance_threshold: float | None, path: Path) -> Path:
+    """A contact sheet of the images left out (excluded.csv's rows, or an evaluation's), each captioned
+    with its file name and why (see exclusion_caption)."""
+    captions = [exclusion_caption(r, variance_threshold) for r in rows]
+    what = "left out (unreadable, or no fungus visible)"
+    return contact_sheet([Path(r["path"]) for r in rows], captions, path, what=what)
+
+
+def exclusion_caption(row: dict[str, str], variance_threshold: float | None) -> str:
+    """A left-out image's file name and why, with its figure: 'no fungus visible, v=14.2 < 15' (its grey
+    variance alone where the threshold was not recorded), or 'unreadable (OSError)' (its error's type)."""
+    name = short_name(row["path"])
+    if not row["grey_variance"]:  # it was never decoded
+        return f"{name}\nunreadable\n({row['reason'].split(':')[0]})"
+    under = f" < {variance_threshold:g}" if variance_threshold is not None else ""
+    return f"{name}\nno fungus visible,\nv={float(row['grey_variance']):.1f}{under}"
+
+
+def not_answered_line(parts: list[tuple[int, str, Path]]) -> str:
+    """One sentence on what was not answered: per (count, what, figure) the count and the figure that
+    shows them, or 'none'."""
+    said = [f"{what}: {n}, shown in {figure.name}" if n else f"{what}: none" for n, what, figure in parts]
+    return "Not answered: " + "; ".join(said) + "."
 
 
 def build_run_report(run_dir: str | Path) -> Path:
@@ -125,11 +172,23 @@ def build_run_report(run_dir: str | Path) -> Path:
         trust_section(page, metrics.trust, run.figure("risk_coverage"))
     if metrics.ood is not None:
         page.text(refusals_line(metrics.ood, f"Held-out micrographs ({metrics.ood.source})"))
+    page.text(not_answered_line(_run_not_answered(run, metrics)))
     page.heading("Figures", level=2)
     for figure in figures:
         if figure.parent == run.root and figure != run.figure("risk_coverage"):
             page.figure(figure)
     return page.write(run.page)
+
+
+def _run_not_answered(run: RunLayout, metrics: RunMetrics) -> list[tuple[int, str, Path]]:
+    """A run's held-out images refused (where it has a refusal detector) and its images left out before
+    training, for not_answered_line."""
+    parts = []
+    if (check := metrics.ood) is not None:
+        refused = refused_images(held_out(run), check)
+        parts.append((len(refused), f"held-out images ({check.source}) {refused_as(check)}", run.figure("refused")))
+    why = f"unreadable, or grey variance under {metrics.protocol.variance_threshold:g}: no fungus visible"
+    return [*parts, (metrics.protocol.excluded, f"images left out before training ({why})", run.figure("excluded"))]
 
 
 def refusals_line(check: OodCheck, whose: str) -> str:
@@ -156,10 +215,29 @@ def _reliability_figures(result: Evaluation, layout: EvaluationLayout, title: st
     ]
 
 
+def _evaluation_not_answered(
+    result: Evaluation, layout: EvaluationLayout
+) -> tuple[list[Path], list[tuple[int, str, Path]]]:
+    """An evaluation's images refused (where the run has a refusal detector) and left out: their figures,
+    where there are any, and what not_answered_line says of them."""
+    figures, parts = [], []
+    if result.ood is not None:
+        refused = refused_images(layout.predictions, result.ood)
+        if refused:
+            figures.append(render_refused(refused, result.ood, layout.figure("refused")))
+        parts.append((len(refused), f"images {refused_as(result.ood)}", layout.figure("refused")))
+    if result.excluded:
+        figures.append(render_exclusions(result.excluded, result.variance_threshold, layout.figure("excluded")))
+    what = "images left out (unreadable, or no fungus visible)"
+    parts.append((len(result.excluded), what, layout.figure("excluded")))
+    return figures, parts
+
+
 def build_evaluation_report(out_dir: str | Path) -> Path:
     """The figures (confusion per image and per specimen, reliability per unit, most confidently wrong
-    images) and report.html of an evaluation folder, from its metrics.json and predictions.csv: the card
-    check first, then the scores, sets, refusals, selective answers and calibration."""
+    images, those refused and left out) and report.html of an evaluation folder, from its metrics.json and
+    predictions.csv: the card check first, then the scores, sets, refusals and what was not answered,
+    selective answers and calibration."""
     layout = EvaluationLayout(Path(out_dir))
     result = read_evaluation(layout.metrics)
     scores, title = result.scores, f"{result.model} on {Path(result.data).name}"
@@ -170,11 +248,12 @@ def build_evaluation_report(out_dir: str | Path) -> Path:
         figures.append(plot_confusion(scores.samples.confusion_matrix, scores.classes, path, f"{title}, specimens"))
     if layout.predictions.exists():
         figures.append(render_confident_errors(layout.predictions, layout.figure("confident_errors")))
+    shown, not_answered = _evaluation_not_answered(result, layout)
+    figures += shown
     page = Page(f"defungi: {title}")
     page.text(
-        f"{result.run} answering {result.data}: {scores.n} images, specimens grouped by {result.group_by}; "
-        f"{len(result.excluded)} images left out (unreadable, or no fungus visible). Tables: "
-        f"{layout.predictions.name} (per image), {layout.specimens.name} (per specimen)."
+        f"{result.run} answering {result.data}: {scores.n} images, specimens grouped by {result.group_by}. "
+        f"Tables: {layout.predictions.name} (per image), {layout.specimens.name} (per specimen)."
     )
     if result.card:
         card_section(page, result.card)
@@ -188,6 +267,7 @@ def build_evaluation_report(out_dir: str | Path) -> Path:
         set_section(page, [(result.level, unit, "as answered", check) for unit, check in result.sets.items()])
     if result.ood is not None:
         page.text(refusals_line(result.ood, "This folder's images"))
+    page.text(not_answered_line(not_answered))
     asked = [result.selective] if result.selective and result.selective not in result.promises else []
     if result.promises or asked:
         selective_section(page, [*result.promises, *asked])

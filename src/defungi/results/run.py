@@ -333,8 +333,9 @@ class Evaluation:
     model: str
     tta: bool
     prior_weight: float
-    excluded: list[dict[str, Any]]
+    excluded: list[dict[str, Any]]  # path, label, grey_variance, reason (data.dataset: unreadable or no fungus visible)
     group_by: str = "name"
+    variance_threshold: float | None = None  # the run's: under it, no fungus visible (None: written before it was)
     level: float | None = None
     sets: dict[str, SetCheck] = field(default_factory=dict)  # by unit
     selective: SelectiveCheck | None = None  # at the asked target accuracy

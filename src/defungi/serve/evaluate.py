@@ -81,6 +81,7 @@ def evaluate_folder(
         prior_weight=model.prior_weight if prior_weight is None else prior_weight,
         excluded=data.excluded,
         group_by=group_by,
+        variance_threshold=model.variance_threshold,
         level=answers.coverage if answers.trust else None,
         sets={s.unit: c for s, c in levels if abs(s.level - answers.coverage) < 1e-9},
         selective=selective,

@@ -10,7 +10,7 @@ from typing import Any
 
 from defungi.report.page import metrics_line
 from defungi.results.schema import to_dict
-from defungi.serve.predict import Predictions
+from defungi.serve.predict import Predictions, reason
 
 
 def format_predictions(result: Predictions, fmt: str) -> str:
@@ -31,15 +31,15 @@ def as_json(result: Predictions) -> str:
 
 def as_csv(result: Predictions) -> str:
     """One line per specimen (its path: the folder of its images) and per image, a column per class,
-    the refusal score (an image's 'ood': over 1 is refused as not a micrograph); blank cells where a
-    row has no value."""
+    the refusal score (an image's 'ood': over results.ood.REFUSE is refused as not a micrograph), the grey
+    variance of an image with no fungus visible; blank cells where a row has no value."""
     out = io.StringIO()
     writer = csv.writer(out)
     keys = ("path", "label", "class", "decision", "confidence", "probability", "set", "set_size", "answer")
     keys += tuple(result.classes)
-    writer.writerow(["level", "specimen", *keys, "refusal_score", "status"])
+    writer.writerow(["level", "specimen", *keys, "refusal_score", "grey_variance", "status"])
     for level, specimen, r in _levels(result):
-        cells = [*(r.get(k) for k in keys), r.get("ood")]
+        cells = [*(r.get(k) for k in keys), r.get("ood"), r.get("grey_variance")]
         writer.writerow([level, specimen, *("" if c is None else c for c in cells), _status(r)])
     return out.getvalue()
 
@@ -53,9 +53,9 @@ LEGEND = (
 
 
 def as_table(result: Predictions) -> str:
-    """Aligned columns (a specimen's images indented under it, its answer beside it), what the
-    calibrated confidence and the probability are, then how to read the answers, the specimens'
-    metrics and the model card."""
+    """Aligned columns (a specimen's images indented under it, its answer beside it; an image not
+    answered: why, with its figure), what the calibrated confidence and the probability are, then how
+    to read the answers, the specimens' metrics and the model card."""
     classes, nested = result.classes, result.specimens is not None
     width = max(len(r["path"]) for r in result.rows) + 2
     sets = max((len(r.get("set", "")) for _, _, r in _levels(result)), default=0)
@@ -72,7 +72,7 @@ def as_table(result: Predictions) -> str:
             answer = f"  -> {r['answer']}" if level == "specimen" else ""
             lines.append(f"{name:<{width}}  {cells}{_count(r)}{answer}")
         else:
-            lines.append(f"{name:<{width}}  {_status(r)}{_count(r)}")
+            lines.append(f"{name:<{width}}  {reason(r)}{_count(r)}")
     lines.append(LEGEND)
     lines += [f"answers: {result.note}"] if result.note else []
     if result.metrics is not None:

@@ -69,8 +69,9 @@ def predict(
     """One row per file. A row holds the path, the class the folder or the file name gives
     ('label', when it is a class of the model), and the predicted class with its probability per
     class; or 'no fungus visible' for an image under the run's variance threshold (blank or
-    blurred: training leaves such images out, so they are not classified), 'not a fungus micrograph'
-    for one whose out-of-distribution score ('ood', see train.ood) is over 1, or the error.
+    blurred: training leaves such images out, so they are not classified; its 'grey_variance' and the
+    'variance_threshold' beside it), 'not a fungus micrograph' for one whose out-of-distribution score
+    ('ood', see train.ood) is over results.ood.REFUSE, or the error (`reason` says which, with its figures).
     The class probabilities are the model's, as the run scored them, and 'probability' the most
     probable class's; 'confidence' is that probability calibrated as the run measured it helped, 'set'
     the classes the image's prediction set holds (see Answers), and 'decision' the class or 'uncertain'."""
@@ -95,8 +96,9 @@ def decoded_chunks(model: Predictor, files: list[Path]) -> Iterator[tuple[list[d
 
 
 def decode(model: Predictor, files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """A row per file (its error or 'no fungus visible' where it cannot be classified) and the
-    pixels, at the model's input size, of the files to classify (by path)."""
+    """A row per file (its error, or 'no fungus visible' with its grey variance and the run's threshold,
+    where it cannot be classified) and the pixels, at the model's input size, of the files to classify
+    (by path)."""
     rows, pixels = [], {}
     for f in files:
         row: dict[str, Any] = {"path": str(f)}
@@ -108,7 +110,7 @@ def decode(model: Predictor, files: list[Path]) -> tuple[list[dict[str, Any]], d
             continue
         row["label"] = label_of(f, model.classes)
         if low_variance(np.array([variance]), model.variance_threshold)[0]:
-            row["status"] = NO_FUNGUS
+            row |= {"status": NO_FUNGUS, "grey_variance": variance, "variance_threshold": model.variance_threshold}
         else:
             pixels[str(f)] = image
         rows.append(row)
@@ -155,6 +157,23 @@ NOT_MICROGRAPH = "not a fungus micrograph"  # out of distribution: far from ever
 UNLIKE = "unlike the training specimens"  # answered, but nearer than a non-micrograph: a flag, not a refusal
 UNCERTAIN = "uncertain"
 NOT_SURE = "not sure: look yourself"
+
+
+def reason(row: dict[str, Any]) -> str:
+    """Why a row was not answered, with its figures: an image's error, 'no fungus visible' with its grey
+    variance and the run's threshold, 'not a fungus micrograph' with its refusal score; a specimen's
+    status as it is; '' for an answer."""
+    if "grey_variance" in row:  # an image (a specimen's status has no figure)
+        figures = f"grey variance {row['grey_variance']:.1f}, under the threshold {row['variance_threshold']:g}"
+        return f"{NO_FUNGUS} ({figures})"
+    if row.get("status") == NOT_MICROGRAPH and "ood" in row:
+        return f"{NOT_MICROGRAPH} (refusal score {row['ood']:.2f}, refused over {REFUSE:g})"
+    return row.get("error") or row.get("status") or ""
+
+
+def flag(row: dict[str, Any]) -> str:
+    """An answered image's flag with its refusal score when it is unlike the training specimens, else ''."""
+    return f"{UNLIKE} (score {row['ood']:.2f}): check it" if row.get("unlike_training") else ""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import logging
 import re
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
@@ -24,11 +25,11 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from defungi.data.cache import check_shape
+from defungi.data.cache import check_shape, decode_one
 from defungi.errors import DefungiError
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE
 from defungi.serve.explain import explained
-from defungi.serve.predict import NO_FUNGUS, Answers, by_specimen
+from defungi.serve.predict import NO_FUNGUS, NOT_MICROGRAPH, Answers, by_specimen, flag, reason
 from defungi.serve.predictor import Predictor, torch_predictor
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,10 @@ def png_data_url(pixels: np.ndarray) -> str:
 
 
 def answer(model: Predictor, uploads: list[tuple[str, bytes]], answers: Answers, limits: Limits) -> dict[str, Any]:
-    """The page's answer: a row per upload (class, calibrated confidence and the class's probability,
-    probabilities, its map; or why not) and the specimen's decision. Uploads are written to a temporary
-    folder that is removed afterwards."""
+    """The page's answer: a row per upload (its thumbnail at the model's input size where it decoded;
+    class, calibrated confidence and the class's probability, probabilities, its map and its flag when
+    unlike the training specimens; or why not, with its figures), the specimen's decision and how many
+    were not answered, by why. Uploads are written to a temporary folder that is removed afterwards."""
     screened = [screen(data, limits) for _, data in uploads]
     refused = {i: why for i, (why, _) in enumerate(screened) if why}
     if len(refused) == len(uploads):
@@ -96,16 +98,22 @@ def answer(model: Predictor, uploads: list[tuple[str, bytes]], answers: Answers,
                 paths[i] = Path(tmp) / f"{i:03d}{screened[i][1]}"  # our name: the client's is only shown
                 paths[i].write_bytes(data)
         rows = {Path(r["path"]): r for r in explained(model, list(paths.values()), answers=answers)} if paths else {}
+        for path, row in rows.items():
+            if "class" not in row and "error" not in row:  # refused, or no fungus visible: shown all the same
+                row["image"] = decode_one(path, model.image_size)[0]
     images = []
     for i, (name, _) in enumerate(uploads):
         row = {"error": refused[i]} if i in refused else dict(rows[paths[i]])
         if "error" in row and i not in refused:
             row["error"] = "unreadable or truncated image"
         shown = {"name": name, "status": row.get("error") or row.get("status") or ""}
+        shown |= {"image": png_data_url(row["image"])} if "image" in row else {}
         if "class" in row:
             shown |= {k: row.get(k) for k in ("class", "decision", "confidence", "probability", "set")}
-            shown |= {"probabilities": {c: row[c] for c in model.classes}, "image": png_data_url(row["image"])}
-            shown["gradcam"] = png_data_url(row["overlay"])
+            shown |= {"probabilities": {c: row[c] for c in model.classes}, "gradcam": png_data_url(row["overlay"])}
+            shown["flag"] = flag(row)  # '' unless unlike the training specimens
+        else:
+            shown["reason"] = reason(row)
         images.append(shown | {"row": {k: v for k, v in row.items() if k not in ("image", "overlay", "path")}})
     specimen = by_specimen(
         [img["row"] | {"path": f"specimen/{i}"} for i, img in enumerate(images)], model, answers, group_by="folder"
@@ -113,7 +121,22 @@ def answer(model: Predictor, uploads: list[tuple[str, bytes]], answers: Answers,
     hidden = ("rows", "specimen", "path", "label")  # path: the made-up folder of the uploads
     decision = {k: v for k, v in specimen[0].items() if k not in hidden} if images else {}
     shown_images = [{k: v for k, v in i.items() if k != "row"} for i in images]
-    return {"classes": model.classes, "images": shown_images, "specimen": decision, "note": answers.note()}
+    return {
+        "classes": model.classes,
+        "images": shown_images,
+        "specimen": decision,
+        "note": answers.note(),
+        "not_answered": not_answered([i["row"] for i in images]),
+    }
+
+
+def not_answered(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many images were not answered, by why (the page's message line counts each): refused as not a
+    fungus micrograph, no fungus visible, could not be read; only the reasons that occur."""
+    why = {NOT_MICROGRAPH: f"refused as {NOT_MICROGRAPH}", NO_FUNGUS: NO_FUNGUS}
+    unread = "could not be read"
+    counts = Counter(why.get(row.get("status", ""), unread) for row in rows if "class" not in row)
+    return {kind: counts[kind] for kind in [*why.values(), unread] if counts[kind]}
 
 
 def create_app(model: Predictor, limits: Limits = Limits()) -> FastAPI:

@@ -3,7 +3,8 @@
 
 Draws N images of the run's oof.csv, equally many per class (seeded), and explains each with the
 fold model that did not train on it (RUN/fold-K), for the class it predicted (or the true class).
-Per map (the registry's 'coarse' and 'fine' ones, or METHOD:MODULE, e.g. LayerCAM:blocks.4)
+Per map (the registry's 'coarse' and 'fine' ones, or METHOD:MODULE, e.g. LayerCAM:blocks.4, or the
+product of two, e.g. fine*HiResCAM:bn2)
 and per class it prints the mean border share with a 95% interval from a bootstrap over specimens,
 the share of images whose hottest pixel lies in the ring, and a deletion check of faithfulness:
 how much the explained class's probability drops when the map's hottest 20% of pixels are blurred,
@@ -84,8 +85,23 @@ def deletion_gap(trained: TrainedModel, images: np.ndarray, maps: np.ndarray, ta
     return drops[0] - drops[1]
 
 
+def map_specs(text: str, model_name: str) -> list[tuple[str, str]]:
+    """(method, module) of each map of a spec: 'coarse', 'fine' or METHOD:MODULE; A*B: the product of
+    A's and B's maps (e.g. the fine map gated by where the head's pooling reads, fine*HiResCAM:bn2)."""
+    return [tuple(s.split(":", 1)) if ":" in s else map_source(model_name, s) for s in text.split("*")]
+
+
+def product_maps(
+    trained: TrainedModel, images: np.ndarray, targets: list[int], spec: list[tuple[str, str]]
+) -> np.ndarray:
+    """The maps of a spec, multiplied together and scaled back to a peak of 1."""
+    maps = np.prod([cam_maps(trained, images, targets, method, module) for method, module in spec], axis=0)
+    peak = maps.reshape(len(maps), -1).max(1)[:, None, None]
+    return np.divide(maps, peak, out=np.zeros_like(maps), where=peak > 0)
+
+
 def explain_fold(
-    trained: TrainedModel, paths: list[Path], targets: np.ndarray, specs: list[tuple[str, ...]]
+    trained: TrainedModel, paths: list[Path], targets: np.ndarray, specs: list[list[tuple[str, str]]]
 ) -> dict[str, np.ndarray]:
     """Per map spec, the border share, hottest pixel in the ring, and deletion gap of every image."""
     ring = border_ring(trained.preprocess.image_size, BORDER).ravel()
@@ -93,9 +109,9 @@ def explain_fold(
     for start in range(0, len(paths), BATCH):
         images = np.stack([decode_one(p, trained.preprocess.image_size)[0] for p in paths[start : start + BATCH]])
         batch_targets = targets[start : start + BATCH]
-        for method, module in specs:
-            maps = cam_maps(trained, images, batch_targets.tolist(), method, module)
-            name = f"{method}:{module}"
+        for spec in specs:
+            maps = product_maps(trained, images, batch_targets.tolist(), spec)
+            name = "*".join(":".join(part) for part in spec)
             share = border_share(maps, BORDER)  # NaN: an empty map (no positive evidence anywhere)
             peak = ring[maps.reshape(len(maps), -1).argmax(1)]
             out.setdefault(f"{name} share", []).append(share)
@@ -174,8 +190,8 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> None:
     targets = [r["prediction"] if args.target == "predicted" else r["class"] for r in rows]
     folds = sorted({int(r["fold"]) for r in rows})
     model_name = load_trained(layout.fold(folds[0]).root, "cpu").info["model_name"]
-    specs = [tuple(s.split(":", 1)) if ":" in s else map_source(model_name, s) for s in args.maps]
-    names = [":".join(s) for s in specs]
+    specs = [map_specs(s, model_name) for s in args.maps]
+    names = ["*".join(":".join(part) for part in spec) for spec in specs]
     results: dict[str, np.ndarray] = {}
     started = time.perf_counter()
     for fold in folds:
@@ -202,7 +218,9 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="the folder of the run's images")
     parser.add_argument("--n", type=int, default=300, help="images, equally many per class")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--maps", nargs="+", default=["coarse", "fine"], help="coarse, fine or METHOD:MODULE")
+    parser.add_argument(
+        "--maps", nargs="+", default=["coarse", "fine"], help="coarse, fine or METHOD:MODULE; A*B multiplies two maps"
+    )
     parser.add_argument("--target", choices=("predicted", "true"), default="predicted")
     parser.add_argument("--out", help="CSV of every image's values")
     parser.add_argument("--against", help="a CSV written by --out for another run: the paired difference")

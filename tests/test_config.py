@@ -17,6 +17,13 @@ def test_profiles_overrides_and_round_trip():
     assert "study" not in config.to_dict()  # a run carries no study's options (the profile's [study] table)
 
 
+def test_a_dotted_key_into_the_model_args_reads_its_value_and_keeps_the_others():
+    config = load_config("transfer", {"train.model_args.pool_border": "0.3", "train.model_args.extra": "true"})
+    assert config.train.model_args == {"pool_border": 0.3, "extra": True}
+    kept = load_config("quick", {"train.model_args.depth": "16"})
+    assert kept.train.model_args == load_config("quick").train.model_args | {"depth": 16}
+
+
 @pytest.mark.parametrize(
     ("key", "value", "needle"),
     [

@@ -279,6 +279,8 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
                 raise DefungiError(f"config key '{name}' wants true/false, got '{value}'")
             return value.lower() in ("true", "1", "yes")
         return bool(value)
+    if isinstance(current, dict) and isinstance(value, dict):  # a dotted key into a table: model_args.dim=8
+        return current | {key: _scalar(v) for key, v in value.items()}
     if isinstance(current, (dict, list)):
         try:
             parsed = json.loads(value) if isinstance(value, str) else value
@@ -291,6 +293,17 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
         return type(current)(value)
     except (TypeError, ValueError):
         raise DefungiError(f"config key '{name}' wants {type(current).__name__}, got '{value}'") from None
+
+
+def _scalar(value: Any) -> Any:
+    """A table's value as its TOML/JSON reading gives it (a command line's '0.3' is 0.3, 'true' True),
+    else the string itself."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def profile_path(name: str) -> Path:

@@ -64,7 +64,7 @@ def test_the_run_page_shows_the_held_out_images_refused_and_none_when_none_were(
         "shown in refused.png; images left out before training (unreadable, or grey variance under 15: no fungus "
         "visible): 1, shown in excluded.png." in page
     )
-    assert captions["excluded"] == ["H1_99a_1.jpg\nno fungus visible,\nv=0.0 < 15"]  # the blank field
+    assert captions["excluded"] == ["H1_99a_1.jpg\nno fungus visible,\nv=0.00 < 15"]  # the blank field
     (run / "refused.png").unlink()
     _refusing(run, run / "predictions_test.csv", [0.4, 1.2] + [0.5] * (rows - 2))  # flagged, none refused
     build_run_report(run)
@@ -86,8 +86,8 @@ def test_a_left_out_image_is_captioned_with_its_name_and_why():
              "reason": "grey variance under 20"}  # fmt: skip
     broken = {"path": "/lab/H2/a_very_long_file_name_from_the_microscope.tif", "label": "H2", "grey_variance": "",
               "reason": "UnidentifiedImageError: cannot identify image file '/lab/H2/...'"}  # fmt: skip
-    assert exclusion_caption(blank, 20.0) == "H1_99a_1.jpg\nno fungus visible,\nv=14.2 < 20"
-    assert exclusion_caption(blank, None) == "H1_99a_1.jpg\nno fungus visible,\nv=14.2"  # threshold not recorded
+    assert exclusion_caption(blank, 20.0) == "H1_99a_1.jpg\nno fungus visible,\nv=14.20 < 20"
+    assert exclusion_caption(blank, None) == "H1_99a_1.jpg\nno fungus visible,\nv=14.20"  # threshold not recorded
     assert exclusion_caption(broken, 20.0) == "a_very_long…croscope.tif\nunreadable\n(UnidentifiedImageError)"
 
 
@@ -103,7 +103,7 @@ def test_the_evaluation_page_shows_the_images_refused_and_left_out(
     page = (out / "report.md").read_text()
     refused = _table(out / "predictions.csv")[0]
     assert captions["refused"] == [f"{Path(refused['path']).name}\nrefusal score 1.90"]
-    assert captions["excluded"] == ["H1_99a_1.jpg\nno fungus visible,\nv=0.0 < 15"]
+    assert captions["excluded"] == ["H1_99a_1.jpg\nno fungus visible,\nv=0.00 < 15"]
     assert (
         "Not answered: images refused as not a fungus micrograph (refusal score over 1.5): 1, shown in refused.png; "
         "images left out (unreadable, or no fungus visible): 1, shown in excluded.png." in page

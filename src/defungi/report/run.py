@@ -132,13 +132,13 @@ def render_exclusions(rows: list[dict[str, str]], variance_threshold: float | No
 
 
 def exclusion_caption(row: dict[str, str], variance_threshold: float | None) -> str:
-    """A left-out image's file name and why, with its figure: 'no fungus visible, v=14.2 < 15' (its grey
+    """A left-out image's file name and why, with its figure: 'no fungus visible, v=14.20 < 15' (its grey
     variance alone where the threshold was not recorded), or 'unreadable (OSError)' (its error's type)."""
     name = short_name(row["path"])
     if not row["grey_variance"]:  # it was never decoded
         return f"{name}\nunreadable\n({row['reason'].split(':')[0]})"
     under = f" < {variance_threshold:g}" if variance_threshold is not None else ""
-    return f"{name}\nno fungus visible,\nv={float(row['grey_variance']):.1f}{under}"
+    return f"{name}\nno fungus visible,\nv={float(row['grey_variance']):.2f}{under}"  # 14.96 < 15, not 15.0 < 15
 
 
 def not_answered_line(parts: list[tuple[int, str, Path]]) -> str:

@@ -11,7 +11,7 @@ OUT ?= runs/main
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
-# torch/torchvision first, pinned to the release on local disk where there is one (README "Set-up").
+# torch/torchvision first, pinned to the release on local disk where there is one (docs/development.md "Set-up").
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared check for a session that is lent a GPU (README "GPU check"): the tests on CUDA
+# The one prepared check for a session that is lent a GPU (docs/development.md "GPU check"): the tests on CUDA
 # (those whose libraries the machine lacks skip, saying so), a torchrun DDP fit over min(2, GPUs)
 # processes on NCCL, then the paper profile's ResNet-34 final fits (224 px, CUDA, bf16 autocast),
 # grouped and random split, each capped in time, with their metrics, figures and times.

@@ -146,7 +146,7 @@ def test_two_cross_validations_filling_one_feature_cache_at_once_give_the_figure
     }
     args = ["--cv", "2", "--weights", str(tmp_path / "w.pt"), *tiny_args(over)]
     # one engine for all three (each cache would time its own, and heads trained on the two engines'
-    # features differ by more than float rounding: docs/measurements.md, "The lab's loop")
+    # features differ by more than float rounding: docs/history/measurements.md, "The lab's loop")
     env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "DEFUNGI_CACHE": str(tmp_path / "shared-cache")}
     env[ENGINE_ENV] = "torch"
     together = [

@@ -23,7 +23,7 @@ class DataConfig:
 
     root: str = ""
     image_size: int = 64
-    variance_threshold: float = 15.0  # grey-level variance at 224 px; see README "Outliers"
+    variance_threshold: float = 15.0  # grey variance at 224 px: docs/decisions/0002-variance-filter-for-blank-fields.md
     # luma: per-image mean/std over all channels (hue kept); image: per channel; dataset: training-set mean/std;
     # pretrained: the mean/std the model's pretrained weights were trained with
     normalize: str = "luma"

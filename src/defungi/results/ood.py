@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Images whose refusal score (train.ood) is over REFUSE are refused. Measured by benchmarks/refusal_tiers.py on
-# a transfer CV of ../shared/defungi (docs/measurements.md, "Refusals a lab can live with"): 3 of 7,897
+# a transfer CV of ../shared/defungi (docs/history/measurements.md, "Refusals a lab can live with"): 3 of 7,897
 # out-of-fold micrographs score over 1.5 (93 over 1); of 900 real micrographs made yellower, bluer, paler,
 # darker or blurred, 1 (at 1.72); noise, gradients and text all (3.8 and over), 59 of 60 photographs.
 REFUSE = 1.5

@@ -10,7 +10,7 @@ delta / len(GRID); the lowest threshold whose hypothesis is rejected is chosen. 
 least 1 - delta over the held-out units, the chosen threshold's accuracy on new units it answers,
 drawn like them, is at least the target. (Fixed-sequence testing from the most confident threshold
 down was tried first: one early error among the few most confident specimens stopped it; see
-docs/measurements.md.)
+docs/history/measurements.md.)
 """
 
 from __future__ import annotations

@@ -86,8 +86,8 @@ def test_a_left_out_image_is_captioned_with_its_name_and_why():
              "reason": "grey variance under 20"}  # fmt: skip
     broken = {"path": "/lab/H2/a_very_long_file_name_from_the_microscope.tif", "label": "H2", "grey_variance": "",
               "reason": "UnidentifiedImageError: cannot identify image file '/lab/H2/...'"}  # fmt: skip
-    assert exclusion_caption(blank, 20.0) == "H1_99a_1.jpg\nno fungus visible,\nv=14.20 < 20"
-    assert exclusion_caption(blank, None) == "H1_99a_1.jpg\nno fungus visible,\nv=14.20"  # threshold not recorded
+    assert exclusion_caption(blank, 20.0) == "H1_99a_1.jpg\nno fungus visible,\nv=14.23 < 20"
+    assert exclusion_caption(blank, None) == "H1_99a_1.jpg\nno fungus visible,\nv=14.23"  # threshold not recorded
     assert exclusion_caption(broken, 20.0) == "a_very_long…croscope.tif\nunreadable\n(UnidentifiedImageError)"
 
 

@@ -18,11 +18,13 @@ from defungi.results.trust import RiskCoverage  # noqa: E402
 from defungi.utils import atomic_write_binary  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path, dpi: int = 110) -> Path:
+def _save(fig: plt.Figure, path: Path, dpi: int = 110, tight: bool = True) -> Path:
     """Save as PNG atomically (a uniquely named temporary file, then a rename: two commands drawing
-    the same figure at once each write a whole one) and close."""
+    the same figure at once each write a whole one) and close. tight: cropped to what is drawn (which
+    draws the figure twice); otherwise the figure as laid out."""
+    bbox = "tight" if tight else None
     try:
-        atomic_write_binary(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight"))
+        atomic_write_binary(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches=bbox))
     finally:
         plt.close(fig)
     return path
@@ -97,9 +99,14 @@ def contact_sheet(
     margin = thumb // 10  # about one caption line: beside each thumbnail, and between a row and the captions under it
     rows, band = max(1, -(-len(shown) // columns)), margin * lines  # the band above a thumbnail holds its caption
     sheet = np.full((rows * (thumb + band + margin) - margin, columns * (thumb + margin), 3), 255, dtype=np.uint8)
-    width = columns * 1.3  # inches; the figure has the sheet's shape, the title sits on top of it
-    fig = plt.figure(figsize=(width, width * sheet.shape[0] / sheet.shape[1]))
-    ax = fig.add_axes((0, 0, 1, 1))
+    title = f"{len(paths)} {what}" + (f" (first {limit} shown)" if len(paths) > limit else "")
+    # laid out by hand, so that it is drawn once (a tight crop draws a sheet of 100 twice): the sheet
+    # columns * 1.3 inches wide, centred under a band that holds its title (about 0.075 inch a letter)
+    width, height, band_in = columns * 1.3, columns * 1.3 * sheet.shape[0] / sheet.shape[1], 0.3
+    figure_width = max(width, 0.075 * len(title)) + 0.2  # and 0.1 inch of white on either side
+    fig = plt.figure(figsize=(figure_width, height + band_in))
+    side = (figure_width - width) / 2 / figure_width
+    ax = fig.add_axes((side, 0, width / figure_width, height / (height + band_in)))
     ax.axis("off")
     cells, unreadable = [], []
     for k, (p, caption) in enumerate(shown):
@@ -116,9 +123,8 @@ def contact_sheet(
         ax.text(x, y, "(unreadable)", ha="center", va="center", fontsize=6)
     if not shown:
         ax.text(0, sheet.shape[0] / 2, f"nothing {what}", fontsize=10)
-    title = f"{len(paths)} {what}" + (f" (first {limit} shown)" if len(paths) > limit else "")
     ax.set_title(title, fontsize=9, pad=5)
-    return _save(fig, path)
+    return _save(fig, path, tight=False)
 
 
 def plot_class_counts(counts: dict[str, dict[str, int]], path: Path, title: str = "class counts") -> Path:

@@ -31,7 +31,7 @@ import numpy as np
 import scipy.linalg
 import torch
 import torch.nn as nn
-from sklearn.covariance import LedoitWolf
+from sklearn.covariance import empirical_covariance, ledoit_wolf_shrinkage, shrunk_covariance
 
 from defungi.models.ensemble import members
 from defungi.models.registry import ModelParts
@@ -113,7 +113,7 @@ def fit_detector(
         return None
     distances = []
     for reading, train, held in zip(at, readings, held_out, strict=True):
-        unit = _distance(reading, np.asarray(train, dtype=np.float64).reshape(len(train), -1), labels)
+        unit = _distance(reading, np.asarray(train).reshape(len(train), -1), labels)
         scaled = OodDetector((unit,), 1.0, quantile, 0).scores([held])
         distances.append(Distance(reading, unit.projection, unit.means, refusal_threshold(scaled, quantile)))
     combined = OodDetector(tuple(distances), 1.0, quantile, 0).scores(held_out)
@@ -123,8 +123,12 @@ def fit_detector(
 def _distance(reading: Reading, x: np.ndarray, labels: np.ndarray) -> Distance:
     """The unscaled distance of one reading, fitted on its training rows x."""
     classes, index = np.unique(labels, return_inverse=True)
-    means = np.stack([x[index == c].mean(0) for c in range(len(classes))])
-    covariance = LedoitWolf(store_precision=False, assume_centered=True).fit(x - means[index]).covariance_
+    means = np.stack([x[index == c].mean(0, dtype=np.float64) for c in range(len(classes))])
+    # Ledoit-Wolf's products over the training rows in float32, the readings' own precision (the
+    # estimator object would cast them to float64, at twice the time)
+    centred = (x - means[index]).astype(np.float32)
+    shrinkage = ledoit_wolf_shrinkage(centred, assume_centered=True)
+    covariance = shrunk_covariance(empirical_covariance(centred, assume_centered=True), shrinkage).astype(np.float64)
     covariance[np.diag_indices_from(covariance)] += covariance.diagonal().max() * 1e-9  # dead units stay finite
     # covariance = L @ L.T, so x @ inv(L).T whitens: a Cholesky factor costs a tenth of an eigendecomposition
     lower = scipy.linalg.cholesky(covariance, lower=True)

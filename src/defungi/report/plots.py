@@ -26,8 +26,7 @@ def _save(fig: plt.Figure, path: Path, dpi: int = DPI, tight: bool = True, compr
     draws the figure twice); otherwise the figure as laid out. compress: zlib's level (1: fastest)."""
     bbox, png = "tight" if tight else None, {"compress_level": compress}
     try:
-        save = lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches=bbox, pil_kwargs=png)  # noqa: E731
-        atomic_write_binary(path, save)
+        atomic_write_binary(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches=bbox, pil_kwargs=png))
     finally:
         plt.close(fig)
     return path

@@ -43,7 +43,7 @@ def main() -> None:
     a, b = answers["torch"], answers["onnx"]
     rows = [(x, y) for x, y in zip(a.rows, b.rows, strict=True) if "class" in x]
     classes = a.classes
-    diff = max(abs(x[c] - y[c]) for x, y in rows for c in classes)
+    diff = max(abs(x["probabilities"][c] - y["probabilities"][c]) for x, y in rows for c in classes)
     same = {key: sum(x.get(key) == y.get(key) for x, y in rows) for key in ("class", "decision", "set")}
     specimens = [(x, y) for x, y in zip(a.specimens, b.specimens, strict=True) if "answer" in x]
     same_answers = sum(x["answer"] == y.get("answer") for x, y in specimens)

@@ -206,7 +206,7 @@ def main() -> None:
         for a, b in zip(on_torch.rows, on_onnx.rows, strict=True)
     )
     diff = max(
-        abs(a[c] - b[c])
+        abs(a["probabilities"][c] - b["probabilities"][c])
         for a, b in zip(on_torch.rows, on_onnx.rows, strict=True)
         if "class" in a
         for c in on_torch.classes

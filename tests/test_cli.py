@@ -37,9 +37,9 @@ def test_evaluate_and_predict_a_trained_run(tiny_run_copy: Path, tmp_path: Path,
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 8 and sum("error" in r for r in rows) == 1
     assert [Path(r["path"]).name for r in rows if r.get("status") == "no fungus visible"] == ["H1_99a_1.jpg"]
-    assert all(abs(sum(r[c] for c in ("H1", "H2", "H3")) - 1) < 1e-4 for r in rows if "class" in r)
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows if "class" in r)
     assert main(["predict", str(run), str(unseen / "H2"), "--format", "csv"]) == 0
-    header = "level,specimen,path,label,class,decision,confidence,probability,set,set_size,answer,H1,H2,H3,"
+    header = "level,specimen,path,label,class,decision,confidence,probability,set,set_size,answer,p_H1,p_H2,p_H3,"
     header += "refusal_score,grey_variance,status"
     assert capsys.readouterr().out.splitlines()[0] == header
 

@@ -12,12 +12,12 @@ CLASSES = ["H1", "H2"]
 def _predictions() -> Predictions:
     """One specimen of two images in /lab/s1 (one refused as not a micrograph), answered as predict answers."""
     answered = {"path": "/lab/s1/a.jpg", "label": "H1", "class": "H1", "decision": "H1", "confidence": 0.93,
-                "probability": 0.82, "set": "H1", "set_classes": ["H1"], "set_size": 1, "H1": 0.82, "H2": 0.18,
-                "ood": 0.4}  # fmt: skip
+                "probability": 0.82, "set": "H1", "set_classes": ["H1"], "set_size": 1,
+                "probabilities": {"H1": 0.82, "H2": 0.18}, "ood": 0.4}  # fmt: skip
     refused = {"path": "/lab/s1/b.jpg", "label": "H1", "status": "not a fungus micrograph", "ood": 3.5}
     specimen = {"specimen": "s1", "path": "/lab/s1", "label": "H1", "images": 2, "classified": 1, "counted": 1,
                 "no_fungus": 0, "class": "H1", "confidence": 0.91, "probability": 0.82, "decision": "H1",
-                "set": "H1 or H2", "set_classes": CLASSES, "set_size": 2, "H1": 0.82, "H2": 0.18,
+                "set": "H1 or H2", "set_classes": CLASSES, "set_size": 2, "probabilities": {"H1": 0.82, "H2": 0.18},
                 "answer": "H1 or H2 (90% set)", "rows": [answered, refused]}  # fmt: skip
     return Predictions(CLASSES, [answered, refused], specimens=[specimen])
 
@@ -30,7 +30,7 @@ def test_csv_has_the_refusal_score_the_set_size_and_each_specimens_folder():
     assert answered["refusal_score"] == "0.4" and answered["set_size"] == "1" and answered["probability"] == "0.82"
     assert refused["refusal_score"] == "3.5" and refused["status"] == "not a fungus micrograph"
     assert specimen["refusal_score"] == "" and refused["set_size"] == ""
-    kept = ["level", "specimen", "path", "label", "class", "decision", "confidence", "set", "answer", "H1", "H2"]
+    kept = ["level", "specimen", "path", "label", "class", "decision", "confidence", "set", "answer", "p_H1", "p_H2"]
     assert set(kept) <= set(rows[0]) and list(rows[0])[-1] == "status"  # the columns there were, still there
 
 

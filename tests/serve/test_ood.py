@@ -114,8 +114,8 @@ def test_refused_images_do_not_count_toward_their_specimen(refusing: Refusing, t
     decided, noise_only = by_specimen(rows, model, Answers.of(model))
     classified = [r for r in decided["rows"] if "class" in r]
     assert decided["images"] == 4 and decided["classified"] == len(classified) >= 2
-    mean_h2 = np.mean([r["H2"] for r in classified])
-    assert abs(decided["H2"] - mean_h2) < 1e-6  # the noise image is not in the mean
+    mean_h2 = np.mean([r["probabilities"]["H2"] for r in classified])
+    assert abs(decided["probabilities"]["H2"] - mean_h2) < 1e-6  # the noise image is not in the mean
     assert noise_only["status"] == NOT_MICROGRAPH and "class" not in noise_only
 
 

@@ -5,14 +5,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from defungi.cli import main
 from defungi.experiments.trust import selective_promise
 from defungi.results.run import read_run_metrics
-from defungi.serve.predict import Answers, by_specimen, open_predictor, predict
+from defungi.serve.predict import Answers, by_specimen, open_predictor, predict, probability_table
 from defungi.serve.predictor import Predictor
 from defungi.train.metrics import specimen_probabilities, temper
-from tests.conftest import TinyRun, write_folder
+from tests.conftest import TinyRun, tiny_args, write_folder
 
 
 def test_one_decision_per_specimen_with_its_images_and_blank_fields(tiny_run: TinyRun, tmp_path: Path, capsys):
@@ -26,8 +27,8 @@ def test_one_decision_per_specimen_with_its_images_and_blank_fields(tiny_run: Ti
     assert blank["status"] == "no fungus visible" and blank["classified"] == 0 and "class" not in blank
     decided = specimens["H2_1"]
     assert decided["images"] == decided["classified"] == 3 and decided["label"] == "H2"
-    mean_h2 = sum(r["H2"] for r in decided["rows"]) / 3
-    assert abs(decided["H2"] - mean_h2) < 1e-6  # the decision is the mean probability of its images
+    mean_h2 = sum(r["probabilities"]["H2"] for r in decided["rows"]) / 3
+    assert abs(decided["probabilities"]["H2"] - mean_h2) < 1e-6  # the decision is the mean probability of its images
     assert out["metrics"]["n"] == 6 and 0 <= out["metrics"]["f1"] <= 1
     assert main(["predict", str(tiny_run.run), str(held), "--by-sample"]) == 0
     table = capsys.readouterr().out
@@ -72,7 +73,7 @@ def test_a_specimen_is_answered_with_its_prediction_set_and_uncertain_images_are
     assert "90%" in answer["note"] and answer["model"]["specimens"] > 0
     thresholds = trust.conformal(0.9, "specimen").threshold(["H1", "H2", "H3"])
     for s in (s for s in answer["specimens"] if "class" in s):
-        calibrated = temper(np.array([[s[c] for c in ("H1", "H2", "H3")]]), trust.temperatures["specimen"].applied)
+        calibrated = temper(probability_table([s], ["H1", "H2", "H3"]), trust.temperatures["specimen"].applied)
         inside = [c for c, p, t in zip(("H1", "H2", "H3"), calibrated[0], thresholds, strict=True) if 1 - p <= t]
         assert set(s["set"].replace(" or ", ", ").split(", ")) == set(inside) | {s["class"]}
         assert s["answer"] == (s["class"] if s["set_size"] == 1 else f"{s['set']} (90% set)")
@@ -116,8 +117,8 @@ def test_specimens_are_decided_by_the_runs_specimen_rule(tiny_run: TinyRun, tmp_
     decided = [s for s in by_specimen(predict(model, [held]), model, Answers.of(model)) if "class" in s]
     assert len(decided) == 6
     for s in decided:
-        counted = np.array([[r[c] for c in model.classes] for r in s["rows"] if r.get("decision") in model.classes])
-        assert np.allclose([s[c] for c in model.classes], specimen_probabilities(counted, "log_mean"))
+        counted = probability_table([r for r in s["rows"] if r.get("decision") in model.classes], model.classes)
+        assert np.allclose(probability_table([s], model.classes)[0], specimen_probabilities(counted, "log_mean"))
     older = {k: v for k, v in trained.metadata().items() if k != "specimen_rule"}
     assert Predictor.from_metadata(older, trained.scores, "old.onnx").specimen_rule == "mean"
 
@@ -134,14 +135,56 @@ def test_answers_carry_their_probability_beside_the_calibrated_confidence_and_sp
     trust = read_run_metrics(tiny_run.run / "metrics.json").trust
     for s in (s for s in specimens if "class" in s):
         assert s["path"] == str(held / s["label"])
-        assert s["probability"] == max(s[c] for c in ("H1", "H2", "H3")) == s[s["class"]]
-        calibrated = temper(np.array([[s[c] for c in ("H1", "H2", "H3")]]), trust.temperatures["specimen"].applied)
+        assert s["probability"] == max(s["probabilities"].values()) == s["probabilities"][s["class"]]
+        calibrated = temper(probability_table([s], ["H1", "H2", "H3"]), trust.temperatures["specimen"].applied)
         assert abs(s["confidence"] - calibrated.max()) < 1e-9
         for r in s["rows"]:
-            assert r["probability"] == r[r["class"]] == max(r[c] for c in ("H1", "H2", "H3"))
+            assert r["probability"] == r["probabilities"][r["class"]] == max(r["probabilities"].values())
     assert main(["predict", str(tiny_run.run), str(held), "--by-sample", "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {r["path"] for r in rows if r["level"] == "specimen"} == {str(held / c) for c in ("H1", "H2", "H3")}
     decided = [r for r in rows if r["class"]]
     assert decided and all(int(r["set_size"]) == len(r["set"].replace(" or ", ", ").split(", ")) for r in decided)
     assert all(r["refusal_score"] == "" for r in rows)  # the tiny run has no refusal detector
+
+
+def test_classes_named_like_fields_leave_the_fields_alone(tmp_path: Path, capsys):
+    """A run whose class folders are called 'class', 'confidence' and 'status': predict's rows, CSV and
+    JSON keep those fields (the predicted class, its calibrated confidence, why an image was not
+    answered), and the probabilities sit apart ('probabilities'; 'p_' columns in the CSV), summing to 1."""
+    names = ["class", "confidence", "status"]
+    data = write_folder(tmp_path / "data", samples_per_class=3, patches=4, classes=tuple(names))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), *tiny_args({"train.amp": False})]) == 0
+    model = open_predictor(run)
+    assert model.classes == names
+
+    rows = predict(model, [data])
+    answered = [r for r in rows if "decision" in r]
+    assert len(answered) == len(rows) - 1 and "status" not in answered[0]
+    (blank,) = (r for r in rows if "decision" not in r)
+    assert blank["status"] == "no fungus visible" and blank["label"] == "class"
+    probs = probability_table(answered, names)
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    calibrated = temper(probs, model.temperature("image"))
+    for r, p, q in zip(answered, probs, calibrated, strict=True):
+        assert r["class"] == names[int(p.argmax())] and r["probability"] == r["probabilities"][r["class"]]
+        assert r["confidence"] == pytest.approx(q.max()) and "status" not in r
+
+    capsys.readouterr()
+    assert main(["predict", str(run), str(data), "--by-sample", "--format", "csv"]) == 0
+    table = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    header = table[0]
+    assert len(set(header)) == len(header) and [f"p_{c}" for c in names] == [h for h in header if h[:2] == "p_"]
+    lines = [dict(zip(header, line, strict=True)) for line in table[1:]]
+    for line in (x for x in lines if x["decision"]):
+        assert line["class"] in names and 0 < float(line["confidence"]) <= 1 and line["status"] == ""
+        assert abs(sum(float(line[f"p_{c}"]) for c in names) - 1) < 1e-4
+    assert [x["status"] for x in lines if not x["decision"]] == ["no fungus visible"]
+
+    assert main(["predict", str(run), str(data), "--by-sample", "--format", "json"]) == 0
+    specimens = json.loads(capsys.readouterr().out)["specimens"]
+    assert len(specimens) == 3  # one per class folder: the file names are not DeFungi's
+    for unit in (u for s in specimens for u in [s, *s["rows"]] if "decision" in u):
+        assert unit["class"] in names and isinstance(unit["confidence"], float) and "status" not in unit
+        assert set(unit["probabilities"]) == set(names) and abs(sum(unit["probabilities"].values()) - 1) < 1e-4

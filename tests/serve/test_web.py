@@ -93,7 +93,8 @@ def test_answers_show_the_calibrated_confidence_beside_the_probability(client: T
     for image in reply["images"]:
         assert image["probability"] == image["probabilities"][image["class"]] == max(image["probabilities"].values())
     specimen = reply["specimen"]
-    assert specimen["probability"] == max(specimen[c] for c in reply["classes"]) and 0 < specimen["confidence"] <= 1
+    assert specimen["probability"] == max(specimen["probabilities"][c] for c in reply["classes"])
+    assert 0 < specimen["confidence"] <= 1
     assert "path" not in specimen  # the uploads' temporary folder is nobody's
     page = client.get("/").text
     assert "<th>calibrated confidence</th><th>probability</th>" in page and "mean probability ${" in page

@@ -37,7 +37,7 @@ from defungi.results.run import (
 )
 from defungi.results.schema import SchemaError, from_dict, to_dict
 from defungi.results.trust import ConformalSets, SetCheck, Unit
-from defungi.serve.predict import Answers, by_specimen, check_group_by, classify, selective_check
+from defungi.serve.predict import Answers, by_specimen, check_group_by, classify, probability_table, selective_check
 from defungi.serve.predictor import Predictor, torch_predictor
 from defungi.train.metrics import calibration, mean_nll, scored, temper
 from defungi.utils import atomic_write_json, atomic_write_text
@@ -134,7 +134,7 @@ def _labelled(classes: list[str], specimens: list[dict[str, Any]]) -> dict[Unit,
     decided = [(s["specimen"], s) for s in specimens if "class" in s and s.get("label")]
     return {
         unit: Labelled(
-            np.array([[r[c] for c in classes] for _, r in items]),
+            probability_table([r for _, r in items], classes),
             np.array([classes.index(r["label"]) for _, r in items]),
             np.array([g for g, _ in items]),
         )
@@ -263,7 +263,8 @@ def _write_tables(out: EvaluationLayout, classes: list[str], specimens: list[dic
         [r["path"], s["specimen"], r["label"], r.get("class", ""), r.get("decision", r.get("status", "")),
          f"{r['confidence']:.6f}" if "class" in r else "", f"{r['probability']:.6f}" if "class" in r else "",
          r.get("set", ""),
-         f"{r['ood']:.4f}" if "ood" in r else ""] + [f"{r[c]:.6f}" if "class" in r else "" for c in classes]
+         f"{r['ood']:.4f}" if "ood" in r else "",
+         *(f"{r['probabilities'][c]:.6f}" if "class" in r else "" for c in classes)]
         for s in specimens
         for r in s["rows"]
         if "class" in r or "ood" in r

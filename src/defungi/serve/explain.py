@@ -17,7 +17,7 @@ from defungi.errors import DefungiError
 from defungi.models import model_entry
 from defungi.models.ensemble import members
 from defungi.report.plots import plot_explanation
-from defungi.serve.predict import Answers, classify, decode, expand_paths
+from defungi.serve.predict import Answers, classify, decode, expand_paths, probability_table
 from defungi.serve.predictor import Predictor, Scores, torch_predictor
 from defungi.train.metrics import prior_weights, temper, weighted
 
@@ -172,7 +172,7 @@ def explained(
         t = targets[k] if fixed is not None or not views else model.classes.index(row["class"])
         if t != targets[k]:  # test-time augmentation decided another class than the first view
             maps[k] = class_maps(model.trained, images[k : k + 1], [t])[0]
-        p = temper(np.array([[row[c] for c in model.classes]]), model.temperature())[0]
+        p = temper(probability_table([row], model.classes), model.temperature())[0]
         row |= {"image": images[k], "map": maps[k], "overlay": overlay(images[k], maps[k])}
         row |= {"explained": model.classes[t], "explained_probability": float(p[t])}
     return rows

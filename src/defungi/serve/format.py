@@ -20,8 +20,8 @@ def format_predictions(result: Predictions, fmt: str) -> str:
 
 def as_json(result: Predictions) -> str:
     """The image rows; with specimens, the specimens (each holding its image rows and its folder,
-    'path'), their metrics, how to read the answers and the model card. A row's refusal score is its
-    'ood' (see serve.predict.classify)."""
+    'path'), their metrics, how to read the answers and the model card. A row's class probabilities are
+    its 'probabilities' object, its refusal score its 'ood' (see serve.predict.classify)."""
     if result.specimens is None:
         return json.dumps(result.rows, indent=2) + "\n"
     card = None if result.card is None else to_dict(result.card)
@@ -30,16 +30,20 @@ def as_json(result: Predictions) -> str:
 
 
 def as_csv(result: Predictions) -> str:
-    """One line per specimen (its path: the folder of its images) and per image, a column per class,
-    the refusal score (an image's 'ood': over results.ood.REFUSE is refused as not a micrograph), the grey
-    variance of an image with no fungus visible; blank cells where a row has no value."""
+    """One line per specimen (its path: the folder of its images) and per image, a column per class
+    ('p_' and its name, as in oof.csv: a class may be called like a column), the refusal score (an
+    image's 'ood': over results.ood.REFUSE is refused as not a micrograph), the grey variance of an image
+    with no fungus visible; blank cells where a row has no value."""
     out = io.StringIO()
     writer = csv.writer(out)
     keys = ("path", "label", "class", "decision", "confidence", "probability", "set", "set_size", "answer")
-    keys += tuple(result.classes)
-    writer.writerow(["level", "specimen", *keys, "refusal_score", "grey_variance", "status"])
+    classes = result.classes
+    writer.writerow(
+        ["level", "specimen", *keys, *(f"p_{c}" for c in classes), "refusal_score", "grey_variance", "status"]
+    )
     for level, specimen, r in _levels(result):
-        cells = [*(r.get(k) for k in keys), r.get("ood"), r.get("grey_variance")]
+        probs = r.get("probabilities", {})
+        cells = [*(r.get(k) for k in keys), *(probs.get(c) for c in classes), r.get("ood"), r.get("grey_variance")]
         writer.writerow([level, specimen, *("" if c is None else c for c in cells), _status(r)])
     return out.getvalue()
 
@@ -66,7 +70,7 @@ def as_table(result: Predictions) -> str:
         name = r["path"] if level != "specimen" else r["specimen"]
         name = f"  {name}" if level == "image" and nested else name
         if "class" in r:
-            probs = "  ".join(f"{r[c]:6.3f}" for c in classes)
+            probs = "  ".join(f"{r['probabilities'][c]:6.3f}" for c in classes)
             cells = f"{r['decision']:>9}  {r['confidence']:>{conf}.2f}  {r['probability']:>{prob}.2f}"
             cells += f"  {r.get('set', ''):<{sets}}  {probs}"
             answer = f"  -> {r['answer']}" if level == "specimen" else ""

@@ -67,10 +67,11 @@ def predict(
     answers: Answers | None = None,
 ) -> list[dict[str, Any]]:
     """One row per file. A row holds the path, the class the folder or the file name gives
-    ('label', when it is a class of the model), and the predicted class with its probability per
-    class; or 'no fungus visible' for an image under the run's variance threshold (blank or
-    blurred: training leaves such images out, so they are not classified; its 'grey_variance' and the
-    'variance_threshold' beside it), 'not a fungus micrograph' for one whose out-of-distribution score
+    ('label', when it is a class of the model), and the predicted class with the probability of each
+    class under 'probabilities' (class -> probability: never beside the fields, so that a class may be
+    called 'class' or 'status'); or 'no fungus visible' for an image under the run's variance threshold
+    (blank or blurred: training leaves such images out, so they are not classified; its 'grey_variance'
+    and the 'variance_threshold' beside it), 'not a fungus micrograph' for one whose out-of-distribution score
     ('ood', see train.ood) is over results.ood.REFUSE, or the error (`reason` says which, with its figures).
     The class probabilities are the model's, as the run scored them, and 'probability' the most
     probable class's; 'confidence' is that probability calibrated as the run measured it helped, 'set'
@@ -128,10 +129,10 @@ def classify(
 ) -> list[dict[str, Any]]:
     """The rows of decode with the out-of-distribution score ('ood', where the run has a detector) of
     every decoded image, and the class, calibrated confidence, the class's probability, prediction
-    set, decision and probabilities of those that are not refused as 'not a fungus micrograph' (score
-    over results.ood.REFUSE; 'unlike_training' marks those answered with a score over 1: unlike the
-    training micrographs; answers: as the run measured, by default; computed: the model's scores of the
-    pixels when a pass already made them)."""
+    set, decision and probabilities ('probabilities': class -> probability) of those that are not
+    refused as 'not a fungus micrograph' (score over results.ood.REFUSE; 'unlike_training' marks those
+    answered with a score over 1: unlike the training micrographs; answers: as the run measured, by
+    default; computed: the model's scores of the pixels when a pass already made them)."""
     if not pixels:
         return rows
     answers = answers or Answers.of(model)
@@ -147,9 +148,14 @@ def classify(
         result[path] = {"class": best, "confidence": conf, "probability": float(p.max())}
         result[path]["decision"] = best if conf >= answers.abstain else UNCERTAIN
         result[path] |= answers.set_fields(sets, k, model.classes)
-        result[path] |= {c: float(v) for c, v in zip(model.classes, p, strict=True)}
+        result[path]["probabilities"] = {c: float(v) for c, v in zip(model.classes, p, strict=True)}
         result[path] |= {"ood": float(ood[k]), "unlike_training": bool(ood[k] > 1)} if ood is not None else {}
     return [r | result.get(r["path"], {}) for r in rows]
+
+
+def probability_table(rows: list[dict[str, Any]], classes: list[str]) -> np.ndarray:
+    """The 'probabilities' of answered rows as an array: a row each, a column per class of classes."""
+    return np.array([[r["probabilities"][c] for c in classes] for r in rows])
 
 
 NO_FUNGUS = "no fungus visible"
@@ -290,11 +296,11 @@ def by_specimen(
 ) -> list[dict[str, Any]]:
     """One decision per specimen: the probabilities of its images that were classified and not
     'uncertain' pooled by the run's specimen rule (the mean, unless train.specimen_rule says otherwise:
-    the rule the sample-level metrics use), then the most probable class and its pooled probability
-    ('probability'); its confidence calibrated at the specimen level, its prediction set, and
-    'uncertain' (answer: not sure) under the selective threshold; 'no fungus visible' (or 'not a fungus
-    micrograph') when none of its images could be classified. Each specimen keeps its image rows, and
-    its 'path' is the folder that holds them all."""
+    the rule the sample-level metrics use; every class's under 'probabilities'), then the most probable
+    class and its pooled probability ('probability'); its confidence calibrated at the specimen level,
+    its prediction set, and 'uncertain' (answer: not sure) under the selective threshold; 'no fungus
+    visible' (or 'not a fungus micrograph') when none of its images could be classified. Each specimen
+    keeps its image rows, and its 'path' is the folder that holds them all."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(specimen_of(Path(row["path"]), group_by), []).append(row)
@@ -316,15 +322,14 @@ def _specimen(name: str, members: list[dict[str, Any]], model: Predictor, answer
     if decision["unlike_training"]:
         decision["flag"] = f"{decision['unlike_training']} of {len(counted)} images {UNLIKE}: check them"
     if counted:
-        images = np.array([[r[c] for c in classes] for r in counted])
-        mean = specimen_probabilities(images, model.specimen_rule)[None]
+        mean = specimen_probabilities(probability_table(counted, classes), model.specimen_rule)[None]
         calibrated = temper(mean, model.temperature("specimen"))
         best, conf = classes[int(mean.argmax())], float(calibrated.max())
         sure = answers.selective is None or conf >= answers.selective.threshold
         decision |= {"class": best, "confidence": conf, "probability": float(mean.max())}
         decision["decision"] = best if sure else UNCERTAIN
         decision |= answers.set_fields(answers.sets("specimen", calibrated, classes), 0, classes)
-        decision |= {c: float(v) for c, v in zip(classes, mean[0], strict=True)}
+        decision["probabilities"] = {c: float(v) for c, v in zip(classes, mean[0], strict=True)}
         decision["answer"] = answers.specimen_answer(decision)
     elif classified:
         decision |= {"decision": UNCERTAIN, "answer": NOT_SURE, "status": "every image uncertain"}

@@ -110,7 +110,7 @@ def answer(model: Predictor, uploads: list[tuple[str, bytes]], answers: Answers,
         shown |= {"image": png_data_url(row["image"])} if "image" in row else {}
         if "class" in row:
             shown |= {k: row.get(k) for k in ("class", "decision", "confidence", "probability", "set")}
-            shown |= {"probabilities": {c: row[c] for c in model.classes}, "gradcam": png_data_url(row["overlay"])}
+            shown |= {"probabilities": row["probabilities"], "gradcam": png_data_url(row["overlay"])}
             shown["flag"] = flag(row)  # '' unless unlike the training specimens
         else:
             shown["reason"] = reason(row)

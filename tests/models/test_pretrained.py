@@ -158,7 +158,9 @@ def test_a_frozen_backbone_run_predicts_what_it_scored(
     predicted = json.loads(capsys.readouterr().out)
     for row, again in zip(rows, predicted, strict=True):
         assert np.allclose(
-            [float(row[f"p_{c}"]) for c in ("H1", "H2", "H3")], [again[c] for c in ("H1", "H2", "H3")], atol=1e-5
+            [float(row[f"p_{c}"]) for c in ("H1", "H2", "H3")],
+            [again["probabilities"][c] for c in ("H1", "H2", "H3")],
+            atol=1e-5,
         )
     (tmp_path / "w.pt").unlink()  # the run holds its weights: the file it started from is not needed any more
     assert main(["predict", str(tmp_path / "run"), rows[0]["path"]]) == 0

@@ -41,9 +41,9 @@ from defungi.data.cache import decode_images
 from defungi.data.dataset import load_dataset
 from defungi.data.scan import scan
 from defungi.data.splits import train_val_test_split
-from defungi.experiments.fit import build_optimizer, fit
+from defungi.experiments.fit import fit
 from defungi.models import create_model
-from defungi.train.loop import Preprocess, autocast, precision_name
+from defungi.train.loop import Preprocess, autocast, build_optimizer, precision_name
 
 
 def step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, amp: bool):

@@ -1,6 +1,7 @@
 """fit() without the CLI: an interrupted fit resumes to the uninterrupted result, on images and on a
 frozen backbone's cached output; the cached path scales its loss; the fit meets its Sync at fixed points."""
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from defungi.experiments.protocols import load_trained, split_for
 from defungi.experiments.rundir import RunDir
 from defungi.models import create_model
 from defungi.train import distributed
+from defungi.train import loop as loop_module
 from defungi.train.frozen import FrozenPass
 from defungi.train.metrics import weighted
 from tests.conftest import fails_on_call
@@ -102,7 +104,8 @@ def test_the_cached_path_scales_its_loss_where_autocast_computes_in_fp16(
     tiny_data: Path, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     # as on a GPU without bf16: the fit turns its loss scaler on (the CPU still computes in fp32)
-    monkeypatch.setattr(fit_module, "autocast_dtype", lambda device, enabled: torch.float16)
+    monkeypatch.setattr(loop_module, "autocast_dtype", lambda device, enabled: torch.float16)
+    monkeypatch.setattr(loop_module, "autocast", lambda device, enabled: contextlib.nullcontext())
     scaled = []
     real = torch.amp.GradScaler.scale
     monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, loss: scaled.append(1) or real(self, loss))

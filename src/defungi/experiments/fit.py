@@ -30,8 +30,8 @@ from defungi.train.loop import (
     Batch,
     Preprocess,
     TrainStep,
-    autocast_dtype,
     batches,
+    build_optimizer,
     evaluate,
     feature_batches,
     feature_rows,
@@ -41,6 +41,8 @@ from defungi.train.loop import (
     precision_name,
     probabilities,
     train_one_epoch,
+    train_step,
+    weight_average,
 )
 from defungi.train.metrics import classification_metrics, mean_nll, prior_weights, scored, weighted
 from defungi.train.ood import OodDetector, Reading, fit_detector, held_out_needed, model_readings
@@ -63,60 +65,6 @@ class FitResult:
     probabilities: dict[str, np.ndarray]  # per scored part, one row per image
     ood: OodDetector | None = None  # what refuses non-micrographs (see train.ood), None without a validation part
     ood_scores: dict[str, np.ndarray] = field(default_factory=dict)  # per scored part, per image (over 1: refused)
-
-
-def build_optimizer(
-    model: nn.Module,
-    name: str,
-    lr: float,
-    weight_decay: float,
-    head: str | None = None,
-    backbone_lr_scale: float = 1.0,
-) -> torch.optim.Optimizer:
-    """AdamW or SGD with Nesterov momentum; no weight decay on norms and biases; frozen weights left
-    out. With the head's name, the other (backbone) weights learn at backbone_lr_scale x lr."""
-    groups = []
-    for backbone in (False, True):
-        params = [
-            p
-            for n, p in model.named_parameters()
-            if p.requires_grad and (head is not None and not n.startswith(f"{head}.")) == backbone
-        ]
-        rate = lr * (backbone_lr_scale if backbone else 1.0)
-        groups += [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": rate},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": rate},
-        ]
-    groups = [g for g in groups if g["params"]]
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
-    raise ValueError(f"unknown optimizer '{name}'; use adamw or sgd")
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_fraction: float
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """One-cycle (peaking at each parameter group's rate), or linear warm-up then cosine decay,
-    stepped once per batch."""
-    total_steps = max(total_steps, 10)  # one-cycle needs a few steps per phase (tiny test fits)
-    if name == "onecycle":
-        peaks = [g["lr"] for g in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=peaks, total_steps=total_steps, pct_start=warmup_fraction
-        )
-    if name == "cosine":
-        warmup = max(1, int(total_steps * warmup_fraction))
-        return torch.optim.lr_scheduler.SequentialLR(
-            optimizer,
-            [
-                torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
-                torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup)),
-            ],
-            milestones=[warmup],
-        )
-    raise ValueError(f"unknown schedule '{name}'; use onecycle or cosine")
 
 
 def channel_stats(
@@ -294,29 +242,12 @@ def _learner(task: _Task, model: nn.Module) -> _Learner:
             p.requires_grad = id(p) in trains
     trainer = distributed.wrap(model, task.device)
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, head, tc.backbone_lr_scale)
-    ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
+    ema = weight_average(model, tc)
     if tails and ema is not None:
         tails.append(tail_from(ema.module, tc.model, train_from, example))
-    step = _train_step(task, model, optimizer, ema)
+    step = train_step(tc, model, optimizer, tc.epochs * task.steps_per_epoch, task.device, ema)
     stopper = EarlyStopping(tc.patience_epochs, tc.min_epochs)
     return _Learner(model, trainer, ema, step, stopper, train_from, tails)
-
-
-def _train_step(task: _Task, model: nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEmaV3 | None) -> TrainStep:
-    """The optimisation step: schedule, label-smoothed loss, precision, and the weight average's update."""
-    tc = task.config.train
-    scheduler = build_scheduler(optimizer, tc.schedule, tc.epochs * task.steps_per_epoch, tc.warmup_fraction)
-    # autocast decides per device (bf16/fp16 on CUDA, bf16 on CPUs with native bf16); fp16 needs loss scaling
-    scaler = torch.amp.GradScaler(task.device.type, enabled=autocast_dtype(task.device, tc.amp) == torch.float16)
-    return TrainStep(
-        optimizer,
-        scheduler,
-        nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
-        task.device,
-        tc.amp,
-        scaler,
-        on_step=(lambda: ema.update(model, step=scheduler.last_epoch)) if ema is not None else None,
-    )
 
 
 @dataclass

@@ -31,7 +31,17 @@ from defungi.models.registry import create_model, model_entry
 from defungi.results.plan import JobPlan, Rate, StepPlan, read_plan
 from defungi.results.schema import to_dict
 from defungi.train.frozen import frozen_pass
-from defungi.train.loop import Preprocess, autocast, inference_precision, precision_name
+from defungi.train.loop import (
+    Batch,
+    Preprocess,
+    autocast,
+    build_optimizer,
+    inference_precision,
+    precision_name,
+    train_one_epoch,
+    train_step,
+    weight_average,
+)
 from defungi.train.ood import Reading, held_out_needed
 from defungi.train.runtime import Threads, resolve_device
 from defungi.utils import atomic_write_json, clock, cpu_flags
@@ -137,18 +147,14 @@ class Probe:
     def _train_rate(
         self, config: Config, trained: torch.nn.Module, inputs: torch.Tensor, device: torch.device
     ) -> float:
-        """Images/s of training steps of trained on inputs (forward, backward and step), in the fit's precision."""
+        """Images/s of the steps a fit takes (train.loop.train_step: its optimiser, schedule, loss,
+        precision and weight average, in train_one_epoch) of trained on inputs."""
+        tc = config.train
         y = torch.randint(0, self.classes, (len(inputs),), device=device)
-        optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-4)
-
-        def step() -> None:
-            with autocast(device, config.train.amp):
-                loss = torch.nn.functional.cross_entropy(trained(inputs).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return _timed(step, len(inputs), self.repeats, device)
+        optimizer = build_optimizer(trained, tc.optimizer, tc.lr, tc.weight_decay)
+        step = train_step(tc, trained, optimizer, self.repeats + 1, device, weight_average(trained, tc))
+        batch = [Batch(inputs, y, y)]
+        return _timed(lambda: train_one_epoch(trained, batch, 1, step, "probe"), len(inputs), self.repeats, device)
 
 
 def fit_seconds(fit: FitPlan, rate: Rate) -> tuple[float, float]:

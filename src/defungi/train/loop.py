@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 
+from defungi.config import TrainConfig
 from defungi.data.augment import dihedral
 from defungi.train.metrics import mean_nll, weighted
 from defungi.utils import progress_bar
@@ -133,6 +135,89 @@ class TrainStep:
             self.scheduler.step()
         if self.on_step is not None:
             self.on_step()
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    head: str | None = None,
+    backbone_lr_scale: float = 1.0,
+) -> torch.optim.Optimizer:
+    """AdamW or SGD with Nesterov momentum; no weight decay on norms and biases; frozen weights left
+    out. With the head's name, the other (backbone) weights learn at backbone_lr_scale x lr."""
+    groups = []
+    for backbone in (False, True):
+        params = [
+            p
+            for n, p in model.named_parameters()
+            if p.requires_grad and (head is not None and not n.startswith(f"{head}.")) == backbone
+        ]
+        rate = lr * (backbone_lr_scale if backbone else 1.0)
+        groups += [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": rate},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": rate},
+        ]
+    groups = [g for g in groups if g["params"]]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"unknown optimizer '{name}'; use adamw or sgd")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_fraction: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle (peaking at each parameter group's rate), or linear warm-up then cosine decay,
+    stepped once per batch."""
+    total_steps = max(total_steps, 10)  # one-cycle needs a few steps per phase (tiny test fits)
+    if name == "onecycle":
+        peaks = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=peaks, total_steps=total_steps, pct_start=warmup_fraction
+        )
+    if name == "cosine":
+        warmup = max(1, int(total_steps * warmup_fraction))
+        return torch.optim.lr_scheduler.SequentialLR(
+            optimizer,
+            [
+                torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
+                torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup)),
+            ],
+            milestones=[warmup],
+        )
+    raise ValueError(f"unknown schedule '{name}'; use onecycle or cosine")
+
+
+def weight_average(model: nn.Module, tc: TrainConfig) -> ModelEmaV3 | None:
+    """The exponential moving average of model's weights that train.ema_decay asks for (None: none)."""
+    return ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
+
+
+def train_step(
+    tc: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    device: torch.device,
+    ema: ModelEmaV3 | None = None,
+) -> TrainStep:
+    """The optimisation step a fit takes (and the plan's probe times): tc's schedule over total_steps,
+    label-smoothed loss, precision, and the weight average's update."""
+    scheduler = build_scheduler(optimizer, tc.schedule, total_steps, tc.warmup_fraction)
+    # autocast decides per device (bf16/fp16 on CUDA, bf16 on CPUs with native bf16); fp16 needs loss scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, tc.amp) == torch.float16)
+    return TrainStep(
+        optimizer,
+        scheduler,
+        nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
+        device,
+        tc.amp,
+        scaler,
+        on_step=(lambda: ema.update(model, step=scheduler.last_epoch)) if ema is not None else None,
+    )
 
 
 def train_one_epoch(

@@ -50,7 +50,7 @@ def _add_config_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
         help="folder of class folders, or a .zip of one (default: $DEFUNGI_DATA, the cached release, or fetch it)",
     )
     _add_profile(p)
-    split_help = "grouped: no physical sample in two parts (default); random: as the published study"
+    split_help = "grouped: no specimen in two parts (default); random: as the published study"
     p.add_argument("--split", choices=["grouped", "random"], help=split_help)
     if model:
         from defungi.models import list_models  # the registry's names load without torch
@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     what = f"{metrics.protocol.cv('cross-validation')}, out of fold" if metrics.kind == "cv" else metrics.reported_name
     print(metrics_line(f"{metrics.model} {what}, per image", scores))
     if scores.samples is not None:
-        print(metrics_line(f"{metrics.model} {what}, per sample", scores.samples))
+        print(metrics_line(f"{metrics.model} {what}, per specimen", scores.samples))
     print(f"run folder: {record.path}")
     return 0
 
@@ -457,9 +457,12 @@ def _predict_parser(sub: Commands) -> None:
     p.add_argument("paths", nargs="+")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument(
+        "--by-specimen",
         "--by-sample",
+        dest="by_sample",
         action="store_true",
-        help="one decision per specimen (its images pooled by the run's train.specimen_rule; default: the mean)",
+        help="one decision per specimen (its images pooled by the run's train.specimen_rule; default: the mean); "
+        "--by-sample is the same",
     )
     _add_group_by(p)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
@@ -557,7 +560,7 @@ def _data_parser(sub: Commands) -> None:
     f.add_argument("--dest", help="folder to download into (default: the user cache)")
     f.add_argument("--url", help="archive URL (default: the UCI address, or $DEFUNGI_URL)")
     f.set_defaults(func=cmd_fetch)
-    a = data_sub.add_parser("audit", help="counts, outliers, duplicates across samples, random-split leakage: a page")
+    a = data_sub.add_parser("audit", help="counts, outliers, duplicates across specimens, random-split leakage: a page")
     a.add_argument("dir", nargs="?", help="folder of class folders (default: $DEFUNGI_DATA or the cached release)")
     a.add_argument("--out", default="runs/audit")
     a.add_argument("--variance-threshold", type=float, default=15.0, help="outliers: grey variance under this (15)")

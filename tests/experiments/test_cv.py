@@ -100,7 +100,7 @@ def test_grouped_and_random_cv_side_by_side(tiny_data: Path, tmp_path: Path, cap
         argv = ["train", "--data", str(tiny_data), "--out", str(tmp_path / split), "--cv", "3", "--split", split]
         assert main([*argv, *tiny_args({"train.tta": False})]) == 0
     out = capsys.readouterr().out
-    assert "3-fold cross-validation, out of fold, per sample" in out and "F1 0." in out
+    assert "3-fold cross-validation, out of fold, per specimen" in out and "F1 0." in out
     names = ("folds.png", "reliability_test.png", "confusion_test.png", "confusion_test_samples.png")
     for name in (*names, "confident_errors.png"):
         assert (tmp_path / "grouped" / name).exists(), name
@@ -113,8 +113,8 @@ def test_grouped_and_random_cv_side_by_side(tiny_data: Path, tmp_path: Path, cap
         == 0
     )
     md = (tmp_path / "cmp" / "report.md").read_text()
-    assert "grouped 3-fold CV), per sample |" in md and "random 3-fold CV), per image |" in md
-    assert re.search(r"\| f1, per sample \| [+-]\d+\.\d \| \[[+-]\d+\.\d, [+-]\d+\.\d\] \| (yes|no)", md)
+    assert "grouped 3-fold CV), per specimen |" in md and "random 3-fold CV), per image |" in md
+    assert re.search(r"\| f1, per specimen \| [+-]\d+\.\d \| \[[+-]\d+\.\d, [+-]\d+\.\d\] \| (yes|no)", md)
 
 
 def test_runs_on_different_images_are_not_compared(tiny_data: Path, tmp_path: Path):

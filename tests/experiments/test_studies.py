@@ -76,13 +76,13 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     page = (out / "report.html").read_text()
     assert page.count("<h2>") == 7 and page.count("data:image/png;base64") >= 14
     md = (out / "report.md").read_text()
-    assert f"{name}, published (random split)" in md and f"{name}, random 2-fold CV (1 fitted), per sample |" in md
+    assert f"{name}, published (random split)" in md and f"{name}, random 2-fold CV (1 fitted), per specimen |" in md
     assert "| split | fold | test images / samples |" in md and "| larger than noise |" in md
     assert "| grouped | 1 | " in md and "| grouped | 0 | " not in md  # folds counted 1..K, as in folds.png
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (out / link).exists(), link
     grid_step = state.steps["grid20" if name == "resnet34" else "grid_full"].result
-    assert grid_step.choice["train.batch_size"] == 8 and "95% interval over samples" in grid_step.summary
+    assert grid_step.choice["train.batch_size"] == 8 and "95% interval over specimens" in grid_step.summary
     assert "| 95% interval |" in md
     # interrupted after four steps: drop the later ones, run again; finished fits are read back
     saved = read_study(out / "study.json")
@@ -155,7 +155,7 @@ def test_depth_step_states_a_verdict_on_16_mixers(studies):
 def test_combined_report(studies, tmp_path: Path):
     page = build_combined_report([studies["resnet34"][2], studies["convmixer"][2]], tmp_path / "report")
     text = page.read_text()
-    assert "resnet34, published (random split)" in text and "convmixer, grouped 2-fold CV, per sample" in text
+    assert "resnet34, published (random split)" in text and "convmixer, grouped 2-fold CV, per specimen" in text
     assert text.count("data:image/png;base64") == 8 and text.count("random minus grouped") == 2
     assert "inference images/s" in text
 
@@ -175,7 +175,7 @@ def test_main_job_resumes_both_studies_and_returns_the_report(studies, monkeypat
     assert plan.steps[-1].fits == 2 and plan.steps[-1].seconds is not None and plan.seconds is not None
     assert "Time: the plan&#x27;s estimate" in page.read_text() or "Time: the plan's estimate" in page.read_text()
     assert "| convmixer, published (random split) |  | 0.780 | 0.810 | 0.790 | 0.800 |" in table.markdown()
-    assert "transfer (efficientnet-lite0, grouped 2-fold CV), per sample" in table.markdown()  # beside the studies
+    assert "transfer (efficientnet-lite0, grouped 2-fold CV), per specimen" in table.markdown()  # beside the studies
     for name in ("resnet34", "convmixer"):  # paired with each study's grouped recipe on the same images
         assert f"transfer minus the grouped final recipe of {name} (paired)" in page.read_text()
     again = json.loads((out / "study.json").read_text())

@@ -19,7 +19,7 @@ from tests.conftest import TinyRun, tiny_args, write_folder
 def test_one_decision_per_specimen_with_its_images_and_blank_fields(tiny_run: TinyRun, tmp_path: Path, capsys):
     held = write_folder(tmp_path / "held", samples_per_class=2, patches=3, seed=9)
     capsys.readouterr()
-    assert main(["predict", str(tiny_run.run), str(held), "--by-sample", "--format", "json"]) == 0
+    assert main(["predict", str(tiny_run.run), str(held), "--by-specimen", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     specimens = {s["specimen"]: s for s in out["specimens"]}
     assert len(specimens) == 3 * 2 + 1  # six samples, and the blank field's own sample H1_99

@@ -69,10 +69,10 @@ def build_combined_report(
     finals = [final_of(state) for state in states]
     page = Page("defungi: both final models beside the published study")
     page.text(
-        "Out-of-fold test metrics of each study's final recipe under K-fold cross-validation over every sample, "
-        "macro-averaged over the classes, with 95% intervals from a bootstrap over physical samples. Grouped: no "
-        "sample in two parts (what a new specimen will see); random: the published protocol, where near-copies of "
-        "a test image sit in training. Per sample: the mean probability of its images decides."
+        "Out-of-fold test metrics of each study's final recipe under K-fold cross-validation over every specimen, "
+        "macro-averaged over the classes, with 95% intervals from a bootstrap over specimens. Grouped: no "
+        "specimen in two parts (what a new specimen will see); random: the published protocol, where near-copies of "
+        "a test image sit in training. Per specimen: the mean probability of its images decides."
     )
     page.table(comparison_table(states))
     details = [
@@ -147,7 +147,7 @@ def plan_table(plan: JobPlan) -> Table:
 
 
 def run_rows(run_dirs: list[Path]) -> dict[str, Scores]:
-    """Each finished run's scored images (out of fold for a CV run), per image and per sample, as named rows."""
+    """Each finished run's scored images (out of fold for a CV run), per image and per specimen, as named rows."""
     rows: dict[str, Scores] = {}
     for run_dir in run_dirs:
         path = RunLayout(Path(run_dir)).metrics
@@ -161,7 +161,7 @@ def run_rows(run_dirs: list[Path]) -> dict[str, Scores]:
         name = f"{run_dir} ({m.model}, {protocol.split} {how})"
         rows[f"{name}, per image"] = test
         if test.samples is not None:
-            rows[f"{name}, per sample"] = test.samples
+            rows[f"{name}, per specimen"] = test.samples
     return rows
 
 
@@ -173,7 +173,7 @@ def build_comparison(run_dirs: list[Path], out_dir: Path, difference: PairedDiff
     page = Page("defungi: runs side by side")
     page.text(
         "Out-of-fold scores for cross-validation runs, test-part scores otherwise; macro-averaged over the classes, "
-        "95% intervals from a bootstrap over physical samples. Per sample: its images pooled by the run's "
+        "95% intervals from a bootstrap over specimens. Per specimen: its images pooled by the run's "
         "train.specimen_rule (the mean probability unless the run says otherwise)."
     )
     page.table(interval_table(rows))
@@ -181,7 +181,7 @@ def build_comparison(run_dirs: list[Path], out_dir: Path, difference: PairedDiff
         page.heading("Second run minus first", level=2)
         page.text(
             f"On the same {difference.n_images} images ({difference.n_samples} samples); the interval comes "
-            "from a bootstrap that draws samples and scores both runs on each draw."
+            "from a bootstrap that draws specimens and scores both runs on each draw."
         )
         page.table(difference_table(difference))
     return page.write(out_dir)

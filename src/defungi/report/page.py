@@ -86,10 +86,10 @@ def metrics_line(name: str, scores: Scores | dict[str, Any]) -> str:
 
 
 def difference_table(difference: PairedDifference, keys: Sequence[str] = ("f1", "accuracy")) -> Table:
-    """Second minus first in points, per image and per sample, with the paired bootstrap's 95%
+    """Second minus first in points, per image and per specimen, with the paired bootstrap's 95%
     interval and whether it excludes 0."""
     rows = []
-    for level, differences in (("image", difference.images), ("sample", difference.samples)):
+    for level, differences in (("image", difference.images), ("specimen", difference.samples)):
         for k in keys:
             d = differences[k]
             low, high = d.interval
@@ -97,7 +97,7 @@ def difference_table(difference: PairedDifference, keys: Sequence[str] = ("f1", 
             rows.append(
                 [f"{k}, per {level}", f"{100 * d.difference:+.1f}", points, "yes" if d.clear else "no (within noise)"]
             )
-    return Table(["metric", "difference (points)", "95% interval (paired, over samples)", "larger than noise"], rows)
+    return Table(["metric", "difference (points)", "95% interval (paired, over specimens)", "larger than noise"], rows)
 
 
 @dataclass

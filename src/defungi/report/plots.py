@@ -305,14 +305,14 @@ def plot_reliability(
 
 
 def plot_folds(folds: Sequence[FoldScores], path: Path, title: str = "macro-F1 per fold") -> Path:
-    """Macro-F1 per cross-validation fold, per image and per sample, with the mean of each."""
+    """Macro-F1 per cross-validation fold, per image and per specimen, with the mean of each."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
     x = np.arange(len(folds))
-    for k, (key, label) in enumerate((("f1", "per image"), ("sample_f1", "per sample"))):
+    for k, (key, label) in enumerate((("f1", "per image"), ("sample_f1", "per specimen"))):
         values = [getattr(f, key) for f in folds]
         bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, label=f"{label} (mean {np.mean(values):.3f})")
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set(xticks=x, xticklabels=[f"fold {f.number}\n{f.test_samples} samples" for f in folds], ylim=(0, 1))
+    ax.set(xticks=x, xticklabels=[f"fold {f.number}\n{f.test_samples} specimens" for f in folds], ylim=(0, 1))
     ax.set(ylabel="test macro-F1", title=title)
     ax.legend(fontsize=7)
     return _save(fig, path)

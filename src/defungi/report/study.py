@@ -197,14 +197,14 @@ def _depth(result: Depth, step: StepPage) -> Drawn:
 
 
 def final_rows(study: str, final: Final, published: dict[str, float]) -> dict[str, Scores | dict[str, Any]]:
-    """The final recipe's out-of-fold metrics per split mode, per image and per sample, beside the
+    """The final recipe's out-of-fold metrics per split mode, per image and per specimen, beside the
     published figures, as named rows."""
     rows: dict[str, Scores | dict[str, Any]] = {}
     for mode, m in final.test.items():
         cv = cv_label(final.cv_folds, len(final.folds[mode]))
         rows[f"{study}, {mode} {cv}, per image"] = m
         if m.samples is not None:
-            rows[f"{study}, {mode} {cv}, per sample"] = m.samples
+            rows[f"{study}, {mode} {cv}, per specimen"] = m.samples
     return rows | {f"{study}, published (random split)": published}
 
 
@@ -218,7 +218,7 @@ def _final(result: Final, step: StepPage) -> Drawn:
         f"{mode} {cv_label(result.cv_folds, len(result.folds[mode]))}, per image": to_dict(m)
         for mode, m in result.test.items()
     }
-    title = "out-of-fold test metrics (macro over classes, 95% intervals over samples)"
+    title = "out-of-fold test metrics (macro over classes, 95% intervals over specimens)"
     figures = [
         plot_bars(
             bars | {"published (random split)": state.published},
@@ -230,7 +230,7 @@ def _final(result: Final, step: StepPage) -> Drawn:
         render_run(step.study / run)
         figures += [RunLayout(step.study / run).figure(f) for f in FINAL_RUN_FIGURES]
     folds = Table(
-        ["split", "fold", "test images / samples", "F1 per image", "F1 per sample"],
+        ["split", "fold", "test images / specimens", "F1 per image", "F1 per specimen"],
         [
             [mode, str(f.number), f"{f.test_images} / {f.test_samples}", f"{f.f1:.3f}", f"{f.sample_f1:.3f}"]
             for mode, rows in result.folds.items()

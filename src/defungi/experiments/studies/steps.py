@@ -140,11 +140,11 @@ def within_noise(scores: dict[str, tuple[float, list[float]]]) -> str:
     (_, (_, (low, high))), (second, (_, (low2, high2))) = ranked[:2]
     if low <= high2 and low2 <= high:
         return (
-            f" Within noise: its 95% interval over samples [{low:.3f}, {high:.3f}] overlaps the runner-up's "
+            f" Within noise: its 95% interval over specimens [{low:.3f}, {high:.3f}] overlaps the runner-up's "
             f"({second}: [{low2:.3f}, {high2:.3f}]), so the data cannot tell them apart."
         )
     return (
-        f" Its 95% interval over samples [{low:.3f}, {high:.3f}] lies above the runner-up's "
+        f" Its 95% interval over specimens [{low:.3f}, {high:.3f}] lies above the runner-up's "
         f"({second}: [{low2:.3f}, {high2:.3f}])."
     )
 
@@ -171,8 +171,8 @@ def final_fits(
     summary = (
         (f"Each fold's model is an ensemble of {members} fits that differ only in their seed. " if members > 1 else "")
         + f"The final recipe, scored by {ctx.options.final_folds}-fold cross-validation: every usable image once, "
-        "by a model that never saw it (95% intervals from a bootstrap over samples). "
-        f"Grouped (no sample in two parts): macro-F1 {_f1(g)} per image, {_f1(g.samples)} per sample. "
+        "by a model that never saw it (95% intervals from a bootstrap over specimens). "
+        f"Grouped (no specimen in two parts): macro-F1 {_f1(g)} per image, {_f1(g.samples)} per specimen. "
         f"Random (the published protocol: published F1 {published['f1']:.2f}"
         + (
             f"; {opts.random_folds} of its {opts.final_folds} folds fitted, so {r.n} images scored"
@@ -180,7 +180,7 @@ def final_fits(
             else ""
         )
         + "".join(f", {key} {value}" for key, value in ctx.options.random_config.items())
-        + f"): {_f1(r)} per image, {_f1(r.samples)} per sample. "
+        + f"): {_f1(r)} per image, {_f1(r.samples)} per specimen. "
         + _gap_sentence(gap)
     )
     return Final(

@@ -77,7 +77,7 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     assert page.count("<h2>") == 7 and page.count("data:image/png;base64") >= 14
     md = (out / "report.md").read_text()
     assert f"{name}, published (random split)" in md and f"{name}, random 2-fold CV (1 fitted), per specimen |" in md
-    assert "| split | fold | test images / samples |" in md and "| larger than noise |" in md
+    assert "| split | fold | test images / specimens |" in md and "| larger than noise |" in md
     assert "| grouped | 1 | " in md and "| grouped | 0 | " not in md  # folds counted 1..K, as in folds.png
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (out / link).exists(), link

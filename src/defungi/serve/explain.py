@@ -147,8 +147,8 @@ def explained(
     prior_weight: float | None = None,
     answers: Answers | None = None,
 ) -> list[dict[str, Any]]:
-    """predict's rows, each classified one with its image, the class explained (target, else the
-    predicted one) with its calibrated probability, its map and the map's overlay: the answers and
+    """predict's rows, each decoded one with its image and each classified one with the class explained
+    (target, else the predicted one) with its calibrated probability, its map and the map's overlay: the answers and
     the maps from one forward pass per image (test-time augmentation's other views aside)."""
     fixed = None if target is None else class_index(model, target)
     rows, pixels = decode(model, files)
@@ -166,7 +166,8 @@ def explained(
     rows = classify(model, rows, pixels, tta, prior_weight, answers, None if views else computed)
     at = {path: k for k, path in enumerate(pixels)}
     for row in rows:
-        if "class" not in row:
+        if "class" not in row:  # refused as not a fungus micrograph: its pixels are shown all the same
+            row |= {"image": images[at[row["path"]]]} if row["path"] in at else {}
             continue
         k = at[row["path"]]
         t = targets[k] if fixed is not None or not views else model.classes.index(row["class"])

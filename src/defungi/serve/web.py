@@ -99,7 +99,7 @@ def answer(model: Predictor, uploads: list[tuple[str, bytes]], answers: Answers,
                 paths[i].write_bytes(data)
         rows = {Path(r["path"]): r for r in explained(model, list(paths.values()), answers=answers)} if paths else {}
         for path, row in rows.items():
-            if "class" not in row and "error" not in row:  # refused, or no fungus visible: shown all the same
+            if "image" not in row and "error" not in row:  # no fungus visible (never classified): shown all the same
                 row["image"] = decode_one(path, model.image_size)[0]
     images = []
     for i, (name, _) in enumerate(uploads):

@@ -7,6 +7,7 @@ from PIL import Image
 from defungi.data.cache import decode_images, decode_one
 from defungi.data.dataset import load_dataset
 from defungi.data.scan import scan
+from tests.conftest import write_folder
 
 
 def test_decode_any_mode_and_size(tmp_path: Path):
@@ -35,6 +36,18 @@ def test_cache_is_reused_and_keyed_by_size(tiny_data: Path, tmp_path: Path):
     assert list((tmp_path / "c" / "decoded").iterdir()) == folders
     decode_images(records, 16, cache_dir=tmp_path / "c", progress=False)
     assert len(list((tmp_path / "c" / "decoded").iterdir())) == 2
+
+
+def test_worker_processes_write_each_image_into_its_own_row(tmp_path: Path):
+    # over 4 chunks of 64 images: two worker processes each write their chunks' rows in place; every
+    # row holds the pixels of its own file (one image per class of 3, sample numbers and patches apart)
+    data = write_folder(tmp_path / "data", samples_per_class=30, patches=3, size=24, seed=3)
+    records = scan(data)
+    assert len(records) > 4 * 64
+    decoded = decode_images(records, 24, cache_dir=tmp_path / "c", workers=2, progress=False)
+    pixels = np.asarray(decoded.images)
+    assert all(np.array_equal(pixels[i], decode_one(r.path, 24)[0]) for i, r in enumerate(records))
+    assert np.allclose(decoded.variance, [decode_one(r.path, 24)[1] for r in records])
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all", b"\xff\xd8\xff\xe0 truncated jpeg"])

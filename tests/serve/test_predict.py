@@ -10,7 +10,7 @@ import pytest
 from defungi.cli import main
 from defungi.experiments.trust import selective_promise
 from defungi.results.run import read_run_metrics
-from defungi.serve.predict import Answers, by_specimen, open_predictor, predict, probability_table
+from defungi.serve.predict import Answers, by_specimen, open_predictor, predict, predict_files, probability_table
 from defungi.serve.predictor import Predictor
 from defungi.train.metrics import specimen_probabilities, temper
 from tests.conftest import TinyRun, tiny_args, write_folder
@@ -188,3 +188,16 @@ def test_classes_named_like_fields_leave_the_fields_alone(tmp_path: Path, capsys
     for unit in (u for s in specimens for u in [s, *s["rows"]] if "decision" in u):
         assert unit["class"] in names and isinstance(unit["confidence"], float) and "status" not in unit
         assert set(unit["probabilities"]) == set(names) and abs(sum(unit["probabilities"].values()) - 1) < 1e-4
+
+
+def test_images_decoded_while_the_model_loads_get_the_models_answers(tiny_run_copy: Path, tmp_path: Path):
+    held = write_folder(tmp_path / "held", samples_per_class=2, patches=2, seed=5)
+    files = sorted(held.rglob("*.jpg"))
+    expected = predict(open_predictor(tiny_run_copy), files)
+    assert any("class" in r for r in expected) and any(r.get("status") == "no fungus visible" for r in expected)
+    assert predict_files(tiny_run_copy, files).rows == expected  # decoded from config.json's figures, loaded beside
+    config = tiny_run_copy / "config.json"
+    edited = json.loads(config.read_text())
+    edited["data"]["variance_threshold"] = 10000.0  # no longer what the checkpoints say: the model's figures win
+    config.write_text(json.dumps(edited))
+    assert predict_files(tiny_run_copy, files).rows == expected

@@ -37,7 +37,15 @@ from defungi.results.run import (
 )
 from defungi.results.schema import SchemaError, from_dict, to_dict
 from defungi.results.trust import ConformalSets, SetCheck, Unit
-from defungi.serve.predict import Answers, by_specimen, check_group_by, classify, probability_table, selective_check
+from defungi.serve.predict import (
+    Answers,
+    Decoded,
+    by_specimen,
+    check_group_by,
+    classify,
+    probability_table,
+    selective_check,
+)
 from defungi.serve.predictor import Predictor, torch_predictor
 from defungi.train.metrics import calibration, mean_nll, scored, temper
 from defungi.utils import atomic_write_json, atomic_write_text
@@ -65,7 +73,9 @@ def evaluate_folder(
     answers = Answers.of(model, **(settings or {}))
     data = load_dataset(data_root, model.image_size, model.variance_threshold, classes=model.classes)
     rows = [{"path": str(p), "label": model.classes[y]} for p, y in zip(data.paths, data.labels, strict=True)]
-    rows = classify(model, rows, {r["path"]: data.images[i] for i, r in enumerate(rows)}, tta, prior_weight, answers)
+    rows = classify(
+        model, rows, Decoded([r["path"] for r in rows], np.asarray(data.images)), tta, prior_weight, answers
+    )
     specimens = by_specimen(rows, model, answers, group_by)
     units = _labelled(model.classes, specimens)
     scores = _scores(model, units["image"], tta)

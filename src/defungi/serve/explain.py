@@ -151,10 +151,10 @@ def explained(
     (target, else the predicted one) with its calibrated probability, its map and the map's overlay: the answers and
     the maps from one forward pass per image (test-time augmentation's other views aside)."""
     fixed = None if target is None else class_index(model, target)
-    rows, pixels = decode(model, files)
-    if not pixels:
+    rows, decoded = decode(model.inputs, files)
+    if not decoded.paths:
         return rows
-    images = np.stack(list(pixels.values()))
+    images = decoded.images
     power = model.prior_weight if prior_weight is None else prior_weight
 
     def choose(probs: np.ndarray) -> list[int]:
@@ -163,8 +163,8 @@ def explained(
 
     computed, maps, targets = one_pass(model.trained, images, choose)
     views = model.tta if tta is None else tta
-    rows = classify(model, rows, pixels, tta, prior_weight, answers, None if views else computed)
-    at = {path: k for k, path in enumerate(pixels)}
+    rows = classify(model, rows, decoded, tta, prior_weight, answers, None if views else computed)
+    at = {path: k for k, path in enumerate(decoded.paths)}
     for row in rows:
         if "class" not in row:  # refused as not a fungus micrograph: its pixels are shown all the same
             row |= {"image": images[at[row["path"]]]} if row["path"] in at else {}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,8 @@ from defungi.layout import RunLayout
 from defungi.results.ood import REFUSE
 from defungi.results.run import ModelCard, SelectiveCheck
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE, SelectivePromise, Trust, Unit
-from defungi.serve.lite import onnx_predictor
-from defungi.serve.predictor import Predictor, Scores, torch_predictor
+from defungi.serve.lite import BATCH, onnx_predictor
+from defungi.serve.predictor import Inputs, Predictor, Scores, run_inputs, torch_predictor
 from defungi.train.conformal import prediction_sets, set_label
 from defungi.train.metrics import classification_metrics, specimen_probabilities, temper
 from defungi.train.selective import DELTA
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
 CHUNK = 256  # images to classify decoded, then answered, at a time (whole batches of the engines)
+AHEAD = 3  # chunks decoded ahead while a model loads (about 800 images: the load's time on the other core)
 
 
 def open_predictor(source: str | Path, backend: str = "torch", device: str = "auto") -> Predictor:
@@ -76,52 +80,85 @@ def predict(
     The class probabilities are the model's, as the run scored them, and 'probability' the most
     probable class's; 'confidence' is that probability calibrated as the run measured it helped, 'set'
     the classes the image's prediction set holds (see Answers), and 'decision' the class or 'uncertain'."""
-    answers = answers or Answers.of(model)
-    chunks = prefetched(decoded_chunks(model, expand_paths(paths)), 1)  # the next chunk decodes while one computes
-    return [row for rows, pixels in chunks for row in classify(model, rows, pixels, tta, prior_weight, answers)]
+    chunks = prefetched(
+        decoded_chunks(model.inputs, expand_paths(paths)), 1
+    )  # the next chunk decodes while one computes
+    return answered(model, chunks, tta, prior_weight, answers or Answers.of(model))
 
 
-def decoded_chunks(model: Predictor, files: list[Path]) -> Iterator[tuple[list[dict[str, Any]], dict[str, np.ndarray]]]:
-    """decode's rows and pixels, CHUNK images to classify at a time (whole batches of the engines)."""
+def answered(
+    model: Predictor,
+    chunks: Iterable[tuple[list[dict[str, Any]], Decoded]],
+    tta: bool | None,
+    prior_weight: float | None,
+    answers: Answers,
+) -> list[dict[str, Any]]:
+    """classify's rows of every chunk of decoded_chunks."""
+    return [row for rows, decoded in chunks for row in classify(model, rows, decoded, tta, prior_weight, answers)]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The images of a decode that are to be classified: their paths and pixels (one row each, at the
+    model's input size), in the same order."""
+
+    paths: list[str]
+    images: np.ndarray  # n x size x size x 3 uint8
+
+    @classmethod
+    def of(cls, pixels: dict[str, np.ndarray], size: int) -> Decoded:
+        """From path -> pixels (stacked here: in a decoding thread, off the engine's path)."""
+        images = np.stack(list(pixels.values())) if pixels else np.zeros((0, size, size, 3), dtype=np.uint8)
+        return cls(list(pixels), images)
+
+
+def decoded_chunks(inputs: Inputs, files: list[Path]) -> Iterator[tuple[list[dict[str, Any]], Decoded]]:
+    """decode's rows and images, a whole batch of the engines first (so that the engine starts soon),
+    then CHUNK images to classify at a time."""
     rows: list[dict[str, Any]] = []
     pixels: dict[str, np.ndarray] = {}
+    size = BATCH
     for f in files:
-        more, image = decode(model, [f])
+        more, image = _decoded(inputs, f)
         rows += more
         pixels |= image
-        if len(pixels) == CHUNK:
-            yield rows, pixels
-            rows, pixels = [], {}
+        if len(pixels) == size:
+            yield rows, Decoded.of(pixels, inputs.image_size)
+            rows, pixels, size = [], {}, CHUNK
     if rows:
-        yield rows, pixels
+        yield rows, Decoded.of(pixels, inputs.image_size)
 
 
-def decode(model: Predictor, files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+def decode(inputs: Inputs, files: list[Path]) -> tuple[list[dict[str, Any]], Decoded]:
     """A row per file (its error, or 'no fungus visible' with its grey variance and the run's threshold,
-    where it cannot be classified) and the pixels, at the model's input size, of the files to classify
-    (by path)."""
+    where it cannot be classified) and the images to classify, at the model's input size."""
     rows, pixels = [], {}
     for f in files:
-        row: dict[str, Any] = {"path": str(f)}
-        try:
-            image, variance, _ = decode_one(f, model.image_size)
-        except DECODE_ERRORS as exc:
-            log.warning("skipped %s: %s", f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            rows.append(row | {"error": f"unreadable image ({type(exc).__name__})"})
-            continue
-        row["label"] = label_of(f, model.classes)
-        if low_variance(np.array([variance]), model.variance_threshold)[0]:
-            row |= {"status": NO_FUNGUS, "grey_variance": variance, "variance_threshold": model.variance_threshold}
-        else:
-            pixels[str(f)] = image
-        rows.append(row)
-    return rows, pixels
+        more, image = _decoded(inputs, f)
+        rows += more
+        pixels |= image
+    return rows, Decoded.of(pixels, inputs.image_size)
+
+
+def _decoded(inputs: Inputs, f: Path) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """decode of one file: its row, and its pixels by path when it is to be classified."""
+    row: dict[str, Any] = {"path": str(f)}
+    try:
+        image, variance, _ = decode_one(f, inputs.image_size)
+    except DECODE_ERRORS as exc:
+        log.warning("skipped %s: %s", f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return [row | {"error": f"unreadable image ({type(exc).__name__})"}], {}
+    row["label"] = label_of(f, inputs.classes)
+    if low_variance(np.array([variance]), inputs.variance_threshold)[0]:
+        row |= {"status": NO_FUNGUS, "grey_variance": variance, "variance_threshold": inputs.variance_threshold}
+        return [row], {}
+    return [row], {str(f): image}
 
 
 def classify(
     model: Predictor,
     rows: list[dict[str, Any]],
-    pixels: dict[str, np.ndarray],
+    decoded: Decoded,
     tta: bool | None = None,
     prior_weight: float | None = None,
     answers: Answers | None = None,
@@ -133,14 +170,14 @@ def classify(
     refused as 'not a fungus micrograph' (score over results.ood.REFUSE; 'unlike_training' marks those
     answered with a score over 1: unlike the training micrographs; answers: as the run measured, by
     default; computed: the model's scores of the pixels when a pass already made them)."""
-    if not pixels:
+    if not decoded.paths:
         return rows
     answers = answers or Answers.of(model)
-    probs, ood = model.answer(np.stack(list(pixels.values())), tta, prior_weight, computed)
+    probs, ood = model.answer(decoded.images, tta, prior_weight, computed)
     calibrated = temper(probs, model.temperature("image"))
     sets = answers.sets("image", calibrated, model.classes)
     result = {}
-    for k, (path, p) in enumerate(zip(pixels, probs, strict=True)):
+    for k, (path, p) in enumerate(zip(decoded.paths, probs, strict=True)):
         if ood is not None and ood[k] > REFUSE:
             result[path] = {"status": NOT_MICROGRAPH, "ood": float(ood[k])}
             continue
@@ -432,9 +469,19 @@ def predict_files(
     by_sample, one decision per specimen as well (group_by: see specimen_of, checked before any work).
     settings: Answers.of's coverage, abstain and target_accuracy."""
     check_group_by(group_by)
-    model = open_predictor(source, backend)
-    answers = Answers.of(model, **(settings or {}))
-    rows = predict(model, paths, tta, prior_weight, answers)
+    files = expand_paths(paths)
+    inputs = run_inputs(source) if backend == "torch" else None
+    with ThreadPoolExecutor(1) as pool:  # the model loads while the first images decode
+        opening = pool.submit(open_predictor, source, backend)
+        ahead = decoded_chunks(inputs or opening.result().inputs, files)
+        with contextlib.closing(prefetched(ahead, AHEAD)) as chunks:
+            first = next(chunks)  # decoding starts
+            model = opening.result()
+            answers = Answers.of(model, **(settings or {}))
+            same = inputs in (None, model.inputs)
+            rows = answered(model, itertools.chain([first], chunks), tta, prior_weight, answers) if same else None
+    if rows is None:  # a run folder whose config.json does not describe its checkpoints: decode as the model says
+        rows = predict(model, files, tta, prior_weight, answers)
     result = Predictions(list(model.classes), rows, note=answers.note(), card=model.card)
     if by_sample:
         result.specimens = by_specimen(rows, model, answers, group_by)

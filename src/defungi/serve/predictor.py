@@ -14,11 +14,35 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from defungi.layout import RunLayout
+from defungi.errors import DefungiError
+from defungi.layout import RunLayout, read_json
 from defungi.results.run import ModelCard, model_card, read_run_metrics
 from defungi.results.schema import SCHEMA_VERSION, check_version, from_dict, to_dict
 from defungi.results.trust import Trust, Unit
 from defungi.train.metrics import prior_weights, weighted
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What decoding needs of a model: its input size, the grey variance under which an image shows no
+    fungus (it is not classified), and its classes (an image's folder or name may give one)."""
+
+    image_size: int
+    variance_threshold: float
+    classes: list[str]
+
+
+def run_inputs(run_dir: str | Path) -> Inputs | None:
+    """A run folder's Inputs from its config.json and metrics.json, read without loading its model (so
+    that images decode while it loads); None where the folder lacks either."""
+    from defungi.config import config_from_dict
+
+    layout = RunLayout(Path(run_dir))
+    try:
+        data = config_from_dict(read_json(layout.config)).data
+        return Inputs(data.image_size, data.variance_threshold, read_run_metrics(layout.metrics).classes)
+    except (OSError, ValueError, TypeError, AttributeError, DefungiError):  # the model's load says what is wrong
+        return None
 
 
 class Scores(NamedTuple):
@@ -48,6 +72,10 @@ class Predictor:
     card: ModelCard | None = None
     trained: Any = None  # the TrainedModel of the torch backend (Grad-CAM needs it)
     specimen_rule: str = "mean"  # how a specimen's images' probabilities are pooled (train.metrics.SPECIMEN_RULES)
+
+    @property
+    def inputs(self) -> Inputs:
+        return Inputs(self.image_size, self.variance_threshold, self.classes)
 
     def answer(
         self,
@@ -103,6 +131,8 @@ def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:
     path = RunLayout(Path(run_dir)).metrics
     metrics = read_run_metrics(path) if path.exists() else None
     frozen = trained.frozen_pass()
+    if frozen is not None:
+        frozen.prepare()
     return Predictor(
         classes=list(trained.classes),
         image_size=trained.preprocess.image_size,

@@ -194,6 +194,11 @@ class FrozenPass:
             self._speed = images_per_s(engine, self._random_batch())
         return self._speed
 
+    def prepare(self) -> None:
+        """Choose the engine now (loading its session), so that a model opened while images decode
+        starts on them at once (a run on blank images to warm it up cost more than it saved)."""
+        self._engine = self.engine
+
     def _random_batch(self) -> np.ndarray:
         size = self.preprocess.image_size
         return np.random.default_rng(0).integers(0, 256, (BATCH, size, size, 3), dtype=np.uint8)

@@ -108,11 +108,8 @@ def set_check(
     """Coverage and size of sets (boolean, rows x classes) against labels, with intervals from a
     bootstrap that draws specimens (groups, each with all its rows)."""
     hit, size = sets[np.arange(len(labels)), labels].astype(float), sets.sum(1).astype(float)
-    ids, inverse = np.unique(groups, return_inverse=True)
-    draws = np.random.default_rng(seed).integers(0, len(ids), (1000, len(ids)))
-    weights = np.stack([np.bincount(d, minlength=len(ids)) for d in draws])[:, inverse]
-    cov = (weights * hit).sum(1) / weights.sum(1)
-    mean_size = (weights * size).sum(1) / weights.sum(1)
+    counts, inverse = _specimen_draws(groups, np.random.default_rng(seed))
+    cov, mean_size = _resampled_means(counts, hit, inverse), _resampled_means(counts, size, inverse)
     return SetCheck(
         coverage=float(hit.mean()),
         coverage_interval=[float(np.percentile(cov, 2.5)), float(np.percentile(cov, 97.5))],
@@ -169,13 +166,25 @@ def _class_falls_short(sets: np.ndarray, held: Held, level: float, seed: int) ->
     rng = np.random.default_rng(seed)
     for c in np.unique(held.labels):
         rows = held.labels == c
-        ids, inverse = np.unique(held.groups[rows], return_inverse=True)
-        draws = rng.integers(0, len(ids), (1000, len(ids)))
-        weights = np.stack([np.bincount(d, minlength=len(ids)) for d in draws])[:, inverse]
-        upper = np.percentile((weights * hit[rows]).sum(1) / weights.sum(1), 97.5)
-        if upper < level:
+        counts, inverse = _specimen_draws(held.groups[rows], rng)
+        if np.percentile(_resampled_means(counts, hit[rows], inverse), 97.5) < level:
             return True
     return False
+
+
+def _specimen_draws(groups: np.ndarray, rng: np.random.Generator, draws: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """A bootstrap over specimens: how often each specimen is drawn in each of draws resamples (draws x
+    specimens), and each row's specimen (an index into them)."""
+    ids, inverse = np.unique(groups, return_inverse=True)
+    drawn = rng.integers(0, len(ids), (draws, len(ids)))
+    return np.stack([np.bincount(d, minlength=len(ids)) for d in drawn]), inverse
+
+
+def _resampled_means(counts: np.ndarray, values: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """The mean of the rows' values in each resample of _specimen_draws (each specimen's rows counted as
+    often as it is drawn), summed per specimen first: a tenth of the time of a weight per row."""
+    sums = np.bincount(inverse, weights=values, minlength=counts.shape[1])
+    return (counts @ sums) / (counts @ np.bincount(inverse, minlength=counts.shape[1]))
 
 
 def selective(held: Held, seed: int = 0) -> RiskCoverage:

@@ -27,7 +27,8 @@ def _folds(n: int) -> list[torch.nn.Module]:
 def test_heads_on_a_shared_trunk_answer_as_the_ensemble_of_whole_models(n: int):
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     whole = Ensemble(_folds(n)) if n > 1 else _folds(1)[0]
-    shared = shared_trunk(_folds(n), "head")
+    folds = _folds(n)
+    shared = shared_trunk(folds[0], [f.state_dict() for f in folds], "head")
     assert isinstance(shared, SharedTrunk) and len(shared.heads) == n
     calls: list[int] = []
     shared.trunk.stem.register_forward_hook(lambda *_: calls.append(1))
@@ -41,4 +42,4 @@ def test_models_whose_frozen_weights_differ_share_no_trunk():
     folds = _folds(2)
     with torch.no_grad():
         folds[1].stem[0].weight.add_(0.1)
-    assert shared_trunk(folds, "head") is None
+    assert shared_trunk(folds[0], [f.state_dict() for f in folds], "head") is None

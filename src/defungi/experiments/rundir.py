@@ -437,8 +437,7 @@ def load_checkpoints(paths: list[Path], device: str = "auto") -> TrainedModel:
     with the mean of their class shares."""
     dev = resolve_device(device)
     states = [_load(p, dev) for p in paths]
-    models = [_rebuild(state, path) for state, path in zip(states, paths, strict=True)]
-    model = _combined(models, states)
+    model = _combined(states, paths)
     model.to(dev, memory_format=torch.channels_last).eval()
     state = states[0]  # the parts share classes and the normalisation rule
     pre = state["preprocess"]
@@ -461,17 +460,20 @@ def load_checkpoints(paths: list[Path], device: str = "auto") -> TrainedModel:
     )
 
 
-def _combined(models: list[torch.nn.Module], states: list[dict[str, Any]]) -> torch.nn.Module:
-    """The parts as one model: heads trained on one frozen backbone share it (models.ensemble.SharedTrunk:
-    the backbone runs once per image, in training's frozen pass too), other parts are an Ensemble."""
+def _combined(states: list[dict[str, Any]], paths: list[Path]) -> torch.nn.Module:
+    """The parts (checkpoints' contents) as one model: heads trained on one frozen backbone share it,
+    built once (models.ensemble.SharedTrunk: the backbone runs once per image, in training's frozen
+    pass too), other parts are an Ensemble."""
     name, args = states[0]["model_name"], states[0]["model_args"]
     head = model_entry(name).parts.classifier
     trains = [s["config"].get("train", {}) for s in states]
     frozen = all(t.get("freeze_backbone") and t.get("train_from", "") in ("", head) for t in trains)
     if frozen and all(s["model_name"] == name and s["model_args"] == args for s in states):
-        shared = shared_trunk(models, head)
+        first = _rebuild(states[0], paths[0])
+        shared = shared_trunk(first, [s["state_dict"] for s in states], head)
         if shared is not None:
             return shared
+    models = [_rebuild(state, path) for state, path in zip(states, paths, strict=True)]
     return models[0] if len(models) == 1 else Ensemble(models)
 
 

@@ -4,6 +4,7 @@ head (Concat)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -56,15 +57,22 @@ def members(model: nn.Module) -> list[nn.Module]:
     return list(model.members) if isinstance(model, Ensemble) else [model]
 
 
-def shared_trunk(models: Sequence[nn.Module], head: str) -> SharedTrunk | None:
-    """The models as one SharedTrunk when every weight but their head's (the module named head) is the
-    same; None otherwise."""
-    states = [{k: v for k, v in m.state_dict().items() if not k.startswith(f"{head}.")} for m in models]
-    first = states[0]
-    if any(s.keys() != first.keys() or not all(torch.equal(s[k], first[k]) for k in first) for s in states[1:]):
-        return None
-    heads = [m.get_submodule(head) for m in models]
-    trunk = models[0]
+def shared_trunk(model: nn.Module, states: Sequence[dict[str, torch.Tensor]], head: str) -> SharedTrunk | None:
+    """model's trunk under heads whose weights are those of states (one state dict per part, model's
+    architecture), when every weight but the head's (the module named head) is the same in all: the
+    trunk is built once, each other part gives only its head. None otherwise."""
+    prefix = f"{head}."
+    first = {k: v for k, v in states[0].items() if not k.startswith(prefix)}
+    for state in states[1:]:
+        trunk = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        if trunk.keys() != first.keys() or not all(torch.equal(trunk[k], first[k]) for k in first):
+            return None
+    heads = []
+    for state in states:
+        part = copy.deepcopy(model.get_submodule(head))
+        part.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+        heads.append(part)
+    trunk = model
     parent, _, name = head.rpartition(".")
     setattr(trunk.get_submodule(parent) if parent else trunk, name, nn.Identity())
     return SharedTrunk(trunk, heads)

@@ -41,8 +41,8 @@ from defungi.models.pretrained import initial_weights
 from defungi.serve.explain import explained
 from defungi.serve.predict import expand_paths, predict, predict_files
 from defungi.serve.predictor import torch_predictor
-from defungi.train.frozen import BATCH, OnnxEngine, images_per_s
-from defungi.utils import cpu_flags
+from defungi.train.frozen import BATCH, images_per_s
+from defungi.utils import cpu_flags, ort_session
 
 MODEL, SIZE = "efficientnet-lite0", 224
 REPEATS = 3  # turns of the model alone and both backends on the 1,000 images (medians reported)
@@ -66,7 +66,8 @@ def model_alone(images: np.ndarray, folder: Path) -> tuple[dict[str, float], Cal
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (x,), str(folder / "alone.onnx"), input_names=["images"], dynamo=False)
-    session = OnnxEngine(folder / "alone.onnx", torch.get_num_threads()).session
+    # onnxruntime's own defaults (threads that spin between calls), the batch fixed as defungi fixes it
+    session = ort_session(folder / "alone.onnx", torch.get_num_threads(), BATCH, spin=True)
 
     def torch_batch(batch: np.ndarray) -> Any:
         with torch.no_grad():

@@ -129,26 +129,33 @@ def heads_seconds(run: Path) -> float:
     return total
 
 
-def linked(data: Path, to: Path, leave_out: str | None) -> int:
-    """A folder of links to data's images (class folders kept), without the specimen leave_out; how many."""
-    n = 0
-    for path in expand_paths([data]):
-        parsed = parse_name(path.stem)
-        if leave_out and parsed and f"{parsed['cls'].upper()}_{parsed['sample']}" == leave_out:
-            continue
+def linked_files(files: Sequence[Path], to: Path) -> Path:
+    """A folder of links to files, each in a folder named as its own (its class)."""
+    for path in files:
         (to / path.parent.name).mkdir(parents=True, exist_ok=True)
         (to / path.parent.name / path.name).symlink_to(path.resolve())
-        n += 1
-    return n
+    return to
+
+
+def linked(data: Path, to: Path, leave_out: str | None) -> int:
+    """A folder of links to data's images (class folders kept), without the specimen leave_out; how many."""
+    kept = [path for path in expand_paths([data]) if not leave_out or specimen_name(path) != leave_out]
+    linked_files(kept, to)
+    return len(kept)
+
+
+def specimen_name(path: Path) -> str | None:
+    """A DeFungi file's specimen: its class and sample (None for another name)."""
+    parsed = parse_name(path.stem)
+    return f"{parsed['cls'].upper()}_{parsed['sample']}" if parsed else None
 
 
 def specimen_of_about(files: list[Path], n: int) -> tuple[str, list[Path]]:
     """A specimen (DeFungi class and sample) with about n images, and its files."""
     groups: dict[str, list[Path]] = {}
     for f in files:
-        parsed = parse_name(f.stem)
-        if parsed:
-            groups.setdefault(f"{parsed['cls'].upper()}_{parsed['sample']}", []).append(f)
+        if (name := specimen_name(f)) is not None:
+            groups.setdefault(name, []).append(f)
     name = min(groups, key=lambda g: (abs(len(groups[g]) - n), g))
     return name, groups[name]
 

@@ -125,9 +125,10 @@ def _distance(reading: Reading, x: np.ndarray, labels: np.ndarray) -> Distance:
     classes, index = np.unique(labels, return_inverse=True)
     means = np.stack([x[index == c].mean(0, dtype=np.float64) for c in range(len(classes))])
     # Ledoit-Wolf's products over the training rows in float32, the readings' own precision (the
-    # estimator object would cast them to float64, at twice the time)
+    # estimator object would cast them to float64, at twice the time), in one block of all the features
+    # (sklearn's blocks of 1000 multiply strided slices: 0.37 s against 0.075 s for 4,089 x 1,280)
     centred = (x - means[index]).astype(np.float32)
-    shrinkage = ledoit_wolf_shrinkage(centred, assume_centered=True)
+    shrinkage = ledoit_wolf_shrinkage(centred, assume_centered=True, block_size=max(1, centred.shape[1]))
     covariance = shrunk_covariance(empirical_covariance(centred, assume_centered=True), shrinkage).astype(np.float64)
     covariance[np.diag_indices_from(covariance)] += covariance.diagonal().max() * 1e-9  # dead units stay finite
     # covariance = L @ L.T, so x @ inv(L).T whitens: a Cholesky factor costs a tenth of an eigendecomposition

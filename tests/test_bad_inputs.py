@@ -158,7 +158,7 @@ def test_a_batch_larger_than_the_training_part_is_refused_and_the_corrected_comm
 def test_grid_and_predict_options(tiny_run: TinyRun, tmp_path: Path, refused):
     data, run = tiny_run.data, tiny_run.run  # every case is refused before it writes
     grid = ["grid", "--data", data, "--out", tmp_path / "g", *TINY]
-    refused("grid --batch-sizes 0", [*grid, "--batch-sizes", "0"], "give positive integers")
+    refused("grid --batch-sizes 0", [*grid, "--batch-sizes", "0"], "use a batch size from 1")
     refused("grid --storage notaurl", [*grid, "--storage", "notaurl"], "not a usable database URL")
     refused("predict --prior-weight nan", ["predict", run, data / "H1", "--prior-weight", "nan"], "0 (balanced")
     evaluate = ["evaluate", run, "--data", data]

@@ -221,3 +221,24 @@ def test_the_cache_command_shows_what_training_cached_and_clears_it(
     assert "cleared" in capsys.readouterr().out
     assert main(["cache"]) == 0
     assert all(int(line.split()[3]) == 0 for line in capsys.readouterr().out.splitlines()[:-1])
+
+
+@pytest.mark.parametrize(
+    "option, key",
+    [
+        (["predict", "RUN", "IMAGES", "--prior-weight"], "train.prior_weight"),
+        (["curve", "--out", "OUT", "--cv"], "data.cv_folds"),
+        (["grid", "--out", "OUT", "--batch-sizes"], "train.batch_size"),
+        (["grid", "--out", "OUT", "--lrs"], "train.lr"),
+    ],
+)
+def test_an_option_that_sets_a_config_key_refuses_what_the_key_refuses(option, key, capsys):
+    from defungi.cli import build_parser
+    from defungi.config import RULES, Config, config_keys
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args([*option, str(RULES[key].refused)])
+    assert RULES[key].fix in capsys.readouterr().err  # the key's own fix, word for word
+    default = config_keys(Config())[key]  # and the key's default passes
+    assert parser.parse_args([*option, str(default)]) is not None

@@ -8,11 +8,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from defungi.config import PRIOR_WEIGHT_RANGE
+from defungi.config import RULES
 from defungi.errors import DefungiError
 from defungi.results.schema import to_dict
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE
@@ -273,11 +273,36 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-def _weight(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:  # also NaN
-        raise argparse.ArgumentTypeError(f"{text}: {PRIOR_WEIGHT_RANGE}")
-    return value
+def _ruled(key: str, kind: type[int] | type[float] = float) -> Callable[[str], Any]:
+    """An option's parser for a value of the config key: read as kind, refused as config.RULES[key]
+    refuses it (its fix named), so that an option and its key accept the same values."""
+    rule = RULES[key]
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}': {rule.fix}") from None
+        if not rule.ok(value):
+            raise argparse.ArgumentTypeError(f"'{text}': {rule.fix}")
+        return value
+
+    parse.__name__ = key  # argparse names the option's type by it in its errors
+    return parse
+
+
+def _ruled_list(key: str, kind: type[int] | type[float] = float) -> Callable[[str], list[Any]]:
+    """A comma-separated list of values of the config key, one or more (see _ruled)."""
+    one = _ruled(key, kind)
+
+    def parse(text: str) -> list[Any]:
+        values = [one(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"'{text}': give one value or more, comma-separated ({RULES[key].fix})")
+        return values
+
+    parse.__name__ = f"{key} list"
+    return parse
 
 
 def _share(text: str) -> float:
@@ -294,36 +319,11 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_floats(text: str) -> list[float]:
-    values = _floats(text)
-    if not values or not all(0 < v < float("inf") for v in values):
-        raise argparse.ArgumentTypeError(f"'{text}': give positive numbers, e.g. 1e-3,2e-3")
-    return values
-
-
-def _folds(text: str) -> int:
-    value = int(text)
-    if value == 1 or value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: use 0 (one split) or 2 or more folds")
-    return value
-
-
 def _port(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{text}: give a TCP port from 1 to 65535, e.g. 8000")
     return value
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _positive_ints(text: str) -> list[int]:
-    values = _ints(text)
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"'{text}': give positive integers, e.g. 32,64")
-    return values
 
 
 def _study(name: str) -> str:
@@ -444,7 +444,7 @@ def _evaluate_parser(sub: Commands) -> None:
         default=None,
         help="average the 8 flips/rotations (default: as trained)",
     )
-    p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
+    p.add_argument("--prior-weight", type=_ruled("train.prior_weight"), default=None, help=PRIOR_HELP)
     _add_group_by(p)
     _add_answer_options(p)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -467,7 +467,7 @@ def _predict_parser(sub: Commands) -> None:
     )
     _add_group_by(p)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
+    p.add_argument("--prior-weight", type=_ruled("train.prior_weight"), default=None, help=PRIOR_HELP)
     _add_answer_options(p)
     p.add_argument(
         "--backend",
@@ -540,7 +540,7 @@ def _explain_parser(sub: Commands) -> None:
         "--class", dest="target", metavar="C", help="the class whose evidence to show (default: the predicted one)"
     )
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--prior-weight", type=_weight, default=None, help=PRIOR_HELP)
+    p.add_argument("--prior-weight", type=_ruled("train.prior_weight"), default=None, help=PRIOR_HELP)
     p.set_defaults(func=cmd_explain)
 
 
@@ -584,7 +584,8 @@ def _curve_parser(sub: Commands) -> None:
     p.add_argument(
         "--sizes", type=_floats, default=[0.25, 0.5, 0.75, 1.0], help="training-set fractions, comma-separated"
     )
-    p.add_argument("--cv", type=_folds, default=0, help="K-fold cross-validation (0: one validation set)")
+    folds = _ruled("data.cv_folds", int)
+    p.add_argument("--cv", type=folds, default=0, help="K-fold cross-validation (0: one validation set)")
     p.set_defaults(func=cmd_curve)
 
 
@@ -594,8 +595,8 @@ def _grid_parser(sub: Commands) -> None:
     _add_config_flags(p)
     p.add_argument("--out", required=True)
     p.add_argument("--fraction", type=_fraction, default=1.0, help="share of the data (1.0: the full training set)")
-    p.add_argument("--batch-sizes", type=_positive_ints, default=[32, 64, 128])
-    p.add_argument("--lrs", type=_positive_floats, default=[5e-4, 1e-3, 2e-3, 4e-3])
+    p.add_argument("--batch-sizes", type=_ruled_list("train.batch_size", int), default=[32, 64, 128])
+    p.add_argument("--lrs", type=_ruled_list("train.lr"), default=[5e-4, 1e-3, 2e-3, 4e-3])
     p.add_argument(
         "--param", action="append", metavar="KEY=V1,V2", help="another grid axis, e.g. train.weight_decay=0.01,0.05"
     )

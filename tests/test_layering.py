@@ -105,3 +105,30 @@ def test_reports_spell_no_file_name_but_ask_the_layout(module: str):
     tree = ast.parse((PACKAGE / "report" / module).read_text())
     names = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
     assert not [name for name in names if FILE_NAME.fullmatch(name)]
+
+
+ARCHITECTURE = (SRC.parent / "ARCHITECTURE.md").read_text()
+
+
+def _units() -> list[str]:
+    """The package's top-level modules and packages."""
+    return sorted(
+        {f.stem if f.parent == PACKAGE else f.relative_to(PACKAGE).parts[0] for f in PACKAGE.rglob("*.py")}
+        - {"__init__", "__main__"}
+    )
+
+
+def test_architecture_md_import_table_is_the_codes():
+    block = ARCHITECTURE.split("\nNow (")[1].split("```")[1]
+    written = {
+        unit.strip(): {d.strip() for d in deps.split(",")}
+        for unit, deps in (row.split("->") for row in block.strip().splitlines())
+    }
+    actual = {unit: _imports(unit) - {unit} for unit in _units()}
+    assert written == {unit: deps for unit, deps in actual.items() if deps}
+
+
+def test_architecture_md_names_every_module():
+    layout = ARCHITECTURE.split("```")[1]
+    modules = [f for f in PACKAGE.rglob("*.py") if f.name not in ("__init__.py", "__main__.py")]
+    assert not [str(f.relative_to(PACKAGE)) for f in modules if not re.search(rf"\b{re.escape(f.name)}", layout)]

@@ -200,8 +200,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     result = export_onnx(args.run_dir, args.out, args.opset)
     print(
-        f"wrote {result['path']} (ONNX opset {result['opset']}); largest difference to PyTorch on "
-        f"{result['checked_on']}: {result['max_abs_diff']:.1e}"
+        f"wrote {result.path} (ONNX opset {result.opset}); largest difference to PyTorch on "
+        f"{result.checked_on}: {result.max_abs_diff:.1e}"
     )
     return 0
 

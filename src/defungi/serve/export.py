@@ -8,8 +8,8 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -100,9 +100,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class ExportResult:
+    """What `defungi export` wrote, and how it was checked against PyTorch."""
+
+    path: Path
+    opset: int
+    checked_on: str  # the images both answered (the run's own, or random pixels where none can be read)
+    max_abs_diff: float  # the largest difference of a probability or refusal score between them
+
+
 def export_onnx(
     run_dir: str | Path, out: str | Path | None = None, opset: int | None = None, n_check: int = 100
-) -> dict[str, Any]:
+) -> ExportResult:
     """Write the run's model as ONNX (default RUN/model.onnx); the answers of onnxruntime and of
     predict's PyTorch path on n_check real images (probabilities, out-of-distribution scores) must agree
     within TOLERANCE, else nothing is written."""
@@ -137,4 +147,4 @@ def export_onnx(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"path": str(out), "opset": opset, "checked_on": source, "max_abs_diff": diff}
+    return ExportResult(out, opset, source, diff)

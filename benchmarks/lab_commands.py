@@ -13,26 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
-from lab_loop import linked_files, specimen_of_about  # benchmarks/, the script's own folder
+from lab_loop import cli, fresh, linked_files, specimen_of_about, spread  # benchmarks/, the script's own folder
 
 from defungi.serve.predict import expand_paths
 from defungi.utils import cpu_flags
-
-
-def timed(args: list[str], env: dict[str, str]) -> float:
-    """Seconds of one `defungi` command in its own process (exits on a failure, with its error)."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "defungi", *args], env=env, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"defungi {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -41,11 +27,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-commands")
     args = parser.parse_args()
     out, data = Path(args.out), Path(args.data)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    env = os.environ | {"DEFUNGI_CACHE": str(out / "cache")}
+    env = fresh(out)
     files = expand_paths([data])
-    sample = [files[i] for i in np.linspace(0, len(files) - 1, 1000).astype(int)]
+    sample = spread(files)
     answers = linked_files(sample, out / "answers")
     name, specimen = specimen_of_about(files, 20)
     run = str(out / "lab")
@@ -62,7 +46,7 @@ def main() -> None:
     print(f"CPU flags: {cpu_flags()}; {len(os.sched_getaffinity(0))} cores; cache {out / 'cache'} (empty at the start)")
     print(f"{'command':<44} {'seconds':>8}")
     for label, command in commands:
-        print(f"{label:<44} {timed(command, env):>8.1f}", flush=True)
+        print(f"{label:<44} {cli(command, env)[0]:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":

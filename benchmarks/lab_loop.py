@@ -105,6 +105,18 @@ def passed(run: Path) -> list[Path]:
         return [Path(row["path"]) for row in csv.DictReader(fh)]
 
 
+def fresh(out: Path) -> dict[str, str]:
+    """out emptied, and the environment whose user cache is a new folder in it."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return os.environ | {"DEFUNGI_CACHE": str(out / "cache")}
+
+
+def spread(files: Sequence[Path], n: int = 1000) -> list[Path]:
+    """n of the files, evenly spread over them (every class's share)."""
+    return [files[i] for i in np.linspace(0, len(files) - 1, n).astype(int)]
+
+
 def cli(args: list[str], env: dict[str, str]) -> tuple[float, str]:
     """Seconds of a `defungi` command in its own process, and what it logged."""
     start = time.perf_counter()
@@ -181,15 +193,13 @@ def main() -> None:
     parser.add_argument("--reference", help="a transfer CV run of the same folder to compare answers with")
     args = parser.parse_args()
     out, data = Path(args.out), Path(args.data)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    env = os.environ | {"DEFUNGI_CACHE": str(out / "cache")}
+    env = fresh(out)
     os.environ["DEFUNGI_CACHE"] = env["DEFUNGI_CACHE"]
     files = expand_paths([data])
     name, specimen = specimen_of_about(files, 20)
     rows: list[tuple[str, str, str, str, str]] = []
 
-    sample = [files[i] for i in np.linspace(0, len(files) - 1, 1000).astype(int)]
+    sample = spread(files)
     images = np.stack([decode_one(f, SIZE)[0] for f in sample[:BATCH]])
     alone, alone_run = model_alone(images, out)
     best = max(alone.values())

@@ -74,7 +74,7 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     state, (config, options), out = studies[name]
     assert [type(s.result) for s in state.steps.values()] == [s.result_type for s in STUDIES[name].steps]
     page = (out / "report.html").read_text()
-    assert page.count("<h2>") == 7 and page.count("data:image/png;base64") >= 14
+    assert page.count("<h2>") == len(STUDIES[name].steps) and page.count("data:image/png;base64") >= 14
     md = (out / "report.md").read_text()
     assert f"{name}, published (random split)" in md and f"{name}, random 2-fold CV (1 fitted), per specimen |" in md
     assert "| split | fold | test images / specimens |" in md and "| larger than noise |" in md
@@ -91,7 +91,7 @@ def test_study_runs_every_step_reports_and_resumes(name: str, studies):
     study_job(name, config, out, options)
     again = read_study(out / "study.json")
     assert list(again.steps) == list(state.steps)
-    assert again.steps["grid_full"].seconds == state.steps["grid_full"].seconds
+    assert all(again.steps[key].seconds == state.steps[key].seconds for key in saved.steps)  # kept as they were
     assert again.steps["final"].result.test == state.steps["final"].result.test
 
 

@@ -184,7 +184,7 @@ def redraw_job(folder: Path) -> list[Path]:
 
 def audit_job(root: Path, out: Path, variance_threshold: float) -> Path:
     """The data audit of a folder: audit.json, then audit.html with its figures."""
-    atomic_write_json(AuditLayout(out).result, audit(root, variance_threshold))
+    atomic_write_json(AuditLayout(out).result, to_dict(audit(root, variance_threshold)))
     return build_audit_report(out)
 
 

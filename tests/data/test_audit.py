@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 from defungi.cli import main
+from defungi.results.audit import read_audit
 
 
 def test_audit_counts_outliers_duplicates_and_random_split_leakage(tiny_data: Path, tmp_path: Path, capsys):
@@ -10,6 +11,7 @@ def test_audit_counts_outliers_duplicates_and_random_split_leakage(tiny_data: Pa
     assert main(["data", "audit", str(tiny_data), "--out", str(tmp_path / "audit")]) == 0
     result = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert result["classes"]["H1"] == {"images": 25, "samples": 7, "usable": 24, "outliers": 1, "unreadable": 0}
+    assert read_audit(tmp_path / "audit" / "audit.json").outliers[0].label == "H1"  # typed, as the page reads it
     assert result["classes"]["H2"]["samples"] == 7
     assert [o["path"].endswith("H1_99a_1.jpg") for o in result["outliers"]] == [True]
     assert [sorted(i["sample"] for i in c) for c in result["duplicate_clusters"]] == [["H2_3", "H2_77"]]

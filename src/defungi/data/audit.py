@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -13,6 +12,7 @@ from defungi.data.cache import decode_images
 from defungi.data.quality import low_variance, merge_duplicate_groups
 from defungi.data.scan import class_names, scan
 from defungi.data.splits import train_val_test_split
+from defungi.results.audit import AuditImage, AuditResult, ClassCounts, Leakage
 
 
 def audit(
@@ -22,7 +22,7 @@ def audit(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> AuditResult:
     """Images and samples per class, grey variances and the outliers under the threshold, clusters of
     identical images (average hash) under more than one sample number, and random-split leakage."""
     records = scan(root)
@@ -33,41 +33,44 @@ def audit(
     outlier = low_variance(decoded.variance, variance_threshold) & ~unreadable
     usable = ~(unreadable | outlier)
     per_class = {
-        c: {
-            "images": sum(r.label == c for r in records),
-            "samples": len({r.group for r in records if r.label == c}),
-            "usable": int(sum(usable[i] for i, r in enumerate(records) if r.label == c)),
-            "outliers": int(sum(outlier[i] for i, r in enumerate(records) if r.label == c)),
-            "unreadable": int(sum(unreadable[i] for i, r in enumerate(records) if r.label == c)),
-        }
+        c: ClassCounts(
+            images=sum(r.label == c for r in records),
+            samples=len({r.group for r in records if r.label == c}),
+            usable=int(sum(usable[i] for i, r in enumerate(records) if r.label == c)),
+            outliers=int(sum(outlier[i] for i, r in enumerate(records) if r.label == c)),
+            unreadable=int(sum(unreadable[i] for i, r in enumerate(records) if r.label == c)),
+        )
         for c in classes
     }
     by_hash: dict[bytes, list[int]] = defaultdict(list)
     for i in np.flatnonzero(usable):
         by_hash[decoded.ahash[i].tobytes()].append(int(i))
     clusters = [
-        [{"path": str(records[i].path), "class": records[i].label, "sample": records[i].group} for i in members]
+        [AuditImage(str(records[i].path), records[i].label, records[i].group) for i in members]
         for members in by_hash.values()
         if len({records[i].group for i in members}) > 1
     ]
-    return {
-        "root": str(root),
-        "variance_threshold": variance_threshold,
-        "classes": per_class,
-        "variance": [float(v) for v in decoded.variance[~unreadable]],
-        "outliers": [
-            {"path": str(records[i].path), "class": records[i].label, "variance": float(decoded.variance[i])}
+    return AuditResult(
+        root=str(root),
+        variance_threshold=variance_threshold,
+        classes=per_class,
+        variance=[float(v) for v in decoded.variance[~unreadable]],
+        outliers=[
+            AuditImage(str(records[i].path), records[i].label, records[i].group, float(decoded.variance[i]))
             for i in np.flatnonzero(outlier)
         ],
-        "unreadable": [{"path": str(records[i].path), "why": why} for i, why in decoded.errors.items()],
-        "duplicate_clusters": clusters,
-        "random_split_leakage": _leakage(records, decoded.ahash, usable, val_fraction, test_fraction, seed),
-    }
+        unreadable=[
+            AuditImage(str(records[i].path), records[i].label, records[i].group, why=why)
+            for i, why in decoded.errors.items()
+        ],
+        duplicate_clusters=clusters,
+        random_split_leakage=_leakage(records, decoded.ahash, usable, val_fraction, test_fraction, seed),
+    )
 
 
 def _leakage(
     records: list, ahash: np.ndarray, usable: np.ndarray, val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, Any]:
+) -> Leakage:
     """How many test images of a seeded random split have an image of the same sample (or of a
     sample joined to it by an identical image) in the training part."""
     idx = np.flatnonzero(usable)
@@ -80,10 +83,10 @@ def _leakage(
     test, train = split["test"], split["train"]
     same_sample = np.isin(samples[test], samples[train])
     same_cluster = np.isin(merged[test], merged[train])
-    return {
-        "test_images": int(len(test)),
-        "with_same_sample_in_training": int(same_sample.sum()),
-        "with_same_sample_or_duplicate_in_training": int(same_cluster.sum()),
-        "test_samples": int(len(np.unique(samples[test]))),
-        "test_samples_also_in_training": int(len(np.intersect1d(samples[test], samples[train]))),
-    }
+    return Leakage(
+        test_images=int(len(test)),
+        with_same_sample_in_training=int(same_sample.sum()),
+        with_same_sample_or_duplicate_in_training=int(same_cluster.sum()),
+        test_samples=int(len(np.unique(samples[test]))),
+        test_samples_also_in_training=int(len(np.intersect1d(samples[test], samples[train]))),
+    )

@@ -4,29 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from defungi.layout import AuditLayout, read_json
+from defungi.layout import AuditLayout
 from defungi.report.page import Page, Table
 from defungi.report.plots import contact_sheet, plot_variance
+from defungi.results.audit import read_audit
 
 
 def build_audit_report(out_dir: Path) -> Path:
     """audit.html and audit.md in out_dir from its audit.json; returns the HTML path."""
     layout = AuditLayout(out_dir)
-    result = read_json(layout.result)
-    page = Page(f"Data audit: {result['root']}")
-    per_class = result["classes"]
+    result = read_audit(layout.result)
+    page = Page(f"Data audit: {result.root}")
     keys = ("images", "samples", "usable", "outliers", "unreadable")
-    rows = [[c, *(str(v[k]) for k in keys)] for c, v in per_class.items()]
-    rows.append(["all", *(str(sum(v[k] for v in per_class.values())) for k in keys)])
+    rows = [[c, *(str(getattr(v, k)) for k in keys)] for c, v in result.classes.items()]
+    rows.append(["all", *(str(sum(getattr(v, k) for v in result.classes.values())) for k in keys)])
     page.table(Table(["class", *keys], rows))
     page.heading("Outliers: grey-level variance under the threshold")
-    page.figure(plot_variance(result["variance"], result["variance_threshold"], layout.figure("variance")))
-    outliers = result["outliers"]
-    captions = [f"{o['class']} v={o['variance']:.1f}" for o in outliers]
-    page.figure(
-        contact_sheet([Path(o["path"]) for o in outliers], captions, layout.figure("outliers"), what="outliers")
-    )
-    clusters = result["duplicate_clusters"]
+    page.figure(plot_variance(result.variance, result.variance_threshold, layout.figure("variance")))
+    outliers = result.outliers
+    captions = [f"{o.label} v={o.variance:.1f}" for o in outliers]
+    page.figure(contact_sheet([Path(o.path) for o in outliers], captions, layout.figure("outliers"), what="outliers"))
+    clusters = result.duplicate_clusters
     page.heading("Identical images under more than one sample number")
     page.text(
         f"{len(clusters)} clusters of images with the same average hash span more than one sample number "
@@ -36,22 +34,22 @@ def build_audit_report(out_dir: Path) -> Path:
         shown = [image for cluster in clusters[:20] for image in cluster]
         page.figure(
             contact_sheet(
-                [Path(i["path"]) for i in shown],
-                [f"{i['class']} {Path(i['path']).name}" for i in shown],
+                [Path(i.path) for i in shown],
+                [f"{i.label} {Path(i.path).name}" for i in shown],
                 layout.figure("duplicates"),
                 columns=8,
                 what=f"images of the first {min(20, len(clusters))} clusters",
             )
         )
-        rows = [[str(k + 1), ", ".join(sorted({i["sample"] for i in c})), str(len(c))] for k, c in enumerate(clusters)]
+        rows = [[str(k + 1), ", ".join(sorted({i.sample for i in c})), str(len(c))] for k, c in enumerate(clusters)]
         page.table(Table(["cluster", "samples", "images"], rows))
-    leak = result["random_split_leakage"]
+    leak = result.random_split_leakage
     page.heading("What a random split leaks")
     page.text(
-        f"In a seeded random split (as the published study), {leak['with_same_sample_in_training']} of its "
-        f"{leak['test_images']} test images have another image of the same physical sample in the training part "
-        f"({leak['with_same_sample_or_duplicate_in_training']} counting identical images under other sample numbers); "
-        f"{leak['test_samples_also_in_training']} of the {leak['test_samples']} samples in its test part are also "
+        f"In a seeded random split (as the published study), {leak.with_same_sample_in_training} of its "
+        f"{leak.test_images} test images have another image of the same physical sample in the training part "
+        f"({leak.with_same_sample_or_duplicate_in_training} counting identical images under other sample numbers); "
+        f"{leak.test_samples_also_in_training} of the {leak.test_samples} samples in its test part are also "
         "trained on. The grouped split (the default) leaks none of them."
     )
     return page.write(layout.page)

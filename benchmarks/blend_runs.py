@@ -23,7 +23,7 @@ import numpy as np
 
 from defungi.experiments.compare import Scored, scored_images
 from defungi.layout import RunLayout, read_table
-from defungi.train.metrics import bootstrap_difference, bootstrap_intervals, classification_metrics, sample_decisions
+from defungi.stats.metrics import bootstrap_difference, bootstrap_intervals, classification_metrics, sample_decisions
 from defungi.utils import cpu_flags
 
 

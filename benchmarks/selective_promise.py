@@ -2,7 +2,7 @@
 out-of-fold predictions of finished cross-validations (oof.csv): for each target accuracy and each
 fold, the threshold chosen on the other folds' specimens, then the share of this fold's specimens it
 answers and their accuracy. Before: the lowest confidence whose answered share reached the target on
-the curve (the point estimate answers used until issue 34). After: Learn-then-Test (train.selective).
+the curve (the point estimate answers used until issue 34). After: Learn-then-Test (stats.selective).
 
     python benchmarks/selective_promise.py RUN [RUN ...]
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from defungi.experiments.trust import Held, assess, by_specimen
-from defungi.train.metrics import temper
-from defungi.train.selective import TARGETS, risk_coverage, threshold_at
+from defungi.stats.metrics import temper
+from defungi.stats.selective import TARGETS, risk_coverage, threshold_at
 
 
 def on_the_curve(confidence: np.ndarray, correct: np.ndarray, target: float) -> float | None:

@@ -40,7 +40,7 @@ from defungi.experiments.fit import frozen_features
 from defungi.experiments.protocols import dataset_for, load_trained
 from defungi.experiments.rundir import read_config
 from defungi.layout import RunLayout
-from defungi.train.metrics import (
+from defungi.stats.metrics import (
     SPECIMEN_RULES,
     bootstrap_difference,
     bootstrap_intervals,

@@ -25,8 +25,8 @@ from sklearn.preprocessing import StandardScaler
 from defungi.data.cache import open_image, square
 from defungi.models import create_model, model_entry
 from defungi.models.pretrained import imagenet_state_dict, load_backbone
+from defungi.stats.metrics import scored
 from defungi.train.loop import Preprocess
-from defungi.train.metrics import scored
 from defungi.utils import cpu_flags
 
 

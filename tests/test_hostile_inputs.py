@@ -87,7 +87,7 @@ def test_a_fit_whose_loss_is_not_finite_stops_naming_the_epoch(
 def test_calibration_of_nan_probabilities_does_not_crash():
     import numpy as np
 
-    from defungi.train.metrics import calibration
+    from defungi.stats.metrics import calibration
 
     probs = np.full((4, 3), np.nan)
     assert calibration(probs, np.array([0, 1, 2, 0]))["count"][0] == 4

@@ -21,6 +21,9 @@ FORBIDDEN = {  # unit -> what it must not import
     "report": {"experiments", "train", "models", "jobs", "serve", "cli"},
     "layout": {"experiments", "train", "models", "report", "jobs", "serve", "cli"},
     "results": {"config", "data", "models", "train", "experiments", "report", "jobs", "serve", "cli", "layout"},
+    # answers' statistics, below every layer but errors: training and answering use them alike
+    "stats": {"config", "data", "models", "train", "experiments", "report", "jobs", "serve", "cli", "layout"}
+    | {"results"},
 }
 
 
@@ -45,10 +48,11 @@ TORCH_FREE = {
     "report": "import pkgutil, defungi.report as r\n"
     "for m in pkgutil.iter_modules(r.__path__): __import__(f'defungi.report.{m.name}')",
     "layout": "import defungi.layout",
-    "train.metrics": "import defungi.train.metrics",  # the scores behind report/'s tables and the ONNX predict path
+    # the scores behind report/'s tables and the ONNX predict path, sets and selective answers
+    "stats": "import pkgutil, defungi.stats as s\n"
+    "for m in pkgutil.iter_modules(s.__path__): __import__(f'defungi.stats.{m.name}')",
     "results": "import pkgutil, defungi.results as r\n"
     "for m in pkgutil.iter_modules(r.__path__): __import__(f'defungi.results.{m.name}')",
-    "answers": "import defungi.train.conformal, defungi.train.selective",  # sets and selective answers, ONNX path too
 }
 
 

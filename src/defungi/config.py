@@ -78,7 +78,7 @@ class TrainConfig:
     channels_last: bool = True
     ood: bool = True  # fit the refusal of non-micrographs (exploratory fits of a study skip it)
     seed: int = 0
-    # a specimen's decision from its images' probabilities (train.metrics.SPECIMEN_RULES): mean | log_mean
+    # a specimen's decision from its images' probabilities (stats.metrics.SPECIMEN_RULES): mean | log_mean
     # (geometric mean) | trimmed (per class, without each end's 20%); per-sample metrics, predict, evaluate
     specimen_rule: str = "mean"
     ensemble: int = 1  # > 1: that many fits differing only in seed (train.seed + k), scored by their mean probability
@@ -189,7 +189,7 @@ RULES: dict[str, Rule] = {
     "train.channels_last": FLAG,
     "train.ood": FLAG,
     "train.seed": SEED,
-    "train.specimen_rule": one_of("mean", "log_mean", "trimmed"),  # the keys of train.metrics.SPECIMEN_RULES
+    "train.specimen_rule": one_of("mean", "log_mean", "trimmed"),  # the keys of stats.metrics.SPECIMEN_RULES
     "train.ensemble": between(1, 1000, "use 1 (one model) to 1000 (an ensemble of seeds)"),
     "train.device": matches(r"auto|cpu|mps|cuda(:\d+)?", "use auto, cpu, cuda, cuda:N or mps", "tpu"),
 }

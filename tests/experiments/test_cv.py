@@ -13,7 +13,7 @@ from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.experiments.compare import paired_difference, scored_images
 from defungi.experiments.protocols import cv_splits, fit_run, load_trained
-from defungi.train.metrics import sample_decisions
+from defungi.stats.metrics import sample_decisions
 from tests.conftest import tiny_args, tiny_config, write_folder
 
 

@@ -18,10 +18,10 @@ from defungi.experiments.fit import FitResult, fit, frozen_features
 from defungi.experiments.protocols import load_trained, split_for
 from defungi.experiments.rundir import RunDir
 from defungi.models import create_model
+from defungi.stats.metrics import weighted
 from defungi.train import distributed
 from defungi.train import loop as loop_module
 from defungi.train.frozen import FrozenPass
-from defungi.train.metrics import weighted
 from tests.conftest import fails_on_call
 
 MIXER = {"dim": 8, "depth": 2, "kernel_size": 3, "patch_size": 4}

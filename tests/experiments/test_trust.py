@@ -4,7 +4,7 @@ import pytest
 from defungi.experiments.trust import assess
 from defungi.results.schema import from_dict, to_dict
 from defungi.results.trust import Trust
-from defungi.train.metrics import calibration, temper
+from defungi.stats.metrics import calibration, temper
 
 CLASSES = ["H1", "H2", "H3", "H5", "H6"]
 

@@ -11,7 +11,7 @@ from defungi.cli import main
 from defungi.experiments.protocols import fit_run
 from defungi.report.run import build_evaluation_report
 from defungi.results.run import Evaluation, card_row, read_evaluation, read_run_metrics
-from defungi.train.metrics import calibration, mean_nll, temper
+from defungi.stats.metrics import calibration, mean_nll, temper
 from tests.conftest import RICHER, TinyRun, tiny_config, write_folder
 
 

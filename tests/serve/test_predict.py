@@ -12,7 +12,7 @@ from defungi.experiments.trust import selective_promise
 from defungi.results.run import read_run_metrics
 from defungi.serve.predict import Answers, by_specimen, open_predictor, predict, predict_files, probability_table
 from defungi.serve.predictor import Predictor
-from defungi.train.metrics import specimen_probabilities, temper
+from defungi.stats.metrics import specimen_probabilities, temper
 from tests.conftest import TinyRun, tiny_args, write_folder
 
 

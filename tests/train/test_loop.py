@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from defungi.stats.metrics import prior_weights
 from defungi.train import loop
 from defungi.train.loop import (
     Batch,
@@ -19,7 +20,6 @@ from defungi.train.loop import (
     probabilities,
     train_one_epoch,
 )
-from defungi.train.metrics import prior_weights
 
 _PRE = Preprocess(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 

@@ -14,7 +14,7 @@ from defungi.experiments.rundir import read_config
 from defungi.layout import RunLayout, read_table
 from defungi.results.run import PairedDifference, read_run_metrics
 from defungi.results.schema import from_dict
-from defungi.train.metrics import bootstrap_difference, sample_decisions
+from defungi.stats.metrics import bootstrap_difference, sample_decisions
 
 log = logging.getLogger(__name__)
 

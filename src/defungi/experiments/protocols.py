@@ -41,8 +41,8 @@ from defungi.results.run import (
 )
 from defungi.results.schema import from_dict
 from defungi.results.trust import Trust
+from defungi.stats.metrics import sample_rule_text, scored
 from defungi.train import distributed
-from defungi.train.metrics import sample_rule_text, scored
 from defungi.train.ood import refused_share
 from defungi.train.runtime import resolve_device
 

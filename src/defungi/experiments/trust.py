@@ -25,9 +25,9 @@ from defungi.results.trust import (
     TemperatureCheck,
     Trust,
 )
-from defungi.train.conformal import prediction_sets, thresholds, unit_weights
-from defungi.train.metrics import calibration, fit_temperature, mean_nll, sample_decisions, temper
-from defungi.train.selective import (
+from defungi.stats.conformal import prediction_sets, thresholds, unit_weights
+from defungi.stats.metrics import calibration, fit_temperature, mean_nll, sample_decisions, temper
+from defungi.stats.selective import (
     COVERAGES,
     DELTA,
     TARGETS,
@@ -69,7 +69,7 @@ class Held:
 
 
 def by_specimen(images: Held, rule: str = "mean") -> Held:
-    """One row per specimen: its images' probabilities pooled by rule (see train.metrics.SPECIMEN_RULES),
+    """One row per specimen: its images' probabilities pooled by rule (see stats.metrics.SPECIMEN_RULES),
     its images' class and fold."""
     ids, labels, means = sample_decisions(images.probs, images.labels, images.groups, rule)
     _, first = np.unique(images.groups, return_index=True)

@@ -96,7 +96,7 @@ class PromiseCheck:
 class SelectivePromise:
     """With probability at least 1 - delta, at least `target` of the specimens answered at calibrated
     confidence >= threshold are right (Learn-then-Test on `units` held-out specimens, see
-    train.selective); `share` of specimens to expect answered, with its 95% interval."""
+    stats.selective); `share` of specimens to expect answered, with its 95% interval."""
 
     target: float
     delta: float
@@ -120,7 +120,7 @@ class SelectivePromise:
 @dataclass
 class RiskCoverage:
     """Accuracy against the share of units answered, most confident first (confidence: calibrated), over
-    `units` held-out units; the promises checked at train.selective.TARGETS."""
+    `units` held-out units; the promises checked at stats.selective.TARGETS."""
 
     unit: Unit
     thresholds: list[float]

@@ -47,7 +47,7 @@ from defungi.serve.predict import (
     selective_check,
 )
 from defungi.serve.predictor import Predictor, torch_predictor
-from defungi.train.metrics import calibration, mean_nll, scored, temper
+from defungi.stats.metrics import calibration, mean_nll, scored, temper
 from defungi.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from defungi.models.ensemble import members
 from defungi.report.plots import plot_explanation
 from defungi.serve.predict import Answers, classify, decode, expand_paths, probability_table
 from defungi.serve.predictor import Predictor, Scores, torch_predictor
-from defungi.train.metrics import prior_weights, temper, weighted
+from defungi.stats.metrics import prior_weights, temper, weighted
 
 if TYPE_CHECKING:
     from defungi.experiments.rundir import TrainedModel

@@ -26,9 +26,9 @@ from defungi.results.run import ModelCard, SelectiveCheck
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE, SelectivePromise, Trust, Unit
 from defungi.serve.lite import BATCH, onnx_predictor
 from defungi.serve.predictor import Inputs, Predictor, Scores, run_inputs, torch_predictor
-from defungi.train.conformal import prediction_sets, set_label
-from defungi.train.metrics import classification_metrics, specimen_probabilities, temper
-from defungi.train.selective import DELTA
+from defungi.stats.conformal import prediction_sets, set_label
+from defungi.stats.metrics import classification_metrics, specimen_probabilities, temper
+from defungi.stats.selective import DELTA
 from defungi.utils import prefetched
 
 log = logging.getLogger(__name__)

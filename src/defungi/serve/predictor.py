@@ -19,7 +19,7 @@ from defungi.layout import RunLayout, read_json
 from defungi.results.run import ModelCard, model_card, read_run_metrics
 from defungi.results.schema import SCHEMA_VERSION, check_version, from_dict, to_dict
 from defungi.results.trust import Trust, Unit
-from defungi.train.metrics import prior_weights, weighted
+from defungi.stats.metrics import prior_weights, weighted
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Predictor:
     trust: Trust | None = None
     card: ModelCard | None = None
     trained: Any = None  # the TrainedModel of the torch backend (Grad-CAM needs it)
-    specimen_rule: str = "mean"  # how a specimen's images' probabilities are pooled (train.metrics.SPECIMEN_RULES)
+    specimen_rule: str = "mean"  # how a specimen's images' probabilities are pooled (stats.metrics.SPECIMEN_RULES)
 
     @property
     def inputs(self) -> Inputs:

@@ -18,7 +18,7 @@ from timm.utils import ModelEmaV3
 
 from defungi.config import TrainConfig
 from defungi.data.augment import dihedral
-from defungi.train.metrics import mean_nll, weighted
+from defungi.stats.metrics import mean_nll, weighted
 from defungi.utils import progress_bar
 
 IMAGE_STD_FLOOR = 0.02  # keeps blank patches from being amplified into noise

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from defungi.train.conformal import (
+from defungi.stats.conformal import (
     conformal_threshold,
     lac_scores,
     prediction_sets,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from defungi.train.selective import (
+from defungi.stats.selective import (
     GRID,
     accuracy_at,
     accuracy_intervals,

@@ -5,7 +5,7 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 from defungi.config import RULES, load_config
 from defungi.errors import DefungiError
-from defungi.train.metrics import (
+from defungi.stats.metrics import (
     SPECIMEN_RULES,
     bootstrap_difference,
     bootstrap_intervals,
@@ -156,7 +156,7 @@ def test_paired_difference_is_zero_for_the_same_predictions_and_signed_otherwise
 
 
 def test_temperature_scaling_softens_over_confident_probabilities():
-    from defungi.train.metrics import calibration, fit_temperature, temper
+    from defungi.stats.metrics import calibration, fit_temperature, temper
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 600)

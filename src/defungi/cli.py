@@ -287,7 +287,6 @@ def _ruled(key: str, kind: type[int] | type[float] = float) -> Callable[[str], A
             raise argparse.ArgumentTypeError(f"'{text}': {rule.fix}")
         return value
 
-    parse.__name__ = key  # argparse names the option's type by it in its errors
     return parse
 
 
@@ -301,7 +300,6 @@ def _ruled_list(key: str, kind: type[int] | type[float] = float) -> Callable[[st
             raise argparse.ArgumentTypeError(f"'{text}': give one value or more, comma-separated ({RULES[key].fix})")
         return values
 
-    parse.__name__ = f"{key} list"
     return parse
 
 

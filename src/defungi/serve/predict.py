@@ -80,9 +80,7 @@ def predict(
     The class probabilities are the model's, as the run scored them, and 'probability' the most
     probable class's; 'confidence' is that probability calibrated as the run measured it helped, 'set'
     the classes the image's prediction set holds (see Answers), and 'decision' the class or 'uncertain'."""
-    chunks = prefetched(
-        decoded_chunks(model.inputs, expand_paths(paths)), 1
-    )  # the next chunk decodes while one computes
+    chunks = prefetched(decoded_chunks(model.inputs, expand_paths(paths)), 1)  # the next decodes as one computes
     return answered(model, chunks, tta, prior_weight, answers or Answers.of(model))
 
 

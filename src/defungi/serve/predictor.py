@@ -34,7 +34,7 @@ class Inputs:
 
 def run_inputs(run_dir: str | Path) -> Inputs | None:
     """A run folder's Inputs from its config.json and metrics.json, read without loading its model (so
-    that images decode while it loads); None where the folder lacks either."""
+    that images decode while it loads); None where either is missing or unreadable (the load then says why)."""
     from defungi.config import config_from_dict
 
     layout = RunLayout(Path(run_dir))
@@ -75,6 +75,7 @@ class Predictor:
 
     @property
     def inputs(self) -> Inputs:
+        """What decoding images for this model needs."""
         return Inputs(self.image_size, self.variance_threshold, self.classes)
 
     def answer(

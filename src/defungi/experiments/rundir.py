@@ -470,13 +470,13 @@ def _combined(states: list[dict[str, Any]], paths: list[Path]) -> torch.nn.Modul
     head = model_entry(name).parts.classifier
     trains = [s["config"].get("train", {}) for s in states]
     frozen = all(t.get("freeze_backbone") and t.get("train_from", "") in ("", head) for t in trains)
+    first = _rebuild(states[0], paths[0])
     if frozen and all(s["model_name"] == name and s["model_args"] == args for s in states):
-        first = _rebuild(states[0], paths[0])
         shared = shared_trunk(first, [s["state_dict"] for s in states], head)
         if shared is not None:
             return shared
-    models = [_rebuild(state, path) for state, path in zip(states, paths, strict=True)]
-    return models[0] if len(models) == 1 else Ensemble(models)
+    rest = [_rebuild(state, path) for state, path in zip(states[1:], paths[1:], strict=True)]
+    return Ensemble([first, *rest]) if rest else first
 
 
 def _all_or_none(

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from defungi.config import config_from_dict
 from defungi.errors import DefungiError
 from defungi.layout import RunLayout, read_json
 from defungi.results.run import ModelCard, model_card, read_run_metrics
@@ -35,8 +36,6 @@ class Inputs:
 def run_inputs(run_dir: str | Path) -> Inputs | None:
     """A run folder's Inputs from its config.json and metrics.json, read without loading its model (so
     that images decode while it loads); None where either is missing or unreadable (the load then says why)."""
-    from defungi.config import config_from_dict
-
     layout = RunLayout(Path(run_dir))
     try:
         data = config_from_dict(read_json(layout.config)).data

@@ -14,7 +14,7 @@ intervals from the bootstrap over specimens that metrics.json uses, and the pair
 the mean rule with its interval (the paired bootstrap of `report --compare`), with timings and the
 CPU's AVX-512/AMX flags.
 
-The features are the run's own (`experiments.fit.frozen_features`: the cache its fits trained on);
+The features are the run's own (`train.sources.frozen_features`: the cache its fits trained on);
 --features FILE.npy gives a cached array instead (e.g. when the image files' times changed since the
 run, which changes the cache key). Either way the fold heads must reproduce the run's out-of-fold
 predictions from them, and the agreement is printed.
@@ -36,7 +36,6 @@ import torch.nn as nn
 from sklearn.preprocessing import StandardScaler
 
 from defungi.experiments.compare import Scored, scored_images
-from defungi.experiments.fit import frozen_features
 from defungi.experiments.protocols import dataset_for, load_trained
 from defungi.experiments.rundir import read_config
 from defungi.layout import RunLayout
@@ -48,6 +47,7 @@ from defungi.stats.metrics import (
     sample_decisions,
     weighted,
 )
+from defungi.train.sources import frozen_features
 from defungi.utils import cpu_flags
 
 ATTENTION = "attention MIL"

@@ -14,7 +14,7 @@ from defungi.config import Config, load_config
 from defungi.data.dataset import Dataset, load_dataset
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
-from defungi.experiments.fit import FitResult, fit, frozen_features
+from defungi.experiments.fit import FitResult, fit
 from defungi.experiments.protocols import load_trained, split_for
 from defungi.experiments.rundir import RunDir
 from defungi.models import create_model
@@ -22,6 +22,7 @@ from defungi.stats.metrics import weighted
 from defungi.train import distributed
 from defungi.train import loop as loop_module
 from defungi.train.frozen import FrozenPass
+from defungi.train.sources import frozen_features
 from tests.conftest import fails_on_call
 
 MIXER = {"dim": 8, "depth": 2, "kernel_size": 3, "patch_size": 4}

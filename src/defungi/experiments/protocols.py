@@ -21,7 +21,7 @@ from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import cv_folds, train_val_test_split
 from defungi.errors import DefungiError
-from defungi.experiments.fit import FitResult, cold_features, fit, score_parts
+from defungi.experiments.fit import FitResult, fit, score_parts
 from defungi.experiments.plan import FitPlan
 from defungi.experiments.rundir import FitRecord, RunDir, TrainedModel, load_checkpoints, model_args, write_predictions
 from defungi.experiments.trust import assess
@@ -45,6 +45,7 @@ from defungi.stats.metrics import sample_rule_text, scored
 from defungi.train import distributed
 from defungi.train.ood import refused_share
 from defungi.train.runtime import resolve_device
+from defungi.train.sources import cold_features
 
 log = logging.getLogger(__name__)
 

@@ -437,6 +437,11 @@ def table(head: tuple[str, ...], rows: list[tuple[object, ...]]) -> str:
     return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
 
 
+def shown(path: Path) -> str:
+    """A path as given from the current folder where it lies under it, else whole."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def short(target: str) -> str:
     """module:def without the package's name."""
     return target.partition(".")[2]
@@ -468,7 +473,7 @@ def report(src: Path, readme: Path) -> str:
     readme_lines = line_count(readme.read_text()) if readme.is_file() else "no README.md"
     return "\n\n".join(
         [
-            f"# The code's shape: {src} (commit {commit_of(src)})",
+            f"# The code's shape: {shown(src)} (commit {commit_of(src)})",
             "## The longest modules\n\n" + table(("module", "lines"), longest_modules(modules, src)),
             "## The longest functions\n\n" + table(("function", "where", "lines"), longest_functions(modules, src)),
             f"## What `{package} train` reaches from the command line (from `{ENTRY[0]}.{ENTRY[1]}`)\n\n"

@@ -21,10 +21,10 @@ from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import cv_folds, train_val_test_split
 from defungi.errors import DefungiError
+from defungi.experiments.assess import assess
 from defungi.experiments.fit import FitResult, cold_features, fit, score_parts
 from defungi.experiments.plan import FitPlan
 from defungi.experiments.rundir import FitRecord, RunDir, TrainedModel, load_checkpoints, model_args, write_predictions
-from defungi.experiments.trust import assess
 from defungi.layout import read_predictions, read_table
 from defungi.models.registry import check_model
 from defungi.results.ood import REFUSE, OodCheck

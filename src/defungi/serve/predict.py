@@ -19,7 +19,7 @@ from defungi.data.cache import DECODE_ERRORS, decode_one
 from defungi.data.quality import low_variance
 from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
-from defungi.experiments.trust import selective_promise
+from defungi.experiments.assess import selective_promise
 from defungi.layout import RunLayout
 from defungi.results.ood import REFUSE
 from defungi.results.run import ModelCard, SelectiveCheck

@@ -24,6 +24,7 @@ from defungi.experiments.rundir import RunDir
 from defungi.models import create_model, model_entry
 from defungi.models.pretrained import initial_weights, tail_from
 from defungi.stats.metrics import classification_metrics, mean_nll, prior_weights, scored, weighted
+from defungi.stats.refusal import held_out_needed
 from defungi.train import distributed
 from defungi.train.callbacks import EarlyStopping
 from defungi.train.frozen import FrozenPass, frozen_pass
@@ -45,7 +46,7 @@ from defungi.train.loop import (
     train_step,
     weight_average,
 )
-from defungi.train.ood import OodDetector, Reading, fit_detector, held_out_needed, model_readings
+from defungi.train.ood import OodDetector, Reading, fit_detector, model_readings
 from defungi.train.runtime import Threads, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)

@@ -37,8 +37,9 @@ from defungi.layout import RunLayout, read_table  # noqa: E402
 from defungi.results.run import read_run_metrics  # noqa: E402
 from defungi.serve.export import export_onnx  # noqa: E402
 from defungi.serve.predict import NO_FUNGUS, NOT_MICROGRAPH, open_predictor, predict  # noqa: E402
+from defungi.stats.refusal import refusal_threshold  # noqa: E402
 from defungi.train.loop import image_inputs  # noqa: E402
-from defungi.train.ood import OodDetector, OodHooks, refusal_threshold  # noqa: E402
+from defungi.train.ood import OodDetector, OodHooks  # noqa: E402
 from defungi.utils import cpu_flags  # noqa: E402
 from tests.nonmicrographs import GENERATED, OTHER_MICROGRAPHS, PHOTOGRAPHS, pictures, write_images  # noqa: E402
 

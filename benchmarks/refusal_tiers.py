@@ -1,5 +1,5 @@
 """Refusals a lab can live with: what the refusal score does to real micrographs and to what is not one,
-before (everything over 1 refused) and after (over 1 answered and flagged, refused over results.ood.REFUSE).
+before (everything over 1 refused) and after (over 1 answered and flagged, refused over stats.refusal.REFUSE).
 
 Three parts, from one finished cross-validation (RUN/oof.csv: each image scored by the fold model that
 never saw its specimen):
@@ -27,8 +27,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.nonmicrographs
 
 from defungi.layout import RunLayout, read_table  # noqa: E402
-from defungi.results.ood import REFUSE  # noqa: E402
 from defungi.serve.predict import open_predictor, predict  # noqa: E402
+from defungi.stats.refusal import REFUSE, refusal_tiers  # noqa: E402
 from tests.nonmicrographs import GENERATED, OTHER_MICROGRAPHS, PHOTOGRAPHS, pictures, write_images  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def held_out(run: Path) -> list[str]:
             f"  {name:<28} {refused.sum():>5} images ({refused.mean():.2%}), "
             f"{len(np.unique(groups[refused]))} of {n_specimens} specimens with one"
         )
-    flagged = (scores > 1) & (scores <= REFUSE)
+    flagged = refusal_tiers(scores)[1]
     lines.append(
         f"  {'after: flagged, answered':<28} {flagged.sum():>5} images ({flagged.mean():.2%}), "
         f"{len(np.unique(groups[flagged]))} specimens with one; right on {right[flagged].mean():.3f} of them "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defungi.experiments.trust import Held, assess, by_specimen
+from defungi.experiments.assess import Held, assess, by_specimen
 from defungi.stats.metrics import temper
 from defungi.stats.selective import TARGETS, risk_coverage, threshold_at
 

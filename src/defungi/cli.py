@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from defungi.jobs import evaluate_job
     from defungi.report.page import metrics_line
-    from defungi.report.trust import card_table
+    from defungi.report.reliability import card_table
 
     evaluation, folder = evaluate_job(
         Path(args.run_dir),

@@ -17,10 +17,10 @@ from PIL import Image
 from defungi.cli import main
 from defungi.data.cache import decode_one
 from defungi.experiments.protocols import fit_run
-from defungi.results.ood import REFUSE
 from defungi.results.run import read_evaluation, read_run_metrics
 from defungi.serve.predict import NO_FUNGUS, NOT_MICROGRAPH, Answers, by_specimen, open_predictor, predict
 from defungi.serve.predictor import Predictor, Scores
+from defungi.stats.refusal import REFUSE
 from tests.conftest import RICHER, make_image, tiny_config, write_folder
 from tests.nonmicrographs import GENERATED, PHOTOGRAPHS, pictures, write_images
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from defungi.cli import main
-from defungi.experiments.trust import selective_promise
+from defungi.experiments.assess import selective_promise
 from defungi.results.run import read_run_metrics
 from defungi.serve.predict import Answers, by_specimen, open_predictor, predict, predict_files, probability_table
 from defungi.serve.predictor import Predictor

@@ -7,14 +7,7 @@ import torch.nn as nn
 from sklearn.covariance import LedoitWolf
 
 from defungi.models.ensemble import Ensemble
-from defungi.train.ood import (
-    OodHooks,
-    Reading,
-    fit_detector,
-    held_out_needed,
-    refusal_threshold,
-    refused_share,
-)
+from defungi.train.ood import OodHooks, Reading, fit_detector
 
 HEAD = Reading("head", "input")
 BODY = Reading("body", "channel means")
@@ -61,20 +54,9 @@ def test_it_refuses_about_one_in_a_hundred_new_micrographs_and_what_is_far_in_an
     assert np.all(detector.scores([usual, usual_low * 4]) > 1)
 
 
-def test_the_threshold_is_the_conformal_rank_of_the_held_out_values():
-    values = np.arange(1.0, 201.0)  # 1..200
-    assert refusal_threshold(values, 0.99) == 199.0  # ceil(201 * 0.99) = 199th smallest
-    assert held_out_needed(0.99) == 99 and held_out_needed(0.98) == 49
-    assert refusal_threshold(values[:99], 0.99) == 99.0  # just enough: the largest
+def test_too_few_held_out_micrographs_fit_no_detector():
     x, y = _clusters(np.random.default_rng(3), 300)
-    assert fit_detector([x], y, [x[:98]], [HEAD]) is None  # too few to keep the promise: no detector
-
-
-def test_refused_share_and_its_interval_over_specimens():
-    refused = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], dtype=bool)
-    groups = np.array(["a", "a", "b", "b", "c", "c", "d", "d", "e", "e"])
-    share, (low, high) = refused_share(refused, groups)
-    assert share == 0.2 and low == 0.0 and high >= 0.4  # one specimen in five holds both refusals
+    assert fit_detector([x], y, [x[:98]], [HEAD]) is None  # too few to keep the promise at 0.99 (99)
 
 
 class _Net(nn.Module):

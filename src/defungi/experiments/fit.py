@@ -21,9 +21,10 @@ from defungi.experiments import plan
 from defungi.experiments.rundir import RunDir
 from defungi.models import model_entry
 from defungi.stats.metrics import classification_metrics, scored
+from defungi.stats.refusal import held_out_needed
 from defungi.train import distributed
 from defungi.train.loop import Preprocess, evaluate, precision_name, train_one_epoch
-from defungi.train.ood import OodDetector, fit_detector, held_out_needed, model_readings
+from defungi.train.ood import OodDetector, fit_detector, model_readings
 from defungi.train.sources import Features, Source, source_of
 from defungi.train.task import Learner, Task, learner_of, new_model, task_of
 

@@ -30,6 +30,7 @@ from defungi.errors import DefungiError
 from defungi.models.registry import create_model, model_entry
 from defungi.results.plan import JobPlan, Rate, StepPlan, read_plan
 from defungi.results.schema import to_dict
+from defungi.stats.refusal import held_out_needed
 from defungi.train.frozen import frozen_pass
 from defungi.train.loop import (
     Batch,
@@ -42,7 +43,7 @@ from defungi.train.loop import (
     train_step,
     weight_average,
 )
-from defungi.train.ood import Reading, held_out_needed
+from defungi.train.ood import Reading
 from defungi.train.runtime import Threads, resolve_device
 from defungi.utils import atomic_write_json, clock, cpu_flags
 

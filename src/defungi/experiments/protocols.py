@@ -21,13 +21,13 @@ from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import cv_folds, train_val_test_split
 from defungi.errors import DefungiError
+from defungi.experiments.assess import assess
 from defungi.experiments.fit import FitResult, fit, score_parts
 from defungi.experiments.plan import FitPlan
 from defungi.experiments.rundir import FitRecord, RunDir, TrainedModel, load_checkpoints, model_args, write_predictions
-from defungi.experiments.trust import assess
 from defungi.layout import read_predictions, read_table
 from defungi.models.registry import check_model
-from defungi.results.ood import REFUSE, OodCheck
+from defungi.results.ood import OodCheck
 from defungi.results.run import (
     METRIC_NAMES,
     FoldScores,
@@ -42,8 +42,8 @@ from defungi.results.run import (
 from defungi.results.schema import from_dict
 from defungi.results.trust import Trust
 from defungi.stats.metrics import sample_rule_text, scored
+from defungi.stats.refusal import REFUSE, refusal_tiers, refused_share
 from defungi.train import distributed
-from defungi.train.ood import refused_share
 from defungi.train.runtime import resolve_device
 from defungi.train.sources import cold_features
 
@@ -276,7 +276,7 @@ def ood_check(
 ) -> OodCheck:
     """Held-out micrographs refused (score over REFUSE) and flagged (over 1, up to REFUSE), with intervals
     over specimens, and the specimens with at least one of each."""
-    refused, flagged = ood > REFUSE, (ood > 1) & (ood <= REFUSE)
+    refused, flagged = refusal_tiers(ood)
     share, interval = refused_share(refused, groups, seed=seed)
     flagged_share, flagged_interval = refused_share(flagged, groups, seed=seed)
     return OodCheck(

@@ -34,9 +34,10 @@ from defungi.models.registry import model_args as registry_model_args
 from defungi.results.run import RunMetrics, read_run_metrics
 from defungi.results.schema import SCHEMA_VERSION, check_version, to_dict
 from defungi.stats.metrics import prior_weights
+from defungi.stats.refusal import held_out_needed
 from defungi.train.frozen import FrozenPass, frozen_name
 from defungi.train.loop import Preprocess
-from defungi.train.ood import READING_KINDS, Distance, OodDetector, OodHooks, Reading, held_out_needed
+from defungi.train.ood import READING_KINDS, Distance, OodDetector, OodHooks, Reading
 from defungi.train.runtime import atomic_torch_save, resolve_device
 from defungi.utils import atomic_write_binary, atomic_write_json, atomic_write_text, check_output, exclusive_lock
 

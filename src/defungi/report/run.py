@@ -16,7 +16,7 @@ from defungi.report.plots import (
     plot_reliability,
     plot_risk_coverage,
 )
-from defungi.report.trust import (
+from defungi.report.reliability import (
     calibration_section,
     card_section,
     selective_section,

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Images whose refusal score (train.ood) is over REFUSE are refused. Measured by benchmarks/refusal_tiers.py on
-# a transfer CV of ../shared/defungi (docs/history/measurements.md, "Refusals a lab can live with"): 3 of 7,897
-# out-of-fold micrographs score over 1.5 (93 over 1); of 900 real micrographs made yellower, bluer, paler,
-# darker or blurred, 1 (at 1.72); noise, gradients and text all (3.8 and over), 59 of 60 photographs.
-REFUSE = 1.5
-
 
 @dataclass
 class OodCheck:
@@ -25,7 +19,7 @@ class OodCheck:
     n: int
     refused: float
     interval: list[float]
-    refuse_over: float = 1.0  # 1.0: a check from before images between 1 and train.ood.REFUSE were answered
+    refuse_over: float = 1.0  # 1.0: a check from before images between 1 and stats.refusal.REFUSE were answered
     flagged: float = 0.0
     flagged_interval: list[float] = field(default_factory=list)
     specimens: int = 0

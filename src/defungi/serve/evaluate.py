@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from defungi.data.dataset import load_dataset
+from defungi.experiments.assess import set_check
 from defungi.experiments.protocols import ood_check
 from defungi.experiments.rundir import RunDir
-from defungi.experiments.trust import set_check
 from defungi.layout import EvaluationLayout, RunLayout
 from defungi.results.ood import OodCheck
 from defungi.results.run import (

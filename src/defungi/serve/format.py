@@ -32,7 +32,7 @@ def as_json(result: Predictions) -> str:
 def as_csv(result: Predictions) -> str:
     """One line per specimen (its path: the folder of its images) and per image, a column per class
     ('p_' and its name, as in oof.csv: a class may be called like a column), the refusal score (an
-    image's 'ood': over results.ood.REFUSE is refused as not a micrograph), the grey variance of an image
+    image's 'ood': over stats.refusal.REFUSE is refused as not a micrograph), the grey variance of an image
     with no fungus visible; blank cells where a row has no value."""
     out = io.StringIO()
     writer = csv.writer(out)

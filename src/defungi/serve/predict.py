@@ -19,15 +19,15 @@ from defungi.data.cache import DECODE_ERRORS, decode_one
 from defungi.data.quality import low_variance
 from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
-from defungi.experiments.trust import selective_promise
+from defungi.experiments.assess import selective_promise
 from defungi.layout import RunLayout
-from defungi.results.ood import REFUSE
 from defungi.results.run import ModelCard, SelectiveCheck
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE, SelectivePromise, Trust, Unit
 from defungi.serve.lite import BATCH, onnx_predictor
 from defungi.serve.predictor import Inputs, Predictor, Scores, run_inputs, torch_predictor
 from defungi.stats.conformal import prediction_sets, set_label
 from defungi.stats.metrics import classification_metrics, specimen_probabilities, temper
+from defungi.stats.refusal import REFUSE, refusal_tiers
 from defungi.stats.selective import DELTA
 from defungi.utils import prefetched
 
@@ -76,7 +76,7 @@ def predict(
     called 'class' or 'status'); or 'no fungus visible' for an image under the run's variance threshold
     (blank or blurred: training leaves such images out, so they are not classified; its 'grey_variance'
     and the 'variance_threshold' beside it), 'not a fungus micrograph' for one whose out-of-distribution score
-    ('ood', see train.ood) is over results.ood.REFUSE, or the error (`reason` says which, with its figures).
+    ('ood', see train.ood) is over stats.refusal.REFUSE, or the error (`reason` says which, with its figures).
     The class probabilities are the model's, as the run scored them, and 'probability' the most
     probable class's; 'confidence' is that probability calibrated as the run measured it helped, 'set'
     the classes the image's prediction set holds (see Answers), and 'decision' the class or 'uncertain'."""
@@ -165,7 +165,7 @@ def classify(
     """The rows of decode with the out-of-distribution score ('ood', where the run has a detector) of
     every decoded image, and the class, calibrated confidence, the class's probability, prediction
     set, decision and probabilities ('probabilities': class -> probability) of those that are not
-    refused as 'not a fungus micrograph' (score over results.ood.REFUSE; 'unlike_training' marks those
+    refused as 'not a fungus micrograph' (score over stats.refusal.REFUSE; 'unlike_training' marks those
     answered with a score over 1: unlike the training micrographs; answers: as the run measured, by
     default; computed: the model's scores of the pixels when a pass already made them)."""
     if not decoded.paths:
@@ -174,9 +174,10 @@ def classify(
     probs, ood = model.answer(decoded.images, tta, prior_weight, computed)
     calibrated = temper(probs, model.temperature("image"))
     sets = answers.sets("image", calibrated, model.classes)
+    refused, flagged = refusal_tiers(ood) if ood is not None else (np.zeros(len(probs), bool),) * 2
     result = {}
     for k, (path, p) in enumerate(zip(decoded.paths, probs, strict=True)):
-        if ood is not None and ood[k] > REFUSE:
+        if refused[k]:
             result[path] = {"status": NOT_MICROGRAPH, "ood": float(ood[k])}
             continue
         best, conf = model.classes[int(p.argmax())], float(calibrated[k].max())
@@ -184,7 +185,7 @@ def classify(
         result[path]["decision"] = best if conf >= answers.abstain else UNCERTAIN
         result[path] |= answers.set_fields(sets, k, model.classes)
         result[path]["probabilities"] = {c: float(v) for c, v in zip(model.classes, p, strict=True)}
-        result[path] |= {"ood": float(ood[k]), "unlike_training": bool(ood[k] > 1)} if ood is not None else {}
+        result[path] |= {"ood": float(ood[k]), "unlike_training": bool(flagged[k])} if ood is not None else {}
     return [r | result.get(r["path"], {}) for r in rows]
 
 

@@ -49,7 +49,7 @@ class Scores(NamedTuple):
 
     probabilities: np.ndarray  # images x classes
     # per image, its distance from the training micrographs over the refusal threshold (over 1: unlike
-    # them; over results.ood.REFUSE: not a fungus micrograph, see train.ood), on the image as it is; None
+    # them; over stats.refusal.REFUSE: not a fungus micrograph, see train.ood), on the image as it is; None
     # where the run has no detector
     ood: np.ndarray | None
 

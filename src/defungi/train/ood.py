@@ -1,44 +1,38 @@
-"""Refusal of what is not a DeFungi micrograph (out of distribution).
+"""Refusal of what is not a DeFungi micrograph (out of distribution): where the model is read, and
+the score computed inside its forward pass.
 
 The detector reads each image at one or two places of the model (`Reading`): the head's input (the
 pooled features it classifies) and, where the model's registry entry names a middle module, the
 channel means of that module's output, where noise, flat fields and drawings stand out far more
 than in the pooled features. For each reading it takes the Mahalanobis distance to the nearest class
-mean of the training micrographs, under one covariance shared by the classes and shrunk by
-Ledoit-Wolf (Lee et al. 2018), scaled by its own held-out quantile; the image's score is the largest
-scaled distance over a threshold set on held-out micrographs. Over results.ood.REFUSE, the image is
-refused as not a fungus micrograph; over 1 and up to REFUSE, it is answered and flagged 'unlike the training
-specimens' (a micrograph of another stain, microscope or focus lands there). The thresholds are
-the ceil((n + 1) q)-th smallest of n held-out values, so that a new micrograph exchangeable with them
-is flagged with probability at most 1 - q; with fewer than q / (1 - q) of them (99 at q = 0.99) no
-threshold keeps that promise, and the fit flags and refuses nothing (as split-conformal sets hold every
-class then).
+mean of the training micrographs, scaled by its own held-out quantile; the image's score is the largest
+scaled distance over a threshold set on held-out micrographs. The arithmetic (the whitening fitted by
+Ledoit-Wolf, the conformal thresholds and how many held-out micrographs they take, the refused and
+flagged tiers over 1 and over REFUSE) is stats.refusal's; this module holds what runs in torch. With too
+few held-out micrographs the fit flags and refuses nothing (as split-conformal sets hold every class then).
 
 Every fit fits its own detector (`experiments.fit`); predict, evaluate, the page and the exported
 ONNX graph score the image inside the same forward pass that classifies it (`OodHooks`), on the
-image as it is (the first view under test-time augmentation). An ensemble (folds, seeds) refuses
-where the mean of its members' scores, each over its own threshold, is over 1.
+image as it is (the first view under test-time augmentation). The fit sets the scales and the
+threshold on the scores of that same module (`OodScore`), so that a held-out image scores alike there
+and when answered. An ensemble (folds, seeds) refuses where the mean of its members' scores, each over
+its own threshold, is over 1.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn as nn
-from sklearn.covariance import empirical_covariance, ledoit_wolf_shrinkage, shrunk_covariance
 
 from defungi.models.ensemble import members
 from defungi.models.registry import ModelParts
+from defungi.stats.refusal import QUANTILE, held_out_needed, refusal_threshold, whitening
 from defungi.train.loop import module_rows
-
-QUANTILE = 0.99  # held-out micrographs under their threshold (a score of 1): about 1% of micrographs flagged
-
 
 ReadingKind = Literal["input", "channel means"]
 READING_KINDS: tuple[ReadingKind, ...] = ("input", "channel means")
@@ -113,41 +107,11 @@ def fit_detector(
         return None
     distances = []
     for reading, train, held in zip(at, readings, held_out, strict=True):
-        unit = _distance(reading, np.asarray(train).reshape(len(train), -1), labels)
-        scaled = OodDetector((unit,), 1.0, quantile, 0).scores([held])
-        distances.append(Distance(reading, unit.projection, unit.means, refusal_threshold(scaled, quantile)))
+        projection, means = whitening(np.asarray(train).reshape(len(train), -1), labels)
+        scaled = OodDetector((Distance(reading, projection, means, 1.0),), 1.0, quantile, 0).scores([held])
+        distances.append(Distance(reading, projection, means, refusal_threshold(scaled, quantile)))
     combined = OodDetector(tuple(distances), 1.0, quantile, 0).scores(held_out)
     return OodDetector(tuple(distances), refusal_threshold(combined, quantile), quantile, len(combined))
-
-
-def _distance(reading: Reading, x: np.ndarray, labels: np.ndarray) -> Distance:
-    """The unscaled distance of one reading, fitted on its training rows x."""
-    classes, index = np.unique(labels, return_inverse=True)
-    means = np.stack([x[index == c].mean(0, dtype=np.float64) for c in range(len(classes))])
-    # Ledoit-Wolf's products over the training rows in float32, the readings' own precision (the
-    # estimator object would cast them to float64, at twice the time), in one block of all the features
-    # (sklearn's blocks of 1000 multiply strided slices: 0.37 s against 0.075 s for 4,089 x 1,280)
-    centred = (x - means[index]).astype(np.float32)
-    shrinkage = ledoit_wolf_shrinkage(centred, assume_centered=True, block_size=max(1, centred.shape[1]))
-    covariance = shrunk_covariance(empirical_covariance(centred, assume_centered=True), shrinkage).astype(np.float64)
-    covariance[np.diag_indices_from(covariance)] += covariance.diagonal().max() * 1e-9  # dead units stay finite
-    # covariance = L @ L.T, so x @ inv(L).T whitens: a Cholesky factor costs a tenth of an eigendecomposition
-    lower = scipy.linalg.cholesky(covariance, lower=True)
-    projection = scipy.linalg.solve_triangular(lower, np.eye(len(lower)), lower=True).T
-    return Distance(reading, projection.astype(np.float32), (means @ projection).astype(np.float32), 1.0)
-
-
-def refusal_threshold(values: np.ndarray, quantile: float) -> float:
-    """The ceil((n + 1) quantile)-th smallest of n values (see held_out_needed for how many it takes)."""
-    k = math.ceil((len(values) + 1) * quantile - 1e-9)
-    if k > len(values):
-        raise ValueError(f"{len(values)} held-out values are too few for the quantile {quantile}")
-    return float(np.sort(values)[k - 1])
-
-
-def held_out_needed(quantile: float = QUANTILE) -> int:
-    """The fewest held-out micrographs that can set a threshold at quantile (99 at 0.99)."""
-    return math.ceil(quantile / (1 - quantile) - 1e-9)
 
 
 class OodScore(nn.Module):
@@ -225,14 +189,3 @@ class OodHooks(nn.Module):
         group, m = views * len(self.members), len(self.members)
         scores = [torch.stack(self.calls[i : i + m]).mean(0) for i in range(0, len(self.calls), group)]
         return torch.cat(scores) if scores else torch.zeros(0)
-
-
-def refused_share(
-    refused: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0
-) -> tuple[float, list[float]]:
-    """The share of images refused and its 95% interval from a bootstrap over specimens (groups)."""
-    ids, index = np.unique(groups, return_inverse=True)
-    hits, sizes = np.bincount(index, weights=refused.astype(float)), np.bincount(index)
-    draws = np.random.default_rng(seed).integers(0, len(ids), (n_boot, len(ids)))
-    shares = hits[draws].sum(1) / sizes[draws].sum(1)
-    return float(refused.mean()), [float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from defungi.experiments.trust import assess
+from defungi.experiments.assess import assess
 from defungi.results.schema import from_dict, to_dict
 from defungi.results.trust import Trust
 from defungi.stats.metrics import calibration, temper

@@ -5,6 +5,7 @@ import pytest
 
 from defungi.cli import main
 from defungi.report.study import RENDERERS, renders
+from defungi.results.history import EpochRow
 from defungi.results.run import (
     ClassScores,
     Confusion,
@@ -34,7 +35,10 @@ from defungi.results.study import (
     read_study,
 )
 
-HISTORY = [{"epoch": 1, "train_loss": 1.2, "val_f1": 0.4}, {"epoch": 2, "train_loss": 0.9, "val_f1": 0.5}]
+HISTORY = [
+    EpochRow(1, 1e-3, 1.2, 0.5, 1.1, 0.45, 0.4, 300.0, 0.2),
+    EpochRow(2, 5e-4, 0.9, 0.6, 1.0, 0.5, 0.5, 310.0, 0.2),
+]
 
 
 def _scores(f1: float) -> PartScores:

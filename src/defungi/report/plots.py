@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from defungi.results.history import EpochRow  # noqa: E402
 from defungi.results.run import FoldScores, Reliability  # noqa: E402
 from defungi.results.search import LearningCurve  # noqa: E402
 from defungi.results.trust import RiskCoverage  # noqa: E402
@@ -33,16 +34,16 @@ def _save(fig: plt.Figure, path: Path, dpi: int = DPI, tight: bool = True, compr
     return path
 
 
-def plot_history(history: Sequence[dict[str, float]], path: Path, title: str = "") -> Path:
+def plot_history(history: Sequence[EpochRow], path: Path, title: str = "") -> Path:
     """Loss and validation macro-F1 per epoch."""
-    epochs = [h["epoch"] for h in history]
+    epochs = [h.epoch for h in history]
     fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax_loss.plot(epochs, [h.train_loss for h in history], label="train")
+    ax_loss.plot(epochs, [h.val_loss for h in history], label="validation")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_f1.plot(epochs, [h["train_accuracy"] for h in history], label="train accuracy", alpha=0.6)
-    ax_f1.plot(epochs, [h["val_accuracy"] for h in history], label="validation accuracy", alpha=0.6)
-    ax_f1.plot(epochs, [h["val_f1"] for h in history], label="validation macro-F1", lw=2)
+    ax_f1.plot(epochs, [h.train_accuracy for h in history], label="train accuracy", alpha=0.6)
+    ax_f1.plot(epochs, [h.val_accuracy for h in history], label="validation accuracy", alpha=0.6)
+    ax_f1.plot(epochs, [h.val_f1 for h in history], label="validation macro-F1", lw=2)
     ax_f1.set(xlabel="epoch", ylabel="score", title="scores", ylim=(0, 1))
     for ax in (ax_loss, ax_f1):
         ax.grid(alpha=0.3)
@@ -181,7 +182,7 @@ def plot_learning_curve(curves: dict[str, LearningCurve], path: Path, title: str
 
 
 def plot_epoch_curves(
-    histories: Sequence[Sequence[dict[str, float]]],
+    histories: Sequence[Sequence[EpochRow]],
     labels: Sequence[str],
     path: Path,
     title: str = "per-epoch validation macro-F1",
@@ -189,9 +190,9 @@ def plot_epoch_curves(
     """Validation macro-F1 and training loss per epoch for several fits."""
     fig, (ax_f1, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.4))
     for history, label in zip(histories, labels, strict=True):
-        epochs = [h["epoch"] for h in history]
-        ax_f1.plot(epochs, [h["val_f1"] for h in history], "-o", ms=3, label=label)
-        ax_loss.plot(epochs, [h["train_loss"] for h in history], "-o", ms=3, label=label)
+        epochs = [h.epoch for h in history]
+        ax_f1.plot(epochs, [h.val_f1 for h in history], "-o", ms=3, label=label)
+        ax_loss.plot(epochs, [h.train_loss for h in history], "-o", ms=3, label=label)
     ax_f1.set(xlabel="epoch", ylabel="validation macro-F1", ylim=(0, 1))
     ax_loss.set(xlabel="epoch", ylabel="training loss")
     for ax in (ax_f1, ax_loss):

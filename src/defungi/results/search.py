@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from defungi.results.history import EpochRow
 from defungi.results.schema import SCHEMA_VERSION, read_record
 
 
@@ -22,7 +23,7 @@ class LearningCurve:
     val_f1: list[list[float]]
     val_loss: list[list[float]]
     seconds: list[list[float]]
-    histories: list[list[list[dict[str, float]]]]
+    histories: list[list[list[EpochRow]]]  # per fold and training fraction, a fit's epochs
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from defungi.results.history import EpochRow
 from defungi.results.run import FoldScores, PairedDifference, PartScores, Timing
 from defungi.results.schema import SCHEMA_VERSION, read_record
 from defungi.results.search import GridResult, LearningCurve
@@ -71,7 +72,7 @@ class FitSummary(Finding):
     kind: Literal["fit"] = "fit"
     label: str
     test: PartScores
-    history: list[dict[str, float]]
+    history: list[EpochRow]
 
 
 @dataclass(kw_only=True)
@@ -80,7 +81,7 @@ class Comparison(Finding):
 
     kind: Literal["comparison"] = "comparison"
     val: dict[str, PartScores]
-    histories: dict[str, list[dict[str, float]]]
+    histories: dict[str, list[EpochRow]]
 
 
 @dataclass(kw_only=True)

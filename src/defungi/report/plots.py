@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 from defungi.results.history import EpochRow  # noqa: E402
 from defungi.results.run import FoldScores, Reliability  # noqa: E402
-from defungi.results.search import LearningCurve  # noqa: E402
+from defungi.results.search import GridRow, LearningCurve  # noqa: E402
 from defungi.results.trust import RiskCoverage  # noqa: E402
 from defungi.utils import atomic_write_binary  # noqa: E402
 
@@ -202,15 +202,13 @@ def plot_epoch_curves(
     return _save(fig, path)
 
 
-def plot_grid(
-    rows: Sequence[dict[str, Any]], x: str, y: str, path: Path, value: str = "val_f1", title: str = "grid search"
-) -> Path:
-    """Heat map of value over the x and y grid keys, best cell outlined."""
-    xs = sorted({r[x] for r in rows})
-    ys = sorted({r[y] for r in rows})
+def plot_grid(rows: Sequence[GridRow], x: str, y: str, path: Path, title: str = "grid search") -> Path:
+    """Heat map of validation macro-F1 over the x and y grid keys, best cell outlined."""
+    xs = sorted({r.cell[x] for r in rows})
+    ys = sorted({r.cell[y] for r in rows})
     grid = np.full((len(ys), len(xs)), np.nan)
     for r in rows:
-        grid[ys.index(r[y]), xs.index(r[x])] = r[value]
+        grid[ys.index(r.cell[y]), xs.index(r.cell[x])] = r.val_f1
     fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 0.8 * len(ys) + 1.8))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     for i in range(len(ys)):
@@ -236,7 +234,7 @@ def plot_grid(
         ylabel=y.split(".")[-1],
         title=title,
     )
-    fig.colorbar(im, ax=ax, label=value.replace("_", " "))
+    fig.colorbar(im, ax=ax, label="val f1")
     return _save(fig, path)
 
 

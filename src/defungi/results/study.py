@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 from defungi.results.history import EpochRow
 from defungi.results.run import FoldScores, PairedDifference, PartScores, Timing
-from defungi.results.schema import SCHEMA_VERSION, read_record
+from defungi.results.schema import GRID_SCHEMA_VERSION, read_record
 from defungi.results.search import GridResult, LearningCurve
 
 R = TypeVar("R")
@@ -160,7 +160,7 @@ class StudyState:
     config: dict[str, Any]
     options: dict[str, Any]
     steps: dict[str, StepRecord] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = GRID_SCHEMA_VERSION  # it holds grids (see GridResult)
 
     def result(self, of: type[R]) -> R | None:
         """The result of the last finished step of that type (None: no such step has finished)."""

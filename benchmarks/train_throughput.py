@@ -221,8 +221,8 @@ def whole_fit(root: Path, args: argparse.Namespace) -> tuple[float, float, int]:
     start = time.perf_counter()
     result = fit(config, data, split)
     wall = time.perf_counter() - start
-    trained = sum(h["images_per_s"] * h["seconds"] for h in result.history)
-    return trained / wall, trained / sum(h["seconds"] for h in result.history), len(result.history)
+    trained = sum(h.images_per_s * h.seconds for h in result.history)
+    return trained / wall, trained / sum(h.seconds for h in result.history), len(result.history)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from defungi.errors import DefungiError
+from defungi.results.history import EpochRow
+from defungi.results.schema import SchemaError, from_dict
 
 
 @dataclass(frozen=True)
@@ -240,14 +242,14 @@ def _number(text: str) -> int | float:
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
-def read_history(path: Path) -> list[dict[str, float]]:
-    """history.csv as numbers (epoch as int)."""
+def read_history(path: Path) -> list[EpochRow]:
+    """history.csv, one typed row per epoch."""
     if Path(path).stat().st_size <= 2:  # no header: a run of several fits keeps its histories in its parts
         return []
     rows = read_table(path, ("epoch",))
     try:
-        return [{k: _number(v) for k, v in row.items()} for row in rows]
-    except ValueError as exc:
+        return [from_dict(EpochRow, {k: _number(v) for k, v in row.items()}) for row in rows]
+    except (ValueError, SchemaError) as exc:
         raise DefungiError(f"{path}: not the table defungi wrote ({exc}); delete it and run again") from None
 
 

@@ -41,18 +41,18 @@ def test_grid_search_ranks_cells_and_resumes(tmp_path: Path):
     grid = {"train.batch_size": [8, 16], "train.lr": [1e-3, 3e-3]}
     result = grid_search(config, data, split, grid, tmp_path / "grid")
     assert result.trials_run == 4 and len(result.rows) == 4
-    assert [(r["train.batch_size"], r["train.lr"]) for r in result.rows] == [
+    assert [(r.cell["train.batch_size"], r.cell["train.lr"]) for r in result.rows] == [
         (8, 1e-3),
         (8, 3e-3),
         (16, 1e-3),
         (16, 3e-3),
     ]
-    assert result.best_val_f1 == max(r["val_f1"] for r in result.rows)
+    assert result.best_val_f1 == max(r.val_f1 for r in result.rows)
     trials = optuna.load_study(
         study_name=result.study_name, storage=f"sqlite:///{tmp_path / 'grid' / 'grid.sqlite3'}"
     ).trials
     assert sorted((t.params["train.batch_size"], t.params["train.lr"]) for t in trials) == sorted(
-        (r["train.batch_size"], r["train.lr"]) for r in result.rows
+        (r.cell["train.batch_size"], r.cell["train.lr"]) for r in result.rows
     )
     resumed = grid_search(config, data, split, grid, tmp_path / "grid")
     assert resumed.trials_before == 4 and resumed.trials_run == 0 and resumed.rows == result.rows
@@ -162,16 +162,16 @@ def test_grid_figure_for_one_or_three_axes(tmp_path: Path, axes: int):
 
     from defungi.report.search import render_grid
     from defungi.results.schema import to_dict
-    from defungi.results.search import GridResult
+    from defungi.results.search import GridResult, GridRow
 
     grid = {"train.lr": [1e-3, 2e-3], "train.batch_size": [16, 32], "train.optimizer": ["adamw", "sgd"]}
     grid = dict(list(grid.items())[:axes])
     rows = [
-        dict(zip(grid, cell, strict=True)) | {"val_f1": i / 10}
+        GridRow(dict(zip(grid, cell, strict=True)), i / 10, [0.0, 1.0], 1.0, 0.5, 3.0)
         for i, cell in enumerate(itertools.product(*grid.values()))
     ]
-    best = max(rows, key=lambda r: r["val_f1"])
-    result = GridResult(grid, rows, {k: best[k] for k in grid}, best["val_f1"], 0, len(rows), "grid-test", 100)
+    best = max(rows, key=lambda r: r.val_f1)
+    result = GridResult(grid, rows, best.cell, best.val_f1, 0, len(rows), "grid-test", 100)
     (tmp_path / "grid.json").write_text(json.dumps(to_dict(result)))
     (figure,) = render_grid(tmp_path, "grid")
     assert figure.name == "grid.png" and figure.stat().st_size > 5000

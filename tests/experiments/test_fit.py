@@ -18,6 +18,7 @@ from defungi.experiments.fit import FitResult, fit
 from defungi.experiments.protocols import load_trained, split_for
 from defungi.experiments.rundir import RunDir
 from defungi.models import create_model
+from defungi.results.schema import to_dict
 from defungi.stats.metrics import weighted
 from defungi.train import distributed
 from defungi.train import loop as loop_module
@@ -67,7 +68,7 @@ def _fit(config: Config, data: Dataset, out: Path, sync: distributed.Sync | None
 
 
 def _history(result: FitResult) -> list[dict[str, float]]:
-    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in result.history]
+    return [{k: v for k, v in to_dict(row).items() if k not in ("seconds", "images_per_s")} for row in result.history]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -114,7 +115,7 @@ def test_the_cached_path_scales_its_loss_where_autocast_computes_in_fp16(
     data = load_dataset(tiny_data, 16, config.data.variance_threshold, progress=False)
     result = _fit(config, data, tmp_path / "run")
     steps = len(split_for(config, data)["train"]) // config.train.batch_size
-    assert len(scaled) == 3 * steps and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert len(scaled) == 3 * steps and result.history[-1].train_loss < result.history[0].train_loss
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler"]["scale"] > 0  # resumes scaled
 
 

@@ -179,6 +179,6 @@ def test_restore_best_false_scores_the_last_epoch(tiny_data: Path, tmp_path: Pat
     record = fit_run(config, tmp_path / "run")
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     # the validation score is the last epoch's, as its history row says, not the best epoch's
-    assert record.score("val") == pytest.approx(record.history[-1]["val_f1"])
+    assert record.score("val") == pytest.approx(record.history[-1].val_f1)
     assert last["epoch"] == 2
     assert load_trained(tmp_path / "run").info["epoch"] == 2  # evaluate/predict load the weights that were scored

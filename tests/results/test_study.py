@@ -5,6 +5,7 @@ import pytest
 
 from defungi.cli import main
 from defungi.report.study import RENDERERS, renders
+from defungi.results.history import EpochRow
 from defungi.results.run import (
     ClassScores,
     Confusion,
@@ -15,8 +16,8 @@ from defungi.results.run import (
     Scores,
     Timing,
 )
-from defungi.results.schema import SCHEMA_VERSION, SchemaError, to_dict
-from defungi.results.search import GridResult, LearningCurve
+from defungi.results.schema import GRID_SCHEMA_VERSION, SchemaError, to_dict
+from defungi.results.search import GridResult, GridRow, LearningCurve
 from defungi.results.study import (
     STEP_RESULTS,
     ClassCounts,
@@ -34,7 +35,10 @@ from defungi.results.study import (
     read_study,
 )
 
-HISTORY = [{"epoch": 1, "train_loss": 1.2, "val_f1": 0.4}, {"epoch": 2, "train_loss": 0.9, "val_f1": 0.5}]
+HISTORY = [
+    EpochRow(1, 1e-3, 1.2, 0.5, 1.1, 0.45, 0.4, 300.0, 0.2),
+    EpochRow(2, 5e-4, 0.9, 0.6, 1.0, 0.5, 0.5, 310.0, 0.2),
+]
 
 
 def _scores(f1: float) -> PartScores:
@@ -61,9 +65,8 @@ def _curve() -> LearningCurve:
 
 def every_result() -> list:
     """One result of every step result type, filled as a study fills it."""
-    cell = {"train.batch_size": 8, "train.lr": 0.001, "val_f1": 0.5, "val_f1_interval": [0.4, 0.6]}
-    grid = GridResult({"train.lr": [0.001]}, [cell | {"val_loss": 0.9, "train_seconds": 3.0}], {"train.lr": 0.001},
-                      0.5, 0, 1, "grid-0", 8)  # fmt: skip
+    row = GridRow({"train.batch_size": 8, "train.lr": 0.001}, 0.5, [0.4, 0.6], 0.9, 0.55, 3.0)
+    grid = GridResult({"train.lr": [0.001]}, [row], {"train.lr": 0.001}, 0.5, 0, 1, "grid-0", 8)
     gap = PairedDifference({"f1": Difference(0.1, [0.02, 0.2])}, {"f1": Difference(0.05, [-0.1, 0.2])}, 12, 4)
     fold = FoldScores(0, 6, 2, 0.6, 0.55, 0.5, 0.5, 0.5, 0.5)
     return [
@@ -113,7 +116,7 @@ def test_a_study_file_round_trips_with_every_result_typed(tmp_path: Path):
     path = tmp_path / "study.json"
     path.write_text(json.dumps(to_dict(state)))
     data = json.loads(path.read_text())
-    assert data["schema_version"] == SCHEMA_VERSION
+    assert data["schema_version"] == GRID_SCHEMA_VERSION  # it holds grids
     assert [s["result"]["kind"] for s in data["steps"].values()] == [
         "class_counts", "curves", "grid", "fit", "comparison", "split_ratio", "depth", "final"
     ]  # fmt: skip

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from defungi.data.dataset import Dataset
 from defungi.data.splits import folds, subset
 from defungi.experiments.plan import FitPlan
 from defungi.experiments.protocols import fit_run, plan_fits
+from defungi.experiments.rundir import FitRecord
 from defungi.results.search import LearningCurve
 
 log = logging.getLogger(__name__)
@@ -60,24 +62,26 @@ def learning_curve(
     in out_dir, so a re-run only does the fits that are missing.
     """
     parts = curve_points(config, data, pool, train_fractions, cv)
-    shape = (len(parts), len(train_fractions))
-    scores = {
-        k: np.full(shape, np.nan) for k in ("train_size", "train_f1", "train_loss", "val_f1", "val_loss", "seconds")
-    }
-    histories: list[list[list[dict[str, float]]]] = []
+    records: list[list[FitRecord]] = []
     for f, fold in enumerate(parts):
-        histories.append([])
-        for j, (fraction, split) in enumerate(zip(train_fractions, fold, strict=True)):
+        records.append([])
+        for fraction, split in zip(train_fractions, fold, strict=True):
             sub = split["train"]
             log.info("curve fold %d/%d, %.0f%% of training (%d images)", f + 1, len(parts), 100 * fraction, len(sub))
-            record = fit_run(config, out_dir / _point_name(f, fraction), data, split)
-            scores["train_size"][f, j] = len(sub)
-            scores["train_f1"][f, j], scores["train_loss"][f, j] = (
-                record.score("train_eval"),
-                record.score("train_eval", "loss"),
-            )
-            scores["val_f1"][f, j], scores["val_loss"][f, j] = record.score("val"), record.score("val", "loss")
-            scores["seconds"][f, j] = record.metrics.timing.train_seconds
-            histories[f].append(record.history)
-    arrays = {k: v.tolist() for k, v in scores.items()}
-    return LearningCurve(list(train_fractions), cv, len(parts), histories=histories, **arrays)
+            records[f].append(fit_run(config, out_dir / _point_name(f, fraction), data, split))
+
+    def table(score: Callable[[FitRecord], Any]) -> list[list[Any]]:
+        return [[score(record) for record in fold] for fold in records]
+
+    return LearningCurve(
+        list(train_fractions),
+        cv,
+        len(parts),
+        train_size=[[float(len(split["train"])) for split in fold] for fold in parts],
+        train_f1=table(lambda r: r.score("train_eval")),
+        train_loss=table(lambda r: r.score("train_eval", "loss")),
+        val_f1=table(lambda r: r.score("val")),
+        val_loss=table(lambda r: r.score("val", "loss")),
+        seconds=table(lambda r: r.metrics.timing.train_seconds),
+        histories=table(lambda r: r.history),
+    )

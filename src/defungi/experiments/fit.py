@@ -20,6 +20,8 @@ from defungi.errors import DefungiError
 from defungi.experiments import plan
 from defungi.experiments.rundir import RunDir
 from defungi.models import model_entry
+from defungi.results.history import EpochRow
+from defungi.results.schema import from_dict, to_dict
 from defungi.stats.metrics import classification_metrics, scored
 from defungi.stats.refusal import held_out_needed
 from defungi.train import distributed
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 class FitResult:
     """What a fit returns: history per epoch, metrics per evaluated part, timing."""
 
-    history: list[dict[str, float]]
+    history: list[EpochRow]
     metrics: dict[str, dict[str, Any]]
     best_epoch: int
     stop_reason: str
@@ -100,7 +102,7 @@ def _evaluate(
 class _Progress:
     """Where a fit stands: its history, the epoch it continues from, its time, the best weights so far."""
 
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[EpochRow] = field(default_factory=list)
     start_epoch: int = 0
     train_seconds: float = 0.0
     best_state: dict[str, torch.Tensor] | None = None
@@ -113,24 +115,25 @@ def _resume(learner: Learner, saved: tuple[dict[str, Any], dict[str, torch.Tenso
         return _Progress()
     state, best = saved
     learner.load(state)
-    return _Progress(state["history"], state["epoch"] + 1, state["train_seconds"], best)
+    history = [from_dict(EpochRow, row, "last.pt's history") for row in state["history"]]
+    return _Progress(history, state["epoch"] + 1, state["train_seconds"], best)
 
 
-def _history_row(task: Task, learner: Learner, source: Source, epoch: int, stats: dict[str, float]) -> dict[str, float]:
+def _history_row(task: Task, learner: Learner, source: Source, epoch: int, stats: dict[str, float]) -> EpochRow:
     """One epoch's row of history.csv: its training stats, and the scored model on the validation part."""
     val_probs, val_loss = source.probabilities(task.val_idx)
     val = classification_metrics(task.data.labels[task.val_idx], val_probs.argmax(1), task.data.classes)
-    return {
-        "epoch": epoch + 1,
-        "lr": learner.step.scheduler.get_last_lr()[0],
-        "train_loss": stats["loss"],
-        "train_accuracy": stats["accuracy"],
-        "val_loss": val_loss,
-        "val_accuracy": val["accuracy"],
-        "val_f1": val["f1"],
-        "images_per_s": stats["images"] / stats["seconds"] if stats["seconds"] else 0.0,
-        "seconds": stats["seconds"],
-    }
+    return EpochRow(
+        epoch=epoch + 1,
+        lr=learner.step.scheduler.get_last_lr()[0],
+        train_loss=stats["loss"],
+        train_accuracy=stats["accuracy"],
+        val_loss=val_loss,
+        val_accuracy=val["accuracy"],
+        val_f1=val["f1"],
+        images_per_s=stats["images"] / stats["seconds"] if stats["seconds"] else 0.0,
+        seconds=stats["seconds"],
+    )
 
 
 def _save(run: RunDir, task: Task, learner: Learner, progress: _Progress, epoch: int, best: bool) -> None:
@@ -147,7 +150,7 @@ def _save(run: RunDir, task: Task, learner: Learner, progress: _Progress, epoch:
     )
     if best and progress.best_state is not None:
         run.save_best(checkpoint | {"state_dict": progress.best_state, "epoch": learner.stopper.best_epoch})
-    progress_state = {"history": progress.history, "train_seconds": progress.train_seconds}
+    progress_state = {"history": [to_dict(h) for h in progress.history], "train_seconds": progress.train_seconds}
     run.save_last(checkpoint, learner.training_state() | progress_state)
 
 
@@ -186,18 +189,18 @@ def _train(
         _check_finite(stats["loss"], epoch, tc)
         row = sync.epoch(stats, functools.partial(_history_row, task, learner, source, epoch))
         progress.history.append(row)
-        progress.train_seconds += row["seconds"]
-        improved = stopper.improved(row["val_f1"])
-        stopped = stopper.step(row["val_f1"], epoch)
+        progress.train_seconds += row.seconds
+        improved = stopper.improved(row.val_f1)
+        stopped = stopper.step(row.val_f1, epoch)
         log.info(
             "epoch %d/%d  loss %.3f  val loss %.3f  val acc %.3f  val F1 %.3f  %.0f img/s%s",
             epoch + 1,
             tc.epochs,
-            row["train_loss"],
-            row["val_loss"],
-            row["val_accuracy"],
-            row["val_f1"],
-            row["images_per_s"],
+            row.train_loss,
+            row.val_loss,
+            row.val_accuracy,
+            row.val_f1,
+            row.images_per_s,
             "  *" if improved else "",
         )
         if improved and sync.main:

@@ -34,7 +34,7 @@ from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
 from defungi.experiments.plan import FitPlan
 from defungi.experiments.protocols import fit_run, plan_fits
-from defungi.results.search import GridResult
+from defungi.results.search import GridResult, GridRow
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +183,13 @@ def grid_search(
 
     _work(study, cells, keys, objective, out_dir)
     by_cell = _completed(study, keys)
-    rows = [{**c, "val_f1": by_cell[_key(c, keys)].value, **_scores(by_cell[_key(c, keys)])} for c in cells]
-    best = max(rows, key=lambda r: r["val_f1"])
+    rows = [_row(c, by_cell[_key(c, keys)]) for c in cells]
+    best = max(rows, key=lambda r: r.val_f1)
     return GridResult(
         grid={k: list(v) for k, v in grid.items()},
         rows=rows,
-        best={k: best[k] for k in keys},
-        best_val_f1=best["val_f1"],
+        best=dict(best.cell),
+        best_val_f1=best.val_f1,
         trials_before=len(cells) - len(missing),
         trials_run=len(fitted),
         study_name=name,
@@ -228,9 +228,10 @@ def _completed(study: optuna.Study, keys: list[str]) -> dict[tuple, optuna.trial
     return {_key(t.params, keys): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
 
 
-def _scores(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """What a completed trial recorded beside its validation macro-F1."""
-    return {k: trial.user_attrs[k] for k in ("val_f1_interval", "val_loss", "val_accuracy", "train_seconds")}
+def _row(cell: dict[str, Any], trial: optuna.trial.FrozenTrial) -> GridRow:
+    """A cell's row: its completed trial's validation macro-F1 and what the trial recorded beside it."""
+    scores = {k: trial.user_attrs[k] for k in ("val_f1_interval", "val_loss", "val_accuracy", "train_seconds")}
+    return GridRow(cell=dict(cell), val_f1=trial.value, **scores)
 
 
 def _work(

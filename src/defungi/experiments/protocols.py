@@ -338,7 +338,7 @@ def _store_ood(run: RunDir, result: FitResult, data: Dataset, split: Split, seed
 
 def _timing(result: FitResult) -> Timing:
     """Training time, epochs and speed of one fit, and the seconds each part took to score."""
-    images_seen = sum(h["seconds"] * h["images_per_s"] for h in result.history)
+    images_seen = sum(h.seconds * h.images_per_s for h in result.history)
     return Timing(
         train_seconds=result.train_seconds,
         epochs_run=len(result.history),

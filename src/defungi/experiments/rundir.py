@@ -31,6 +31,7 @@ from defungi.layout import RunLayout, read_history, read_json, read_table
 from defungi.models import create_model, model_entry
 from defungi.models.ensemble import Ensemble, SharedTrunk, shared_trunk
 from defungi.models.registry import model_args as registry_model_args
+from defungi.results.history import EpochRow
 from defungi.results.run import RunMetrics, read_run_metrics
 from defungi.results.schema import SCHEMA_VERSION, check_version, to_dict
 from defungi.stats.metrics import prior_weights
@@ -89,7 +90,7 @@ class FitRecord:
     """A finished run read back: its metrics.json and its per-epoch history."""
 
     metrics: RunMetrics
-    history: list[dict[str, float]]
+    history: list[EpochRow]
     path: Path
 
     def score(self, part: str, key: str = "f1") -> float:
@@ -259,10 +260,10 @@ class RunDir:
         extra = {"ood": [f"{x:.4f}" for x in ood]} if ood is not None else None
         write_predictions(self.layout.predictions(part), data, idx, probs, extra)
 
-    def write_result(self, history: list[dict[str, float]], metrics: RunMetrics) -> FitRecord:
-        """history.csv, then metrics.json (which marks the run finished)."""
-        keys = list(history[0]) if history else []
-        _write_csv(self.layout.history, keys, [[h[k] for k in keys] for h in history])
+    def write_result(self, history: list[EpochRow], metrics: RunMetrics) -> FitRecord:
+        """history.csv (no header without epochs), then metrics.json (which marks the run finished)."""
+        rows = [to_dict(h) for h in history]
+        _write_csv(self.layout.history, list(rows[0]) if rows else [], [list(r.values()) for r in rows])
         atomic_write_json(self.layout.metrics, to_dict(metrics))
         return FitRecord(metrics, history, self.root)
 

@@ -13,8 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from defungi.results.history import EpochRow  # noqa: E402
 from defungi.results.run import FoldScores, Reliability  # noqa: E402
-from defungi.results.search import LearningCurve  # noqa: E402
+from defungi.results.search import GridRow, LearningCurve  # noqa: E402
 from defungi.results.trust import RiskCoverage  # noqa: E402
 from defungi.utils import atomic_write_binary  # noqa: E402
 
@@ -33,16 +34,16 @@ def _save(fig: plt.Figure, path: Path, dpi: int = DPI, tight: bool = True, compr
     return path
 
 
-def plot_history(history: Sequence[dict[str, float]], path: Path, title: str = "") -> Path:
+def plot_history(history: Sequence[EpochRow], path: Path, title: str = "") -> Path:
     """Loss and validation macro-F1 per epoch."""
-    epochs = [h["epoch"] for h in history]
+    epochs = [h.epoch for h in history]
     fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax_loss.plot(epochs, [h.train_loss for h in history], label="train")
+    ax_loss.plot(epochs, [h.val_loss for h in history], label="validation")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_f1.plot(epochs, [h["train_accuracy"] for h in history], label="train accuracy", alpha=0.6)
-    ax_f1.plot(epochs, [h["val_accuracy"] for h in history], label="validation accuracy", alpha=0.6)
-    ax_f1.plot(epochs, [h["val_f1"] for h in history], label="validation macro-F1", lw=2)
+    ax_f1.plot(epochs, [h.train_accuracy for h in history], label="train accuracy", alpha=0.6)
+    ax_f1.plot(epochs, [h.val_accuracy for h in history], label="validation accuracy", alpha=0.6)
+    ax_f1.plot(epochs, [h.val_f1 for h in history], label="validation macro-F1", lw=2)
     ax_f1.set(xlabel="epoch", ylabel="score", title="scores", ylim=(0, 1))
     for ax in (ax_loss, ax_f1):
         ax.grid(alpha=0.3)
@@ -181,7 +182,7 @@ def plot_learning_curve(curves: dict[str, LearningCurve], path: Path, title: str
 
 
 def plot_epoch_curves(
-    histories: Sequence[Sequence[dict[str, float]]],
+    histories: Sequence[Sequence[EpochRow]],
     labels: Sequence[str],
     path: Path,
     title: str = "per-epoch validation macro-F1",
@@ -189,9 +190,9 @@ def plot_epoch_curves(
     """Validation macro-F1 and training loss per epoch for several fits."""
     fig, (ax_f1, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.4))
     for history, label in zip(histories, labels, strict=True):
-        epochs = [h["epoch"] for h in history]
-        ax_f1.plot(epochs, [h["val_f1"] for h in history], "-o", ms=3, label=label)
-        ax_loss.plot(epochs, [h["train_loss"] for h in history], "-o", ms=3, label=label)
+        epochs = [h.epoch for h in history]
+        ax_f1.plot(epochs, [h.val_f1 for h in history], "-o", ms=3, label=label)
+        ax_loss.plot(epochs, [h.train_loss for h in history], "-o", ms=3, label=label)
     ax_f1.set(xlabel="epoch", ylabel="validation macro-F1", ylim=(0, 1))
     ax_loss.set(xlabel="epoch", ylabel="training loss")
     for ax in (ax_f1, ax_loss):
@@ -201,15 +202,13 @@ def plot_epoch_curves(
     return _save(fig, path)
 
 
-def plot_grid(
-    rows: Sequence[dict[str, Any]], x: str, y: str, path: Path, value: str = "val_f1", title: str = "grid search"
-) -> Path:
-    """Heat map of value over the x and y grid keys, best cell outlined."""
-    xs = sorted({r[x] for r in rows})
-    ys = sorted({r[y] for r in rows})
+def plot_grid(rows: Sequence[GridRow], x: str, y: str, path: Path, title: str = "grid search") -> Path:
+    """Heat map of validation macro-F1 over the x and y grid keys, best cell outlined."""
+    xs = sorted({r.cell[x] for r in rows})
+    ys = sorted({r.cell[y] for r in rows})
     grid = np.full((len(ys), len(xs)), np.nan)
     for r in rows:
-        grid[ys.index(r[y]), xs.index(r[x])] = r[value]
+        grid[ys.index(r.cell[y]), xs.index(r.cell[x])] = r.val_f1
     fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 0.8 * len(ys) + 1.8))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     for i in range(len(ys)):
@@ -235,7 +234,7 @@ def plot_grid(
         ylabel=y.split(".")[-1],
         title=title,
     )
-    fig.colorbar(im, ax=ax, label=value.replace("_", " "))
+    fig.colorbar(im, ax=ax, label="val f1")
     return _save(fig, path)
 
 

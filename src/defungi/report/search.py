@@ -3,11 +3,12 @@ command prints of it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from defungi.layout import SearchLayout
 from defungi.report.plots import plot_epoch_curves, plot_grid, plot_learning_curve
-from defungi.results.search import GridResult, LearningCurve, read_curve, read_grid
+from defungi.results.search import GridResult, GridRow, LearningCurve, read_curve, read_grid
 
 CURVE_FIGURES = ("learning_curve", "epoch_curves")
 GRID_FIGURE = "grid"
@@ -33,13 +34,13 @@ def render_grid(out_dir: str | Path, title: str) -> list[Path]:
     grid = read_grid(layout.grid)
     keys, rows = list(grid.grid), grid.rows
     if len(keys) == 1:
-        rows, keys = [r | {"grid": "all"} for r in rows], ["grid", *keys]
+        rows, keys = [replace(r, cell=r.cell | {"grid": "all"}) for r in rows], ["grid", *keys]
     y, x, others = keys[-2], keys[-1], keys[:-2]
     if others:
-        best: dict[tuple, dict] = {}
+        best: dict[tuple, GridRow] = {}
         for r in rows:
-            cell = (r[y], r[x])
-            if cell not in best or r["val_f1"] > best[cell]["val_f1"]:
+            cell = (r.cell[y], r.cell[x])
+            if cell not in best or r.val_f1 > best[cell].val_f1:
                 best[cell] = r
         rows = list(best.values())
         title = f"{title} (best over {', '.join(k.split('.')[-1] for k in others)})"
@@ -61,8 +62,8 @@ def grid_summary(grid: GridResult, out_dir: Path) -> str:
     """Lines for a terminal: what this worker fitted, every cell best first, and the best cell."""
     done = f"{grid.trials_before} cells done before, {grid.trials_run} fitted by this worker"
     lines = [f"{done} (Optuna study {grid.study_name})"]
-    for r in sorted(grid.rows, key=lambda r: -r["val_f1"]):
-        cell = "  ".join(f"{k.split('.')[-1]}={r[k]}" for k in grid.grid)
-        lines.append(f"  {cell}  val macro-F1 {r['val_f1']:.3f}")
+    for r in sorted(grid.rows, key=lambda r: -r.val_f1):
+        cell = "  ".join(f"{k.split('.')[-1]}={r.cell[k]}" for k in grid.grid)
+        lines.append(f"  {cell}  val macro-F1 {r.val_f1:.3f}")
     lines.append(f"best: {grid.best}  (heat map: {SearchLayout(out_dir).figure(GRID_FIGURE)})")
     return "\n".join(lines)

@@ -94,16 +94,16 @@ def _curves(result: Curves, step: StepPage) -> Drawn:
 @renders(Grid)
 def _grid(result: Grid, step: StepPage) -> Drawn:
     cells, x, y = result.result.rows, result.x_key, result.y_key
-    ranked = sorted(cells, key=lambda r: -r["val_f1"])
+    ranked = sorted(cells, key=lambda r: -r.val_f1)
     rows = [
         [
             str(k),
-            str(r[y]),
-            f"{r[x]:g}",
-            f"{r['val_f1']:.3f}",
-            _interval(r.get("val_f1_interval")),
-            f"{r['val_loss']:.3f}",
-            f"{r['train_seconds']:.0f}",
+            str(r.cell[y]),
+            f"{r.cell[x]:g}",
+            f"{r.val_f1:.3f}",
+            _interval(r.val_f1_interval),
+            f"{r.val_loss:.3f}",
+            f"{r.train_seconds:.0f}",
         ]
         for k, r in enumerate(ranked, 1)
     ]

@@ -2,7 +2,8 @@
 
 A record class lists its fields with types; `from_dict` builds it back from parsed JSON,
 checking every field's type, refusing unknown and missing keys, so that no reader has to guess
-which keys a file holds. No torch here.
+which keys a file holds. A file's record names the schema_version it is written in (its field's
+default); a file of another version is refused in one line. No torch here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, TypeVar
 
 from defungi.errors import DefungiError
 
-SCHEMA_VERSION = 1  # of metrics.json, evaluations, checkpoints, curve.json and grid.json
+SCHEMA_VERSION = 1  # of metrics.json, evaluations, checkpoints, curve.json, plan.json and audit.json
+GRID_SCHEMA_VERSION = 2  # of grid.json and study.json (which holds grids): 2 since a grid row holds its cell in 'cell'
 T = TypeVar("T")
 
 
@@ -108,7 +110,7 @@ def _expect(ok: bool, what: str, value: Any, where: str) -> None:
 
 def read_record(cls: type[T], path: Path) -> T:
     """The versioned record of class cls in a JSON file, or one line naming the file and what is wrong
-    (not JSON, another schema version, a bad field)."""
+    (not JSON, another schema version than the one cls writes, a bad field)."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -117,22 +119,22 @@ def read_record(cls: type[T], path: Path) -> T:
         raise SchemaError(f"{path}: not a readable JSON file ({type(exc).__name__}); delete it and run again") from None
     if not isinstance(data, dict):
         raise SchemaError(f"{path}: expected a JSON object, found {type(data).__name__}; delete it and run again")
-    check_version(data.get("schema_version"), path)
+    check_version(data.get("schema_version"), path, getattr(cls, "schema_version", SCHEMA_VERSION))
     try:
         return from_dict(cls, data)
     except SchemaError as exc:
         raise SchemaError(f"{path}: {exc}; delete it and run again") from None
 
 
-def check_version(version: Any, source: Path | str) -> None:
-    """Refuse, in one line, a file written under another results schema (none: before versions)."""
-    if version != SCHEMA_VERSION:
+def check_version(version: Any, source: Path | str, expected: int = SCHEMA_VERSION) -> None:
+    """Refuse, in one line, a file written under another results schema than expected (none: before versions)."""
+    if version != expected:
         found = (
             "no schema_version (written before defungi versioned its results)"
             if version is None
             else (f"schema_version {version}")
         )
         raise SchemaError(
-            f"{source}: {found}; this defungi reads schema_version {SCHEMA_VERSION}: train or run it again "
+            f"{source}: {found}; this defungi reads schema_version {expected}: train or run it again "
             "into a new folder (or use the defungi version that wrote it)"
         )

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defungi.results.schema import SCHEMA_VERSION, read_record
+from defungi.results.history import EpochRow
+from defungi.results.schema import GRID_SCHEMA_VERSION, SCHEMA_VERSION, read_record
 
 
 @dataclass
@@ -22,7 +23,7 @@ class LearningCurve:
     val_f1: list[list[float]]
     val_loss: list[list[float]]
     seconds: list[list[float]]
-    histories: list[list[list[dict[str, float]]]]
+    histories: list[list[list[EpochRow]]]  # per fold and training fraction, a fit's epochs
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -32,18 +33,31 @@ class LearningCurve:
 
 
 @dataclass
+class GridRow:
+    """One cell of a grid: its config values (by dotted key, e.g. 'train.lr') and its fit's validation
+    scores (macro-F1 with its 95% interval over specimens, loss, accuracy) and training time."""
+
+    cell: dict[str, Any]
+    val_f1: float
+    val_f1_interval: list[float]
+    val_loss: float
+    val_accuracy: float
+    train_seconds: float
+
+
+@dataclass
 class GridResult:
     """Every cell's validation scores in a fixed order (last key varies fastest), and the best cell."""
 
     grid: dict[str, list[Any]]
-    rows: list[dict[str, Any]]
-    best: dict[str, Any]
+    rows: list[GridRow]
+    best: dict[str, Any]  # the best row's cell
     best_val_f1: float
     trials_before: int
     trials_run: int
     study_name: str
     train_size: int
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = GRID_SCHEMA_VERSION
 
 
 def read_curve(path: Path) -> LearningCurve:

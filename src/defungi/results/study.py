@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from defungi.results.history import EpochRow
 from defungi.results.run import FoldScores, PairedDifference, PartScores, Timing
-from defungi.results.schema import SCHEMA_VERSION, read_record
+from defungi.results.schema import GRID_SCHEMA_VERSION, read_record
 from defungi.results.search import GridResult, LearningCurve
 
 R = TypeVar("R")
@@ -71,7 +72,7 @@ class FitSummary(Finding):
     kind: Literal["fit"] = "fit"
     label: str
     test: PartScores
-    history: list[dict[str, float]]
+    history: list[EpochRow]
 
 
 @dataclass(kw_only=True)
@@ -80,7 +81,7 @@ class Comparison(Finding):
 
     kind: Literal["comparison"] = "comparison"
     val: dict[str, PartScores]
-    histories: dict[str, list[dict[str, float]]]
+    histories: dict[str, list[EpochRow]]
 
 
 @dataclass(kw_only=True)
@@ -159,7 +160,7 @@ class StudyState:
     config: dict[str, Any]
     options: dict[str, Any]
     steps: dict[str, StepRecord] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = GRID_SCHEMA_VERSION  # it holds grids (see GridResult)
 
     def result(self, of: type[R]) -> R | None:
         """The result of the last finished step of that type (None: no such step has finished)."""

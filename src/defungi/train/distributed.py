@@ -151,7 +151,7 @@ class Sync:
             self._start = from_main(decision)
         return self._start
 
-    def epoch(self, stats: dict[str, float], row: Callable[[dict[str, float]], dict[str, float]]) -> dict[str, float]:
+    def epoch(self, stats: dict[str, float], row: Callable[[dict[str, float]], T]) -> T:
         """An epoch's end: its training stats over every rank's images (reduce_stats), then the history
         row that rank 0 makes of them (it alone validates), on every rank (early stopping reads it)."""
         stats = reduce_stats(stats)

@@ -127,7 +127,7 @@ def grid(ctx: StudyContext[Any], out: Path, grid_values: dict[str, list[Any]], p
         f"Best cell: batch size {best[BATCH]}, learning rate {best[LR]:g} (validation macro-F1 "
         f"{result.best_val_f1:.3f}, "
         f"{len(split['train'])} training images); carried forward."
-    ) + within_noise({cell_label(r): (r["val_f1"], r["val_f1_interval"]) for r in result.rows})
+    ) + within_noise({cell_label(r.cell): (r.val_f1, r.val_f1_interval) for r in result.rows})
     return Grid(summary=summary, choice=best, x_key=LR, y_key=BATCH, result=result)
 
 
@@ -149,9 +149,9 @@ def within_noise(scores: dict[str, tuple[float, list[float]]]) -> str:
     )
 
 
-def cell_label(row: dict[str, Any]) -> str:
-    """'batch 32, lr 0.001' for a grid row."""
-    return f"batch {row[BATCH]}, lr {row[LR]:g}"
+def cell_label(cell: dict[str, Any]) -> str:
+    """'batch 32, lr 0.001' for a grid cell."""
+    return f"batch {cell[BATCH]}, lr {cell[LR]:g}"
 
 
 def around(best: float, factors: list[float]) -> list[float]:

@@ -37,8 +37,7 @@ from sklearn.preprocessing import StandardScaler
 
 from defungi.experiments.compare import Scored, scored_images
 from defungi.experiments.fit import frozen_features
-from defungi.experiments.protocols import dataset_for, load_trained
-from defungi.experiments.rundir import read_config
+from defungi.experiments.protocols import dataset_for
 from defungi.layout import RunLayout
 from defungi.stats.metrics import (
     SPECIMEN_RULES,
@@ -48,6 +47,7 @@ from defungi.stats.metrics import (
     sample_decisions,
     weighted,
 )
+from defungi.train.checkpoint import load_trained, read_config
 from defungi.utils import cpu_flags
 
 ATTENTION = "attention MIL"

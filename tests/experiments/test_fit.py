@@ -15,12 +15,13 @@ from defungi.data.dataset import Dataset, load_dataset
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.experiments.fit import FitResult, fit, frozen_features
-from defungi.experiments.protocols import load_trained, split_for
+from defungi.experiments.protocols import split_for
 from defungi.experiments.rundir import RunDir
 from defungi.models import create_model
 from defungi.stats.metrics import weighted
 from defungi.train import distributed
 from defungi.train import loop as loop_module
+from defungi.train.checkpoint import load_trained
 from defungi.train.frozen import FrozenPass
 from tests.conftest import fails_on_call
 

@@ -26,6 +26,7 @@ from defungi.models.pretrained import initial_weights, tail_from
 from defungi.stats.metrics import classification_metrics, mean_nll, prior_weights, scored, weighted
 from defungi.train import distributed
 from defungi.train.callbacks import EarlyStopping
+from defungi.train.checkpoint import checkpoint_of
 from defungi.train.frozen import FrozenPass, frozen_pass
 from defungi.train.loop import (
     Batch,
@@ -424,7 +425,7 @@ def _history_row(
 def _save(run: RunDir, task: _Task, learner: _Learner, progress: _Progress, epoch: int, best: bool) -> None:
     """best.pt with the best epoch's weights (when best: the epoch improved on it, or the fit ends),
     last.pt with this epoch's and what a resume needs."""
-    checkpoint = RunDir.checkpoint(
+    checkpoint = checkpoint_of(
         learner.scored,
         task.config,
         task.data.classes,

@@ -24,10 +24,9 @@ from defungi.errors import DefungiError
 from defungi.experiments.fit import FitResult, cold_features, fit, score_parts
 from defungi.experiments.plan import FitPlan
 from defungi.experiments.rundir import FitRecord, RunDir, write_predictions
-from defungi.experiments.trust import assess
 from defungi.layout import read_predictions, read_table
 from defungi.models.registry import check_model
-from defungi.results.ood import REFUSE, OodCheck
+from defungi.results.ood import OodCheck
 from defungi.results.run import (
     METRIC_NAMES,
     FoldScores,
@@ -44,8 +43,9 @@ from defungi.results.trust import Trust
 from defungi.stats.metrics import sample_rule_text, scored
 from defungi.train import distributed
 from defungi.train.checkpoint import load_trained, model_args
-from defungi.train.ood import refused_share
+from defungi.train.ood import ood_check
 from defungi.train.runtime import resolve_device
+from defungi.train.trust import assess
 
 log = logging.getLogger(__name__)
 
@@ -265,30 +265,6 @@ def _write_predictions(
     for part in ("val", "test"):
         if part in probs:
             run.write_predictions(part, data, split[part], probs[part], (ood or {}).get(part))
-
-
-def ood_check(
-    source: str, quantile: float, thresholds: list[float], ood: np.ndarray, groups: np.ndarray, seed: int = 0
-) -> OodCheck:
-    """Held-out micrographs refused (score over REFUSE) and flagged (over 1, up to REFUSE), with intervals
-    over specimens, and the specimens with at least one of each."""
-    refused, flagged = ood > REFUSE, (ood > 1) & (ood <= REFUSE)
-    share, interval = refused_share(refused, groups, seed=seed)
-    flagged_share, flagged_interval = refused_share(flagged, groups, seed=seed)
-    return OodCheck(
-        source,
-        quantile,
-        thresholds,
-        len(ood),
-        share,
-        interval,
-        refuse_over=REFUSE,
-        flagged=flagged_share,
-        flagged_interval=flagged_interval,
-        specimens=len(np.unique(groups)),
-        specimens_refused=len(np.unique(groups[refused])),
-        specimens_flagged=len(np.unique(groups[flagged])),
-    )
 
 
 class SingleFit(FitProtocol):

@@ -35,6 +35,7 @@ from sklearn.covariance import empirical_covariance, ledoit_wolf_shrinkage, shru
 
 from defungi.models.ensemble import members
 from defungi.models.registry import ModelParts
+from defungi.results.ood import REFUSE, OodCheck
 from defungi.train.loop import module_rows
 
 QUANTILE = 0.99  # held-out micrographs under their threshold (a score of 1): about 1% of micrographs flagged
@@ -236,3 +237,27 @@ def refused_share(
     draws = np.random.default_rng(seed).integers(0, len(ids), (n_boot, len(ids)))
     shares = hits[draws].sum(1) / sizes[draws].sum(1)
     return float(refused.mean()), [float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))]
+
+
+def ood_check(
+    source: str, quantile: float, thresholds: list[float], ood: np.ndarray, groups: np.ndarray, seed: int = 0
+) -> OodCheck:
+    """Held-out micrographs refused (score over REFUSE) and flagged (over 1, up to REFUSE), with intervals
+    over specimens, and the specimens with at least one of each."""
+    refused, flagged = ood > REFUSE, (ood > 1) & (ood <= REFUSE)
+    share, interval = refused_share(refused, groups, seed=seed)
+    flagged_share, flagged_interval = refused_share(flagged, groups, seed=seed)
+    return OodCheck(
+        source,
+        quantile,
+        thresholds,
+        len(ood),
+        share,
+        interval,
+        refuse_over=REFUSE,
+        flagged=flagged_share,
+        flagged_interval=flagged_interval,
+        specimens=len(np.unique(groups)),
+        specimens_refused=len(np.unique(groups[refused])),
+        specimens_flagged=len(np.unique(groups[flagged])),
+    )

@@ -32,10 +32,9 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from defungi.data.cache import decode_one
-from defungi.experiments.protocols import load_trained
-from defungi.experiments.rundir import TrainedModel
 from defungi.layout import RunLayout, read_table
 from defungi.serve.explain import BORDER, border_ring, border_share, cam_maps, map_source
+from defungi.train.checkpoint import TrainedModel, load_trained
 from defungi.utils import cpu_flags
 
 DELETED = 0.2  # the share of pixels the faithfulness check blurs

@@ -31,13 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.nonmicrographs
 
 from defungi.data.cache import decode_one  # noqa: E402
-from defungi.experiments.protocols import load_trained, protocol_for  # noqa: E402
-from defungi.experiments.rundir import RunDir  # noqa: E402
 from defungi.layout import RunLayout, read_table  # noqa: E402
 from defungi.results.run import read_run_metrics  # noqa: E402
 from defungi.serve.export import export_onnx  # noqa: E402
 from defungi.serve.predict import NO_FUNGUS, NOT_MICROGRAPH, open_predictor, predict  # noqa: E402
 from defungi.stats.refusal import refusal_threshold  # noqa: E402
+from defungi.train.checkpoint import load_trained, model_parts, read_config  # noqa: E402
 from defungi.train.loop import image_inputs  # noqa: E402
 from defungi.train.ood import OodDetector, OodHooks  # noqa: E402
 from defungi.utils import cpu_flags  # noqa: E402
@@ -111,7 +110,7 @@ def backends_line(run: Path, folders: dict[str, Path], rows: dict[str, list[dict
     return f"onnx: {'the same' if same else 'OTHER'} refusals as torch; largest relative score difference {diff:.1e}"
 
 
-def scores_of(part: RunDir, images: np.ndarray) -> dict[str, np.ndarray]:
+def scores_of(part: RunLayout, images: np.ndarray) -> dict[str, np.ndarray]:
     """One fit's model alone on images: the shipped score, each reading's scaled distance, the energy."""
     trained = load_trained(part.root, "cpu")
     (detector,) = trained.detectors
@@ -132,9 +131,9 @@ def compare(run: Path, folders: dict[str, Path], sample: int, seed: int) -> list
     """Each fit's model alone: every score's refusals at its own validation quantile, averaged over fits."""
     rng = np.random.default_rng(seed)
     shares: dict[str, dict[str, list[float]]] = {}
-    for part in protocol_for(RunDir(run).config()).parts(RunDir(run)) or [RunDir(run)]:
+    for part in model_parts(read_config(RunLayout(run).config), RunLayout(run)):
         size = load_trained(part.root, "cpu").preprocess.image_size
-        split = read_table(part.layout.split)
+        split = read_table(part.split)
         chosen = {p: rng.permutation([r["path"] for r in split if r["part"] == p])[:sample] for p in ("val", "test")}
         images = {p: np.stack([decode_one(Path(f), size)[0] for f in fs]) for p, fs in chosen.items()}
         images |= {

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from defungi.experiments.assess import Held, assess, by_specimen
 from defungi.stats.metrics import temper
 from defungi.stats.selective import TARGETS, risk_coverage, threshold_at
+from defungi.train.assess import Held, assess, by_specimen
 
 
 def on_the_curve(confidence: np.ndarray, correct: np.ndarray, target: float) -> float | None:

@@ -36,8 +36,7 @@ import torch.nn as nn
 from sklearn.preprocessing import StandardScaler
 
 from defungi.experiments.compare import Scored, scored_images
-from defungi.experiments.protocols import dataset_for, load_trained
-from defungi.experiments.rundir import read_config
+from defungi.experiments.protocols import dataset_for
 from defungi.layout import RunLayout
 from defungi.stats.metrics import (
     SPECIMEN_RULES,
@@ -47,6 +46,7 @@ from defungi.stats.metrics import (
     sample_decisions,
     weighted,
 )
+from defungi.train.checkpoint import load_trained, read_config
 from defungi.train.sources import frozen_features
 from defungi.utils import cpu_flags
 

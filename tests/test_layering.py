@@ -18,6 +18,8 @@ FORBIDDEN = {  # unit -> what it must not import
     "models": {"train", "experiments", "report", "jobs", "serve", "cli"},
     "train": {"experiments", "report", "jobs", "serve", "cli"},
     "experiments": {"report", "jobs", "serve", "cli"},
+    # answering loads a run's model (train.checkpoint) and its checks (train.assess, train.ood), never a fit's code
+    "serve": {"experiments", "jobs", "cli"},
     "report": {"experiments", "train", "models", "jobs", "serve", "cli"},
     "layout": {"experiments", "train", "models", "report", "jobs", "serve", "cli"},
     "results": {"config", "data", "models", "train", "experiments", "report", "jobs", "serve", "cli", "layout"},

@@ -12,8 +12,9 @@ from defungi.data.dataset import load_dataset
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.experiments.compare import paired_difference, scored_images
-from defungi.experiments.protocols import cv_splits, fit_run, load_trained
+from defungi.experiments.protocols import cv_splits, fit_run
 from defungi.stats.metrics import sample_decisions
+from defungi.train.checkpoint import load_trained
 from tests.conftest import tiny_args, tiny_config, write_folder
 
 

@@ -15,13 +15,14 @@ from defungi.data.dataset import Dataset, load_dataset
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.experiments.fit import FitResult, fit
-from defungi.experiments.protocols import load_trained, split_for
+from defungi.experiments.protocols import split_for
 from defungi.experiments.rundir import RunDir
 from defungi.models import create_model
 from defungi.results.schema import to_dict
 from defungi.stats.metrics import weighted
 from defungi.train import distributed
 from defungi.train import loop as loop_module
+from defungi.train.checkpoint import load_trained
 from defungi.train.frozen import FrozenPass
 from defungi.train.sources import frozen_features
 from tests.conftest import fails_on_call

@@ -1,5 +1,4 @@
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -9,14 +8,14 @@ import torch
 
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
-from defungi.experiments import rundir
-from defungi.experiments.protocols import fit_run, load_trained
+from defungi.experiments.protocols import fit_run
 from defungi.jobs import evaluate_job, train_job
 from defungi.models.ensemble import Ensemble
 from defungi.results.run import read_evaluation, read_run_metrics
 from defungi.serve.evaluate import evaluate_folder
+from defungi.train.checkpoint import load_trained
 from defungi.train.loop import predict_proba
-from tests.conftest import TinyRun, fails_on_call, tiny_config, write_folder
+from tests.conftest import fails_on_call, tiny_config, write_folder
 
 # the tiny recipe, wider and longer: these tests ask the fit to learn (test macro-F1 over 0.5)
 LEARNS = {
@@ -139,30 +138,6 @@ def test_ensemble_run_scores_the_mean_of_its_seeded_members_and_resumes(tiny_dat
     assert (out / "member-0" / "best.pt").stat().st_mtime_ns == first
     assert (out / "member-1" / "best.pt").exists() and again.part("test").f1 == pytest.approx(metrics.part("test").f1)
     assert evaluate_folder(out, tiny_data)[0].scores.n > 0
-
-
-def test_a_run_without_a_refusal_detector_says_why(
-    tiny_run: TinyRun, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-):
-    def why(run: Path) -> str:
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="defungi"):
-            assert load_trained(run).detectors is None
-        (line,) = [r.getMessage() for r in caplog.records if "no refusal detector" in r.getMessage()]
-        return line
-
-    val = read_run_metrics(tiny_run.run / "metrics.json").protocol.sizes["val"]
-    assert val < 99
-    assert f"it has no refusal detector ({val} validation images are too few to fit one (99 needed))" in why(
-        tiny_run.run
-    )
-    monkeypatch.setattr(rundir, "held_out_needed", lambda: val)  # enough images: only an older defungi fitted none
-    assert "(trained before defungi refused non-micrographs)" in why(tiny_run.run)
-    copy = Path(shutil.copytree(tiny_run.run, tmp_path / "run"))
-    state = torch.load(copy / "best.pt", weights_only=True)
-    state["config"]["train"]["ood"] = False
-    torch.save(state, copy / "best.pt")
-    assert "(trained without one: train.ood = false)" in why(copy)
 
 
 def test_finished_run_is_read_back_without_training(tiny_data: Path, tmp_path: Path):

@@ -93,7 +93,7 @@ def test_a_frozen_backbone_cv_answers_from_one_trunk_pass_on_either_engine_and_e
     import onnx
     import torch
 
-    import defungi.experiments.rundir as rundir_module
+    import defungi.train.checkpoint as checkpoint_module
     from defungi.models import create_model
     from defungi.models.ensemble import SharedTrunk
     from defungi.serve.predictor import torch_predictor
@@ -119,7 +119,7 @@ def test_a_frozen_backbone_cv_answers_from_one_trunk_pass_on_either_engine_and_e
     from defungi.serve.predict import expand_paths
 
     pixels = np.stack([decode_one(f, shared.image_size)[0] for f in expand_paths([held])])
-    monkeypatch.setattr(rundir_module, "shared_trunk", lambda model, states, head: None)  # each fold's whole model
+    monkeypatch.setattr(checkpoint_module, "shared_trunk", lambda model, states, head: None)  # each fold's whole model
     whole = torch_predictor(run, "cpu").scores(pixels, False)
     monkeypatch.undo()
     for engine in ("torch", "onnxruntime"):

@@ -189,7 +189,7 @@ def test_a_frozen_lite_reads_a_middle_map_beside_its_head_and_both_backends_agre
 
 def test_a_broken_or_foreign_detector_file_is_one_clear_line(refusing: Refusing, tmp_path: Path):
     from defungi.errors import DefungiError
-    from defungi.experiments.rundir import read_ood
+    from defungi.train.checkpoint import read_ood
 
     stored = refusing.run / "ood.npz"
     detector = read_ood(stored)  # the convmixer's detector reads its head's input alone (no middle measured)

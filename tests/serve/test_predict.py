@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from defungi.cli import main
-from defungi.experiments.assess import selective_promise
 from defungi.results.run import read_run_metrics
 from defungi.serve.predict import Answers, by_specimen, open_predictor, predict, predict_files, probability_table
 from defungi.serve.predictor import Predictor
 from defungi.stats.metrics import specimen_probabilities, temper
+from defungi.train.assess import selective_promise
 from tests.conftest import TinyRun, tiny_args, write_folder
 
 

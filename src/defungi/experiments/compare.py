@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from defungi.errors import DefungiError
-from defungi.experiments.rundir import read_config
 from defungi.layout import RunLayout, read_table
 from defungi.results.run import PairedDifference, read_run_metrics
 from defungi.results.schema import from_dict
 from defungi.stats.metrics import bootstrap_difference, sample_decisions
+from defungi.train.checkpoint import read_config
 
 log = logging.getLogger(__name__)
 

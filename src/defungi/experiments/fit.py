@@ -25,6 +25,7 @@ from defungi.results.schema import from_dict, to_dict
 from defungi.stats.metrics import classification_metrics, scored
 from defungi.stats.refusal import held_out_needed
 from defungi.train import distributed
+from defungi.train.checkpoint import checkpoint_of
 from defungi.train.loop import Preprocess, evaluate, precision_name, train_one_epoch
 from defungi.train.ood import OodDetector, fit_detector, model_readings
 from defungi.train.sources import Features, Source, source_of
@@ -139,7 +140,7 @@ def _history_row(task: Task, learner: Learner, source: Source, epoch: int, stats
 def _save(run: RunDir, task: Task, learner: Learner, progress: _Progress, epoch: int, best: bool) -> None:
     """best.pt with the best epoch's weights (when best: the epoch improved on it, or the fit ends),
     last.pt with this epoch's and what a resume needs."""
-    checkpoint = RunDir.checkpoint(
+    checkpoint = checkpoint_of(
         learner.scored,
         task.config,
         task.data.classes,

@@ -3,8 +3,8 @@
 `fit_run(config, out)` is the one way every part of defungi fits models (the train command,
 curves, grids, studies): a finished run folder is read back, an interrupted one resumes. Each
 protocol is an object that plans its fits (sub-run folders: members, folds) and combines their
-results into one `RunMetrics`; `protocol_for(config)` picks it, and `load_trained` asks it which
-checkpoints make up the run's model. Figures are drawn afterwards from the folder's files.
+results into one `RunMetrics`; `protocol_for(config)` picks it (which checkpoints make up the run's
+model: `train.checkpoint.model_parts`). Figures are drawn afterwards from the folder's files.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import cv_folds, train_val_test_split
 from defungi.errors import DefungiError
-from defungi.experiments.assess import assess
 from defungi.experiments.fit import FitResult, fit, score_parts
 from defungi.experiments.plan import FitPlan
-from defungi.experiments.rundir import FitRecord, RunDir, TrainedModel, load_checkpoints, model_args, write_predictions
+from defungi.experiments.rundir import FitRecord, RunDir, write_predictions
 from defungi.layout import read_predictions, read_table
 from defungi.models.registry import check_model
 from defungi.results.ood import OodCheck
@@ -42,8 +41,10 @@ from defungi.results.run import (
 from defungi.results.schema import from_dict
 from defungi.results.trust import Trust
 from defungi.stats.metrics import sample_rule_text, scored
-from defungi.stats.refusal import REFUSE, refusal_tiers, refused_share
 from defungi.train import distributed
+from defungi.train.assess import assess
+from defungi.train.checkpoint import load_trained, model_args
+from defungi.train.ood import ood_check
 from defungi.train.runtime import resolve_device
 from defungi.train.sources import cold_features
 
@@ -93,10 +94,6 @@ class FitProtocol(ABC):
 
     config: Config
     kind: ClassVar[RunKind]
-
-    def parts(self, run: RunDir) -> list[RunDir]:
-        """The run folders whose models together are this run's model (none: the run's own)."""
-        return []
 
     def plan(self, data: Dataset, split: Split | None) -> list[FitPlan]:
         """The fits execute would run (its leaves: folds, members), each with its parts' sizes."""
@@ -271,30 +268,6 @@ def _write_predictions(
             run.write_predictions(part, data, split[part], probs[part], (ood or {}).get(part))
 
 
-def ood_check(
-    source: str, quantile: float, thresholds: list[float], ood: np.ndarray, groups: np.ndarray, seed: int = 0
-) -> OodCheck:
-    """Held-out micrographs refused (score over REFUSE) and flagged (over 1, up to REFUSE), with intervals
-    over specimens, and the specimens with at least one of each."""
-    refused, flagged = refusal_tiers(ood)
-    share, interval = refused_share(refused, groups, seed=seed)
-    flagged_share, flagged_interval = refused_share(flagged, groups, seed=seed)
-    return OodCheck(
-        source,
-        quantile,
-        thresholds,
-        len(ood),
-        share,
-        interval,
-        refuse_over=REFUSE,
-        flagged=flagged_share,
-        flagged_interval=flagged_interval,
-        specimens=len(np.unique(groups)),
-        specimens_refused=len(np.unique(groups[refused])),
-        specimens_flagged=len(np.unique(groups[flagged])),
-    )
-
-
 class SingleFit(FitProtocol):
     """One model trained on the split's training part, early-stopped on its validation part."""
 
@@ -371,9 +344,6 @@ class SeedEnsemble(FitProtocol):
             load_config_from(self.config, {"train.ensemble": 1, "train.seed": tc.seed + k}) for k in range(tc.ensemble)
         ]
 
-    def parts(self, run: RunDir) -> list[RunDir]:
-        return [run.member(k) for k in range(self.config.train.ensemble)]
-
     def plan(self, data: Dataset, split: Split | None) -> list[FitPlan]:
         split = split if split is not None else split_for(self.config, data)
         return [FitPlan.of(member, split) for member in self.member_configs()]
@@ -383,7 +353,7 @@ class SeedEnsemble(FitProtocol):
         self.start(run, data, [split], split)
         members = []
         for k, member in enumerate(self.member_configs()):
-            log.info("ensemble member %d/%d (seed %d)", k + 1, len(self.parts(run)), member.train.seed)
+            log.info("ensemble member %d/%d (seed %d)", k + 1, self.config.train.ensemble, member.train.seed)
             members.append(fit_run(member, run.member(k).root, data, split))
         trained = load_trained(run.root)
         tc = self.config.train
@@ -428,12 +398,6 @@ class CrossValidation(FitProtocol):
     @property
     def fold_config(self) -> Config:
         return load_config_from(self.config, {"data.cv_folds": 0, "data.cv_fit_folds": 0})
-
-    def parts(self, run: RunDir) -> list[RunDir]:
-        inner = protocol_for(self.fold_config)
-        dc = self.config.data
-        fitted = min(dc.cv_fit_folds or dc.cv_folds, dc.cv_folds)
-        return [leaf for k in range(fitted) for leaf in inner.parts(run.fold(k)) or [run.fold(k)]]
 
     def plan(self, data: Dataset, split: Split | None) -> list[FitPlan]:
         inner = protocol_for(self.fold_config)
@@ -537,21 +501,3 @@ def _fold_scores(k: int, test: PartScores) -> FoldScores:
 
 def _spread(values: list[float]) -> Spread:
     return Spread(float(np.mean(values)), float(np.std(values)), float(np.min(values)), float(np.max(values)))
-
-
-def load_trained(run_dir: str | Path, device: str = "auto") -> TrainedModel:
-    """Rebuild the model of a run folder from its checkpoints: its own best.pt (last.pt for a fit
-    scored at its last epoch: train.restore_best = false), or those of its parts (the members of an
-    ensemble, the folds of a cross-validation), loaded as one model that averages them."""
-    run = RunDir(run_dir)
-    parts = protocol_for(run.config()).parts(run) if run.layout.config.exists() else []
-    paths = [part.scored_checkpoint() for part in parts] or [run.scored_checkpoint()]
-    present = [p for p in paths if p.exists()]
-    if not present:
-        raise DefungiError(f"{run.layout.best}: no checkpoint; train first with 'defungi train --out {run_dir}'")
-    if len(present) < len(paths):
-        raise DefungiError(
-            f"{run_dir}: {len(present)} of its {len(paths)} models are trained; "
-            f"finish it with 'defungi train --resume {run_dir}'"
-        )
-    return load_checkpoints(paths, device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defungi.experiments.protocols import load_trained
+from defungi.train.checkpoint import load_trained
 from defungi.train.loop import predict_proba
 
 

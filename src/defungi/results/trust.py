@@ -127,7 +127,7 @@ class RiskCoverage:
     coverage: list[float]
     accuracy: list[float]
     table: list[SelectiveRow]
-    units: int = 0  # 0: a run from before promises (see experiments.assess.selective_promise)
+    units: int = 0  # 0: a run from before promises (see train.assess.selective_promise)
     promises: list[SelectivePromise] = field(default_factory=list)
 
 

@@ -18,9 +18,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from defungi.data.dataset import load_dataset
-from defungi.experiments.assess import set_check
-from defungi.experiments.protocols import ood_check
-from defungi.experiments.rundir import RunDir
 from defungi.layout import EvaluationLayout, RunLayout
 from defungi.results.ood import OodCheck
 from defungi.results.run import (
@@ -48,7 +45,9 @@ from defungi.serve.predict import (
 )
 from defungi.serve.predictor import Predictor, torch_predictor
 from defungi.stats.metrics import calibration, mean_nll, scored, temper
-from defungi.utils import atomic_write_json, atomic_write_text
+from defungi.train.assess import set_check
+from defungi.train.ood import ood_check
+from defungi.utils import atomic_write_json, atomic_write_text, check_output
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def evaluate_folder(
     name was evaluated there). settings: Answers.of's coverage, abstain and target_accuracy."""
     check_group_by(group_by)
     out = EvaluationLayout(Path(out_dir)) if out_dir else evaluation_layout(Path(run_dir), Path(data_root))
-    RunDir(out.root).prepare()
+    check_output(out.root, "--out")
     model = torch_predictor(run_dir)
     answers = Answers.of(model, **(settings or {}))
     data = load_dataset(data_root, model.image_size, model.variance_threshold, classes=model.classes)

@@ -22,7 +22,7 @@ from defungi.serve.predictor import Predictor, Scores, torch_predictor
 from defungi.stats.metrics import prior_weights, temper, weighted
 
 if TYPE_CHECKING:
-    from defungi.experiments.rundir import TrainedModel
+    from defungi.train.checkpoint import TrainedModel
 
 log = logging.getLogger(__name__)
 

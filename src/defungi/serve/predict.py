@@ -19,7 +19,6 @@ from defungi.data.cache import DECODE_ERRORS, decode_one
 from defungi.data.quality import low_variance
 from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
-from defungi.experiments.assess import selective_promise
 from defungi.layout import RunLayout
 from defungi.results.run import ModelCard, SelectiveCheck
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE, SelectivePromise, Trust, Unit
@@ -29,6 +28,7 @@ from defungi.stats.conformal import prediction_sets, set_label
 from defungi.stats.metrics import classification_metrics, specimen_probabilities, temper
 from defungi.stats.refusal import REFUSE, refusal_tiers
 from defungi.stats.selective import DELTA
+from defungi.train.assess import selective_promise
 from defungi.utils import prefetched
 
 log = logging.getLogger(__name__)

@@ -125,7 +125,7 @@ class Predictor:
 def torch_predictor(run_dir: str | Path, device: str = "auto") -> Predictor:
     """The run folder's model (its checkpoints, one per fold or member, averaged) with PyTorch; heads
     on a shared frozen backbone answer from its one pass per image, on the faster engine (train.frozen)."""
-    from defungi.experiments.protocols import load_trained
+    from defungi.train.checkpoint import load_trained
 
     trained = load_trained(run_dir, device)
     path = RunLayout(Path(run_dir)).metrics

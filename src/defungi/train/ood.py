@@ -31,7 +31,16 @@ import torch.nn as nn
 
 from defungi.models.ensemble import members
 from defungi.models.registry import ModelParts
-from defungi.stats.refusal import QUANTILE, held_out_needed, refusal_threshold, whitening
+from defungi.results.ood import OodCheck
+from defungi.stats.refusal import (
+    QUANTILE,
+    REFUSE,
+    held_out_needed,
+    refusal_threshold,
+    refusal_tiers,
+    refused_share,
+    whitening,
+)
 from defungi.train.loop import module_rows
 
 ReadingKind = Literal["input", "channel means"]
@@ -189,3 +198,27 @@ class OodHooks(nn.Module):
         group, m = views * len(self.members), len(self.members)
         scores = [torch.stack(self.calls[i : i + m]).mean(0) for i in range(0, len(self.calls), group)]
         return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def ood_check(
+    source: str, quantile: float, thresholds: list[float], ood: np.ndarray, groups: np.ndarray, seed: int = 0
+) -> OodCheck:
+    """Held-out micrographs refused (score over REFUSE) and flagged (over 1, up to REFUSE), with intervals
+    over specimens, and the specimens with at least one of each."""
+    refused, flagged = refusal_tiers(ood)
+    share, interval = refused_share(refused, groups, seed=seed)
+    flagged_share, flagged_interval = refused_share(flagged, groups, seed=seed)
+    return OodCheck(
+        source,
+        quantile,
+        thresholds,
+        len(ood),
+        share,
+        interval,
+        refuse_over=REFUSE,
+        flagged=flagged_share,
+        flagged_interval=flagged_interval,
+        specimens=len(np.unique(groups)),
+        specimens_refused=len(np.unique(groups[refused])),
+        specimens_flagged=len(np.unique(groups[flagged])),
+    )

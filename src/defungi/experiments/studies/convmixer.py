@@ -11,10 +11,10 @@ import numpy as np
 from defungi.data.splits import train_val_test_split
 from defungi.experiments.plan import FitPlan
 from defungi.experiments.protocols import fit_run
-from defungi.experiments.rundir import model_args
 from defungi.experiments.studies import steps
 from defungi.experiments.studies.runner import Study, StudyContext, StudyOptions
 from defungi.results.study import Curves, Depth, DepthRow, Final, FitSummary, Grid, SplitRatio
+from defungi.train.checkpoint import model_args
 
 DEPTH = "train.model_args"
 

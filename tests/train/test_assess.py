@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from defungi.experiments.assess import assess
 from defungi.results.schema import from_dict, to_dict
 from defungi.results.trust import Trust
 from defungi.stats.metrics import calibration, temper
+from defungi.train.assess import assess
 
 CLASSES = ["H1", "H2", "H3", "H5", "H6"]
 

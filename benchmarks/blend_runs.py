@@ -23,7 +23,7 @@ import numpy as np
 
 from defungi.experiments.compare import Scored, scored_images
 from defungi.layout import RunLayout, read_table
-from defungi.stats.metrics import bootstrap_difference, bootstrap_intervals, classification_metrics, sample_decisions
+from defungi.stats.metrics import bootstrap_difference, bootstrap_intervals, classification_metrics, specimen_decisions
 from defungi.utils import cpu_flags
 
 
@@ -39,15 +39,15 @@ def rows(
     """Table rows (per image, per specimen) of one recipe's probabilities against the first run's."""
     n = len(scored.classes)
     out = []
-    ids, labels, pooled = sample_decisions(probs, scored.labels, scored.samples, scored.rule)
+    ids, labels, pooled = specimen_decisions(probs, scored.labels, scored.specimens, scored.rule)
     units = {
-        "image": (scored.labels, probs.argmax(1), first, scored.samples),
+        "image": (scored.labels, probs.argmax(1), first, scored.specimens),
         "specimen": (labels, pooled.argmax(1), first_specimens, ids),
     }
-    for unit, (y, predicted, baseline, groups) in units.items():
+    for unit, (y, predicted, baseline, specimens) in units.items():
         point = classification_metrics(y, predicted, [str(c) for c in range(n)])
-        interval = bootstrap_intervals(y, predicted, groups, n)
-        paired = bootstrap_difference(y, baseline, predicted, groups, n)
+        interval = bootstrap_intervals(y, predicted, specimens, n)
+        paired = bootstrap_difference(y, baseline, predicted, specimens, n)
         cells = [f"{point[m]:.3f} [{interval[m][0]:.3f}, {interval[m][1]:.3f}]" for m in ("f1", "accuracy")]
         d = paired["f1"]
         cells.append(f"{100 * d['difference']:+.1f} [{100 * d['interval'][0]:+.1f}, {100 * d['interval'][1]:+.1f}]")
@@ -67,8 +67,8 @@ def main() -> None:
             raise SystemExit(f"{run}: not the images, folds or classes of {args.runs[0]}; blend runs of one CV")
     base = scored[0]
     first = base.probs.argmax(1)
-    first_specimens = sample_decisions(base.probs, base.labels, base.samples, base.rule)[2].argmax(1)
-    specimens, flags = len(np.unique(base.samples)), cpu_flags() or "none (AVX2 only)"
+    first_specimens = specimen_decisions(base.probs, base.labels, base.specimens, base.rule)[2].argmax(1)
+    specimens, flags = len(np.unique(base.specimens)), cpu_flags() or "none (AVX2 only)"
     print(f"{len(base.paths)} out-of-fold images, {specimens} specimens; CPU flags: {flags}")
     names = [r.name if r.name not in ("grouped", "random") else f"{r.parent.parent.name}/{r.name}" for r in args.runs]
     recipes = [

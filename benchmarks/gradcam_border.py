@@ -119,20 +119,20 @@ def explain_fold(
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def interval(values: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of the mean from a bootstrap that draws specimens (groups), each with its images."""
-    ids, inverse = np.unique(groups, return_inverse=True)
+def interval(values: np.ndarray, specimens: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean from a bootstrap that draws specimens, each with its images."""
+    ids, inverse = np.unique(specimens, return_inverse=True)
     draws = np.random.default_rng(seed).integers(0, len(ids), (n_boot, len(ids)))
     weights = np.stack([np.bincount(d, minlength=len(ids)) for d in draws])[:, inverse]
     means = (weights * values).sum(1) / weights.sum(1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def mean_cell(values: np.ndarray, groups: np.ndarray) -> str:
+def mean_cell(values: np.ndarray, specimens: np.ndarray) -> str:
     """'mean [low, high]' of values, or '-' when there are none."""
     if not len(values):
         return "-"
-    low, high = interval(values, groups)
+    low, high = interval(values, specimens)
     return f"{values.mean():.3f} [{low:.3f}, {high:.3f}]"
 
 

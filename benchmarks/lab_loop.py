@@ -164,12 +164,12 @@ def specimen_name(path: Path) -> str | None:
 
 def specimen_of_about(files: list[Path], n: int) -> tuple[str, list[Path]]:
     """A specimen (DeFungi class and sample) with about n images, and its files."""
-    groups: dict[str, list[Path]] = {}
+    specimens: dict[str, list[Path]] = {}
     for f in files:
         if (name := specimen_name(f)) is not None:
-            groups.setdefault(name, []).append(f)
-    name = min(groups, key=lambda g: (abs(len(groups[g]) - n), g))
-    return name, groups[name]
+            specimens.setdefault(name, []).append(f)
+    name = min(specimens, key=lambda g: (abs(len(specimens[g]) - n), g))
+    return name, specimens[name]
 
 
 def oof(run: Path) -> dict[str, tuple[np.ndarray, float]]:

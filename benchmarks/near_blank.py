@@ -37,13 +37,13 @@ CRITERIA: dict[str, Callable[[np.ndarray], float]] = {
 }
 
 
-def specimen_right(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, keep: np.ndarray) -> np.ndarray:
+def specimen_right(probs: np.ndarray, labels: np.ndarray, specimens: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Per specimen: 1 if the mean of its kept images' probabilities picks its class, 0 if not, -1 if
     none of its images is kept."""
     out = []
-    for g in np.unique(groups):
-        rows = (groups == g) & keep
-        out.append(int(probs[rows].mean(0).argmax() == labels[groups == g][0]) if rows.any() else -1)
+    for g in np.unique(specimens):
+        rows = (specimens == g) & keep
+        out.append(int(probs[rows].mean(0).argmax() == labels[specimens == g][0]) if rows.any() else -1)
     return np.array(out)
 
 
@@ -55,10 +55,10 @@ def main() -> None:
     classes = [k[2:] for k in rows[0] if k.startswith("p_")]
     probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
     labels = np.array([classes.index(r["class"]) for r in rows])
-    groups = np.array([r["sample"] for r in rows])
+    specimens = np.array([r["sample"] for r in rows])
     greys = [np.asarray(Image.open(r["path"]).convert("L").resize((224, 224)), dtype=np.float32) for r in rows]
     right = probs.argmax(1) == labels
-    base = specimen_right(probs, labels, groups, np.ones(len(rows), bool))
+    base = specimen_right(probs, labels, specimens, np.ones(len(rows), bool))
     print(f"{len(rows)} out-of-fold images of {len(base)} specimens; image accuracy {right.mean():.3f}, "
           f"specimen accuracy {base.mean():.3f}")  # fmt: skip
     rng = np.random.default_rng(0)
@@ -67,7 +67,7 @@ def main() -> None:
         values = np.array([criterion(g) for g in greys])
         for share in (0.005, 0.01, 0.02):
             keep = values >= np.quantile(values, share)
-            after = specimen_right(probs, labels, groups, keep)
+            after = specimen_right(probs, labels, specimens, keep)
             lost = after < 0
             change = np.where(lost, 0, after - base)  # a specimen left with no image: no answer, counted as before
             low, high = np.percentile(change[draws].mean(1), [2.5, 97.5])

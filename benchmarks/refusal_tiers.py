@@ -56,20 +56,20 @@ def held_out(run: Path) -> list[str]:
     """Real out-of-fold micrographs, before and after: images and specimens refused, and the flagged."""
     rows = read_table(RunLayout(run).oof)
     scores = np.array([float(r["ood"]) for r in rows])
-    groups = np.array([r["sample"] for r in rows])
+    specimens = np.array([r["sample"] for r in rows])
     right = np.array([r["prediction"] == r["class"] for r in rows])
-    n_specimens = len(np.unique(groups))
+    n_specimens = len(np.unique(specimens))
     lines = [f"real held-out micrographs: {len(rows)} images of {n_specimens} specimens, out of fold"]
     for name, over in (("before: refused over 1", 1.0), (f"after: refused over {REFUSE:g}", REFUSE)):
         refused = scores > over
         lines.append(
             f"  {name:<28} {refused.sum():>5} images ({refused.mean():.2%}), "
-            f"{len(np.unique(groups[refused]))} of {n_specimens} specimens with one"
+            f"{len(np.unique(specimens[refused]))} of {n_specimens} specimens with one"
         )
     flagged = refusal_tiers(scores)[1]
     lines.append(
         f"  {'after: flagged, answered':<28} {flagged.sum():>5} images ({flagged.mean():.2%}), "
-        f"{len(np.unique(groups[flagged]))} specimens with one; right on {right[flagged].mean():.3f} of them "
+        f"{len(np.unique(specimens[flagged]))} specimens with one; right on {right[flagged].mean():.3f} of them "
         f"(all images: {right.mean():.3f})"
     )
     return lines

@@ -34,9 +34,9 @@ def specimens(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     classes = [k[2:] for k in rows[0] if k.startswith("p_")]
     probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
     labels = np.array([classes.index(r["class"]) for r in rows])
-    groups, fold = np.array([r["sample"] for r in rows]), np.array([int(r["fold"]) for r in rows])
-    trust = assess(probs, labels, groups, fold, classes, "out of fold")
-    pooled = by_specimen(Held(probs, labels, groups, fold))
+    ids, fold = np.array([r["sample"] for r in rows]), np.array([int(r["fold"]) for r in rows])
+    trust = assess(probs, labels, ids, fold, classes, "out of fold")
+    pooled = by_specimen(Held(probs, labels, ids, fold))
     calibrated = temper(pooled.probs, trust.temperatures["specimen"].applied)
     return calibrated.max(1), calibrated.argmax(1) == pooled.labels, pooled.fold
 

@@ -43,7 +43,7 @@ from defungi.stats.metrics import (
     bootstrap_difference,
     bootstrap_intervals,
     classification_metrics,
-    sample_decisions,
+    specimen_decisions,
     weighted,
 )
 from defungi.train.checkpoint import load_trained, read_config
@@ -210,7 +210,7 @@ def main() -> None:
         f"{args.run}: {len(images.paths)} out-of-fold images, {torch.get_num_threads()} threads, "
         f"CPU flags: {cpu_flags() or 'none (AVX2 only)'}"
     )
-    decided = {rule: sample_decisions(images.probs, images.labels, images.samples, rule) for rule in SPECIMEN_RULES}
+    decided = {rule: specimen_decisions(images.probs, images.labels, images.specimens, rule) for rule in SPECIMEN_RULES}
     ids, labels, _ = decided["mean"]
     predictions = {rule: d[2].argmax(1) for rule, d in decided.items()}
     print(f"{len(ids)} specimens; the three fixed rules in {time.perf_counter() - t0:.1f} s")

@@ -214,7 +214,7 @@ def whole_fit(root: Path, args: argparse.Namespace) -> tuple[float, float, int]:
         },
     )
     data = load_dataset(root, args.image_size, config.data.variance_threshold, progress=False)
-    split = train_val_test_split(data.labels, data.groups, 0.15, 0.15, "grouped", 0)
+    split = train_val_test_split(data.labels, data.specimens, 0.15, 0.15, "grouped", 0)
     rng = np.random.default_rng(0)
     keep = {"train": args.fit_images, "val": args.fit_images * 15 // 70, "test": args.fit_images * 15 // 70}
     split = {p: np.sort(rng.permutation(idx)[: keep[p]]) for p, idx in split.items()}

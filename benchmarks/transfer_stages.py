@@ -25,7 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from defungi.data.cache import open_image, square
 from defungi.models import create_model, model_entry
 from defungi.models.pretrained import imagenet_state_dict, load_backbone
-from defungi.stats.metrics import scored
+from defungi.stats.metrics import score_metrics
 from defungi.train.loop import Preprocess
 from defungi.utils import cpu_flags
 
@@ -70,7 +70,7 @@ def main() -> None:
     rows = [r for r in csv.DictReader(open(args.run / "split.csv")) if r["part"].startswith("fold-")]
     classes = sorted({r["label"] for r in rows})
     labels = np.array([classes.index(r["label"]) for r in rows])
-    folds, groups = np.array([r["part"] for r in rows]), np.array([r["group"] for r in rows])
+    folds, specimens = np.array([r["part"] for r in rows]), np.array([r["group"] for r in rows])
     model = create_model(args.model, num_classes=len(classes))
     load_backbone(model, args.model, imagenet_state_dict(args.model), f"the ImageNet weights of {args.model}")
     model.eval().to(memory_format=torch.channels_last)
@@ -79,7 +79,7 @@ def main() -> None:
     mean, std = model_entry(args.model).normalization
     feats = stage_features(model, stages, [r["path"] for r in rows], args.image_size, mean, std)
     print(
-        f"{len(rows)} images, {len(set(groups))} samples, {len(set(folds))} folds; forward pass "
+        f"{len(rows)} images, {len(set(specimens))} samples, {len(set(folds))} folds; forward pass "
         f"{time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads, CPU flags: {cpu_flags() or 'no AVX-512'}"
     )
     half = {name: f.shape[1] // 2 for name, f in feats.items()}
@@ -88,7 +88,7 @@ def main() -> None:
     variants["all stages, mean"] = np.concatenate([f[:, : half[name]] for name, f in feats.items()], 1)
     print(f"{'features':28s} {'dim':>5s}  macro-F1 per image     macro-F1 per sample")
     for name, x in variants.items():
-        m = scored(out_of_fold(x, labels, folds, args.c), labels, groups, classes)
+        m = score_metrics(out_of_fold(x, labels, folds, args.c), labels, specimens, classes)
         img, smp = m["intervals"]["f1"], m["samples"]["intervals"]["f1"]
         print(
             f"{name:28s} {x.shape[1]:5d}  {m['f1']:.3f} [{img[0]:.3f}, {img[1]:.3f}]  "

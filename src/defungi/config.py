@@ -27,12 +27,12 @@ class DataConfig:
     # luma: per-image mean/std over all channels (hue kept); image: per channel; dataset: training-set mean/std;
     # pretrained: the mean/std the model's pretrained weights were trained with
     normalize: str = "luma"
-    split: str = "grouped"  # grouped: no physical sample in two parts; random: as the study
+    split: str = "grouped"  # grouped: no specimen in two parts; random: as the study
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
     # >= 2: K-fold cross-validation: every fold a run folder (fold-k) whose test part is one fold's
-    # samples and whose validation part is carved from the rest; scored out of fold
+    # specimens and whose validation part is carved from the rest; scored out of fold
     cv_folds: int = 0
     # with cv_folds: fit only the first N of the K folds (0: all of them); the out-of-fold scores cover
     # those folds' test images (a cheaper estimate: the studies' random-split figure uses one fold)
@@ -79,7 +79,7 @@ class TrainConfig:
     ood: bool = True  # fit the refusal of non-micrographs (exploratory fits of a study skip it)
     seed: int = 0
     # a specimen's decision from its images' probabilities (stats.metrics.SPECIMEN_RULES): mean | log_mean
-    # (geometric mean) | trimmed (per class, without each end's 20%); per-sample metrics, predict, evaluate
+    # (geometric mean) | trimmed (per class, without each end's 20%); per-specimen metrics, predict, evaluate
     specimen_rule: str = "mean"
     ensemble: int = 1  # > 1: that many fits differing only in seed (train.seed + k), scored by their mean probability
     device: str = "auto"

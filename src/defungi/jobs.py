@@ -104,7 +104,7 @@ def curve_job(config: Config, out: Path, fraction: float, sizes: list[float], cv
     """A learning curve on `fraction` of the training + validation data: curve.json and its figures."""
     data = dataset_for(config)
     dc, layout = config.data, SearchLayout(out)
-    pool = tuning_pool(data.labels, data.groups, split_for(config, data), fraction, dc.split, dc.seed)
+    pool = tuning_pool(data.labels, data.specimens, split_for(config, data), fraction, dc.split, dc.seed)
     with _one_step("curve", f"learning curve {out}", lambda: plan_curve(config, data, pool, sizes, cv), data):
         result = learning_curve(config, data, pool, sizes, layout.fits, cv=cv)
     atomic_write_json(layout.curve, to_dict(result))
@@ -127,7 +127,7 @@ def grid_job(
     data = dataset_for(config)
     dc, layout = config.data, SearchLayout(out)
     split = tuning_split(
-        data.labels, data.groups, split_for(config, data), fraction, dc.val_fraction, dc.split, dc.seed
+        data.labels, data.specimens, split_for(config, data), fraction, dc.val_fraction, dc.split, dc.seed
     )
     # a worker of a grid shared through storage fits the cells no other worker took: no plan of its own
     planned = data if storage is None else None

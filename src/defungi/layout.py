@@ -43,7 +43,7 @@ class RunLayout:
 
     @property
     def split(self) -> Path:
-        """Every usable image with its class, sample group and part."""
+        """Every usable image with its class, specimen and part."""
         return self.root / "split.csv"
 
     @property
@@ -77,16 +77,16 @@ class RunLayout:
         return RunLayout(self.root / f"member-{k}")
 
     def fold(self, k: int) -> RunLayout:
-        """The run folder of cross-validation fold k (its test part: the k-th fold's samples)."""
+        """The run folder of cross-validation fold k (its test part: the k-th fold's specimens)."""
         return RunLayout(self.root / f"fold-{k}")
 
     def predictions(self, part: str) -> Path:
-        """Per image of a scored part: path, sample, class, prediction, probability per class."""
+        """Per image of a scored part: path, specimen, class, prediction, probability per class."""
         return self.root / f"predictions_{part}.csv"
 
     @property
     def oof(self) -> Path:
-        """Cross-validation: every usable image scored once, by the fold model that never saw its sample."""
+        """Cross-validation: every usable image scored once, by the fold model that never saw its specimen."""
         return self.root / "oof.csv"
 
     def figure(self, name: str) -> Path:

@@ -40,7 +40,7 @@ def test_cache_is_reused_and_keyed_by_size(tiny_data: Path, tmp_path: Path):
 
 def test_worker_processes_write_each_image_into_its_own_row(tmp_path: Path):
     # over 4 chunks of 64 images: two worker processes each write their chunks' rows in place; every
-    # row holds the pixels of its own file (one image per class of 3, sample numbers and patches apart)
+    # row holds the pixels of its own file (one image per class of 3, specimen numbers and patches apart)
     data = write_folder(tmp_path / "data", samples_per_class=30, patches=3, size=24, seed=3)
     records = scan(data)
     assert len(records) > 4 * 64
@@ -71,8 +71,8 @@ def test_low_variance_images_are_excluded(tiny_data: Path):
 def test_duplicate_images_join_groups(tiny_data: Path):
     (tiny_data / "H2" / "H2_77a_1.jpg").write_bytes((tiny_data / "H2" / "H2_3a_2.jpg").read_bytes())
     data = load_dataset(tiny_data, 24, variance_threshold=10, progress=False)
-    group = dict(zip(map(str, data.paths), data.groups, strict=True))
-    assert group[str(tiny_data / "H2" / "H2_77a_1.jpg")] == group[str(tiny_data / "H2" / "H2_3a_1.jpg")]
+    specimen = dict(zip(map(str, data.paths), data.specimens, strict=True))
+    assert specimen[str(tiny_data / "H2" / "H2_77a_1.jpg")] == specimen[str(tiny_data / "H2" / "H2_3a_1.jpg")]
 
 
 def test_adding_or_renaming_files_decodes_only_what_is_new(

@@ -25,7 +25,7 @@ def test_scan_finds_classes_and_groups(tiny_data: Path):
     records = scan(tiny_data)
     assert sorted({r.label for r in records}) == ["H1", "H2", "H3"]
     assert len(records) == 3 * 6 * 4 + 1
-    assert len({r.group for r in records if r.label == "H2"}) == 6
+    assert len({r.specimen for r in records if r.label == "H2"}) == 6
 
 
 def test_scan_accepts_extra_top_folder_and_zip(tmp_path: Path):

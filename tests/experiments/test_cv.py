@@ -13,7 +13,7 @@ from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.experiments.compare import paired_difference, scored_images
 from defungi.experiments.protocols import cv_splits, fit_run
-from defungi.stats.metrics import sample_decisions
+from defungi.stats.metrics import specimen_decisions
 from defungi.train.checkpoint import load_trained
 from tests.conftest import tiny_args, tiny_config, write_folder
 
@@ -29,11 +29,11 @@ def test_folds_keep_samples_whole_and_validate_on_other_samples(tiny_data: Path)
     tests = np.concatenate([s["test"] for s in splits])
     assert sorted(tests) == list(range(len(data.labels)))  # every usable image in exactly one test part
     for s in splits:
-        groups = {part: set(data.groups[idx]) for part, idx in s.items()}
+        specimens = {part: set(data.specimens[idx]) for part, idx in s.items()}
         assert (
-            not groups["train"] & groups["test"]
-            and not groups["val"] & groups["test"]
-            and not groups["train"] & groups["val"]
+            not specimens["train"] & specimens["test"]
+            and not specimens["val"] & specimens["test"]
+            and not specimens["train"] & specimens["val"]
         )
 
 
@@ -126,13 +126,13 @@ def test_runs_on_different_images_are_not_compared(tiny_data: Path, tmp_path: Pa
 
 
 def test_a_cv_run_decides_its_specimens_by_its_rule_and_compare_reads_each_runs(tiny_data: Path, tmp_path: Path):
-    """train.specimen_rule = log_mean: the out-of-fold sample scores and metrics.json's sample_rule are
+    """train.specimen_rule = log_mean: the out-of-fold specimen scores and metrics.json's sample_rule are
     the geometric mean's; report --compare pools each run by its own rule (two copies of the run, one
     read as a mean-rule run, on the same spread-out probabilities, where the rules disagree)."""
     out = tmp_path / "log-mean"
     record = fit_run(_config(tiny_data, **{"train.specimen_rule": "log_mean"}), out)
     scored = scored_images(out)
-    ids, labels, pooled = sample_decisions(scored.probs, scored.labels, scored.samples, "log_mean")
+    ids, labels, pooled = specimen_decisions(scored.probs, scored.labels, scored.specimens, "log_mean")
     assert record.metrics.part("test").samples.accuracy == pytest.approx(np.mean(pooled.argmax(1) == labels))
     assert "geometric mean" in record.metrics.sample_rule
     rows = list(csv.DictReader(open(out / "oof.csv", newline="")))
@@ -149,7 +149,7 @@ def test_a_cv_run_decides_its_specimens_by_its_rule_and_compare_reads_each_runs(
     (as_mean / "config.json").write_text(json.dumps(config))
     spread = scored_images(out)
     right = {
-        rule: np.mean(sample_decisions(spread.probs, spread.labels, spread.samples, rule)[2].argmax(1) == labels)
+        rule: np.mean(specimen_decisions(spread.probs, spread.labels, spread.specimens, rule)[2].argmax(1) == labels)
         for rule in ("mean", "log_mean")
     }
     assert right["log_mean"] != right["mean"]

@@ -60,8 +60,8 @@ def test_sets_cover_new_units_at_the_level_and_hold_the_top_class():
 
 def test_each_specimen_is_one_unit_however_many_images_it_has():
     scores = np.array([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.5])  # specimen a: 6 near-copies
-    groups = np.array(["a"] * 6 + ["b", "c"])
-    weights = unit_weights(groups)
+    specimens = np.array(["a"] * 6 + ["b", "c"])
+    weights = unit_weights(specimens)
     assert np.allclose(np.bincount([0] * 6 + [1, 2], weights=weights), 1)
     # 3 specimens: at level 0.5 the conformal rank is ceil(4 * 0.5) = 2 units: a (0.1) and c (0.5)
     assert conformal_threshold(scores, 0.5, weights) == 0.5

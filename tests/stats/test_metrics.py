@@ -11,8 +11,8 @@ from defungi.stats.metrics import (
     bootstrap_intervals,
     calibration,
     classification_metrics,
-    sample_decisions,
-    scored,
+    score_metrics,
+    specimen_decisions,
     specimen_probabilities,
 )
 
@@ -29,7 +29,7 @@ def test_macro_metrics_and_confusion():
 
 def test_sample_decision_is_the_mean_probability_of_its_images():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
-    ids, labels, mean = sample_decisions(probs, np.array([0, 0, 1, 1]), np.array(["a", "a", "b", "b"]))
+    ids, labels, mean = specimen_decisions(probs, np.array([0, 0, 1, 1]), np.array(["a", "a", "b", "b"]))
     assert list(ids) == ["a", "b"] and list(labels) == [0, 1]
     assert np.allclose(mean, [[0.55, 0.45], [0.45, 0.55]])
 
@@ -62,17 +62,17 @@ def test_every_rule_gives_probabilities_and_agrees_on_unanimous_images(rule: str
 
 
 @pytest.mark.parametrize("rule", SPECIMEN_RULES)
-def test_sample_decisions_pool_each_sample_by_the_rule_whatever_the_row_order(rule: str):
+def test_specimen_decisions_pool_each_specimen_by_the_rule_whatever_the_row_order(rule: str):
     rng = np.random.default_rng(4)
-    groups = rng.permutation(np.repeat(["b", "a", "c"], [5, 3, 6]))
-    probs = rng.dirichlet(np.ones(3), size=len(groups))
-    labels = np.array([{"a": 0, "b": 1, "c": 2}[g] for g in groups])
-    ids, sample_labels, pooled = sample_decisions(probs, labels, groups, rule)
-    assert list(ids) == ["a", "b", "c"] and list(sample_labels) == [0, 1, 2]
+    specimens = rng.permutation(np.repeat(["b", "a", "c"], [5, 3, 6]))
+    probs = rng.dirichlet(np.ones(3), size=len(specimens))
+    labels = np.array([{"a": 0, "b": 1, "c": 2}[g] for g in specimens])
+    ids, specimen_labels, pooled = specimen_decisions(probs, labels, specimens, rule)
+    assert list(ids) == ["a", "b", "c"] and list(specimen_labels) == [0, 1, 2]
     for k, g in enumerate(ids):
-        assert np.allclose(pooled[k], specimen_probabilities(probs[groups == g], rule))
-    samples = scored(probs, labels, groups, ["x", "y", "z"], rule=rule)["samples"]
-    assert samples["accuracy"] == np.mean(pooled.argmax(1) == sample_labels)
+        assert np.allclose(pooled[k], specimen_probabilities(probs[specimens == g], rule))
+    per_specimen = score_metrics(probs, labels, specimens, ["x", "y", "z"], rule=rule)["samples"]
+    assert per_specimen["accuracy"] == np.mean(pooled.argmax(1) == specimen_labels)
 
 
 def test_the_config_offers_the_rules_there_are_and_refuses_others():
@@ -87,17 +87,17 @@ def test_the_config_offers_the_rules_there_are_and_refuses_others():
 def test_bootstrap_resamples_samples_not_images():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(40) % 2, 10)
-    groups = np.repeat(np.arange(40), 10).astype(str)
+    specimens = np.repeat(np.arange(40), 10).astype(str)
     # every image of a sample is decided together: right for 30 samples, wrong for 10
     wrong = np.repeat(rng.permutation(40) < 10, 10)
     predictions = np.where(wrong, 1 - labels, labels)
-    by_sample = bootstrap_intervals(labels, predictions, groups, 2, seed=1)
+    by_sample = bootstrap_intervals(labels, predictions, specimens, 2, seed=1)
     by_image = bootstrap_intervals(labels, predictions, np.arange(len(labels)).astype(str), 2, seed=1)
     assert by_sample["accuracy"][0] < 0.75 < by_sample["accuracy"][1]
     # 40 samples vary far more than 400 independent images would: the interval is wider
     width = lambda iv: iv["accuracy"][1] - iv["accuracy"][0]  # noqa: E731
     assert width(by_sample) > 2 * width(by_image)
-    assert bootstrap_intervals(labels, predictions, groups, 2, seed=1) == by_sample  # seeded
+    assert bootstrap_intervals(labels, predictions, specimens, 2, seed=1) == by_sample  # seeded
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -144,12 +144,12 @@ def test_macro_metrics_average_the_classes_present_and_match_their_intervals():
 
 def test_paired_difference_is_zero_for_the_same_predictions_and_signed_otherwise():
     rng = np.random.default_rng(0)
-    groups = np.repeat(np.arange(60), 4).astype(str)
+    specimens = np.repeat(np.arange(60), 4).astype(str)
     labels = np.repeat(np.arange(60) % 3, 4)
     worse = np.where(rng.random(len(labels)) < 0.5, labels, (labels + 1) % 3)
-    same = bootstrap_difference(labels, worse, worse, groups, 3, n_boot=200)
+    same = bootstrap_difference(labels, worse, worse, specimens, 3, n_boot=200)
     assert same["f1"]["difference"] == 0 and same["f1"]["interval"] == [0.0, 0.0]
-    better = bootstrap_difference(labels, worse, labels, groups, 3, n_boot=200)
+    better = bootstrap_difference(labels, worse, labels, specimens, 3, n_boot=200)
     assert better["accuracy"]["difference"] == 1 - np.mean(worse == labels)
     low, high = better["f1"]["interval"]
     assert 0 < low <= better["f1"]["difference"] <= high <= 1

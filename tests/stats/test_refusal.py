@@ -62,9 +62,9 @@ def test_the_tiers_refuse_over_refuse_and_flag_over_one_up_to_it():
 
 def test_refused_share_and_its_interval_over_specimens():
     refused = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], dtype=bool)
-    groups = np.array(["a", "a", "b", "b", "c", "c", "d", "d", "e", "e"])
-    share, (low, high) = refused_share(refused, groups)
+    specimens = np.array(["a", "a", "b", "b", "c", "c", "d", "d", "e", "e"])
+    share, (low, high) = refused_share(refused, specimens)
     assert share == 0.2 and low == 0.0 and high >= 0.4  # one specimen in five holds both refusals
     # every specimen refuses one of its two images: specimens drawn in any mix give a half (images would not)
-    share, interval = refused_share(np.tile([True, False], 5), groups)
+    share, interval = refused_share(np.tile([True, False], 5), specimens)
     assert share == 0.5 and interval == [0.5, 0.5]

@@ -9,17 +9,17 @@ from defungi.train.assess import assess
 CLASSES = ["H1", "H2", "H3", "H5", "H6"]
 
 
-def _held_out(seed: int, specimens: int = 300, images: int = 4, sharpness: float = 1.5, power: float = 1.0):
+def _held_out(seed: int, n_specimens: int = 300, images: int = 4, sharpness: float = 1.5, power: float = 1.0):
     """Images of specimens; each specimen's images share its (calibrated) class probabilities, with
     noise; power > 1 makes the reported probabilities over-confident."""
     rng = np.random.default_rng(seed)
-    logits = rng.normal(0, sharpness, (specimens, 5))
+    logits = rng.normal(0, sharpness, (n_specimens, 5))
     truth = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     labels = np.array([rng.choice(5, p=p) for p in truth])
-    probs = np.repeat(truth, images, 0) * rng.uniform(0.8, 1.2, (specimens * images, 5))
+    probs = np.repeat(truth, images, 0) * rng.uniform(0.8, 1.2, (n_specimens * images, 5))
     probs = temper(probs / probs.sum(1, keepdims=True), 1 / power)
-    groups = np.repeat([f"s{i}" for i in range(specimens)], images)
-    return probs, np.repeat(labels, images), groups, np.repeat(np.arange(specimens) % 3, images)
+    specimens = np.repeat([f"s{i}" for i in range(n_specimens)], images)
+    return probs, np.repeat(labels, images), specimens, np.repeat(np.arange(n_specimens) % 3, images)
 
 
 def test_a_temperature_is_kept_only_where_it_helps_on_units_it_was_not_fitted_on():
@@ -34,8 +34,8 @@ def test_a_temperature_is_kept_only_where_it_helps_on_units_it_was_not_fitted_on
 
 
 def test_sets_cover_held_out_specimens_at_their_level_and_the_record_round_trips():
-    probs, labels, groups, fold = _held_out(2)
-    trust = assess(probs, labels, groups, fold, CLASSES, "out of fold")
+    probs, labels, specimens, fold = _held_out(2)
+    trust = assess(probs, labels, specimens, fold, CLASSES, "out of fold")
     for level in (0.9, 0.95):
         for unit in ("specimen", "image"):
             sets = trust.conformal(level, unit)
@@ -55,7 +55,7 @@ def test_selective_answers_are_more_accurate_on_the_most_confident_specimens():
 
 
 def test_selective_promises_are_chosen_on_every_specimen_and_checked_on_each_fold():
-    trust = assess(*_held_out(5, specimens=600, sharpness=4.0), CLASSES, "out of fold")
+    trust = assess(*_held_out(5, n_specimens=600, sharpness=4.0), CLASSES, "out of fold")
     promises = {p.target: p for p in trust.selective.promises}
     assert {0.8, 0.85, 0.9} <= set(promises) and trust.selective.units == 600
     for p in promises.values():
@@ -68,9 +68,9 @@ def test_selective_promises_are_chosen_on_every_specimen_and_checked_on_each_fol
 
 
 def test_one_split_fits_on_validation_and_checks_on_test():
-    probs, labels, groups, fold = _held_out(4, power=2.0)
+    probs, labels, specimens, fold = _held_out(4, power=2.0)
     fold = np.where(fold == 0, -1, 0)  # a third of the specimens validate, the rest test
-    trust = assess(probs, labels, groups, fold, CLASSES, "validation + test")
+    trust = assess(probs, labels, specimens, fold, CLASSES, "validation + test")
     image = trust.temperatures["image"]
     assert image.fitted_on == "the validation part" and image.checked_on == "the test part"
     assert trust.conformal(0.9, "specimen").calibration_units == 100

@@ -1,4 +1,4 @@
-"""What a data folder holds, before any training: counts, outliers, duplicates across samples, and
+"""What a data folder holds, before any training: counts, outliers, duplicates across specimens, and
 how much a random split leaks (plain data; `defungi.report.audit` draws the page)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from defungi.data.cache import decode_images
-from defungi.data.quality import low_variance, merge_duplicate_groups
+from defungi.data.quality import low_variance, merge_duplicate_specimens
 from defungi.data.scan import class_names, scan
 from defungi.data.splits import train_val_test_split
 from defungi.results.audit import AuditImage, AuditResult, ClassCounts, Leakage
@@ -23,8 +23,8 @@ def audit(
     test_fraction: float = 0.15,
     seed: int = 0,
 ) -> AuditResult:
-    """Images and samples per class, grey variances and the outliers under the threshold, clusters of
-    identical images (average hash) under more than one sample number, and random-split leakage."""
+    """Images and specimens per class, grey variances and the outliers under the threshold, clusters of
+    identical images (average hash) under more than one specimen number, and random-split leakage."""
     records = scan(root)
     decoded = decode_images(records, image_size)
     classes = class_names(records)
@@ -35,7 +35,7 @@ def audit(
     per_class = {
         c: ClassCounts(
             images=sum(r.label == c for r in records),
-            samples=len({r.group for r in records if r.label == c}),
+            samples=len({r.specimen for r in records if r.label == c}),
             usable=int(sum(usable[i] for i, r in enumerate(records) if r.label == c)),
             outliers=int(sum(outlier[i] for i, r in enumerate(records) if r.label == c)),
             unreadable=int(sum(unreadable[i] for i, r in enumerate(records) if r.label == c)),
@@ -46,9 +46,9 @@ def audit(
     for i in np.flatnonzero(usable):
         by_hash[decoded.ahash[i].tobytes()].append(int(i))
     clusters = [
-        [AuditImage(str(records[i].path), records[i].label, records[i].group) for i in members]
+        [AuditImage(str(records[i].path), records[i].label, records[i].specimen) for i in members]
         for members in by_hash.values()
-        if len({records[i].group for i in members}) > 1
+        if len({records[i].specimen for i in members}) > 1
     ]
     return AuditResult(
         root=str(root),
@@ -56,11 +56,11 @@ def audit(
         classes=per_class,
         variance=[float(v) for v in decoded.variance[~unreadable]],
         outliers=[
-            AuditImage(str(records[i].path), records[i].label, records[i].group, float(decoded.variance[i]))
+            AuditImage(str(records[i].path), records[i].label, records[i].specimen, float(decoded.variance[i]))
             for i in np.flatnonzero(outlier)
         ],
         unreadable=[
-            AuditImage(str(records[i].path), records[i].label, records[i].group, why=why)
+            AuditImage(str(records[i].path), records[i].label, records[i].specimen, why=why)
             for i, why in decoded.errors.items()
         ],
         duplicate_clusters=clusters,
@@ -71,22 +71,22 @@ def audit(
 def _leakage(
     records: list, ahash: np.ndarray, usable: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> Leakage:
-    """How many test images of a seeded random split have an image of the same sample (or of a
-    sample joined to it by an identical image) in the training part."""
+    """How many test images of a seeded random split have an image of the same specimen (or of a
+    specimen joined to it by an identical image) in the training part."""
     idx = np.flatnonzero(usable)
     labels = np.array([records[i].label for i in idx])
-    samples = np.array([records[i].group for i in idx])
-    merged = np.array(merge_duplicate_groups([r.group for r in records], ahash, usable))[idx]
+    specimens = np.array([records[i].specimen for i in idx])
+    merged = np.array(merge_duplicate_specimens([r.specimen for r in records], ahash, usable))[idx]
     split = train_val_test_split(
-        np.unique(labels, return_inverse=True)[1], samples, val_fraction, test_fraction, "random", seed
+        np.unique(labels, return_inverse=True)[1], specimens, val_fraction, test_fraction, "random", seed
     )
     test, train = split["test"], split["train"]
-    same_sample = np.isin(samples[test], samples[train])
+    same_specimen = np.isin(specimens[test], specimens[train])
     same_cluster = np.isin(merged[test], merged[train])
     return Leakage(
         test_images=int(len(test)),
-        with_same_sample_in_training=int(same_sample.sum()),
+        with_same_sample_in_training=int(same_specimen.sum()),
         with_same_sample_or_duplicate_in_training=int(same_cluster.sum()),
-        test_samples=int(len(np.unique(samples[test]))),
-        test_samples_also_in_training=int(len(np.intersect1d(samples[test], samples[train]))),
+        test_samples=int(len(np.unique(specimens[test]))),
+        test_samples_also_in_training=int(len(np.intersect1d(specimens[test], specimens[train]))),
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from defungi.data.cache import DecodedImages, decode_images
-from defungi.data.quality import low_variance, merge_duplicate_groups
+from defungi.data.quality import low_variance, merge_duplicate_specimens
 from defungi.data.scan import ImageRecord, class_names, scan
 from defungi.data.store import StoredRows
 from defungi.errors import DefungiError
@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Dataset:
-    """Usable images (outliers and unreadable files removed) with labels and sample groups."""
+    """Usable images (outliers and unreadable files removed) with labels and specimens."""
 
     images: np.ndarray | StoredRows  # (N, S, S, 3) uint8, read from the cache when indexed (data.store)
     labels: np.ndarray  # (N,) int
-    groups: np.ndarray  # (N,) str: physical sample, near-duplicates merged
+    specimens: np.ndarray  # (N,) str: specimen, near-duplicates merged
     paths: list[Path]
     classes: list[str]
     excluded: list[dict[str, str]]  # path, label, grey_variance, reason
@@ -38,7 +38,7 @@ def load_dataset(
     cache_dir: Path | None = None,
     progress: bool = True,
 ) -> Dataset:
-    """Scan, decode (cached), drop unreadable and low-variance images, merge duplicate groups.
+    """Scan, decode (cached), drop unreadable and low-variance images, merge duplicate specimens.
 
     classes: the class list of a trained model, so that evaluation folders map to the same
     indices; a folder class the model does not know is an error, one class alone is fine. To train
@@ -59,7 +59,7 @@ def load_dataset(
     outlier = low_variance(decoded.variance, variance_threshold) & ~unreadable
     keep = ~(unreadable | outlier)
     _check_usable(root, records, keep, variance_threshold, found if training else [])
-    groups = merge_duplicate_groups([r.group for r in records], decoded.ahash, keep)
+    specimens = merge_duplicate_specimens([r.specimen for r in records], decoded.ahash, keep)
     idx = np.flatnonzero(keep)
     log.info(
         "%d images, %d usable, %d outliers, %d unreadable",
@@ -71,7 +71,7 @@ def load_dataset(
     return Dataset(
         images=decoded.pixels(idx),
         labels=np.array([classes.index(records[i].label) for i in idx]),
-        groups=np.array([groups[i] for i in idx]),
+        specimens=np.array([specimens[i] for i in idx]),
         paths=[records[i].path for i in idx],
         classes=list(classes),
         excluded=_excluded(records, decoded, keep, variance_threshold),

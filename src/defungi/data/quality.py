@@ -10,9 +10,9 @@ def low_variance(variance: np.ndarray, threshold: float) -> np.ndarray:
     return np.nan_to_num(variance, nan=np.inf) < threshold
 
 
-def merge_duplicate_groups(groups: list[str], ahash: np.ndarray, usable: np.ndarray) -> list[str]:
-    """Join the groups of images with identical average hashes, so near-copies share a split part."""
-    parent = {g: g for g in groups}
+def merge_duplicate_specimens(specimens: list[str], ahash: np.ndarray, usable: np.ndarray) -> list[str]:
+    """Join the specimens of images with identical average hashes, so near-copies share a split part."""
+    parent = {g: g for g in specimens}
 
     def find(g: str) -> str:
         while parent[g] != g:
@@ -24,9 +24,9 @@ def merge_duplicate_groups(groups: list[str], ahash: np.ndarray, usable: np.ndar
     for i in np.flatnonzero(usable):
         key = ahash[i].tobytes()
         if key in first_by_hash:
-            a, b = find(first_by_hash[key]), find(groups[i])
+            a, b = find(first_by_hash[key]), find(specimens[i])
             if a != b:
                 parent[max(a, b)] = min(a, b)
         else:
-            first_by_hash[key] = groups[i]
-    return [find(g) for g in groups]
+            first_by_hash[key] = specimens[i]
+    return [find(g) for g in specimens]

@@ -31,21 +31,21 @@ _NAME = re.compile(r"^(?P<cls>H\d+)_(?P<sample>\d+)(?P<field>[a-z]*)_(?P<patch>\
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One labelled image file and the physical sample it comes from."""
+    """One labelled image file and the specimen it comes from."""
 
     path: Path
     label: str
-    group: str  # the physical sample; images of one group never go to two split parts
+    specimen: str  # images of one specimen never go to two split parts
 
 
 def parse_name(stem: str) -> dict[str, str] | None:
-    """Split a DeFungi file stem like 'H1_100a_3' into class, sample, field and patch."""
+    """Split a DeFungi file stem like 'H1_100a_3' into class, specimen number, field and patch."""
     match = _NAME.match(stem)
     return match.groupdict() if match else None
 
 
 def group_of(path: Path, label: str) -> str:
-    """The sample a file belongs to: 'H1_100' for DeFungi names, else the file itself."""
+    """The specimen a file belongs to: 'H1_100' for DeFungi names, else the file itself."""
     parsed = parse_name(path.stem)
     return f"{parsed['cls'].upper()}_{parsed['sample']}" if parsed else f"{label}/{path.name}"
 

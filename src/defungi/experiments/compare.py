@@ -1,5 +1,5 @@
 """Two finished runs compared on the images both scored: the difference of their macro metrics, per
-image and per sample, with a 95% interval from a paired bootstrap over physical samples."""
+image and per specimen, with a 95% interval from a paired bootstrap over specimens."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from defungi.errors import DefungiError
 from defungi.layout import RunLayout, read_table
 from defungi.results.run import PairedDifference, read_run_metrics
 from defungi.results.schema import from_dict
-from defungi.stats.metrics import bootstrap_difference, sample_decisions
+from defungi.stats.metrics import bootstrap_difference, specimen_decisions
 from defungi.train.checkpoint import read_config
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class Scored:
 
     paths: list[str]
     labels: np.ndarray
-    samples: np.ndarray
+    specimens: np.ndarray
     probs: np.ndarray
     classes: list[str]
     rule: str = "mean"  # how the run pools a specimen's images (train.specimen_rule)
@@ -44,7 +44,7 @@ def scored_images(run_dir: Path) -> Scored:
     return Scored(
         paths=[r["path"] for r in rows],
         labels=np.array([classes.index(r["class"]) for r in rows]),
-        samples=np.array([r["sample"] for r in rows]),
+        specimens=np.array([r["sample"] for r in rows]),  # the CSV column keeps its name
         probs=np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows]),
         classes=classes,
         rule=read_config(layout.config).train.specimen_rule,
@@ -57,7 +57,7 @@ def _only(scored: Scored, paths: list[str]) -> Scored:
     return Scored(
         paths=[p for p, k in zip(scored.paths, keep, strict=True) if k],
         labels=scored.labels[keep],
-        samples=scored.samples[keep],
+        specimens=scored.specimens[keep],
         probs=scored.probs[keep],
         classes=scored.classes,
         rule=scored.rule,
@@ -67,7 +67,7 @@ def _only(scored: Scored, paths: list[str]) -> Scored:
 def paired_difference(first: Path, second: Path, seed: int = 0) -> PairedDifference:
     """Second run minus first, on the images both scored (all of one run's: e.g. a cross-validation that
     fitted some of its folds against one that fitted all): per metric the difference and its 95% interval,
-    image-level and sample-level (a sample's decision: its images' probabilities pooled by each run's
+    image-level and specimen-level (a specimen's decision: its images' probabilities pooled by each run's
     specimen rule)."""
     a, b = scored_images(first), scored_images(second)
     common = sorted(set(a.paths) & set(b.paths))
@@ -80,10 +80,10 @@ def paired_difference(first: Path, second: Path, seed: int = 0) -> PairedDiffere
         log.info("%s and %s compared on the %d images both scored", first, second, len(common))
     a, b = _only(a, common), _only(b, common)
     n_classes = len(a.classes)
-    images = bootstrap_difference(a.labels, a.probs.argmax(1), b.probs.argmax(1), a.samples, n_classes, seed=seed)
-    ids, labels, first_probs = sample_decisions(a.probs, a.labels, a.samples, a.rule)
-    second_probs = sample_decisions(b.probs, b.labels, b.samples, b.rule)[2]
-    samples = bootstrap_difference(labels, first_probs.argmax(1), second_probs.argmax(1), ids, n_classes, seed=seed)
+    images = bootstrap_difference(a.labels, a.probs.argmax(1), b.probs.argmax(1), a.specimens, n_classes, seed=seed)
+    ids, labels, first_probs = specimen_decisions(a.probs, a.labels, a.specimens, a.rule)
+    second_probs = specimen_decisions(b.probs, b.labels, b.specimens, b.rule)[2]
+    specimens = bootstrap_difference(labels, first_probs.argmax(1), second_probs.argmax(1), ids, n_classes, seed=seed)
     return from_dict(
-        PairedDifference, {"images": images, "samples": samples, "n_images": len(a.paths), "n_samples": len(ids)}
+        PairedDifference, {"images": images, "samples": specimens, "n_images": len(a.paths), "n_samples": len(ids)}
     )

@@ -35,10 +35,10 @@ def curve_points(
     that fraction of the fold's training part, 'val', 'train_eval': a sample of 'train' it is scored on)."""
     dc = config.data
     points = []
-    for f, (tr, va) in enumerate(folds(data.labels, data.groups, pool, cv, dc.val_fraction, dc.split, dc.seed)):
+    for f, (tr, va) in enumerate(folds(data.labels, data.specimens, pool, cv, dc.val_fraction, dc.split, dc.seed)):
         points.append([])
         for j, fraction in enumerate(train_fractions):
-            sub = tr[subset(data.labels[tr], data.groups[tr], fraction, dc.split, seed=dc.seed + f)]
+            sub = tr[subset(data.labels[tr], data.specimens[tr], fraction, dc.split, seed=dc.seed + f)]
             rng = np.random.default_rng([dc.seed, f, j])
             train_eval = np.sort(rng.choice(sub, min(len(sub), TRAIN_EVAL_MAX), replace=False))
             points[f].append({"train": sub, "val": va, "train_eval": train_eval})

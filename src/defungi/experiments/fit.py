@@ -22,7 +22,7 @@ from defungi.experiments.rundir import RunDir
 from defungi.models import model_entry
 from defungi.results.history import EpochRow
 from defungi.results.schema import from_dict, to_dict
-from defungi.stats.metrics import classification_metrics, scored
+from defungi.stats.metrics import classification_metrics, score_metrics
 from defungi.stats.refusal import held_out_needed
 from defungi.train import distributed
 from defungi.train.checkpoint import checkpoint_of
@@ -60,7 +60,7 @@ def score_parts(
     class_weights: np.ndarray | None,
     probabilities_of: Callable[[np.ndarray], tuple[np.ndarray, float]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
-    """Metrics (image- and sample-level, with intervals over samples) and probabilities of every part
+    """Metrics (image- and specimen-level, with intervals over specimens) and probabilities of every part
     but 'train', scored as the run asks (test-time augmentation, precision); probabilities_of(idx),
     when given, computes (probabilities, loss) another way (e.g. from cached features)."""
     metrics, probabilities = {}, {}
@@ -71,7 +71,7 @@ def score_parts(
         probs, loss = (
             probabilities_of or (lambda i: _evaluate(model, data, i, preprocess, device, tc, class_weights))
         )(idx)
-        scores = scored(probs, data.labels[idx], data.groups[idx], data.classes, tc.seed, tc.specimen_rule)
+        scores = score_metrics(probs, data.labels[idx], data.specimens[idx], data.classes, tc.seed, tc.specimen_rule)
         metrics[part] = scores | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
         probabilities[part] = probs
     return metrics, probabilities

@@ -40,7 +40,7 @@ from defungi.results.run import (
 )
 from defungi.results.schema import from_dict
 from defungi.results.trust import Trust
-from defungi.stats.metrics import sample_rule_text, scored
+from defungi.stats.metrics import score_metrics, specimen_rule_text
 from defungi.train import distributed
 from defungi.train.assess import assess
 from defungi.train.checkpoint import load_trained, model_args
@@ -70,21 +70,21 @@ def split_for(config: Config, data: Dataset) -> Split:
     dc = config.data
     parts = 3 if dc.test_fraction > 0 else 2
     for c, name in enumerate(data.classes):
-        units = len(set(data.groups[data.labels == c])) if dc.split == "grouped" else int(np.sum(data.labels == c))
+        units = len(set(data.specimens[data.labels == c])) if dc.split == "grouped" else int(np.sum(data.labels == c))
         if units < parts:
             what = "samples" if dc.split == "grouped" else "images"
             raise DefungiError(
                 f"class {name} has {units} {what}; a {dc.split} split into {parts} parts needs at least {parts} "
                 f"(add {what} to it{' or use --split random' if dc.split == 'grouped' else ''})"
             )
-    return train_val_test_split(data.labels, data.groups, dc.val_fraction, dc.test_fraction, dc.split, dc.seed)
+    return train_val_test_split(data.labels, data.specimens, dc.val_fraction, dc.test_fraction, dc.split, dc.seed)
 
 
 def cv_splits(config: Config, data: Dataset) -> list[Split]:
     """The config's K-fold cross-validation of data (see `defungi.data.splits.cv_folds`): its first
     data.cv_fit_folds folds (0: all)."""
     dc = config.data
-    splits = cv_folds(data.labels, data.groups, data.classes, dc.cv_folds, dc.val_fraction, dc.split, dc.seed)
+    splits = cv_folds(data.labels, data.specimens, data.classes, dc.cv_folds, dc.val_fraction, dc.split, dc.seed)
     return splits[: dc.cv_fit_folds or None]
 
 
@@ -114,7 +114,7 @@ class FitProtocol(ABC):
             variance_threshold=config.data.variance_threshold,
             excluded=len(data.excluded),
             sizes={part: int(len(idx)) for part, idx in split.items()},
-            groups={part: int(len(set(data.groups[idx]))) for part, idx in split.items()},
+            groups={part: int(len(set(data.specimens[idx]))) for part, idx in split.items()},
             test_time_augmentation=config.train.tta,
             precision=precision,
             prior_weight=config.train.prior_weight if config.train.balance else 0.0,
@@ -129,7 +129,7 @@ class FitProtocol(ABC):
             model_args=model_args(config),
             classes=list(data.classes),
             protocol=protocol,
-            sample_rule=sample_rule_text(config.train.specimen_rule),
+            sample_rule=specimen_rule_text(config.train.specimen_rule),
             **record,
         )
 
@@ -254,7 +254,7 @@ def _split_trust(
     fold = np.r_[np.full(len(split["val"]), -1), np.zeros(len(split["test"]), dtype=int)]
     both = np.concatenate([probs["val"], probs["test"]])
     return assess(
-        both, data.labels[idx], data.groups[idx], fold, data.classes, "validation + test", seed=seed, rule=rule
+        both, data.labels[idx], data.specimens[idx], fold, data.classes, "validation + test", seed=seed, rule=rule
     )
 
 
@@ -305,8 +305,8 @@ def _store_ood(run: RunDir, result: FitResult, data: Dataset, split: Split, seed
     run.save_ood(result.ood)
     if "test" not in result.ood_scores:
         return None
-    detector, groups = result.ood, data.groups[split["test"]]
-    return ood_check("test", detector.quantile, [detector.threshold], result.ood_scores["test"], groups, seed)
+    detector, specimens = result.ood, data.specimens[split["test"]]
+    return ood_check("test", detector.quantile, [detector.threshold], result.ood_scores["test"], specimens, seed)
 
 
 def _timing(result: FitResult) -> Timing:
@@ -390,7 +390,7 @@ class SeedEnsemble(FitProtocol):
 
 class CrossValidation(FitProtocol):
     """K folds, each a run folder (fold-K, itself one fit or an ensemble); every usable image scored
-    once by the model that never saw its sample (oof.csv); metrics over all of them with intervals,
+    once by the model that never saw its specimen (oof.csv); metrics over all of them with intervals,
     and per fold."""
 
     kind: ClassVar[RunKind] = "cv"
@@ -415,7 +415,7 @@ class CrossValidation(FitProtocol):
         extra = {"fold": fold_of.tolist()} | ({"ood": [f"{x:.4f}" for x in ood]} if ood is not None else {})
         write_predictions(run.layout.oof, data, idx, probs, extra=extra)
         seed, rule = self.config.train.seed, self.config.train.specimen_rule
-        oof = scored(probs, data.labels[idx], data.groups[idx], data.classes, seed, rule)
+        oof = score_metrics(probs, data.labels[idx], data.specimens[idx], data.classes, seed, rule)
         per_fold = [_fold_scores(k, r.metrics.part("test")) for k, r in enumerate(records)]
         metrics = self.metrics(
             data,
@@ -428,11 +428,11 @@ class CrossValidation(FitProtocol):
             parts={"test": from_dict(PartScores, oof, "out of fold")},
             # what answers can be trusted to is fitted on some folds and checked on another: 2 folds at least
             trust=assess(
-                probs, data.labels[idx], data.groups[idx], fold_of, data.classes, "out of fold", seed=seed, rule=rule
+                probs, data.labels[idx], data.specimens[idx], fold_of, data.classes, "out of fold", seed=seed, rule=rule
             )
             if len(splits) >= 2
             else None,
-            ood=_cv_ood_check(records, ood, data.groups[idx], seed),
+            ood=_cv_ood_check(records, ood, data.specimens[idx], seed),
             folds=per_fold,
             fold_spread={
                 key: _spread([getattr(f, key) for f in per_fold])
@@ -464,13 +464,15 @@ def _fold_ood(run: RunDir, k: int) -> np.ndarray | None:
     return np.array([float(r["ood"]) for r in rows]) if rows and "ood" in rows[0] else None
 
 
-def _cv_ood_check(records: list[FitRecord], ood: np.ndarray | None, groups: np.ndarray, seed: int) -> OodCheck | None:
+def _cv_ood_check(
+    records: list[FitRecord], ood: np.ndarray | None, specimens: np.ndarray, seed: int
+) -> OodCheck | None:
     """The out-of-fold refusal of micrographs (None unless every fold has a detector)."""
     checks = [r.metrics.ood for r in records]
     if ood is None or any(c is None for c in checks):
         return None
     thresholds = [t for c in checks for t in c.thresholds]
-    return ood_check("out of fold", checks[0].quantile, thresholds, ood, groups, seed)
+    return ood_check("out of fold", checks[0].quantile, thresholds, ood, specimens, seed)
 
 
 def _fold_probabilities(run: RunDir, k: int, data: Dataset, idx: np.ndarray) -> np.ndarray:
@@ -485,7 +487,7 @@ def _fold_probabilities(run: RunDir, k: int, data: Dataset, idx: np.ndarray) -> 
 
 def _fold_scores(k: int, test: PartScores) -> FoldScores:
     samples = test.samples
-    assert samples is not None  # every scored part has its per-sample scores
+    assert samples is not None  # every scored part has its per-specimen scores
     return FoldScores(
         fold=k,
         test_images=test.n,

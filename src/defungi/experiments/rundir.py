@@ -144,11 +144,11 @@ class RunDir:
     # ---- plain files -----------------------------------------------------------------------
 
     def write_split(self, data: Dataset, split: dict[str, np.ndarray]) -> None:
-        """split.csv: every usable image with its class, sample group, part and file size (the run's
+        """split.csv: every usable image with its class, specimen, part and file size (the run's
         record of its data, checked when it is resumed or read back)."""
         part_of = {int(i): part for part, idx in split.items() for i in idx}
         rows = [
-            [str(p), data.classes[data.labels[i]], data.groups[i], part_of.get(i, "unused"), _size(p)]
+            [str(p), data.classes[data.labels[i]], data.specimens[i], part_of.get(i, "unused"), _size(p)]
             for i, p in enumerate(data.paths)
         ]
         _write_csv(self.layout.split, list(SPLIT_COLUMNS), rows)
@@ -191,7 +191,7 @@ class RunDir:
     def write_predictions(
         self, part: str, data: Dataset, idx: np.ndarray, probs: np.ndarray, ood: np.ndarray | None = None
     ) -> None:
-        """predictions_PART.csv: per image its path, sample, class, out-of-distribution score (when
+        """predictions_PART.csv: per image its path, specimen (column 'sample'), class, out-of-distribution score (when
         given; over 1: refused), prediction and class probabilities."""
         extra = {"ood": [f"{x:.4f}" for x in ood]} if ood is not None else None
         write_predictions(self.layout.predictions(part), data, idx, probs, extra)
@@ -263,11 +263,11 @@ def _size(path: Path) -> int:
 def write_predictions(
     path: Path, data: Dataset, idx: np.ndarray, probs: np.ndarray, extra: dict[str, list[Any]] | None = None
 ) -> None:
-    """Per image: path, sample, class, prediction, probability per class (and extra columns)."""
+    """Per image: path, specimen (column 'sample'), class, prediction, probability per class (and extra columns)."""
     extra = extra or {}
     header = ["path", "sample", "class", *extra, "prediction", *(f"p_{c}" for c in data.classes)]
     rows = [
-        [str(data.paths[i]), data.groups[i], data.classes[data.labels[i]], *(v[j] for v in extra.values()),
+        [str(data.paths[i]), data.specimens[i], data.classes[data.labels[i]], *(v[j] for v in extra.values()),
          data.classes[int(p.argmax())], *(f"{x:.6f}" for x in p)]
         for j, (i, p) in enumerate(zip(idx, probs, strict=True))
     ]  # fmt: skip

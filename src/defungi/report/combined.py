@@ -45,7 +45,7 @@ def final_of(state: StudyState) -> Final:
 
 
 def comparison_table(states: list[StudyState], runs: Sequence[Path] = ()) -> Table:
-    """Each study's final recipe by grouped and random cross-validation, per image and per sample,
+    """Each study's final recipe by grouped and random cross-validation, per image and per specimen,
     with 95% intervals, beside its published figures; then other finished runs scored the same way."""
     rows: dict[str, Scores | dict[str, Any]] = {}
     for state in states:
@@ -167,7 +167,7 @@ def run_rows(run_dirs: list[Path]) -> dict[str, Scores]:
 
 def build_comparison(run_dirs: list[Path], out_dir: Path, difference: PairedDifference | None = None) -> Path:
     """Finished runs (e.g. one recipe under grouped and random cross-validation) side by side: image-
-    and sample-level metrics with their 95% intervals over samples; with the paired difference of two
+    and specimen-level metrics with their 95% intervals over specimens; with the paired difference of two
     runs (`defungi.experiments.compare`), its table. Returns the HTML path."""
     rows = run_rows(run_dirs)
     page = Page("defungi: runs side by side")

@@ -79,7 +79,7 @@ def interval_table(rows: dict[str, Scores | dict[str, Any]], keys: Sequence[str]
 
 def metrics_line(name: str, scores: Scores | dict[str, Any]) -> str:
     """One line for a terminal: accuracy and macro P / R / F1, each with its 95% interval over
-    samples where there is one, and the number scored."""
+    specimens where there is one, and the number scored."""
     values = "  ".join(f"{k.replace('f1', 'F1')} {with_interval(scores, k)}" for k in METRICS)
     n = scores.n if isinstance(scores, Scores) else scores["n"]
     return f"{name}: {values}  (n={n})"

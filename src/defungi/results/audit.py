@@ -1,5 +1,5 @@
 """What a data audit (audit.json) holds, as typed records: counts per class, the outliers, clusters
-of identical images under more than one sample number, and what a random split leaks. Written by
+of identical images under more than one specimen number, and what a random split leaks. Written by
 `defungi.data.audit`, drawn by `defungi.report.audit`. No torch here."""
 
 from __future__ import annotations

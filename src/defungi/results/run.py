@@ -52,8 +52,8 @@ class Reliability:
 
 @dataclass
 class Scores:
-    """Macro-averaged scores of one set of decisions (images, or samples), the per-class table, the
-    confusion matrix and 95% intervals from a bootstrap over physical samples."""
+    """Macro-averaged scores of one set of decisions (images, or specimens), the per-class table, the
+    confusion matrix and 95% intervals from a bootstrap over specimens."""
 
     n: int
     accuracy: float
@@ -74,7 +74,7 @@ class Scores:
 
 @dataclass
 class PartScores(Scores):
-    """A scored part of a run (val, test, out of fold...): per image, per sample, calibration, and how
+    """A scored part of a run (val, test, out of fold...): per image, per specimen, calibration, and how
     it was scored."""
 
     samples: Scores | None = None
@@ -358,20 +358,20 @@ def read_evaluation(path: Path) -> Evaluation:
 
 @dataclass
 class Difference:
-    """Second run minus first on one metric, and its 95% interval from a paired bootstrap over samples."""
+    """Second run minus first on one metric, and its 95% interval from a paired bootstrap over specimens."""
 
     difference: float
     interval: list[float]
 
     @property
     def clear(self) -> bool:
-        """Whether the interval excludes 0 (the difference is more than the draw of samples)."""
+        """Whether the interval excludes 0 (the difference is more than the draw of specimens)."""
         return self.interval[0] > 0 or self.interval[1] < 0
 
 
 @dataclass
 class PairedDifference:
-    """Two runs compared on the same images: per metric, per image and per sample."""
+    """Two runs compared on the same images: per metric, per image and per specimen."""
 
     images: dict[str, Difference]
     samples: dict[str, Difference]

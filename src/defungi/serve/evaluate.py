@@ -44,7 +44,7 @@ from defungi.serve.predict import (
     selective_check,
 )
 from defungi.serve.predictor import Predictor, torch_predictor
-from defungi.stats.metrics import calibration, mean_nll, scored, temper
+from defungi.stats.metrics import calibration, mean_nll, score_metrics, temper
 from defungi.train.assess import set_check
 from defungi.train.ood import ood_check
 from defungi.utils import atomic_write_json, atomic_write_text, check_output
@@ -155,7 +155,7 @@ def _labelled(classes: list[str], specimens: list[dict[str, Any]]) -> dict[Unit,
 def _scores(model: Predictor, images: Labelled, tta: bool | None) -> PartScores:
     """Per image and per specimen (its images' probabilities pooled by the run's rule), with intervals
     over specimens."""
-    result = scored(images.probs, images.labels, images.groups, model.classes, rule=model.specimen_rule)
+    result = score_metrics(images.probs, images.labels, images.groups, model.classes, rule=model.specimen_rule)
     return from_dict(PartScores, result | {"tta": model.tta if tta is None else tta}, "evaluation")
 
 

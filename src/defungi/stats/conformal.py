@@ -38,9 +38,9 @@ def conformal_threshold(scores: np.ndarray, level: float, weights: np.ndarray | 
     return float(scores[order][np.argmax(reached)])
 
 
-def unit_weights(groups: np.ndarray) -> np.ndarray:
-    """Weights that give every group (specimen) a total weight of 1, shared by its rows."""
-    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+def unit_weights(specimens: np.ndarray) -> np.ndarray:
+    """Weights that give every specimen a total weight of 1, shared by its rows."""
+    _, inverse, counts = np.unique(specimens, return_inverse=True, return_counts=True)
     return 1.0 / counts[inverse]
 
 

@@ -88,20 +88,20 @@ def specimen_probabilities(probs: np.ndarray, rule: str = "mean") -> np.ndarray:
     return pooled / pooled.sum()
 
 
-def sample_rule_text(rule: str) -> str:
-    """How a sample's decision is made under rule, in words (metrics.json's sample_rule)."""
+def specimen_rule_text(rule: str) -> str:
+    """How a specimen's decision is made under rule, in words (metrics.json's sample_rule)."""
     return f"a sample's decision: {SPECIMEN_RULE_TEXT[rule]}, then the most probable class"
 
 
-def sample_decisions(
-    probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, rule: str = "mean"
+def specimen_decisions(
+    probs: np.ndarray, labels: np.ndarray, specimens: np.ndarray, rule: str = "mean"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One decision per physical sample: its images' probabilities pooled by rule (see
+    """One decision per specimen: its images' probabilities pooled by rule (see
     specimen_probabilities).
 
-    Returns (sample ids, their labels: the most common label of their images, their probabilities).
+    Returns (specimen ids, their labels: the most common label of their images, their probabilities).
     """
-    ids, inverse = np.unique(groups, return_inverse=True)
+    ids, inverse = np.unique(specimens, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     ends = np.cumsum(np.bincount(inverse, minlength=len(ids)))[:-1]
     pooled = np.stack([specimen_probabilities(p, rule) for p in np.split(probs[order], ends)])
@@ -127,10 +127,10 @@ def _scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
     return {"accuracy": tp.sum(-1) / confusion.sum((-2, -1)), **macro}
 
 
-def _resample_weights(groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, images) weights of a bootstrap that draws physical samples (groups) with replacement,
-    each drawn sample bringing all its images."""
-    ids, inverse = np.unique(groups, return_inverse=True)
+def _resample_weights(specimens: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, images) weights of a bootstrap that draws specimens with replacement,
+    each drawn specimen bringing all its images."""
+    ids, inverse = np.unique(specimens, return_inverse=True)
     draws = np.random.default_rng(seed).integers(0, len(ids), (n_boot, len(ids)))
     return np.stack([np.bincount(d, minlength=len(ids)) for d in draws])[:, inverse]
 
@@ -152,15 +152,15 @@ def _percentiles(values: np.ndarray, level: float) -> list[float]:
 def bootstrap_intervals(
     labels: np.ndarray,
     predictions: np.ndarray,
-    groups: np.ndarray,
+    specimens: np.ndarray,
     n_classes: int,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, list[float]]:
-    """95% intervals of accuracy and macro P / R / F1 from a bootstrap that resamples physical
-    samples (groups) with replacement, each drawn sample bringing all its images."""
-    weights = _resample_weights(groups, n_boot, seed)
+    """95% intervals of accuracy and macro P / R / F1 from a bootstrap that resamples
+    specimens with replacement, each drawn specimen bringing all its images."""
+    weights = _resample_weights(specimens, n_boot, seed)
     scores = _resampled_scores(labels, predictions, weights, n_classes)
     return {k: _percentiles(v, level) for k, v in scores.items()}
 
@@ -169,15 +169,15 @@ def bootstrap_difference(
     labels: np.ndarray,
     first: np.ndarray,
     second: np.ndarray,
-    groups: np.ndarray,
+    specimens: np.ndarray,
     n_classes: int,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, dict[str, Any]]:
     """Second minus first predictions of the same images, per metric: the difference and its 95%
-    interval from a paired bootstrap over physical samples (both scored on every resample)."""
-    weights = _resample_weights(groups, n_boot, seed)
+    interval from a paired bootstrap over specimens (both scored on every resample)."""
+    weights = _resample_weights(specimens, n_boot, seed)
     a, b = (_resampled_scores(labels, p, weights, n_classes) for p in (first, second))
     full = np.ones((1, len(labels)))
     a0, b0 = (_resampled_scores(labels, p, full, n_classes) for p in (first, second))
@@ -228,23 +228,25 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20)), method="bounded").x))
 
 
-def scored(
+def score_metrics(
     probs: np.ndarray,
     labels: np.ndarray,
-    groups: np.ndarray,
+    specimens: np.ndarray,
     classes: list[str],
     seed: int = 0,
     rule: str = "mean",
 ) -> dict[str, Any]:
-    """Image-level metrics with intervals over samples, and the same for one decision per sample
+    """Image-level metrics with intervals over specimens, and the same for one decision per specimen
     (its images' probabilities pooled by rule, see specimen_probabilities)."""
     predictions = probs.argmax(1)
     images = classification_metrics(labels, predictions, classes)
-    images["intervals"] = bootstrap_intervals(labels, predictions, groups, len(classes), seed=seed)
-    ids, sample_labels, sample_probs = sample_decisions(probs, labels, groups, rule)
-    samples = classification_metrics(sample_labels, sample_probs.argmax(1), classes)
-    samples["intervals"] = bootstrap_intervals(sample_labels, sample_probs.argmax(1), ids, len(classes), seed=seed)
-    return images | {"samples": samples, "calibration": calibration(probs, labels)}
+    images["intervals"] = bootstrap_intervals(labels, predictions, specimens, len(classes), seed=seed)
+    ids, specimen_labels, specimen_probs = specimen_decisions(probs, labels, specimens, rule)
+    specimens_scored = classification_metrics(specimen_labels, specimen_probs.argmax(1), classes)
+    specimens_scored["intervals"] = bootstrap_intervals(
+        specimen_labels, specimen_probs.argmax(1), ids, len(classes), seed=seed
+    )
+    return images | {"samples": specimens_scored, "calibration": calibration(probs, labels)}
 
 
 def prior_weights(class_prior: Sequence[float] | None, power: float) -> np.ndarray | None:

@@ -67,10 +67,10 @@ def refusal_tiers(scores: np.ndarray, refuse_over: float = REFUSE) -> tuple[np.n
 
 
 def refused_share(
-    refused: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0
+    refused: np.ndarray, specimens: np.ndarray, n_boot: int = 1000, seed: int = 0
 ) -> tuple[float, list[float]]:
-    """The share of images refused and its 95% interval from a bootstrap over specimens (groups)."""
-    ids, index = np.unique(groups, return_inverse=True)
+    """The share of images refused and its 95% interval from a bootstrap over specimens."""
+    ids, index = np.unique(specimens, return_inverse=True)
     hits, sizes = np.bincount(index, weights=refused.astype(float)), np.bincount(index)
     draws = np.random.default_rng(seed).integers(0, len(ids), (n_boot, len(ids)))
     shares = hits[draws].sum(1) / sizes[draws].sum(1)

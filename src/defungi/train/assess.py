@@ -26,7 +26,7 @@ from defungi.results.trust import (
     Trust,
 )
 from defungi.stats.conformal import prediction_sets, thresholds, unit_weights
-from defungi.stats.metrics import calibration, fit_temperature, mean_nll, sample_decisions, temper
+from defungi.stats.metrics import calibration, fit_temperature, mean_nll, specimen_decisions, temper
 from defungi.stats.selective import (
     COVERAGES,
     DELTA,
@@ -48,11 +48,11 @@ class Held:
 
     probs: np.ndarray
     labels: np.ndarray
-    groups: np.ndarray  # the specimen of each row (itself, for specimens)
+    specimens: np.ndarray  # the specimen of each row (itself, for specimens)
     fold: np.ndarray  # which check a row belongs to (-1: only fits)
 
     def take(self, rows: np.ndarray) -> Held:
-        return Held(self.probs[rows], self.labels[rows], self.groups[rows], self.fold[rows])
+        return Held(self.probs[rows], self.labels[rows], self.specimens[rows], self.fold[rows])
 
     def pairs(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(rows that fit, rows that check) per check: every other fold against one fold, or the
@@ -71,8 +71,8 @@ class Held:
 def by_specimen(images: Held, rule: str = "mean") -> Held:
     """One row per specimen: its images' probabilities pooled by rule (see stats.metrics.SPECIMEN_RULES),
     its images' class and fold."""
-    ids, labels, means = sample_decisions(images.probs, images.labels, images.groups, rule)
-    _, first = np.unique(images.groups, return_index=True)
+    ids, labels, means = specimen_decisions(images.probs, images.labels, images.specimens, rule)
+    _, first = np.unique(images.specimens, return_index=True)
     return Held(means, labels, ids, images.fold[first])
 
 
@@ -103,12 +103,12 @@ def check_temperature(held: Held, unit: str, fitted_on: str, checked_on: str) ->
 
 
 def set_check(
-    sets: np.ndarray, labels: np.ndarray, groups: np.ndarray, classes: Sequence[str], seed: int = 0
+    sets: np.ndarray, labels: np.ndarray, specimens: np.ndarray, classes: Sequence[str], seed: int = 0
 ) -> SetCheck:
     """Coverage and size of sets (boolean, rows x classes) against labels, with intervals from a
-    bootstrap that draws specimens (groups, each with all its rows)."""
+    bootstrap that draws specimens, each with all its rows."""
     hit, size = sets[np.arange(len(labels)), labels].astype(float), sets.sum(1).astype(float)
-    counts, inverse = _specimen_draws(groups, np.random.default_rng(seed))
+    counts, inverse = _specimen_draws(specimens, np.random.default_rng(seed))
     cov, mean_size = _resampled_means(counts, hit, inverse), _resampled_means(counts, size, inverse)
     return SetCheck(
         coverage=float(hit.mean()),
@@ -130,7 +130,7 @@ def conformal_sets(held: Held, unit: str, level: float, classes: Sequence[str], 
     class-conditional answers where some class's marginal coverage fell short of the level by more
     than its interval allows (its upper end below the level)."""
     n_classes = len(classes)
-    weights = unit_weights(held.groups)
+    weights = unit_weights(held.specimens)
     checked_sets: dict[str, list[np.ndarray]] = {"marginal": [], "class-conditional": []}
     check_rows = []
     for fit_rows, rows in held.pairs():
@@ -142,7 +142,7 @@ def conformal_sets(held: Held, unit: str, level: float, classes: Sequence[str], 
         check_rows.append(rows)
     rows = np.concatenate(check_rows)
     checked = {
-        mode: set_check(np.concatenate(s), held.labels[rows], held.groups[rows], classes, seed)
+        mode: set_check(np.concatenate(s), held.labels[rows], held.specimens[rows], classes, seed)
         for mode, s in checked_sets.items()
     }
     short = _class_falls_short(np.concatenate(checked_sets["marginal"]), held.take(rows), level, seed)
@@ -154,7 +154,7 @@ def conformal_sets(held: Held, unit: str, level: float, classes: Sequence[str], 
         marginal=marginal,
         per_class={c: float(t) for c, t in zip(classes, per_class, strict=True)},
         mode="class-conditional" if short else "marginal",
-        calibration_units=len(np.unique(held.groups[fit])),
+        calibration_units=len(np.unique(held.specimens[fit])),
         checked=checked,
     )
 
@@ -166,16 +166,18 @@ def _class_falls_short(sets: np.ndarray, held: Held, level: float, seed: int) ->
     rng = np.random.default_rng(seed)
     for c in np.unique(held.labels):
         rows = held.labels == c
-        counts, inverse = _specimen_draws(held.groups[rows], rng)
+        counts, inverse = _specimen_draws(held.specimens[rows], rng)
         if np.percentile(_resampled_means(counts, hit[rows], inverse), 97.5) < level:
             return True
     return False
 
 
-def _specimen_draws(groups: np.ndarray, rng: np.random.Generator, draws: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def _specimen_draws(
+    specimens: np.ndarray, rng: np.random.Generator, draws: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
     """A bootstrap over specimens: how often each specimen is drawn in each of draws resamples (draws x
     specimens), and each row's specimen (an index into them)."""
-    ids, inverse = np.unique(groups, return_inverse=True)
+    ids, inverse = np.unique(specimens, return_inverse=True)
     drawn = rng.integers(0, len(ids), (draws, len(ids)))
     return np.stack([np.bincount(d, minlength=len(ids)) for d in drawn]), inverse
 
@@ -249,7 +251,7 @@ def promise_checks(held: Held, target: float, delta: float = DELTA) -> list[Prom
 def assess(
     probs: np.ndarray,
     labels: np.ndarray,
-    groups: np.ndarray,
+    specimens: np.ndarray,
     fold: np.ndarray,
     classes: Sequence[str],
     source: str,
@@ -260,23 +262,23 @@ def assess(
     """Temperatures, conformal sets (per level, per image and per specimen) and selective answers of
     held-out predictions; fold: the check each row belongs to (-1: only fits, see `Held.pairs`); rule:
     how a specimen's images' probabilities are pooled."""
-    images = Held(probs, labels, groups, fold)
+    images = Held(probs, labels, specimens, fold)
     fitted_on, checked_on = (
         ("the validation part", "the test part") if (fold < 0).any() else ("the other folds", "each fold")
     )
     image_t = check_temperature(images, "image", fitted_on, checked_on)
-    images = Held(temper(probs, image_t.applied), labels, groups, fold)
-    specimens = by_specimen(Held(probs, labels, groups, fold), rule)
-    specimen_t = check_temperature(specimens, "specimen", fitted_on, checked_on)
-    specimens = Held(temper(specimens.probs, specimen_t.applied), specimens.labels, specimens.groups, specimens.fold)
+    images = Held(temper(probs, image_t.applied), labels, specimens, fold)
+    pooled = by_specimen(Held(probs, labels, specimens, fold), rule)
+    specimen_t = check_temperature(pooled, "specimen", fitted_on, checked_on)
+    pooled = Held(temper(pooled.probs, specimen_t.applied), pooled.labels, pooled.specimens, pooled.fold)
     sets = [
         conformal_sets(held, unit, level, classes, seed)
         for level in levels
-        for unit, held in (("specimen", specimens), ("image", images))
+        for unit, held in (("specimen", pooled), ("image", images))
     ]
     return Trust(
         source=source,
         temperatures={"image": image_t, "specimen": specimen_t},
         sets=sets,
-        selective=selective(specimens, seed),
+        selective=selective(pooled, seed),
     )

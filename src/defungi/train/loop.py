@@ -30,7 +30,7 @@ class Preprocess:
 
     normalize="dataset" uses the training set's channel mean/std; "image" standardises every
     image by its own channel mean/std, which removes the stain and illumination cast of a slide
-    (the cue that does not carry over to unseen samples); "luma" uses one mean/std per image
+    (the cue that does not carry over to unseen specimens); "luma" uses one mean/std per image
     for all channels, removing brightness and contrast but keeping the hue.
     """
 

@@ -70,7 +70,7 @@ def _ratio_split(ctx: Context, ratio: float, repeat: int) -> dict[str, np.ndarra
     """The repeat-th split with a train share of ratio (its validation part scaled alike)."""
     dc = ctx.config.data
     return train_val_test_split(
-        ctx.data.labels, ctx.data.groups, dc.val_fraction * ratio, 1 - ratio, dc.split, dc.seed + 1000 * repeat
+        ctx.data.labels, ctx.data.specimens, dc.val_fraction * ratio, 1 - ratio, dc.split, dc.seed + 1000 * repeat
     )
 
 

@@ -53,7 +53,7 @@ def plan_explore(ctx: StudyContext[Any], split: dict[str, np.ndarray], *changes:
 def _curve_inputs(ctx: StudyContext[Any], pool_fraction: float, epochs: int | None) -> tuple[Config, np.ndarray]:
     """A study curve's config and pool (pool_fraction of the training + validation data)."""
     dc = ctx.config.data
-    pool = tuning_pool(ctx.data.labels, ctx.data.groups, ctx.split, pool_fraction, dc.split, dc.seed)
+    pool = tuning_pool(ctx.data.labels, ctx.data.specimens, ctx.split, pool_fraction, dc.split, dc.seed)
     return explore_config(ctx, **({"train.epochs": epochs} if epochs else {})), pool
 
 
@@ -106,7 +106,9 @@ def curves(results: dict[str, NamedCurve]) -> Curves:
 def _grid_split(ctx: StudyContext[Any], pool_fraction: float) -> dict[str, np.ndarray]:
     """A study grid's train and validation parts (pool_fraction of the data; 1.0: the main split's)."""
     dc = ctx.config.data
-    return tuning_split(ctx.data.labels, ctx.data.groups, ctx.split, pool_fraction, dc.val_fraction, dc.split, dc.seed)
+    return tuning_split(
+        ctx.data.labels, ctx.data.specimens, ctx.split, pool_fraction, dc.val_fraction, dc.split, dc.seed
+    )
 
 
 def plan_study_grid(ctx: StudyContext[Any], grid_values: dict[str, list[Any]], pool_fraction: float) -> list[FitPlan]:
@@ -162,7 +164,7 @@ def around(best: float, factors: list[float]) -> list[float]:
 def final_fits(
     ctx: StudyContext[Any], out: Path, published: dict[str, float], extra: dict[str, Any] | None = None
 ) -> Final:
-    """The final recipe (early stopping) scored by K-fold cross-validation over every sample, grouped
+    """The final recipe (early stopping) scored by K-fold cross-validation over every specimen, grouped
     and random (the published protocol), beside the published figures; the leakage gap with its interval."""
     records = {mode: fit_run(config, out / mode, ctx.data) for mode, config in _final_configs(ctx, extra).items()}
     gap = paired_difference(records["grouped"].path, records["random"].path, seed=ctx.config.train.seed)
@@ -214,7 +216,7 @@ def plan_final(ctx: StudyContext[Any], extra: dict[str, Any] | None = None) -> l
 
 
 def _f1(scores: Scores | None) -> str:
-    assert scores is not None  # every scored part has its per-sample scores
+    assert scores is not None  # every scored part has its per-specimen scores
     low, high = scores.intervals["f1"]
     return f"{scores.f1:.3f} [{low:.3f}, {high:.3f}]"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from defungi.config import load_config
-from defungi.experiments.plan import Probe, step_plan
+from defungi.experiments.meter import Probe, step_plan
 from defungi.experiments.protocols import dataset_for, plan_fits
 from defungi.experiments.studies import final_folds, plan_study
 from defungi.jobs import TRANSFER_PROFILE, study_names, transfer_overrides

@@ -20,7 +20,7 @@ from defungi.data.splits import tuning_pool, tuning_split
 from defungi.errors import DefungiError
 from defungi.experiments.compare import paired_difference
 from defungi.experiments.curve import learning_curve, plan_curve
-from defungi.experiments.plan import FitPlan, Probe, current_step, planned_job, step_plan
+from defungi.experiments.meter import FitPlan, Probe, current_step, planned_job, step_plan
 from defungi.experiments.protocols import dataset_for, fit_run, plan_fits, preflight, split_for
 from defungi.experiments.rundir import FitRecord, RunDir
 from defungi.layout import AuditLayout, RunLayout, SearchLayout, StudyLayout

@@ -12,7 +12,7 @@ import numpy as np
 from defungi.config import Config
 from defungi.data.dataset import Dataset
 from defungi.data.splits import folds, subset
-from defungi.experiments.plan import FitPlan
+from defungi.experiments.meter import FitPlan
 from defungi.experiments.protocols import fit_run, plan_fits
 from defungi.experiments.rundir import FitRecord
 from defungi.results.search import LearningCurve

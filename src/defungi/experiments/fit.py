@@ -17,7 +17,7 @@ import torch.nn as nn
 from defungi.config import Config, TrainConfig
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
-from defungi.experiments import plan
+from defungi.experiments import meter
 from defungi.experiments.rundir import RunDir
 from defungi.models import model_entry
 from defungi.results.history import EpochRow
@@ -302,7 +302,7 @@ def fit(
     progress = _resume(learner, saved)
     if saved is not None:
         log.info("resuming %s at epoch %d/%d", run.root, progress.start_epoch + 1, config.train.epochs)
-    ticket = plan.on_fit(config, split)
+    ticket = meter.on_fit(config, split)
     # after a resume: the cached inputs are those of the loaded backbone
     source = source_of(task, learner, ticket.features)
     _train(task, learner, source, progress, run, sync, ticket.epoch)

@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, S
 from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
-from defungi.experiments.plan import FitPlan
+from defungi.experiments.meter import FitPlan
 from defungi.experiments.protocols import fit_run, plan_fits
 from defungi.results.search import GridResult, GridRow
 

@@ -22,7 +22,7 @@ from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import cv_folds, train_val_test_split
 from defungi.errors import DefungiError
 from defungi.experiments.fit import FitResult, fit, score_parts
-from defungi.experiments.plan import FitPlan
+from defungi.experiments.meter import FitPlan
 from defungi.experiments.rundir import FitRecord, RunDir, write_predictions
 from defungi.layout import read_predictions, read_table
 from defungi.models.registry import check_model
@@ -95,7 +95,7 @@ class FitProtocol(ABC):
     config: Config
     kind: ClassVar[RunKind]
 
-    def plan(self, data: Dataset, split: Split | None) -> list[FitPlan]:
+    def list_fits(self, data: Dataset, split: Split | None) -> list[FitPlan]:
         """The fits execute would run (its leaves: folds, members), each with its parts' sizes."""
         return [FitPlan.of(self.config, split if split is not None else split_for(self.config, data))]
 
@@ -158,7 +158,7 @@ def protocol_for(config: Config) -> FitProtocol:
 def plan_fits(config: Config, data: Dataset, split: Split | None = None) -> list[FitPlan]:
     """The fits fit_run(config, ..., data, split) would run, each with its parts' sizes; the first
     carries the frozen backbone's readings that are not cached yet."""
-    fits = protocol_for(config).plan(data, split)
+    fits = protocol_for(config).list_fits(data, split)
     if fits:
         fits[0].cold_features = cold_features(config, data)
     return fits
@@ -344,7 +344,7 @@ class SeedEnsemble(FitProtocol):
             load_config_from(self.config, {"train.ensemble": 1, "train.seed": tc.seed + k}) for k in range(tc.ensemble)
         ]
 
-    def plan(self, data: Dataset, split: Split | None) -> list[FitPlan]:
+    def list_fits(self, data: Dataset, split: Split | None) -> list[FitPlan]:
         split = split if split is not None else split_for(self.config, data)
         return [FitPlan.of(member, split) for member in self.member_configs()]
 
@@ -399,9 +399,9 @@ class CrossValidation(FitProtocol):
     def fold_config(self) -> Config:
         return load_config_from(self.config, {"data.cv_folds": 0, "data.cv_fit_folds": 0})
 
-    def plan(self, data: Dataset, split: Split | None) -> list[FitPlan]:
+    def list_fits(self, data: Dataset, split: Split | None) -> list[FitPlan]:
         inner = protocol_for(self.fold_config)
-        return [fit for fold in cv_splits(self.config, data) for fit in inner.plan(data, fold)]
+        return [fit for fold in cv_splits(self.config, data) for fit in inner.list_fits(data, fold)]
 
     def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
         splits = cv_splits(self.config, data)

@@ -1,7 +1,7 @@
 """What a job's plan.json holds, as typed records: the steps it fits, each step's estimate from a
 short throughput probe on the machine that ran it, and each step's measured time beside it.
 
-Written by `defungi.experiments.plan` before and during the work (`run`, `study`), read by
+Written by `defungi.experiments.meter` before and during the work (`run`, `study`), read by
 `defungi.report`. No torch here.
 """
 

@@ -8,7 +8,7 @@ from typing import Any
 from defungi.config import Config
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
-from defungi.experiments.plan import Probe
+from defungi.experiments.meter import Probe
 from defungi.experiments.studies import runner
 from defungi.experiments.studies.convmixer import CONVMIXER
 from defungi.experiments.studies.resnet34 import RESNET34

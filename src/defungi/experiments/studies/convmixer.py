@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from defungi.data.splits import train_val_test_split
-from defungi.experiments.plan import FitPlan
+from defungi.experiments.meter import FitPlan
 from defungi.experiments.protocols import fit_run
 from defungi.experiments.studies import steps
 from defungi.experiments.studies.runner import Study, StudyContext, StudyOptions

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from defungi.data.augment import balanced_order
-from defungi.experiments.plan import FitPlan
+from defungi.experiments.meter import FitPlan
 from defungi.experiments.protocols import fit_run
 from defungi.experiments.studies import steps
 from defungi.experiments.studies.runner import Study, StudyContext, StudyOptions

@@ -25,7 +25,7 @@ import numpy as np
 from defungi.config import Config, apply_values, load_config_from, nested, profile_table
 from defungi.data.dataset import Dataset
 from defungi.errors import DefungiError
-from defungi.experiments.plan import FitPlan, Probe, current_step, step_plan
+from defungi.experiments.meter import FitPlan, Probe, current_step, step_plan
 from defungi.experiments.protocols import dataset_for, same_images, split_for
 from defungi.experiments.rundir import claim_config, write_exclusions
 from defungi.layout import StudyLayout

@@ -12,7 +12,7 @@ from defungi.config import Config, load_config_from
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.experiments.compare import paired_difference
 from defungi.experiments.curve import learning_curve, plan_curve
-from defungi.experiments.plan import FitPlan
+from defungi.experiments.meter import FitPlan
 from defungi.experiments.protocols import fit_run, plan_fits
 from defungi.experiments.speed import inference_images_per_s
 from defungi.experiments.studies.runner import StudyContext

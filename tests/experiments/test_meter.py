@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from defungi.experiments import plan as plan_module
-from defungi.experiments.plan import FitPlan, JobMeter, Probe, fit_seconds, job_plan, planned_job, step_plan
+from defungi.experiments import meter as meter_module
+from defungi.experiments.meter import FitPlan, JobMeter, Probe, fit_seconds, job_plan, planned_job, step_plan
 from defungi.experiments.protocols import dataset_for, fit_run, plan_fits
 from defungi.jobs import train_job
 from defungi.results.plan import Rate, StepPlan, read_plan
@@ -52,9 +52,9 @@ def test_the_meter_credits_epochs_up_to_the_steps_estimate_and_records_its_time(
     assert step.estimate_seconds == pytest.approx(2 * (100 / 10 + 20 / 100) + 20 / 100)
     path = tmp_path / "plan.json"
     meter = JobMeter(job_plan([step, step_plan("t", "another", [], probe)], probe), path, probe)
-    with plan_module.metering(meter), plan_module.current_step("s") as planned:
+    with meter_module.metering(meter), meter_module.current_step("s") as planned:
         assert planned is step
-        ticket = plan_module.on_fit(config, split)
+        ticket = meter_module.on_fit(config, split)
         ticket.epoch()
         assert meter.done_s == pytest.approx(10.2)
         ticket.epoch(), ticket.epoch(), ticket.epoch()  # more epochs than planned: no more than the fit's estimate
@@ -106,8 +106,8 @@ def test_a_frozen_backbones_feature_pass_is_credited_when_it_ends_not_at_the_fit
     split = {"train": np.arange(100), "val": np.arange(20)}
     step = step_plan("s", "a step", [FitPlan(config, {"train": 100, "val": 20}, cold_features=120)], probe)
     meter = JobMeter(job_plan([step], probe), None, probe)
-    with plan_module.metering(meter), plan_module.current_step("s"):
-        ticket = plan_module.on_fit(config, split)
+    with meter_module.metering(meter), meter_module.current_step("s"):
+        ticket = meter_module.on_fit(config, split)
         ticket.features(120)  # 120 images at 5/s, before the first epoch
         assert meter.done_s == pytest.approx(24.0)
         assert "about" in meter.status() and meter.status().startswith(f"{100 * 24 / step.estimate_seconds:.0f}%")

@@ -61,9 +61,9 @@ def job(profile: str, data_root: str, probe: Probe, changes: dict[str, Any], stu
     """The main job's steps under profile with changes (config keys) and study options, planned into a
     scratch folder."""
     config = load_config(profile, {"data.root": data_root, **changes})
-    data = dataset_for(config, progress=False)
+    dataset = dataset_for(config, progress=False)
     out = Path(tempfile.mkdtemp(prefix="defungi-budget-"))
-    steps = [p for n in study_names() for p in plan_study(n, config, out / n, probe, study, data, profile)]
+    steps = [p for n in study_names() for p in plan_study(n, config, out / n, probe, study, dataset, profile)]
     folds = final_folds(study_names()[0], config, study, profile)
     transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config, folds))
     steps.append(step_plan("transfer", "transfer", plan_fits(transfer, dataset_for(transfer, progress=False)), probe))

@@ -181,11 +181,11 @@ def check_features(run: Path, features: np.ndarray, paths: list[str], images: Sc
 def run_features(run: Path, given: Path | None) -> tuple[np.ndarray, list[str]]:
     """The run's cached head features and their image paths (as the run's data loader orders them)."""
     config = read_config(RunLayout(run).config)
-    data = dataset_for(config, progress=False)
-    features = np.load(given, mmap_mode="r") if given else frozen_features(config, data)
-    if len(features) != len(data.paths):
-        raise SystemExit(f"{given}: {len(features)} rows, but the run's data has {len(data.paths)} images")
-    return np.asarray(features, dtype=np.float32), [str(p) for p in data.paths]
+    dataset = dataset_for(config, progress=False)
+    features = np.load(given, mmap_mode="r") if given else frozen_features(config, dataset)
+    if len(features) != len(dataset.paths):
+        raise SystemExit(f"{given}: {len(features)} rows, but the run's data has {len(dataset.paths)} images")
+    return np.asarray(features, dtype=np.float32), [str(p) for p in dataset.paths]
 
 
 def summary(labels: np.ndarray, predictions: np.ndarray, ids: np.ndarray, baseline: np.ndarray, n: int) -> dict:

@@ -213,13 +213,13 @@ def whole_fit(root: Path, args: argparse.Namespace) -> tuple[float, float, int]:
             "train.amp": args.amp,
         },
     )
-    data = load_dataset(root, args.image_size, config.data.variance_threshold, progress=False)
-    split = train_val_test_split(data.labels, data.specimens, 0.15, 0.15, "grouped", 0)
+    dataset = load_dataset(root, args.image_size, config.data.variance_threshold, progress=False)
+    split = train_val_test_split(dataset.labels, dataset.specimens, 0.15, 0.15, "grouped", 0)
     rng = np.random.default_rng(0)
     keep = {"train": args.fit_images, "val": args.fit_images * 15 // 70, "test": args.fit_images * 15 // 70}
     split = {p: np.sort(rng.permutation(idx)[: keep[p]]) for p, idx in split.items()}
     start = time.perf_counter()
-    result = fit(config, data, split)
+    result = fit(config, dataset, split)
     wall = time.perf_counter() - start
     trained = sum(h.images_per_s * h.seconds for h in result.history)
     return trained / wall, trained / sum(h.seconds for h in result.history), len(result.history)

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 TRANSFER_PROFILE = "transfer"
 
 
-def train_job(config: Config, out: Path, data: Dataset | None = None) -> FitRecord | None:
+def train_job(config: Config, out: Path, dataset: Dataset | None = None) -> FitRecord | None:
     """Train (or resume, or read back) a run folder, planned (its fits and their estimated time,
     then one progress bar; not a finished run, nor under torchrun), then draw its figures (None: a
     torchrun rank other than 0, which only trained). data: config's images, if loaded already."""
@@ -58,22 +58,22 @@ def train_job(config: Config, out: Path, data: Dataset | None = None) -> FitReco
         preflight(config, run)  # refused before any decoding
         if run.layout.config.exists():
             run.claim(config)
-        data = data if data is not None else dataset_for(config)
-    with _one_step("train", f"train {out}", lambda: plan_fits(config, data), data if plan else None):
-        record = fit_run(config, out, data)
+        dataset = dataset if dataset is not None else dataset_for(config)
+    with _one_step("train", f"train {out}", lambda: plan_fits(config, dataset), dataset if plan else None):
+        record = fit_run(config, out, dataset)
     if record is not None:
         build_run_report(out)
     return record
 
 
 @contextlib.contextmanager
-def _one_step(name: str, title: str, fits: Callable[[], list[FitPlan]], data: Dataset | None) -> Iterator[None]:
+def _one_step(name: str, title: str, fits: Callable[[], list[FitPlan]], dataset: Dataset | None) -> Iterator[None]:
     """A job of one step, planned and timed (nothing to plan without data: a finished run read back,
     a worker of a shared grid, or torchrun)."""
-    if data is None or distributed.world().launched:
+    if dataset is None or distributed.world().launched:
         yield
         return
-    with planned_job(lambda probe: [step_plan(name, title, fits(), probe)], len(data.classes)) as meter:
+    with planned_job(lambda probe: [step_plan(name, title, fits(), probe)], len(dataset.classes)) as meter:
         with current_step(name) if meter is not None else contextlib.nullcontext():  # None: a larger job's step
             yield
 
@@ -102,11 +102,11 @@ def evaluate_job(
 
 def curve_job(config: Config, out: Path, fraction: float, sizes: list[float], cv: int) -> LearningCurve:
     """A learning curve on `fraction` of the training + validation data: curve.json and its figures."""
-    data = dataset_for(config)
+    dataset = dataset_for(config)
     dc, layout = config.data, SearchLayout(out)
-    pool = tuning_pool(data.labels, data.specimens, split_for(config, data), fraction, dc.split, dc.seed)
-    with _one_step("curve", f"learning curve {out}", lambda: plan_curve(config, data, pool, sizes, cv), data):
-        result = learning_curve(config, data, pool, sizes, layout.fits, cv=cv)
+    pool = tuning_pool(dataset.labels, dataset.specimens, split_for(config, dataset), fraction, dc.split, dc.seed)
+    with _one_step("curve", f"learning curve {out}", lambda: plan_curve(config, dataset, pool, sizes, cv), dataset):
+        result = learning_curve(config, dataset, pool, sizes, layout.fits, cv=cv)
     atomic_write_json(layout.curve, to_dict(result))
     render_curve(out, f"learning curve, {fraction:.0%} of the data")
     return result
@@ -124,15 +124,15 @@ def grid_job(
     from defungi.experiments.grid import check_cells, grid_search, plan_grid
 
     check_cells(config, grid)
-    data = dataset_for(config)
+    dataset = dataset_for(config)
     dc, layout = config.data, SearchLayout(out)
     split = tuning_split(
-        data.labels, data.specimens, split_for(config, data), fraction, dc.val_fraction, dc.split, dc.seed
+        dataset.labels, dataset.specimens, split_for(config, dataset), fraction, dc.val_fraction, dc.split, dc.seed
     )
     # a worker of a grid shared through storage fits the cells no other worker took: no plan of its own
-    planned = data if storage is None else None
-    with _one_step("grid", f"grid search {out}", lambda: plan_grid(config, data, split, grid), planned):
-        result = grid_search(config, data, split, grid, layout.fits, storage, heartbeat)
+    planned = dataset if storage is None else None
+    with _one_step("grid", f"grid search {out}", lambda: plan_grid(config, dataset, split, grid), planned):
+        result = grid_search(config, dataset, split, grid, layout.fits, storage, heartbeat)
     atomic_write_json(layout.grid, to_dict(result))
     render_grid(out, f"grid search, {fraction:.0%} of the data")
     return result
@@ -155,7 +155,7 @@ def study_job(
     config: Config,
     out: Path,
     overrides: dict[str, Any] | None = None,
-    data: Dataset | None = None,
+    dataset: Dataset | None = None,
     profile: str | None = None,
 ) -> Path:
     """Run (or resume) a published study, planned (its steps' fits and estimated times, then one
@@ -164,12 +164,12 @@ def study_job(
     study.NAME.KEY), then build its page; returns report.html."""
     from defungi.experiments.studies import plan_study, run_study
 
-    data = data if data is not None else dataset_for(config)
+    dataset = dataset if dataset is not None else dataset_for(config)
     plan = StudyLayout(out).plan
     with planned_job(
-        lambda probe: plan_study(name, config, out, probe, overrides, data, profile), len(data.classes), plan
+        lambda probe: plan_study(name, config, out, probe, overrides, dataset, profile), len(dataset.classes), plan
     ):
-        run_study(name, config, out, overrides, data, profile)
+        run_study(name, config, out, overrides, dataset, profile)
     return build_study_report(out)
 
 
@@ -225,7 +225,7 @@ def main_job(
     from defungi.experiments.studies import final_folds, plan_study
 
     dirs, names = study_dirs(out), study_names()
-    data = dataset_for(config)
+    dataset = dataset_for(config)
     folds = final_folds(names[0], config, study_overrides, profile)
     transfer = load_config(TRANSFER_PROFILE, transfer_overrides(config, folds))
     transfer_out = out / "transfer"
@@ -235,7 +235,7 @@ def main_job(
         plans = [
             p
             for n, d in zip(names, dirs, strict=True)
-            for p in plan_study(n, config, d, probe, study_overrides, data, profile)
+            for p in plan_study(n, config, d, probe, study_overrides, dataset, profile)
         ]
         fits = plan_fits(transfer, transfer_data) if transfer_data is not None else []
         plans.append(step_plan(TRANSFER_PROFILE, "transfer recipe: grouped cross-validation", fits, probe))
@@ -243,9 +243,9 @@ def main_job(
         return plans
 
     plan_path = out / "plan.json"
-    with planned_job(steps, len(data.classes), plan_path):
+    with planned_job(steps, len(dataset.classes), plan_path):
         for name, study_dir in zip(names, dirs, strict=True):
-            page = study_job(name, config, study_dir, study_overrides, data, profile)
+            page = study_job(name, config, study_dir, study_overrides, dataset, profile)
             log.info("study %s: report %s", name, page)
         with current_step(TRANSFER_PROFILE):
             log.info("transfer recipe: %s", train_job(transfer, transfer_out, transfer_data).path)

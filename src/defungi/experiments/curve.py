@@ -29,16 +29,18 @@ def _point_name(fold: int, fraction: float) -> str:
 
 
 def curve_points(
-    config: Config, data: Dataset, pool: np.ndarray, train_fractions: Sequence[float], cv: int = 0
+    config: Config, dataset: Dataset, pool: np.ndarray, train_fractions: Sequence[float], cv: int = 0
 ) -> list[list[dict[str, np.ndarray]]]:
     """Per fold (K folds of pool, or one holdout), per training fraction: the fit's split ('train':
     that fraction of the fold's training part, 'val', 'train_eval': a sample of 'train' it is scored on)."""
     dc = config.data
     points = []
-    for f, (tr, va) in enumerate(folds(data.labels, data.specimens, pool, cv, dc.val_fraction, dc.split, dc.seed)):
+    for f, (tr, va) in enumerate(
+        folds(dataset.labels, dataset.specimens, pool, cv, dc.val_fraction, dc.split, dc.seed)
+    ):
         points.append([])
         for j, fraction in enumerate(train_fractions):
-            sub = tr[subset(data.labels[tr], data.specimens[tr], fraction, dc.split, seed=dc.seed + f)]
+            sub = tr[subset(dataset.labels[tr], dataset.specimens[tr], fraction, dc.split, seed=dc.seed + f)]
             rng = np.random.default_rng([dc.seed, f, j])
             train_eval = np.sort(rng.choice(sub, min(len(sub), TRAIN_EVAL_MAX), replace=False))
             points[f].append({"train": sub, "val": va, "train_eval": train_eval})
@@ -46,29 +48,29 @@ def curve_points(
 
 
 def plan_curve(
-    config: Config, data: Dataset, pool: np.ndarray, train_fractions: Sequence[float], cv: int = 0
+    config: Config, dataset: Dataset, pool: np.ndarray, train_fractions: Sequence[float], cv: int = 0
 ) -> list[FitPlan]:
     """The fits learning_curve would run."""
-    points = curve_points(config, data, pool, train_fractions, cv)
-    return [fit for fold in points for split in fold for fit in plan_fits(config, data, split)]
+    points = curve_points(config, dataset, pool, train_fractions, cv)
+    return [fit for fold in points for split in fold for fit in plan_fits(config, dataset, split)]
 
 
 def learning_curve(
-    config: Config, data: Dataset, pool: np.ndarray, train_fractions: Sequence[float], out_dir: Path, cv: int = 0
+    config: Config, dataset: Dataset, pool: np.ndarray, train_fractions: Sequence[float], out_dir: Path, cv: int = 0
 ) -> LearningCurve:
     """Fit on growing fractions of the training part of each fold (K folds of pool, or one holdout).
 
     pool: the images the curve may use (e.g. 20% of the training data). Every fit is a run folder
     in out_dir, so a re-run only does the fits that are missing.
     """
-    parts = curve_points(config, data, pool, train_fractions, cv)
+    parts = curve_points(config, dataset, pool, train_fractions, cv)
     records: list[list[FitRecord]] = []
     for f, fold in enumerate(parts):
         records.append([])
         for fraction, split in zip(train_fractions, fold, strict=True):
             sub = split["train"]
             log.info("curve fold %d/%d, %.0f%% of training (%d images)", f + 1, len(parts), 100 * fraction, len(sub))
-            records[f].append(fit_run(config, out_dir / _point_name(f, fraction), data, split))
+            records[f].append(fit_run(config, out_dir / _point_name(f, fraction), dataset, split))
 
     def table(score: Callable[[FitRecord], Any]) -> list[list[Any]]:
         return [[score(record) for record in fold] for fold in records]

@@ -52,7 +52,7 @@ class FitResult:
 
 def score_parts(
     model: nn.Module,
-    data: Dataset,
+    dataset: Dataset,
     split: dict[str, np.ndarray],
     preprocess: Preprocess,
     device: torch.device,
@@ -69,9 +69,11 @@ def score_parts(
             continue
         t0 = time.perf_counter()
         probs, loss = (
-            probabilities_of or (lambda i: _evaluate(model, data, i, preprocess, device, tc, class_weights))
+            probabilities_of or (lambda i: _evaluate(model, dataset, i, preprocess, device, tc, class_weights))
         )(idx)
-        scores = score_metrics(probs, data.labels[idx], data.specimens[idx], data.classes, tc.seed, tc.specimen_rule)
+        scores = score_metrics(
+            probs, dataset.labels[idx], dataset.specimens[idx], dataset.classes, tc.seed, tc.specimen_rule
+        )
         metrics[part] = scores | {"loss": loss, "tta": tc.tta, "seconds": time.perf_counter() - t0}
         probabilities[part] = probs
     return metrics, probabilities
@@ -79,7 +81,7 @@ def score_parts(
 
 def _evaluate(
     model: nn.Module,
-    data: Dataset,
+    dataset: Dataset,
     idx: np.ndarray,
     preprocess: Preprocess,
     device: torch.device,
@@ -88,8 +90,8 @@ def _evaluate(
 ) -> tuple[np.ndarray, float]:
     return evaluate(
         model,
-        data.images[idx],
-        data.labels[idx],
+        dataset.images[idx],
+        dataset.labels[idx],
         preprocess,
         device,
         tta=tc.tta,
@@ -123,7 +125,7 @@ def _resume(learner: Learner, saved: tuple[dict[str, Any], dict[str, torch.Tenso
 def _history_row(task: Task, learner: Learner, source: Source, epoch: int, stats: dict[str, float]) -> EpochRow:
     """One epoch's row of history.csv: its training stats, and the scored model on the validation part."""
     val_probs, val_loss = source.probabilities(task.val_idx)
-    val = classification_metrics(task.data.labels[task.val_idx], val_probs.argmax(1), task.data.classes)
+    val = classification_metrics(task.dataset.labels[task.val_idx], val_probs.argmax(1), task.dataset.classes)
     return EpochRow(
         epoch=epoch + 1,
         lr=learner.step.scheduler.get_last_lr()[0],
@@ -143,7 +145,7 @@ def _save(run: RunDir, task: Task, learner: Learner, progress: _Progress, epoch:
     checkpoint = checkpoint_of(
         learner.scored,
         task.config,
-        task.data.classes,
+        task.dataset.classes,
         task.preprocess,
         task.class_prior,
         epoch,
@@ -235,7 +237,7 @@ def _result(
     if tc.restore_best and progress.best_state is not None:
         learner.scored.load_state_dict(progress.best_state)
     metrics, probabilities = score_parts(
-        learner.scored, task.data, split, task.preprocess, task.device, tc, task.class_weights, _scoring(source)
+        learner.scored, task.dataset, split, task.preprocess, task.device, tc, task.class_weights, _scoring(source)
     )
     detector, ood_scores = _ood(task, source, split)
     return FitResult(
@@ -268,7 +270,7 @@ def _ood(task: Task, source: Source, split: dict[str, np.ndarray]) -> tuple[OodD
         return None, {}
     at = model_readings(model_entry(task.config.train.model).parts)
     readings = {part: source.read(at, idx) for part, idx in split.items() if len(idx)}
-    detector = fit_detector(readings["train"], task.data.labels[task.train_idx], readings["val"], at)
+    detector = fit_detector(readings["train"], task.dataset.labels[task.train_idx], readings["val"], at)
     assert detector is not None  # enough validation images for the quantile
     log.info(
         "refusal of non-micrographs: Mahalanobis distances of %s (%.0f%% of %d validation images under its threshold)",
@@ -281,7 +283,7 @@ def _ood(task: Task, source: Source, split: dict[str, np.ndarray]) -> tuple[OodD
 
 def fit(
     config: Config,
-    data: Dataset,
+    dataset: Dataset,
     split: dict[str, np.ndarray],
     run: RunDir | None = None,
     sync: distributed.Sync | None = None,
@@ -297,7 +299,7 @@ def fit(
     """
     sync = sync if sync is not None else distributed.Sync()
     saved = sync.start(lambda: run.resume_state(torch.device("cpu")) if run is not None else None).saved
-    task = task_of(config, data, split)
+    task = task_of(config, dataset, split)
     learner = learner_of(task, new_model(task, fresh=saved is None))
     progress = _resume(learner, saved)
     if saved is not None:

@@ -140,14 +140,16 @@ def _retry() -> RetryHeartbeatStaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback(max_retry=MAX_ATTEMPTS)
 
 
-def plan_grid(config: Config, data: Dataset, split: dict[str, np.ndarray], grid: dict[str, list[Any]]) -> list[FitPlan]:
+def plan_grid(
+    config: Config, dataset: Dataset, split: dict[str, np.ndarray], grid: dict[str, list[Any]]
+) -> list[FitPlan]:
     """The fits grid_search would run: those of every cell."""
-    return [fit for cell in parameter_grid(grid) for fit in plan_fits(load_config_from(config, cell), data, split)]
+    return [fit for cell in parameter_grid(grid) for fit in plan_fits(load_config_from(config, cell), dataset, split)]
 
 
 def grid_search(
     config: Config,
-    data: Dataset,
+    dataset: Dataset,
     split: dict[str, np.ndarray],
     grid: dict[str, list[Any]],
     out_dir: Path,
@@ -170,7 +172,7 @@ def grid_search(
         if _held_elsewhere(study, trial.number, _key(params, keys), keys):
             raise optuna.TrialPruned(f"cell {cell_name(params)} is another worker's")
         try:
-            record = fit_run(load_config_from(config, params), out_dir / cell_name(params), data, split)
+            record = fit_run(load_config_from(config, params), out_dir / cell_name(params), dataset, split)
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}".splitlines()[0])
             raise

@@ -65,26 +65,32 @@ def same_images(a: Config, b: Config) -> bool:
     return all(getattr(a.data, k) == getattr(b.data, k) for k in ("root", "image_size", "variance_threshold"))
 
 
-def split_for(config: Config, data: Dataset) -> Split:
+def split_for(config: Config, dataset: Dataset) -> Split:
     """The seeded train/val/test split a config asks for; a class too small for it is named."""
     dc = config.data
     parts = 3 if dc.test_fraction > 0 else 2
-    for c, name in enumerate(data.classes):
-        units = len(set(data.specimens[data.labels == c])) if dc.split == "grouped" else int(np.sum(data.labels == c))
+    for c, name in enumerate(dataset.classes):
+        units = (
+            len(set(dataset.specimens[dataset.labels == c]))
+            if dc.split == "grouped"
+            else int(np.sum(dataset.labels == c))
+        )
         if units < parts:
             what = "samples" if dc.split == "grouped" else "images"
             raise DefungiError(
                 f"class {name} has {units} {what}; a {dc.split} split into {parts} parts needs at least {parts} "
                 f"(add {what} to it{' or use --split random' if dc.split == 'grouped' else ''})"
             )
-    return train_val_test_split(data.labels, data.specimens, dc.val_fraction, dc.test_fraction, dc.split, dc.seed)
+    return train_val_test_split(dataset.labels, dataset.specimens, dc.val_fraction, dc.test_fraction, dc.split, dc.seed)
 
 
-def cv_splits(config: Config, data: Dataset) -> list[Split]:
+def cv_splits(config: Config, dataset: Dataset) -> list[Split]:
     """The config's K-fold cross-validation of data (see `defungi.data.splits.cv_folds`): its first
     data.cv_fit_folds folds (0: all)."""
     dc = config.data
-    splits = cv_folds(data.labels, data.specimens, data.classes, dc.cv_folds, dc.val_fraction, dc.split, dc.seed)
+    splits = cv_folds(
+        dataset.labels, dataset.specimens, dataset.classes, dc.cv_folds, dc.val_fraction, dc.split, dc.seed
+    )
     return splits[: dc.cv_fit_folds or None]
 
 
@@ -95,16 +101,16 @@ class FitProtocol(ABC):
     config: Config
     kind: ClassVar[RunKind]
 
-    def list_fits(self, data: Dataset, split: Split | None) -> list[FitPlan]:
+    def list_fits(self, dataset: Dataset, split: Split | None) -> list[FitPlan]:
         """The fits execute would run (its leaves: folds, members), each with its parts' sizes."""
-        return [FitPlan.of(self.config, split if split is not None else split_for(self.config, data))]
+        return [FitPlan.of(self.config, split if split is not None else split_for(self.config, dataset))]
 
     @abstractmethod
-    def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
+    def execute(self, run: RunDir, dataset: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
         """Fit every planned part into run (finished ones read back) and write the run's result; sync:
         where the torchrun ranks of a single fit meet."""
 
-    def metrics(self, data: Dataset, split: Split, precision: str, **record: Any) -> RunMetrics:
+    def metrics(self, dataset: Dataset, split: Split, precision: str, **record: Any) -> RunMetrics:
         """The run's metrics.json: what was trained and how, then record (scores, timing...)."""
         config = self.config
         protocol = Protocol(
@@ -112,9 +118,9 @@ class FitProtocol(ABC):
             seed=config.data.seed,
             image_size=config.data.image_size,
             variance_threshold=config.data.variance_threshold,
-            excluded=len(data.excluded),
+            excluded=len(dataset.excluded),
             sizes={part: int(len(idx)) for part, idx in split.items()},
-            groups={part: int(len(set(data.specimens[idx]))) for part, idx in split.items()},
+            groups={part: int(len(set(dataset.specimens[idx]))) for part, idx in split.items()},
             test_time_augmentation=config.train.tta,
             precision=precision,
             prior_weight=config.train.prior_weight if config.train.balance else 0.0,
@@ -127,13 +133,13 @@ class FitProtocol(ABC):
             kind=self.kind,
             model=config.train.model,
             model_args=model_args(config),
-            classes=list(data.classes),
+            classes=list(dataset.classes),
             protocol=protocol,
             sample_rule=specimen_rule_text(config.train.specimen_rule),
             **record,
         )
 
-    def start(self, run: RunDir, data: Dataset, splits: list[Split], recorded: Split) -> None:
+    def start(self, run: RunDir, dataset: Dataset, splits: list[Split], recorded: Split) -> None:
         """Check that a batch fits every training part, claim the folder and record the data and its
         split (recorded: part -> images) before any training."""
         smallest = min(len(s["train"]) for s in splits)
@@ -143,9 +149,9 @@ class FitProtocol(ABC):
                 f"use --batch-size {smallest} or less"
             )
         run.claim(self.config)
-        run.check_split(data, recorded)
-        run.write_exclusions(data)
-        run.write_split(data, recorded)
+        run.check_split(dataset, recorded)
+        run.write_exclusions(dataset)
+        run.write_split(dataset, recorded)
 
 
 def protocol_for(config: Config) -> FitProtocol:
@@ -155,17 +161,17 @@ def protocol_for(config: Config) -> FitProtocol:
     return SeedEnsemble(config) if config.train.ensemble > 1 else SingleFit(config)
 
 
-def plan_fits(config: Config, data: Dataset, split: Split | None = None) -> list[FitPlan]:
+def plan_fits(config: Config, dataset: Dataset, split: Split | None = None) -> list[FitPlan]:
     """The fits fit_run(config, ..., data, split) would run, each with its parts' sizes; the first
     carries the frozen backbone's readings that are not cached yet."""
-    fits = protocol_for(config).list_fits(data, split)
+    fits = protocol_for(config).list_fits(dataset, split)
     if fits:
-        fits[0].cold_features = cold_features(config, data)
+        fits[0].cold_features = cold_features(config, dataset)
     return fits
 
 
 def fit_run(
-    config: Config, out: str | Path, data: Dataset | None = None, split: Split | None = None
+    config: Config, out: str | Path, dataset: Dataset | None = None, split: Split | None = None
 ) -> FitRecord | None:
     """Fit per config into the run folder out; returns its record.
 
@@ -182,17 +188,17 @@ def fit_run(
             _check_distributed(config, rank.size)
         distributed.setup(resolve_device(config.train.device))
         if not rank.main:
-            return _follow(config, run, data, split, sync)
+            return _follow(config, run, dataset, split, sync)
     preflight(config, run)
     with run.lock():
         if run.layout.config.exists():
             run.claim(config)  # refuses another config before any decoding
-            if data is not None and split is not None:
-                run.check_split(data, split)
+            if dataset is not None and split is not None:
+                run.check_split(dataset, split)
             done = run.finished()
             if done is not None:
                 log.info("%s is finished; delete it to train again", run.root)
-                changed = run.data_changes(config.data.root) if data is None or split is None else ""
+                changed = run.data_changes(config.data.root) if dataset is None or split is None else ""
                 if changed:  # read back, not refused: its results stand for the images it was trained on
                     log.warning(
                         "%s: the images in %s changed since it trained: %s; these results are from the old "
@@ -203,8 +209,8 @@ def fit_run(
                     )
                 sync.start()  # no fit: the other torchrun ranks stop too
                 return done
-        data = data if data is not None else dataset_for(config)
-        return protocol_for(config).execute(run, data, split, sync)
+        dataset = dataset if dataset is not None else dataset_for(config)
+        return protocol_for(config).execute(run, dataset, split, sync)
 
 
 def preflight(config: Config, run: RunDir) -> None:
@@ -230,12 +236,12 @@ def _check_distributed(config: Config, ranks: int) -> None:
         raise DefungiError(f"batch size {tc.batch_size} does not split evenly over {ranks} processes")
 
 
-def _follow(config: Config, run: RunDir, data: Dataset | None, split: Split | None, sync: distributed.Sync) -> None:
+def _follow(config: Config, run: RunDir, dataset: Dataset | None, split: Split | None, sync: distributed.Sync) -> None:
     """A rank > 0: hears at sync's start whether rank 0 fits (its last.pt comes with it: this rank's
     machine need not hold the run folder), then fits with it on the same data and split."""
     if sync.start().trains:
-        data = data if data is not None else dataset_for(config, progress=False)
-        fit(config, data, split if split is not None else split_for(config, data), run, sync)
+        dataset = dataset if dataset is not None else dataset_for(config, progress=False)
+        fit(config, dataset, split if split is not None else split_for(config, dataset), run, sync)
 
 
 def _parts(scores: dict[str, dict[str, Any]]) -> dict[str, PartScores]:
@@ -244,7 +250,7 @@ def _parts(scores: dict[str, dict[str, Any]]) -> dict[str, PartScores]:
 
 
 def _split_trust(
-    data: Dataset, split: Split, probs: dict[str, np.ndarray], seed: int, rule: str = "mean"
+    dataset: Dataset, split: Split, probs: dict[str, np.ndarray], seed: int, rule: str = "mean"
 ) -> Trust | None:
     """What answers of a one-split run can be trusted to: fitted on its validation part, checked on its
     test part (None without both)."""
@@ -254,18 +260,25 @@ def _split_trust(
     fold = np.r_[np.full(len(split["val"]), -1), np.zeros(len(split["test"]), dtype=int)]
     both = np.concatenate([probs["val"], probs["test"]])
     return assess(
-        both, data.labels[idx], data.specimens[idx], fold, data.classes, "validation + test", seed=seed, rule=rule
+        both,
+        dataset.labels[idx],
+        dataset.specimens[idx],
+        fold,
+        dataset.classes,
+        "validation + test",
+        seed=seed,
+        rule=rule,
     )
 
 
 def _write_predictions(
-    run: RunDir, data: Dataset, split: Split, probs: dict[str, np.ndarray], ood: dict[str, np.ndarray] | None = None
+    run: RunDir, dataset: Dataset, split: Split, probs: dict[str, np.ndarray], ood: dict[str, np.ndarray] | None = None
 ) -> None:
     """predictions_val.csv and predictions_test.csv (the parts a user looks into), with each image's
     out-of-distribution score where the fit has one."""
     for part in ("val", "test"):
         if part in probs:
-            run.write_predictions(part, data, split[part], probs[part], (ood or {}).get(part))
+            run.write_predictions(part, dataset, split[part], probs[part], (ood or {}).get(part))
 
 
 class SingleFit(FitProtocol):
@@ -273,15 +286,15 @@ class SingleFit(FitProtocol):
 
     kind: ClassVar[RunKind] = "fit"
 
-    def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
-        split = split if split is not None else split_for(self.config, data)
-        self.start(run, data, [split], split)
+    def execute(self, run: RunDir, dataset: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
+        split = split if split is not None else split_for(self.config, dataset)
+        self.start(run, dataset, [split], split)
         log.info("split (%s): %s", self.config.data.split, {k: len(v) for k, v in split.items()})
-        result = fit(self.config, data, split, run, sync)  # its start tells the other torchrun ranks to fit too
-        _write_predictions(run, data, split, result.probabilities, result.ood_scores)
-        ood = _store_ood(run, result, data, split, self.config.train.seed)
+        result = fit(self.config, dataset, split, run, sync)  # its start tells the other torchrun ranks to fit too
+        _write_predictions(run, dataset, split, result.probabilities, result.ood_scores)
+        ood = _store_ood(run, result, dataset, split, self.config.train.seed)
         metrics = self.metrics(
-            data,
+            dataset,
             split,
             result.precision,
             parameters=result.parameters,
@@ -290,14 +303,14 @@ class SingleFit(FitProtocol):
             stop_reason=result.stop_reason,
             parts=_parts(result.metrics),
             trust=_split_trust(
-                data, split, result.probabilities, self.config.train.seed, self.config.train.specimen_rule
+                dataset, split, result.probabilities, self.config.train.seed, self.config.train.specimen_rule
             ),
             ood=ood,
         )
         return run.write_result(result.history, metrics)
 
 
-def _store_ood(run: RunDir, result: FitResult, data: Dataset, split: Split, seed: int) -> OodCheck | None:
+def _store_ood(run: RunDir, result: FitResult, dataset: Dataset, split: Split, seed: int) -> OodCheck | None:
     """Store the fit's refusal of non-micrographs; how it did on the test part's micrographs (None
     without a detector or a test part)."""
     if result.ood is None:
@@ -305,7 +318,7 @@ def _store_ood(run: RunDir, result: FitResult, data: Dataset, split: Split, seed
     run.save_ood(result.ood)
     if "test" not in result.ood_scores:
         return None
-    detector, specimens = result.ood, data.specimens[split["test"]]
+    detector, specimens = result.ood, dataset.specimens[split["test"]]
     return ood_check("test", detector.quantile, [detector.threshold], result.ood_scores["test"], specimens, seed)
 
 
@@ -344,25 +357,25 @@ class SeedEnsemble(FitProtocol):
             load_config_from(self.config, {"train.ensemble": 1, "train.seed": tc.seed + k}) for k in range(tc.ensemble)
         ]
 
-    def list_fits(self, data: Dataset, split: Split | None) -> list[FitPlan]:
-        split = split if split is not None else split_for(self.config, data)
+    def list_fits(self, dataset: Dataset, split: Split | None) -> list[FitPlan]:
+        split = split if split is not None else split_for(self.config, dataset)
         return [FitPlan.of(member, split) for member in self.member_configs()]
 
-    def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
-        split = split if split is not None else split_for(self.config, data)
-        self.start(run, data, [split], split)
+    def execute(self, run: RunDir, dataset: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
+        split = split if split is not None else split_for(self.config, dataset)
+        self.start(run, dataset, [split], split)
         members = []
         for k, member in enumerate(self.member_configs()):
             log.info("ensemble member %d/%d (seed %d)", k + 1, self.config.train.ensemble, member.train.seed)
-            members.append(fit_run(member, run.member(k).root, data, split))
+            members.append(fit_run(member, run.member(k).root, dataset, split))
         trained = load_trained(run.root)
         tc = self.config.train
         scores, probs = score_parts(
-            trained.model, data, split, trained.preprocess, trained.device, tc, trained.class_weights()
+            trained.model, dataset, split, trained.preprocess, trained.device, tc, trained.class_weights()
         )
-        _write_predictions(run, data, split, probs)
+        _write_predictions(run, dataset, split, probs)
         metrics = self.metrics(
-            data,
+            dataset,
             split,
             members[0].metrics.protocol.precision,
             parameters=sum(m.metrics.parameters for m in members),
@@ -373,7 +386,7 @@ class SeedEnsemble(FitProtocol):
                 for c, m in zip(self.member_configs(), members, strict=True)
             ),
             parts=_parts(scores),
-            trust=_split_trust(data, split, probs, tc.seed, tc.specimen_rule),
+            trust=_split_trust(dataset, split, probs, tc.seed, tc.specimen_rule),
             members=[
                 MemberScores(
                     seed=c.train.seed,
@@ -399,26 +412,26 @@ class CrossValidation(FitProtocol):
     def fold_config(self) -> Config:
         return load_config_from(self.config, {"data.cv_folds": 0, "data.cv_fit_folds": 0})
 
-    def list_fits(self, data: Dataset, split: Split | None) -> list[FitPlan]:
+    def list_fits(self, dataset: Dataset, split: Split | None) -> list[FitPlan]:
         inner = protocol_for(self.fold_config)
-        return [fit for fold in cv_splits(self.config, data) for fit in inner.list_fits(data, fold)]
+        return [fit for fold in cv_splits(self.config, dataset) for fit in inner.list_fits(dataset, fold)]
 
-    def execute(self, run: RunDir, data: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
-        splits = cv_splits(self.config, data)
+    def execute(self, run: RunDir, dataset: Dataset, split: Split | None, sync: distributed.Sync) -> FitRecord:
+        splits = cv_splits(self.config, dataset)
         folds = {f"fold-{k}": s["test"] for k, s in enumerate(splits)}
-        self.start(run, data, splits, folds)
+        self.start(run, dataset, splits, folds)
         records = []
         for k, fold in enumerate(splits):
             log.info("cross-validation fold %d/%d: %s", k + 1, len(splits), {p: len(v) for p, v in fold.items()})
-            records.append(fit_run(self.fold_config, run.fold(k).root, data, fold))
-        idx, fold_of, probs, ood = _out_of_fold(run, data, splits)
+            records.append(fit_run(self.fold_config, run.fold(k).root, dataset, fold))
+        idx, fold_of, probs, ood = _out_of_fold(run, dataset, splits)
         extra = {"fold": fold_of.tolist()} | ({"ood": [f"{x:.4f}" for x in ood]} if ood is not None else {})
-        write_predictions(run.layout.oof, data, idx, probs, extra=extra)
+        write_predictions(run.layout.oof, dataset, idx, probs, extra=extra)
         seed, rule = self.config.train.seed, self.config.train.specimen_rule
-        oof = score_metrics(probs, data.labels[idx], data.specimens[idx], data.classes, seed, rule)
+        oof = score_metrics(probs, dataset.labels[idx], dataset.specimens[idx], dataset.classes, seed, rule)
         per_fold = [_fold_scores(k, r.metrics.part("test")) for k, r in enumerate(records)]
         metrics = self.metrics(
-            data,
+            dataset,
             folds,
             records[0].metrics.protocol.precision,
             parameters=records[0].metrics.parameters,
@@ -428,11 +441,18 @@ class CrossValidation(FitProtocol):
             parts={"test": from_dict(PartScores, oof, "out of fold")},
             # what answers can be trusted to is fitted on some folds and checked on another: 2 folds at least
             trust=assess(
-                probs, data.labels[idx], data.specimens[idx], fold_of, data.classes, "out of fold", seed=seed, rule=rule
+                probs,
+                dataset.labels[idx],
+                dataset.specimens[idx],
+                fold_of,
+                dataset.classes,
+                "out of fold",
+                seed=seed,
+                rule=rule,
             )
             if len(splits) >= 2
             else None,
-            ood=_cv_ood_check(records, ood, data.specimens[idx], seed),
+            ood=_cv_ood_check(records, ood, dataset.specimens[idx], seed),
             folds=per_fold,
             fold_spread={
                 key: _spread([getattr(f, key) for f in per_fold])
@@ -445,13 +465,13 @@ class CrossValidation(FitProtocol):
 
 
 def _out_of_fold(
-    run: RunDir, data: Dataset, splits: list[Split]
+    run: RunDir, dataset: Dataset, splits: list[Split]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Every fold's test images, their fold, the probabilities its model gave them and their
     out-of-distribution scores (None unless every fold scored them), by image."""
     idx = np.concatenate([s["test"] for s in splits])
     fold_of = np.concatenate([[k] * len(s["test"]) for k, s in enumerate(splits)])
-    probs = np.concatenate([_fold_probabilities(run, k, data, s["test"]) for k, s in enumerate(splits)])
+    probs = np.concatenate([_fold_probabilities(run, k, dataset, s["test"]) for k, s in enumerate(splits)])
     scores = [_fold_ood(run, k) for k in range(len(splits))]
     ood = np.concatenate(scores) if all(s is not None for s in scores) else None
     order = np.argsort(idx)
@@ -475,10 +495,10 @@ def _cv_ood_check(
     return ood_check("out of fold", checks[0].quantile, thresholds, ood, specimens, seed)
 
 
-def _fold_probabilities(run: RunDir, k: int, data: Dataset, idx: np.ndarray) -> np.ndarray:
+def _fold_probabilities(run: RunDir, k: int, dataset: Dataset, idx: np.ndarray) -> np.ndarray:
     """Fold k's test probabilities, checked to be those of the images it is now given."""
-    paths, probs = read_predictions(run.fold(k).layout.predictions("test"), data.classes)
-    if paths != [str(data.paths[i]) for i in idx]:
+    paths, probs = read_predictions(run.fold(k).layout.predictions("test"), dataset.classes)
+    if paths != [str(dataset.paths[i]) for i in idx]:
         raise DefungiError(
             f"{run.fold(k).root}: its test images are not this fold's any more (the data changed); use a new --out"
         )

@@ -143,24 +143,24 @@ class RunDir:
 
     # ---- plain files -----------------------------------------------------------------------
 
-    def write_split(self, data: Dataset, split: dict[str, np.ndarray]) -> None:
+    def write_split(self, dataset: Dataset, split: dict[str, np.ndarray]) -> None:
         """split.csv: every usable image with its class, specimen, part and file size (the run's
         record of its data, checked when it is resumed or read back)."""
         part_of = {int(i): part for part, idx in split.items() for i in idx}
         rows = [
-            [str(p), data.classes[data.labels[i]], data.specimens[i], part_of.get(i, "unused"), _size(p)]
-            for i, p in enumerate(data.paths)
+            [str(p), dataset.classes[dataset.labels[i]], dataset.specimens[i], part_of.get(i, "unused"), _size(p)]
+            for i, p in enumerate(dataset.paths)
         ]
         _write_csv(self.layout.split, list(SPLIT_COLUMNS), rows)
 
-    def check_split(self, data: Dataset, split: dict[str, np.ndarray]) -> None:
+    def check_split(self, dataset: Dataset, split: dict[str, np.ndarray]) -> None:
         """Refuse to resume or read back a started run whose images were added, removed, changed
         (another size) or put in another part since, naming the difference."""
         if not (self.layout.split.exists() and self.started()):
             return
         stored = {r["path"]: r for r in read_table(self.layout.split, SPLIT_COLUMNS)}
-        part_of = {str(data.paths[i]): part for part, idx in split.items() for i in idx}
-        now = {str(p): part_of.get(str(p), "unused") for p in data.paths}
+        part_of = {str(dataset.paths[i]): part for part, idx in split.items() for i in idx}
+        now = {str(p): part_of.get(str(p), "unused") for p in dataset.paths}
         moved = sorted(p for p in stored.keys() & now.keys() if stored[p]["part"] != now[p])
         problems = _changes(_file_changes(stored, set(now)) | {"moved": moved})
         if problems:
@@ -184,17 +184,17 @@ class RunDir:
             now = set()
         return _changes(_file_changes(stored, now))
 
-    def write_exclusions(self, data: Dataset) -> None:
+    def write_exclusions(self, dataset: Dataset) -> None:
         """excluded.csv: the outliers and unreadable files left out of the run."""
-        write_exclusions(self.layout.excluded, data)
+        write_exclusions(self.layout.excluded, dataset)
 
     def write_predictions(
-        self, part: str, data: Dataset, idx: np.ndarray, probs: np.ndarray, ood: np.ndarray | None = None
+        self, part: str, dataset: Dataset, idx: np.ndarray, probs: np.ndarray, ood: np.ndarray | None = None
     ) -> None:
         """predictions_PART.csv: per image its path, specimen (column 'sample'), class, out-of-distribution score (when
         given; over 1: refused), prediction and class probabilities."""
         extra = {"ood": [f"{x:.4f}" for x in ood]} if ood is not None else None
-        write_predictions(self.layout.predictions(part), data, idx, probs, extra)
+        write_predictions(self.layout.predictions(part), dataset, idx, probs, extra)
 
     def write_result(self, history: list[EpochRow], metrics: RunMetrics) -> FitRecord:
         """history.csv (no header without epochs), then metrics.json (which marks the run finished)."""
@@ -261,19 +261,20 @@ def _size(path: Path) -> int:
 
 
 def write_predictions(
-    path: Path, data: Dataset, idx: np.ndarray, probs: np.ndarray, extra: dict[str, list[Any]] | None = None
+    path: Path, dataset: Dataset, idx: np.ndarray, probs: np.ndarray, extra: dict[str, list[Any]] | None = None
 ) -> None:
     """Per image: path, specimen (column 'sample'), class, prediction, probability per class (and extra columns)."""
     extra = extra or {}
-    header = ["path", "sample", "class", *extra, "prediction", *(f"p_{c}" for c in data.classes)]
+    header = ["path", "sample", "class", *extra, "prediction", *(f"p_{c}" for c in dataset.classes)]
+    classes = dataset.classes
     rows = [
-        [str(data.paths[i]), data.specimens[i], data.classes[data.labels[i]], *(v[j] for v in extra.values()),
-         data.classes[int(p.argmax())], *(f"{x:.6f}" for x in p)]
+        [str(dataset.paths[i]), dataset.specimens[i], classes[dataset.labels[i]], *(v[j] for v in extra.values()),
+         classes[int(p.argmax())], *(f"{x:.6f}" for x in p)]
         for j, (i, p) in enumerate(zip(idx, probs, strict=True))
     ]  # fmt: skip
     _write_csv(path, header, rows)
 
 
-def write_exclusions(path: Path, data: Dataset) -> None:
+def write_exclusions(path: Path, dataset: Dataset) -> None:
     """The outliers and unreadable files left out, one row each (for a run or a study folder)."""
-    _write_csv(path, list(EXCLUDED_COLUMNS), [[e[c] for c in EXCLUDED_COLUMNS] for e in data.excluded])
+    _write_csv(path, list(EXCLUDED_COLUMNS), [[e[c] for c in EXCLUDED_COLUMNS] for e in dataset.excluded])

@@ -52,13 +52,13 @@ class Images:
         """One epoch's class-balanced training batches, augmented from a generator seeded per epoch and rank."""
         task, tc, rank = self.task, self.task.config.train, distributed.world()
         generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch + rank.rank * 7_919)
-        n_classes = len(task.data.classes)
+        n_classes = len(task.dataset.classes)
 
         def augment(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return mix_batch(augment_batch(x, tc.augment, generator), y, n_classes, tc.mix, tc.mix_alpha, generator)
 
         picks = task.train_idx[distributed.shard(task.epoch_order(epoch), tc.batch_size)]
-        local = batches(task.data.images, task.data.labels, picks, tc.batch_size // rank.size, drop_last=True)
+        local = batches(task.dataset.images, task.dataset.labels, picks, tc.batch_size // rank.size, drop_last=True)
         return image_batches(local, task.preprocess, task.device, tc.channels_last, augment)
 
     def probabilities(self, idx: np.ndarray) -> tuple[np.ndarray, float]:
@@ -66,8 +66,8 @@ class Images:
         task, tc = self.task, self.task.config.train
         return evaluate(
             self.learner.scored,
-            task.data.images[idx],
-            task.data.labels[idx],
+            task.dataset.images[idx],
+            task.dataset.labels[idx],
             task.preprocess,
             task.device,
             amp=tc.amp,
@@ -79,7 +79,7 @@ class Images:
         """What the refusal detector reads (see train.ood) of the scored model on images idx, as they
         are: each of readings, in one pass."""
         task, tc, scored = self.task, self.task.config.train, self.learner.scored
-        inputs = image_inputs(task.data.images, task.preprocess, task.device, batch_size, tc.channels_last, idx)
+        inputs = image_inputs(task.dataset.images, task.preprocess, task.device, batch_size, tc.channels_last, idx)
         modules = [r.hook(scored) for r in readings]
         return hooked_inputs(scored, modules, inputs, -(-len(idx) // batch_size), task.device, tc.amp)
 
@@ -104,7 +104,7 @@ class Features:
         order = task.train_idx[task.epoch_order(epoch)]
         views = np.random.default_rng([tc.seed, epoch, 1]).integers(tc.cached_views, size=len(order))
         return feature_batches(
-            self.features, task.data.labels, order, views, tc.batch_size, task.device, tc.channels_last
+            self.features, task.dataset.labels, order, views, tc.batch_size, task.device, tc.channels_last
         )
 
     def inputs(self, idx: np.ndarray, batch_size: int, view: int = 0) -> Iterator[torch.Tensor]:
@@ -128,7 +128,7 @@ class Features:
             for view in range(views)
         ]
         probs = weighted(sum(per_view) / views, task.class_weights)  # the prior's weights after the average
-        return probs, mean_nll(probs, task.data.labels[idx])
+        return probs, mean_nll(probs, task.dataset.labels[idx])
 
     def read(self, readings: Sequence[Reading], idx: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
         """What the refusal detector reads (see train.ood) of the scored model on images idx, as they are:
@@ -159,37 +159,37 @@ def source_of(task: Task, learner: Learner, computed: Callable[[int], None]) -> 
     start, features, frozen = Reading(learner.train_from, "input"), [], {}
     for view in range(task.config.train.cached_views):
         backbone = frozen_pass(
-            task.config, len(task.data.classes), task.preprocess, task.device, view, learner.model, learner.tails[0]
+            task.config, len(task.dataset.classes), task.preprocess, task.device, view, learner.model, learner.tails[0]
         )
-        cached = backbone.cached(task.data.images, task.data.keys, view, computed)
+        cached = backbone.cached(task.dataset.images, task.dataset.keys, view, computed)
         read = dict(zip(backbone.readings, cached, strict=True))
         features.append(read.pop(start))
         frozen |= read
     return Features(task, learner, features, frozen)
 
 
-def pretrained_pass(config: Config, data: Dataset, view: int = 0) -> FrozenPass:
+def pretrained_pass(config: Config, dataset: Dataset, view: int = 0) -> FrozenPass:
     """The pass that a frozen-backbone config's fits read data's images with (see frozen_pass)."""
     if not config.train.freeze_backbone:
         raise DefungiError("a frozen backbone's features need a config with train.freeze_backbone (a transfer profile)")
-    preprocess = preprocess_of(config, data, np.arange(len(data.labels)))
-    return frozen_pass(config, len(data.classes), preprocess, resolve_device(config.train.device), view)
+    preprocess = preprocess_of(config, dataset, np.arange(len(dataset.labels)))
+    return frozen_pass(config, len(dataset.classes), preprocess, resolve_device(config.train.device), view)
 
 
-def cold_features(config: Config, data: Dataset) -> int:
+def cold_features(config: Config, dataset: Dataset) -> int:
     """Images a frozen-backbone config still has to pass through its backbone before its first fit:
     per cached view, those the user cache lacks a reading of (0 for other configs)."""
     if not config.train.freeze_backbone:
         return 0
     views = range(config.train.cached_views)
-    return sum(pretrained_pass(config, data, view).missing(data.keys, view) for view in views)
+    return sum(pretrained_pass(config, dataset, view).missing(dataset.keys, view) for view in views)
 
 
-def frozen_features(config: Config, data: Dataset, view: int = 0) -> np.ndarray:
+def frozen_features(config: Config, dataset: Dataset, view: int = 0) -> np.ndarray:
     """The cached input of the first module that trains (the head's features) of a frozen-backbone
     config, for every image of data (as load_dataset ordered them): what its fits train on, read from
     the user cache (computed there once when missing). The frozen part's preprocessing and weights
     do not depend on the split, so every fold of a cross-validation shares them."""
-    backbone = pretrained_pass(config, data, view)
+    backbone = pretrained_pass(config, dataset, view)
     start = Reading(config.train.train_from or model_entry(config.train.model).parts.classifier, "input")
-    return backbone.cached(data.images, data.keys, view)[backbone.readings.index(start)]
+    return backbone.cached(dataset.images, dataset.keys, view)[backbone.readings.index(start)]

@@ -40,7 +40,7 @@ class Task:
     """What a fit is about: the images and its parts, the device, the preprocessing, the class shares."""
 
     config: Config
-    data: Dataset
+    dataset: Dataset
     train_idx: np.ndarray
     val_idx: np.ndarray
     device: torch.device
@@ -60,10 +60,10 @@ class Task:
         """Positions into the training part that one epoch visits: class-balanced, seeded per epoch."""
         tc, n = self.config.train, len(self.train_idx)
         rng = np.random.default_rng([tc.seed, epoch])
-        return balanced_order(self.data.labels[self.train_idx], n, rng) if tc.balance else rng.permutation(n)
+        return balanced_order(self.dataset.labels[self.train_idx], n, rng) if tc.balance else rng.permutation(n)
 
 
-def task_of(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> Task:
+def task_of(config: Config, dataset: Dataset, split: dict[str, np.ndarray]) -> Task:
     """Seed, join the torchrun world, and settle the preprocessing (the training part's channel
     statistics, or those of the pretrained weights) and class shares of a fit."""
     tc = config.train
@@ -71,19 +71,19 @@ def task_of(config: Config, data: Dataset, split: dict[str, np.ndarray]) -> Task
     device = distributed.setup(resolve_device(tc.device))
     threads = Threads(device)
     train_idx = split["train"]
-    preprocess = preprocess_of(config, data, train_idx)
-    counts = np.bincount(data.labels[train_idx], minlength=len(data.classes))
+    preprocess = preprocess_of(config, dataset, train_idx)
+    counts = np.bincount(dataset.labels[train_idx], minlength=len(dataset.classes))
     class_prior = (counts / counts.sum()).tolist() if tc.balance else None
-    return Task(config, data, train_idx, split["val"], device, preprocess, class_prior, threads)
+    return Task(config, dataset, train_idx, split["val"], device, preprocess, class_prior, threads)
 
 
-def preprocess_of(config: Config, data: Dataset, train_idx: np.ndarray) -> Preprocess:
+def preprocess_of(config: Config, dataset: Dataset, train_idx: np.ndarray) -> Preprocess:
     """A fit's input scaling: the pretrained weights' mean/std, or the training part's channel statistics."""
     if config.data.normalize == "pretrained":
         mean, std = model_entry(config.train.model).normalization
     else:
-        mean, std = channel_stats(data.images, train_idx)
-    return Preprocess(data.images.shape[1], mean, std, config.data.normalize)
+        mean, std = channel_stats(dataset.images, train_idx)
+    return Preprocess(dataset.images.shape[1], mean, std, config.data.normalize)
 
 
 @dataclass
@@ -128,7 +128,7 @@ class Learner:
 def new_model(task: Task, fresh: bool) -> nn.Module:
     """The model on the device, with its pretrained weights unless the fit resumes."""
     tc = task.config.train
-    model = create_model(tc.model, num_classes=len(task.data.classes), **tc.model_args)
+    model = create_model(tc.model, num_classes=len(task.dataset.classes), **tc.model_args)
     if fresh:
         initial_weights(model, tc.model, tc.weights, tc.pretrained)
     return model.to(task.device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)

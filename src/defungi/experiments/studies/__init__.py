@@ -37,12 +37,12 @@ def run_study(
     config: Config,
     out_dir: Path,
     overrides: dict[str, Any] | None = None,
-    data: Dataset | None = None,
+    dataset: Dataset | None = None,
     profile: str | None = None,
 ) -> StudyState:
     """Run (or resume) a study into out_dir, with its options from the profile (see _options) and dotted
     overrides; returns its state (study.json)."""
-    return runner.run_study(_study(name), config, out_dir, _options(name, config, overrides, profile), data)
+    return runner.run_study(_study(name), config, out_dir, _options(name, config, overrides, profile), dataset)
 
 
 def final_folds(name: str, config: Config, overrides: dict[str, Any] | None = None, profile: str | None = None) -> int:
@@ -56,12 +56,12 @@ def plan_study(
     out_dir: Path,
     probe: Probe,
     overrides: dict[str, Any] | None = None,
-    data: Dataset | None = None,
+    dataset: Dataset | None = None,
     profile: str | None = None,
 ) -> list[StepPlan]:
     """What run_study would fit, step by step, with each step's estimated time."""
     options = _options(name, config, overrides, profile)
-    return runner.plan_study(_study(name), config, out_dir, options, probe, data)
+    return runner.plan_study(_study(name), config, out_dir, options, probe, dataset)
 
 
 __all__ = ["STUDIES", "Study", "final_folds", "plan_study", "run_study"]

@@ -46,7 +46,7 @@ def _args(ctx: Context, **change: Any) -> dict[str, Any]:
 @CONVMIXER.step("base", "1. Base model", plan=lambda ctx: steps.plan_explore(ctx, ctx.split))
 def base_model(ctx: Context, out: Path) -> FitSummary:
     """The documented default ConvMixer trained and evaluated."""
-    record = fit_run(steps.explore_config(ctx), out / "fit", ctx.data, ctx.split)
+    record = fit_run(steps.explore_config(ctx), out / "fit", ctx.dataset, ctx.split)
     args, test = _args(ctx), record.metrics.part("test")
     summary = (
         f"ConvMixer with width {args['dim']}, {args['depth']} mixers, kernel {args['kernel_size']}, "
@@ -70,7 +70,7 @@ def _ratio_split(ctx: Context, ratio: float, repeat: int) -> dict[str, np.ndarra
     """The repeat-th split with a train share of ratio (its validation part scaled alike)."""
     dc = ctx.config.data
     return train_val_test_split(
-        ctx.data.labels, ctx.data.specimens, dc.val_fraction * ratio, 1 - ratio, dc.split, dc.seed + 1000 * repeat
+        ctx.dataset.labels, ctx.dataset.specimens, dc.val_fraction * ratio, 1 - ratio, dc.split, dc.seed + 1000 * repeat
     )
 
 
@@ -94,12 +94,12 @@ def split_ratio(ctx: Context, out: Path) -> SplitRatio:
     for i, ratio in enumerate(opts.split_ratios):
         for r in range(opts.split_repeats):
             split = _ratio_split(ctx, ratio, r)
-            record = fit_run(config, out / "fits" / f"train{ratio:.2f}-seed{r}", ctx.data, split)
+            record = fit_run(config, out / "fits" / f"train{ratio:.2f}-seed{r}", ctx.dataset, split)
             scores[i, r], sizes[i, r] = record.score("test"), len(split["test"])
             intervals[i, r] = record.metrics.part("test").interval("f1")
     mean, spread = scores.mean(axis=1), scores.std(axis=1)
     names = [  # the asked ratio and the test share the splits really had
-        f"{100 * r:.0f}/{100 - 100 * r:.0f} (test {100 * t.mean() / len(ctx.data.labels):.1f}%)"
+        f"{100 * r:.0f}/{100 - 100 * r:.0f} (test {100 * t.mean() / len(ctx.dataset.labels):.1f}%)"
         for r, t in zip(opts.split_ratios, sizes, strict=True)
     ]
     best = int(np.argmax(mean))
@@ -120,7 +120,7 @@ def split_ratio(ctx: Context, out: Path) -> SplitRatio:
         scores=scores.tolist(),
         test_sizes=sizes.tolist(),
         labels=names,
-        images=len(ctx.data.labels),
+        images=len(ctx.dataset.labels),
         intervals=intervals.tolist(),
     )
 
@@ -144,7 +144,7 @@ def grid_full(ctx: Context, out: Path) -> Grid:
 )
 def evaluate_tuned(ctx: Context, out: Path) -> FitSummary:
     """Performance of the tuned model on the test part: metrics, per-class table, confusion matrix."""
-    record = fit_run(steps.explore_config(ctx), out / "fit", ctx.data, ctx.split)
+    record = fit_run(steps.explore_config(ctx), out / "fit", ctx.dataset, ctx.split)
     test = record.metrics.part("test")
     summary = (
         f"Tuned model: test accuracy {test.accuracy:.3f}, macro precision {test.precision:.3f}, "
@@ -176,7 +176,7 @@ def depth(ctx: Context, out: Path) -> Depth:
         records = {}
         for f, changes in _depth_changes(ctx, d).items():
             config = steps.explore_config(ctx, **changes)
-            records[f] = fit_run(config, out / "fits" / f"depth{d}-lr{lr * f:.3g}", ctx.data, ctx.split)
+            records[f] = fit_run(config, out / "fits" / f"depth{d}-lr{lr * f:.3g}", ctx.dataset, ctx.split)
         retuned = max(records, key=lambda f: records[f].score("val"))
         rows.append(
             DepthRow(

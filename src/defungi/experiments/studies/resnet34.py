@@ -40,10 +40,10 @@ RESNET34 = Study(
 @RESNET34.step("balance", "1. Augmentation that balances the classes")
 def balance(ctx: Context, out: Path) -> ClassCounts:
     """Class counts of the training part before and after one balanced, augmented epoch."""
-    labels = ctx.data.labels[ctx.split["train"]]
+    labels = ctx.dataset.labels[ctx.split["train"]]
     picks = balanced_order(labels, len(labels), np.random.default_rng(ctx.config.train.seed))
     drawn = labels[picks]
-    names = ctx.data.classes
+    names = ctx.dataset.classes
     before = {c: int(np.sum(labels == i)) for i, c in enumerate(names)}
     after = {c: int(np.sum(drawn == i)) for i, c in enumerate(names)}
     distinct = {c: len(np.unique(picks[drawn == i])) for i, c in enumerate(names)}
@@ -145,7 +145,7 @@ def compare_augmentation(ctx: Context, out: Path) -> Comparison:
     """The tuned model with the basic and the strong augmentation, same budget."""
     split = steps.train_val(ctx)
     records = {
-        level: fit_run(steps.explore_config(ctx, **{AUGMENT: level}), out / "fits" / level, ctx.data, split)
+        level: fit_run(steps.explore_config(ctx, **{AUGMENT: level}), out / "fits" / level, ctx.dataset, split)
         for level in LEVELS
     }
     f1 = {k: r.score("val") for k, r in records.items()}

@@ -67,7 +67,7 @@ class StudyContext(Generic[O]):
 
     config: Config
     options: O
-    data: Dataset
+    dataset: Dataset
     split: dict[str, np.ndarray]
     out_dir: Path
     choices: dict[str, Any] = field(default_factory=dict)  # carried forward, e.g. {'train.lr': 1e-3}
@@ -144,7 +144,7 @@ def _check_shared(keys: dict[str, Any], studies: Mapping[str, Study[Any]]) -> No
 
 
 def _open(
-    study: Study[O], config: Config, out_dir: Path, options: O, data: Dataset | None
+    study: Study[O], config: Config, out_dir: Path, options: O, dataset: Dataset | None
 ) -> tuple[StudyLayout, StudyState, StudyContext[O]]:
     """The study folder claimed for this config and options, its state (finished steps read back) and
     the context of its first step; data: the images of config, if loaded already."""
@@ -157,16 +157,16 @@ def _open(
     if stored is not None:
         _same_options(stored, state, to_dict(study.options()), layout.root)
         state.steps = stored.steps
-    if data is None or not same_images(base, config):  # the study's own config may load other images
-        data = dataset_for(config)
-    return layout, state, StudyContext(config, options, data, split_for(config, data), layout.root)
+    if dataset is None or not same_images(base, config):  # the study's own config may load other images
+        dataset = dataset_for(config)
+    return layout, state, StudyContext(config, options, dataset, split_for(config, dataset), layout.root)
 
 
 def _steps(study: Study[O], state: StudyState, ctx: StudyContext[O]) -> Iterator[tuple[int, Step]]:
     """The steps in order, each with the context it runs in: the earlier steps' choices carried forward
     and the split they chose (a step may choose the split ratio); a finished step's result is read back."""
     for number, step in enumerate(study.steps, start=1):
-        ctx.split = split_for(load_config_from(ctx.config, ctx.choices), ctx.data)
+        ctx.split = split_for(load_config_from(ctx.config, ctx.choices), ctx.dataset)
         yield number, step
         record = state.steps.get(step.key)
         if record is not None:
@@ -174,12 +174,12 @@ def _steps(study: Study[O], state: StudyState, ctx: StudyContext[O]) -> Iterator
 
 
 def plan_study(
-    study: Study[O], config: Config, out_dir: Path, options: O, probe: Probe, data: Dataset | None = None
+    study: Study[O], config: Config, out_dir: Path, options: O, probe: Probe, dataset: Dataset | None = None
 ) -> list[StepPlan]:
     """Each step's plan: the fits it will run and their estimated time (finished steps: done, with
     their measured time). A step's fits that depend on an earlier step's choice are planned with the
     choice as it stands: their number does not depend on it, their sizes may (ConvMixer's split ratio)."""
-    _layout, state, ctx = _open(study, config, out_dir, options, data)
+    _layout, state, ctx = _open(study, config, out_dir, options, dataset)
     plans = []
     for _number, step in _steps(study, state, ctx):
         record = state.steps.get(step.key)
@@ -191,11 +191,11 @@ def plan_study(
     return plans
 
 
-def run_study(study: Study[O], config: Config, out_dir: Path, options: O, data: Dataset | None = None) -> StudyState:
+def run_study(study: Study[O], config: Config, out_dir: Path, options: O, dataset: Dataset | None = None) -> StudyState:
     """Run (or resume) every step of a study into out_dir; returns the study state (study.json)."""
-    layout, state, ctx = _open(study, config, out_dir, options, data)
+    layout, state, ctx = _open(study, config, out_dir, options, dataset)
     atomic_write_json(layout.state, to_dict(state))
-    write_exclusions(layout.excluded, ctx.data)
+    write_exclusions(layout.excluded, ctx.dataset)
     for number, step in _steps(study, state, ctx):
         if step.key not in state.steps:
             log.info("study %s, step %d/%d: %s", study.name, number, len(study.steps), step.title)

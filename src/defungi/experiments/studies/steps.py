@@ -47,13 +47,13 @@ def train_val(ctx: StudyContext[Any]) -> dict[str, np.ndarray]:
 
 def plan_explore(ctx: StudyContext[Any], split: dict[str, np.ndarray], *changes: dict[str, Any]) -> list[FitPlan]:
     """The exploratory fits of each set of changes on split (one fit without changes)."""
-    return [fit for c in changes or ({},) for fit in plan_fits(explore_config(ctx, **c), ctx.data, split)]
+    return [fit for c in changes or ({},) for fit in plan_fits(explore_config(ctx, **c), ctx.dataset, split)]
 
 
 def _curve_inputs(ctx: StudyContext[Any], pool_fraction: float, epochs: int | None) -> tuple[Config, np.ndarray]:
     """A study curve's config and pool (pool_fraction of the training + validation data)."""
     dc = ctx.config.data
-    pool = tuning_pool(ctx.data.labels, ctx.data.specimens, ctx.split, pool_fraction, dc.split, dc.seed)
+    pool = tuning_pool(ctx.dataset.labels, ctx.dataset.specimens, ctx.split, pool_fraction, dc.split, dc.seed)
     return explore_config(ctx, **({"train.epochs": epochs} if epochs else {})), pool
 
 
@@ -62,7 +62,7 @@ def plan_study_curve(
 ) -> list[FitPlan]:
     """The fits of curve(ctx, ..., pool_fraction, fractions, cv, epochs)."""
     config, pool = _curve_inputs(ctx, pool_fraction, epochs)
-    return plan_curve(config, ctx.data, pool, fractions, cv)
+    return plan_curve(config, ctx.dataset, pool, fractions, cv)
 
 
 def curve(
@@ -75,7 +75,7 @@ def curve(
 ) -> NamedCurve:
     """A learning curve on pool_fraction of the training + validation data."""
     config, pool = _curve_inputs(ctx, pool_fraction, epochs)
-    result = learning_curve(config, ctx.data, pool, fractions, out / "fits", cv=cv)
+    result = learning_curve(config, ctx.dataset, pool, fractions, out / "fits", cv=cv)
     label = f"{cv}-fold cross-validation" if cv else "validation set"
     return NamedCurve(label=label, pool_size=int(len(pool)), curve=result)
 
@@ -107,7 +107,7 @@ def _grid_split(ctx: StudyContext[Any], pool_fraction: float) -> dict[str, np.nd
     """A study grid's train and validation parts (pool_fraction of the data; 1.0: the main split's)."""
     dc = ctx.config.data
     return tuning_split(
-        ctx.data.labels, ctx.data.specimens, ctx.split, pool_fraction, dc.val_fraction, dc.split, dc.seed
+        ctx.dataset.labels, ctx.dataset.specimens, ctx.split, pool_fraction, dc.val_fraction, dc.split, dc.seed
     )
 
 
@@ -115,7 +115,7 @@ def plan_study_grid(ctx: StudyContext[Any], grid_values: dict[str, list[Any]], p
     """The fits of grid(ctx, ..., grid_values, pool_fraction)."""
     from defungi.experiments.grid import plan_grid
 
-    return plan_grid(explore_config(ctx), ctx.data, _grid_split(ctx, pool_fraction), grid_values)
+    return plan_grid(explore_config(ctx), ctx.dataset, _grid_split(ctx, pool_fraction), grid_values)
 
 
 def grid(ctx: StudyContext[Any], out: Path, grid_values: dict[str, list[Any]], pool_fraction: float) -> Grid:
@@ -123,7 +123,7 @@ def grid(ctx: StudyContext[Any], out: Path, grid_values: dict[str, list[Any]], p
     from defungi.experiments.grid import grid_search  # Optuna, imported when a study searches
 
     split = _grid_split(ctx, pool_fraction)
-    result = grid_search(explore_config(ctx), ctx.data, split, grid_values, out / "fits")
+    result = grid_search(explore_config(ctx), ctx.dataset, split, grid_values, out / "fits")
     best = result.best
     summary = (
         f"Best cell: batch size {best[BATCH]}, learning rate {best[LR]:g} (validation macro-F1 "
@@ -166,7 +166,7 @@ def final_fits(
 ) -> Final:
     """The final recipe (early stopping) scored by K-fold cross-validation over every specimen, grouped
     and random (the published protocol), beside the published figures; the leakage gap with its interval."""
-    records = {mode: fit_run(config, out / mode, ctx.data) for mode, config in _final_configs(ctx, extra).items()}
+    records = {mode: fit_run(config, out / mode, ctx.dataset) for mode, config in _final_configs(ctx, extra).items()}
     gap = paired_difference(records["grouped"].path, records["random"].path, seed=ctx.config.train.seed)
     g, r = (records[m].metrics.part("test") for m in ("grouped", "random"))
     members = records["grouped"].metrics.protocol.ensemble
@@ -212,7 +212,7 @@ def _final_configs(ctx: StudyContext[Any], extra: dict[str, Any] | None) -> dict
 
 def plan_final(ctx: StudyContext[Any], extra: dict[str, Any] | None = None) -> list[FitPlan]:
     """The fits of final_fits(ctx, ..., extra)."""
-    return [fit for config in _final_configs(ctx, extra).values() for fit in plan_fits(config, ctx.data)]
+    return [fit for config in _final_configs(ctx, extra).values() for fit in plan_fits(config, ctx.dataset)]
 
 
 def _f1(scores: Scores | None) -> str:

@@ -139,7 +139,7 @@ def mean_cell(values: np.ndarray, specimens: np.ndarray) -> str:
 def table(rows: list[dict[str, str]], results: dict[str, np.ndarray], specs: list[str], area: float) -> None:
     """Per map and class: n, mean border share [interval], share of peaks in the ring, deletion gap."""
     classes = np.array([r["class"] for r in rows])
-    samples = np.array([r["sample"] for r in rows])
+    specimens = np.array([r["sample"] for r in rows])
     head = f"{'map':<30} {'class':<6} {'n':>4} {'empty':>5}  {'border share [95%]':<22} {'peak in ring':>12}"
     print(f"\n{head}  {'deletion gap [95%]'}")
     for spec in specs:
@@ -148,19 +148,22 @@ def table(rows: list[dict[str, str]], results: dict[str, np.ndarray], specs: lis
             share = results[f"{spec} share"][pick]
             ok = ~np.isnan(share)
             peak = np.nanmean(results[f"{spec} peak"][pick]) if ok.any() else np.nan
-            cells = [mean_cell(share[ok], samples[pick][ok]), mean_cell(results[f"{spec} gap"][pick], samples[pick])]
+            cells = [
+                mean_cell(share[ok], specimens[pick][ok]),
+                mean_cell(results[f"{spec} gap"][pick], specimens[pick]),
+            ]
             print(f"{spec:<30} {c:<6} {pick.sum():>4} {(~ok).sum():>5}  {cells[0]:<22} {peak:>12.3f}  {cells[1]}")
     print(f"(a map spread evenly: border share and peak in ring {area:.3f})")
     for spec in specs[1:]:  # paired on the same images: which map finds what the model uses
         gap = results[f"{spec} gap"] - results[f"{specs[0]} gap"]
-        print(f"deletion gap, {spec} minus {specs[0]}: {mean_cell(gap, samples)}")
+        print(f"deletion gap, {spec} minus {specs[0]}: {mean_cell(gap, specimens)}")
 
 
 def compare(rows: list[dict[str, str]], results: dict[str, np.ndarray], specs: list[str], other: Path) -> None:
     """This run's mean border share minus the other file's, per map, on the images both explained."""
     theirs = {r["path"]: r for r in read_table(other)}
     both = [i for i, r in enumerate(rows) if r["path"] in theirs]
-    samples = np.array([rows[i]["sample"] for i in both])
+    specimens = np.array([rows[i]["sample"] for i in both])
     print(f"\nthis run minus {other} ({len(both)} images in both), mean border share [95% over specimens]:")
     for spec in specs:
         key = f"{spec} share"
@@ -168,7 +171,7 @@ def compare(rows: list[dict[str, str]], results: dict[str, np.ndarray], specs: l
             continue
         diff = results[key][both] - np.array([float(theirs[rows[i]["path"]][key]) for i in both])
         ok = ~np.isnan(diff)
-        low, high = interval(diff[ok], samples[ok])
+        low, high = interval(diff[ok], specimens[ok])
         print(f"  {spec:<30} {diff[ok].mean():+.3f} [{low:+.3f}, {high:+.3f}]")
 
 

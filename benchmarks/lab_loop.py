@@ -157,13 +157,13 @@ def linked(data: Path, to: Path, leave_out: str | None) -> int:
 
 
 def specimen_name(path: Path) -> str | None:
-    """A DeFungi file's specimen: its class and sample (None for another name)."""
+    """A DeFungi file's specimen: its class and specimen number (None for another name)."""
     parsed = parse_name(path.stem)
     return f"{parsed['cls'].upper()}_{parsed['sample']}" if parsed else None
 
 
 def specimen_of_about(files: list[Path], n: int) -> tuple[str, list[Path]]:
-    """A specimen (DeFungi class and sample) with about n images, and its files."""
+    """A specimen (DeFungi class and specimen number) with about n images, and its files."""
     specimens: dict[str, list[Path]] = {}
     for f in files:
         if (name := specimen_name(f)) is not None:

@@ -3,8 +3,8 @@
 Each stage of the backbone's output, pooled over space (mean, or mean and max), feeds a logistic
 regression (standardised features, balanced class weights) trained on each fold's training images
 of a finished cross-validation run and scored on that fold's test images, so every image is
-scored once, out of fold, on the run's own folds. Prints macro-F1 per image and per sample (the
-mean probability of its images) with 95% intervals from the bootstrap over samples that
+scored once, out of fold, on the run's own folds. Prints macro-F1 per image and per specimen (the
+mean probability of its images) with 95% intervals from the bootstrap over specimens that
 `metrics.json` uses, and the CPU's AVX-512 flags beside the time of the forward pass.
 
     python benchmarks/transfer_stages.py runs/transfer/lite0-head-grouped [--model efficientnet-lite0]
@@ -79,14 +79,14 @@ def main() -> None:
     mean, std = model_entry(args.model).normalization
     feats = stage_features(model, stages, [r["path"] for r in rows], args.image_size, mean, std)
     print(
-        f"{len(rows)} images, {len(set(specimens))} samples, {len(set(folds))} folds; forward pass "
+        f"{len(rows)} images, {len(set(specimens))} specimens, {len(set(folds))} folds; forward pass "
         f"{time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads, CPU flags: {cpu_flags() or 'no AVX-512'}"
     )
     half = {name: f.shape[1] // 2 for name, f in feats.items()}
     variants = {f"{name} mean": f[:, : half[name]] for name, f in feats.items()}
     variants[f"{stages[-1]} mean+max"] = feats[stages[-1]]
     variants["all stages, mean"] = np.concatenate([f[:, : half[name]] for name, f in feats.items()], 1)
-    print(f"{'features':28s} {'dim':>5s}  macro-F1 per image     macro-F1 per sample")
+    print(f"{'features':28s} {'dim':>5s}  macro-F1 per image     macro-F1 per specimen")
     for name, x in variants.items():
         m = score_metrics(out_of_fold(x, labels, folds, args.c), labels, specimens, classes)
         img, smp = m["intervals"]["f1"], m["samples"]["intervals"]["f1"]

@@ -400,8 +400,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"{folder}: {', '.join(str(p) for p in redraw_job(Path(folder)))}")
     if not args.folders:
         studies = [Path(d) for d in args.studies] if args.studies else study_dirs(Path("runs"))
-        plan = studies[0].parent / "plan.json"  # the main job's, beside its study folders
-        print(f"report: {report_job(studies, Path(args.out), [Path(r) for r in args.runs], plan)}")
+        plan_path = studies[0].parent / "plan.json"  # the main job's, beside its study folders
+        print(f"report: {report_job(studies, Path(args.out), [Path(r) for r in args.runs], plan_path)}")
     return 0
 
 

@@ -194,9 +194,11 @@ def compare_job(run_dirs: list[Path], out: Path) -> Path:
     return build_comparison(run_dirs, out, difference)
 
 
-def report_job(study_dirs: list[Path], out: Path, runs: list[Path] | None = None, plan: Path | None = None) -> Path:
+def report_job(
+    study_dirs: list[Path], out: Path, runs: list[Path] | None = None, plan_path: Path | None = None
+) -> Path:
     """The combined page of finished study folders, and other finished runs beside them, each paired
-    with every study's grouped final recipe where they scored the same images (plan: the job's
+    with every study's grouped final recipe where they scored the same images (plan_path: the job's
     plan.json, its estimated and measured times)."""
     from defungi.experiments.compare import paired_difference
 
@@ -211,7 +213,7 @@ def report_job(study_dirs: list[Path], out: Path, runs: list[Path] | None = None
                 log.warning("%s", error)
                 continue
             differences[f"{run} minus the grouped final recipe of {state.study} (paired)"] = difference
-    return build_combined_report(study_dirs, out, runs, plan, differences)
+    return build_combined_report(study_dirs, out, runs, plan_path, differences)
 
 
 def main_job(

@@ -57,13 +57,13 @@ def build_combined_report(
     study_dirs: list[Path],
     out_dir: Path,
     runs: list[Path] | None = None,
-    plan: Path | None = None,
+    plan_path: Path | None = None,
     differences: dict[str, PairedDifference] | None = None,
 ) -> Path:
     """Metrics with intervals, the leakage gap, confusion matrices, parameters, training time and
     inference images/s of every study's final recipe on one page, and other finished runs (e.g. the
     transfer recipe) beside them, with differences (paired, by title: e.g. a run minus a study's
-    grouped recipe); with plan (the job's plan.json), every step's estimated and measured time;
+    grouped recipe); with plan_path (the job's plan.json), every step's estimated and measured time;
     returns the HTML path."""
     states = read_states(study_dirs)
     finals = [final_of(state) for state in states]
@@ -106,8 +106,8 @@ def build_combined_report(
             page.heading(f"{state.study}, {mode} cross-validation", level=3)
             page.figure(layout.figure("confusion_test"))
             page.figure(layout.figure("confusion_test_samples"))
-    if plan is not None and plan.exists():
-        _time_section(page, read_plan(plan))
+    if plan_path is not None and plan_path.exists():
+        _time_section(page, read_plan(plan_path))
     return page.write(out_dir)
 
 

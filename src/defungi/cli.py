@@ -188,7 +188,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.tta,
         args.prior_weight,
         _answer_settings(args),
-        args.by_sample,
+        args.by_specimen,
         args.group_by,
     )
     print(format_predictions(result, args.format), end="")
@@ -458,7 +458,7 @@ def _predict_parser(sub: Commands) -> None:
     p.add_argument(
         "--by-specimen",
         "--by-sample",
-        dest="by_sample",
+        dest="by_specimen",
         action="store_true",
         help="one decision per specimen (its images pooled by the run's train.specimen_rule; default: the mean); "
         "--by-sample is the same",

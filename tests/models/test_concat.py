@@ -10,7 +10,6 @@ from defungi.errors import DefungiError
 from defungi.layout import read_table
 from defungi.models import create_model, model_entry
 from defungi.models.pretrained import imagenet_state_dict, load_backbone
-from defungi.serve.predict import probability_table
 
 PAIR = "efficientnet-lite0+efficientnet-lite1"  # 224 and 240 px: the smallest pair with two sides
 
@@ -91,7 +90,9 @@ def test_a_frozen_concatenation_trains_predicts_explains_and_exports_with_the_sa
         assert main(["predict", str(run), *[r["path"] for r in rows], "--format", "json", "--backend", backend]) == 0
         answers[backend] = json.loads(capsys.readouterr().out)
     for row, again in zip(rows, answers["torch"], strict=True):  # predict gives what the run scored
-        assert np.allclose([float(row[f"p_{c}"]) for c in classes], probability_table([again], classes)[0], atol=1e-5)
+        assert np.allclose(
+            [float(row[f"p_{c}"]) for c in classes], [again["probabilities"][c] for c in classes], atol=1e-5
+        )
     assert [r.get("class") for r in answers["torch"]] == [r.get("class") for r in answers["onnx"]]
     assert main(["explain", str(run), rows[0]["path"], "--out", str(tmp_path / "why")]) == 0
     assert list((tmp_path / "why").glob("*.png"))

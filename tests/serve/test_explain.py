@@ -9,6 +9,7 @@ import torch
 from defungi.cli import main
 from defungi.models import create_model, model_entry
 from defungi.models.ensemble import Ensemble
+from defungi.results.answers import ImageAnswer
 from defungi.serve import explain as explain_module
 from defungi.serve.explain import border_ring, border_share, cam_layers, class_maps, explained
 from defungi.serve.predictor import torch_predictor
@@ -75,9 +76,8 @@ def test_border_share_is_the_ring_area_for_an_even_map_and_tells_the_centre_from
 
 
 def test_a_figures_title_labels_the_calibrated_confidence_and_the_probability():
-    row = {"path": "/lab/H1_1a_1.jpg", "decision": "H1", "confidence": 0.93, "probability": 0.82, "label": "H1",
-           "explained": "H1", "explained_probability": 0.93}  # fmt: skip
-    title = explain_module.figure_title(row)
+    answer = ImageAnswer("/lab/H1_1a_1.jpg", label="H1", class_="H1", confidence=0.93, probability=0.82, decision="H1")
+    title = explain_module.figure_title(explain_module.Explained(answer, explained="H1", explained_probability=0.93))
     assert "predicted H1 (calibrated confidence 0.93, probability 0.82)" in title and title.startswith("H1_1a_1.jpg")
 
 
@@ -97,14 +97,14 @@ def test_a_chosen_class_is_the_one_explained(tiny_run: TinyRun, tmp_path: Path, 
     files = sorted(held.rglob("H1_*a_*.jpg"))[:2]
     model = torch_predictor(tiny_run.run, "cpu")
     predicted = explained(model, files)
-    other = next(c for c in model.classes if c != predicted[0]["class"])
+    other = next(c for c in model.classes if c != predicted[0].answer.class_)
     chosen = explained(model, files, target=other)
     for mine, theirs in zip(predicted, chosen, strict=True):
-        assert mine["explained"] == mine["class"] and theirs["explained"] == other
-        assert not np.allclose(mine["map"], theirs["map"], atol=0.05)  # another class's evidence
+        assert mine.explained == mine.answer.class_ and theirs.explained == other
+        assert not np.allclose(mine.map, theirs.map, atol=0.05)  # another class's evidence
         # the calibrated probability shown: the prediction's confidence for its own class, less for another
-        assert mine["explained_probability"] == pytest.approx(mine["confidence"])
-        assert theirs["explained_probability"] < theirs["confidence"]
+        assert mine.explained_probability == pytest.approx(mine.answer.confidence)
+        assert theirs.explained_probability < theirs.answer.confidence
     titles: list[str] = []
 
     def capture(*args: Any) -> Path:

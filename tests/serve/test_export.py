@@ -10,7 +10,7 @@ from defungi.cli import main
 from defungi.errors import DefungiError
 from defungi.results.run import read_run_metrics
 from defungi.serve.lite import dihedral_nhwc
-from defungi.serve.predict import open_predictor, probability_table
+from defungi.serve.predict import open_predictor
 from tests.conftest import tiny_args, write_folder
 
 
@@ -80,8 +80,8 @@ def test_both_backends_decide_alike_for_a_run_trained_in_bf16(tmp_path: Path, mo
         answers.append([r for r in json.loads(capsys.readouterr().out) if "class" in r])
     torch_rows, onnx_rows = answers
     assert len(torch_rows) == 3 * 3 * 4 and [r["class"] for r in torch_rows] == [r["class"] for r in onnx_rows]
-    torch_probs, onnx_probs = (probability_table(rows, ["H1", "H2", "H3"]) for rows in answers)
-    assert np.abs(torch_probs - onnx_probs).max() < 1e-4
+    torch_probs, onnx_probs = ([[r["probabilities"][c] for c in ("H1", "H2", "H3")] for r in rows] for rows in answers)
+    assert np.abs(np.array(torch_probs) - np.array(onnx_probs)).max() < 1e-4
 
 
 def test_a_frozen_backbone_cv_answers_from_one_trunk_pass_on_either_engine_and_exports_one_backbone(

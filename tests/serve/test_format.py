@@ -3,6 +3,7 @@
 import csv
 import io
 
+from defungi.results.answers import ImageAnswer, SpecimenAnswer
 from defungi.serve.format import as_csv, as_table
 from defungi.serve.predict import Predictions, reason
 
@@ -11,14 +12,14 @@ CLASSES = ["H1", "H2"]
 
 def _predictions() -> Predictions:
     """One specimen of two images in /lab/s1 (one refused as not a micrograph), answered as predict answers."""
-    answered = {"path": "/lab/s1/a.jpg", "label": "H1", "class": "H1", "decision": "H1", "confidence": 0.93,
-                "probability": 0.82, "set": "H1", "set_classes": ["H1"], "set_size": 1,
-                "probabilities": {"H1": 0.82, "H2": 0.18}, "ood": 0.4}  # fmt: skip
-    refused = {"path": "/lab/s1/b.jpg", "label": "H1", "status": "not a fungus micrograph", "ood": 3.5}
-    specimen = {"specimen": "s1", "path": "/lab/s1", "label": "H1", "images": 2, "classified": 1, "counted": 1,
-                "no_fungus": 0, "class": "H1", "confidence": 0.91, "probability": 0.82, "decision": "H1",
-                "set": "H1 or H2", "set_classes": CLASSES, "set_size": 2, "probabilities": {"H1": 0.82, "H2": 0.18},
-                "answer": "H1 or H2 (90% set)", "rows": [answered, refused]}  # fmt: skip
+    answered = ImageAnswer("/lab/s1/a.jpg", label="H1", class_="H1", decision="H1", confidence=0.93,
+                           probability=0.82, set="H1", set_classes=["H1"], set_size=1,
+                           probabilities={"H1": 0.82, "H2": 0.18}, ood=0.4, unlike_training=False)  # fmt: skip
+    refused = ImageAnswer("/lab/s1/b.jpg", label="H1", status="not a fungus micrograph", ood=3.5)
+    specimen = SpecimenAnswer("s1", "/lab/s1", "H1", images=2, classified=1, counted=1, no_fungus=0, refused=1,
+                              unlike_training=0, class_="H1", confidence=0.91, probability=0.82, decision="H1",
+                              set="H1 or H2", set_classes=CLASSES, set_size=2, probabilities={"H1": 0.82, "H2": 0.18},
+                              answer="H1 or H2 (90% set)", rows=[answered, refused])  # fmt: skip
     return Predictions(CLASSES, [answered, refused], specimens=[specimen])
 
 
@@ -47,10 +48,10 @@ def test_table_labels_the_calibrated_confidence_and_the_probability():
 
 def test_an_image_not_answered_reads_with_its_reason_and_its_figure():
     result = _predictions()
-    faint = {"path": "/lab/s1/c.jpg", "label": "H1", "status": "no fungus visible", "grey_variance": 14.23,
-             "variance_threshold": 20.0}  # fmt: skip
+    faint = ImageAnswer("/lab/s1/c.jpg", label="H1", status="no fungus visible", grey_variance=14.23,
+                        variance_threshold=20.0)  # fmt: skip
     result.rows.append(faint)
-    result.specimens[0]["rows"].append(faint)
+    result.specimens[0].rows.append(faint)
     lines = as_table(result).splitlines()
     said = {name: line.split(name, 1)[1].strip() for line in lines for name in ("b.jpg", "c.jpg") if name in line}
     assert said == {
@@ -60,4 +61,5 @@ def test_an_image_not_answered_reads_with_its_reason_and_its_figure():
     rows = {r["path"]: r for r in csv.DictReader(io.StringIO(as_csv(result)))}
     assert rows["/lab/s1/c.jpg"]["grey_variance"] == "14.23" and rows["/lab/s1/c.jpg"]["status"] == "no fungus visible"
     assert rows["/lab/s1/b.jpg"]["grey_variance"] == "" and rows["/lab/s1/b.jpg"]["refusal_score"] == "3.5"
-    assert reason({"specimen": "s2", "status": "not a fungus micrograph"}) == "not a fungus micrograph"  # no figure
+    specimen = SpecimenAnswer("s2", "/lab/s2", None, 1, 0, 0, 0, 1, 0, status="not a fungus micrograph")
+    assert reason(specimen) == "not a fungus micrograph"  # no figure

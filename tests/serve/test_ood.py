@@ -17,6 +17,7 @@ from PIL import Image
 from defungi.cli import main
 from defungi.data.cache import decode_one
 from defungi.experiments.protocols import fit_run
+from defungi.results.answers import ImageAnswer
 from defungi.results.run import read_evaluation, read_run_metrics
 from defungi.serve.predict import NO_FUNGUS, NOT_MICROGRAPH, Answers, by_specimen, open_predictor, predict
 from defungi.serve.predictor import Predictor, Scores
@@ -74,7 +75,7 @@ def test_every_fit_stores_its_detector_and_few_held_out_micrographs_are_refused(
     assert metrics.ood.n == len(scores) and metrics.ood.refused == np.mean(scores > REFUSE)
     assert metrics.ood.flagged == np.mean((scores > 1) & (scores <= REFUSE)) and metrics.ood.refuse_over == REFUSE
     rows = predict(open_predictor(refusing.run), [_held_out_micrographs(tmp_path / "new", 300)])
-    refused = [r for r in rows if r.get("status") == NOT_MICROGRAPH]
+    refused = [r for r in rows if r.status == NOT_MICROGRAPH]
     assert len(refused) <= 0.02 * len(rows)  # the threshold promises about 1%
 
 
@@ -83,9 +84,9 @@ def test_what_is_not_a_micrograph_is_refused(refusing: Refusing, tmp_path: Path,
     folder = _non_micrographs(tmp_path / kind, kind)
     model = open_predictor(refusing.run)
     rows = predict(model, [folder])
-    assert all(r.get("status") in (NO_FUNGUS, NOT_MICROGRAPH) and "class" not in r for r in rows)
+    assert all(r.status in (NO_FUNGUS, NOT_MICROGRAPH) and r.class_ is None for r in rows)
     # the detector alone refuses them too, flat fields included (which the variance filter catches first)
-    pixels = np.stack([decode_one(Path(r["path"]), model.image_size)[0] for r in rows])
+    pixels = np.stack([decode_one(Path(r.path), model.image_size)[0] for r in rows])
     assert np.all(model.answer(pixels).ood > REFUSE)
 
 
@@ -94,9 +95,9 @@ def test_both_backends_refuse_the_same_images(refusing: Refusing, tmp_path: Path
     folders += [_non_micrographs(tmp_path / kind, kind, 5) for kind in ("noise", "gradient", "text")]
     for tta in (False, True):
         torch_rows, onnx_rows = (predict(open_predictor(refusing.run, b), folders, tta=tta) for b in ("torch", "onnx"))
-        assert [r.get("status") for r in torch_rows] == [r.get("status") for r in onnx_rows]
-        assert sum(r.get("status") in (NO_FUNGUS, NOT_MICROGRAPH) for r in torch_rows) >= 15  # the 15 non-micrographs
-        ood = np.array([[a["ood"], b["ood"]] for a, b in zip(torch_rows, onnx_rows, strict=True) if "ood" in a])
+        assert [r.status for r in torch_rows] == [r.status for r in onnx_rows]
+        assert sum(r.status in (NO_FUNGUS, NOT_MICROGRAPH) for r in torch_rows) >= 15  # the 15 non-micrographs
+        ood = np.array([[a.ood, b.ood] for a, b in zip(torch_rows, onnx_rows, strict=True) if a.ood is not None])
         assert len(ood) >= 70  # every image but the blank fields and low-contrast gradients
         assert np.allclose(ood[:, 0], ood[:, 1], rtol=1e-4)
 
@@ -112,11 +113,11 @@ def test_refused_images_do_not_count_toward_their_specimen(refusing: Refusing, t
     model = open_predictor(refusing.run)
     rows = predict(model, [specimen])
     decided, noise_only = by_specimen(rows, model, Answers.of(model))
-    classified = [r for r in decided["rows"] if "class" in r]
-    assert decided["images"] == 4 and decided["classified"] == len(classified) >= 2
-    mean_h2 = np.mean([r["probabilities"]["H2"] for r in classified])
-    assert abs(decided["probabilities"]["H2"] - mean_h2) < 1e-6  # the noise image is not in the mean
-    assert noise_only["status"] == NOT_MICROGRAPH and "class" not in noise_only
+    classified = [r for r in decided.rows if r.class_ is not None]
+    assert decided.images == 4 and decided.classified == len(classified) >= 2
+    mean_h2 = np.mean([r.probabilities["H2"] for r in classified])
+    assert abs(decided.probabilities["H2"] - mean_h2) < 1e-6  # the noise image is not in the mean
+    assert noise_only.status == NOT_MICROGRAPH and noise_only.class_ is None
 
 
 def test_evaluate_flags_each_image_and_counts_the_refused(refusing: Refusing, tmp_path: Path, capsys):
@@ -182,9 +183,9 @@ def test_a_frozen_lite_reads_a_middle_map_beside_its_head_and_both_backends_agre
     assert main(["export", str(run)]) == 0
     folders = [_held_out_micrographs(tmp_path / "new", 30), _non_micrographs(tmp_path / "noise", "noise", 5)]
     torch_rows, onnx_rows = (predict(open_predictor(run, b), folders) for b in ("torch", "onnx"))
-    assert [r.get("status") for r in torch_rows] == [r.get("status") for r in onnx_rows]
-    assert np.allclose([r["ood"] for r in torch_rows], [r["ood"] for r in onnx_rows], rtol=1e-4)
-    assert all(r.get("status") == NOT_MICROGRAPH for r in torch_rows[-5:])
+    assert [r.status for r in torch_rows] == [r.status for r in onnx_rows]
+    assert np.allclose([r.ood for r in torch_rows], [r.ood for r in onnx_rows], rtol=1e-4)
+    assert all(r.status == NOT_MICROGRAPH for r in torch_rows[-5:])
 
 
 def test_a_broken_or_foreign_detector_file_is_one_clear_line(refusing: Refusing, tmp_path: Path):
@@ -222,14 +223,14 @@ def test_a_micrograph_unlike_the_training_ones_is_answered_and_flagged_not_refus
 
     monkeypatch.setattr(Predictor, "answer", scored)
     rows = predict(model, [folder])
-    assert len(rows) == 8 and rows[0]["unlike_training"] and "class" in rows[0]
-    assert not rows[1]["unlike_training"] and "class" in rows[1]
-    assert rows[2]["status"] == NOT_MICROGRAPH and "class" not in rows[2]
+    assert len(rows) == 8 and rows[0].unlike_training and rows[0].class_ is not None
+    assert not rows[1].unlike_training and rows[1].class_ is not None
+    assert rows[2].status == NOT_MICROGRAPH and rows[2].class_ is None and rows[2].ood == 2.0
     (specimen,) = by_specimen(rows, model, Answers.of(model), group_by="folder")
-    assert specimen["unlike_training"] == 1 and specimen["refused"] == 1
-    assert specimen["flag"] == "1 of 7 images unlike the training specimens: check them"
-    mixed = [{"path": f"{k}.png", "status": NOT_MICROGRAPH} for k in range(2)] + [
-        {"path": "c.png", "status": NO_FUNGUS}
+    assert specimen.unlike_training == 1 and specimen.refused == 1
+    assert specimen.flag == "1 of 7 images unlike the training specimens: check them"
+    mixed = [ImageAnswer(f"{k}.png", status=NOT_MICROGRAPH) for k in range(2)] + [
+        ImageAnswer("c.png", status=NO_FUNGUS)
     ]
     (none,) = by_specimen(mixed, model, Answers.of(model), "folder")
-    assert none["status"] == "no image answered: 2 not a fungus micrograph, 1 no fungus visible"
+    assert none.status == "no image answered: 2 not a fungus micrograph, 1 no fungus visible"

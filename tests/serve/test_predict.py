@@ -3,6 +3,7 @@ import dataclasses
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -73,7 +74,7 @@ def test_a_specimen_is_answered_with_its_prediction_set_and_uncertain_images_are
     assert "90%" in answer["note"] and answer["model"]["specimens"] > 0
     thresholds = trust.conformal(0.9, "specimen").threshold(["H1", "H2", "H3"])
     for s in (s for s in answer["specimens"] if "class" in s):
-        calibrated = temper(probability_table([s], ["H1", "H2", "H3"]), trust.temperatures["specimen"].applied)
+        calibrated = temper(_printed_probabilities(s), trust.temperatures["specimen"].applied)
         inside = [c for c, p, t in zip(("H1", "H2", "H3"), calibrated[0], thresholds, strict=True) if 1 - p <= t]
         assert set(s["set"].replace(" or ", ", ").split(", ")) == set(inside) | {s["class"]}
         assert s["answer"] == (s["class"] if s["set_size"] == 1 else f"{s['set']} (90% set)")
@@ -114,10 +115,10 @@ def test_specimens_are_decided_by_the_runs_specimen_rule(tiny_run: TinyRun, tmp_
     trained = open_predictor(tiny_run.run)
     assert trained.specimen_rule == "mean" and trained.metadata()["specimen_rule"] == "mean"
     model = dataclasses.replace(trained, specimen_rule="log_mean")
-    decided = [s for s in by_specimen(predict(model, [held]), model, Answers.of(model)) if "class" in s]
+    decided = [s for s in by_specimen(predict(model, [held]), model, Answers.of(model)) if s.class_ is not None]
     assert len(decided) == 6
     for s in decided:
-        counted = probability_table([r for r in s["rows"] if r.get("decision") in model.classes], model.classes)
+        counted = probability_table([r for r in s.rows if r.decision in model.classes], model.classes)
         assert np.allclose(probability_table([s], model.classes)[0], specimen_probabilities(counted, "log_mean"))
     older = {k: v for k, v in trained.metadata().items() if k != "specimen_rule"}
     assert Predictor.from_metadata(older, trained.scores, "old.onnx").specimen_rule == "mean"
@@ -136,7 +137,7 @@ def test_answers_carry_their_probability_beside_the_calibrated_confidence_and_sp
     for s in (s for s in specimens if "class" in s):
         assert s["path"] == str(held / s["label"])
         assert s["probability"] == max(s["probabilities"].values()) == s["probabilities"][s["class"]]
-        calibrated = temper(probability_table([s], ["H1", "H2", "H3"]), trust.temperatures["specimen"].applied)
+        calibrated = temper(_printed_probabilities(s), trust.temperatures["specimen"].applied)
         assert abs(s["confidence"] - calibrated.max()) < 1e-9
         for r in s["rows"]:
             assert r["probability"] == r["probabilities"][r["class"]] == max(r["probabilities"].values())
@@ -160,16 +161,19 @@ def test_classes_named_like_fields_leave_the_fields_alone(tmp_path: Path, capsys
     assert model.classes == names
 
     rows = predict(model, [data])
-    answered = [r for r in rows if "decision" in r]
-    assert len(answered) == len(rows) - 1 and "status" not in answered[0]
-    (blank,) = (r for r in rows if "decision" not in r)
-    assert blank["status"] == "no fungus visible" and blank["label"] == "class"
+    answered = [r for r in rows if r.decision is not None]
+    assert len(answered) == len(rows) - 1 and answered[0].status is None
+    (blank,) = (r for r in rows if r.decision is None)
+    assert blank.status == "no fungus visible" and blank.label == "class"
     probs = probability_table(answered, names)
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     calibrated = temper(probs, model.temperature("image"))
     for r, p, q in zip(answered, probs, calibrated, strict=True):
-        assert r["class"] == names[int(p.argmax())] and r["probability"] == r["probabilities"][r["class"]]
-        assert r["confidence"] == pytest.approx(q.max()) and "status" not in r
+        assert r.class_ == names[int(p.argmax())] and r.probability == r.probabilities[r.class_]
+        assert r.confidence == pytest.approx(q.max()) and r.status is None
+        shown = r.to_json()  # the fields under their names, the classes under 'probabilities' alone
+        assert shown["class"] == r.class_ and shown["confidence"] == r.confidence and "status" not in shown
+        assert list(shown)[:2] == ["path", "label"] and shown["probabilities"] == dict(zip(names, p, strict=True))
 
     capsys.readouterr()
     assert main(["predict", str(run), str(data), "--by-sample", "--format", "csv"]) == 0
@@ -194,10 +198,15 @@ def test_images_decoded_while_the_model_loads_get_the_models_answers(tiny_run_co
     held = write_folder(tmp_path / "held", samples_per_class=2, patches=2, seed=5)
     files = sorted(held.rglob("*.jpg"))
     expected = predict(open_predictor(tiny_run_copy), files)
-    assert any("class" in r for r in expected) and any(r.get("status") == "no fungus visible" for r in expected)
+    assert any(r.class_ for r in expected) and any(r.status == "no fungus visible" for r in expected)
     assert predict_files(tiny_run_copy, files).rows == expected  # decoded from config.json's figures, loaded beside
     config = tiny_run_copy / "config.json"
     edited = json.loads(config.read_text())
     edited["data"]["variance_threshold"] = 10000.0  # no longer what the checkpoints say: the model's figures win
     config.write_text(json.dumps(edited))
     assert predict_files(tiny_run_copy, files).rows == expected
+
+
+def _printed_probabilities(specimen: dict[str, Any]) -> np.ndarray:
+    """A printed (JSON) specimen's probabilities as a one-row array, in the tiny run's class order."""
+    return np.array([[specimen["probabilities"][c] for c in ("H1", "H2", "H3")]])

@@ -19,6 +19,7 @@ import numpy as np
 
 from defungi.data.dataset import load_dataset
 from defungi.layout import EvaluationLayout, RunLayout
+from defungi.results.answers import ImageAnswer, SpecimenAnswer
 from defungi.results.ood import OodCheck
 from defungi.results.run import (
     CalibrationCheck,
@@ -71,10 +72,8 @@ def evaluate_folder(
     model = torch_predictor(run_dir)
     answers = Answers.of(model, **(settings or {}))
     data = load_dataset(data_root, model.image_size, model.variance_threshold, classes=model.classes)
-    rows = [{"path": str(p), "label": model.classes[y]} for p, y in zip(data.paths, data.labels, strict=True)]
-    rows = classify(
-        model, rows, Decoded([r["path"] for r in rows], np.asarray(data.images)), tta, prior_weight, answers
-    )
+    rows = [ImageAnswer(str(p), label=model.classes[y]) for p, y in zip(data.paths, data.labels, strict=True)]
+    rows = classify(model, rows, Decoded([r.path for r in rows], np.asarray(data.images)), tta, prior_weight, answers)
     specimens = by_specimen(rows, model, answers, group_by)
     units = _labelled(model.classes, specimens)
     scores = _scores(model, units["image"], tta)
@@ -137,14 +136,14 @@ class Labelled(NamedTuple):
     groups: np.ndarray
 
 
-def _labelled(classes: list[str], specimens: list[dict[str, Any]]) -> dict[Unit, Labelled]:
+def _labelled(classes: list[str], specimens: list[SpecimenAnswer]) -> dict[Unit, Labelled]:
     """Per image: every classified image; per specimen: every decided specimen whose class is known."""
-    images = [(s["specimen"], r) for s in specimens for r in s["rows"] if "class" in r]
-    decided = [(s["specimen"], s) for s in specimens if "class" in s and s.get("label")]
+    images = [(s.specimen, r) for s in specimens for r in s.rows if r.class_ is not None]
+    decided = [(s.specimen, s) for s in specimens if s.class_ is not None and s.label]
     return {
         unit: Labelled(
             probability_table([r for _, r in items], classes),
-            np.array([classes.index(r["label"]) for _, r in items]),
+            np.array([classes.index(r.label) for _, r in items]),
             np.array([g for g, _ in items]),
         )
         for unit, items in (("image", images), ("specimen", decided))
@@ -254,39 +253,36 @@ def _refusal_rows(run_dir: str | Path, refusals: OodCheck | None) -> list[CardRo
     return rows
 
 
-def _refusals(model: Predictor, specimens: list[dict[str, Any]]) -> OodCheck | None:
+def _refusals(model: Predictor, specimens: list[SpecimenAnswer]) -> OodCheck | None:
     """The folder's usable images refused as not fungus micrographs and flagged unlike the training
     specimens, with 95% intervals over specimens (None where the run has no detector)."""
     detectors = model.trained.detectors if model.trained is not None else None
-    pairs = [(s["specimen"], r["ood"]) for s in specimens for r in s["rows"] if "ood" in r]
+    pairs = [(s.specimen, r.ood) for s in specimens for r in s.rows if r.ood is not None]
     if detectors is None or not pairs:
         return None
     groups, scores = np.array([g for g, _ in pairs]), np.array([x for _, x in pairs])
     return ood_check("evaluation", detectors[0].quantile, [d.threshold for d in detectors], scores, groups)
 
 
-def _write_tables(out: EvaluationLayout, classes: list[str], specimens: list[dict[str, Any]]) -> None:
+def _write_tables(out: EvaluationLayout, classes: list[str], specimens: list[SpecimenAnswer]) -> None:
     """predictions.csv (a row per classified image) and specimens.csv (a row per specimen): 'confidence'
     calibrated, 'probability' the model's (a specimen's: pooled) of the predicted class."""
     images = [
-        [r["path"], s["specimen"], r["label"], r.get("class", ""), r.get("decision", r.get("status", "")),
-         f"{r['confidence']:.6f}" if "class" in r else "", f"{r['probability']:.6f}" if "class" in r else "",
-         r.get("set", ""),
-         f"{r['ood']:.4f}" if "ood" in r else "",
-         *(f"{r['probabilities'][c]:.6f}" if "class" in r else "" for c in classes)]
+        [r.path, s.specimen, r.label, r.class_ or "", r.decision or r.status or "",
+         *(_figure(x, 6) for x in (r.confidence, r.probability)), r.set or "", _figure(r.ood, 4),
+         *(_figure(r.probabilities and r.probabilities[c], 6) for c in classes)]
         for s in specimens
-        for r in s["rows"]
-        if "class" in r or "ood" in r
+        for r in s.rows
+        if r.class_ is not None or r.ood is not None
     ]  # fmt: skip
     head = ["path", "sample", "class", "prediction", "decision", "confidence", "probability", "set", "ood"]
     head += [f"p_{c}" for c in classes]
     atomic_write_text(out.predictions, _csv(head, images))
     rows = [
-        [s["specimen"], s.get("label") or "", s.get("class", ""), s.get("answer", s.get("status", "")),
-         f"{s['confidence']:.6f}" if "confidence" in s else "", f"{s['probability']:.6f}" if "confidence" in s else "",
-         s.get("set", ""), s["counted"], s["images"],
-         "" if not s.get("label") or "class" not in s else ("right" if s["class"] == s["label"] else "wrong"),
-         "" if not s.get("label") or "set_classes" not in s else ("yes" if s["label"] in s["set_classes"] else "no")]
+        [s.specimen, s.label or "", s.class_ or "", s.answer or s.status or "",
+         *(_figure(x, 6) for x in (s.confidence, s.probability)), s.set or "", s.counted, s.images,
+         "" if not s.label or s.class_ is None else ("right" if s.class_ == s.label else "wrong"),
+         "" if not s.label or s.set_classes is None else ("yes" if s.label in s.set_classes else "no")]
         for s in specimens
     ]  # fmt: skip
     head = [
@@ -303,6 +299,11 @@ def _write_tables(out: EvaluationLayout, classes: list[str], specimens: list[dic
         "in_set",
     ]
     atomic_write_text(out.specimens, _csv(head, rows))
+
+
+def _figure(value: float | None, digits: int) -> str:
+    """A figure of the tables with digits decimals, blank where there is none."""
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def _csv(header: list[str], rows: list[list[Any]]) -> str:

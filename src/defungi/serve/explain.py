@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from defungi.errors import DefungiError
 from defungi.models import model_entry
 from defungi.models.ensemble import members
 from defungi.report.plots import plot_explanation
+from defungi.results.answers import ImageAnswer
 from defungi.serve.predict import Answers, classify, decode, expand_paths, probability_table
 from defungi.serve.predictor import Predictor, Scores, torch_predictor
 from defungi.stats.metrics import prior_weights, temper, weighted
@@ -139,6 +141,20 @@ def one_pass(
     return Scores(probs, ood), maps, chosen
 
 
+@dataclass
+class Explained:
+    """An image's answer with what explains it: its pixels at the model's input size where it decoded and,
+    where it was classified, the map of the explained class's evidence, the map over the image, the class
+    explained and its calibrated probability."""
+
+    answer: ImageAnswer
+    image: np.ndarray | None = None
+    map: np.ndarray | None = None
+    overlay: np.ndarray | None = None
+    explained: str | None = None
+    explained_probability: float | None = None
+
+
 def explained(
     model: Predictor,
     files: list[Path],
@@ -146,14 +162,14 @@ def explained(
     tta: bool | None = None,
     prior_weight: float | None = None,
     answers: Answers | None = None,
-) -> list[dict[str, Any]]:
-    """predict's rows, each decoded one with its image and each classified one with the class explained
+) -> list[Explained]:
+    """predict's answers, each decoded one with its image and each classified one with the class explained
     (target, else the predicted one) with its calibrated probability, its map and the map's overlay: the answers and
     the maps from one forward pass per image (test-time augmentation's other views aside)."""
     fixed = None if target is None else class_index(model, target)
     rows, decoded = decode(model.inputs, files)
     if not decoded.paths:
-        return rows
+        return [Explained(r) for r in rows]
     images = decoded.images
     power = model.prior_weight if prior_weight is None else prior_weight
 
@@ -165,27 +181,29 @@ def explained(
     views = model.tta if tta is None else tta
     rows = classify(model, rows, decoded, tta, prior_weight, answers, None if views else computed)
     at = {path: k for k, path in enumerate(decoded.paths)}
+    result = []
     for row in rows:
-        if "class" not in row:  # refused as not a fungus micrograph: its pixels are shown all the same
-            row |= {"image": images[at[row["path"]]]} if row["path"] in at else {}
+        if row.class_ is None:  # refused as not a fungus micrograph: its pixels are shown all the same
+            result.append(Explained(row, images[at[row.path]] if row.path in at else None))
             continue
-        k = at[row["path"]]
-        t = targets[k] if fixed is not None or not views else model.classes.index(row["class"])
+        k = at[row.path]
+        t = targets[k] if fixed is not None or not views else model.classes.index(row.class_)
         if t != targets[k]:  # test-time augmentation decided another class than the first view
             maps[k] = class_maps(model.trained, images[k : k + 1], [t])[0]
         p = temper(probability_table([row], model.classes), model.temperature())[0]
-        row |= {"image": images[k], "map": maps[k], "overlay": overlay(images[k], maps[k])}
-        row |= {"explained": model.classes[t], "explained_probability": float(p[t])}
-    return rows
+        overlaid = overlay(images[k], maps[k])
+        result.append(Explained(row, images[k], maps[k], overlaid, model.classes[t], float(p[t])))
+    return result
 
 
-def figure_title(row: dict[str, Any]) -> str:
+def figure_title(shown: Explained) -> str:
     """What a figure explains: the file, the class and its calibrated probability, the decision (its
     calibrated confidence beside the model's probability), the truth."""
-    shown = f"calibrated confidence {row['confidence']:.2f}, probability {row['probability']:.2f}"
-    said = f"predicted {row['decision']} ({shown})  ·  true {row['label'] or 'unknown'}"
-    why = f"evidence for {row['explained']} (calibrated probability {row['explained_probability']:.2f})"
-    return f"{Path(row['path']).name}: {why}\n{said}"
+    row = shown.answer
+    said = f"calibrated confidence {row.confidence:.2f}, probability {row.probability:.2f}"
+    said = f"predicted {row.decision} ({said})  ·  true {row.label or 'unknown'}"
+    why = f"evidence for {shown.explained} (calibrated probability {shown.explained_probability:.2f})"
+    return f"{Path(row.path).name}: {why}\n{said}"
 
 
 def explain(
@@ -199,16 +217,16 @@ def explain(
     seen: dict[str, int] = {}  # stems already written: files of one name in two folders get -2, -3
     area = float(border_ring(model.image_size).mean())  # the ring's share of the image
     method = "{} on {}".format(*map_source(model.trained.info["model_name"], SHOWN))
-    for row in explained(model, expand_paths(paths), target, **decision):
-        if "overlay" not in row:
-            log.warning("%s: %s, not explained", row["path"], row.get("error") or row.get("status"))
+    for shown in explained(model, expand_paths(paths), target, **decision):
+        if shown.overlay is None:
+            log.warning("%s: %s, not explained", shown.answer.path, shown.answer.error or shown.answer.status)
             continue
-        stem = Path(row["path"]).stem
+        stem = Path(shown.answer.path).stem
         seen[stem] = seen.get(stem, 0) + 1
         name = f"{stem}-{seen[stem]}.gradcam.png" if seen[stem] > 1 else f"{stem}.gradcam.png"
-        ring = (BORDER, float(border_share(row["map"][None])[0]), area)
+        ring = (BORDER, float(border_share(shown.map[None])[0]), area)
         figure = plot_explanation(
-            row["image"], row["overlay"], row["map"], Path(out) / name, figure_title(row), method, ring
+            shown.image, shown.overlay, shown.map, Path(out) / name, figure_title(shown), method, ring
         )
         written.append(figure)
     return written

@@ -20,6 +20,7 @@ from defungi.data.quality import low_variance
 from defungi.data.scan import IMAGE_SUFFIXES, parse_name
 from defungi.errors import DefungiError
 from defungi.layout import RunLayout
+from defungi.results.answers import ImageAnswer, SpecimenAnswer
 from defungi.results.run import ModelCard, SelectiveCheck
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE, SelectivePromise, Trust, Unit
 from defungi.serve.lite import BATCH, onnx_predictor
@@ -69,8 +70,8 @@ def predict(
     tta: bool | None = None,
     prior_weight: float | None = None,
     answers: Answers | None = None,
-) -> list[dict[str, Any]]:
-    """One row per file. A row holds the path, the class the folder or the file name gives
+) -> list[ImageAnswer]:
+    """One answer per file (see ImageAnswer). An answer holds the path, the class the folder or the file name gives
     ('label', when it is a class of the model), and the predicted class with the probability of each
     class under 'probabilities' (class -> probability: never beside the fields, so that a class may be
     called 'class' or 'status'); or 'no fungus visible' for an image under the run's variance threshold
@@ -86,11 +87,11 @@ def predict(
 
 def answered(
     model: Predictor,
-    chunks: Iterable[tuple[list[dict[str, Any]], Decoded]],
+    chunks: Iterable[tuple[list[ImageAnswer], Decoded]],
     tta: bool | None,
     prior_weight: float | None,
     answers: Answers,
-) -> list[dict[str, Any]]:
+) -> list[ImageAnswer]:
     """classify's rows of every chunk of decoded_chunks."""
     return [row for rows, decoded in chunks for row in classify(model, rows, decoded, tta, prior_weight, answers)]
 
@@ -110,10 +111,10 @@ class Decoded:
         return cls(list(pixels), images)
 
 
-def decoded_chunks(inputs: Inputs, files: list[Path]) -> Iterator[tuple[list[dict[str, Any]], Decoded]]:
+def decoded_chunks(inputs: Inputs, files: list[Path]) -> Iterator[tuple[list[ImageAnswer], Decoded]]:
     """decode's rows and images, a whole batch of the engines first (so that the engine starts soon),
     then CHUNK images to classify at a time."""
-    rows: list[dict[str, Any]] = []
+    rows: list[ImageAnswer] = []
     pixels: dict[str, np.ndarray] = {}
     size = BATCH
     for f in files:
@@ -127,10 +128,11 @@ def decoded_chunks(inputs: Inputs, files: list[Path]) -> Iterator[tuple[list[dic
         yield rows, Decoded.of(pixels, inputs.image_size)
 
 
-def decode(inputs: Inputs, files: list[Path]) -> tuple[list[dict[str, Any]], Decoded]:
-    """A row per file (its error, or 'no fungus visible' with its grey variance and the run's threshold,
+def decode(inputs: Inputs, files: list[Path]) -> tuple[list[ImageAnswer], Decoded]:
+    """An answer per file (its error, or 'no fungus visible' with its grey variance and the run's threshold,
     where it cannot be classified) and the images to classify, at the model's input size."""
-    rows, pixels = [], {}
+    rows: list[ImageAnswer] = []
+    pixels: dict[str, np.ndarray] = {}
     for f in files:
         more, image = _decoded(inputs, f)
         rows += more
@@ -138,36 +140,36 @@ def decode(inputs: Inputs, files: list[Path]) -> tuple[list[dict[str, Any]], Dec
     return rows, Decoded.of(pixels, inputs.image_size)
 
 
-def _decoded(inputs: Inputs, f: Path) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """decode of one file: its row, and its pixels by path when it is to be classified."""
-    row: dict[str, Any] = {"path": str(f)}
+def _decoded(inputs: Inputs, f: Path) -> tuple[list[ImageAnswer], dict[str, np.ndarray]]:
+    """decode of one file: its answer, and its pixels by path when it is to be classified."""
     try:
         image, variance, _ = decode_one(f, inputs.image_size)
     except DECODE_ERRORS as exc:
         log.warning("skipped %s: %s", f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return [row | {"error": f"unreadable image ({type(exc).__name__})"}], {}
-    row["label"] = label_of(f, inputs.classes)
+        return [ImageAnswer(str(f), error=f"unreadable image ({type(exc).__name__})")], {}
+    row = ImageAnswer(str(f), label=label_of(f, inputs.classes))
     if low_variance(np.array([variance]), inputs.variance_threshold)[0]:
-        row |= {"status": NO_FUNGUS, "grey_variance": variance, "variance_threshold": inputs.variance_threshold}
+        row.status, row.grey_variance, row.variance_threshold = NO_FUNGUS, variance, inputs.variance_threshold
         return [row], {}
     return [row], {str(f): image}
 
 
 def classify(
     model: Predictor,
-    rows: list[dict[str, Any]],
+    rows: list[ImageAnswer],
     decoded: Decoded,
     tta: bool | None = None,
     prior_weight: float | None = None,
     answers: Answers | None = None,
     computed: Scores | None = None,
-) -> list[dict[str, Any]]:
-    """The rows of decode with the out-of-distribution score ('ood', where the run has a detector) of
-    every decoded image, and the class, calibrated confidence, the class's probability, prediction
-    set, decision and probabilities ('probabilities': class -> probability) of those that are not
-    refused as 'not a fungus micrograph' (score over stats.refusal.REFUSE; 'unlike_training' marks those
-    answered with a score over 1: unlike the training micrographs; answers: as the run measured, by
-    default; computed: the model's scores of the pixels when a pass already made them)."""
+) -> list[ImageAnswer]:
+    """The answers of decode (filled in, and returned) with the out-of-distribution score ('ood', where
+    the run has a detector) of every decoded image, and the class, calibrated confidence, the class's
+    probability, prediction set, decision and probabilities ('probabilities': class -> probability) of
+    those that are not refused as 'not a fungus micrograph' (score over stats.refusal.REFUSE;
+    'unlike_training' marks those answered with a score over 1: unlike the training micrographs;
+    answers: as the run measured, by default; computed: the model's scores of the pixels when a pass
+    already made them)."""
     if not decoded.paths:
         return rows
     answers = answers or Answers.of(model)
@@ -175,23 +177,26 @@ def classify(
     calibrated = temper(probs, model.temperature("image"))
     sets = answers.sets("image", calibrated, model.classes)
     refused, flagged = refusal_tiers(ood) if ood is not None else (np.zeros(len(probs), bool),) * 2
-    result = {}
-    for k, (path, p) in enumerate(zip(decoded.paths, probs, strict=True)):
+    at = {path: k for k, path in enumerate(decoded.paths)}
+    for row in (r for r in rows if r.path in at):
+        k, p = at[row.path], probs[at[row.path]]
+        if ood is not None:
+            row.ood = float(ood[k])
         if refused[k]:
-            result[path] = {"status": NOT_MICROGRAPH, "ood": float(ood[k])}
+            row.status = NOT_MICROGRAPH
             continue
         best, conf = model.classes[int(p.argmax())], float(calibrated[k].max())
-        result[path] = {"class": best, "confidence": conf, "probability": float(p.max())}
-        result[path]["decision"] = best if conf >= answers.abstain else UNCERTAIN
-        result[path] |= answers.set_fields(sets, k, model.classes)
-        result[path]["probabilities"] = {c: float(v) for c, v in zip(model.classes, p, strict=True)}
-        result[path] |= {"ood": float(ood[k]), "unlike_training": bool(flagged[k])} if ood is not None else {}
-    return [r | result.get(r["path"], {}) for r in rows]
+        row.class_, row.confidence, row.probability = best, conf, float(p.max())
+        row.decision = best if conf >= answers.abstain else UNCERTAIN
+        answers.fill_set(row, sets, k, model.classes)
+        row.probabilities = {c: float(v) for c, v in zip(model.classes, p, strict=True)}
+        row.unlike_training = bool(flagged[k]) if ood is not None else None
+    return rows
 
 
-def probability_table(rows: list[dict[str, Any]], classes: list[str]) -> np.ndarray:
-    """The 'probabilities' of answered rows as an array: a row each, a column per class of classes."""
-    return np.array([[r["probabilities"][c] for c in classes] for r in rows])
+def probability_table(rows: list[ImageAnswer] | list[SpecimenAnswer], classes: list[str]) -> np.ndarray:
+    """The probabilities of answered images or specimens as an array: a row each, a column per class of classes."""
+    return np.array([[r.probabilities[c] for c in classes] for r in rows])
 
 
 NO_FUNGUS = "no fungus visible"
@@ -201,21 +206,23 @@ UNCERTAIN = "uncertain"
 NOT_SURE = "not sure: look yourself"
 
 
-def reason(row: dict[str, Any]) -> str:
-    """Why a row was not answered, with its figures: an image's error, 'no fungus visible' with its grey
+def reason(row: ImageAnswer | SpecimenAnswer) -> str:
+    """Why an answer has no class, with its figures: an image's error, 'no fungus visible' with its grey
     variance and the run's threshold, 'not a fungus micrograph' with its refusal score; a specimen's
     status as it is; '' for an answer."""
-    if "grey_variance" in row:  # an image (a specimen's status has no figure)
-        figures = f"grey variance {row['grey_variance']:.1f}, under the threshold {row['variance_threshold']:g}"
+    if isinstance(row, SpecimenAnswer):  # a specimen's status has no figure
+        return row.status or ""
+    if row.grey_variance is not None:
+        figures = f"grey variance {row.grey_variance:.1f}, under the threshold {row.variance_threshold:g}"
         return f"{NO_FUNGUS} ({figures})"
-    if row.get("status") == NOT_MICROGRAPH and "ood" in row:
-        return f"{NOT_MICROGRAPH} (refusal score {row['ood']:.2f}, refused over {REFUSE:g})"
-    return row.get("error") or row.get("status") or ""
+    if row.status == NOT_MICROGRAPH and row.ood is not None:
+        return f"{NOT_MICROGRAPH} (refusal score {row.ood:.2f}, refused over {REFUSE:g})"
+    return row.error or row.status or ""
 
 
-def flag(row: dict[str, Any]) -> str:
+def flag(row: ImageAnswer) -> str:
     """An answered image's flag with its refusal score when it is unlike the training specimens, else ''."""
-    return f"{UNLIKE} (score {row['ood']:.2f}): check it" if row.get("unlike_training") else ""
+    return f"{UNLIKE} (score {row.ood:.2f}): check it" if row.unlike_training else ""
 
 
 @dataclass(frozen=True)
@@ -276,20 +283,22 @@ class Answers:
             return None
         return prediction_sets(calibrated, np.array(self.trust.conformal(self.coverage, unit).threshold(classes)))
 
-    def set_fields(self, sets: np.ndarray | None, k: int, classes: list[str]) -> dict[str, Any]:
-        """A row's 'set' as a lab reads it (e.g. 'H1 or H2'), its classes and size, when there are sets."""
-        if sets is None:
-            return {}
-        inside = [c for c, keep in zip(classes, sets[k], strict=True) if keep]
-        return {"set": set_label(sets[k], classes), "set_classes": inside, "set_size": len(inside)}
+    def fill_set(
+        self, answer: ImageAnswer | SpecimenAnswer, sets: np.ndarray | None, k: int, classes: list[str]
+    ) -> None:
+        """An answer's set as a lab reads it (e.g. 'H1 or H2'), its classes and size: the k-th of sets, when
+        there are sets."""
+        if sets is not None:
+            answer.set_classes = [c for c, keep in zip(classes, sets[k], strict=True) if keep]
+            answer.set, answer.set_size = set_label(sets[k], classes), len(answer.set_classes)
 
-    def specimen_answer(self, row: dict[str, Any]) -> str:
+    def specimen_answer(self, specimen: SpecimenAnswer) -> str:
         """What a lab reads for a specimen: its class, its set at the level, or 'not sure'."""
-        if row["decision"] == UNCERTAIN:
+        if specimen.decision == UNCERTAIN:
             return NOT_SURE
-        if row.get("set_size", 1) > 1:
-            return f"{row['set']} ({self.coverage:.0%} set)"
-        return row["class"]
+        if (specimen.set_size or 1) > 1:
+            return f"{specimen.set} ({self.coverage:.0%} set)"
+        return specimen.class_ or ""
 
     def note(self) -> str | None:
         """How to read the answers, in one line (None without a measured trust)."""
@@ -311,7 +320,7 @@ def label_of(path: Path, classes: list[str]) -> str | None:
 
 
 def specimen_of(path: Path, group_by: str) -> str:
-    """The specimen a file belongs to: 'name' (DeFungi names: class and sample number, else the
+    """The specimen a file belongs to: 'name' (DeFungi names: class and specimen number, else the
     folder), 'folder' (one folder per specimen), or a regular expression whose first group (or
     whole match) on the file name is the specimen."""
     if group_by == "name":
@@ -325,72 +334,78 @@ def specimen_of(path: Path, group_by: str) -> str:
 
 
 def by_specimen(
-    rows: list[dict[str, Any]],
+    rows: list[ImageAnswer],
     model: Predictor,
     answers: Answers,
     group_by: str = "name",
-) -> list[dict[str, Any]]:
+) -> list[SpecimenAnswer]:
     """One decision per specimen: the probabilities of its images that were classified and not
     'uncertain' pooled by the run's specimen rule (the mean, unless train.specimen_rule says otherwise:
-    the rule the sample-level metrics use; every class's under 'probabilities'), then the most probable
+    the rule the specimen-level metrics use; every class's under 'probabilities'), then the most probable
     class and its pooled probability ('probability'); its confidence calibrated at the specimen level,
     its prediction set, and 'uncertain' (answer: not sure) under the selective threshold; 'no fungus
     visible' (or 'not a fungus micrograph') when none of its images could be classified. Each specimen
-    keeps its image rows, and its 'path' is the folder that holds them all."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    keeps its images' answers ('rows'), and its 'path' is the folder that holds them all."""
+    groups: dict[str, list[ImageAnswer]] = {}
     for row in rows:
-        groups.setdefault(specimen_of(Path(row["path"]), group_by), []).append(row)
+        groups.setdefault(specimen_of(Path(row.path), group_by), []).append(row)
     return [_specimen(name, members, model, answers) for name, members in groups.items()]
 
 
-def _specimen(name: str, members: list[dict[str, Any]], model: Predictor, answers: Answers) -> dict[str, Any]:
-    """One specimen's decision from its image rows (see by_specimen)."""
+def _specimen(name: str, members: list[ImageAnswer], model: Predictor, answers: Answers) -> SpecimenAnswer:
+    """One specimen's decision from its images' answers (see by_specimen)."""
     classes = model.classes
-    classified = [r for r in members if "class" in r]
-    counted = [r for r in classified if r["decision"] != UNCERTAIN]
-    labels = {r["label"] for r in members if r.get("label")}
-    folder = os.path.commonpath([str(Path(r["path"]).parent) for r in members])
-    decision: dict[str, Any] = {"specimen": name, "path": folder, "label": labels.pop() if len(labels) == 1 else None}
-    decision |= {"images": len(members), "classified": len(classified), "counted": len(counted)}
-    decision["no_fungus"] = sum(r.get("status") == NO_FUNGUS for r in members)
-    decision["refused"] = sum(r.get("status") == NOT_MICROGRAPH for r in members)
-    decision["unlike_training"] = sum(bool(r.get("unlike_training")) for r in counted)
-    if decision["unlike_training"]:
-        decision["flag"] = f"{decision['unlike_training']} of {len(counted)} images {UNLIKE}: check them"
+    classified = [r for r in members if r.class_ is not None]
+    counted = [r for r in classified if r.decision != UNCERTAIN]
+    labels = {r.label for r in members if r.label}
+    unlike = sum(bool(r.unlike_training) for r in counted)
+    decision = SpecimenAnswer(
+        specimen=name,
+        path=os.path.commonpath([str(Path(r.path).parent) for r in members]),
+        label=labels.pop() if len(labels) == 1 else None,
+        images=len(members),
+        classified=len(classified),
+        counted=len(counted),
+        no_fungus=sum(r.status == NO_FUNGUS for r in members),
+        refused=sum(r.status == NOT_MICROGRAPH for r in members),
+        unlike_training=unlike,
+        flag=f"{unlike} of {len(counted)} images {UNLIKE}: check them" if unlike else None,
+        rows=members,
+    )
     if counted:
         mean = specimen_probabilities(probability_table(counted, classes), model.specimen_rule)[None]
         calibrated = temper(mean, model.temperature("specimen"))
         best, conf = classes[int(mean.argmax())], float(calibrated.max())
         sure = answers.selective is None or conf >= answers.selective.threshold
-        decision |= {"class": best, "confidence": conf, "probability": float(mean.max())}
-        decision["decision"] = best if sure else UNCERTAIN
-        decision |= answers.set_fields(answers.sets("specimen", calibrated, classes), 0, classes)
-        decision["probabilities"] = {c: float(v) for c, v in zip(classes, mean[0], strict=True)}
-        decision["answer"] = answers.specimen_answer(decision)
+        decision.class_, decision.confidence, decision.probability = best, conf, float(mean.max())
+        decision.decision = best if sure else UNCERTAIN
+        answers.fill_set(decision, answers.sets("specimen", calibrated, classes), 0, classes)
+        decision.probabilities = {c: float(v) for c, v in zip(classes, mean[0], strict=True)}
+        decision.answer = answers.specimen_answer(decision)
     elif classified:
-        decision |= {"decision": UNCERTAIN, "answer": NOT_SURE, "status": "every image uncertain"}
+        decision.decision, decision.answer, decision.status = UNCERTAIN, NOT_SURE, "every image uncertain"
     else:
-        decision["status"] = _why_none(members)
-    return decision | {"rows": members}
+        decision.status = _why_none(members)
+    return decision
 
 
-def _why_none(members: list[dict[str, Any]]) -> str:
+def _why_none(members: list[ImageAnswer]) -> str:
     """Why none of a specimen's images was classified: one reason, or each reason with its count."""
     reasons: dict[str, int] = {}
     for r in members:
-        reason = r.get("status") or ("unreadable" if "error" in r else "not classified")
+        reason = r.status or ("unreadable" if r.error is not None else "not classified")
         reasons[reason] = reasons.get(reason, 0) + 1
     if len(reasons) == 1:
         return "no readable image" if "unreadable" in reasons else next(iter(reasons))
     return "no image answered: " + ", ".join(f"{n} {reason}" for reason, n in reasons.items())
 
 
-def selective_check(promise: SelectivePromise, specimens: list[dict[str, Any]]) -> SelectiveCheck:
+def selective_check(promise: SelectivePromise, specimens: list[SpecimenAnswer]) -> SelectiveCheck:
     """How the folder's labelled specimens fare under a selective promise: the share answered at its
     threshold and their accuracy, each with a 95% bootstrap interval over specimens."""
-    known = [s for s in specimens if s.get("label") and "class" in s]
-    answered = np.array([s["confidence"] >= promise.threshold for s in known], bool)
-    right = np.array([s["class"] == s["label"] for s in known], bool)
+    known = _known(specimens)
+    answered = np.array([s.confidence >= promise.threshold for s in known], bool)
+    right = np.array([s.class_ == s.label for s in known], bool)
     draws = np.random.default_rng(0).integers(0, len(known), (1000, len(known))) if known else np.zeros((0, 0), int)
     accuracy = [right[d][answered[d]].mean() for d in draws if answered[d].any()]
     shares = answered[draws].mean(1) if known else np.zeros(0)
@@ -415,25 +430,30 @@ def _percentiles(draws: Any) -> list[float]:
     return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))] if len(draws) else []
 
 
-def specimen_metrics(specimens: list[dict[str, Any]], classes: list[str]) -> dict[str, Any] | None:
+def _known(specimens: list[SpecimenAnswer]) -> list[SpecimenAnswer]:
+    """The decided specimens whose true class is known."""
+    return [s for s in specimens if s.label and s.class_ is not None]
+
+
+def specimen_metrics(specimens: list[SpecimenAnswer], classes: list[str]) -> dict[str, Any] | None:
     """Accuracy and macro P / R / F1 over the decided specimens whose true class is known (None if none)."""
-    known = [s for s in specimens if s.get("label") and "class" in s]
+    known = _known(specimens)
     if not known:
         return None
-    y_true = np.array([classes.index(s["label"]) for s in known])
-    y_pred = np.array([classes.index(s["class"]) for s in known])
+    y_true = np.array([classes.index(s.label) for s in known])
+    y_pred = np.array([classes.index(s.class_) for s in known])
     return classification_metrics(y_true, y_pred, classes)
 
 
 @dataclass
 class Predictions:
-    """What `defungi predict` answers: the model's classes and a row per image; with specimens, one
-    decision per specimen (each holding its image rows) and their metrics where the class is known; how
+    """What `defungi predict` answers: the model's classes and an answer per image; with specimens, one
+    decision per specimen (each holding its images' answers) and their metrics where the class is known; how
     to read them (note) and what the model is (card)."""
 
     classes: list[str]
-    rows: list[dict[str, Any]]
-    specimens: list[dict[str, Any]] | None = None
+    rows: list[ImageAnswer]
+    specimens: list[SpecimenAnswer] | None = None
     metrics: dict[str, Any] | None = None
     note: str | None = None
     card: ModelCard | None = None
@@ -461,11 +481,11 @@ def predict_files(
     tta: bool | None = None,
     prior_weight: float | None = None,
     settings: dict[str, Any] | None = None,
-    by_sample: bool = False,
+    per_specimen: bool = False,
     group_by: str = "name",
 ) -> Predictions:
     """`defungi predict`: the model of source (see open_predictor) on every image file of paths; with
-    by_sample, one decision per specimen as well (group_by: see specimen_of, checked before any work).
+    per_specimen, one decision per specimen as well (group_by: see specimen_of, checked before any work).
     settings: Answers.of's coverage, abstain and target_accuracy."""
     check_group_by(group_by)
     files = expand_paths(paths)
@@ -482,7 +502,7 @@ def predict_files(
     if rows is None:  # a run folder whose config.json does not describe its checkpoints: decode as the model says
         rows = predict(model, files, tta, prior_weight, answers)
     result = Predictions(list(model.classes), rows, note=answers.note(), card=model.card)
-    if by_sample:
+    if per_specimen:
         result.specimens = by_specimen(rows, model, answers, group_by)
         result.metrics = specimen_metrics(result.specimens, result.classes)
         if answers.selective is not None and result.metrics is not None:

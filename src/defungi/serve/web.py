@@ -13,7 +13,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,9 @@ from starlette.exceptions import HTTPException
 
 from defungi.data.cache import check_shape, decode_one
 from defungi.errors import DefungiError
+from defungi.results.answers import ImageAnswer
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE
-from defungi.serve.explain import explained
+from defungi.serve.explain import Explained, explained
 from defungi.serve.predict import NO_FUNGUS, NOT_MICROGRAPH, Answers, by_specimen, flag, reason
 from defungi.serve.predictor import Predictor, torch_predictor
 
@@ -97,45 +98,46 @@ def answer(model: Predictor, uploads: list[tuple[str, bytes]], answers: Answers,
             if i not in refused:
                 paths[i] = Path(tmp) / f"{i:03d}{screened[i][1]}"  # our name: the client's is only shown
                 paths[i].write_bytes(data)
-        rows = {Path(r["path"]): r for r in explained(model, list(paths.values()), answers=answers)} if paths else {}
-        for path, row in rows.items():
-            if "image" not in row and "error" not in row:  # no fungus visible (never classified): shown all the same
-                row["image"] = decode_one(path, model.image_size)[0]
-    images = []
+        listed = explained(model, list(paths.values()), answers=answers) if paths else []
+        done = {Path(e.answer.path): e for e in listed}
+        for path, e in done.items():
+            if e.image is None and e.answer.error is None:  # no fungus visible (never classified): shown all the same
+                e.image = decode_one(path, model.image_size)[0]
+    images: list[dict[str, Any]] = []
+    rows: list[ImageAnswer] = []
     for i, (name, _) in enumerate(uploads):
-        row = {"error": refused[i]} if i in refused else dict(rows[paths[i]])
-        if "error" in row and i not in refused:
-            row["error"] = "unreadable or truncated image"
-        shown = {"name": name, "status": row.get("error") or row.get("status") or ""}
-        shown |= {"image": png_data_url(row["image"])} if "image" in row else {}
-        if "class" in row:
-            shown |= {k: row.get(k) for k in ("class", "decision", "confidence", "probability", "set")}
-            shown |= {"probabilities": row["probabilities"], "gradcam": png_data_url(row["overlay"])}
-            shown["flag"] = flag(row)  # '' unless unlike the training specimens
+        e = Explained(ImageAnswer("", error=refused[i])) if i in refused else done[paths[i]]
+        row = replace(e.answer, path=f"specimen/{i}")  # one made-up folder: the uploads are one specimen
+        if row.error and i not in refused:
+            row.error = "unreadable or truncated image"
+        shown: dict[str, Any] = {"name": name, "status": row.error or row.status or ""}
+        shown |= {"image": png_data_url(e.image)} if e.image is not None else {}
+        if row.class_ is not None and e.overlay is not None:
+            shown |= {"class": row.class_, "decision": row.decision, "confidence": row.confidence}
+            shown |= {"probability": row.probability, "set": row.set, "probabilities": row.probabilities}
+            shown |= {"gradcam": png_data_url(e.overlay), "flag": flag(row)}  # flag: '' unless unlike the training
         else:
             shown["reason"] = reason(row)
-        images.append(shown | {"row": {k: v for k, v in row.items() if k not in ("image", "overlay", "path")}})
-    specimen = by_specimen(
-        [img["row"] | {"path": f"specimen/{i}"} for i, img in enumerate(images)], model, answers, group_by="folder"
-    )
+        images.append(shown)
+        rows.append(row)
+    specimen = by_specimen(rows, model, answers, group_by="folder")
     hidden = ("rows", "specimen", "path", "label")  # path: the made-up folder of the uploads
-    decision = {k: v for k, v in specimen[0].items() if k not in hidden} if images else {}
-    shown_images = [{k: v for k, v in i.items() if k != "row"} for i in images]
+    decision = {k: v for k, v in specimen[0].to_json().items() if k not in hidden} if images else {}
     return {
         "classes": model.classes,
-        "images": shown_images,
+        "images": images,
         "specimen": decision,
         "note": answers.note(),
-        "not_answered": not_answered([i["row"] for i in images]),
+        "not_answered": not_answered(rows),
     }
 
 
-def not_answered(rows: list[dict[str, Any]]) -> dict[str, int]:
+def not_answered(rows: list[ImageAnswer]) -> dict[str, int]:
     """How many images were not answered, by why (the page's message line counts each): refused as not a
     fungus micrograph, no fungus visible, could not be read; only the reasons that occur."""
     why = {NOT_MICROGRAPH: f"refused as {NOT_MICROGRAPH}", NO_FUNGUS: NO_FUNGUS}
     unread = "could not be read"
-    counts = Counter(why.get(row.get("status", ""), unread) for row in rows if "class" not in row)
+    counts = Counter(why.get(row.status or "", unread) for row in rows if row.class_ is None)
     return {kind: counts[kind] for kind in [*why.values(), unread] if counts[kind]}
 
 

@@ -34,19 +34,19 @@ def main() -> None:
     args = parser.parse_args()
     files = sample(Path(args.data), args.images)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx = Path(args.onnx) if args.onnx else Path(export_onnx(args.run, Path(tmp) / "model.onnx")["path"])
+        onnx = Path(args.onnx) if args.onnx else export_onnx(args.run, Path(tmp) / "model.onnx").path
         answers, seconds = {}, {}
         for backend, source in (("torch", args.run), ("onnx", onnx)):
             start = time.perf_counter()
-            answers[backend] = predict_files(source, files, backend, by_sample=True)
+            answers[backend] = predict_files(source, files, backend, per_specimen=True)
             seconds[backend] = time.perf_counter() - start
     a, b = answers["torch"], answers["onnx"]
-    rows = [(x, y) for x, y in zip(a.rows, b.rows, strict=True) if "class" in x]
+    rows = [(x, y) for x, y in zip(a.rows, b.rows, strict=True) if x.class_ is not None]
     classes = a.classes
-    diff = max(abs(x["probabilities"][c] - y["probabilities"][c]) for x, y in rows for c in classes)
-    same = {key: sum(x.get(key) == y.get(key) for x, y in rows) for key in ("class", "decision", "set")}
-    specimens = [(x, y) for x, y in zip(a.specimens, b.specimens, strict=True) if "answer" in x]
-    same_answers = sum(x["answer"] == y.get("answer") for x, y in specimens)
+    diff = max(abs(x.probabilities[c] - y.probabilities[c]) for x, y in rows for c in classes)
+    same = {key: sum(getattr(x, key) == getattr(y, key) for x, y in rows) for key in ("class_", "decision", "set")}
+    specimens = [(x, y) for x, y in zip(a.specimens, b.specimens, strict=True) if x.answer is not None]
+    same_answers = sum(x.answer == y.answer for x, y in specimens)
     print(f"CPU flags: {cpu_flags()}")
     print(f"{len(rows)} images classified (of {len(files)}), {len(specimens)} specimens")
     for key, count in same.items():

@@ -1,6 +1,6 @@
 """A lab's loop against the model alone, side by side in one run: train the transfer recipe by grouped
 3-fold CV from an empty cache, add one specimen and train again, answer 1,000 images on both
-backends, answer a specimen of 20 images as the page does, with and without maps. Each figure is
+backends and evaluate them as a labelled folder, answer a specimen of 20 images as the page does, with and without maps. Each figure is
 printed beside the model alone (EfficientNet-Lite0 at 224 px, batch 32: the faster of torch,
 channels-last, and onnxruntime on four batches), with the CPU's flags, on the same images in the
 same run: the cold training beside the model alone's pass over the images it passed through its
@@ -38,6 +38,7 @@ from defungi.data.cache import decode_one
 from defungi.data.scan import parse_name
 from defungi.models import create_model
 from defungi.models.pretrained import initial_weights
+from defungi.serve.evaluate import evaluate_folder
 from defungi.serve.explain import explained
 from defungi.serve.predict import expand_paths, predict, predict_files
 from defungi.serve.predictor import torch_predictor
@@ -246,39 +247,41 @@ def main() -> None:
         )
     )
 
-    # answers on 1,000 images, both backends, as predict runs them (model loaded in the call), each beside
-    # the model alone on the same 1,000 images (decoded and normalised beforehand), in turn, REPEATS times
+    # answers on 1,000 images, both backends, as predict runs them (model loaded in the call), and evaluate
+    # on them as a labelled folder (its default backend; scored and written), each beside the model alone on
+    # the same 1,000 images (decoded and normalised beforehand), in turn, REPEATS times
     run = out / "again"
     export_s, _ = cli(["export", str(run)], env)
-    inputs = normalised(sample)
-    answers, rates = {}, {"alone": [], "torch": [], "onnx": []}
-    for _ in range(REPEATS):
+    inputs, labelled = normalised(sample), linked_files(sample, out / "sample-1000")
+    answers, rates = {}, {"alone": [], "torch": [], "onnx": [], "evaluate": []}
+    for turn in range(REPEATS):
         rates["alone"].append(len(sample) / alone_seconds(alone_run, sample, inputs))
         for backend in ("torch", "onnx"):
             start = time.perf_counter()
-            answers[backend] = predict_files(run, sample, backend, by_sample=True)
+            answers[backend] = predict_files(run, sample, backend, per_specimen=True)
             rates[backend].append(len(sample) / (time.perf_counter() - start))
+        start = time.perf_counter()
+        evaluate_folder(run, labelled, out / "evaluations" / str(turn))
+        rates["evaluate"].append(len(sample) / (time.perf_counter() - start))
     on_1000 = float(np.median(rates["alone"]))
-    for backend, label in (("torch", "default backend"), ("onnx", "--backend onnx")):
-        ratio = np.median(np.array(rates[backend]) / np.array(rates["alone"]))
+    labels = (("torch", "predict, default backend"), ("onnx", "predict --backend onnx"), ("evaluate", "evaluate"))
+    for key, label in labels:
+        ratio = np.median(np.array(rates[key]) / np.array(rates["alone"]))
         rows.append(
             (
-                f"predict 1,000 images, {label}",
-                f"{np.median(rates[backend]):.1f} img/s",
+                f"{label}, 1,000 images",
+                f"{np.median(rates[key]):.1f} img/s",
                 f"{on_1000:.1f} img/s",
                 f"{ratio:.2f}",
                 ">= 0.8",
             )
         )
     on_torch, on_onnx = answers["torch"], answers["onnx"]
-    same = sum(
-        a.get("decision") == b.get("decision") and a.get("set") == b.get("set")
-        for a, b in zip(on_torch.rows, on_onnx.rows, strict=True)
-    )
+    same = sum(a.decision == b.decision and a.set == b.set for a, b in zip(on_torch.rows, on_onnx.rows, strict=True))
     diff = max(
-        abs(a["probabilities"][c] - b["probabilities"][c])
+        abs(a.probabilities[c] - b.probabilities[c])
         for a, b in zip(on_torch.rows, on_onnx.rows, strict=True)
-        if "class" in a
+        if a.class_ is not None
         for c in on_torch.classes
     )
 

@@ -53,9 +53,9 @@ def main() -> None:
     images = np.stack([decode_one(f, pytorch.image_size)[0] for f in picked])
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_onnx(args.run, Path(tmp) / "model.onnx", n_check=8)
-        onnx = onnx_predictor(Path(exported["path"]), threads=threads)
+        onnx = onnx_predictor(exported.path, threads=threads)
         diff = np.abs(onnx.scores(images, False).probabilities - pytorch.scores(images, False).probabilities).max()
-        print(f"{args.run}: {len(images)} real images from {args.data}, opset {exported['opset']}")
+        print(f"{args.run}: {len(images)} real images from {args.data}, opset {exported.opset}")
         print(f"max abs difference of probabilities, onnxruntime vs PyTorch: {diff:.2e}")
         fast = images_per_s(onnx.scores, images, args.batch_size, args.repeats)
     eager = images_per_s(pytorch.scores, images, args.batch_size, args.repeats)

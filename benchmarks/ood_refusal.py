@@ -89,9 +89,9 @@ def table(run: Path, rows: dict[str, list[dict]]) -> list[str]:
     head = f"{'kind':<34} {'images':>6}  {'refused':>7} {'':<15} {'no fungus':>8}  {'not micro.':>10}  {'median':>6}"
     lines = [head, real_row(run)]
     for kind, answers in rows.items():
-        blank = sum(r.get("status") == NO_FUNGUS for r in answers)
-        refused = sum(r.get("status") == NOT_MICROGRAPH for r in answers)
-        scores = [r["ood"] for r in answers if "ood" in r]
+        blank = sum(r.status == NO_FUNGUS for r in answers)
+        refused = sum(r.status == NOT_MICROGRAPH for r in answers)
+        scores = [r.ood for r in answers if r.ood is not None]
         median = f"{np.median(scores):6.2f}" if scores else f"{'-':>6}"
         share = (blank + refused) / len(answers)
         lines.append(
@@ -103,9 +103,9 @@ def table(run: Path, rows: dict[str, list[dict]]) -> list[str]:
 def backends_line(run: Path, folders: dict[str, Path], rows: dict[str, list[dict]], tmp: Path) -> str:
     """Whether the exported model refuses the same images as the torch path, and how close their scores are."""
     exported = export_onnx(run, tmp / "model.onnx", n_check=16)
-    lite = answered(Path(exported["path"]), folders, "onnx")
-    same = all([r.get("status") for r in rows[k]] == [r.get("status") for r in lite[k]] for k in rows)
-    pairs = [(a["ood"], b["ood"]) for k in rows for a, b in zip(rows[k], lite[k], strict=True) if "ood" in a]
+    lite = answered(exported.path, folders, "onnx")
+    same = all([r.status for r in rows[k]] == [r.status for r in lite[k]] for k in rows)
+    pairs = [(a.ood, b.ood) for k in rows for a, b in zip(rows[k], lite[k], strict=True) if a.ood is not None]
     diff = max(abs(a - b) / max(1.0, a) for a, b in pairs)
     return f"onnx: {'the same' if same else 'OTHER'} refusals as torch; largest relative score difference {diff:.1e}"
 

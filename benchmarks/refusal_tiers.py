@@ -27,6 +27,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.nonmicrographs
 
 from defungi.layout import RunLayout, read_table  # noqa: E402
+from defungi.results.answers import ImageAnswer  # noqa: E402
 from defungi.serve.predict import open_predictor, predict  # noqa: E402
 from defungi.stats.refusal import REFUSE, refusal_tiers  # noqa: E402
 from tests.nonmicrographs import GENERATED, OTHER_MICROGRAPHS, PHOTOGRAPHS, pictures, write_images  # noqa: E402
@@ -75,10 +76,10 @@ def held_out(run: Path) -> list[str]:
     return lines
 
 
-def tiers(answers: list[dict]) -> str:
+def tiers(answers: list[ImageAnswer]) -> str:
     """Over 1 and over REFUSE among the scored images, and the median score."""
-    scores = np.array([r["ood"] for r in answers if "ood" in r])
-    blank = sum(r.get("status") == "no fungus visible" for r in answers)
+    scores = np.array([r.ood for r in answers if r.ood is not None])
+    blank = sum(r.status == "no fungus visible" for r in answers)
     if not len(scores):
         return f"{len(answers):>5} images, {blank} with no fungus visible, none scored"
     return (

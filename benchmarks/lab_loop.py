@@ -1,12 +1,12 @@
 """A lab's loop against the model alone, side by side in one run: train the transfer recipe by grouped
 3-fold CV from an empty cache, add one specimen and train again, answer 1,000 images on both
-backends and evaluate them as a labelled folder, answer a specimen of 20 images as the page does, with and without maps. Each figure is
-printed beside the model alone (EfficientNet-Lite0 at 224 px, batch 32: the faster of torch,
-channels-last, and onnxruntime on four batches), with the CPU's flags, on the same images in the
-same run: the cold training beside the model alone's pass over the images it passed through its
-backbone, timed batch by batch (their decoding left out); the answers on 1,000 images in turns with
-the model alone on the same 1,000 images, three times, the median of the three ratios printed (one
-turn's ratio moved by 0.05 with the machine's noise).
+backends and evaluate them as a labelled folder, answer a specimen of 20 images as the page does,
+with and without maps. Each figure is printed beside the model alone (EfficientNet-Lite0 at 224 px,
+batch 32: the faster of torch, channels-last, and onnxruntime on four batches), with the CPU's
+flags, on the same images in the same run: the cold training beside the model alone's pass over the
+images it passed through its backbone, timed batch by batch (their decoding left out); the answers
+on 1,000 images in turns with the model alone on the same 1,000 images, three times, the median of
+the three ratios printed (one turn's ratio moved by 0.05 with the machine's noise).
 
     python benchmarks/lab_loop.py --data DIR [--out runs/bench-lab] [--reference RUN]
 

@@ -104,13 +104,16 @@ def open_image(path: Path, size: int) -> Image.Image:
         return to_rgb(image)
 
 
-def decode_one(path: Path, size: int) -> tuple[np.ndarray, float, np.ndarray]:
-    """Pixels at size, grey variance at 224 px and the average hash of one file."""
+def decode_one(path: Path, size: int, ahash: bool = True) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """Pixels at size, grey variance at 224 px and the average hash of one file (None without ahash:
+    answers never group near-copies, so they skip it)."""
     rgb = open_image(path, max(size, STATS_SIZE))
     ref = square(rgb, STATS_SIZE).convert("L")
     grey = np.asarray(ref, dtype=np.float32)
-    small = np.asarray(ref.resize((HASH_SIDE, HASH_SIDE), Image.BILINEAR), dtype=np.float32)
-    bits = np.packbits((small > small.mean()).ravel())
+    bits = None
+    if ahash:
+        small = np.asarray(ref.resize((HASH_SIDE, HASH_SIDE), Image.BILINEAR), dtype=np.float32)
+        bits = np.packbits((small > small.mean()).ravel())
     return np.asarray(square(rgb, size)), float(grey.var()), bits
 
 

@@ -73,7 +73,7 @@ def evaluate_folder(
     answers = Answers.of(model, **(settings or {}))
     data = load_dataset(data_root, model.image_size, model.variance_threshold, classes=model.classes)
     rows = [ImageAnswer(str(p), label=model.classes[y]) for p, y in zip(data.paths, data.labels, strict=True)]
-    rows = classify(model, rows, Decoded([r.path for r in rows], np.asarray(data.images)), tta, prior_weight, answers)
+    rows = classify(model, rows, Decoded([r.path for r in rows], data.images), tta, prior_weight, answers)
     specimens = by_specimen(rows, model, answers, group_by)
     units = _labelled(model.classes, specimens)
     scores = _scores(model, units["image"], tta)

@@ -18,6 +18,7 @@ import numpy as np
 from defungi.data.cache import DECODE_ERRORS, decode_one
 from defungi.data.quality import low_variance
 from defungi.data.scan import IMAGE_SUFFIXES, parse_name
+from defungi.data.store import StoredRows
 from defungi.errors import DefungiError
 from defungi.layout import RunLayout
 from defungi.results.answers import ImageAnswer, SpecimenAnswer
@@ -102,7 +103,7 @@ class Decoded:
     model's input size), in the same order."""
 
     paths: list[str]
-    images: np.ndarray  # n x size x size x 3 uint8
+    images: np.ndarray | StoredRows  # n x size x size x 3 uint8 (from the decode cache: read batch by batch)
 
     @classmethod
     def of(cls, pixels: dict[str, np.ndarray], size: int) -> Decoded:
@@ -143,7 +144,7 @@ def decode(inputs: Inputs, files: list[Path]) -> tuple[list[ImageAnswer], Decode
 def _decoded(inputs: Inputs, f: Path) -> tuple[list[ImageAnswer], dict[str, np.ndarray]]:
     """decode of one file: its answer, and its pixels by path when it is to be classified."""
     try:
-        image, variance, _ = decode_one(f, inputs.image_size)
+        image, variance, _ = decode_one(f, inputs.image_size, ahash=False)
     except DECODE_ERRORS as exc:
         log.warning("skipped %s: %s", f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return [ImageAnswer(str(f), error=f"unreadable image ({type(exc).__name__})")], {}

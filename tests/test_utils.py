@@ -1,9 +1,19 @@
+import gc
 import os
 from pathlib import Path
 
 import numpy as np
 
-from defungi.utils import atomic_write_json, atomic_write_text
+from defungi.utils import atomic_write_json, atomic_write_text, fewer_collections
+
+
+def test_commands_collect_the_youngest_generation_less_often():
+    before = gc.get_threshold()
+    try:
+        fewer_collections()
+        assert gc.get_threshold()[0] >= 10_000 > before[0]
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_atomic_writes_replace_whole_files_with_the_usual_permissions(tmp_path: Path):

@@ -16,7 +16,7 @@ from defungi.config import RULES
 from defungi.errors import DefungiError
 from defungi.results.schema import to_dict
 from defungi.results.trust import DEFAULT_ABSTAIN, DEFAULT_COVERAGE
-from defungi.utils import check_output
+from defungi.utils import check_output, fewer_collections
 
 log = logging.getLogger("defungi")
 
@@ -722,10 +722,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> None:
     """The `defungi` command and `python -m defungi`: main, then an exit whose last garbage collections
     skip every object left (gc.freeze): a second sooner once torch is loaded (measured here: 1.07 s
-    against 0.18 s), with nothing left to collect that an exit needs. The youngest generation is
-    collected every 10,000 allocations rather than 700: importing torch, timm and scikit-learn
-    allocates a million objects and frees few, and took 3.9-4.2 s against 4.9-5.0 s (Xeon with AMX)."""
-    gc.set_threshold(10_000, 10, 10)
+    against 0.18 s), with nothing left to collect that an exit needs; collections are rarer all along
+    (utils.fewer_collections)."""
+    fewer_collections()
     code = main()
     gc.freeze()
     sys.exit(code)

@@ -4,6 +4,7 @@ writes, locks, CPU flags. The torch ones (devices, seeds, checkpoints) are in `d
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -48,6 +49,14 @@ class _LineProgress:
 
     def close(self) -> None:
         return None
+
+
+def fewer_collections() -> None:
+    """Collect the youngest generation of Python's garbage every 10,000 allocations rather than 700, as
+    a `defungi` command does: importing torch, timm and scikit-learn allocates a million objects and
+    frees few (3.9-4.2 s against 4.9-5.0 s on a Xeon with AMX), and a full collection amid a `predict`
+    cost 0.27 s."""
+    gc.set_threshold(10_000, 10, 10)
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True) -> Any:

@@ -23,6 +23,8 @@ def test_decode_any_mode_and_size(tmp_path: Path):
         pixels, variance, bits = decode_one(tmp_path / name, 32)
         assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
         assert variance >= 0 and bits.shape == (32,)
+        unhashed = decode_one(tmp_path / name, 32, ahash=False)  # as answers decode: the same but the hash
+        assert np.array_equal(unhashed[0], pixels) and unhashed[1] == variance and unhashed[2] is None
     assert decode_one(tmp_path / "g16.png", 32)[1] > 100  # 16-bit rescaled, not clipped to white
 
 

@@ -79,6 +79,12 @@ def initial_weights(model: nn.Module, model_name: str, weights: str = "", pretra
         load_backbone(model, model_name, imagenet_state_dict(model_name), f"the ImageNet weights of {model_name}")
 
 
+def tail_example(size: int, device: torch.device) -> torch.Tensor:
+    """Two random images at size that check a tail (tail_from), from their own generator: the global one
+    is left alone."""
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
 def tail_from(model: nn.Module, model_name: str, name: str, example: torch.Tensor) -> nn.Module:
     """The part of the model that runs from its module `name` (included) to the output, over the same
     weights: the head itself, or the modules from one of the split points of model_name's entry (or

@@ -133,7 +133,7 @@ class Labelled(NamedTuple):
 
     probs: np.ndarray
     labels: np.ndarray
-    groups: np.ndarray
+    specimens: np.ndarray
 
 
 def _labelled(classes: list[str], specimens: list[SpecimenAnswer]) -> dict[Unit, Labelled]:
@@ -144,7 +144,7 @@ def _labelled(classes: list[str], specimens: list[SpecimenAnswer]) -> dict[Unit,
         unit: Labelled(
             probability_table([r for _, r in items], classes),
             np.array([classes.index(r.label) for _, r in items]),
-            np.array([g for g, _ in items]),
+            np.array([name for name, _ in items]),
         )
         for unit, items in (("image", images), ("specimen", decided))
         if items
@@ -154,7 +154,7 @@ def _labelled(classes: list[str], specimens: list[SpecimenAnswer]) -> dict[Unit,
 def _scores(model: Predictor, images: Labelled, tta: bool | None) -> PartScores:
     """Per image and per specimen (its images' probabilities pooled by the run's rule), with intervals
     over specimens."""
-    result = score_metrics(images.probs, images.labels, images.groups, model.classes, rule=model.specimen_rule)
+    result = score_metrics(images.probs, images.labels, images.specimens, model.classes, rule=model.specimen_rule)
     return from_dict(PartScores, result | {"tta": model.tta if tta is None else tta}, "evaluation")
 
 
@@ -168,10 +168,10 @@ def _set_checks(
     checks = []
     for s in sorted(answers.trust.sets, key=lambda s: (s.level, s.unit)):
         if s.unit in units:
-            probs, labels, groups = units[s.unit]
+            probs, labels, specimens = units[s.unit]
             calibrated = temper(probs, model.temperature(s.unit))
             sets = replace(answers, coverage=s.level).sets(s.unit, calibrated, model.classes)
-            checks.append((s, set_check(sets, labels, groups, model.classes)))
+            checks.append((s, set_check(sets, labels, specimens, model.classes)))
     return checks
 
 
@@ -260,8 +260,8 @@ def _refusals(model: Predictor, specimens: list[SpecimenAnswer]) -> OodCheck | N
     pairs = [(s.specimen, r.ood) for s in specimens for r in s.rows if r.ood is not None]
     if detectors is None or not pairs:
         return None
-    groups, scores = np.array([g for g, _ in pairs]), np.array([x for _, x in pairs])
-    return ood_check("evaluation", detectors[0].quantile, [d.threshold for d in detectors], scores, groups)
+    names, scores = np.array([name for name, _ in pairs]), np.array([x for _, x in pairs])
+    return ood_check("evaluation", detectors[0].quantile, [d.threshold for d in detectors], scores, names)
 
 
 def _write_tables(out: EvaluationLayout, classes: list[str], specimens: list[SpecimenAnswer]) -> None:

@@ -33,7 +33,7 @@ from defungi.config import Config
 from defungi.data.cache import dihedral_nhwc
 from defungi.data.scan import default_cache_dir
 from defungi.data.store import RowStore
-from defungi.models.pretrained import initial_weights, tail_from
+from defungi.models.pretrained import initial_weights, tail_example, tail_from
 from defungi.models.registry import create_model, model_args, model_entry
 from defungi.train.loop import Preprocess, autocast, inference_precision, module_readings, precision_name
 from defungi.train.ood import Reading, model_readings
@@ -341,9 +341,7 @@ def frozen_pass(
         initial_weights(model, tc.model, tc.weights, tc.pretrained)
         model = model.to(device, memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format)
     if trained is None:
-        size = preprocess.image_size
-        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-        trained = tail_from(model, tc.model, start, example)
+        trained = tail_from(model, tc.model, start, tail_example(preprocess.image_size, device))
     inside = {id(m) for m in trained.modules()}
     detector = model_readings(model_entry(tc.model).parts) if tc.ood and view == 0 else []
     before = [r for r in detector if id(model.get_submodule(r.module)) not in inside]

@@ -201,13 +201,13 @@ class OodHooks(nn.Module):
 
 
 def ood_check(
-    source: str, quantile: float, thresholds: list[float], ood: np.ndarray, groups: np.ndarray, seed: int = 0
+    source: str, quantile: float, thresholds: list[float], ood: np.ndarray, specimens: np.ndarray, seed: int = 0
 ) -> OodCheck:
     """Held-out micrographs refused (score over REFUSE) and flagged (over 1, up to REFUSE), with intervals
-    over specimens, and the specimens with at least one of each."""
+    over specimens (each image's: specimens), and the specimens with at least one of each."""
     refused, flagged = refusal_tiers(ood)
-    share, interval = refused_share(refused, groups, seed=seed)
-    flagged_share, flagged_interval = refused_share(flagged, groups, seed=seed)
+    share, interval = refused_share(refused, specimens, seed=seed)
+    flagged_share, flagged_interval = refused_share(flagged, specimens, seed=seed)
     return OodCheck(
         source,
         quantile,
@@ -218,7 +218,7 @@ def ood_check(
         refuse_over=REFUSE,
         flagged=flagged_share,
         flagged_interval=flagged_interval,
-        specimens=len(np.unique(groups)),
-        specimens_refused=len(np.unique(groups[refused])),
-        specimens_flagged=len(np.unique(groups[flagged])),
+        specimens=len(np.unique(specimens)),
+        specimens_refused=len(np.unique(specimens[refused])),
+        specimens_flagged=len(np.unique(specimens[flagged])),
     )

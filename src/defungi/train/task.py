@@ -16,7 +16,7 @@ from defungi.config import Config
 from defungi.data.augment import balanced_order
 from defungi.data.dataset import Dataset
 from defungi.models import create_model, model_entry
-from defungi.models.pretrained import initial_weights, tail_from
+from defungi.models.pretrained import initial_weights, tail_example, tail_from
 from defungi.stats.metrics import prior_weights
 from defungi.train import distributed
 from defungi.train.callbacks import EarlyStopping
@@ -140,9 +140,7 @@ def learner_of(task: Task, model: nn.Module) -> Learner:
     tc = task.config.train
     head = model_entry(tc.model).parts.classifier if tc.freeze_backbone or tc.backbone_lr_scale != 1 else None
     train_from = (tc.train_from or head) if tc.freeze_backbone else None
-    # random inputs that check the tails, from their own generator: the global one is left alone
-    size = task.preprocess.image_size
-    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(task.device)
+    example = tail_example(task.preprocess.image_size, task.device)
     tails = [] if train_from is None else [tail_from(model, tc.model, train_from, example)]
     if tails:
         trains = {id(p) for p in tails[0].parameters()}

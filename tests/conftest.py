@@ -173,6 +173,12 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DEFUNGI_DATA", raising=False)
 
 
+def nothing_decoded(cache: Path) -> bool:
+    """Whether the user cache holds no rows: a refused `train` leaves none (the decoding it started while
+    it loaded, data.cache.decoding_ahead, stopped and dropped)."""
+    return not list(cache.rglob("*.npy"))
+
+
 def fails_on_call(real: Callable[..., Any], n: int, exc: type[BaseException] = KeyboardInterrupt) -> Callable[..., Any]:
     """real, except that its n-th call raises exc (an interruption at a chosen point)."""
     calls = []

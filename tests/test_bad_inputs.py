@@ -32,7 +32,7 @@ from defungi.data.dataset import load_dataset
 from defungi.data.scan import scan
 from defungi.experiments.rundir import RunDir
 from defungi.results.run import read_run_metrics
-from tests.conftest import TinyRun, make_image, tiny_args, write_folder
+from tests.conftest import TinyRun, make_image, nothing_decoded, tiny_args, write_folder
 
 TINY = tiny_args({"train.epochs": 1})
 
@@ -121,13 +121,13 @@ OPTION_CASES = {
 def test_bad_options_are_one_line_before_any_decoding(case: str, tiny_data: Path, tmp_path: Path, refused):
     extra, needle = OPTION_CASES[case]
     refused(case, _train(tiny_data, tmp_path / "run", *extra), needle)
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+    assert nothing_decoded(tmp_path / "cache") and not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_a_gpu(tiny_data: Path, tmp_path: Path, refused):
     refused("device cuda, no GPU", _train(tiny_data, tmp_path / "run", "--device", "cuda"), "no such CUDA GPU")
-    assert not (tmp_path / "cache").exists()
+    assert nothing_decoded(tmp_path / "cache")
 
 
 def test_output_folder_is_checked_before_decoding(tiny_data: Path, tmp_path: Path, refused):
@@ -138,7 +138,7 @@ def test_output_folder_is_checked_before_decoding(tiny_data: Path, tmp_path: Pat
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         refused("--out unwritable", _train(tiny_data, locked / "run"), "is not writable")
-    assert not (tmp_path / "cache").exists()
+    assert nothing_decoded(tmp_path / "cache")
 
 
 def test_a_batch_larger_than_the_training_part_is_refused_and_the_corrected_command_runs(
@@ -235,8 +235,8 @@ def test_two_decodes_of_one_cache_entry_wait_for_each_other(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     records = scan(tiny_data)
-    calls, real = [], cache_module._decode_rows
-    monkeypatch.setattr(cache_module, "_decode_rows", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], cache_module._Decoding
+    monkeypatch.setattr(cache_module, "_Decoding", lambda *a: calls.append(1) or real(*a))
     results: list[np.ndarray] = []
     threads = [
         threading.Thread(target=lambda: results.append(np.asarray(decode_images(records, 16, progress=False).images)))

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from defungi.config import RULES
+from tests.conftest import nothing_decoded
 from tests.test_bad_inputs import TINY, _cli, _train
 
 Check = Callable[[str, list[Any], str], None]
@@ -53,7 +54,7 @@ def _bad_value(key: str) -> list[str]:
 def test_every_config_key_refuses_a_value_out_of_its_range(key: str, tiny_run, tmp_path: Path, refused):
     needle = WHERE_CHECKED.get(key, f"config key '{key}'")  # the session's folder: nothing is read from it
     refused(f"config {key}={RULES[key].refused}", _train(tiny_run.data, tmp_path / "run", *_bad_value(key)), needle)
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+    assert nothing_decoded(tmp_path / "cache") and not (tmp_path / "run").exists()
 
 
 def test_a_profile_that_is_not_toml_is_one_line(tiny_data: Path, tmp_path: Path, refused):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -95,15 +96,28 @@ def _config(args: argparse.Namespace, leave_out: Sequence[str] = ()) -> Any:
     return load_config(args.profile, overrides)
 
 
+def _decoding_ahead(config: Any, out: str | None) -> contextlib.AbstractContextManager[None]:
+    """A new run's images decoding in other processes while this one imports torch and the rest
+    (seconds of one core; data.cache.decoding_ahead). Nothing for --resume or a finished run, nor
+    where the data cannot be read: the job says why, in its turn."""
+    from defungi.data.cache import decoding_ahead
+    from defungi.data.scan import scan
+    from defungi.layout import RunLayout
+
+    if config is None or RunLayout(Path(out)).metrics.exists():
+        return contextlib.nullcontext()
+    try:
+        return decoding_ahead(scan(config.data.root), config.data.image_size)
+    except DefungiError:
+        return contextlib.nullcontext()
+
+
 # options a resumed run takes from its own config.json
 RESUME_FIXED = ("data", "split", "model", "epochs", "batch_size", "lr", "image_size", "seed", "device", "set")
 RESUME_FIXED += ("cv_folds", "weights", "pretrained")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from defungi.jobs import resume_job, train_job
-    from defungi.report.page import metrics_line
-
     if args.resume:
         fixed = [k for k, v in vars(args).items() if k in RESUME_FIXED and v not in (None, False)]
         given = [f"--{'cv' if k == 'cv_folds' else k.replace('_', '-')}" for k in fixed]
@@ -112,11 +126,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"--resume continues {args.resume} with the config it was started with; drop "
                 f"{', '.join(given + (['--out'] if args.out else []))} (or train into a new --out)"
             )
-        record = resume_job(Path(args.resume))
-    elif args.out:
-        record = train_job(_config(args), Path(args.out))
-    else:
+    elif not args.out:
         raise DefungiError("give --out RUN_DIR (or --resume RUN_DIR)")
+    config = None if args.resume else _config(args)
+    with _decoding_ahead(config, args.out):
+        from defungi.jobs import resume_job, train_job
+        from defungi.report.page import metrics_line
+
+        record = resume_job(Path(args.resume)) if config is None else train_job(config, Path(args.out))
     if record is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     metrics = record.metrics

@@ -20,7 +20,7 @@ from defungi.data.splits import tuning_pool, tuning_split
 from defungi.errors import DefungiError
 from defungi.experiments.compare import paired_difference
 from defungi.experiments.curve import learning_curve, plan_curve
-from defungi.experiments.meter import FitPlan, Probe, current_step, planned_job, step_plan
+from defungi.experiments.meter import FitPlan, Probe, current_step, export_ahead, planned_job, step_plan
 from defungi.experiments.protocols import dataset_for, fit_run, plan_fits, preflight, split_for
 from defungi.experiments.rundir import FitRecord, RunDir
 from defungi.layout import AuditLayout, RunLayout, SearchLayout, StudyLayout
@@ -58,7 +58,9 @@ def train_job(config: Config, out: Path, dataset: Dataset | None = None) -> FitR
         preflight(config, run)  # refused before any decoding
         if run.layout.config.exists():
             run.claim(config)
-        dataset = dataset if dataset is not None else dataset_for(config)
+        if dataset is None:
+            export_ahead(config)  # while the images decode in other processes (the CLI's decoding_ahead)
+            dataset = dataset_for(config)
     with _one_step("train", f"train {out}", lambda: plan_fits(config, dataset), dataset if plan else None):
         record = fit_run(config, out, dataset)
     if record is not None:

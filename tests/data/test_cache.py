@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defungi.data.cache import decode_images, decode_one
+import defungi.data.cache as cache_module
+from defungi.data.cache import decode_images, decode_one, decoding_ahead
 from defungi.data.dataset import load_dataset
 from defungi.data.scan import scan
 from tests.conftest import write_folder
@@ -41,8 +42,9 @@ def test_cache_is_reused_and_keyed_by_size(tiny_data: Path, tmp_path: Path):
 
 
 def test_worker_processes_write_each_image_into_its_own_row(tmp_path: Path):
-    # over 4 chunks of 64 images: two worker processes each write their chunks' rows in place; every
-    # row holds the pixels of its own file (one image per class of 3, specimen numbers and patches apart)
+    # over 4 chunks of 64 images: a worker process from the first chunk on and this one from the last back
+    # each write their chunks' rows in place; every row holds the pixels of its own file (one image per
+    # class of 3, specimen numbers and patches apart)
     data = write_folder(tmp_path / "data", samples_per_class=30, patches=3, size=24, seed=3)
     records = scan(data)
     assert len(records) > 4 * 64
@@ -50,6 +52,54 @@ def test_worker_processes_write_each_image_into_its_own_row(tmp_path: Path):
     pixels = np.asarray(decoded.images)
     assert all(np.array_equal(pixels[i], decode_one(r.path, 24)[0]) for i, r in enumerate(records))
     assert np.allclose(decoded.variance, [decode_one(r.path, 24)[1] for r in records])
+
+
+def _counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many files each decoding started (data.cache._Decoding) was given."""
+    started: list[int] = []
+    real = cache_module._Decoding
+    monkeypatch.setattr(
+        cache_module, "_Decoding", lambda records, *a, **k: started.append(len(records)) or real(records, *a, **k)
+    )
+    return started
+
+
+def _leftovers(cache: Path) -> list[str]:
+    return [p.name for p in cache.rglob(".scratch-*")]
+
+
+def test_decoding_started_ahead_is_taken_over_by_the_load_of_the_same_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # over 4 chunks: a worker process decodes from the start, this one joins at the load, from the last chunk back
+    records = scan(write_folder(tmp_path / "data", samples_per_class=30, patches=3, size=24, seed=3))
+    started = _counted(monkeypatch)
+    with decoding_ahead(records, 24, cache_dir=tmp_path / "c"):
+        decoded = decode_images(records, 24, cache_dir=tmp_path / "c", progress=False)
+    assert started == [len(records)]  # the load started nothing of its own
+    pixels = np.asarray(decoded.images)
+    assert all(np.array_equal(pixels[i], decode_one(r.path, 24)[0]) for i, r in enumerate(records))
+    assert _leftovers(tmp_path / "c") == []
+    assert decode_images(records, 24, cache_dir=tmp_path / "c", progress=False).keys.tolist() == decoded.keys.tolist()
+    assert started == [len(records)]  # and the rows are in the cache
+
+
+def test_decoding_ahead_that_no_load_takes_over_leaves_nothing_behind(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    records = scan(tiny_data)
+    started = _counted(monkeypatch)
+    with decoding_ahead(records, 24, cache_dir=tmp_path / "c"):
+        pass  # e.g. the run was refused before it loaded its images
+    assert _leftovers(tmp_path / "c") == [] and not list((tmp_path / "c").rglob("*.keys.npy"))
+    with decoding_ahead(records, 24, cache_dir=tmp_path / "c"):
+        Image.new("RGB", (40, 40), (10, 200, 30)).save(tiny_data / "H2" / "H2_998a_1.png")  # the folder changed
+        again = scan(tiny_data)
+        decoded = decode_images(again, 24, cache_dir=tmp_path / "c", progress=False)
+    assert started == [len(records), len(records), len(again)]  # the load decoded the files it was given
+    new = [r.path.name for r in again].index("H2_998a_1.png")
+    assert np.array_equal(decoded.images[new], decode_one(again[new].path, 24)[0])
+    assert _leftovers(tmp_path / "c") == []
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all", b"\xff\xd8\xff\xe0 truncated jpeg"])
@@ -80,12 +130,10 @@ def test_duplicate_images_join_groups(tiny_data: Path):
 def test_adding_or_renaming_files_decodes_only_what_is_new(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    import defungi.data.cache as cache_module
-
     decoded: list[int] = []
-    real = cache_module._decode_rows
+    real = cache_module._Decoding
     monkeypatch.setattr(
-        cache_module, "_decode_rows", lambda records, *a: decoded.append(len(records)) or real(records, *a)
+        cache_module, "_Decoding", lambda records, *a: decoded.append(len(records)) or real(records, *a)
     )
     first = decode_images(scan(tiny_data), 24, cache_dir=tmp_path / "c", progress=False)
     some = sorted((tiny_data / "H1").iterdir())[0]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +139,7 @@ def _decode_chunk(args: tuple[list[str], int, str, int]) -> list[tuple[float, np
 
 DECODE_VERSION = 1  # bumped when decode_one computes other pixels: the cache's folder changes with it
 ERROR_BYTES = 200  # a decoding error's message, as the cache keeps it
+CHUNK = 64  # files per job of the decoding processes
 
 
 def decode_images(
@@ -147,53 +150,133 @@ def decode_images(
     progress: bool = True,
 ) -> DecodedImages:
     """Decoded images at size x size, each from the cache when a file of the same content was decoded
-    before at that size (data.store: adding, removing or renaming files decodes only what is new)."""
-    keys = file_keys([r.path for r in records])
-    store = RowStore((cache_dir or default_cache_dir()) / "decoded" / f"{size}px-v{DECODE_VERSION}")
-    store.fill(keys, lambda at: _decode_rows([records[i] for i in at], size, store, workers, progress))
+    before at that size (data.store: adding, removing or renaming files decodes only what is new);
+    what decoding_ahead started for the same files is taken over. workers: the processes that decode,
+    this one included (default: one per core, at most 8)."""
+    store = _store(size, cache_dir)
+    paths = [str(r.path) for r in records]
+    ahead = _AHEAD.pop(store.folder, None)
+    keys = ahead.keys if ahead is not None and ahead.paths == paths else file_keys(paths)
+
+    def compute(at: np.ndarray) -> dict[str, np.ndarray]:
+        if ahead is not None and np.array_equal(ahead.decoding.keys, keys[at]):
+            return ahead.decoding.rows(progress)
+        return _Decoding([records[i] for i in at], keys[at], size, store, workers).rows(progress)
+
+    try:
+        store.fill(keys, compute)
+    finally:
+        if ahead is not None:
+            ahead.decoding.discard()  # nothing left to drop once taken over (its scratch file is in the store)
     rows = store.get(keys, ["variance", "ahash", "error"])
     errors = {i: e.decode(errors="replace") for i, e in enumerate(rows["error"]) if e}
     return DecodedImages(rows["variance"], rows["ahash"], errors, keys, store)
 
 
-def _decode_rows(
-    records: list[ImageRecord], size: int, store: RowStore, workers: int | None, progress: bool
-) -> dict[str, np.ndarray]:
-    """Every record decoded (in worker processes when there are many, each writing its pixels straight
-    into the store's scratch file): pixels, grey variance, average hash and the error of a file that
-    could not be decoded (empty: none), one row each."""
-    n = len(records)
-    pixels = store.scratch((n, size, size, 3), np.uint8)
-    variance = np.full(n, np.nan, dtype=np.float64)
-    ahash = np.zeros((n, HASH_SIDE * HASH_SIDE // 8), dtype=np.uint8)
-    errors = np.zeros(n, dtype=f"S{ERROR_BYTES}")
-    chunk = 64
-    jobs = [([str(r.path) for r in records[i : i + chunk]], size, pixels.filename, i) for i in range(0, n, chunk)]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    with ProcessPoolExecutor(workers) if workers > 1 and n > 4 * chunk else _Serial() as pool:
-        results = pool.map(_decode_chunk, jobs)
-        bar = progress_bar(total=n, desc=f"decode {size}px", unit="img", enabled=progress)
-        for start, chunk_out in zip(range(0, n, chunk), results, strict=True):
-            for j, (var, bits, err) in enumerate(chunk_out):
-                if err:
-                    errors[start + j] = err.encode()[:ERROR_BYTES]
-                else:
-                    variance[start + j], ahash[start + j] = var, bits
-            bar.update(len(chunk_out))
+@contextlib.contextmanager
+def decoding_ahead(records: list[ImageRecord], size: int, cache_dir: Path | None = None) -> Iterator[None]:
+    """Within: what the cache lacks of records at size decodes in worker processes (all cores but this
+    process's), for the decode_images call of the same files to take over. A command enters it before
+    it imports torch and the rest (seconds of one core), so that the other cores decode meanwhile; on
+    leaving, decoding that no call took over is stopped and its rows dropped."""
+    store = _store(size, cache_dir)
+    paths = [str(r.path) for r in records]
+    keys = file_keys(paths)
+    todo = np.unique(keys[store.missing(keys)])  # each content once, as RowStore.fill computes it
+    first = {bytes(k): i for i, k in reversed(list(enumerate(keys)))}
+    at = sorted(first[bytes(k)] for k in todo)
+    if at:
+        _AHEAD[store.folder] = _Ahead(paths, keys, _Decoding([records[i] for i in at], keys[at], size, store))
+    try:
+        yield
+    finally:
+        left = _AHEAD.pop(store.folder, None)
+        if left is not None:
+            left.decoding.discard()
+
+
+def _store(size: int, cache_dir: Path | None) -> RowStore:
+    return RowStore((cache_dir or default_cache_dir()) / "decoded" / f"{size}px-v{DECODE_VERSION}")
+
+
+class _Decoding:
+    """Files being decoded into a scratch file of a store (RowStore.scratch): by worker processes from
+    the first files on, from the start, and by this process from the last files back once it asks for
+    the rows; workers: the processes that decode, this one included."""
+
+    def __init__(
+        self, records: list[ImageRecord], keys: np.ndarray, size: int, store: RowStore, workers: int | None = None
+    ) -> None:
+        n, self.keys, self.size = len(records), keys, size
+        self.pixels = store.scratch((n, size, size, 3), np.uint8)
+        self.jobs = [
+            ([str(r.path) for r in records[i : i + CHUNK]], size, self.pixels.filename, i) for i in range(0, n, CHUNK)
+        ]
+        others = (workers or min(os.cpu_count() or 1, 8)) - 1
+        self.pool = ProcessPoolExecutor(others) if others > 0 and n > 4 * CHUNK else None
+        self.futures = [self.pool.submit(_decode_chunk, job) for job in self.jobs] if self.pool else []
+
+    def rows(self, progress: bool) -> dict[str, np.ndarray]:
+        """Pixels (the scratch file), grey variance, average hash and the error of a file that could not
+        be decoded (empty: none), one row per file, once all are decoded."""
+        try:
+            stats = self._join(progress)
+        except BaseException:
+            self.discard()
+            raise
+        if self.pool is not None:
+            self.pool.shutdown()
+        n = len(self.keys)
+        variance = np.full(n, np.nan, dtype=np.float64)
+        ahash = np.zeros((n, HASH_SIDE * HASH_SIDE // 8), dtype=np.uint8)
+        errors = np.zeros(n, dtype=f"S{ERROR_BYTES}")
+        for i, (var, bits, err) in enumerate(stats):
+            if err:
+                errors[i] = err.encode()[:ERROR_BYTES]
+            else:
+                variance[i], ahash[i] = var, bits
+        log.info("decoded %d images at %d px", n, self.size)
+        return {"pixels": self.pixels, "variance": variance, "ahash": ahash, "error": errors}
+
+    def _join(self, progress: bool) -> list[tuple[float, np.ndarray | None, str]]:
+        """Each job's results: this process decodes the jobs no worker has begun, from the last back."""
+        done: list[list[tuple[float, np.ndarray | None, str]] | None] = [None] * len(self.jobs)
+        bar = progress_bar(total=len(self.keys), desc=f"decode {self.size}px", unit="img", enabled=progress)
+        counted: set[int] = set()
+
+        def count(j: int) -> None:
+            if j not in counted:
+                counted.add(j)
+                bar.update(len(self.jobs[j][0]))
+
+        left = len(self.jobs)
+        while left and (not self.futures or self.futures[left - 1].cancel()):
+            left -= 1
+            done[left] = _decode_chunk(self.jobs[left])
+            count(left)
+            for j, future in enumerate(self.futures[:left]):
+                if future.done():
+                    count(j)
+        for j in range(left):
+            done[j] = self.futures[j].result()
+            count(j)
         bar.close()
-    log.info("decoded %d images at %d px", n, size)
-    return {"pixels": pixels, "variance": variance, "ahash": ahash, "error": errors}
+        return [stat for job in done for stat in job or []]
+
+    def discard(self) -> None:
+        """Stop the workers and drop the scratch file."""
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+        Path(self.pixels.filename).unlink(missing_ok=True)
 
 
-class _Serial:
-    """Stand-in for a process pool when the work is small."""
+@dataclass
+class _Ahead:
+    """Decoding started by decoding_ahead: the files (paths, in order), their content keys, the decoding."""
 
-    def __enter__(self) -> _Serial:
-        return self
+    paths: list[str]
+    keys: np.ndarray
+    decoding: _Decoding
 
-    def __exit__(self, *exc: object) -> None:
-        return None
 
-    @staticmethod
-    def map(fn, items):  # noqa: ANN001, ANN205 - mirrors Executor.map
-        return map(fn, items)
+_AHEAD: dict[Path, _Ahead] = {}  # a store's folder -> the decoding started ahead into it

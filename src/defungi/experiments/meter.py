@@ -31,7 +31,7 @@ from defungi.models.registry import create_model, model_entry
 from defungi.results.plan import JobPlan, Rate, StepPlan, read_plan
 from defungi.results.schema import to_dict
 from defungi.stats.refusal import held_out_needed
-from defungi.train.frozen import frozen_pass
+from defungi.train.frozen import FrozenPass, frozen_pass
 from defungi.train.loop import (
     Batch,
     Preprocess,
@@ -132,8 +132,7 @@ class Probe:
         """A frozen backbone's rates: its pass (train.frozen: the engine the fits will use, measured once
         per machine) and the part that trains, on the pass's own readings."""
         tc, size = config.train, config.data.image_size
-        mean, std = model_entry(tc.model).normalization
-        backbone = frozen_pass(config, self.classes, Preprocess(size, mean, std, config.data.normalize), device)
+        backbone = probed_pass(config, self.classes, device)
         start = backbone.readings.index(Reading(tc.train_from or model_entry(tc.model).parts.classifier, "input"))
         batch = min(tc.batch_size, 64)
         images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
@@ -156,6 +155,22 @@ class Probe:
         step = train_step(tc, trained, optimizer, self.repeats + 1, device, weight_average(trained, tc))
         batch = [Batch(inputs, y, y)]
         return _timed(lambda: train_one_epoch(trained, batch, 1, step, "probe"), len(inputs), self.repeats, device)
+
+
+def probed_pass(config: Config, classes: int, device: torch.device) -> FrozenPass:
+    """The pass of a frozen-backbone config that the probe times: the pretrained weights' normalisation,
+    whatever the config's (the speed is the same)."""
+    mean, std = model_entry(config.train.model).normalization
+    preprocess = Preprocess(config.data.image_size, mean, std, config.data.normalize)
+    return frozen_pass(config, classes, preprocess, device)
+
+
+def export_ahead(config: Config) -> None:
+    """A frozen-backbone config's probed pass exported for onnxruntime now (train.frozen), before its
+    images load: seconds of one core while they decode in other processes (data.cache.decoding_ahead).
+    The number of classes does not matter: the head is not in the graph."""
+    if config.train.freeze_backbone:
+        probed_pass(config, 2, resolve_device(config.train.device)).export()
 
 
 def fit_seconds(fit: FitPlan, rate: Rate) -> tuple[float, float]:

@@ -211,28 +211,46 @@ class FrozenPass:
             self._engine = self._choose()
         return self._engine
 
-    def _choose(self) -> Engine:
+    def _fixed(self) -> str:
+        """The engine this pass must run on ('': the faster): ENGINE_ENV's, torch off the CPU."""
         fixed = os.environ.get(ENGINE_ENV, "")
         if fixed and fixed not in ENGINES:
             raise ValueError(f"{ENGINE_ENV}={fixed}: use one of {', '.join(ENGINES)}")
+        return "torch" if self.device.type != "cpu" else fixed
+
+    def export(self) -> None:
+        """Export the pass for onnxruntime into the user cache now, where choosing its engine will need
+        it (a CPU, the engine not fixed to torch): e.g. while images decode in other processes."""
+        if self._fixed() != "torch":
+            path = self._engine_path()
+            with exclusive_lock(path.with_suffix(".lock")):
+                self._exported(path)
+
+    def _engine_path(self) -> Path:
+        return default_cache_dir() / "engines" / f"{self._key([tuple(r) for r in self.readings])}.onnx"
+
+    def _exported(self, path: Path) -> Path:
+        """path, the pass exported there first if it is not yet (under the caller's lock)."""
+        if not path.exists():
+            start = time.perf_counter()
+            export_readings(self.module, path, self.preprocess.image_size)
+            log.info("frozen pass exported for onnxruntime in %.1f s (%s)", time.perf_counter() - start, path)
+        return path
+
+    def _choose(self) -> Engine:
+        fixed = self._fixed()
         on_torch = TorchEngine(self.module, self.device, self.amp)
-        if self.device.type != "cpu" or fixed == "torch":
+        if fixed == "torch":
             return on_torch
         threads = Threads(self.device).choose()
-        folder = default_cache_dir() / "engines"
-        key = self._key([tuple(r) for r in self.readings])
-        path = folder / f"{key}.onnx"
-        with exclusive_lock(folder / f"{key}.lock"):
-            if not path.exists():
-                start = time.perf_counter()
-                export_readings(self.module, path, self.preprocess.image_size)
-                log.info("frozen pass exported for onnxruntime in %.1f s (%s)", time.perf_counter() - start, path)
-            on_ort = OnnxEngine(path, threads)
+        path = self._engine_path()
+        with exclusive_lock(path.with_suffix(".lock")):
+            on_ort = OnnxEngine(self._exported(path), threads)
             if fixed:
                 return on_ort
-            choices_path = folder / "choices.json"
+            choices_path = path.parent / "choices.json"
             choices = json.loads(choices_path.read_text()) if choices_path.exists() else {}
-            machine = f"{key} {cpu_flags()} {threads} threads"
+            machine = f"{path.stem} {cpu_flags()} {threads} threads"
             if machine not in choices:
                 choices[machine] = engine_rates(on_torch, on_ort, self._random_batch())
                 atomic_write_json(choices_path, choices)

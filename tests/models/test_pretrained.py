@@ -48,6 +48,14 @@ def test_lite_backbone_loads_and_its_head_is_replaced(variant: int):
     assert torch.equal(model.conv_stem.weight, lite_imagenet(variant)["conv_stem.weight"])
 
 
+def test_imagenet_weights_load_once_per_process_and_a_caller_cannot_change_them():
+    first = imagenet_state_dict("efficientnet-lite0")
+    key = next(iter(first))
+    first.pop(key)
+    again = imagenet_state_dict("efficientnet-lite0")
+    assert key in again and all(again[k] is v for k, v in first.items())  # the same tensors, not read again
+
+
 def test_a_state_dict_from_a_file_fills_the_backbone_not_the_head(tmp_path: Path):
     source = create_model("convmixer", num_classes=1000, **TINY_MIXER)
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pth")

@@ -16,6 +16,7 @@ forward pass, on the faster of torch and onnxruntime, cached per image.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -124,6 +125,14 @@ class OnnxEngine:
         return run_fixed(self.session, images, BATCH)
 
 
+@functools.lru_cache(maxsize=2)
+def onnx_engine(path: Path, threads: int) -> OnnxEngine:
+    """The session of an exported pass, opened once per process and kept warm: the probe's (the plan's
+    timing) is the folds' pass after it, whose first batch would otherwise wait while onnxruntime lays
+    out its memory again (0.3-0.8 s for Lite0 after a cold decode)."""
+    return OnnxEngine(path, threads)
+
+
 def export_readings(module: Readings, path: Path, size: int) -> None:
     """The module as ONNX at path (uint8 NHWC images in, one output per reading), written atomically."""
     names = [f"reading{i}" for i in range(len(module.readings))]
@@ -141,12 +150,12 @@ def images_per_s(engine: Engine, images: np.ndarray, repeats: int = 3) -> float:
 
 
 def engine_rates(on_torch: Engine, on_ort: Engine, images: np.ndarray) -> dict[str, float]:
-    """Images/s of both engines on a batch of images. Torch first on an eighth of the batch, which a CPU
-    runs at least as fast per image (measured: 60-79 against 35-53 images/s on a quarter; on an Intel
-    Xeon with AMX, 62-90 on 4 images against 60 on 32): when onnxruntime is faster still, that settles
-    it, seconds sooner; else torch on the whole batch too."""
+    """Images/s of both engines on a batch of images, each timed on one call after a warm-up one. Torch
+    first on an eighth of the batch, which a CPU runs at least as fast per image (measured: 60-79 against
+    35-53 images/s on a quarter; on an Intel Xeon with AMX, 62-90 on 4 images against 60 on 32): when
+    onnxruntime is faster still, that settles it, seconds sooner; else torch on the whole batch too."""
     few = images[: max(1, len(images) // 8)]
-    rates = {on_ort.name: images_per_s(on_ort, images), on_torch.name: images_per_s(on_torch, few, 1)}
+    rates = {on_ort.name: images_per_s(on_ort, images, 1), on_torch.name: images_per_s(on_torch, few, 1)}
     if rates[on_torch.name] < rates[on_ort.name]:
         return rates | {"torch_batch": len(few)}
     return rates | {on_torch.name: images_per_s(on_torch, images, 1), "torch_batch": len(images)}
@@ -245,7 +254,7 @@ class FrozenPass:
         threads = Threads(self.device).choose()
         path = self._engine_path()
         with exclusive_lock(path.with_suffix(".lock")):
-            on_ort = OnnxEngine(self._exported(path), threads)
+            on_ort = onnx_engine(self._exported(path), threads)
             if fixed:
                 return on_ort
             choices_path = path.parent / "choices.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ def _decode_chunk(args: tuple[list[str], int, str, int]) -> list[tuple[float, np
 DECODE_VERSION = 1  # bumped when decode_one computes other pixels: the cache's folder changes with it
 ERROR_BYTES = 200  # a decoding error's message, as the cache keeps it
 CHUNK = 64  # files per job of the decoding processes
+FLUSH_EVERY = 0.5  # seconds between two writes to disk of what the decoding processes decoded so far
 
 
 def decode_images(
@@ -215,6 +217,26 @@ class _Decoding:
         others = (workers or min(os.cpu_count() or 1, 8)) - 1
         self.pool = ProcessPoolExecutor(others) if others > 0 and n > 4 * CHUNK else None
         self.futures = [self.pool.submit(_decode_chunk, job) for job in self.jobs] if self.pool else []
+        self.decoded = threading.Event()  # set once every file is decoded, or the decoding dropped
+        self.flusher = threading.Thread(target=self._flush_while_decoding, daemon=True) if self.pool else None
+        if self.flusher is not None:  # after the workers started (a fork copies no thread)
+            self.flusher.start()
+
+    def _flush_while_decoding(self) -> None:
+        """Write the rows decoded so far to disk every FLUSH_EVERY seconds, beside the decoding: the
+        store's flush of the whole file, before its keys are written, then waits for the last rows
+        alone (it took 0.6 s for 8,000 images at 224 px, the cores idle)."""
+        fd = os.open(self.pixels.filename, os.O_RDWR)
+        try:
+            while not self.decoded.wait(FLUSH_EVERY):
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def _stop_flushing(self) -> None:
+        self.decoded.set()
+        if self.flusher is not None:
+            self.flusher.join()
 
     def rows(self, progress: bool) -> dict[str, np.ndarray]:
         """Pixels (the scratch file), grey variance, average hash and the error of a file that could not
@@ -224,6 +246,7 @@ class _Decoding:
         except BaseException:
             self.discard()
             raise
+        self._stop_flushing()
         if self.pool is not None:
             self.pool.shutdown()
         n = len(self.keys)
@@ -265,6 +288,7 @@ class _Decoding:
 
     def discard(self) -> None:
         """Stop the workers and drop the scratch file."""
+        self._stop_flushing()
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
         Path(self.pixels.filename).unlink(missing_ok=True)

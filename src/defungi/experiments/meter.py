@@ -44,7 +44,7 @@ from defungi.train.loop import (
     weight_average,
 )
 from defungi.train.ood import Reading
-from defungi.train.runtime import Threads, resolve_device
+from defungi.train.runtime import Threads, one_thread, resolve_device
 from defungi.utils import atomic_write_json, clock, cpu_flags
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,8 @@ def export_ahead(config: Config) -> None:
     images load: seconds of one core while they decode in other processes (data.cache.decoding_ahead).
     The number of classes does not matter: the head is not in the graph."""
     if config.train.freeze_backbone:
-        probed_pass(config, 2, resolve_device(config.train.device)).export()
+        with one_thread():  # the other cores decode
+            probed_pass(config, 2, resolve_device(config.train.device)).export()
 
 
 def fit_seconds(fit: FitPlan, rate: Rate) -> tuple[float, float]:

@@ -229,7 +229,8 @@ class FrozenPass:
 
     def export(self) -> None:
         """Export the pass for onnxruntime into the user cache now, where choosing its engine will need
-        it (a CPU, the engine not fixed to torch): e.g. while images decode in other processes."""
+        it (a CPU, the engine not fixed to torch): e.g. while images decode in other processes. (Its
+        session opened and warmed there too, beside the decoding, cost more than it saved after.)"""
         if self._fixed() != "torch":
             path = self._engine_path()
             with exclusive_lock(path.with_suffix(".lock")):

@@ -80,8 +80,13 @@ def test_decoding_started_ahead_is_taken_over_by_the_load_of_the_same_files(
     pixels = np.asarray(decoded.images)
     assert all(np.array_equal(pixels[i], decode_one(r.path, 24)[0]) for i, r in enumerate(records))
     assert _leftovers(tmp_path / "c") == []
-    assert decode_images(records, 24, cache_dir=tmp_path / "c", progress=False).keys.tolist() == decoded.keys.tolist()
-    assert started == [len(records)]  # and the rows are in the cache
+    hashed: list[int] = []
+    real_keys = cache_module.file_keys
+    monkeypatch.setattr(cache_module, "file_keys", lambda paths: hashed.append(len(paths)) or real_keys(paths))
+    with decoding_ahead(records, 24, cache_dir=tmp_path / "c"):  # all in the cache now
+        again = decode_images(records, 24, cache_dir=tmp_path / "c", progress=False)
+    assert started == [len(records)] and hashed == [len(records)]  # nothing decoded, the files hashed once
+    assert again.keys.tolist() == decoded.keys.tolist()
 
 
 def test_decoding_ahead_that_no_load_takes_over_leaves_nothing_behind(

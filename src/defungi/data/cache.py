@@ -160,16 +160,18 @@ def decode_images(
     ahead = _AHEAD.pop(store.folder, None)
     keys = ahead.keys if ahead is not None and ahead.paths == paths else file_keys(paths)
 
+    started = ahead.decoding if ahead is not None else None
+
     def compute(at: np.ndarray) -> dict[str, np.ndarray]:
-        if ahead is not None and np.array_equal(ahead.decoding.keys, keys[at]):
-            return ahead.decoding.rows(progress)
+        if started is not None and np.array_equal(started.keys, keys[at]):
+            return started.rows(progress)
         return _Decoding([records[i] for i in at], keys[at], size, store, workers).rows(progress)
 
     try:
         store.fill(keys, compute)
     finally:
-        if ahead is not None:
-            ahead.decoding.discard()  # nothing left to drop once taken over (its scratch file is in the store)
+        if started is not None:
+            started.discard()  # nothing left to drop once taken over (its scratch file is in the store)
     rows = store.get(keys, ["variance", "ahash", "error"])
     errors = {i: e.decode(errors="replace") for i, e in enumerate(rows["error"]) if e}
     return DecodedImages(rows["variance"], rows["ahash"], errors, keys, store)
@@ -187,13 +189,13 @@ def decoding_ahead(records: list[ImageRecord], size: int, cache_dir: Path | None
     todo = np.unique(keys[store.missing(keys)])  # each content once, as RowStore.fill computes it
     first = {bytes(k): i for i, k in reversed(list(enumerate(keys)))}
     at = sorted(first[bytes(k)] for k in todo)
-    if at:
-        _AHEAD[store.folder] = _Ahead(paths, keys, _Decoding([records[i] for i in at], keys[at], size, store))
+    decoding = _Decoding([records[i] for i in at], keys[at], size, store) if at else None
+    _AHEAD[store.folder] = _Ahead(paths, keys, decoding)  # the keys alone where all is decoded: hashed once
     try:
         yield
     finally:
         left = _AHEAD.pop(store.folder, None)
-        if left is not None:
+        if left is not None and left.decoding is not None:
             left.decoding.discard()
 
 
@@ -296,11 +298,12 @@ class _Decoding:
 
 @dataclass
 class _Ahead:
-    """Decoding started by decoding_ahead: the files (paths, in order), their content keys, the decoding."""
+    """What decoding_ahead started: the files (paths, in order), their content keys, the decoding of
+    those the cache lacked (None: none)."""
 
     paths: list[str]
     keys: np.ndarray
-    decoding: _Decoding
+    decoding: _Decoding | None
 
 
 _AHEAD: dict[Path, _Ahead] = {}  # a store's folder -> the decoding started ahead into it

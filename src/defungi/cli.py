@@ -98,13 +98,13 @@ def _config(args: argparse.Namespace, leave_out: Sequence[str] = ()) -> Any:
 
 def _decoding_ahead(config: Any, out: str | None) -> contextlib.AbstractContextManager[None]:
     """A new run's images decoding in other processes while this one imports torch and the rest
-    (seconds of one core; data.cache.decoding_ahead). Nothing for --resume or a finished run, nor
-    where the data cannot be read: the job says why, in its turn."""
+    (seconds of one core; data.cache.decoding_ahead). Nothing for --resume, a finished run, a rank of
+    torchrun (each would decode), nor where the data cannot be read: the job says why, in its turn."""
     from defungi.data.cache import decoding_ahead
     from defungi.data.scan import scan
     from defungi.layout import RunLayout
 
-    if config is None or RunLayout(Path(out)).metrics.exists():
+    if config is None or not config.data.root or "WORLD_SIZE" in os.environ or RunLayout(Path(out)).metrics.exists():
         return contextlib.nullcontext()
     try:
         return decoding_ahead(scan(config.data.root), config.data.image_size)

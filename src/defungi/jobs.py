@@ -15,6 +15,7 @@ from typing import Any
 
 from defungi.config import Config, load_config
 from defungi.data.audit import audit
+from defungi.data.cache import decoding
 from defungi.data.dataset import Dataset
 from defungi.data.splits import tuning_pool, tuning_split
 from defungi.errors import DefungiError
@@ -59,7 +60,8 @@ def train_job(config: Config, out: Path, dataset: Dataset | None = None) -> FitR
         if run.layout.config.exists():
             run.claim(config)
         if dataset is None:
-            export_ahead(config)  # while the images decode in other processes (the CLI's decoding_ahead)
+            if decoding():  # the CLI's decoding_ahead: this process's core is free meanwhile
+                export_ahead(config)
             dataset = dataset_for(config)
     with _one_step("train", f"train {out}", lambda: plan_fits(config, dataset), dataset if plan else None):
         record = fit_run(config, out, dataset)

@@ -107,6 +107,16 @@ def test_decoding_ahead_that_no_load_takes_over_leaves_nothing_behind(
     assert _leftovers(tmp_path / "c") == []
 
 
+def test_a_file_replaced_after_decoding_began_ahead_is_hashed_and_decoded_again(tiny_data: Path, tmp_path: Path):
+    records = scan(tiny_data)
+    replaced = records[0].path
+    with decoding_ahead(records, 24, cache_dir=tmp_path / "c"):
+        Image.new("RGB", (40, 40), (200, 10, 30)).save(replaced, format="JPEG")  # the same name, another image
+        decoded = decode_images(records, 24, cache_dir=tmp_path / "c", progress=False)
+    assert np.array_equal(decoded.images[0], decode_one(replaced, 24)[0])
+    assert _leftovers(tmp_path / "c") == []
+
+
 @pytest.mark.parametrize("content", [b"", b"not an image at all", b"\xff\xd8\xff\xe0 truncated jpeg"])
 def test_unreadable_files_are_skipped_and_listed(tiny_data: Path, content: bytes, caplog: pytest.LogCaptureFixture):
     bad = tiny_data / "H2" / "H2_50a_1.jpg"

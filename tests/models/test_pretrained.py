@@ -48,7 +48,7 @@ def test_lite_backbone_loads_and_its_head_is_replaced(variant: int):
     assert torch.equal(model.conv_stem.weight, lite_imagenet(variant)["conv_stem.weight"])
 
 
-def test_imagenet_weights_load_once_per_process_and_a_caller_cannot_change_them():
+def test_imagenet_weights_load_once_for_builds_of_the_same_model_each_in_a_dict_of_its_own():
     first = imagenet_state_dict("efficientnet-lite0")
     key = next(iter(first))
     first.pop(key)

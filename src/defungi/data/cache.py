@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -158,16 +159,18 @@ def decode_images(
     store = _store(size, cache_dir)
     paths = [str(r.path) for r in records]
     ahead = _AHEAD.pop(store.folder, None)
-    keys = ahead.keys if ahead is not None and ahead.paths == paths else file_keys(paths)
-
     started = ahead.decoding if ahead is not None else None
-
-    def compute(at: np.ndarray) -> dict[str, np.ndarray]:
-        if started is not None and np.array_equal(started.keys, keys[at]):
-            return started.rows(progress)
-        return _Decoding([records[i] for i in at], keys[at], size, store, workers).rows(progress)
-
     try:
+        same = ahead is not None and ahead.paths == paths and ahead.stamps == _stamps(paths)
+        keys = ahead.keys if same else file_keys(paths)
+
+        def compute(at: np.ndarray) -> dict[str, np.ndarray]:
+            if started is not None and np.array_equal(started.keys, keys[at]):
+                return started.rows(progress)
+            if started is not None:
+                started.discard()  # other files, or another process decoded some: its workers stop first
+            return _Decoding([records[i] for i in at], keys[at], size, store, workers).rows(progress)
+
         store.fill(keys, compute)
     finally:
         if started is not None:
@@ -185,12 +188,13 @@ def decoding_ahead(records: list[ImageRecord], size: int, cache_dir: Path | None
     leaving, decoding that no call took over is stopped and its rows dropped."""
     store = _store(size, cache_dir)
     paths = [str(r.path) for r in records]
+    stamps = _stamps(paths)  # before the contents are read: a file changed after them is read again
     keys = file_keys(paths)
     todo = np.unique(keys[store.missing(keys)])  # each content once, as RowStore.fill computes it
     first = {bytes(k): i for i, k in reversed(list(enumerate(keys)))}
     at = sorted(first[bytes(k)] for k in todo)
     decoding = _Decoding([records[i] for i in at], keys[at], size, store) if at else None
-    _AHEAD[store.folder] = _Ahead(paths, keys, decoding)  # the keys alone where all is decoded: hashed once
+    _AHEAD[store.folder] = _Ahead(paths, stamps, keys, decoding)  # where all is decoded, the keys: hashed once
     try:
         yield
     finally:
@@ -199,7 +203,18 @@ def decoding_ahead(records: list[ImageRecord], size: int, cache_dir: Path | None
             left.decoding.discard()
 
 
+def decoding() -> bool:
+    """Whether images decode in worker processes now (decoding_ahead): work for this one meanwhile."""
+    return any(a.decoding is not None for a in _AHEAD.values())
+
+
+def _stamps(paths: list[str]) -> list[tuple[int, int]]:
+    """Each file's size and modification time (ns): what says it was not replaced since."""
+    return [(s.st_size, s.st_mtime_ns) for s in map(os.stat, paths)]
+
+
 def _store(size: int, cache_dir: Path | None) -> RowStore:
+    """The store of the images decoded at size."""
     return RowStore((cache_dir or default_cache_dir()) / "decoded" / f"{size}px-v{DECODE_VERSION}")
 
 
@@ -217,11 +232,15 @@ class _Decoding:
             ([str(r.path) for r in records[i : i + CHUNK]], size, self.pixels.filename, i) for i in range(0, n, CHUNK)
         ]
         others = (workers or min(os.cpu_count() or 1, 8)) - 1
-        self.pool = ProcessPoolExecutor(others) if others > 0 and n > 4 * CHUNK else None
+        self.pool = (
+            ProcessPoolExecutor(others, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+            if others > 0 and n > 4 * CHUNK
+            else None
+        )  # Ctrl-C is this process's to handle: it stops them
         self.futures = [self.pool.submit(_decode_chunk, job) for job in self.jobs] if self.pool else []
         self.decoded = threading.Event()  # set once every file is decoded, or the decoding dropped
         self.flusher = threading.Thread(target=self._flush_while_decoding, daemon=True) if self.pool else None
-        if self.flusher is not None:  # after the workers started (a fork copies no thread)
+        if self.flusher is not None:  # after the workers started (forked, they copy no thread of it)
             self.flusher.start()
 
     def _flush_while_decoding(self) -> None:
@@ -265,7 +284,7 @@ class _Decoding:
 
     def _join(self, progress: bool) -> list[tuple[float, np.ndarray | None, str]]:
         """Each job's results: this process decodes the jobs no worker has begun, from the last back."""
-        done: list[list[tuple[float, np.ndarray | None, str]] | None] = [None] * len(self.jobs)
+        done: dict[int, list[tuple[float, np.ndarray | None, str]]] = {}
         bar = progress_bar(total=len(self.keys), desc=f"decode {self.size}px", unit="img", enabled=progress)
         counted: set[int] = set()
 
@@ -286,22 +305,24 @@ class _Decoding:
             done[j] = self.futures[j].result()
             count(j)
         bar.close()
-        return [stat for job in done for stat in job or []]
+        return [stat for j in range(len(self.jobs)) for stat in done[j]]
 
     def discard(self) -> None:
-        """Stop the workers and drop the scratch file."""
+        """Drop the scratch file, then stop the workers (their chunk under way written to the dropped file)."""
         self._stop_flushing()
+        Path(self.pixels.filename).unlink(missing_ok=True)
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
-        Path(self.pixels.filename).unlink(missing_ok=True)
 
 
 @dataclass
 class _Ahead:
-    """What decoding_ahead started: the files (paths, in order), their content keys, the decoding of
-    those the cache lacked (None: none)."""
+    """What decoding_ahead started: the files (paths, in order), their sizes and modification times
+    before their content keys were computed, those keys, the decoding of what the cache lacked (None:
+    nothing)."""
 
     paths: list[str]
+    stamps: list[tuple[int, int]]
     keys: np.ndarray
     decoding: _Decoding | None
 

@@ -15,12 +15,12 @@ from defungi.models.registry import model_entry
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The model's ImageNet weights, through its registered loader (a download, where the library needs
-    one), loaded once per process (a cold transfer CV builds the model five times: 0.09 s each for
-    EfficientNet-Lite0's); the tensors are shared, to be copied from, not written."""
+    one), loaded once while the same model is built again (a cold transfer CV builds Lite0 five times:
+    0.09 s each); the tensors are shared, to be copied from (load_backbone), never written."""
     return dict(_imagenet(name))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1)  # one model's at a time: a job that builds several does not keep them all
 def _imagenet(name: str) -> dict[str, torch.Tensor]:
     pretrained = model_entry(name).pretrained
     if pretrained is None:

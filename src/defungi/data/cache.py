@@ -190,10 +190,10 @@ def decoding_ahead(records: list[ImageRecord], size: int, cache_dir: Path | None
     paths = [str(r.path) for r in records]
     stamps = _stamps(paths)  # before the contents are read: a file changed after them is read again
     keys = file_keys(paths)
-    todo = np.unique(keys[store.missing(keys)])  # each content once, as RowStore.fill computes it
-    first = {bytes(k): i for i, k in reversed(list(enumerate(keys)))}
-    at = sorted(first[bytes(k)] for k in todo)
-    decoding = _Decoding([records[i] for i in at], keys[at], size, store) if at else None
+    missing = store.missing(keys)
+    _, first = np.unique(keys[missing], return_index=True)  # each content once, at its first file, as fill takes it
+    at = np.sort(missing[first])
+    decoding = _Decoding([records[i] for i in at], keys[at], size, store) if len(at) else None
     _AHEAD[store.folder] = _Ahead(paths, stamps, keys, decoding)  # where all is decoded, the keys: hashed once
     try:
         yield

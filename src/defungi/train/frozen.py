@@ -237,6 +237,7 @@ class FrozenPass:
                 self._exported(path)
 
     def _engine_path(self) -> Path:
+        """Where the user cache keeps this pass exported (its model, weights, readings, preprocessing)."""
         return default_cache_dir() / "engines" / f"{self._key([tuple(r) for r in self.readings])}.onnx"
 
     def _exported(self, path: Path) -> Path:

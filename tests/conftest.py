@@ -160,6 +160,21 @@ def tiny_run_copy(tiny_run: TinyRun, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_run.run, tmp_path / "tiny-run"))
 
 
+MIXER = {"dim": 8, "depth": 2, "kernel_size": 3, "patch_size": 4}  # a tiny ConvMixer's model_args
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    """A pretrained-like state dict for the tiny ConvMixer (a 1000-class head, as ImageNet's)."""
+    import torch
+
+    from defungi.models import create_model
+
+    torch.manual_seed(0)
+    torch.save(create_model("convmixer", num_classes=1000, **MIXER).state_dict(), tmp_path / "w.pt")
+    return tmp_path / "w.pt"
+
+
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     """A three-class folder of small generated images."""

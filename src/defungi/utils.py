@@ -7,6 +7,7 @@ import fcntl
 import gc
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -59,9 +60,20 @@ def fewer_collections() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
+_BARS = {"drawn": True}  # False in a process forked to do part of a job: its parent draws the job's bar
+
+
+def no_progress_bars() -> None:
+    """Draw no progress bar and log no progress line in this process from now on (a process forked to
+    fit part of a job, beside others, whose parent meters the whole job)."""
+    _BARS["drawn"] = False
+
+
 def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True) -> Any:
     """A tqdm bar on a terminal; periodic log lines otherwise; nothing when disabled (or on a
-    torchrun rank other than 0)."""
+    torchrun rank other than 0, or after no_progress_bars)."""
+    if not _BARS["drawn"]:  # not even a disabled tqdm: it takes a lock the parent's threads share
+        return _LineProgress(total, desc, every_s=math.inf)
     if not enabled or os.environ.get("RANK", "0") != "0":
         return tqdm(total=total, disable=True)
     if sys.stderr.isatty():

@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -12,10 +13,12 @@ from defungi.data.dataset import load_dataset
 from defungi.errors import DefungiError
 from defungi.experiments import fit as fit_module
 from defungi.experiments.compare import paired_difference, scored_images
-from defungi.experiments.protocols import cv_splits, fit_run
+from defungi.experiments.protocols import cv_splits, fit_run, fold_processes
 from defungi.stats.metrics import specimen_decisions
 from defungi.train.checkpoint import load_trained
 from tests.conftest import tiny_args, tiny_config, write_folder
+from tests.experiments.test_fit import FROZEN
+from tests.experiments.test_fit import _config as frozen_config
 
 
 def _config(data: Path, **over):
@@ -155,3 +158,69 @@ def test_a_cv_run_decides_its_specimens_by_its_rule_and_compare_reads_each_runs(
     assert right["log_mean"] != right["mean"]
     difference = paired_difference(as_mean, out).samples["accuracy"].difference
     assert difference == pytest.approx(right["log_mean"] - right["mean"])
+
+
+def _frozen_cv(data: Path, weights: Path, **over: object):
+    return frozen_config(data, weights, **{**FROZEN, "data.cv_folds": 3, **over})
+
+
+def _fitting_pids(monkeypatch, log: Path) -> None:
+    """Each epoch's process id appended to log (forked processes inherit the patch)."""
+    real = fit_module.train_one_epoch
+
+    def logged(*args, **kwargs):
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "train_one_epoch", logged)
+
+
+def test_frozen_folds_fit_side_by_side_as_they_do_one_after_the_other(
+    tiny_data: Path, weights: Path, tmp_path: Path, monkeypatch
+):
+    config = _frozen_cv(tiny_data, weights)
+    answers = {}
+    for threads, out in (("1", "one-by-one"), ("2", "side-by-side")):
+        monkeypatch.setenv("DEFUNGI_THREADS", threads)
+        pids = tmp_path / f"{out}.pids"
+        _fitting_pids(monkeypatch, pids)
+        assert fold_processes(config, 3) == int(threads)
+        record = fit_run(config, tmp_path / out)
+        assert len(record.metrics.folds) == 3 and all(
+            (tmp_path / out / f"fold-{k}" / "best.pt").exists() for k in range(3)
+        )
+        fitted = set(pids.read_text().split())
+        assert fitted == {str(os.getpid())} if threads == "1" else len(fitted) == 2 and str(os.getpid()) not in fitted
+        with open(tmp_path / out / "oof.csv") as fh:
+            answers[out] = {
+                r["path"]: [float(v) for k, v in r.items() if k.startswith("p_")] for r in csv.DictReader(fh)
+            }
+    one, side = answers["one-by-one"], answers["side-by-side"]
+    assert one.keys() == side.keys()
+    assert max(abs(a - b) for p in one for a, b in zip(one[p], side[p], strict=True)) < 1e-5
+
+
+def test_an_error_in_a_fold_fitted_beside_others_is_the_commands_error(
+    tiny_data: Path, weights: Path, tmp_path: Path, monkeypatch
+):
+    monkeypatch.setenv("DEFUNGI_THREADS", "2")
+
+    def broken(*args, **kwargs):
+        raise DefungiError("the training loss became nan in epoch 1")
+
+    monkeypatch.setattr(fit_module, "train_one_epoch", broken)
+    with pytest.raises(DefungiError, match="became nan"):
+        fit_run(_frozen_cv(tiny_data, weights), tmp_path / "cv")
+    assert not (tmp_path / "cv" / "metrics.json").exists()
+
+
+def test_folds_fit_one_after_the_other_unless_they_share_one_frozen_pass(tiny_data: Path, weights: Path, monkeypatch):
+    monkeypatch.setenv("DEFUNGI_THREADS", "4")
+    assert fold_processes(_frozen_cv(tiny_data, weights), 3) == 3  # at most one process per fold
+    assert fold_processes(_frozen_cv(tiny_data, weights), 5) == 4  # and per thread
+    assert fold_processes(_config(tiny_data), 3) == 1  # the whole model trains: its own passes
+    assert fold_processes(_frozen_cv(tiny_data, weights, **{"data.normalize": "dataset"}), 3) == 1  # per fold
+    assert fold_processes(_frozen_cv(tiny_data, weights, **{"train.ensemble": 2}), 3) == 1
+    monkeypatch.setenv("DEFUNGI_THREADS", "1")
+    assert fold_processes(_frozen_cv(tiny_data, weights), 3) == 1

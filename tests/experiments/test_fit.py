@@ -17,7 +17,6 @@ from defungi.experiments import fit as fit_module
 from defungi.experiments.fit import FitResult, fit
 from defungi.experiments.protocols import split_for
 from defungi.experiments.rundir import RunDir
-from defungi.models import create_model
 from defungi.results.schema import to_dict
 from defungi.stats.metrics import weighted
 from defungi.train import distributed
@@ -25,9 +24,8 @@ from defungi.train import loop as loop_module
 from defungi.train.checkpoint import load_trained
 from defungi.train.frozen import FrozenPass
 from defungi.train.sources import frozen_features
-from tests.conftest import fails_on_call
+from tests.conftest import MIXER, fails_on_call
 
-MIXER = {"dim": 8, "depth": 2, "kernel_size": 3, "patch_size": 4}
 FROZEN = {"train.freeze_backbone": True, "data.normalize": "pretrained"}
 KINDS = {
     "images": {"train.mix": "mixup", "train.augment": "strong"},
@@ -51,14 +49,6 @@ def _config(data: Path, weights: Path, **over: Any) -> Config:
         "train.device": "cpu",
     }
     return load_config("quick", values | over)
-
-
-@pytest.fixture
-def weights(tmp_path: Path) -> Path:
-    """A pretrained-like state dict for the tiny ConvMixer (a 1000-class head, as ImageNet's)."""
-    torch.manual_seed(0)
-    torch.save(create_model("convmixer", num_classes=1000, **MIXER).state_dict(), tmp_path / "w.pt")
-    return tmp_path / "w.pt"
 
 
 def _fit(config: Config, data: Dataset, out: Path, sync: distributed.Sync | None = None) -> FitResult:

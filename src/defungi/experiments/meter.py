@@ -411,6 +411,12 @@ def metering(meter: JobMeter) -> Iterator[JobMeter]:
         meter.close()
 
 
+def unmetered() -> None:
+    """Report to no meter from now on: in a process forked to fit part of a job beside others, whose
+    parent credits each fit to the job's meter when it ends."""
+    _METER.set(None)
+
+
 def current_step(name: str) -> contextlib.AbstractContextManager[StepPlan | None]:
     """The active meter's step, timed, with its plan (None without a meter)."""
     meter = _METER.get()

@@ -10,7 +10,11 @@ model: `train.checkpoint.model_parts`). Figures are drawn afterwards from the fo
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import sys
+import warnings
 from abc import ABC, abstractmethod
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +25,7 @@ from defungi.config import Config, load_config_from
 from defungi.data.dataset import Dataset, load_dataset
 from defungi.data.splits import cv_folds, train_val_test_split
 from defungi.errors import DefungiError
+from defungi.experiments import meter
 from defungi.experiments.fit import FitResult, fit, score_parts
 from defungi.experiments.meter import FitPlan
 from defungi.experiments.rundir import FitRecord, RunDir, write_predictions
@@ -45,8 +50,9 @@ from defungi.train import distributed
 from defungi.train.assess import assess
 from defungi.train.checkpoint import load_trained, model_args
 from defungi.train.ood import ood_check
-from defungi.train.runtime import resolve_device
-from defungi.train.sources import cold_features
+from defungi.train.runtime import Threads, resolve_device, single_threaded
+from defungi.train.sources import cold_features, pretrained_pass
+from defungi.utils import no_progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -420,10 +426,11 @@ class CrossValidation(FitProtocol):
         splits = cv_splits(self.config, dataset)
         folds = {f"fold-{k}": s["test"] for k, s in enumerate(splits)}
         self.start(run, dataset, splits, folds)
-        records = []
-        for k, fold in enumerate(splits):
-            log.info("cross-validation fold %d/%d: %s", k + 1, len(splits), {p: len(v) for p, v in fold.items()})
-            records.append(fit_run(self.fold_config, run.fold(k).root, dataset, fold))
+        workers = fold_processes(self.fold_config, len(splits))
+        if workers > 1:
+            records = _forked_folds(self.fold_config, run, dataset, splits, workers)
+        else:
+            records = [_fit_fold(self.fold_config, run, dataset, splits, k) for k in range(len(splits))]
         idx, fold_of, probs, ood = _out_of_fold(run, dataset, splits)
         extra = {"fold": fold_of.tolist()} | ({"ood": [f"{x:.4f}" for x in ood]} if ood is not None else {})
         write_predictions(run.layout.oof, dataset, idx, probs, extra=extra)
@@ -462,6 +469,82 @@ class CrossValidation(FitProtocol):
             else {},
         )
         return run.write_result([], metrics)
+
+
+def _fit_fold(config: Config, run: RunDir, dataset: Dataset, splits: list[Split], k: int) -> FitRecord:
+    """Fold k of a cross-validation, fitted into its folder (fold-k)."""
+    log.info("cross-validation fold %d/%d: %s", k + 1, len(splits), {p: len(v) for p, v in splits[k].items()})
+    record = fit_run(config, run.fold(k).root, dataset, splits[k])
+    assert record is not None  # torchrun fits no cross-validation (_check_distributed)
+    return record
+
+
+def fold_processes(config: Config, folds: int) -> int:
+    """How many folds of a cross-validation fit at once, each in a process of one thread forked after
+    the frozen backbone's one pass over every image: heads on cached features gain nothing from a
+    second thread (their steps are too small), so each core fits a fold. As many as the threads
+    torch would compute with (train.runtime.Threads: DEFUNGI_THREADS=1 fits them one after the other);
+    1 (in this process) unless the fits are heads on a frozen backbone whose preprocessing no fold's
+    training part changes, on a CPU, one fit per fold, outside torchrun, on Linux (fork)."""
+    tc = config.train
+    device = resolve_device(tc.device)
+    if not (tc.freeze_backbone and config.data.normalize != "dataset" and tc.ensemble == 1):
+        return 1
+    if device.type != "cpu" or distributed.world().launched or not sys.platform.startswith("linux"):
+        return 1
+    threads = Threads(device)
+    return max(1, min(folds, threads.fixed or len(threads.cpus)))
+
+
+def _forked_folds(config: Config, run: RunDir, dataset: Dataset, splits: list[Split], workers: int) -> list[FitRecord]:
+    """The folds fitted in workers processes forked from this one, after the frozen backbone's pass over
+    every image (here, on the faster engine: the folds read its cache and pass nothing); the job's
+    meter is told of each fold as it ends."""
+    tickets = [meter.on_fit(config, split) for split in splits]
+    for view in range(config.train.cached_views):
+        pretrained_pass(config, dataset, view).cached(dataset.images, dataset.keys, view, tickets[0].features)
+    log.info("cross-validation: %d folds, %d at once (a process of one thread each)", len(splits), workers)
+    fork = multiprocessing.get_context("fork")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12's warning on forking with threads:
+        # the children only fit heads in torch on one thread (no OpenMP pool, no onnxruntime session)
+        with ProcessPoolExecutor(workers, fork, _fold_worker, (config, run, dataset, splits)) as pool:
+            futures = [pool.submit(_forked_fold, k) for k in range(len(splits))]
+            records = []
+            for ticket, future in zip(tickets, futures, strict=True):
+                records.append(future.result())
+                ticket.done()
+    return records
+
+
+_FOLDS: dict[str, Any] = {}  # in a process that _forked_folds forked: what its folds are fitted with
+
+
+def _fold_worker(config: Config, run: RunDir, dataset: Dataset, splits: list[Split]) -> None:
+    """A forked process's start, before any torch op: one thread (no OpenMP pool after a fork), no bar
+    nor meter (the parent's covers the job), its log lines written straight to stderr (not through a
+    bar's lock, which another thread of the parent may have held at the fork) and tagged with the fold
+    they are of; what it fits (inherited, not copied)."""
+    single_threaded()
+    no_progress_bars()
+    meter.unmetered()
+    _FOLDS.update(config=config, run=run, dataset=dataset, splits=splits, fold=0)
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
+
+    def tag(record: logging.LogRecord) -> bool:
+        record.msg = f"[fold {_FOLDS['fold'] + 1}] {record.msg}"
+        return True
+
+    handler.addFilter(tag)
+    root.handlers = [handler]
+
+
+def _forked_fold(k: int) -> FitRecord:
+    """Fold k, fitted in a forked process."""
+    _FOLDS["fold"] = k
+    return _fit_fold(_FOLDS["config"], _FOLDS["run"], _FOLDS["dataset"], _FOLDS["splits"], k)
 
 
 def _out_of_fold(

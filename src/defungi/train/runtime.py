@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from defungi.errors import DefungiError
 from defungi.utils import atomic_write_binary
@@ -103,6 +104,15 @@ class Threads:
             log.info("%d threads (other processes kept %.1f of %d cores busy)", threads, others, len(self.cpus))
             torch.set_num_threads(threads)
         return threads
+
+
+def single_threaded() -> None:
+    """This process computes on one thread from now on: torch (and every Threads after it, through
+    DEFUNGI_THREADS) and the BLAS that numpy and scipy call. For a process forked to fit beside others,
+    one per core: two threads each ran the refusal detector's fit 2x slower there."""
+    os.environ[THREADS_ENV] = "1"
+    torch.set_num_threads(1)
+    threadpool_limits(1)
 
 
 @contextlib.contextmanager

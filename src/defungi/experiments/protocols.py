@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import sys
 import warnings
 from abc import ABC, abstractmethod
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -504,15 +504,14 @@ def _forked_folds(config: Config, run: RunDir, dataset: Dataset, splits: list[Sp
     for view in range(config.train.cached_views):
         pretrained_pass(config, dataset, view).cached(dataset.images, dataset.keys, view, tickets[0].features)
     log.info("cross-validation: %d folds, %d at once (a process of one thread each)", len(splits), workers)
-    fork = multiprocessing.get_context("fork")
+    records = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12's warning on forking with threads:
         # the children only fit heads in torch on one thread (no OpenMP pool, no onnxruntime session)
-        with ProcessPoolExecutor(workers, fork, _fold_worker, (config, run, dataset, splits)) as pool:
-            futures = [pool.submit(_forked_fold, k) for k in range(len(splits))]
-            records = []
-            for ticket, future in zip(tickets, futures, strict=True):
-                records.append(future.result())
+        fork = multiprocessing.get_context("fork")
+        with fork.Pool(workers, _fold_worker, (config, run, dataset, splits)) as pool:  # leaving: all stopped
+            for ticket, record in zip(tickets, pool.imap(_forked_fold, range(len(splits))), strict=True):
+                records.append(record)
                 ticket.done()
     return records
 
@@ -521,10 +520,11 @@ _FOLDS: dict[str, Any] = {}  # in a process that _forked_folds forked: what its 
 
 
 def _fold_worker(config: Config, run: RunDir, dataset: Dataset, splits: list[Split]) -> None:
-    """A forked process's start, before any torch op: one thread (no OpenMP pool after a fork), no bar
-    nor meter (the parent's covers the job), its log lines written straight to stderr (not through a
-    bar's lock, which another thread of the parent may have held at the fork) and tagged with the fold
-    they are of; what it fits (inherited, not copied)."""
+    """A forked process's start, before any torch op: one thread (no OpenMP pool after a fork), Ctrl-C
+    left to the parent (which stops every fold), no bar nor meter (the parent's covers the job), its
+    log lines written straight to stderr (not through a bar's lock, which another thread of the parent
+    may have held at the fork) and tagged with the fold they are of; what it fits (inherited, not copied)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     single_threaded()
     no_progress_bars()
     meter.unmetered()

@@ -1,10 +1,13 @@
 import gc
 import os
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from defungi.utils import atomic_write_json, atomic_write_text, fewer_collections
+from defungi.errors import DefungiError
+from defungi.utils import atomic_write_json, atomic_write_text, fewer_collections, forked_map
 
 
 def test_commands_collect_the_youngest_generation_less_often():
@@ -43,3 +46,34 @@ def test_a_session_of_fixed_batch_answers_any_number_of_images_as_one_of_free_ba
     with torch.no_grad():
         assert np.allclose(fixed, model(torch.from_numpy(images)).numpy(), atol=1e-5)
     assert run_fixed(ort_session(path, 1, 4), images[:0], 4) == []
+
+
+def test_forked_calls_answer_in_order_from_processes_of_their_own():
+    parent = os.getpid()
+    answers = list(forked_map(lambda k: (k * k, os.getpid()), 5, 2))
+    assert [a for a, _ in answers] == [0, 1, 4, 9, 16]
+    assert len({pid for _, pid in answers} | {parent}) == 6
+
+
+def test_a_forked_calls_error_stops_the_others_and_is_raised_here(tmp_path: Path):
+    def call(k: int) -> int:
+        if k == 0:
+            time.sleep(0.2)
+            raise DefungiError("fold 1 broke")
+        (tmp_path / f"{os.getpid()}.pid").write_text("")
+        time.sleep(60)
+        return k
+
+    start = time.monotonic()
+    with pytest.raises(DefungiError, match="fold 1 broke"):
+        list(forked_map(call, 3, 2))
+    assert time.monotonic() - start < 30  # the sleeping call was stopped, and the third never began
+    pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[0], 0)
+
+
+def test_a_forked_process_that_dies_is_a_one_line_error():
+    with pytest.raises(DefungiError, match="exit code 9"):
+        list(forked_map(lambda k: os._exit(9), 1, 1))

@@ -8,13 +8,18 @@ import gc
 import json
 import logging
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
+import pickle
 import queue
 import re
+import signal
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -233,6 +238,71 @@ def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+
+
+def forked_map(call: Callable[[int], T], n: int, workers: int) -> Iterator[T]:
+    """call(0), ..., call(n - 1), each in a process forked from this one (Linux: call and what it
+    reads are inherited, not copied; it must touch no lock that another thread of this process may
+    hold), at most workers at a time; their results in order, as they come. A call's exception is
+    raised here (a process that dies, as a DefungiError naming its exit code); on any exception here,
+    Ctrl-C included (the processes ignore it), the processes still running are stopped (SIGTERM:
+    they exit through their finally blocks)."""
+    fork = multiprocessing.get_context("fork")
+    running: dict[int, tuple[Any, Any]] = {}
+    results: dict[int, T] = {}
+    queued = iter(range(n))
+    try:
+        for k in range(n):
+            while k not in results:
+                while len(running) < workers and (j := next(queued, None)) is not None:
+                    receive, send = fork.Pipe(duplex=False)
+                    with warnings.catch_warnings():  # Python 3.12's, on forking a process with threads
+                        warnings.filterwarnings("ignore", ".*fork\\(\\) may lead to deadlocks", DeprecationWarning)
+                        process = fork.Process(target=_forked_call, args=(call, j, send), daemon=True)
+                        process.start()
+                    send.close()
+                    running[j] = (process, receive)
+                ready = multiprocessing.connection.wait([receive for _, receive in running.values()])
+                for j, (process, receive) in list(running.items()):
+                    if receive in ready:
+                        results[j] = _forked_result(process, receive)
+                        del running[j]
+            yield results.pop(k)
+    finally:
+        for process, _ in running.values():
+            process.terminate()
+        for process, _ in running.values():
+            process.join()
+
+
+def _forked_call(call: Callable[[int], Any], k: int, send: Any) -> None:
+    """In a process forked by forked_map: call(k), sending back (True, result) or (False, the exception)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        outcome = (True, call(k))
+    except BaseException as exc:  # noqa: BLE001 (raised in the parent)
+        outcome = (False, exc)
+    try:
+        send.send(outcome)
+    except (pickle.PicklingError, TypeError, AttributeError):  # an exception that does not pickle
+        send.send((False, RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}")))
+
+
+def _forked_result(process: Any, receive: Any) -> Any:
+    """What a process of forked_map sent back (its exception raised here)."""
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        process.join()
+        raise DefungiError(
+            f"a process forked for part of this job ended (exit code {process.exitcode}) before its result, "
+            "e.g. killed for memory; with DEFUNGI_THREADS=1 the parts run one after the other in one process"
+        ) from None
+    process.join()
+    if not ok:
+        raise value
+    return value
 
 
 def ort_session(path: Path, threads: int, batch: int, spin: bool = False) -> Any:

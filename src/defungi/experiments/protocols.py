@@ -9,11 +9,9 @@ model: `train.checkpoint.model_parts`). Figures are drawn afterwards from the fo
 
 from __future__ import annotations
 
+import functools
 import logging
-import multiprocessing
-import signal
 import sys
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +50,7 @@ from defungi.train.checkpoint import load_trained, model_args
 from defungi.train.ood import ood_check
 from defungi.train.runtime import Threads, resolve_device, single_threaded
 from defungi.train.sources import cold_features, pretrained_pass
-from defungi.utils import no_progress_bars
+from defungi.utils import forked_map, no_progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -497,54 +495,45 @@ def fold_processes(config: Config, folds: int) -> int:
 
 
 def _forked_folds(config: Config, run: RunDir, dataset: Dataset, splits: list[Split], workers: int) -> list[FitRecord]:
-    """The folds fitted in workers processes forked from this one, after the frozen backbone's pass over
-    every image (here, on the faster engine: the folds read its cache and pass nothing); the job's
-    meter is told of each fold as it ends."""
-    tickets = [meter.on_fit(config, split) for split in splits]
-    for view in range(config.train.cached_views):
-        pretrained_pass(config, dataset, view).cached(dataset.images, dataset.keys, view, tickets[0].features)
-    log.info("cross-validation: %d folds, %d at once (a process of one thread each)", len(splits), workers)
-    records = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12's warning on forking with threads:
-        # the children only fit heads in torch on one thread (no OpenMP pool, no onnxruntime session)
-        fork = multiprocessing.get_context("fork")
-        with fork.Pool(workers, _fold_worker, (config, run, dataset, splits)) as pool:  # leaving: all stopped
-            for ticket, record in zip(tickets, pool.imap(_forked_fold, range(len(splits))), strict=True):
-                records.append(record)
-                ticket.done()
-    return records
+    """The folds fitted in processes forked from this one, workers at a time, after the frozen
+    backbone's pass over every image here (on the faster engine: the folds read its cache and pass
+    nothing; each fits on one thread, so that its answers do not depend on how many ran at once).
+    Folds finished earlier are read back here; the job's meter is told of each other one as it ends."""
+    todo = [k for k in range(len(splits)) if run.fold(k).finished() is None]
+    records = {}
+    if todo:
+        tickets = [meter.on_fit(config, splits[k]) for k in todo]
+        for view in range(config.train.cached_views):
+            pretrained_pass(config, dataset, view).cached(dataset.images, dataset.keys, view, tickets[0].features)
+        log.info("cross-validation: %d folds to fit, %d at once (a process of one thread each)", len(todo), workers)
+        forked = forked_map(functools.partial(_forked_fold, config, run, dataset, splits, todo), len(todo), workers)
+        for k, ticket, record in zip(todo, tickets, forked, strict=True):
+            records[k] = record
+            ticket.done()
+    return [records[k] if k in records else _fit_fold(config, run, dataset, splits, k) for k in range(len(splits))]
 
 
-_FOLDS: dict[str, Any] = {}  # in a process that _forked_folds forked: what its folds are fitted with
-
-
-def _fold_worker(config: Config, run: RunDir, dataset: Dataset, splits: list[Split]) -> None:
-    """A forked process's start, before any torch op: one thread (no OpenMP pool after a fork), Ctrl-C
-    left to the parent (which stops every fold), no bar nor meter (the parent's covers the job), its
-    log lines written straight to stderr (not through a bar's lock, which another thread of the parent
-    may have held at the fork) and tagged with the fold they are of; what it fits (inherited, not copied)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _forked_fold(
+    config: Config, run: RunDir, dataset: Dataset, splits: list[Split], todo: list[int], i: int
+) -> FitRecord:
+    """Fold todo[i], fitted in a forked process: on one thread (no OpenMP pool after a fork), with no
+    bar nor meter (the parent's covers the job), its log lines written straight to stderr (not through a
+    bar's lock, which another thread of the parent may have held at the fork) and tagged with the fold."""
+    k = todo[i]
     single_threaded()
     no_progress_bars()
     meter.unmetered()
-    _FOLDS.update(config=config, run=run, dataset=dataset, splits=splits, fold=0)
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
 
     def tag(record: logging.LogRecord) -> bool:
-        record.msg = f"[fold {_FOLDS['fold'] + 1}] {record.msg}"
+        record.msg = f"[fold {k + 1}] {record.msg}"
         return True
 
     handler.addFilter(tag)
     root.handlers = [handler]
-
-
-def _forked_fold(k: int) -> FitRecord:
-    """Fold k, fitted in a forked process."""
-    _FOLDS["fold"] = k
-    return _fit_fold(_FOLDS["config"], _FOLDS["run"], _FOLDS["dataset"], _FOLDS["splits"], k)
+    return _fit_fold(config, run, dataset, splits, k)
 
 
 def _out_of_fold(

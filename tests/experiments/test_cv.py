@@ -16,6 +16,7 @@ from defungi.experiments.compare import paired_difference, scored_images
 from defungi.experiments.protocols import cv_splits, fit_run, fold_processes
 from defungi.stats.metrics import specimen_decisions
 from defungi.train.checkpoint import load_trained
+from defungi.train.frozen import FrozenPass
 from tests.conftest import tiny_args, tiny_config, write_folder
 from tests.experiments.test_fit import FROZEN
 from tests.experiments.test_fit import _config as frozen_config
@@ -164,38 +165,40 @@ def _frozen_cv(data: Path, weights: Path, **over: object):
     return frozen_config(data, weights, **{**FROZEN, "data.cv_folds": 3, **over})
 
 
-def _fitting_pids(monkeypatch, log: Path) -> None:
-    """Each epoch's process id appended to log (forked processes inherit the patch)."""
-    real = fit_module.train_one_epoch
+def _pids(monkeypatch, owner: object, name: str, log: Path) -> None:
+    """The id of each process that calls owner.name appended to log (forked processes inherit the patch)."""
+    real = getattr(owner, name)
 
     def logged(*args, **kwargs):
         with open(log, "a") as fh:
             fh.write(f"{os.getpid()}\n")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fit_module, "train_one_epoch", logged)
+    monkeypatch.setattr(owner, name, logged)
 
 
+@pytest.mark.parametrize("over", [{}, {"train.train_from": "blocks.1", "train.cached_views": 2}])
 def test_frozen_folds_fit_side_by_side_as_they_do_one_after_the_other(
-    tiny_data: Path, weights: Path, tmp_path: Path, monkeypatch
+    tiny_data: Path, weights: Path, tmp_path: Path, monkeypatch, over
 ):
-    config = _frozen_cv(tiny_data, weights)
+    config, here = _frozen_cv(tiny_data, weights, **over), str(os.getpid())
     answers = {}
-    for threads, out in (("1", "one-by-one"), ("2", "side-by-side")):
+    for threads, out in (("2", "side-by-side"), ("1", "one-by-one")):  # the first passes the images
         monkeypatch.setenv("DEFUNGI_THREADS", threads)
-        pids = tmp_path / f"{out}.pids"
-        _fitting_pids(monkeypatch, pids)
+        fitted, passed = tmp_path / f"{out}.fitted", tmp_path / f"{out}.passed"
+        _pids(monkeypatch, fit_module, "train_one_epoch", fitted)
+        _pids(monkeypatch, FrozenPass, "run", passed)
         assert fold_processes(config, 3) == int(threads)
         record = fit_run(config, tmp_path / out)
-        assert len(record.metrics.folds) == 3 and all(
-            (tmp_path / out / f"fold-{k}" / "best.pt").exists() for k in range(3)
-        )
-        fitted = set(pids.read_text().split())
-        assert fitted == {str(os.getpid())} if threads == "1" else len(fitted) == 3 and str(os.getpid()) not in fitted
+        assert len(record.metrics.folds) == 3
+        assert all((tmp_path / out / f"fold-{k}" / "best.pt").exists() for k in range(3))
+        fitters = set(fitted.read_text().split())
+        assert fitters == {here} if threads == "1" else len(fitters) == 3 and here not in fitters
+        if threads == "2":  # the backbone passed every image here, before the folds: they read its cache
+            assert set(passed.read_text().split()) == {here}
         with open(tmp_path / out / "oof.csv") as fh:
-            answers[out] = {
-                r["path"]: [float(v) for k, v in r.items() if k.startswith("p_")] for r in csv.DictReader(fh)
-            }
+            rows = list(csv.DictReader(fh))
+        answers[out] = {r["path"]: [float(v) for k, v in r.items() if k.startswith("p_")] for r in rows}
     one, side = answers["one-by-one"], answers["side-by-side"]
     assert one.keys() == side.keys()
     assert max(abs(a - b) for p in one for a, b in zip(one[p], side[p], strict=True)) < 1e-5

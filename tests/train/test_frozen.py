@@ -112,7 +112,7 @@ def test_the_faster_engine_is_measured_once_per_machine_and_remembered(monkeypat
     monkeypatch.setattr(frozen_module, "images_per_s", lambda engine, images, repeats=3: next(rates))
     assert _pass(_model()).engine.name == "onnxruntime"  # torch 10, onnxruntime 20 images/s
     (choice,) = json.loads((default_cache_dir() / "engines" / "choices.json").read_text()).values()
-    assert choice == {"torch": 10.0, "onnxruntime": 20.0, "torch_batch": BATCH // 8}
+    assert choice == {"torch": 10.0, "onnxruntime": 20.0, "torch_batch": BATCH // 8, "onnxruntime_calls": 1}
     again = _pass(_model()).engine
     assert again.name == "onnxruntime"  # remembered: measuring again would exhaust rates
     assert again is _pass(_model()).engine  # and its session opened once, kept warm for the next pass
@@ -120,19 +120,44 @@ def test_the_faster_engine_is_measured_once_per_machine_and_remembered(monkeypat
     assert _pass(_model()).engine.name == "torch"
 
 
-def test_torch_faster_on_an_eighth_of_a_batch_is_timed_on_a_whole_one(monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize(
+    "rates, expected, timed_on",
+    [
+        # onnxruntime 20 on one call against torch 10 on an eighth of a batch: clear, settled
+        (
+            [20.0, 10.0],
+            {"onnxruntime": 20.0, "torch": 10.0, "torch_batch": BATCH // 8, "onnxruntime_calls": 1},
+            [32, 4],
+        ),
+        # 20 against 15: not clear, onnxruntime on three calls (22), faster still
+        (
+            [20.0, 15.0, 22.0],
+            {"onnxruntime": 22.0, "torch": 15.0, "torch_batch": BATCH // 8, "onnxruntime_calls": 3},
+            [32, 4, 32],
+        ),
+        # 20 against 30 on an eighth: onnxruntime on three calls (21), then torch on a whole batch (15)
+        (
+            [20.0, 30.0, 21.0, 15.0],
+            {"onnxruntime": 21.0, "torch": 15.0, "torch_batch": BATCH, "onnxruntime_calls": 3},
+            [32, 4, 32, 32],
+        ),
+    ],
+)
+def test_an_unclear_choice_is_timed_again_on_more_calls_and_images(
+    monkeypatch: pytest.MonkeyPatch, rates: list[float], expected: dict[str, float], timed_on: list[int]
+):
     sizes: list[int] = []
-    rates = iter([20.0, 30.0, 15.0])  # onnxruntime 20; torch 30 on an eighth of a batch, 15 on a whole one
+    left = iter(rates)
 
     def timed(engine: object, images: np.ndarray, repeats: int = 3) -> float:
         sizes.append(len(images))
-        return next(rates)
+        return next(left)
 
     monkeypatch.setattr(frozen_module, "images_per_s", timed)
     on = SimpleNamespace(name="onnxruntime"), SimpleNamespace(name="torch")
     images = np.zeros((BATCH, 8, 8, 3), np.uint8)
-    assert engine_rates(on[1], on[0], images) == {"onnxruntime": 20.0, "torch": 15.0, "torch_batch": BATCH}
-    assert sizes == [BATCH, BATCH // 8, BATCH]
+    assert engine_rates(on[1], on[0], images) == expected
+    assert sizes == timed_on
 
 
 def test_a_long_torch_pass_chooses_its_threads_again_every_few_batches(monkeypatch: pytest.MonkeyPatch):

@@ -220,6 +220,7 @@ def main() -> None:
     train = ["train", "--profile", "transfer", "--cv", "3"]
     every = alone_seconds(alone_run, expand_paths([less]))  # the host's speed drifts: the pass timed before too
     cold_s, cold_log = cli([*train, "--data", str(less), "--out", str(out / "cold")], env)
+    (out / "cold.log").write_text(cold_log)  # its phases, timed to the second by its log lines
     kept = passed(out / "cold")
     before, after = every * len(kept) / n_less, alone_seconds(alone_run, kept)
     heads, pass_s = heads_seconds(out / "cold"), (before + after) / 2

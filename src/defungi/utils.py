@@ -1,5 +1,6 @@
 """Small helpers shared by every layer, without torch (reports import them): progress bars, atomic
-writes, locks, CPU flags. The torch ones (devices, seeds, checkpoints) are in `defungi.train.runtime`."""
+writes, locks, processes forked for parts of a job, CPU flags. The torch ones (devices, seeds,
+checkpoints) are in `defungi.train.runtime`."""
 
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ def test_an_unclear_choice_is_timed_again_on_more_calls_and_images(
     sizes: list[int] = []
     left = iter(rates)
 
-    def timed(engine: object, images: np.ndarray, repeats: int = 3) -> float:
+    def timed(engine: object, images: np.ndarray, repeats: int = 3, warm: bool = False) -> float:
         sizes.append(len(images))
         return next(left)
 
